@@ -1,0 +1,36 @@
+# imagefab: the first two commands on a fresh machine are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast models clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+models: setup
+	$(BIN)/imagefab models build
+
+# Builds the offline models if missing, runs a real bulk job on local Ray, queries the catalog.
+demo: setup
+	$(BIN)/imagefab demo
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache
