@@ -1,0 +1,155 @@
+"""Loading resolved models into diffusers: base pipelines and LoRA stacks.
+
+Imports torch and diffusers, so only generators import it. Every path here goes through
+`from_pretrained` / `from_single_file` / `load_lora_weights` with safetensors only, the same calls
+that load the released SDXL and its LoRAs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from app.models.catalog import ResolvedModel
+from app.models.digest import ModelFileError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+SCHEDULER_CLASSES = {
+    # name: (diffusers class, extra config, A1111 sampler name)
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "lcm": ("LCMScheduler", {}, "LCM"),
+}
+
+
+def sampler_name(scheduler: str) -> str:
+    """The AUTOMATIC1111 name of an imagefab scheduler (for infotext)."""
+    return SCHEDULER_CLASSES[scheduler][2]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("compute.device is 'cuda' but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(model_dtype: str, device: torch.device) -> torch.dtype:
+    if model_dtype != "auto":
+        return DTYPES[model_dtype]
+    # bf16 is SDXL's usual GPU precision; CPUs are exact and fast enough in float32 for the tiny model.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def quiet_libraries() -> None:
+    """Loading bars and "no text-encoder LoRA keys" notices would flood every actor's log."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def load_pipeline(base: ResolvedModel, device: torch.device, dtype: torch.dtype):
+    """A StableDiffusionXLPipeline for `base` on `device`, progress bars off."""
+    from diffusers import StableDiffusionXLPipeline
+
+    quiet_libraries()
+    try:
+        if base.source.startswith("file:") or base.path.endswith(".safetensors"):
+            if not base.config:
+                raise ModelFileError(f"{base.path}: single-file base '{base.name}' needs `config` (a diffusers folder)")
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                base.path, config=base.config, local_files_only=True, dtype=dtype
+            )
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                base.path, dtype=dtype, use_safetensors=True, local_files_only=True
+            )
+    except ModelFileError:
+        raise
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, safetensors errors…
+        raise ModelFileError(f"{base.path}: cannot load base model '{base.name}': {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def make_scheduler(name: str, base_config):
+    import diffusers
+
+    cls_name, extra, _ = SCHEDULER_CLASSES[name]
+    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+
+
+def adapter_name(lora: ResolvedModel) -> str:
+    # peft adapter names become module attribute keys: no dots.
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{lora.name}_{lora.sha256[:10]}")
+
+
+@dataclass
+class LoraStackSwitcher:
+    """Keeps a pipeline's active LoRA stack equal to the one asked for, with an adapter cache.
+
+    Adapters stay loaded between switches (loading is the slow part); the least recently used are
+    deleted past `max_loaded`, since `set_adapters` slows down as inactive adapters pile up.
+    """
+
+    max_loaded: int = 6
+    switches: int = 0
+    switch_seconds: float = 0.0
+    loaded: OrderedDict = field(default_factory=OrderedDict)  # adapter name -> ResolvedModel
+    active: tuple = ()
+
+    def apply(self, pipe, stack: list[tuple[ResolvedModel, float]]) -> None:
+        wanted = tuple((adapter_name(lo), float(w)) for lo, w in stack)
+        if wanted == self.active:
+            return
+        t0 = time.perf_counter()
+        for lo, _ in stack:
+            name = adapter_name(lo)
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                continue
+            try:
+                pipe.load_lora_weights(lo.path, weight_name=lo.weight_name, adapter_name=name, use_safetensors=True)
+            except Exception as e:
+                self._drop(pipe, name)
+                raise ModelFileError(f"{lo.path}: cannot load LoRA '{lo.name}' into this base: {e}") from e
+            self.loaded[name] = lo
+        in_use = {n for n, _ in wanted}
+        while len(self.loaded) > self.max_loaded:
+            victim = next((n for n in self.loaded if n not in in_use), None)
+            if victim is None:
+                break
+            self._drop(pipe, victim)
+        if wanted:
+            pipe.enable_lora()
+            pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
+        elif self.loaded:
+            pipe.disable_lora()
+        self.active = wanted
+        self.switches += 1
+        self.switch_seconds += time.perf_counter() - t0
+
+    def _drop(self, pipe, name: str) -> None:
+        self.loaded.pop(name, None)
+        try:
+            pipe.delete_adapters(name)
+        except Exception:  # a half-loaded adapter may not be registered everywhere
+            pass

@@ -1,0 +1,170 @@
+"""Offline tiny SDXL-architecture models, built from a seed and saved as real diffusers folders.
+
+No weights can be downloaded here, so the project builds its own: the SDXL component classes
+(two CLIP text encoders, a text_time-conditioned UNet, an 8x VAE) at tiny widths with random
+weights, and the real CLIP byte-pair tokenizer built from the merges that ship inside open_clip.
+They are written with `save_pretrained` / `save_lora_weights` and read back with
+`from_pretrained` / `load_lora_weights`: the code path that real SDXL and its LoRAs take.
+
+Building is deterministic: the same seed and library versions give the same files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+# The tiny UNet: the shapes of diffusers' own SDXL tests (two levels, text_time conditioning).
+# cross_attention_dim = hidden(text_encoder) + hidden(text_encoder_2) = 32 + 32,
+# projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + projection_dim(te2) = 48 + 32.
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64,
+    norm_num_groups=1,
+)
+# Four VAE levels give SDXL's 8x latent scale, so size rules (multiples of 8) are the real ones.
+TINY_VAE = dict(
+    block_out_channels=(16, 32, 32, 32),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=128,
+    scaling_factor=0.13025,  # SDXL's
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    layer_norm_eps=1e-05,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    hidden_act="gelu",
+    projection_dim=32,
+    max_position_embeddings=77,
+)
+# SDXL-base's scheduler configuration.
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class TinyLoraRecipe:
+    """How a built-in tiny LoRA is made: its rank, seed and how strongly it moves the UNet."""
+
+    rank: int = 4
+    seed: int = 1
+    init_std: float = 0.3
+
+
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real CLIP BPE vocabulary (49408 tokens), rebuilt from open_clip's merges file."""
+    path = resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    # The first line is a header; CLIP keeps 48894 merges.
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP's reversible byte -> printable-unicode table.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL pipeline folder (model_index.json + components) to `dest`."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    # SDXL's two tokenizers differ only in their padding token.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
+    text_cfg = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **TINY_TEXT)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(text_cfg)
+    text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def build_tiny_lora(dest: Path, base_dir: Path, recipe: TinyLoraRecipe) -> Path:
+    """Write a tiny UNet LoRA for the base at `base_dir`, in the diffusers LoRA file format."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
+    torch.manual_seed(recipe.seed)
+    unet.add_adapter(
+        LoraConfig(
+            r=recipe.rank,
+            lora_alpha=recipe.rank,
+            init_lora_weights=False,
+            target_modules=list(LORA_TARGETS),
+        )
+    )
+    # peft's random init makes B non-zero but tiny; scale it so a weight of 1.0 visibly restyles.
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, recipe.init_std)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    dest.mkdir(parents=True, exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(dest, unet_lora_layers=layers, safe_serialization=True)
+    (dest / "imagefab_lora.json").write_text(json.dumps({"rank": recipe.rank, "targets": list(LORA_TARGETS)}))
+    return dest
