@@ -1,0 +1,67 @@
+"""Appending catalog rows and looking them up (resume, regenerate).
+
+Each append writes one new Parquet file; nothing is ever rewritten, so a crash loses at most the
+batch in flight and readers never see half a file (see app/storage.py).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from app.catalog.schema import CATALOG_SCHEMA, to_table
+from app.storage import OutputStore, StorageError
+
+CATALOG_DIR = "catalog"
+
+
+@dataclass(frozen=True)
+class CatalogStore:
+    output: OutputStore
+
+    def append(self, rows: list[dict], *, run_id: str, date: str) -> str | None:
+        if not rows:
+            return None
+        table = to_table(rows)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        rel = f"{CATALOG_DIR}/date={date}/run_id={run_id}/part-{uuid.uuid4().hex}.parquet"
+        return self.output.write_bytes(rel, buf.getvalue())
+
+    def dataset(self) -> pads.Dataset | None:
+        fs, root = self.output.fs_and_root
+        base = f"{root.rstrip('/')}/{CATALOG_DIR}"
+        try:
+            info = fs.get_file_info(base)
+        except OSError as e:
+            raise StorageError(f"{self.output.uri_of(CATALOG_DIR)}: cannot list catalog ({e})") from e
+        if info.type == pa.fs.FileType.NotFound:
+            return None
+        part = pads.partitioning(pa.schema([("date", pa.string()), ("run_id", pa.string())]), flavor="hive")
+        return pads.dataset(base, filesystem=fs, format="parquet", partitioning=part,
+                            schema=CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string())),
+                            exclude_invalid_files=False)
+
+    def read(self, columns: list[str] | None = None, filter=None) -> pa.Table:
+        ds = self.dataset()
+        if ds is None:
+            schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string()))
+            table = schema.empty_table()
+            return table.select(columns) if columns else table
+        return ds.to_table(columns=columns, filter=filter)
+
+    def existing_ids(self) -> set[str]:
+        """Ids already in the catalog, whatever their status: a rerun renders only the others."""
+        return set(self.read(["image_id"]).column("image_id").to_pylist())
+
+    def find(self, image_id: str) -> dict | None:
+        rows = self.read(filter=pads.field("image_id") == image_id).to_pylist()
+        return rows[-1] if rows else None
+
+    def batch_rows(self, batch_id: str) -> list[dict]:
+        return self.read(filter=pads.field("batch_id") == batch_id).to_pylist()

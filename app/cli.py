@@ -1,0 +1,198 @@
+"""The `imagefab` command.
+
+  imagefab demo                         build the offline models if missing, run a real bulk job
+  imagefab run SPEC [--output URI]      the bulk job on a local Ray (or RAY_ADDRESS's cluster)
+  imagefab validate SPEC                check a spec, its input and its models without rendering
+  imagefab models list|build|verify     the model catalog
+  imagefab regenerate IMAGE_ID          render a catalogued image again and compare the bytes
+  imagefab catalog [--output URI]       counts by run and status, straight from the Parquet catalog
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _env_defaults() -> None:
+    # Local use: Ray's token auth off for the loopback head, no usage reporting, no hub lookups.
+    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                       ("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0"), ("HF_HUB_OFFLINE", "1"),
+                       ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from jobs import generate
+
+    argv = [args.spec] + (["--output", args.output] if args.output else [])
+    argv += [x for s in args.set for x in ("--set", s)]
+    argv += (["--limit", str(args.limit)] if args.limit else []) + (["--quiet"] if args.quiet else [])
+    return generate.main(argv)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from app.models.catalog import ModelCatalog
+    from app.plan import check_input, input_columns, resolve_models
+    from jobs.generate import spec_from_args
+
+    spec = spec_from_args(argparse.Namespace(spec=args.spec, set=args.set, output=None, limit=None))
+    columns = input_columns(spec)
+    check_input(spec, columns)
+    models = resolve_models(spec, ModelCatalog.load(spec.model.catalog))
+    print(f"{args.spec}: valid")
+    print(f"  input   {spec.input.path} ({spec.input.resolved_format}; columns: {', '.join(columns)})")
+    print(f"  base    {models.base.name} v{models.base.version} sha256 {models.base.sha256[:16]}…")
+    for lo in spec.model.loras:
+        r = models.loras[lo.name]
+        print(f"  lora    {r.name} v{r.version} @ {lo.weight:g} sha256 {r.sha256[:16]}…")
+    print(f"  render  {spec.size.width}x{spec.size.height}, {spec.steps} steps, guidance {spec.guidance}, "
+          f"{spec.scheduler}, {spec.variations.seeds_per_row} image(s) per row")
+    print(f"  output  {spec.output.uri}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from app.models.catalog import ModelCatalog
+
+    catalog = ModelCatalog.load(args.catalog)
+    if args.action == "list":
+        print(f"model catalog: {catalog.origin}; built-in models in {catalog.home}/models")
+        for kind, title in (("base", "base models"), ("lora", "LoRAs")):
+            print(title)
+            for name in catalog.names(kind):
+                e = catalog.entries[name]
+                extra = f" (for {e.base})" if e.base else ""
+                print(f"  {name:16s} v{e.version:5s} {e.source}{extra}")
+        return 0
+    failed = 0
+    for kind in ("base", "lora"):
+        for name in catalog.names(kind):
+            e = catalog.entries[name]
+            if e.source_kind == "hub" and args.action == "build":
+                continue  # nothing to build; `verify` reports whether it is cached
+            try:
+                r = catalog.resolve_base(name) if kind == "base" else catalog.resolve_lora(name)
+                print(f"  ok    {name:16s} sha256 {r.sha256[:16]}…  {r.path}")
+            except Exception as err:  # report every model, then fail
+                failed += e.source_kind != "hub"
+                print(f"  {'skip' if e.source_kind == 'hub' else 'FAIL'}  {name:16s} {err}")
+    return 1 if failed else 0
+
+
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    from app.regenerate import regenerate
+
+    report = regenerate(args.image_id, args.output, args.catalog)
+    if args.save:
+        from PIL import Image
+
+        Image.fromarray(report.pixels).save(args.save)
+    verdict = "identical" if report.identical else "DIFFERENT"
+    print(f"{report.image_id}: {verdict} (batch of {report.batch_size} on {report.accelerator})")
+    print(f"  catalog sha256  {report.expected_sha256}")
+    print(f"  now     sha256  {report.actual_sha256}")
+    if report.max_abs_diff >= 0:
+        print(f"  max pixel difference from the stored file: {report.max_abs_diff}")
+    return 0 if report.identical else 1
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from app.storage import OutputStore
+
+    root = OutputStore.at(args.output)
+    if not root.is_local:
+        raise SystemExit("imagefab catalog reads local outputs; use analysis/ for object storage")
+    pattern = f"{root.uri}/catalog/**/*.parquet"
+    if not list(Path(root.uri, "catalog").glob("**/*.parquet")):
+        print(f"no catalog under {root.uri}/catalog")
+        return 1
+    con = duckdb.connect()
+    sql = f"""
+        SELECT run_id, status, count(*) AS images, round(avg(sharpness), 1) AS mean_sharpness,
+               round(sum(gpu_seconds), 2) AS gpu_s, round(sum(cost_usd), 6) AS cost_usd
+        FROM read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)
+        GROUP BY ALL ORDER BY run_id, status"""
+    print(con.sql(sql))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    spec = Path(args.spec)
+    if not spec.exists():
+        print(f"imagefab demo: {spec} not found (run it from the repository root)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("1/3 model catalog (builds the offline tiny SDXL and LoRAs the first time)")
+    if cmd_models(argparse.Namespace(action="build", catalog=None)):
+        return 1
+    print(f"\n2/3 bulk job: {spec} -> {args.output}")
+    rc = cmd_run(argparse.Namespace(spec=str(spec), output=args.output, set=[], limit=None, quiet=True))
+    if rc:
+        return rc
+    print(f"\n3/3 the catalog, read back with DuckDB")
+    return cmd_catalog(argparse.Namespace(output=args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagefab", description="Production image generation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a bulk job")
+    r.add_argument("spec")
+    r.add_argument("--output", help="output URI (overrides output.uri)")
+    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    r.add_argument("--limit", type=int)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a spec, its input and models")
+    v.add_argument("spec")
+    v.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("models", help="list, build or verify the model catalog")
+    m.add_argument("action", choices=["list", "build", "verify"])
+    m.add_argument("--catalog", help="a user model catalog YAML merged over the built-in one")
+    m.set_defaults(func=cmd_models)
+
+    g = sub.add_parser("regenerate", help="render a catalogued image again and compare")
+    g.add_argument("image_id")
+    g.add_argument("--output", default="outputs", help="the output URI holding the catalog")
+    g.add_argument("--catalog", help="user model catalog")
+    g.add_argument("--save", help="write the regenerated image to this PNG path")
+    g.set_defaults(func=cmd_regenerate)
+
+    c = sub.add_parser("catalog", help="counts by run and status")
+    c.add_argument("--output", default="outputs")
+    c.set_defaults(func=cmd_catalog)
+
+    d = sub.add_parser("demo", help="set up and run a real bulk job on the embedded defaults")
+    d.add_argument("--spec", default="specs/ecommerce.yaml")
+    d.add_argument("--output", default="outputs")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _env_defaults()
+    args = build_parser().parse_args(argv)
+    from app.models.digest import ModelFileError
+    from app.regenerate import RegenerateError
+    from app.spec import SpecError
+    from app.storage import StorageError
+
+    try:
+        return args.func(args)
+    except (SpecError, ModelFileError, StorageError, RegenerateError) as e:
+        print(f"imagefab: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Expand input rows into render requests: template x variations x seeds.
+
+`ExpandRows` is a plain callable over Arrow batches (the first Ray Data stage). A row that cannot
+become a request (empty prompt, a template value missing, a bad size, an unknown LoRA) becomes a
+`failed` request with the reason: it is written to the catalog, and the other rows go on.
+
+Columns a row may carry besides the template's own (all optional):
+  prompt / <input.prompt_column>   the prompt, when the spec has no template
+  negative_prompt / <input.negative_column>
+  seed                              first seed of this row's variations
+  width, height                     a size other than the spec's
+  loras                             "name:weight, name:weight" replacing the spec's LoRA stack
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import string
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from app.models.catalog import ResolvedModel
+from app.request import LoraUse, RenderRequest, compute_image_id, failed_row_id
+from app.spec import JobSpec, size_problem
+
+OUTPUT_COLUMNS = ("image_id", "status", "error", "combination", "request")
+
+
+class RowError(ValueError):
+    """Why one input row cannot be rendered."""
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a `{column}` template uses; raises ValueError when it is malformed."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"malformed prompt template {template!r}: {e}") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() and not name.replace("-", "_").replace(" ", "_").isidentifier():
+            raise ValueError(f"template placeholder {{{name}}} is not a column name (in {template!r})")
+        if spec or conv:
+            raise ValueError(f"template placeholder {{{name}}} may not carry a format spec (in {template!r})")
+        names.append(name)
+    return names
+
+
+def parse_lora_list(text: str) -> list[tuple[str, float]]:
+    """'style:0.8, detail' -> [('style', 0.8), ('detail', 1.0)]."""
+    out = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise RowError(f"LoRA weight {weight.strip()!r} of '{name.strip()}' is not a number") from None
+        if not -4.0 <= w <= 4.0 or math.isnan(w):
+            raise RowError(f"LoRA weight {w} of '{name.strip()}' is outside -4..4")
+        out.append((name.strip(), w))
+    return out
+
+
+@dataclass(frozen=True)
+class ResolvedModels:
+    """What the driver resolved and checked before the job: the base and every LoRA it may use."""
+
+    base: ResolvedModel
+    loras: dict[str, ResolvedModel] = field(default_factory=dict)
+    known_loras: tuple[str, ...] = ()  # every LoRA name in the catalog, for error messages
+    lora_problems: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
+
+
+def _missing(v: object) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _as_int(v: object, what: str) -> int:
+    try:
+        f = float(v)  # CSV gives strings; Parquet may give floats
+    except (TypeError, ValueError):
+        raise RowError(f"{what} {v!r} is not a number") from None
+    if math.isnan(f) or f != int(f):
+        raise RowError(f"{what} {v!r} is not a whole number")
+    return int(f)
+
+
+class ExpandRows:
+    """Input rows (Arrow) -> request rows: image_id, status ('pending'|'failed'), error,
+    combination (rows with the same one share a loaded LoRA stack), request (JSON)."""
+
+    def __init__(self, spec: JobSpec, models: ResolvedModels):
+        self.spec = spec
+        self.models = models
+        self.fields = template_fields(spec.input.prompt_template) if spec.input.prompt_template else []
+
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
+        out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
+        for raw in batch.to_pylist():
+            for i in range(self.spec.variations.seeds_per_row):
+                try:
+                    req = self.request(raw, i)
+                    row = (req.image_id, "pending", "", req.combination_key, req.to_json())
+                except RowError as e:
+                    partial = json.dumps(self._partial(raw, i), ensure_ascii=False)
+                    row = (failed_row_id(raw, i), "failed", f"bad_row: {e}", "", partial)
+                for col, value in zip(OUTPUT_COLUMNS, row):
+                    out[col].append(value)
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def request(self, raw: dict, variation: int) -> RenderRequest:
+        spec, inp = self.spec, self.spec.input
+        variables = {}
+        if inp.prompt_template is not None:
+            for name in self.fields:
+                if name not in raw:
+                    raise RowError(f"template column '{name}' is not in the row (columns: {', '.join(raw)})")
+                if _missing(raw[name]) or str(raw[name]).strip() == "":
+                    raise RowError(f"template column '{name}' is empty in this row")
+                variables[name] = str(raw[name]).strip()
+            prompt = inp.prompt_template.format(**variables)
+        else:
+            prompt = raw.get(inp.prompt_column)
+            prompt = "" if _missing(prompt) else str(prompt)
+        prompt = " ".join(prompt.split())
+        if not prompt:
+            raise RowError("empty prompt")
+        negative = spec.negative_prompt
+        neg_col = inp.negative_column or "negative_prompt"
+        if neg_col in raw and not _missing(raw[neg_col]) and str(raw[neg_col]).strip():
+            negative = str(raw[neg_col]).strip()
+
+        width, height = spec.size.width, spec.size.height
+        if "width" in raw and not _missing(raw["width"]):
+            width = _as_int(raw["width"], "width")
+        if "height" in raw and not _missing(raw["height"]):
+            height = _as_int(raw["height"], "height")
+        problem = size_problem(width, height)
+        if problem:
+            raise RowError(problem)
+
+        loras = self._loras(raw)
+        seed = self._seed(raw, prompt, negative, variation)
+        tags = dict(spec.static_tags)
+        for col in spec.tags:
+            if col in raw and not _missing(raw[col]):
+                tags[col] = str(raw[col])
+        base = self.models.base
+        image_id = compute_image_id(
+            prompt=prompt, negative_prompt=negative, base_sha256=base.sha256, loras=loras,
+            scheduler=spec.scheduler, steps=spec.steps, guidance=spec.guidance,
+            width=width, height=height, seed=seed,
+        )
+        return RenderRequest(
+            image_id=image_id, prompt=prompt, negative_prompt=negative, base_model=base.lineage(),
+            loras=loras, scheduler=spec.scheduler, steps=spec.steps, guidance=spec.guidance,
+            width=width, height=height, seed=seed, template=self._template(), variables=variables,
+            tags=tags, row_key=self._row_key(raw, prompt), variation=variation,
+        )
+
+    def _loras(self, raw: dict) -> tuple[LoraUse, ...]:
+        if "loras" in raw and not _missing(raw["loras"]) and str(raw["loras"]).strip():
+            wanted = parse_lora_list(str(raw["loras"]))
+        else:
+            wanted = [(lo.name, lo.weight) for lo in self.spec.model.loras]
+        names = [n for n, _ in wanted]
+        if len(set(names)) != len(names):
+            raise RowError(f"a LoRA is listed twice in {names}")
+        out = []
+        for name, weight in wanted:
+            if name in self.models.lora_problems:
+                raise RowError(self.models.lora_problems[name])
+            lo = self.models.loras.get(name)
+            if lo is None:
+                raise RowError(f"unknown LoRA '{name}' (known: {', '.join(self.models.known_loras)})")
+            out.append(LoraUse(name=lo.name, version=lo.version, weight=float(weight), sha256=lo.sha256, source=lo.source))
+        return tuple(out)
+
+    def _seed(self, raw: dict, prompt: str, negative: str, variation: int) -> int:
+        v = self.spec.variations
+        if "seed" in raw and not _missing(raw["seed"]):
+            first = _as_int(raw["seed"], "seed")
+            if not 0 <= first < 2**63 - v.seeds_per_row:
+                raise RowError(f"seed {first} is outside 0..2^63-1")
+            return first + variation
+        if v.seed_mode == "fixed":
+            return v.seeds[variation] if v.seeds else v.base_seed + variation
+        # Derived from the prompt, so adding or reordering rows never changes another row's seeds.
+        h = hashlib.sha256(f"{v.base_seed}\0{prompt}\0{negative}\0{variation}".encode()).digest()
+        return int.from_bytes(h[:8], "big") >> 1
+
+    def _template(self) -> dict:
+        inp = self.spec.input
+        if inp.prompt_template is None:
+            return {}
+        version = hashlib.sha256(inp.prompt_template.encode()).hexdigest()[:12]
+        return {"name": inp.template_name or "inline", "version": version, "text": inp.prompt_template}
+
+    def _row_key(self, raw: dict, prompt: str) -> str:
+        key_col = self.spec.input.key_column
+        if key_col and key_col in raw and not _missing(raw[key_col]):
+            return str(raw[key_col])
+        return prompt[:80]
+
+    def _partial(self, raw: dict, variation: int) -> dict:
+        """What a failed row's catalog entry can still say about it."""
+        tags = dict(self.spec.static_tags)
+        tags.update({c: str(raw[c]) for c in self.spec.tags if c in raw and not _missing(raw[c])})
+        prompt = raw.get(self.spec.input.prompt_column)
+        return {
+            "prompt": "" if _missing(prompt) else str(prompt),
+            "negative_prompt": self.spec.negative_prompt,
+            "template": self._template(),
+            "variables": {k: ("" if _missing(v) else str(v)) for k, v in raw.items() if k in self.fields},
+            "tags": tags,
+            "base_model": self.models.base.lineage(),
+            "loras": [],
+            "scheduler": self.spec.scheduler,
+            "steps": self.spec.steps,
+            "guidance": self.spec.guidance,
+            "width": self.spec.size.width,
+            "height": self.spec.size.height,
+            "seed": 0,
+            "row_key": self._row_key(raw, "" if _missing(prompt) else str(prompt)),
+            "variation": variation,
+        }

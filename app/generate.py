@@ -1,0 +1,186 @@
+"""The GPU stage: holds an SDXL pipeline with a LoRA adapter cache and renders RenderRequests.
+
+`Generator.render(requests)` is the core used by the bulk job, the Serve app and `imagefab
+regenerate`; `Generator.__call__(batch)` wraps it for Ray Data batches. Imports no Ray, MLflow or
+DuckDB, so it also runs alone on a GPU machine for benchmarks.
+
+Reproducibility: each image has its own CPU `torch.Generator` seeded from its request, so its
+initial noise does not depend on the device or its batch mates. With `batch_invariant` (the
+default) each image is also denoised in a batch of its own, so its pixels never depend on which
+rows Ray happened to batch together; CPU generators fix their torch thread count for the same
+reason (reductions split differently across threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from itertools import groupby
+
+import numpy as np
+import torch
+
+from app.models.catalog import ResolvedModel
+from app.models.digest import ModelFileError
+from app.models.loader import LoraStackSwitcher, load_pipeline, make_scheduler, pick_device, pick_dtype
+from app.request import RenderRequest
+from app.spec import ComputeSpec
+
+
+@dataclass
+class RenderResult:
+    image_id: str
+    pixels: np.ndarray | None  # [H, W, 3] uint8, None when failed
+    error: str = ""
+    nonfinite_fraction: float = 0.0  # share of output values that were NaN/inf (replaced by 0)
+    gpu_seconds: float = 0.0  # seconds of the generator's device, a batch's time shared by its images
+    batch_id: str = ""
+    batch_size: int = 1
+
+
+def _group_key(r: RenderRequest) -> tuple:
+    # One pipeline call needs one LoRA stack, scheduler, step count, guidance and size.
+    return (r.combination_key, r.scheduler, r.steps, r.guidance, r.width, r.height)
+
+
+class Generator:
+    """Renders requests for one base model; LoRA stacks are switched per group of requests."""
+
+    reads = ("image_id", "status", "request")
+    adds = ("pixels", "nonfinite", "gpu_seconds", "accelerator", "batch_id", "batch_size")
+
+    def __init__(self, base: ResolvedModel, loras: dict[str, ResolvedModel], compute: ComputeSpec):
+        self.base = base
+        self.loras = loras
+        self.compute = compute
+        self.device = pick_device(compute.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(compute.cpu_threads)
+        self.dtype = pick_dtype(base.dtype, self.device)
+        t0 = time.perf_counter()
+        self.pipe = load_pipeline(base, self.device, self.dtype)
+        self.load_seconds = time.perf_counter() - t0
+        self._scheduler_config = self.pipe.scheduler.config
+        self.switcher = LoraStackSwitcher()
+        self.accelerator = self._describe_device()
+
+    def _describe_device(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda:{torch.cuda.get_device_name(self.device)}"
+        return f"cpu:threads={torch.get_num_threads()}"
+
+    # --- Ray Data entry -------------------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        pending = [i for i in range(n) if batch["status"][i] == "pending"]
+        results = {r.image_id: r for r in self.render([RenderRequest.from_json(batch["request"][i]) for i in pending])}
+        pixels, nonfinite, gpu_s, batch_ids, sizes = [], [], [], [], []
+        status, error = list(batch["status"]), list(batch["error"])
+        for i in range(n):
+            r = results.get(batch["image_id"][i])
+            if r is not None and r.error:
+                status[i], error[i] = "failed", r.error
+            pixels.append(b"" if r is None or r.pixels is None else r.pixels.tobytes())
+            nonfinite.append(0.0 if r is None else r.nonfinite_fraction)
+            gpu_s.append(0.0 if r is None else r.gpu_seconds)
+            batch_ids.append("" if r is None else r.batch_id)
+            sizes.append(0 if r is None else r.batch_size)
+        return {
+            **batch,
+            "status": np.array(status, dtype=object),
+            "error": np.array(error, dtype=object),
+            "pixels": np.array(pixels, dtype=object),
+            "nonfinite": np.array(nonfinite, dtype=np.float64),
+            "gpu_seconds": np.array(gpu_s, dtype=np.float64),
+            "accelerator": np.array([self.accelerator] * n, dtype=object),
+            "batch_id": np.array(batch_ids, dtype=object),
+            "batch_size": np.array(sizes, dtype=np.int32),
+        }
+
+    # --- core -----------------------------------------------------------------------------------
+    def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
+        """Render requests, grouped so that one group is one LoRA stack and one pipeline setting."""
+        results: list[RenderResult] = []
+        ordered = sorted(requests, key=_group_key)
+        for _, group in groupby(ordered, key=_group_key):
+            group = list(group)
+            try:
+                self._prepare(group[0])
+            except (ModelFileError, KeyError) as e:
+                results += [RenderResult(r.image_id, None, error=f"model_error: {e}") for r in group]
+                continue
+            if self.compute.batch_invariant:
+                chunks = [[r] for r in group]
+            else:
+                # Batches ordered by image_id, so `regenerate` can rebuild one from its members alone.
+                chunks = _chunks(sorted(group, key=lambda r: r.image_id), self.compute.batch_size)
+            for chunk in chunks:
+                results += self._render_chunk(chunk)
+        return results
+
+    def render_batch_exactly(self, requests: list[RenderRequest]) -> list[RenderResult]:
+        """Render `requests` as one pipeline call, as a recorded batch was (see `render`)."""
+        ordered = sorted(requests, key=lambda r: r.image_id)
+        self._prepare(ordered[0])
+        return self._render_chunk(ordered)
+
+    def _prepare(self, first: RenderRequest) -> None:
+        if first.base_model["sha256"] != self.base.sha256:
+            raise ModelFileError(
+                f"request wants base '{first.base_model['name']}' ({first.base_model['sha256'][:12]}), "
+                f"this generator holds '{self.base.name}' ({self.base.sha256[:12]})"
+            )
+        stack = []
+        for use in first.loras:
+            lo = self.loras.get(use.name)
+            if lo is None or lo.sha256 != use.sha256:
+                raise ModelFileError(f"LoRA '{use.name}' ({use.sha256[:12]}) is not loaded on this generator")
+            stack.append((lo, use.weight))
+        self.switcher.apply(self.pipe, stack)
+        self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_config)
+
+    def _render_chunk(self, chunk: list[RenderRequest]) -> list[RenderResult]:
+        r0 = chunk[0]
+        batch_id = chunk[0].image_id if len(chunk) == 1 else hashlib.sha256(
+            "".join(r.image_id for r in chunk).encode()).hexdigest()[:32]
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = self.pipe(
+                    prompt=[r.prompt for r in chunk],
+                    negative_prompt=[r.negative_prompt for r in chunk],
+                    num_inference_steps=r0.steps,
+                    guidance_scale=r0.guidance,
+                    width=r0.width,
+                    height=r0.height,
+                    # CPU generators: the same noise on any device.
+                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in chunk],
+                    output_type="np",
+                ).images  # [B, H, W, 3] float in [0, 1]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # OOM, a kernel error: these rows fail, the actor lives on
+            return [RenderResult(r.image_id, None, error=f"generate_error: {type(e).__name__}: {e}") for r in chunk]
+        per_image = (time.perf_counter() - t0) / len(chunk)
+        results = []
+        for r, img in zip(chunk, out):
+            finite = np.isfinite(img)
+            bad = float(1.0 - finite.mean())
+            img = np.where(finite, img, 0.0)
+            pixels = (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+            results.append(RenderResult(r.image_id, pixels, nonfinite_fraction=bad, gpu_seconds=per_image,
+                                        batch_id=batch_id, batch_size=len(chunk)))
+        return results
+
+    def stats(self) -> dict:
+        return {
+            "accelerator": self.accelerator,
+            "load_seconds": self.load_seconds,
+            "lora_switches": self.switcher.switches,
+            "lora_switch_seconds": self.switcher.switch_seconds,
+        }
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

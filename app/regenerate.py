@@ -1,0 +1,124 @@
+"""Render a catalogued image again from its catalog row and check it bit for bit.
+
+The row holds every field that decides the pixels (and `image_id` is their hash), the model
+versions by sha256, and the batch it was rendered in. The same hardware and software give the same
+bytes; anything else is reported with the size of the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.catalog.store import CatalogStore
+from app.models.catalog import ModelCatalog, ResolvedModel
+from app.models.digest import ModelFileError
+from app.request import LoraUse, RenderRequest, compute_image_id
+from app.spec import ComputeSpec
+from app.storage import OutputStore
+
+
+class RegenerateError(LookupError):
+    """The image cannot be rendered again (unknown id, failed row, models changed)."""
+
+
+@dataclass
+class RegenerateReport:
+    image_id: str
+    expected_sha256: str
+    actual_sha256: str
+    max_abs_diff: int  # in 0..255 against the stored master, -1 when it could not be read
+    batch_size: int
+    accelerator: str
+    pixels: np.ndarray
+
+    @property
+    def identical(self) -> bool:
+        return self.expected_sha256 == self.actual_sha256
+
+
+def request_from_row(row: dict) -> RenderRequest:
+    loras = tuple(LoraUse(**{k: lo[k] for k in ("name", "version", "weight", "sha256", "source")}) for lo in row["loras"] or [])
+    req = RenderRequest(
+        image_id=row["image_id"], prompt=row["prompt"], negative_prompt=row["negative_prompt"],
+        base_model=dict(row["base_model"]), loras=loras, scheduler=row["scheduler"], steps=row["steps"],
+        guidance=row["guidance"], width=row["width"], height=row["height"], seed=row["seed"],
+        template=dict(row["template"] or {}), variables=dict(row["variables"] or []), tags=dict(row["tags"] or []),
+        tier=row["tier"] or "default", row_key=row["row_key"] or "", variation=row["variation"] or 0,
+    )
+    again = compute_image_id(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, base_sha256=req.base_model["sha256"],
+        loras=req.loras, scheduler=req.scheduler, steps=req.steps, guidance=req.guidance,
+        width=req.width, height=req.height, seed=req.seed,
+    )
+    if again != req.image_id:
+        raise RegenerateError(f"catalog row of {req.image_id} does not hash to its id ({again}): the row was altered")
+    return req
+
+
+def _same_model(resolved: ResolvedModel, wanted: dict | LoraUse) -> ResolvedModel:
+    sha = wanted["sha256"] if isinstance(wanted, dict) else wanted.sha256
+    if resolved.sha256 != sha:
+        raise RegenerateError(
+            f"model '{resolved.name}' has changed since the image was made: the catalog row wants sha256 "
+            f"{sha}, {resolved.path} has {resolved.sha256}"
+        )
+    return resolved
+
+
+def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) -> RegenerateReport:
+    from app.generate import Generator  # torch: only when rendering
+
+    output = OutputStore.at(output_uri)
+    store = CatalogStore(output)
+    row = store.find(image_id)
+    if row is None:
+        raise RegenerateError(f"image {image_id} is not in the catalog at {output.uri}")
+    if row["status"] == "failed" or not row["pixel_sha256"]:
+        raise RegenerateError(f"image {image_id} has no pixels to compare (status {row['status']}: {row['error']})")
+    members = [row]
+    if (row["batch_size"] or 1) > 1:
+        members = store.batch_rows(row["batch_id"])
+        if len({m["image_id"] for m in members}) != row["batch_size"]:
+            raise RegenerateError(f"batch {row['batch_id']} of {image_id} is incomplete in the catalog")
+    requests = [request_from_row(m) for m in {m["image_id"]: m for m in members}.values()]
+
+    catalog = ModelCatalog.load(user_catalog)
+    try:
+        base = _same_model(catalog.resolve_base(row["base_model"]["name"]), row["base_model"])
+        loras = {lo.name: _same_model(catalog.resolve_lora(lo.name, base), lo) for r in requests for lo in r.loras}
+    except (ModelFileError, KeyError) as e:
+        raise RegenerateError(f"cannot load the models of {image_id}: {e}") from e
+
+    accelerator = row["accelerator"] or ""
+    threads = accelerator.partition("threads=")[2]
+    compute = ComputeSpec(
+        device="cuda" if accelerator.startswith("cuda") else "cpu",
+        cpu_threads=int(threads) if threads.isdigit() else 1,
+        batch_invariant=len(requests) == 1,
+        batch_size=len(requests),
+    )
+    generator = Generator(base, loras, compute)
+    results = {r.image_id: r for r in generator.render_batch_exactly(requests)}
+    result = results[image_id]
+    if result.error:
+        raise RegenerateError(f"rendering {image_id} failed: {result.error}")
+    pixels = result.pixels
+    diff = -1
+    try:
+        from io import BytesIO
+
+        from PIL import Image
+
+        stored = np.asarray(Image.open(BytesIO(output.read_bytes(output.rel_of(row["uri"])))).convert("RGB"))
+        if stored.shape == pixels.shape:
+            diff = int(np.abs(stored.astype(np.int16) - pixels.astype(np.int16)).max())
+    except OSError:
+        pass
+    return RegenerateReport(
+        image_id=image_id, expected_sha256=row["pixel_sha256"],
+        actual_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(), max_abs_diff=diff,
+        batch_size=len(requests), accelerator=generator.accelerator, pixels=pixels,
+    )

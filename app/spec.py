@@ -1,0 +1,280 @@
+"""The job spec: one validated, frozen object from the YAML file to every stage.
+
+`load_spec(path)` reads a YAML spec and raises `SpecError` naming the field path and the bad value
+("model.loras[1].weight: 7.0 — must be between -4 and 4"). Relative input paths and catalogs are
+resolved against the spec file's folder, so a spec runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.postprocess import PostprocessSettings
+from app.qc import QcSettings
+
+# SDXL was trained on ~1 megapixel buckets; these are its usual sizes, plus small ones for the
+# offline tiny model on CPU.
+SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "sdxl-square": (1024, 1024),
+    "sdxl-portrait": (896, 1152),
+    "sdxl-landscape": (1152, 896),
+    "sdxl-tall": (768, 1344),
+    "sdxl-wide": (1344, 768),
+    "sdxl-ultrawide": (1536, 640),
+    "small-square": (512, 512),
+    "tiny-square": (256, 256),
+    "tiny-portrait": (192, 256),
+}
+MIN_SIDE, MAX_SIDE, MAX_PIXELS = 64, 4096, 4096 * 4096
+
+SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field path and the bad value."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why a generation size cannot be rendered, or None when it can."""
+    if width % 8 or height % 8:
+        return f"width and height have to be divisible by 8 but are {width} and {height}"
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
+        return f"size {width}x{height} is outside {MIN_SIDE}..{MAX_SIDE} pixels per side"
+    return None
+
+
+class Size(_Frozen):
+    width: int
+    height: int
+
+    @model_validator(mode="after")
+    def _renderable(self) -> Size:
+        problem = size_problem(self.width, self.height)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @classmethod
+    def parse(cls, value: Any) -> Size:
+        """`sdxl-square`, `1024x768`, or {width, height}."""
+        if isinstance(value, str):
+            if value in SIZE_PRESETS:
+                w, h = SIZE_PRESETS[value]
+                return cls(width=w, height=h)
+            m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
+            if not m:
+                raise ValueError(
+                    f"'{value}' is neither WIDTHxHEIGHT nor a size preset ({', '.join(SIZE_PRESETS)})"
+                )
+            return cls(width=int(m[1]), height=int(m[2]))
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, Size):
+            return value
+        raise ValueError(f"expected a preset name, 'WIDTHxHEIGHT' or {{width, height}}, got {value!r}")
+
+
+class InputSpec(_Frozen):
+    """Where the prompts come from. CSV rows are expanded through `prompt_template`."""
+
+    path: str
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    prompt_template: str | None = None
+    template_name: str | None = None
+    prompt_column: str = "prompt"
+    negative_column: str | None = None
+    key_column: str | None = None  # names rows in errors and the catalog (e.g. product_id)
+    limit: int | None = Field(None, ge=1)
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        suffix = self.path.lower().rsplit(".", 1)[-1]
+        if suffix in ("csv", "tsv"):
+            return "csv"
+        return "parquet"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _balanced(cls, t: str | None) -> str | None:
+        if t is not None:
+            from app.expand import template_fields  # local: expand imports this module
+
+            template_fields(t)  # raises ValueError on a malformed placeholder
+            if not t.strip():
+                raise ValueError("prompt_template is empty")
+        return t
+
+
+class Variations(_Frozen):
+    """How many images each input row gives, and their seeds."""
+
+    seeds_per_row: int = Field(1, ge=1, le=10_000)
+    # derived: seed = hash(base_seed, prompt, i), stable when rows are added or reordered;
+    # fixed: seeds = `seeds`, or base_seed + i.
+    seed_mode: Literal["derived", "fixed"] = "derived"
+    base_seed: int = Field(0, ge=0, lt=2**63)
+    seeds: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> Variations:
+        if self.seeds and self.seed_mode != "fixed":
+            raise ValueError("`seeds` is only used with seed_mode: fixed")
+        if self.seeds and len(self.seeds) != self.seeds_per_row:
+            raise ValueError(f"`seeds` lists {len(self.seeds)} seeds but seeds_per_row is {self.seeds_per_row}")
+        if any(s < 0 or s >= 2**63 for s in self.seeds):
+            raise ValueError("seeds must be in 0..2^63-1")
+        return self
+
+
+class LoraRef(_Frozen):
+    name: str = Field(min_length=1)
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class ModelSpec(_Frozen):
+    base: str = "tiny-sdxl"
+    loras: tuple[LoraRef, ...] = ()
+    catalog: str | None = None  # a user model catalog YAML merged over the built-in one
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct(cls, loras: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
+        names = [lo.name for lo in loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a LoRA is listed twice in {names}")
+        return loras
+
+
+class OutputSpec(_Frozen):
+    uri: str = "outputs"  # a local folder or any pyarrow filesystem URI (s3://, gs://)
+
+
+class ComputeSpec(_Frozen):
+    generators: int | None = Field(None, ge=1, le=1024)  # actor pool size; None: one per GPU, else 1
+    batch_size: int = Field(4, ge=1, le=256)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Torch threads per CPU generator: results depend on it, so it is fixed rather than "all cores".
+    cpu_threads: int = Field(1, ge=1, le=256)
+    # True: every image is denoised in a batch of its own, so its pixels never depend on which
+    # rows it was batched with. False: whole batches (faster on GPUs); regenerating an image then
+    # re-renders its recorded batch.
+    batch_invariant: bool = True
+    qc_workers: int = Field(1, ge=1, le=1024)
+
+
+class JobSpec(_Frozen):
+    run_name: str
+    input: InputSpec
+    negative_prompt: str = ""
+    variations: Variations = Variations()
+    model: ModelSpec = ModelSpec()
+    steps: int = Field(30, ge=1, le=500)
+    guidance: float = Field(5.0, ge=0.0, le=50.0)
+    scheduler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm"] = "euler"
+    size: Size = Size(width=1024, height=1024)
+    qc: QcSettings = QcSettings()
+    postprocess: PostprocessSettings = PostprocessSettings()
+    output: OutputSpec = OutputSpec()
+    tags: tuple[str, ...] = ()  # input columns copied into each image's tags
+    static_tags: dict[str, str] = {}  # tags set on every image of the run (campaign, brand…)
+    compute: ComputeSpec = ComputeSpec()
+
+    @field_validator("run_name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not RUN_NAME.match(name):
+            raise ValueError(
+                f"'{name}' is not a valid run name: letters, digits, '_', '.', '-', at most 64, starting alphanumeric"
+            )
+        return name
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Size:
+        return Size.parse(v)
+
+    @model_validator(mode="after")
+    def _prompt_source(self) -> JobSpec:
+        if self.input.resolved_format == "csv" and self.input.prompt_template is None and self.input.prompt_column is None:
+            raise ValueError("input: a CSV input needs `prompt_template` or `prompt_column`")
+        return self
+
+    def with_overrides(self, **changes: Any) -> JobSpec:
+        """A copy with dotted-path overrides, validated again (`output.uri=/tmp/x`)."""
+        data = self.model_dump(mode="json")
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return parse_spec(data, where="overrides")
+
+
+def _format_errors(e: ValidationError, where: str) -> str:
+    lines = []
+    for err in e.errors():
+        path = ""
+        for part in err["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"  {path or '<spec>'}: {msg}{shown}")
+    return f"{where}: invalid spec\n" + "\n".join(lines)
+
+
+def parse_spec(data: Any, where: str = "<spec>", base_dir: Path | None = None) -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: a spec is a YAML mapping, got {type(data).__name__}")
+    if base_dir is not None:
+        data = _anchor_paths(data, base_dir)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, where)) from None
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({e})") from None
+    spec = parse_spec(data, where=str(path), base_dir=path.resolve().parent)
+    return spec.with_overrides(**overrides) if overrides else spec
+
+
+def _is_uri(p: str) -> bool:
+    return "://" in p
+
+
+def _anchor_paths(data: dict, base_dir: Path) -> dict:
+    """Make relative local paths in a spec relative to the spec file's folder."""
+    data = dict(data)
+
+    def anchor(section: str, key: str) -> None:
+        body = data.get(section)
+        if isinstance(body, dict) and isinstance(body.get(key), str):
+            value = body[key]
+            if not _is_uri(value) and not Path(value).expanduser().is_absolute():
+                data[section] = {**body, key: str(base_dir / value)}
+
+    anchor("input", "path")
+    anchor("model", "catalog")
+    # output.uri stays relative to where the job runs (like any CLI tool's output flag).
+    return data

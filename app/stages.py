@@ -1,0 +1,247 @@
+"""The CPU stages after the generator, as plain callables over numpy batches.
+
+Each stage names the columns it reads and adds. They import no Ray: `jobs/generate.py` and the
+Serve app wire them. A row whose stage fails becomes `failed` with the reason; the others go on.
+
+  Generator            -> pixels, nonfinite, gpu_seconds, accelerator, batch_id, batch_size
+  QualityControl       -> status, reasons, scores, qc_version, cpu_seconds
+  Postprocess          -> uri, variants, pixel_sha256, cpu_seconds (+), drops pixels
+  CatalogWrite         -> appends catalog rows; returns image_id, status, gpu_seconds, cpu_seconds
+  Finish               =  QualityControl -> Postprocess -> CatalogWrite, one Ray stage
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+from PIL import Image
+
+from app.catalog.store import CatalogStore
+from app.cost import PriceTable
+from app.postprocess import ImageMetadata, PostprocessSettings, encode_master, render_variants
+from app.qc import QcSettings, check_image
+from app.storage import OutputStore
+
+SUMMARY_COLUMNS = ("image_id", "status", "gpu_seconds", "cpu_seconds")
+
+
+def _obj(values) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def image_from_row(batch: dict, i: int) -> np.ndarray:
+    """The [H, W, 3] uint8 image of row i, from the raw bytes the generator put in `pixels`."""
+    req = json.loads(batch["request"][i])
+    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(req["height"], req["width"], 3)
+
+
+def image_path(image_id: str) -> str:
+    """Content-addressed location of an image's master file under the output root."""
+    return f"images/{image_id[:2]}/{image_id}.png"
+
+
+def metadata_for(req: dict, run_id: str) -> ImageMetadata:
+    from app.models.loader import sampler_name  # torch import, only where metadata is written
+
+    return ImageMetadata(
+        image_id=req["image_id"],
+        prompt=req["prompt"],
+        negative_prompt=req["negative_prompt"],
+        steps=req["steps"],
+        sampler=sampler_name(req["scheduler"]),
+        cfg_scale=req["guidance"],
+        seed=req["seed"],
+        width=req["width"],
+        height=req["height"],
+        model_name=req["base_model"]["name"],
+        model_hash=req["base_model"]["sha256"],
+        loras=tuple((lo["name"], lo["weight"], lo["sha256"]) for lo in req["loras"]),
+        run_id=run_id,
+    )
+
+
+class QualityControl:
+    reads = ("status", "request", "pixels", "nonfinite")
+    adds = ("status", "reasons", "scores", "qc_version", "cpu_seconds")
+
+    def __init__(self, settings: QcSettings):
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        status, error = list(batch["status"]), list(batch["error"])
+        reasons, scores, cpu = [], [], []
+        for i in range(n):
+            t0 = time.process_time()
+            if status[i] != "pending":
+                reasons.append("[]")
+                scores.append("{}")
+            else:
+                try:
+                    verdict = check_image(image_from_row(batch, i), self.settings, float(batch["nonfinite"][i]))
+                    status[i] = verdict.status
+                    reasons.append(json.dumps(list(verdict.reasons)))
+                    scores.append(json.dumps({k: (None if math.isnan(v) else v) for k, v in verdict.scores.items()}))
+                except Exception as e:  # a bug or bad pixels in one row must not take the batch down
+                    status[i], error[i] = "failed", f"qc_error: {type(e).__name__}: {e}"
+                    reasons.append("[]")
+                    scores.append("{}")
+            cpu.append(time.process_time() - t0)
+        return {
+            **batch,
+            "status": _obj(status),
+            "error": _obj(error),
+            "reasons": _obj(reasons),
+            "scores": _obj(scores),
+            "qc_version": _obj([self.settings.qc_version] * n),
+            "cpu_seconds": np.asarray(cpu, dtype=np.float64),
+        }
+
+
+class Postprocess:
+    """Writes the lossless master (always) and the platform variants (for accepted/review)."""
+
+    reads = ("status", "request", "pixels")
+    adds = ("uri", "variants", "pixel_sha256", "cpu_seconds")
+
+    def __init__(self, settings: PostprocessSettings, output: OutputStore, run_id: str):
+        self.settings = settings
+        self.output = output
+        self.run_id = run_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        status, error = list(batch["status"]), list(batch["error"])
+        uris, variants, shas, cpu = [], [], [], list(batch["cpu_seconds"])
+        for i in range(n):
+            t0 = time.process_time()
+            uri, rows, sha = "", [], ""
+            if status[i] not in ("failed", "pending") and len(batch["pixels"][i]):
+                try:
+                    uri, rows, sha = self.write_one(batch, i, with_variants=status[i] != "rejected")
+                except Exception as e:
+                    status[i], error[i] = "failed", f"postprocess_error: {type(e).__name__}: {e}"
+            uris.append(uri)
+            variants.append(json.dumps(rows))
+            shas.append(sha)
+            cpu[i] += time.process_time() - t0
+        out = {k: v for k, v in batch.items() if k != "pixels"}  # the bytes stop here
+        out.update(
+            status=_obj(status), error=_obj(error), uri=_obj(uris), variants=_obj(variants),
+            pixel_sha256=_obj(shas), cpu_seconds=np.asarray(cpu, dtype=np.float64),
+        )
+        return out
+
+    def write_one(self, batch: dict, i: int, with_variants: bool) -> tuple[str, list[dict], str]:
+        req = json.loads(batch["request"][i])
+        pixels = image_from_row(batch, i)
+        image = Image.fromarray(pixels, "RGB")
+        meta = metadata_for(req, self.run_id)
+        master = image_path(req["image_id"])
+        uri = self.output.write_bytes(master, encode_master(image, meta, self.settings.png_compress_level))
+        rows = []
+        if with_variants:
+            for v in render_variants(image, self.settings, meta):
+                ext = "jpg" if v.format == "jpeg" else v.format
+                rel = f"{master.removesuffix('.png')}/{v.preset}.{ext}"
+                rows.append({"preset": v.preset, "uri": self.output.write_bytes(rel, v.data), "width": v.width,
+                             "height": v.height, "format": v.format, "bytes": len(v.data)})
+        return uri, rows, hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created_at: datetime) -> dict:
+    """One catalog row from the request and what each stage added."""
+    req = json.loads(batch["request"][i])
+    scores = json.loads(batch["scores"][i]) if "scores" in batch else {}
+    accelerator = str(batch["accelerator"][i]) if "accelerator" in batch else ""
+    gpu_s = float(batch["gpu_seconds"][i]) if "gpu_seconds" in batch else 0.0
+    cpu_s = float(batch["cpu_seconds"][i]) if "cpu_seconds" in batch else 0.0
+    status = str(batch["status"][i])
+    return {
+        "image_id": str(batch["image_id"][i]),
+        "source": source,
+        "created_at": created_at,
+        "status": status,
+        "reasons": json.loads(batch["reasons"][i]) if "reasons" in batch else [],
+        "error": str(batch["error"][i]),
+        "prompt": req.get("prompt", ""),
+        "negative_prompt": req.get("negative_prompt", ""),
+        "template": req.get("template") or None,
+        "variables": req.get("variables", {}),
+        "tags": req.get("tags", {}),
+        "row_key": req.get("row_key", ""),
+        "variation": req.get("variation", 0),
+        "base_model": req.get("base_model"),
+        "loras": list(req.get("loras", [])),
+        "scheduler": req.get("scheduler"),
+        "steps": req.get("steps"),
+        "guidance": req.get("guidance"),
+        "width": req.get("width"),
+        "height": req.get("height"),
+        "seed": req.get("seed"),
+        "tier": req.get("tier", "default"),
+        "batch_id": str(batch["batch_id"][i]) if "batch_id" in batch else "",
+        "batch_size": int(batch["batch_size"][i]) if "batch_size" in batch else 0,
+        "pixel_sha256": str(batch["pixel_sha256"][i]) if "pixel_sha256" in batch else "",
+        "sharpness": scores.get("sharpness"),
+        "contrast": scores.get("contrast"),
+        "exposure": scores.get("exposure"),
+        "qc_version": str(batch["qc_version"][i]) if "qc_version" in batch else None,
+        "uri": str(batch["uri"][i]) if "uri" in batch else "",
+        "variants": json.loads(batch["variants"][i]) if "variants" in batch else [],
+        "gpu_seconds": gpu_s,
+        "cpu_seconds": cpu_s,
+        "cost_usd": prices.image_cost(accelerator, gpu_s, cpu_s) if accelerator else 0.0,
+        "accelerator": accelerator,
+        "usage_rights": "",
+        "approval": "pending",
+    }
+
+
+class CatalogWrite:
+    """Appends one Parquet file per batch; returns the small summary columns to the driver."""
+
+    reads = ("*",)
+    adds = SUMMARY_COLUMNS
+
+    def __init__(self, output: OutputStore, run_id: str, source: str = "bulk", prices: PriceTable | None = None):
+        self.store = CatalogStore(output)
+        self.run_id = run_id
+        self.source = source
+        self.prices = prices or PriceTable()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        now = datetime.now(timezone.utc)
+        n = len(batch["image_id"])
+        rows = [catalog_row(batch, i, source=self.source, prices=self.prices, created_at=now) for i in range(n)]
+        self.store.append(rows, run_id=self.run_id, date=now.strftime("%Y-%m-%d"))
+        return {
+            "image_id": _obj([r["image_id"] for r in rows]),
+            "status": _obj([r["status"] for r in rows]),
+            "gpu_seconds": np.asarray([r["gpu_seconds"] for r in rows], dtype=np.float64),
+            "cpu_seconds": np.asarray([r["cpu_seconds"] for r in rows], dtype=np.float64),
+        }
+
+
+class Finish:
+    """QC, post-processing and the catalog append in one CPU stage.
+
+    Run as one Ray stage so a batch's pixels are deserialised once, not once per step; the
+    three parts stay separate callables for tests and for the Serve app.
+    """
+
+    def __init__(self, qc: QcSettings, postprocess: PostprocessSettings, output: OutputStore, run_id: str,
+                 source: str = "bulk", prices: PriceTable | None = None):
+        self.qc = QualityControl(qc)
+        self.post = Postprocess(postprocess, output, run_id)
+        self.write = CatalogWrite(output, run_id, source, prices)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.write(self.post(self.qc(batch)))
