@@ -32,7 +32,6 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {
 }
 MIN_SIDE, MAX_SIDE, MAX_PIXELS = 64, 4096, 4096 * 4096
 
-SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -25,6 +25,7 @@ from app.catalog.store import CatalogStore
 from app.cost import PriceTable
 from app.postprocess import ImageMetadata, PostprocessSettings, encode_master, render_variants
 from app.qc import QcSettings, check_image
+from app.schedulers import sampler_name
 from app.storage import OutputStore
 
 SUMMARY_COLUMNS = ("image_id", "status", "gpu_seconds", "cpu_seconds")
@@ -47,9 +48,9 @@ def image_path(image_id: str) -> str:
     return f"images/{image_id[:2]}/{image_id}.png"
 
 
-def metadata_for(req: dict, run_id: str) -> ImageMetadata:
-    from app.models.loader import sampler_name  # torch import, only where metadata is written
-
+def metadata_for(req: dict) -> ImageMetadata:
+    """What is embedded in an image's files. No run id: the same image_id gives the same bytes,
+    whichever run wrote it (images are stored by id, and a rerun may write one again)."""
     return ImageMetadata(
         image_id=req["image_id"],
         prompt=req["prompt"],
@@ -63,7 +64,6 @@ def metadata_for(req: dict, run_id: str) -> ImageMetadata:
         model_name=req["base_model"]["name"],
         model_hash=req["base_model"]["sha256"],
         loras=tuple((lo["name"], lo["weight"], lo["sha256"]) for lo in req["loras"]),
-        run_id=run_id,
     )
 
 
@@ -111,10 +111,9 @@ class Postprocess:
     reads = ("status", "request", "pixels")
     adds = ("uri", "variants", "pixel_sha256", "cpu_seconds")
 
-    def __init__(self, settings: PostprocessSettings, output: OutputStore, run_id: str):
+    def __init__(self, settings: PostprocessSettings, output: OutputStore):
         self.settings = settings
         self.output = output
-        self.run_id = run_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -143,7 +142,7 @@ class Postprocess:
         req = json.loads(batch["request"][i])
         pixels = image_from_row(batch, i)
         image = Image.fromarray(pixels, "RGB")
-        meta = metadata_for(req, self.run_id)
+        meta = metadata_for(req)
         master = image_path(req["image_id"])
         uri = self.output.write_bytes(master, encode_master(image, meta, self.settings.png_compress_level))
         rows = []
@@ -240,7 +239,7 @@ class Finish:
     def __init__(self, qc: QcSettings, postprocess: PostprocessSettings, output: OutputStore, run_id: str,
                  source: str = "bulk", prices: PriceTable | None = None):
         self.qc = QualityControl(qc)
-        self.post = Postprocess(postprocess, output, run_id)
+        self.post = Postprocess(postprocess, output)
         self.write = CatalogWrite(output, run_id, source, prices)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -160,7 +160,7 @@ def cluster_gpus() -> int:
 
 def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False) -> RunSummary:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     t0 = time.perf_counter()
     run_id = run_id or new_run_id(spec)
@@ -179,6 +179,8 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False) -> RunSum
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     # 2-3. Expand, then decide what to render.
     requests, models, summary.input_rows = expand_requests(spec, catalog, columns)

@@ -16,29 +16,9 @@ import torch
 
 from app.models.catalog import ResolvedModel
 from app.models.digest import ModelFileError
+from app.schedulers import SCHEDULERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-SCHEDULER_CLASSES = {
-    # name: (diffusers class, extra config, A1111 sampler name)
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
-        "DPM++ 2M Karras",
-    ),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-    "lcm": ("LCMScheduler", {}, "LCM"),
-}
-
-
-def sampler_name(scheduler: str) -> str:
-    """The AUTOMATIC1111 name of an imagefab scheduler (for infotext)."""
-    return SCHEDULER_CLASSES[scheduler][2]
-
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
@@ -78,6 +58,7 @@ def load_pipeline(base: ResolvedModel, device: torch.device, dtype: torch.dtype)
             pipe = StableDiffusionXLPipeline.from_single_file(
                 base.path, config=base.config, local_files_only=True, dtype=dtype
             )
+            _require_all_weights(pipe, base)
         else:
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 base.path, dtype=dtype, use_safetensors=True, local_files_only=True
@@ -90,10 +71,30 @@ def load_pipeline(base: ResolvedModel, device: torch.device, dtype: torch.dtype)
     return pipe.to(device)
 
 
+def _require_all_weights(pipe, base: ResolvedModel) -> None:
+    """Raise if a component still has tensors on the meta device after a single-file load.
+
+    `from_single_file` builds each model empty and fills in what it finds in the checkpoint; it does
+    not report the weights it found no key for. Those stay on the meta device, and the first
+    `.to(device)` then fails with a bare NotImplementedError that names no file or component.
+    """
+    for component_name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        tensors = [*component.named_parameters(), *component.named_buffers()]
+        empty = [n for n, t in tensors if t.is_meta]
+        if empty:
+            raise ModelFileError(
+                f"{base.path}: single-file base '{base.name}' gave no weights for {len(empty)} of {len(tensors)} "
+                f"tensors of `{component_name}` (e.g. {', '.join(empty[:3])}); the checkpoint does not match "
+                f"the configs in {base.config}"
+            )
+
+
 def make_scheduler(name: str, base_config):
     import diffusers
 
-    cls_name, extra, _ = SCHEDULER_CLASSES[name]
+    cls_name, extra, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(base_config, **extra)
 
 

@@ -1,0 +1,156 @@
+"""The whole bulk job on a local Ray with the tiny models: rows, LoRA weights, bad rows, resume,
+determinism across runs, regenerate, and failing fast on bad models."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import duckdb
+import pytest
+
+from app.catalog.store import CatalogStore
+from app.models.digest import ModelFileError
+from app.spec import SpecError, load_spec
+from app.storage import OutputStore
+
+pytestmark = pytest.mark.ray
+
+ROWS = """\
+pid,name,color,loras,width
+P1,leather boot,tan,tiny-style:0.4,
+P2,canvas tote,navy,tiny-style:0.9,
+P3,coffee mug,white,,
+P4,broken size,red,,1001
+P5,,green,,
+P6,ghost style,grey,tiny-ghost:0.5,
+"""
+GOOD_REQUESTS = 3 * 2  # P1..P3, two seeds each
+BAD_REQUESTS = 3 * 2
+
+
+@pytest.fixture(scope="module")
+def spec_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spec")
+    (d / "rows.csv").write_text(ROWS)
+    (d / "job.yaml").write_text(textwrap.dedent("""\
+        run_name: test-job
+        input: {path: rows.csv, prompt_template: "studio photo of a {name}, {color}", key_column: pid}
+        tags: [pid]
+        variations: {seeds_per_row: 2, base_seed: 1}
+        model: {base: tiny-sdxl, loras: [{name: tiny-detail, weight: 0.7}]}
+        size: tiny-portrait
+        steps: 3
+        postprocess: {presets: [thumbnail], format: jpeg}
+        compute: {batch_size: 2}
+    """))
+    return d / "job.yaml"
+
+
+def run_job(spec_path, output, **overrides):
+    from jobs.generate import run
+
+    spec = load_spec(spec_path, {"output.uri": str(output), **overrides})
+    return run(spec, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, spec_path, tmp_path_factory):
+    """A partial run then a resumed full run into A, and one full run into B."""
+    out_a, out_b = tmp_path_factory.mktemp("out_a"), tmp_path_factory.mktemp("out_b")
+    partial = run_job(spec_path, out_a, **{"input.limit": 1})
+    resumed = run_job(spec_path, out_a)
+    fresh = run_job(spec_path, out_b)
+    return {"partial": partial, "resumed": resumed, "fresh": fresh, "a": out_a, "b": out_b}
+
+
+def catalog(out):
+    return CatalogStore(OutputStore.at(str(out))).read().to_pylist()
+
+
+def test_partial_then_resumed_run_covers_every_row_exactly_once(runs):
+    assert runs["partial"].counts["failed"] == 0 and runs["partial"].rendered == 2
+    resumed = runs["resumed"]
+    assert resumed.skipped_existing == 2
+    assert resumed.requests == GOOD_REQUESTS + BAD_REQUESTS
+    assert resumed.rendered == GOOD_REQUESTS - 2
+    rows = catalog(runs["a"])
+    ids = [r["image_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == GOOD_REQUESTS + BAD_REQUESTS
+    assert {r["run_id"] for r in rows} == {runs["partial"].run_id, resumed.run_id}
+
+
+def test_bad_rows_become_failed_catalog_rows_with_reasons(runs):
+    rows = catalog(runs["a"])
+    failed = {r["tags"] and dict(r["tags"])["pid"]: r["error"] for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"P4", "P5", "P6"}
+    assert "divisible by 8 but are 1001" in failed["P4"]
+    assert "template column 'name' is empty" in failed["P5"]
+    assert "unknown LoRA 'tiny-ghost'" in failed["P6"]
+    good = [r for r in rows if r["status"] != "failed"]
+    assert len(good) == GOOD_REQUESTS and all(r["uri"] and r["pixel_sha256"] for r in good)
+
+
+def test_row_lora_weights_are_recorded_with_lineage(runs):
+    rows = {dict(r["tags"])["pid"]: r for r in catalog(runs["a"]) if r["status"] != "failed"}
+    assert [(lo["name"], lo["weight"]) for lo in rows["P1"]["loras"]] == [("tiny-style", 0.4)]
+    assert [(lo["name"], lo["weight"]) for lo in rows["P2"]["loras"]] == [("tiny-style", 0.9)]
+    assert [(lo["name"], lo["weight"]) for lo in rows["P3"]["loras"]] == [("tiny-detail", 0.7)]
+    assert all(len(lo["sha256"]) == 64 for r in rows.values() for lo in r["loras"])
+    assert rows["P1"]["width"] == 192 and rows["P1"]["height"] == 256
+
+
+def test_same_spec_twice_gives_byte_identical_images(runs):
+    a = {r["image_id"]: r for r in catalog(runs["a"]) if r["status"] != "failed"}
+    b = {r["image_id"]: r for r in catalog(runs["b"]) if r["status"] != "failed"}
+    assert a.keys() == b.keys()
+    store_a, store_b = OutputStore.at(str(runs["a"])), OutputStore.at(str(runs["b"]))
+    for image_id in a:
+        assert a[image_id]["pixel_sha256"] == b[image_id]["pixel_sha256"]
+        assert store_a.read_bytes(store_a.rel_of(a[image_id]["uri"])) == store_b.read_bytes(store_b.rel_of(b[image_id]["uri"]))
+
+
+def test_summary_counts_match_the_catalog_and_duckdb_reads_it(runs):
+    fresh = runs["fresh"]
+    c = fresh.counts
+    assert sum(c.values()) == GOOD_REQUESTS + BAD_REQUESTS and c["failed"] == BAD_REQUESTS
+    assert fresh.gpu_seconds > 0 and fresh.images_per_second > 0
+    con = duckdb.connect()
+    n, statuses = con.execute(
+        f"SELECT count(*), list(DISTINCT status) FROM read_parquet('{runs['b']}/catalog/**/*.parquet', hive_partitioning=true)"
+    ).fetchone()
+    assert n == GOOD_REQUESTS + BAD_REQUESTS and "failed" in statuses
+    assert (OutputStore.at(str(runs["b"])).read_bytes(f"runs/{fresh.run_id}/summary.json"))
+
+
+def test_regenerate_reproduces_a_catalogued_image(runs):
+    from app.regenerate import regenerate
+
+    row = next(r for r in catalog(runs["b"]) if r["status"] != "failed" and r["loras"])
+    report = regenerate(row["image_id"], str(runs["b"]))
+    assert report.identical and report.max_abs_diff == 0
+
+
+def test_corrupt_model_fails_before_any_work(ray_local, spec_path, tmp_path, tiny_base):
+    from pathlib import Path
+
+    copy = tmp_path / "base"
+    shutil.copytree(tiny_base.path, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (tmp_path / "catalog.yaml").write_text(
+        f"base_models:\n  my-base:\n    source: {copy}\n    sha256: {tiny_base.sha256}\n")
+    out = tmp_path / "out"
+    with pytest.raises(ModelFileError) as e:
+        run_job(spec_path, out, **{"model.base": "my-base", "model.catalog": str(tmp_path / "catalog.yaml"),
+                                   "model.loras": []})
+    assert str(weights) in str(e.value) and "sha256 mismatch" in str(e.value)
+    assert not (out / "catalog").exists()
+
+
+def test_template_column_missing_from_input_fails_fast(ray_local, spec_path, tmp_path):
+    with pytest.raises(SpecError, match="input.prompt_template: column 'material' is not in"):
+        run_job(spec_path, tmp_path / "out", **{"input.prompt_template": "{name} in {material}"})
+    assert not (tmp_path / "out" / "catalog").exists()
