@@ -37,13 +37,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from app.models.catalog import ModelCatalog
-    from app.plan import check_input, input_columns, resolve_models
+    from app.plan import check_input, input_columns, resolve_models, row_lora_names
     from jobs.generate import spec_from_args
 
     spec = spec_from_args(argparse.Namespace(spec=args.spec, set=args.set, output=None, limit=None))
     columns = input_columns(spec)
     check_input(spec, columns)
-    models = resolve_models(spec, ModelCatalog.load(spec.model.catalog))
+    models = resolve_models(spec, ModelCatalog.load(spec.model.catalog), row_lora_names(spec, columns))
+    unknown = sorted(row_lora_names(spec, columns) - set(models.loras))
+    bad = {**{n: f"unknown LoRA '{n}'" for n in unknown}, **models.lora_problems}
     print(f"{args.spec}: valid")
     print(f"  input   {spec.input.path} ({spec.input.resolved_format}; columns: {', '.join(columns)})")
     print(f"  base    {models.base.name} v{models.base.version} sha256 {models.base.sha256[:16]}…")
@@ -53,6 +55,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  render  {spec.size.width}x{spec.size.height}, {spec.steps} steps, guidance {spec.guidance}, "
           f"{spec.scheduler}, {spec.variations.seeds_per_row} image(s) per row")
     print(f"  output  {spec.output.uri}")
+    for name, why in sorted(bad.items()):
+        print(f"  warning rows asking for LoRA '{name}' will fail: {why}")
     return 0
 
 

@@ -93,6 +93,11 @@ def _as_int(v: object, what: str) -> int:
     return int(f)
 
 
+class _KeepPlaceholders(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
 class ExpandRows:
     """Input rows (Arrow) -> request rows: image_id, status ('pending'|'failed'), error,
     combination (rows with the same one share a loaded LoRA stack), request (JSON)."""
@@ -215,7 +220,13 @@ class ExpandRows:
         """What a failed row's catalog entry can still say about it."""
         tags = dict(self.spec.static_tags)
         tags.update({c: str(raw[c]) for c in self.spec.tags if c in raw and not _missing(raw[c])})
-        prompt = raw.get(self.spec.input.prompt_column)
+        template = self.spec.input.prompt_template
+        if template is not None:
+            # What the prompt would have been, with the unusable placeholders left in.
+            values = {k: str(v).strip() for k, v in raw.items() if not _missing(v) and str(v).strip()}
+            prompt = template.format_map(_KeepPlaceholders(values))
+        else:
+            prompt = raw.get(self.spec.input.prompt_column)
         return {
             "prompt": "" if _missing(prompt) else str(prompt),
             "negative_prompt": self.spec.negative_prompt,

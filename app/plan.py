@@ -22,11 +22,15 @@ from app.models.digest import ModelFileError
 from app.spec import JobSpec, SpecError
 
 
-def _input_dataset(spec: JobSpec) -> pads.Dataset:
+def _input_dataset(spec: JobSpec, columns: list[str] | None = None) -> pads.Dataset:
     inp = spec.input
     try:
         if inp.resolved_format == "csv":
-            return pads.dataset(inp.path, format="csv")
+            fmt = pads.CsvFileFormat(
+                parse_options=pacsv.ParseOptions(delimiter=inp.delimiter),
+                convert_options=csv_string_types(columns) if columns else None,
+            )
+            return pads.dataset(inp.path, format=fmt)
         return pads.dataset(inp.path, format="parquet")
     except (OSError, pa.ArrowInvalid, ValueError) as e:
         raise SpecError(f"input.path: cannot read {inp.path!r} as {inp.resolved_format} ({e})") from None
@@ -34,6 +38,22 @@ def _input_dataset(spec: JobSpec) -> pads.Dataset:
 
 def input_columns(spec: JobSpec) -> list[str]:
     return list(_input_dataset(spec).schema.names)
+
+
+def row_lora_names(spec: JobSpec, columns: list[str]) -> set[str]:
+    """LoRA names that rows ask for in a `loras` column (reads only that column)."""
+    from app.expand import RowError, parse_lora_list
+
+    if "loras" not in columns:
+        return set()
+    values = _input_dataset(spec, columns).to_table(columns=["loras"]).column("loras")
+    names: set[str] = set()
+    for value in pc.unique(values).to_pylist():
+        try:
+            names.update(name for name, _ in parse_lora_list(str(value or "")))
+        except RowError:
+            pass  # that row fails with the reason during expansion
+    return names
 
 
 def csv_string_types(columns: list[str]) -> pacsv.ConvertOptions:
@@ -98,7 +118,7 @@ class Plan:
     total: int
 
 
-def split_plan(requests: pa.Table, existing_ids: set[str]) -> Plan:
+def split_plan(requests: pa.Table, done_ids: set[str]) -> Plan:
     total = requests.num_rows
     ids = requests.column("image_id").to_pylist()
     seen: set[str] = set()
@@ -106,7 +126,7 @@ def split_plan(requests: pa.Table, existing_ids: set[str]) -> Plan:
     for i, image_id in enumerate(ids):
         if image_id in seen:
             duplicates += 1
-        elif image_id in existing_ids:
+        elif image_id in done_ids:
             skipped += 1
             seen.add(image_id)
         else:

@@ -30,7 +30,7 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "tiny-square": (256, 256),
     "tiny-portrait": (192, 256),
 }
-MIN_SIDE, MAX_SIDE, MAX_PIXELS = 64, 4096, 4096 * 4096
+MIN_SIDE, MAX_SIDE = 64, 4096
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -103,6 +103,10 @@ class InputSpec(_Frozen):
         if suffix in ("csv", "tsv"):
             return "csv"
         return "parquet"
+
+    @property
+    def delimiter(self) -> str:
+        return "\t" if self.path.lower().endswith(".tsv") else ","
 
     @field_validator("prompt_template")
     @classmethod
@@ -204,11 +208,13 @@ class JobSpec(_Frozen):
     def _size(cls, v: Any) -> Size:
         return Size.parse(v)
 
-    @model_validator(mode="after")
-    def _prompt_source(self) -> JobSpec:
-        if self.input.resolved_format == "csv" and self.input.prompt_template is None and self.input.prompt_column is None:
-            raise ValueError("input: a CSV input needs `prompt_template` or `prompt_column`")
-        return self
+    @field_validator("static_tags", mode="before")
+    @classmethod
+    def _tag_values_as_text(cls, tags: Any) -> Any:
+        # `year: 2026` in YAML is an int; tags are text in the catalog.
+        if isinstance(tags, dict):
+            return {k: str(v) if isinstance(v, (int, float)) else v for k, v in tags.items()}
+        return tags
 
     def with_overrides(self, **changes: Any) -> JobSpec:
         """A copy with dotted-path overrides, validated again (`output.uri=/tmp/x`)."""

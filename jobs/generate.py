@@ -26,13 +26,14 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import yaml
 
 from app.catalog.store import CatalogStore
 from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
-from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, split_plan
+from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, row_lora_names, split_plan
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
 from app.storage import OutputStore, StorageError
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="only the first N input rows (smoke test)")
     p.add_argument("--run-id", help="run id (default: run_name-UTCSTAMP-random)")
     p.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when any image failed (default: only when every one did)")
     return p.parse_args(argv)
 
 
@@ -121,35 +124,25 @@ def read_input(spec: JobSpec, columns: list[str]):
 
     inp = spec.input
     if inp.resolved_format == "csv":
-        ds = ray.data.read_csv(inp.path, convert_options=csv_string_types(columns))
+        ds = ray.data.read_csv(inp.path, convert_options=csv_string_types(columns),
+                               parse_options=pacsv.ParseOptions(delimiter=inp.delimiter))
     else:
         ds = ray.data.read_parquet(inp.path)
     return ds.limit(inp.limit) if inp.limit else ds
 
 
-def expand_requests(spec: JobSpec, catalog: ModelCatalog, columns: list[str]) -> tuple[pa.Table, ResolvedModels, int]:
+def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -> tuple[pa.Table, int]:
     import ray
 
-    ds = read_input(spec, columns)
-    row_loras: set[str] = set()
-    if "loras" in columns:
-        from app.expand import RowError, parse_lora_list
+    from app.expand import OUTPUT_COLUMNS
 
-        for value in ds.unique("loras"):
-            try:
-                row_loras.update(name for name, _ in parse_lora_list(str(value or "")))
-            except RowError:
-                pass  # that row fails with the reason during expansion
-    models = resolve_models(spec, catalog, row_loras)
+    ds = read_input(spec, columns)
     expanded = ds.map_batches(_expand_batch, fn_kwargs={"spec": spec, "models": models},
                               batch_format="pyarrow", batch_size=1024, zero_copy_batch=True).materialize()
     tables = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
-    from app.expand import OUTPUT_COLUMNS
-
     schema = pa.schema([(c, pa.string()) for c in OUTPUT_COLUMNS])
     table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
-    rows = table.num_rows // spec.variations.seeds_per_row
-    return table, models, rows
+    return table, table.num_rows // spec.variations.seeds_per_row
 
 
 def cluster_gpus() -> int:
@@ -171,8 +164,8 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False) -> RunSum
     columns = input_columns(spec)
     check_input(spec, columns)
     output.check_writable()
-    catalog = ModelCatalog.load(spec.model.catalog)
-    catalog.resolve_base(spec.model.base)  # a missing/corrupt base stops here, before Ray reads anything
+    # Every model file is hashed and checked here, before Ray starts: a bad one stops the job.
+    models = resolve_models(spec, ModelCatalog.load(spec.model.catalog), row_lora_names(spec, columns))
 
     if not ray.is_initialized():
         ray.init(log_to_driver=not quiet)
@@ -183,9 +176,9 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False) -> RunSum
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     # 2-3. Expand, then decide what to render.
-    requests, models, summary.input_rows = expand_requests(spec, catalog, columns)
+    requests, summary.input_rows = expand_requests(spec, models, columns)
     store = CatalogStore(output)
-    plan: Plan = split_plan(requests, store.existing_ids())
+    plan: Plan = split_plan(requests, store.done_ids())
     summary.requests, summary.skipped_existing, summary.duplicates = plan.total, plan.skipped, plan.duplicates
     _write_run_record(output, run_id, spec, models)
     if plan.failed.num_rows:
@@ -269,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagefab: error: {e}", file=sys.stderr)
         return 2
     print(summary.render())
-    return 0 if summary.counts.get("failed", 0) < max(1, summary.requests - summary.skipped_existing) else 1
+    failed, attempted = summary.counts.get("failed", 0), summary.requests - summary.skipped_existing
+    if failed and (args.strict or failed >= attempted):
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -107,6 +107,10 @@ def test_bad_rows_fail_with_a_reason_and_others_go_on(models, row, reason):
     assert out["error"][0].startswith("bad_row: ") and reason in out["error"][0], out["error"][0]
     partial = json.loads(out["request"][0])
     assert partial["tags"]["pid"] == "bad" and partial["row_key"] == "bad"
+    if row["name"] is None or row["name"] == "":
+        assert partial["prompt"] == "photo of {name}, tan"  # the failed row still says what it was
+    else:
+        assert partial["prompt"] == f"photo of {row['name']}, tan"
     assert out["image_id"][0] != out["image_id"][1]  # each variation has its own failed row
 
 
@@ -157,7 +161,7 @@ def test_split_plan_dedupes_skips_existing_and_sets_failed_aside(models):
             {"pid": "2", "name": "", "color": "b"}, {"pid": "3", "name": "c", "color": "d"}]
     out = expand(make_spec(variations={"seeds_per_row": 1}), models, rows)
     table = pa.table(out)
-    plan = split_plan(table, existing_ids={out["image_id"][3]})
+    plan = split_plan(table, done_ids={out["image_id"][3]})
     assert plan.total == 4 and plan.duplicates == 1 and plan.skipped == 1
     assert plan.failed.num_rows == 1 and plan.pending.num_rows == 1
     assert plan.pending.column("image_id").to_pylist() == [out["image_id"][0]]

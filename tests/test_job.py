@@ -154,3 +154,10 @@ def test_template_column_missing_from_input_fails_fast(ray_local, spec_path, tmp
     with pytest.raises(SpecError, match="input.prompt_template: column 'material' is not in"):
         run_job(spec_path, tmp_path / "out", **{"input.prompt_template": "{name} in {material}"})
     assert not (tmp_path / "out" / "catalog").exists()
+
+
+def test_unwritable_output_fails_before_any_work(ray_local, spec_path):
+    from app.storage import StorageError
+
+    with pytest.raises(StorageError, match="/proc/imagefab-out"):
+        run_job(spec_path, "/proc/imagefab-out")

@@ -95,3 +95,22 @@ def test_spec_is_frozen_and_picklable():
         spec.steps = 3  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(spec)) == spec
     assert isinstance(spec, JobSpec)
+
+
+def test_static_tag_numbers_become_text_and_schedulers_match_the_table():
+    from typing import get_args
+
+    from app.schedulers import SCHEDULERS
+
+    spec = parse_spec({"run_name": "t", "input": {"path": "/x.parquet"}, "static_tags": {"year": 2026}})
+    assert spec.static_tags == {"year": "2026"}
+    assert set(get_args(JobSpec.model_fields["scheduler"].annotation)) == set(SCHEDULERS)
+
+
+def test_tsv_inputs_are_tab_separated(tmp_path):
+    from app.plan import check_input, input_columns
+
+    (tmp_path / "p.tsv").write_text("prompt\tcolor\na shoe\tred\n")
+    spec = load_spec(write(tmp_path, "run_name: t\ninput: {path: p.tsv}\n"))
+    assert spec.input.resolved_format == "csv" and input_columns(spec) == ["prompt", "color"]
+    check_input(spec, input_columns(spec))

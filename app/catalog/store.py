@@ -55,9 +55,16 @@ class CatalogStore:
             return table.select(columns) if columns else table
         return ds.to_table(columns=columns, filter=filter)
 
-    def existing_ids(self) -> set[str]:
-        """Ids already in the catalog, whatever their status: a rerun renders only the others."""
-        return set(self.read(["image_id"]).column("image_id").to_pylist())
+    def done_ids(self) -> set[str]:
+        """Ids a rerun must not render again: every id in the catalog except those that only
+        failed for a passing reason (an out-of-memory error, a lost worker). A row that failed
+        because the input is bad (`bad_row: …`) stays done: it would fail the same way again."""
+        t = self.read(["image_id", "status", "error"])
+        done = set()
+        for image_id, status, error in zip(*(t.column(c).to_pylist() for c in ("image_id", "status", "error"))):
+            if status != "failed" or (error or "").startswith("bad_row"):
+                done.add(image_id)
+        return done
 
     def find(self, image_id: str) -> dict | None:
         rows = self.read(filter=pads.field("image_id") == image_id).to_pylist()
