@@ -233,13 +233,26 @@ def _parse_catalog(data: object, where: str, relative_to: Path) -> dict[str, Mod
 
 
 def _refuse_pickles(path: Path, name: str) -> None:
-    """Only safetensors are loaded: pickle-based checkpoints can run code when read."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
-    pickles = [p for p in files if p.suffix != ".safetensors" and p.suffix in WEIGHT_SUFFIXES]
-    if path.is_file() and path.suffix != ".safetensors":
-        raise ModelFileError(f"{path}: model '{name}' is not a .safetensors file; pickle-based checkpoints are refused")
-    if pickles and not any(p.suffix == ".safetensors" for p in files):
-        raise ModelFileError(f"{pickles[0]}: model '{name}' has only pickle-based weights; convert it to safetensors")
+    """Only safetensors are loaded: pickle-based checkpoints can run code when read.
+
+    In a folder, every sub-folder that holds weights must hold safetensors ones: diffusers folders
+    often ship both formats side by side (`use_safetensors=True` then reads only the safetensors),
+    but a component with pickle weights alone would only fail later, on a GPU worker.
+    """
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelFileError(
+                f"{path}: model '{name}' is not a .safetensors file; pickle-based checkpoints are refused"
+            )
+        return
+    weights = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    has_safetensors = {p.parent for p in weights if p.suffix == ".safetensors"}
+    for p in weights:
+        if p.parent not in has_safetensors:
+            raise ModelFileError(
+                f"{p}: model '{name}' has only pickle-based weights in {p.parent}; pickle-based checkpoints "
+                f"are refused (convert them to .safetensors)"
+            )
 
 
 def _lora_weight_file(path: Path) -> str | None:
