@@ -29,7 +29,7 @@ from app.models.digest import (
 )
 
 # Bumped when the tiny builders change, so stale builds are not mistaken for current ones.
-TINY_BUILD_VERSION = "1"
+TINY_BUILD_VERSION = "2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 

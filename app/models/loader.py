@@ -131,7 +131,7 @@ class LoraStackSwitcher:
                 pipe.load_lora_weights(lo.path, weight_name=lo.weight_name, adapter_name=name, use_safetensors=True)
             except Exception as e:
                 self._drop(pipe, name)
-                raise ModelFileError(f"{lo.path}: cannot load LoRA '{lo.name}' into this base: {e}") from e
+                raise ModelFileError(f"{lo.path}: cannot load LoRA '{lo.name}' into this base: {_first_lines(e)}") from e
             self.loaded[name] = lo
         in_use = {n for n, _ in wanted}
         while len(self.loaded) > self.max_loaded:
@@ -154,3 +154,10 @@ class LoraStackSwitcher:
             pipe.delete_adapters(name)
         except Exception:  # a half-loaded adapter may not be registered everywhere
             pass
+
+
+def _first_lines(e: Exception, n: int = 3) -> str:
+    """peft lists every mismatched tensor (hundreds of lines); the first few say what happened."""
+    lines = str(e).strip().splitlines()
+    more = f" … ({len(lines) - n} more lines)" if len(lines) > n else ""
+    return " / ".join(line.strip() for line in lines[:n]) + more

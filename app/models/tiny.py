@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 # The tiny UNet: the shapes of diffusers' own SDXL tests (two levels, text_time conditioning).
-# cross_attention_dim = hidden(text_encoder) + hidden(text_encoder_2) = 32 + 32,
+# cross_attention_dim = hidden(text_encoder) + hidden(text_encoder_2) = 32 + 48,
 # projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + projection_dim(te2) = 48 + 32.
 TINY_UNET = dict(
     block_out_channels=(32, 64),
@@ -34,7 +34,7 @@ TINY_UNET = dict(
     addition_time_embed_dim=8,
     transformer_layers_per_block=(1, 2),
     projection_class_embeddings_input_dim=80,
-    cross_attention_dim=64,
+    cross_attention_dim=80,
     norm_num_groups=1,
 )
 # Four VAE levels give SDXL's 8x latent scale, so size rules (multiples of 8) are the real ones.
@@ -59,6 +59,9 @@ TINY_TEXT = dict(
     projection_dim=32,
     max_position_embeddings=77,
 )
+# SDXL's second encoder is wider than its first (1280 vs 768); diffusers' single-file loader tells
+# them apart by width, so the tiny ones differ too (48 vs 32) and tiny-sdxl loads from one file.
+TINY_TEXT_2 = {**TINY_TEXT, "hidden_size": 48}
 # SDXL-base's scheduler configuration.
 SDXL_SCHEDULER = dict(
     beta_start=0.00085,
@@ -119,13 +122,13 @@ def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
     # SDXL's two tokenizers differ only in their padding token.
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
     tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
-    text_cfg = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **TINY_TEXT)
+    ids = dict(vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderKL(**TINY_VAE)
-    text_encoder = CLIPTextModel(text_cfg)
-    text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **TINY_TEXT))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **TINY_TEXT_2))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
