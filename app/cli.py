@@ -48,12 +48,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     bad = {**{n: f"unknown LoRA '{n}'" for n in unknown}, **models.lora_problems}
     print(f"{args.spec}: valid")
     print(f"  input   {spec.input.path} ({spec.input.resolved_format}; columns: {', '.join(columns)})")
-    print(f"  base    {models.base.name} v{models.base.version} sha256 {models.base.sha256[:16]}…")
-    for lo in spec.model.loras:
-        r = models.loras[lo.name]
-        print(f"  lora    {r.name} v{r.version} @ {lo.weight:g} sha256 {r.sha256[:16]}…")
-    print(f"  render  {spec.size.width}x{spec.size.height}, {spec.steps} steps, guidance {spec.guidance}, "
-          f"{spec.scheduler}, {spec.variations.seeds_per_row} image(s) per row")
+    for name, combo in spec.effective_combinations().items():
+        base = models.bases[combo.base]
+        print(f"  combination {name}: {combo.steps} steps, guidance {combo.guidance}, {combo.scheduler}"
+              + (", LoRAs fused" if combo.fuse_loras else ""))
+        print(f"    base  {base.name} v{base.version} sha256 {base.sha256[:16]}…")
+        for lo in combo.loras:
+            r = models.loras[lo.name]
+            print(f"    lora  {r.name} v{r.version} @ {lo.weight:g} sha256 {r.sha256[:16]}…")
+    routing = f"A/B over {', '.join(spec.ab_test.combinations)}" if spec.ab_test else (
+        f"tier column '{spec.tiers.column}', default tier '{spec.default_tier}'" if spec.tiers.column
+        else f"every row -> '{spec.tiers.routes.get(spec.default_tier, spec.default_tier)}'")
+    print(f"  routing {routing}")
+    print(f"  render  {spec.size.width}x{spec.size.height}, {spec.variations.seeds_per_row} image(s) per row")
     print(f"  output  {spec.output.uri}")
     for name, why in sorted(bad.items()):
         print(f"  warning rows asking for LoRA '{name}' will fail: {why}")

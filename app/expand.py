@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from app.models.catalog import ResolvedModel
 from app.request import LoraUse, RenderRequest, compute_image_id, failed_row_id
-from app.spec import JobSpec, size_problem
+from app.spec import Combination, JobSpec, size_problem
 
 OUTPUT_COLUMNS = ("image_id", "status", "error", "combination", "request")
 
@@ -71,12 +71,16 @@ def parse_lora_list(text: str) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class ResolvedModels:
-    """What the driver resolved and checked before the job: the base and every LoRA it may use."""
+    """What the driver resolved and checked before the job: every base and LoRA it may use."""
 
-    base: ResolvedModel
+    bases: dict[str, ResolvedModel]
     loras: dict[str, ResolvedModel] = field(default_factory=dict)
     known_loras: tuple[str, ...] = ()  # every LoRA name in the catalog, for error messages
     lora_problems: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
+
+    @classmethod
+    def single(cls, base: ResolvedModel, **kw) -> ResolvedModels:
+        return cls(bases={base.name: base}, **kw)
 
 
 def _missing(v: object) -> bool:
@@ -105,25 +109,57 @@ class ExpandRows:
     def __init__(self, spec: JobSpec, models: ResolvedModels):
         self.spec = spec
         self.models = models
+        self.combos: dict[str, Combination] = spec.effective_combinations()
         self.fields = template_fields(spec.input.prompt_template) if spec.input.prompt_template else []
 
     def __call__(self, batch: pa.Table) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
+
+        def emit(*row):
+            for col, value in zip(OUTPUT_COLUMNS, row):
+                out[col].append(value)
+
         for raw in batch.to_pylist():
             for i in range(self.spec.variations.seeds_per_row):
                 try:
-                    req = self.request(raw, i)
-                    row = (req.image_id, "pending", "", req.combination_key, req.to_json())
+                    for req in self.requests(raw, i):
+                        emit(req.image_id, "pending", "", req.combination_key, req.to_json())
                 except RowError as e:
                     partial = json.dumps(self._partial(raw, i), ensure_ascii=False)
-                    row = (failed_row_id(raw, i), "failed", f"bad_row: {e}", "", partial)
-                for col, value in zip(OUTPUT_COLUMNS, row):
-                    out[col].append(value)
+                    emit(failed_row_id(raw, i), "failed", f"bad_row: {e}", "", partial)
         return out
 
+    def routes(self, raw: dict) -> list[tuple[str, str]]:
+        """(combination, tier) pairs a row is rendered through."""
+        spec = self.spec
+        if spec.ab_test:
+            return [(name, "ab") for name in spec.ab_test.combinations]
+        tier = spec.default_tier
+        col = spec.tiers.column
+        if col and col in raw and not _missing(raw[col]) and str(raw[col]).strip():
+            tier = str(raw[col]).strip()
+        name = spec.tiers.routes.get(tier, tier)
+        if name not in self.combos:
+            raise RowError(
+                f"tier '{tier}' names no combination (tiers: {', '.join(sorted(spec.tiers.routes)) or '-'}; "
+                f"combinations: {', '.join(sorted(self.combos))})"
+            )
+        return [(name, tier)]
+
+    def requests(self, raw: dict, variation: int) -> list[RenderRequest]:
+        """Every request of one row's variation: one, or one per combination of an A/B test."""
+        reqs = [self.request(raw, variation, name, tier) for name, tier in self.routes(raw)]
+        if self.spec.ab_test:
+            # Same prompt and seed in every combination; the tag links them for comparison.
+            group = hashlib.sha256(f"{reqs[0].prompt}\0{reqs[0].seed}\0{reqs[0].row_key}".encode()).hexdigest()[:16]
+            reqs = [RenderRequest(**{**r.__dict__, "tags": {**r.tags, "ab_group": group}}) for r in reqs]
+        return reqs
+
     # ---------------------------------------------------------------------------------------------
-    def request(self, raw: dict, variation: int) -> RenderRequest:
+    def request(self, raw: dict, variation: int, combination: str = "default", tier: str = "default") -> RenderRequest:
         spec, inp = self.spec, self.spec.input
+        combo = self.combos[combination]
+        base = self.models.bases[combo.base]
         variables = {}
         if inp.prompt_template is not None:
             for name in self.fields:
@@ -153,30 +189,31 @@ class ExpandRows:
         if problem:
             raise RowError(problem)
 
-        loras = self._loras(raw)
+        loras = self._loras(raw, combo, base)
         seed = self._seed(raw, prompt, negative, variation)
         tags = dict(spec.static_tags)
         for col in spec.tags:
             if col in raw and not _missing(raw[col]):
                 tags[col] = str(raw[col])
-        base = self.models.base
+        fuse = combo.fuse_loras and bool(loras)
         image_id = compute_image_id(
             prompt=prompt, negative_prompt=negative, base_sha256=base.sha256, loras=loras,
-            scheduler=spec.scheduler, steps=spec.steps, guidance=spec.guidance,
-            width=width, height=height, seed=seed,
+            scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
+            width=width, height=height, seed=seed, fuse_loras=fuse,
         )
         return RenderRequest(
             image_id=image_id, prompt=prompt, negative_prompt=negative, base_model=base.lineage(),
-            loras=loras, scheduler=spec.scheduler, steps=spec.steps, guidance=spec.guidance,
+            loras=loras, scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
             width=width, height=height, seed=seed, template=self._template(), variables=variables,
-            tags=tags, row_key=self._row_key(raw, prompt), variation=variation,
+            tags=tags, tier=tier, row_key=self._row_key(raw, prompt), variation=variation,
+            combination=combination, fuse_loras=fuse,
         )
 
-    def _loras(self, raw: dict) -> tuple[LoraUse, ...]:
+    def _loras(self, raw: dict, combo: Combination, base: ResolvedModel) -> tuple[LoraUse, ...]:
         if "loras" in raw and not _missing(raw["loras"]) and str(raw["loras"]).strip():
             wanted = parse_lora_list(str(raw["loras"]))
         else:
-            wanted = [(lo.name, lo.weight) for lo in self.spec.model.loras]
+            wanted = [(lo.name, lo.weight) for lo in combo.loras]
         names = [n for n, _ in wanted]
         if len(set(names)) != len(names):
             raise RowError(f"a LoRA is listed twice in {names}")
@@ -187,6 +224,10 @@ class ExpandRows:
             lo = self.models.loras.get(name)
             if lo is None:
                 raise RowError(f"unknown LoRA '{name}' (known: {', '.join(self.models.known_loras)})")
+            if lo.arch != base.arch:
+                raise RowError(
+                    f"LoRA '{name}' was made for architecture {lo.arch}, but base '{base.name}' is {base.arch}"
+                )
             out.append(LoraUse(name=lo.name, version=lo.version, weight=float(weight), sha256=lo.sha256, source=lo.source))
         return tuple(out)
 
@@ -233,7 +274,7 @@ class ExpandRows:
             "template": self._template(),
             "variables": {k: ("" if _missing(v) else str(v)) for k, v in raw.items() if k in self.fields},
             "tags": tags,
-            "base_model": self.models.base.lineage(),
+            "base_model": next(iter(self.models.bases.values())).lineage(),
             "loras": [],
             "scheduler": self.spec.scheduler,
             "steps": self.spec.steps,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -40,7 +41,7 @@ class RenderResult:
 
 
 def _group_key(r: RenderRequest) -> tuple:
-    # One pipeline call needs one LoRA stack, scheduler, step count, guidance and size.
+    # One pipeline call needs one LoRA stack (fused or not), scheduler, step count, guidance and size.
     return (r.combination_key, r.scheduler, r.steps, r.guidance, r.width, r.height)
 
 
@@ -48,7 +49,8 @@ class Generator:
     """Renders requests for one base model; LoRA stacks are switched per group of requests."""
 
     reads = ("image_id", "status", "request")
-    adds = ("pixels", "nonfinite", "gpu_seconds", "accelerator", "batch_id", "batch_size")
+    adds = ("pixels", "nonfinite", "gpu_seconds", "accelerator", "batch_id", "batch_size",
+            "generator_id", "lora_switches", "lora_switch_seconds")
 
     def __init__(self, base: ResolvedModel, loras: dict[str, ResolvedModel], compute: ComputeSpec):
         self.base = base
@@ -64,6 +66,7 @@ class Generator:
         self._scheduler_config = self.pipe.scheduler.config
         self.switcher = LoraStackSwitcher()
         self.accelerator = self._describe_device()
+        self.generator_id = uuid.uuid4().hex[:12]
 
     def _describe_device(self) -> str:
         if self.device.type == "cuda":
@@ -96,6 +99,10 @@ class Generator:
             "accelerator": np.array([self.accelerator] * n, dtype=object),
             "batch_id": np.array(batch_ids, dtype=object),
             "batch_size": np.array(sizes, dtype=np.int32),
+            # Cumulative per actor, so the driver can report switches per generator.
+            "generator_id": np.array([self.generator_id] * n, dtype=object),
+            "lora_switches": np.full(n, self.switcher.switches, dtype=np.int64),
+            "lora_switch_seconds": np.full(n, self.switcher.switch_seconds, dtype=np.float64),
         }
 
     # --- core -----------------------------------------------------------------------------------
@@ -137,7 +144,7 @@ class Generator:
             if lo is None or lo.sha256 != use.sha256:
                 raise ModelFileError(f"LoRA '{use.name}' ({use.sha256[:12]}) is not loaded on this generator")
             stack.append((lo, use.weight))
-        self.switcher.apply(self.pipe, stack)
+        self.switcher.apply(self.pipe, stack, fuse=first.fuse_loras)
         self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_config)
 
     def _render_chunk(self, chunk: list[RenderRequest]) -> list[RenderResult]:

@@ -82,31 +82,39 @@ def check_input(spec: JobSpec, columns: list[str]) -> None:
 
 
 def resolve_models(spec: JobSpec, catalog: ModelCatalog, row_lora_names: set[str] = frozenset()) -> ResolvedModels:
-    """Resolve and sha256-check the base and every LoRA the run may use.
+    """Resolve and sha256-check every base and LoRA the run may use.
 
-    A bad base or a bad LoRA in the spec stops the job (SpecError / ModelFileError). A bad LoRA
-    named only by some rows is recorded in `lora_problems`: those rows fail, the others run.
+    A bad base or LoRA named by the spec stops the job (SpecError / ModelFileError naming the
+    field). A bad LoRA named only by some rows is recorded in `lora_problems`: those rows fail,
+    the others run.
     """
-    try:
-        base = catalog.resolve_base(spec.model.base)
-    except UnknownModelError as e:
-        raise SpecError(f"model.base: {e}") from None
-    loras, problems = {}, {}
-    for i, ref in enumerate(spec.model.loras):
+    bases, loras, problems = {}, {}, {}
+    where = "combinations.{name}" if spec.combinations else "model"
+    for name, combo in spec.effective_combinations().items():
+        at = where.format(name=name)
         try:
-            loras[ref.name] = catalog.resolve_lora(ref.name, base)
+            base = bases.get(combo.base) or catalog.resolve_base(combo.base)
         except UnknownModelError as e:
-            raise SpecError(f"model.loras[{i}].name: {e}") from None
+            raise SpecError(f"{at}.base: {e}") from None
         except ModelFileError as e:
-            raise ModelFileError(f"model.loras[{i}]: {e}") from None
+            raise ModelFileError(f"{at}.base: {e}") from None
+        bases[combo.base] = base
+        for i, ref in enumerate(combo.loras):
+            try:
+                lora = catalog.resolve_lora(ref.name, base)
+            except UnknownModelError as e:
+                raise SpecError(f"{at}.loras[{i}].name: {e}") from None
+            except ModelFileError as e:
+                raise ModelFileError(f"{at}.loras[{i}]: {e}") from None
+            loras[ref.name] = lora
     for name in sorted(row_lora_names - set(loras)):
         try:
-            loras[name] = catalog.resolve_lora(name, base)
+            loras[name] = catalog.resolve_lora(name)
         except UnknownModelError:
             pass  # expansion reports it per row, with the known names
         except ModelFileError as e:
             problems[name] = str(e)
-    return ResolvedModels(base=base, loras=loras, known_loras=tuple(catalog.names("lora")), lora_problems=problems)
+    return ResolvedModels(bases=bases, loras=loras, known_loras=tuple(catalog.names("lora")), lora_problems=problems)
 
 
 @dataclass

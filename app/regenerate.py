@@ -47,11 +47,12 @@ def request_from_row(row: dict) -> RenderRequest:
         guidance=row["guidance"], width=row["width"], height=row["height"], seed=row["seed"],
         template=dict(row["template"] or {}), variables=dict(row["variables"] or []), tags=dict(row["tags"] or []),
         tier=row["tier"] or "default", row_key=row["row_key"] or "", variation=row["variation"] or 0,
+        combination=row["combination"] or "default", fuse_loras=bool(row["lora_fused"]),
     )
     again = compute_image_id(
         prompt=req.prompt, negative_prompt=req.negative_prompt, base_sha256=req.base_model["sha256"],
         loras=req.loras, scheduler=req.scheduler, steps=req.steps, guidance=req.guidance,
-        width=req.width, height=req.height, seed=req.seed,
+        width=req.width, height=req.height, seed=req.seed, fuse_loras=req.fuse_loras,
     )
     if again != req.image_id:
         raise RegenerateError(f"catalog row of {req.image_id} does not hash to its id ({again}): the row was altered")

@@ -43,12 +43,14 @@ class RenderRequest:
     tier: str = "default"
     row_key: str = ""
     variation: int = 0
+    combination: str = "default"
+    fuse_loras: bool = False
 
     @property
     def combination_key(self) -> str:
         """Requests with the same key share one loaded model + LoRA stack."""
         stack = ",".join(f"{lo.name}@{lo.weight:g}" for lo in self.loras)
-        return f"{self.base_model['name']}|{stack}"
+        return f"{self.base_model['name']}|{stack}" + ("|fused" if self.fuse_loras and self.loras else "")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -72,6 +74,7 @@ def compute_image_id(
     width: int,
     height: int,
     seed: int,
+    fuse_loras: bool = False,
 ) -> str:
     """32 hex chars of sha256 over the fields that decide the pixels."""
     material = {
@@ -87,6 +90,8 @@ def compute_image_id(
         "height": int(height),
         "seed": int(seed),
     }
+    if fuse_loras and loras:  # fused weights round differently; absent when off, so old ids hold
+        material["fuse_loras"] = True
     return _digest(material)
 
 

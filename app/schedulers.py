@@ -9,6 +9,10 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     # name: (diffusers class, extra config, A1111 sampler name)
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    # Trailing timesteps start denoising from pure noise: what few-step (Lightning/Turbo-style)
+    # settings need, with guidance near 1.
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, "Euler"),
+    "euler_a_trailing": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, "Euler a"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
     "dpmpp_2m_karras": (

@@ -160,6 +160,43 @@ class ModelSpec(_Frozen):
         return loras
 
 
+SchedulerName = Literal[
+    "euler", "euler_a", "euler_trailing", "euler_a_trailing", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm"
+]
+
+
+class Combination(_Frozen):
+    """A base model + ordered LoRA stack, with its own rendering defaults.
+
+    Unset steps / guidance / scheduler fall back to the spec's top-level values. `fuse_loras`
+    merges the stack into the weights for the combination's images (faster when a stack stays
+    loaded for many images; the pixels differ from unfused in the last bits, so it is part of
+    what decides an image)."""
+
+    base: str = "tiny-sdxl"
+    loras: tuple[LoraRef, ...] = ()
+    steps: int | None = Field(None, ge=1, le=500)
+    guidance: float | None = Field(None, ge=0.0, le=50.0)
+    scheduler: SchedulerName | None = None
+    fuse_loras: bool = False
+
+    _distinct = field_validator("loras")(ModelSpec._distinct.__func__)
+
+
+class Tiers(_Frozen):
+    """Route rows to combinations by purpose: a tier per row (from `column`) -> a combination."""
+
+    column: str | None = None  # the input column naming a row's tier (or a combination directly)
+    default: str | None = None  # the tier of rows without one; None: the first combination
+    routes: dict[str, str] = {}  # tier -> combination name; a tier not listed names a combination
+
+
+class ABTest(_Frozen):
+    """Render every row through each combination with the same seed, linked by an `ab_group` tag."""
+
+    combinations: tuple[str, ...] = Field(min_length=2)
+
+
 class OutputSpec(_Frozen):
     uri: str = "outputs"  # a local folder or any pyarrow filesystem URI (s3://, gs://)
 
@@ -185,8 +222,12 @@ class JobSpec(_Frozen):
     model: ModelSpec = ModelSpec()
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(5.0, ge=0.0, le=50.0)
-    scheduler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm"] = "euler"
+    scheduler: SchedulerName = "euler"
     size: Size = Size(width=1024, height=1024)
+    # Named combinations; without any, `model` + steps/guidance/scheduler are the one called "default".
+    combinations: dict[str, Combination] = {}
+    tiers: Tiers = Tiers()
+    ab_test: ABTest | None = None
     qc: QcSettings = QcSettings()
     postprocess: PostprocessSettings = PostprocessSettings()
     output: OutputSpec = OutputSpec()
@@ -216,9 +257,44 @@ class JobSpec(_Frozen):
             return {k: str(v) if isinstance(v, (int, float)) else v for k, v in tags.items()}
         return tags
 
+    @model_validator(mode="after")
+    def _routes_exist(self) -> JobSpec:
+        if self.combinations and self.model.model_fields_set & {"base", "loras"}:
+            raise ValueError("model: give `model.base`/`model.loras` or `combinations`, not both")
+        names = set(self.effective_combinations())
+        shown = ", ".join(sorted(names))
+        for tier, target in self.tiers.routes.items():
+            if target not in names:
+                raise ValueError(f"tiers.routes.{tier}: no combination '{target}' (combinations: {shown})")
+        default = self.default_tier
+        if self.tiers.routes.get(default, default) not in names:
+            raise ValueError(f"tiers.default: '{default}' is neither a routed tier nor a combination ({shown})")
+        for name in self.ab_test.combinations if self.ab_test else ():
+            if name not in names:
+                raise ValueError(f"ab_test.combinations: no combination '{name}' (combinations: {shown})")
+        return self
+
+    @property
+    def default_tier(self) -> str:
+        return self.tiers.default or next(iter(self.combinations), "default")
+
+    def effective_combinations(self) -> dict[str, Combination]:
+        """Every combination with steps/guidance/scheduler filled in from the top level."""
+        combos = dict(self.combinations) or {
+            "default": Combination(base=self.model.base, loras=self.model.loras)
+        }
+        return {
+            name: c.model_copy(update={
+                "steps": c.steps if c.steps is not None else self.steps,
+                "guidance": c.guidance if c.guidance is not None else self.guidance,
+                "scheduler": c.scheduler or self.scheduler,
+            })
+            for name, c in combos.items()
+        }
+
     def with_overrides(self, **changes: Any) -> JobSpec:
         """A copy with dotted-path overrides, validated again (`output.uri=/tmp/x`)."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude_unset=True)  # unset stays unset: defaults apply again
         for dotted, value in changes.items():
             node = data
             *parents, leaf = dotted.split(".")
@@ -237,7 +313,7 @@ def _format_errors(e: ValidationError, where: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
-        lines.append(f"  {path or '<spec>'}: {msg}{shown}")
+        lines.append(f"  {path}: {msg}{shown}" if path else f"  {msg}")
     return f"{where}: invalid spec\n" + "\n".join(lines)
 
 

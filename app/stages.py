@@ -28,7 +28,8 @@ from app.qc import QcSettings, check_image
 from app.schedulers import sampler_name
 from app.storage import OutputStore
 
-SUMMARY_COLUMNS = ("image_id", "status", "gpu_seconds", "cpu_seconds")
+SUMMARY_COLUMNS = ("image_id", "status", "gpu_seconds", "cpu_seconds", "combination", "base_model",
+                   "generator_id", "lora_switches", "lora_switch_seconds")
 
 
 def _obj(values) -> np.ndarray:
@@ -186,6 +187,8 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "height": req.get("height"),
         "seed": req.get("seed"),
         "tier": req.get("tier", "default"),
+        "combination": req.get("combination", "default"),
+        "lora_fused": bool(req.get("fuse_loras", False)),
         "batch_id": str(batch["batch_id"][i]) if "batch_id" in batch else "",
         "batch_size": int(batch["batch_size"][i]) if "batch_size" in batch else 0,
         "pixel_sha256": str(batch["pixel_sha256"][i]) if "pixel_sha256" in batch else "",
@@ -221,11 +224,20 @@ class CatalogWrite:
         n = len(batch["image_id"])
         rows = [catalog_row(batch, i, source=self.source, prices=self.prices, created_at=now) for i in range(n)]
         self.store.append(rows, run_id=self.run_id, date=now.strftime("%Y-%m-%d"))
+        def passed(col, default, dtype):
+            return np.asarray(batch[col], dtype=dtype) if col in batch else np.full(n, default, dtype=dtype)
+
         return {
             "image_id": _obj([r["image_id"] for r in rows]),
             "status": _obj([r["status"] for r in rows]),
             "gpu_seconds": np.asarray([r["gpu_seconds"] for r in rows], dtype=np.float64),
             "cpu_seconds": np.asarray([r["cpu_seconds"] for r in rows], dtype=np.float64),
+            "combination": _obj([r["combination"] for r in rows]),
+            "base_model": _obj([(r["base_model"] or {}).get("name", "") for r in rows]),
+            # Generator counters pass through to the driver's summary (not catalog columns).
+            "generator_id": passed("generator_id", "", object),
+            "lora_switches": passed("lora_switches", 0, np.int64),
+            "lora_switch_seconds": passed("lora_switch_seconds", 0.0, np.float64),
         }
 
 

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import yaml
 
@@ -57,6 +58,29 @@ class RunSummary:
     wall_seconds: float = 0.0
     generators: int = 0
     accelerator: str = ""
+    by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
+    by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
+
+    def add_batch(self, out: dict) -> None:
+        """Fold one batch of the CPU stage's per-image results into the totals."""
+        n = len(out["status"])
+        self.rendered += n
+        self.gpu_seconds += float(np.sum(out["gpu_seconds"]))
+        self.cpu_seconds += float(np.sum(out["cpu_seconds"]))
+        for i in range(n):
+            status = str(out["status"][i])
+            self.counts[status] = self.counts.get(status, 0) + 1
+            combo = self.by_combination.setdefault(str(out["combination"][i]), {"images": 0, "gpu_seconds": 0.0})
+            combo["images"] += 1
+            combo[status] = combo.get(status, 0) + 1
+            combo["gpu_seconds"] += float(out["gpu_seconds"][i])
+            gen = str(out["generator_id"][i])
+            if gen:
+                g = self.by_generator.setdefault(gen, {"base": str(out["base_model"][i]), "images": 0})
+                g["images"] += 1
+                # Cumulative counters from the actor: the largest seen is its total.
+                g["lora_switches"] = max(g.get("lora_switches", 0), int(out["lora_switches"][i]))
+                g["switch_seconds"] = max(g.get("switch_seconds", 0.0), float(out["lora_switch_seconds"][i]))
 
     @property
     def images_per_second(self) -> float:
@@ -75,6 +99,11 @@ class RunSummary:
             f"  outcome       accepted {c['accepted']}  review {c['review']}  rejected {c['rejected']}  failed {c['failed']}",
             f"  throughput    {self.images_per_second:.2f} images/s over {self.wall_seconds:.1f} s",
             f"  device time   {self.gpu_seconds:.1f} s   CPU (QC, post) {self.cpu_seconds:.1f} s",
+            *[f"  combination   {name}: {c['images']} images, accepted {c.get('accepted', 0)}, "
+              f"{c['gpu_seconds'] / max(1, c['images']):.3f} device s/image"
+              for name, c in sorted(self.by_combination.items())],
+            *[f"  generator     {gid[:8]} ({g['base']}): {g['images']} images, {g['lora_switches']} LoRA switches "
+              f"in {g['switch_seconds']:.2f} s" for gid, g in sorted(self.by_generator.items())],
             f"  images        {self.output}/images/",
             f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
             f"  summary       {self.output}/runs/{self.run_id}/summary.json",
@@ -194,8 +223,13 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False) -> RunSum
     return summary
 
 
+def _base_of(combination_key: str) -> str:
+    return combination_key.split("|", 1)[0]
+
+
 def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputStore, run_id: str,
             summary: RunSummary) -> None:
+    """One generator actor pool per base model, all feeding one CPU stage."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -204,40 +238,68 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
     compute = spec.compute
     gpus = cluster_gpus() if compute.device != "cpu" else 0
     use_gpu = gpus > 0
-    pool = compute.generators or (gpus if use_gpu else 1)
     cpus = ray.cluster_resources().get("CPU", 1)
-    # Generators must leave CPU for the QC/post stage, or the dataset can stall.
-    gen_cpus = 1.0 if use_gpu else min(float(compute.cpu_threads), max(0.5, cpus - 0.5) / pool)
-    finish_cpus = 0.5
     batch = compute.batch_size
     pending = plan.pending
-    blocks = [pending.slice(i, batch) for i in range(0, pending.num_rows, batch)]
-    ds = ray.data.from_arrow(blocks)
-    rendered = ds.map_batches(
-        Generator,
-        fn_constructor_kwargs={"base": models.base, "loras": models.loras, "compute": compute},
-        compute=ActorPoolStrategy(size=pool),
-        batch_size=batch,
-        batch_format="numpy",
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=gen_cpus,
-    )
-    finished = rendered.map_batches(
-        Finish,
-        fn_constructor_kwargs={"qc": spec.qc, "postprocess": spec.postprocess, "output": output, "run_id": run_id},
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute.qc_workers)),
-        batch_size=batch,
-        batch_format="numpy",
-        num_cpus=finish_cpus,
-    )
-    summary.generators = pool
-    for out in finished.iter_batches(batch_size=None, batch_format="numpy"):
-        for status in out["status"]:
-            summary.counts[str(status)] = summary.counts.get(str(status), 0) + 1
-        summary.rendered += len(out["status"])
-        summary.gpu_seconds += float(np.sum(out["gpu_seconds"]))
-        summary.cpu_seconds += float(np.sum(out["cpu_seconds"]))
+    bases = [_base_of(k) for k in pc.unique(pending.column("combination")).to_pylist()]
+    bases = sorted(set(bases))
+    pools = _pool_sizes(bases, pending, compute.generators, gpus)
+    # With fewer GPUs than base models, pools run one after another, each with every GPU.
+    together = not use_gpu or sum(pools.values()) <= gpus
+    # Generators must leave CPU for the QC/post stage, or the dataset can stall.
+    gen_cpus = 1.0 if use_gpu else min(float(compute.cpu_threads), max(0.25, cpus - 0.5) / sum(pools.values()))
+
+    def generators_for(base: str):
+        rows = pending.filter(pc.equal(pc.utf8_slice_codeunits(pending.column("combination"), 0, len(base) + 1),
+                                       base + "|"))
+        ds = ray.data.from_arrow([rows.slice(i, batch) for i in range(0, rows.num_rows, batch)])
+        usable = {n: lo for n, lo in models.loras.items() if lo.arch == models.bases[base].arch}
+        return ds.map_batches(
+            Generator,
+            fn_constructor_kwargs={"base": models.bases[base], "loras": usable, "compute": compute},
+            compute=ActorPoolStrategy(size=pools[base] if together else max(1, gpus)),
+            batch_size=batch,
+            batch_format="numpy",
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=gen_cpus,
+        )
+
+    def finish(ds):
+        return ds.map_batches(
+            Finish,
+            fn_constructor_kwargs={"qc": spec.qc, "postprocess": spec.postprocess, "output": output, "run_id": run_id},
+            compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute.qc_workers)),
+            batch_size=batch,
+            batch_format="numpy",
+            num_cpus=0.5,
+        )
+
+    if together:
+        streams = [generators_for(b) for b in bases]
+        stages = [finish(streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0])]
+    else:
+        stages = [finish(generators_for(b)) for b in bases]
+    summary.generators = sum(pools.values()) if together else max(1, gpus)
+    for stage in stages:
+        for out in stage.iter_batches(batch_size=None, batch_format="numpy"):
+            summary.add_batch(out)
     summary.accelerator = "GPU" if use_gpu else f"CPU ({compute.cpu_threads} thread(s) per generator)"
+
+
+def _pool_sizes(bases: list[str], pending: pa.Table, requested: int | None, gpus: int) -> dict[str, int]:
+    """Generators per base model: as asked, else GPUs shared by the work each base has (>= 1)."""
+    if requested:
+        return {b: requested for b in bases}
+    if gpus <= len(bases):
+        return {b: 1 for b in bases}
+    keys = pending.column("combination").to_pylist()
+    work = {b: sum(1 for k in keys if _base_of(k) == b) for b in bases}
+    total = sum(work.values())
+    sizes = {b: max(1, int(gpus * work[b] / total)) for b in bases}
+    while sum(sizes.values()) > gpus:
+        biggest = max(sizes, key=sizes.get)
+        sizes[biggest] -= 1
+    return sizes
 
 
 def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: ResolvedModels) -> None:
@@ -245,7 +307,7 @@ def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: R
     record = {
         "run_id": run_id,
         "spec": spec.model_dump(mode="json"),
-        "base_model": asdict(models.base),
+        "base_models": {n: asdict(b) for n, b in models.bases.items()},
         "loras": {n: asdict(lo) for n, lo in models.loras.items()},
         "started_at": datetime.now(timezone.utc).isoformat(),
     }

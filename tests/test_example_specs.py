@@ -104,19 +104,22 @@ def test_game_assets_share_twenty_seeds_across_three_styles():
 
     seeds_by_style: dict[str, list[int]] = defaultdict(list)
     for req in requests:
-        seeds_by_style[req.tags["style"]].append(req.seed)
-    assert len(seeds_by_style) == 3
+        seeds_by_style[req.combination].append(req.seed)
+    assert set(seeds_by_style) == {"painted", "detailed", "alt-base"}
     seed_lists = list(seeds_by_style.values())
     assert seed_lists[0] == list(range(1000, 1020))
     assert all(seeds == seed_lists[0] for seeds in seed_lists), "styles must use the same seeds, in order"
-    # One prompt; each style is its own LoRA stack, so the generators load three combinations.
+    # One prompt through two base models and three LoRA stacks, each A/B group spanning all three.
     assert {req.prompt for req in requests} == {"isometric fantasy sword game asset, centered, clean background"}
-    stacks = {req.combination_key for req in requests}
-    assert stacks == {
+    assert {req.combination_key for req in requests} == {
         "tiny-sdxl|tiny-style@0.8",
-        "tiny-sdxl|tiny-detail@0.7",
-        "tiny-sdxl|tiny-style@0.5,tiny-detail@0.5",
+        "tiny-sdxl|tiny-detail@0.7,tiny-style@0.3|fused",
+        "tiny-sdxl-b|tiny-style-b@0.9",
     }
+    groups: dict[str, set] = defaultdict(set)
+    for req in requests:
+        groups[req.tags["ab_group"]].add((req.combination, req.seed))
+    assert len(groups) == 20 and all(len({c for c, _ in g}) == 3 and len({s for _, s in g}) == 1 for g in groups.values())
 
 
 def test_social_renders_every_platform_preset_as_watermarked_jpeg():

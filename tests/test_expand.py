@@ -15,7 +15,7 @@ from app.spec import SpecError, parse_spec
 
 @pytest.fixture
 def models(tiny_base, tiny_loras, model_catalog):
-    return ResolvedModels(base=tiny_base, loras=dict(tiny_loras), known_loras=tuple(model_catalog.names("lora")))
+    return ResolvedModels.single(tiny_base, loras=dict(tiny_loras), known_loras=tuple(model_catalog.names("lora")))
 
 
 def make_spec(**over):
@@ -46,7 +46,7 @@ def test_template_rows_become_requests_with_tags_and_lineage(models):
     assert req.tags == {"campaign": "c1", "pid": "P1"}
     assert req.row_key == "P1"
     assert req.template["name"] == "inline" and len(req.template["version"]) == 12
-    assert req.base_model["sha256"] == models.base.sha256
+    assert req.base_model["sha256"] == models.bases["tiny-sdxl"].sha256
     assert [(lo.name, lo.weight, lo.sha256) for lo in req.loras] == [("tiny-style", 0.8, models.loras["tiny-style"].sha256)]
     assert (req.width, req.height, req.steps) == (256, 256, 4)
     # Two variations: two different seeds, two different ids.
@@ -134,7 +134,7 @@ def test_row_lora_column_replaces_the_spec_stack(models):
 
 
 def test_lora_problems_fail_only_their_rows(tiny_base, tiny_loras):
-    models = ResolvedModels(base=tiny_base, loras={"tiny-style": tiny_loras["tiny-style"]},
+    models = ResolvedModels.single(tiny_base, loras={"tiny-style": tiny_loras["tiny-style"]},
                             known_loras=("tiny-style", "broken"), lora_problems={"broken": "/m/broken: sha256 mismatch"})
     out = expand(make_spec(), models, [{"pid": "1", "name": "a", "color": "b", "loras": "broken:1"},
                                        {"pid": "2", "name": "a", "color": "c"}])

@@ -22,14 +22,14 @@ from app.storage import OutputStore
 
 @pytest.fixture(scope="module")
 def models(tiny_base, tiny_loras, model_catalog):
-    return ResolvedModels(base=tiny_base, loras=dict(tiny_loras), known_loras=tuple(model_catalog.names("lora")))
+    return ResolvedModels.single(tiny_base, loras=dict(tiny_loras), known_loras=tuple(model_catalog.names("lora")))
 
 
 @pytest.fixture(scope="module")
 def generator(models):
     from app.generate import Generator
 
-    return Generator(models.base, models.loras, ComputeSpec(device="cpu", cpu_threads=1, batch_size=4))
+    return Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", cpu_threads=1, batch_size=4))
 
 
 def spec_for(**over):
@@ -72,7 +72,7 @@ def test_lora_weight_zero_is_the_base_image_and_weight_changes_pixels(generator,
 def test_batched_mode_is_reproduced_by_rendering_the_recorded_batch(models):
     from app.generate import Generator
 
-    gen = Generator(models.base, models.loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=3))
+    gen = Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=3))
     reqs, _ = requests(models, ["a", "b", "c"])
     first = {r.image_id: r for r in gen.render(reqs)}
     assert {r.batch_size for r in first.values()} == {3}

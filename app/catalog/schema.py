@@ -49,6 +49,8 @@ CATALOG_SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("seed", pa.int64()),
     ("tier", pa.string()),
+    ("combination", pa.string()),  # the spec's named base + LoRA stack + settings
+    ("lora_fused", pa.bool_()),  # the stack was merged into the weights (decides the last bits)
     ("batch_id", pa.string()),  # the pipeline call it was rendered in (== image_id when alone)
     ("batch_size", pa.int32()),
     ("pixel_sha256", pa.string()),  # sha256 of the raw RGB bytes, checked by `regenerate`

@@ -109,6 +109,11 @@ class LoraStackSwitcher:
 
     Adapters stay loaded between switches (loading is the slow part); the least recently used are
     deleted past `max_loaded`, since `set_adapters` slows down as inactive adapters pile up.
+
+    `fuse=True` merges the stack into the weights (no per-layer LoRA matmuls while it stays).
+    Unfusing subtracts the merged delta again, which does not give the original bits back, so the
+    touched weights are copied before fusing and restored exactly after: every other stack then
+    renders the same pixels whether or not a fused stack ran before it.
     """
 
     max_loaded: int = 6
@@ -116,12 +121,17 @@ class LoraStackSwitcher:
     switch_seconds: float = 0.0
     loaded: OrderedDict = field(default_factory=OrderedDict)  # adapter name -> ResolvedModel
     active: tuple = ()
+    fused: bool = False
+    _saved: dict = field(default_factory=dict)  # module name -> (weight, bias) before fusing
 
-    def apply(self, pipe, stack: list[tuple[ResolvedModel, float]]) -> None:
+    def apply(self, pipe, stack: list[tuple[ResolvedModel, float]], fuse: bool = False) -> None:
         wanted = tuple((adapter_name(lo), float(w)) for lo, w in stack)
-        if wanted == self.active:
+        fuse = fuse and bool(wanted)
+        if wanted == self.active and fuse == self.fused:
             return
         t0 = time.perf_counter()
+        if self.fused:
+            self._unfuse(pipe)
         for lo, _ in stack:
             name = adapter_name(lo)
             if name in self.loaded:
@@ -144,9 +154,36 @@ class LoraStackSwitcher:
             pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
         elif self.loaded:
             pipe.disable_lora()
+        if fuse:
+            self._fuse(pipe, [n for n, _ in wanted])
         self.active = wanted
         self.switches += 1
         self.switch_seconds += time.perf_counter() - t0
+
+    def _fuse(self, pipe, names: list[str]) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._saved = {
+            name: (m.get_base_layer().weight.detach().clone(),
+                   None if m.get_base_layer().bias is None else m.get_base_layer().bias.detach().clone())
+            for name, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)
+        }
+        pipe.fuse_lora(components=["unet"], adapter_names=names)
+        self.fused = True
+
+    def _unfuse(self, pipe) -> None:
+        import torch
+
+        pipe.unfuse_lora(components=["unet"])
+        modules = dict(pipe.unet.named_modules())
+        with torch.no_grad():
+            for name, (weight, bias) in self._saved.items():
+                base = modules[name].get_base_layer()
+                base.weight.copy_(weight)
+                if bias is not None:
+                    base.bias.copy_(bias)
+        self._saved = {}
+        self.fused = False
 
     def _drop(self, pipe, name: str) -> None:
         self.loaded.pop(name, None)

@@ -117,6 +117,9 @@ def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from app.models.loader import quiet_libraries
+
+    quiet_libraries()
     vocab, merges = clip_vocab_and_merges()
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     # SDXL's two tokenizers differ only in their padding token.

@@ -47,6 +47,35 @@ def luminance(image: np.ndarray | Image.Image) -> np.ndarray:
     `[H, W, 4]`. Transparent pixels are composited over white, which is how a transparent
     render is shown on a page (and what the post-processing padding uses).
     """
+    image = _as_array(image)
+    if image.ndim == 2:
+        return image.astype(np.float32)
+
+    # rgb: [H, W, 3] float32
+    rgb = image[:, :, :3].astype(np.float32)
+    if image.shape[2] == 4:
+        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = rgb * alpha + 255.0 * (1.0 - alpha)
+    return rgb @ _LUMA_WEIGHTS
+
+
+def rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """The image as RGB uint8 `[H, W, 3]`: grayscale repeated, alpha composited over white.
+
+    Accepts what `luminance` accepts; an RGB uint8 array comes back as it is (no copy).
+    """
+    image = _as_array(image)
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[2] == 3:
+        return image
+    alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+    composited = image[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return np.rint(composited).astype(np.uint8)
+
+
+def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """A validated uint8 array shaped `[H, W]`, `[H, W, 3]` or `[H, W, 4]`."""
     if isinstance(image, Image.Image):
         image = _pil_to_array(image)
     if not isinstance(image, np.ndarray):
@@ -55,19 +84,11 @@ def luminance(image: np.ndarray | Image.Image) -> np.ndarray:
         raise TypeError(f"`image` arrays must be uint8 (0..255), but the dtype is {image.dtype}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if image.ndim == 2:
-        return image.astype(np.float32)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
+    if image.ndim != 2 and (image.ndim != 3 or image.shape[2] not in (3, 4)):
         raise ValueError(
             f"`image` must be shaped [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], but is {image.shape}"
         )
-
-    # rgb: [H, W, 3] float32
-    rgb = image[:, :, :3].astype(np.float32)
-    if image.shape[2] == 4:
-        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
-        rgb = rgb * alpha + 255.0 * (1.0 - alpha)
-    return rgb @ _LUMA_WEIGHTS
+    return image
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
@@ -134,3 +155,186 @@ def decode_image(data: bytes) -> Image.Image:
         # (an OSError) and some corrupt headers as SyntaxError or ValueError.
         raise ValueError(f"cannot decode {len(data)} bytes as {'/'.join(DECODABLE_FORMATS)}: {e}") from e
     return image
+
+
+# --- artefacts ------------------------------------------------------------------------------------
+#
+# Values below were measured on scikit-image's photographs at 512 and 1024 px (see
+# `benchmarks/qc_eval.py`); they define what each measurement means, `decision.py` holds the
+# thresholds.
+
+# Block and cast checks work on a grid of cells this many on the longer side: a 1024 px image
+# becomes 64 x 64 cells of 16 x 16 px, enough to tell "a block over 10% of the frame" and cheap
+# (PIL's BOX filter, in C).
+ARTEFACT_GRID = 64
+
+# A cell is flat when its luma varies by less than this (std, grey levels): generator grain on a
+# failed region stays under it, real shadows and skies have more texture (the darkest real photos
+# measured keep under 6% of their cells flat and dark).
+FLAT_CELL_STD = 4.0
+# Flat cells this dark (mean luma) are "black"; a failed VAE decode or a safety-filter fill is ~0.
+BLACK_CELL_LUMA = 20.0
+# Flat cells whose green exceeds both red and blue by this much are "green": an all-zero YUV frame
+# decodes to RGB (0, 135, 0), a chroma-key screen to about (0, 177, 64).
+GREEN_CELL_MARGIN = 60.0
+
+# Colour cast is read from the brightest cells: whites and highlights are near-neutral in a
+# correctly balanced photo whatever its subject, while a cast tints everything, them included.
+CAST_HIGHLIGHT_SHARE = 0.05
+
+# JPEG and VAE blocks sit on an 8 px grid.
+BLOCK_PERIOD = 8
+# Within-block differences below one grey level are flatness, not a baseline to divide by.
+BLOCK_DIFF_FLOOR = 1.0
+
+# Banding is looked for where the image is smooth (both neighbour differences at most this, in
+# grey levels), in the tones present there.
+BANDING_SMOOTH_DIFF = 2.5
+# Tone steps up to this are banding; larger ones are edges between distinct flat areas.
+BANDING_MAX_STEP = 32
+# Fewer evenly stepped plateaus than this are a few flat tones (illustration), not banding.
+BANDING_MIN_STEPS = 5
+# Banding is measured on about this many pixels on the longer side (a strided sample).
+BANDING_WORKING_SIDE = 512
+
+# sRGB (D65) to XYZ, rows X, Y, Z, and the D65 white point.
+_SRGB_TO_XYZ = np.array(
+    [[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]], dtype=np.float64
+)
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+
+
+def cell_grid(plane: np.ndarray, grid: int = ARTEFACT_GRID) -> np.ndarray:
+    """Area average of `plane` (`[H, W]` float32 or `[H, W, 3]` uint8) over square cells of
+    `longer side // grid` pixels: float32 `[h, w]` or `[h, w, 3]`, `grid` to `2 * grid - 1` cells on
+    the longer side. Images under `grid` pixels are returned as they are (one pixel per cell).
+    """
+    factor = max(1, max(plane.shape[:2]) // grid)
+    if plane.ndim == 2:
+        image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
+    else:
+        image = Image.fromarray(plane)
+    if factor > 1:
+        # Image.reduce: an exact box average over factor x factor blocks, in C, ~3x faster than
+        # resize(BOX) (a partial last row/column of cells is averaged over what it has).
+        image = image.reduce(factor)
+    return np.asarray(image, dtype=np.float32)
+
+
+def lab_chroma_axes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CIELab (L, a, b) of sRGB values `[..., 3]` in 0..255 (D65)."""
+    c = rgb.astype(np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ _SRGB_TO_XYZ.T / _D65_WHITE
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    return 116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])
+
+
+def color_cast(cells_rgb: np.ndarray) -> float:
+    """Chroma (CIELab, 0..~130) of the mean colour of the brightest 5% of cells.
+
+    `cells_rgb` is `cell_grid(rgb)`: `[h, w, 3]`. Correctly balanced photos measured 0..19 (a warm
+    sunset scene is the 19), the same photos under a 30% channel gain or a 40% colour tint 8..75,
+    most above 20. A grey image is 0.
+    """
+    lightness, a, b = lab_chroma_axes(cells_rgb.reshape(-1, 3))
+    count = max(1, round(CAST_HIGHLIGHT_SHARE * lightness.size))
+    brightest = np.argpartition(lightness, lightness.size - count)[-count:]
+    return float(np.hypot(a[brightest].mean(), b[brightest].mean()))
+
+
+def flat_block_shares(luma: np.ndarray, cells_rgb: np.ndarray) -> tuple[float, float]:
+    """(black, green): the share of the frame covered by the largest connected region of flat
+    black cells, and of flat green cells, each 0..1. `cells_rgb` is `cell_grid(rgb)`.
+
+    Border cells that a block only partly covers are not flat, so a pasted block reads a few
+    percent under its true area (30% reads about 0.28 on a 1024 px image).
+    """
+    # luma_cells, luma_sq_cells: [h, w]; std from E[x^2] - E[x]^2 per cell
+    luma_cells = cell_grid(luma)
+    luma_sq_cells = cell_grid(luma * luma)
+    std = np.sqrt(np.maximum(luma_sq_cells - luma_cells * luma_cells, 0.0))
+    flat = std < FLAT_CELL_STD
+    black = flat & (luma_cells < BLACK_CELL_LUMA)
+    red, green, blue = cells_rgb[..., 0], cells_rgb[..., 1], cells_rgb[..., 2]
+    greenish = flat & (green - np.maximum(red, blue) > GREEN_CELL_MARGIN)
+    return _largest_region_share(black), _largest_region_share(greenish)
+
+
+def _largest_region_share(mask: np.ndarray) -> float:
+    if not mask.any():
+        return 0.0
+    labels, count = ndimage.label(mask)  # 4-connected
+    return float(np.bincount(labels.ravel())[1:].max() / mask.size)
+
+
+def blockiness(luma: np.ndarray) -> float:
+    """How much stronger luma steps are on one phase of an 8 px grid than elsewhere.
+
+    Mean absolute neighbour difference per column phase (x mod 8), strongest phase over the median
+    phase (floored at one grey level), horizontally and vertically; the smaller of the two, since
+    real blocks show both ways and stripes only one. Offset-free: the grid may start anywhere.
+    1.0-1.2 for real photos, 1.17-1.5 after JPEG quality 70, 1.9-3.8 after quality 10.
+    """
+    height, width = luma.shape
+    if min(height, width) < 2 * BLOCK_PERIOD:
+        return 1.0
+    # every second row / column: half the work, the same profile
+    across = np.abs(np.diff(luma[::2], axis=1)).mean(axis=0)  # [W-1]
+    down = np.abs(np.diff(luma[:, ::2], axis=0)).mean(axis=1)  # [H-1]
+    return float(min(_phase_ratio(across), _phase_ratio(down)))
+
+
+def _phase_ratio(profile: np.ndarray) -> float:
+    usable = len(profile) // BLOCK_PERIOD * BLOCK_PERIOD
+    by_phase = profile[:usable].reshape(-1, BLOCK_PERIOD).mean(axis=0)  # [8]
+    return float(by_phase.max() / max(float(np.median(by_phase)), BLOCK_DIFF_FLOOR))
+
+
+def banding(rgb: np.ndarray, luma: np.ndarray) -> float:
+    """Share of missing tones between the evenly stepped tones of the smooth areas, 0..1.
+
+    In smooth areas a gradient uses every level; a banded (posterised) one jumps between plateaus
+    2-32 levels apart. Per channel: the levels present in smooth pixels (ignoring stray ones),
+    the gaps between consecutive levels up to `BANDING_MAX_STEP`, and sum(gap - 1) / sum(gap);
+    the median of the three channels. 0 with fewer than `BANDING_MIN_STEPS` such steps.
+    Real photos measured 0..0.32; posterised to 6 bits 0.75, to 4 bits 0.94. JPEG fills the gaps
+    in, so it is meant for the generator's own output, not for re-encoded files.
+    """
+    stride = max(1, round(max(luma.shape) / BANDING_WORKING_SIDE))
+    sample = luma[::stride, ::stride]
+    across = np.abs(np.diff(sample, axis=1))[:-1]
+    down = np.abs(np.diff(sample, axis=0))[:, :-1]
+    smooth = (across <= BANDING_SMOOTH_DIFF) & (down <= BANDING_SMOOTH_DIFF)  # [h-1, w-1]
+    if np.count_nonzero(smooth) < 1000:
+        return 0.0
+    # a contiguous copy first: boolean indexing a strided 3-channel view is 4x slower
+    sample_rgb = np.ascontiguousarray(rgb[::stride, ::stride][:-1, :-1])  # [h-1, w-1, 3]
+    pixels = sample_rgb[smooth]  # [n, 3] uint8
+    return float(np.median([_tone_gap_share(pixels[:, c]) for c in range(3)]))
+
+
+def _tone_gap_share(values: np.ndarray) -> float:
+    counts = np.bincount(values, minlength=256)
+    present = np.flatnonzero(counts)
+    span = present[-1] - present[0] + 1
+    # a level counts when it holds at least a tenth of an even share: JPEG-like strays do not
+    levels = np.flatnonzero(counts >= 0.1 * values.size / span)
+    steps = np.diff(levels)
+    steps = steps[steps <= BANDING_MAX_STEP]
+    if np.count_nonzero(steps >= 2) < BANDING_MIN_STEPS:
+        return 0.0
+    return float((steps - 1).sum() / steps.sum())
+
+
+def artefact_scores(rgb: np.ndarray, luma: np.ndarray) -> dict[str, float]:
+    """All artefact measures of one image: `rgb` `[H, W, 3]` uint8 and its `luma`."""
+    cells_rgb = cell_grid(rgb)
+    black, green = flat_block_shares(luma, cells_rgb)
+    return {
+        "color_cast": color_cast(cells_rgb),
+        "black_block": black,
+        "green_block": green,
+        "blockiness": blockiness(luma),
+        "banding": banding(rgb, luma),
+    }

@@ -1,9 +1,9 @@
-"""Write game_assets.parquet: one prompt, three LoRA styles (see specs/game_assets.yaml).
+"""Write game_assets.parquet: the asset prompts of specs/game_assets.yaml.
 
     .venv/bin/python specs/data/make_game_assets.py
 
-A Parquet input carries the prompt itself (no template) and per-row columns that the expansion
-reads directly: `loras` replaces the spec's LoRA stack for that row; `style` is copied into tags.
+A Parquet input carries the prompt itself (no template). The styles are not in the data: the spec
+renders every row through each of its combinations (an A/B test), with the same seeds.
 """
 
 from __future__ import annotations
@@ -13,26 +13,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PROMPT = "isometric fantasy sword game asset, centered, clean background"
-
-# style name -> LoRA stack ("name:weight, name:weight"), one row each
-STYLES = {
-    "painted": "tiny-style:0.8",
-    "detailed": "tiny-detail:0.7",
-    "blend": "tiny-style:0.5, tiny-detail:0.5",
+ASSETS = {
+    "sword": "isometric fantasy sword game asset, centered, clean background",
 }
 
 
 def build() -> pa.Table:
     return pa.table({
-        "asset_id": [f"sword-{style}" for style in STYLES],
-        "prompt": [PROMPT] * len(STYLES),
-        "style": list(STYLES),
-        "loras": list(STYLES.values()),
+        "asset_id": list(ASSETS),
+        "prompt": list(ASSETS.values()),
+        "category": ["weapon"] * len(ASSETS),
     })
 
 
 if __name__ == "__main__":
     out = Path(__file__).with_name("game_assets.parquet")
     pq.write_table(build(), out)
-    print(f"wrote {out} ({len(STYLES)} rows)")
+    print(f"wrote {out} ({len(ASSETS)} rows)")

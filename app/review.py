@@ -1,0 +1,142 @@
+"""People's decisions on images, and the review queue.
+
+QC flags borderline images `review`; a person approves or rejects them. Decisions are appended
+beside the catalog, never written into it:
+
+    <output>/reviews/decisions/date=YYYY-MM-DD/part-<uuid>.parquet    one new file per call
+
+Each call writes a new file through OutputStore (atomic for readers); nothing is rewritten. The
+latest decision for an image (by `decided_at`) wins, so a person can change their mind by
+deciding again. Readers join decisions on `image_id` (analysis/views.sql, the `images` view).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from app.catalog.store import CatalogStore
+from app.storage import OutputStore, StorageError
+
+DECISIONS_DIR = "reviews/decisions"
+DECISIONS = ("approved", "rejected")
+# A person may sign off or take down what QC kept; QC rejects have no variants and failed rows no
+# image, so there is nothing there to approve.
+DECIDABLE_STATUSES = ("review", "accepted")
+
+DECISION_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("decision", pa.string()),  # approved | rejected
+    ("reviewer", pa.string()),
+    ("decided_at", pa.timestamp("us", tz="UTC")),
+    ("note", pa.string()),
+])
+
+
+class ReviewError(ValueError):
+    """A decision that cannot be recorded; the message names the bad value."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    image_id: str
+    decision: str
+    reviewer: str
+    decided_at: datetime
+    note: str = ""
+
+
+def _output(output: OutputStore | str) -> OutputStore:
+    return output if isinstance(output, OutputStore) else OutputStore.at(output)
+
+
+@dataclass(frozen=True)
+class ReviewStore:
+    output: OutputStore
+
+    def append(self, decisions: list[Decision]) -> str | None:
+        if not decisions:
+            return None
+        table = pa.Table.from_pylist([d.__dict__ for d in decisions], schema=DECISION_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        day = decisions[0].decided_at.astimezone(timezone.utc).strftime("%Y-%m-%d")
+        return self.output.write_bytes(f"{DECISIONS_DIR}/date={day}/part-{uuid.uuid4().hex}.parquet", buf.getvalue())
+
+    def dataset(self) -> pads.Dataset | None:
+        """Every decision file, or None when nobody has decided anything yet."""
+        fs, root = self.output.fs_and_root
+        base = f"{root.rstrip('/')}/{DECISIONS_DIR}"
+        try:
+            if fs.get_file_info(base).type == pa.fs.FileType.NotFound:
+                return None
+        except OSError as e:
+            raise StorageError(f"{self.output.uri_of(DECISIONS_DIR)}: cannot list decisions ({e})") from e
+        part = pads.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+        return pads.dataset(base, filesystem=fs, format="parquet", partitioning=part,
+                            schema=DECISION_SCHEMA.append(pa.field("date", pa.string())))
+
+    def read(self) -> pa.Table:
+        ds = self.dataset()
+        return DECISION_SCHEMA.empty_table() if ds is None else ds.to_table(columns=DECISION_SCHEMA.names)
+
+    def latest(self) -> dict[str, Decision]:
+        """The decision in force for each image: the latest one."""
+        rows = sorted(self.read().to_pylist(), key=lambda r: r["decided_at"])
+        return {r["image_id"]: Decision(**r) for r in rows}
+
+
+def _latest_rows(table: pa.Table) -> dict[str, dict]:
+    """One catalog row per image_id: the latest (a rerun may append a row for an id that failed)."""
+    rows = sorted(table.to_pylist(), key=lambda r: (r["created_at"], r["run_id"] or ""))
+    return {r["image_id"]: r for r in rows}
+
+
+def decide(output: OutputStore | str, image_ids: list[str], decision: str, reviewer: str,
+           note: str = "", now: datetime | None = None) -> list[Decision]:
+    """Record one person's decision on some images; all are checked before anything is written."""
+    output = _output(output)
+    if decision not in DECISIONS:
+        raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+    reviewer = (reviewer or "").strip()
+    if not reviewer:
+        raise ReviewError("a decision needs the reviewer's name (--by NAME)")
+    ids = list(dict.fromkeys(i.strip() for i in image_ids if i.strip()))
+    if not ids:
+        raise ReviewError("no image ids given")
+    catalog = CatalogStore(output)
+    found = _latest_rows(catalog.read(["image_id", "status", "created_at"], filter=pads.field("image_id").isin(ids)))
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        raise ReviewError(f"unknown image id(s) {', '.join(unknown)}: not in the catalog at {output.uri} "
+                          "(`imagefab review list` shows the ones waiting)")
+    not_decidable = [f"{i} is {found[i]['status']}" for i in ids if found[i]["status"] not in DECIDABLE_STATUSES]
+    if not_decidable:
+        raise ReviewError(f"only images in {' or '.join(DECIDABLE_STATUSES)} can be decided: {'; '.join(not_decidable)}")
+    when = now or datetime.now(timezone.utc)
+    decisions = [Decision(i, decision, reviewer, when, note or "") for i in ids]
+    ReviewStore(output).append(decisions)
+    return decisions
+
+
+def pending_review(output: OutputStore | str, run: str | None = None) -> list[dict]:
+    """Catalog rows in `review` with no decision yet, oldest first (optionally of one run)."""
+    output = _output(output)
+    filt = pads.field("status") == "review"
+    if run:
+        filt = filt & (pads.field("run_id") == run)
+    rows = _latest_rows(CatalogStore(output).read(filter=filt))
+    if rows:
+        # An id in review in one run may have a later row elsewhere (not review): the latest wins.
+        latest = _latest_rows(CatalogStore(output).read(
+            ["image_id", "status", "created_at", "run_id"], filter=pads.field("image_id").isin(list(rows))))
+        rows = {i: r for i, r in rows.items() if latest[i]["status"] == "review"}
+    decided = ReviewStore(output).latest()
+    pending = [r for i, r in rows.items() if i not in decided]
+    return sorted(pending, key=lambda r: (r["created_at"], r["image_id"]))
