@@ -180,7 +180,9 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False) -> RunSummary:
+def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator_cls=None) -> RunSummary:
+    """Run the bulk job. `generator_cls` replaces the Generator only for capacity benchmarks
+    (benchmarks/): a class with the same constructor and batch interface."""
     import ray
     from ray.data import DataContext
 
@@ -217,7 +219,7 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False) -> RunSum
 
     # 4. Render, QC, post-process, write.
     if plan.pending.num_rows:
-        _render(spec, plan, models, output, run_id, summary)
+        _render(spec, plan, models, output, run_id, summary, generator_cls)
     summary.wall_seconds = time.perf_counter() - t0
     output.write_bytes(f"runs/{run_id}/summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     return summary
@@ -228,12 +230,14 @@ def _base_of(combination_key: str) -> str:
 
 
 def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputStore, run_id: str,
-            summary: RunSummary) -> None:
+            summary: RunSummary, generator_cls=None) -> None:
     """One generator actor pool per base model, all feeding one CPU stage."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from app.generate import Generator
+
+    Generator = generator_cls or Generator  # noqa: N806 (a class chosen at run time)
 
     compute = spec.compute
     gpus = cluster_gpus() if compute.device != "cpu" else 0
