@@ -9,7 +9,7 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast models clean
+.PHONY: setup demo test test-fast models mlflow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ models: setup
 # Builds the offline models if missing, runs a real bulk job on local Ray, queries the catalog.
 demo: setup
 	$(BIN)/imagefab demo
+
+# The MLflow UI on the project's sqlite store: http://127.0.0.1:5000
+mlflow: setup
+	$(BIN)/imagefab mlflow
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -22,7 +22,7 @@ def _env_defaults() -> None:
     # Local use: Ray's token auth off for the loopback head, no usage reporting, no hub lookups.
     for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
                        ("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0"), ("HF_HUB_OFFLINE", "1"),
-                       ("TOKENIZERS_PARALLELISM", "false")):
+                       ("TOKENIZERS_PARALLELISM", "false"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
         os.environ.setdefault(key, value)
 
 
@@ -32,18 +32,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     argv = [args.spec] + (["--output", args.output] if args.output else [])
     argv += [x for s in args.set for x in ("--set", s)]
     argv += (["--limit", str(args.limit)] if args.limit else []) + (["--quiet"] if args.quiet else [])
+    argv += ["--no-mlflow"] if getattr(args, "no_mlflow", False) else []
     return generate.main(argv)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from app.models.catalog import ModelCatalog
     from app.plan import check_input, input_columns, resolve_models, row_lora_names
-    from jobs.generate import spec_from_args
+    from jobs.generate import resolve_registry, spec_from_args
 
     spec = spec_from_args(argparse.Namespace(spec=args.spec, set=args.set, output=None, limit=None))
+    spec, versions = resolve_registry(spec)
     columns = input_columns(spec)
     check_input(spec, columns)
-    models = resolve_models(spec, ModelCatalog.load(spec.model.catalog), row_lora_names(spec, columns))
+    catalog = versions.merge_into(ModelCatalog.load(spec.model.catalog))
+    models = resolve_models(spec, catalog, row_lora_names(spec, columns))
+    versions.check_models(models)
+    for ref in versions.refs:
+        print(f"  registry {ref.field}: {ref.describe()}")
     unknown = sorted(row_lora_names(spec, columns) - set(models.loras))
     bad = {**{n: f"unknown LoRA '{n}'" for n in unknown}, **models.lora_problems}
     print(f"{args.spec}: valid")
@@ -134,19 +140,40 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+# The demo's run names its models, template and QC settings through MLflow aliases, the way a
+# team's specs do once versions are managed there.
+DEMO_REFERENCES = {
+    "model.base": "models:/tiny-sdxl@production",
+    "model.loras": [{"name": "models:/tiny-style@production", "weight": 0.8}],
+    "input.prompt_template": "prompts:/ecommerce_studio@production",
+    "qc": "qc:/default@production",
+}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     spec = Path(args.spec)
     if not spec.exists():
         print(f"imagefab demo: {spec} not found (run it from the repository root)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print("1/3 model catalog (builds the offline tiny SDXL and LoRAs the first time)")
+    print("1/4 model catalog (builds the offline tiny SDXL and LoRAs the first time)")
     if cmd_models(argparse.Namespace(action="build", catalog=None)):
         return 1
-    print(f"\n2/3 bulk job: {spec} -> {args.output}")
-    rc = cmd_run(argparse.Namespace(spec=str(spec), output=args.output, set=[], limit=None, quiet=True))
+    from app.registry import make_client, register_builtins, tracking_uri
+
+    print(f"\n2/4 MLflow registry at {tracking_uri()}: models, LoRAs, templates, QC settings (once)")
+    register_builtins(make_client(), report=lambda line: print(f"  {line}"))
+    print(f"\n3/4 bulk job: {spec} -> {args.output}, versions resolved through @production aliases")
+    import yaml
+
+    from jobs import generate
+
+    argv = [str(spec), "--output", args.output, "--quiet"]
+    for key, value in DEMO_REFERENCES.items():
+        argv += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
+    rc = generate.main(argv)
     if rc:
         return rc
-    print(f"\n3/3 the catalog, read back with DuckDB")
+    print("\n4/4 the catalog, read back with DuckDB  (MLflow UI: make mlflow)")
     return cmd_catalog(argparse.Namespace(output=args.output))
 
 
@@ -160,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     r.add_argument("--limit", type=int)
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a spec, its input and models")
@@ -187,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--spec", default="specs/ecommerce.yaml")
     d.add_argument("--output", default="outputs")
     d.set_defaults(func=cmd_demo)
+
+    from analysis.cli import add_analysis_cli, add_review_cli
+    from app.registry import add_registry_cli
+
+    add_registry_cli(sub)
+    add_analysis_cli(sub)
+    add_review_cli(sub)
     return p
 
 
@@ -195,12 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app.models.digest import ModelFileError
     from app.regenerate import RegenerateError
+    from app.registry import RegistryError
     from app.spec import SpecError
     from app.storage import StorageError
 
     try:
         return args.func(args)
-    except (SpecError, ModelFileError, StorageError, RegenerateError) as e:
+    except (SpecError, ModelFileError, StorageError, RegenerateError, RegistryError) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -87,6 +87,16 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
     requests = [request_from_row(m) for m in {m["image_id"]: m for m in members}.values()]
 
     catalog = ModelCatalog.load(user_catalog)
+    # Models that came through the MLflow registry are named in the run's record.
+    try:
+        import json
+
+        from app.registry.resolve import ResolvedVersions
+
+        record = json.loads(output.read_bytes(f"runs/{row['run_id']}/run.json"))
+        catalog = ResolvedVersions.from_dict(record.get("registry")).merge_into(catalog)
+    except OSError:
+        pass  # no run record (an image from the Serve app): the catalog names suffice
     try:
         base = _same_model(catalog.resolve_base(row["base_model"]["name"]), row["base_model"])
         loras = {lo.name: _same_model(catalog.resolve_lora(lo.name, base), lo) for r in requests for lo in r.loras}

@@ -94,7 +94,7 @@ class ReviewStore:
 
 def _latest_rows(table: pa.Table) -> dict[str, dict]:
     """One catalog row per image_id: the latest (a rerun may append a row for an id that failed)."""
-    rows = sorted(table.to_pylist(), key=lambda r: (r["created_at"], r["run_id"] or ""))
+    rows = sorted(table.to_pylist(), key=lambda r: (r["created_at"], r.get("run_id") or ""))
     return {r["image_id"]: r for r in rows}
 
 
@@ -111,7 +111,7 @@ def decide(output: OutputStore | str, image_ids: list[str], decision: str, revie
     if not ids:
         raise ReviewError("no image ids given")
     catalog = CatalogStore(output)
-    found = _latest_rows(catalog.read(["image_id", "status", "created_at"], filter=pads.field("image_id").isin(ids)))
+    found = _latest_rows(catalog.read(["image_id", "status", "created_at", "run_id"], filter=pads.field("image_id").isin(ids)))
     unknown = [i for i in ids if i not in found]
     if unknown:
         raise ReviewError(f"unknown image id(s) {', '.join(unknown)}: not in the catalog at {output.uri} "

@@ -228,7 +228,7 @@ class JobSpec(_Frozen):
     combinations: dict[str, Combination] = {}
     tiers: Tiers = Tiers()
     ab_test: ABTest | None = None
-    qc: QcSettings = QcSettings()
+    qc: QcSettings | str = QcSettings()  # settings, or qc:/NAME@ALIAS resolved before the job runs
     postprocess: PostprocessSettings = PostprocessSettings()
     output: OutputSpec = OutputSpec()
     tags: tuple[str, ...] = ()  # input columns copied into each image's tags
@@ -243,6 +243,13 @@ class JobSpec(_Frozen):
                 f"'{name}' is not a valid run name: letters, digits, '_', '.', '-', at most 64, starting alphanumeric"
             )
         return name
+
+    @field_validator("qc")
+    @classmethod
+    def _qc_reference(cls, qc: QcSettings | str) -> QcSettings | str:
+        if isinstance(qc, str) and not qc.startswith("qc:/"):
+            raise ValueError(f"'{qc}' is neither QC settings nor a registry reference qc:/NAME@ALIAS or qc:/NAME/VERSION")
+        return qc
 
     @field_validator("size", mode="before")
     @classmethod

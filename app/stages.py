@@ -110,7 +110,7 @@ class Postprocess:
     """Writes the lossless master (always) and the platform variants (for accepted/review)."""
 
     reads = ("status", "request", "pixels")
-    adds = ("uri", "variants", "pixel_sha256", "cpu_seconds")
+    adds = ("uri", "bytes", "variants", "pixel_sha256", "cpu_seconds")
 
     def __init__(self, settings: PostprocessSettings, output: OutputStore):
         self.settings = settings
@@ -119,33 +119,36 @@ class Postprocess:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
         status, error = list(batch["status"]), list(batch["error"])
-        uris, variants, shas, cpu = [], [], [], list(batch["cpu_seconds"])
+        uris, sizes, variants, shas, cpu = [], [], [], [], list(batch["cpu_seconds"])
         for i in range(n):
             t0 = time.process_time()
-            uri, rows, sha = "", [], ""
+            uri, size, rows, sha = "", 0, [], ""
             if status[i] not in ("failed", "pending") and len(batch["pixels"][i]):
                 try:
-                    uri, rows, sha = self.write_one(batch, i, with_variants=status[i] != "rejected")
+                    uri, size, rows, sha = self.write_one(batch, i, with_variants=status[i] != "rejected")
                 except Exception as e:
                     status[i], error[i] = "failed", f"postprocess_error: {type(e).__name__}: {e}"
             uris.append(uri)
+            sizes.append(size)
             variants.append(json.dumps(rows))
             shas.append(sha)
             cpu[i] += time.process_time() - t0
         out = {k: v for k, v in batch.items() if k != "pixels"}  # the bytes stop here
         out.update(
-            status=_obj(status), error=_obj(error), uri=_obj(uris), variants=_obj(variants),
+            status=_obj(status), error=_obj(error), uri=_obj(uris), bytes=np.asarray(sizes, dtype=np.int64),
+            variants=_obj(variants),
             pixel_sha256=_obj(shas), cpu_seconds=np.asarray(cpu, dtype=np.float64),
         )
         return out
 
-    def write_one(self, batch: dict, i: int, with_variants: bool) -> tuple[str, list[dict], str]:
+    def write_one(self, batch: dict, i: int, with_variants: bool) -> tuple[str, int, list[dict], str]:
         req = json.loads(batch["request"][i])
         pixels = image_from_row(batch, i)
         image = Image.fromarray(pixels, "RGB")
         meta = metadata_for(req)
         master = image_path(req["image_id"])
-        uri = self.output.write_bytes(master, encode_master(image, meta, self.settings.png_compress_level))
+        data = encode_master(image, meta, self.settings.png_compress_level)
+        uri = self.output.write_bytes(master, data)
         rows = []
         if with_variants:
             for v in render_variants(image, self.settings, meta):
@@ -153,7 +156,7 @@ class Postprocess:
                 rel = f"{master.removesuffix('.png')}/{v.preset}.{ext}"
                 rows.append({"preset": v.preset, "uri": self.output.write_bytes(rel, v.data), "width": v.width,
                              "height": v.height, "format": v.format, "bytes": len(v.data)})
-        return uri, rows, hashlib.sha256(pixels.tobytes()).hexdigest()
+        return uri, len(data), rows, hashlib.sha256(pixels.tobytes()).hexdigest()
 
 
 def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created_at: datetime) -> dict:
@@ -197,6 +200,7 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "exposure": scores.get("exposure"),
         "qc_version": str(batch["qc_version"][i]) if "qc_version" in batch else None,
         "uri": str(batch["uri"][i]) if "uri" in batch else "",
+        "bytes": int(batch["bytes"][i]) if "bytes" in batch and batch["uri"][i] else None,
         "variants": json.loads(batch["variants"][i]) if "variants" in batch else [],
         "gpu_seconds": gpu_s,
         "cpu_seconds": cpu_s,

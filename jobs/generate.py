@@ -34,6 +34,7 @@ from app.catalog.store import CatalogStore
 from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
+from app.registry.errors import RegistryError
 from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, row_lora_names, split_plan
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="only the first N input rows (smoke test)")
     p.add_argument("--run-id", help="run id (default: run_name-UTCSTAMP-random)")
     p.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when any image failed (default: only when every one did)")
     return p.parse_args(argv)
@@ -180,9 +182,12 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator_cls=None) -> RunSummary:
-    """Run the bulk job. `generator_cls` replaces the Generator only for capacity benchmarks
-    (benchmarks/): a class with the same constructor and batch interface."""
+def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator_cls=None,
+        track: bool = False) -> RunSummary:
+    """Run the bulk job; `track` logs it as an MLflow run (the CLI does, unless --no-mlflow).
+
+    `generator_cls` replaces the Generator only for capacity benchmarks (benchmarks/): a class
+    with the same constructor and batch interface."""
     import ray
     from ray.data import DataContext
 
@@ -192,11 +197,17 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator
     summary = RunSummary(run_id=run_id, run_name=spec.run_name, output=output.uri)
 
     # 1. Everything that can be wrong with the spec, its input, models or output, before any work.
+    #    Registry references (models:/…@production, prompts:/…, qc:/…) become concrete versions
+    #    first: the template may come from the registry, and a later alias move never changes
+    #    what this run records.
+    spec, versions = resolve_registry(spec)
     columns = input_columns(spec)
     check_input(spec, columns)
     output.check_writable()
     # Every model file is hashed and checked here, before Ray starts: a bad one stops the job.
-    models = resolve_models(spec, ModelCatalog.load(spec.model.catalog), row_lora_names(spec, columns))
+    catalog = versions.merge_into(ModelCatalog.load(spec.model.catalog))
+    models = resolve_models(spec, catalog, row_lora_names(spec, columns))
+    versions.check_models(models)
 
     if not ray.is_initialized():
         ray.init(log_to_driver=not quiet)
@@ -211,7 +222,7 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator
     store = CatalogStore(output)
     plan: Plan = split_plan(requests, store.done_ids())
     summary.requests, summary.skipped_existing, summary.duplicates = plan.total, plan.skipped, plan.duplicates
-    _write_run_record(output, run_id, spec, models)
+    _write_run_record(output, run_id, spec, models, versions)
     if plan.failed.num_rows:
         failed = {c: np.asarray(plan.failed.column(c).to_pylist(), dtype=object) for c in plan.failed.column_names}
         CatalogWrite(output, run_id)(failed)
@@ -222,7 +233,31 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator
         _render(spec, plan, models, output, run_id, summary, generator_cls)
     summary.wall_seconds = time.perf_counter() - t0
     output.write_bytes(f"runs/{run_id}/summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+    if track:
+        _track(output, run_id, versions)
     return summary
+
+
+def resolve_registry(spec: JobSpec):
+    """The spec with MLflow references made concrete, and what each resolved to."""
+    from app.registry.resolve import ResolvedVersions, has_references
+
+    if not has_references(spec):
+        return spec, ResolvedVersions()
+    from app.registry import make_client, resolve_spec_references
+
+    return resolve_spec_references(spec, make_client(), verify=False)  # resolve_models hashes the files next
+
+
+def _track(output: OutputStore, run_id: str, versions) -> None:
+    from app.registry import track_job_output
+
+    try:
+        mlflow_run = track_job_output(output.uri, run_id, versions=versions)
+        log.info("run %s: logged to MLflow as run %s", run_id, mlflow_run)
+    except Exception as e:  # images and catalog are written; tracking can be redone
+        log.warning("run %s: MLflow tracking failed (%s); retry with: imagefab registry track %s %s",
+                    run_id, e, output.uri, run_id)
 
 
 def _base_of(combination_key: str) -> str:
@@ -306,11 +341,12 @@ def _pool_sizes(bases: list[str], pending: pa.Table, requested: int | None, gpus
     return sizes
 
 
-def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: ResolvedModels) -> None:
+def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: ResolvedModels, versions) -> None:
     """The spec as run and the resolved model versions, beside the catalog, for audit."""
     record = {
         "run_id": run_id,
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec.model_dump(mode="json", exclude_unset=True),  # re-validates as written
+        "registry": versions.to_dict(),
         "base_models": {n: asdict(b) for n, b in models.bases.items()},
         "loras": {n: asdict(lo) for n, lo in models.loras.items()},
         "started_at": datetime.now(timezone.utc).isoformat(),
@@ -323,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         spec = spec_from_args(args)
-        summary = run(spec, run_id=args.run_id, quiet=args.quiet)
-    except (SpecError, ModelFileError, StorageError) as e:
+        summary = run(spec, run_id=args.run_id, quiet=args.quiet, track=not args.no_mlflow)
+    except (SpecError, ModelFileError, StorageError, RegistryError) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         return 2
     print(summary.render())

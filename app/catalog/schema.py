@@ -65,6 +65,7 @@ CATALOG_SCHEMA = pa.schema([
     ("qc_version", pa.string()),
     # outputs
     ("uri", pa.string()),
+    ("bytes", pa.int64()),  # size of the master file at `uri`
     ("variants", pa.list_(VARIANT)),
     # cost
     ("gpu_seconds", pa.float64()),

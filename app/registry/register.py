@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from app.expand import template_fields
-from app.models.catalog import ModelCatalog, ModelEntry, ResolvedModel
+from app.models.catalog import ModelCatalog, ModelEntry, ResolvedModel, UnknownModelError
 from app.models.digest import ModelFileError
 from app.qc import QcSettings
 from app.registry.errors import RegistryError
@@ -127,7 +127,7 @@ def register_catalog(client: MlflowClient, catalog: ModelCatalog | None = None, 
         for name in catalog.names(kind):
             try:
                 reg = register_model(client, catalog.entries[name], catalog=catalog)
-            except ModelFileError as e:
+            except (ModelFileError, UnknownModelError) as e:
                 report(f"skipped  {kind:8s} {name}: {e}")
                 continue
             done.append(reg)

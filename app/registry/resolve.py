@@ -1,13 +1,15 @@
 """Turning registry references into concrete versions, and a spec into one that names no alias.
 
 `resolve_spec_references(spec, client)` replaces every reference in a spec — `model.base`,
-`model.loras[].name`, `input.prompt_template` (or `input.template_name`), `qc` — by the concrete
-value (a model name bound to one version, the template text, the QC settings) and returns what each
-reference resolved to. The run records that, so moving an alias later never changes what a finished
-run says it used.
+`model.loras[].name`, `combinations.<name>.base` / `.loras[].name`, `input.prompt_template` (or
+`input.template_name`), `qc` — by the concrete value (a model name bound to one version, the
+template text, the QC settings) and returns what each reference resolved to. The run records that,
+so moving an alias later never changes what a finished run says it used.
 
 Models come back as catalog entries (`ModelEntry`, with the registry version and the registered
 sha256); `ResolvedVersions.merge_into(catalog)` adds them to a `ModelCatalog` for `resolve_models`.
+A model is known in the run by its registered name, or as `<name>-v<version>` when one spec uses
+two versions of it (an A/B test of `@production` against `@candidate`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class ResolvedRef:
 @dataclass(frozen=True)
 class ResolvedVersions:
     refs: tuple[ResolvedRef, ...] = ()
-    models: dict[str, ModelEntry] = field(default_factory=dict)  # registered name -> catalog entry
+    models: dict[str, ModelEntry] = field(default_factory=dict)  # the model's name in the run -> catalog entry
 
     def merge_into(self, catalog: ModelCatalog) -> ModelCatalog:
         """`catalog` with the resolved models added (replacing catalog entries of the same name)."""
@@ -122,13 +124,16 @@ def resolve_model(client: MlflowClient, ref: Reference | str, field_name: str = 
     if reference.get("sha256") != mv.tags.get("sha256"):
         raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version}'s reference.json says sha256 "
                             f"{reference.get('sha256')} but its tag says {mv.tags.get('sha256')}")
-    entry = ModelEntry(
-        name=ref.registered_name, kind=reference["kind"], source=reference["source"], version=str(mv.version),
-        sha256=reference["sha256"], base=reference.get("base"), config=reference.get("config"),
-        arch=reference.get("arch") if reference["kind"] == "base" else None,
-        dtype=reference.get("dtype") or "auto", seed=int(reference.get("seed") or 0),
-        rank=int(reference.get("rank") or 4), description=reference.get("description") or "",
-    )
+    try:
+        entry = ModelEntry(
+            name=ref.registered_name, kind=reference["kind"], source=reference["source"], version=str(mv.version),
+            sha256=reference["sha256"], base=reference.get("base"), config=reference.get("config"),
+            arch=reference.get("arch") if reference["kind"] == "base" else None,
+            dtype=reference.get("dtype") or "auto", seed=int(reference.get("seed") or 0),
+            rank=int(reference.get("rank") or 4), description=reference.get("description") or "",
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version}'s reference.json lacks {e}") from None
     return entry, ResolvedRef(field_name, str(ref), "model", entry.name, entry.version, ref.alias, entry.sha256)
 
 
@@ -265,7 +270,8 @@ def verify_models(versions: ResolvedVersions, catalog: ModelCatalog) -> None:
         if ref.kind != "model":
             continue
         entry = versions.models[ref.value or ref.name]
-        where = f"{_at(ref.field)}{ref.reference} is {ref.name} version {ref.version}, registered with sha256 {ref.digest}"
+        where = (f"{_at(ref.field)}{ref.reference} is {ref.name} version {ref.version}, "
+                 f"registered with sha256 {ref.digest}")
         try:
             if entry.source_kind in ("single_file", "folder"):
                 path = Path(entry.source.removeprefix("file:")).expanduser()
@@ -352,7 +358,8 @@ def _missing(ref: Reference, entry, where: str) -> str:
         aliases = entry.aliases()
         shown = ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
         return f"{_at(where)}{ref}: '{entry.name}' has no alias '{ref.alias}'; its aliases: {shown}"
-    return f"{_at(where)}{ref}: '{entry.name}' has no version {ref.version}; its versions: {', '.join(versions) or 'none'}"
+    shown = ", ".join(versions) or "none"
+    return f"{_at(where)}{ref}: '{entry.name}' has no version {ref.version}; its versions: {shown}"
 
 
 def _read_json(client: MlflowClient, mv, filename: str, ref: Reference, where: str) -> dict:

@@ -24,6 +24,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from app.registry.errors import RegistryError
 from app.registry.resolve import ResolvedVersions
 from app.registry.store import experiment_id, make_client
-from app.spec import JobSpec, parse_spec
+from app.spec import JobSpec, SpecError, parse_spec
 from app.storage import OutputStore, StorageError
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def track_run(spec: JobSpec, summary: Any, run_record: Mapping, catalog_rows: pa
     MLflow run is then marked FAILED). `run_record`: the run's run.json. `catalog_rows`: the
     catalog rows of this run only.
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     client = client or make_client()
     output = OutputStore.at(output) if isinstance(output, str) else output
@@ -122,13 +123,25 @@ def track_job_output(output_uri: str, run_id: str, *, client: MlflowClient | Non
         summary = json.loads(output.read_bytes(f"runs/{run_id}/summary.json"))
     except StorageError:
         summary = None  # the run did not finish; what it wrote is still worth a look
-    spec = parse_spec(record["spec"], where=f"runs/{run_id}/run.json")
+    spec = _recorded_spec(record["spec"], f"{output.uri}/runs/{run_id}/run.json")
     rows = CatalogStore(output).read(filter=pads.field("run_id") == run_id)
     return track_run(spec, summary, record, rows, output, client=client, versions=versions, experiment=experiment)
 
 
-def record_serving(versions: ResolvedVersions, *, client: MlflowClient | None = None, deployment: str = "imagefab-serve",
-                   experiment: str = SERVING_EXPERIMENT, extra_tags: Mapping[str, str] | None = None) -> str:
+def _recorded_spec(data: dict, where: str) -> JobSpec:
+    """The spec in a run.json. A full dump of a spec with `combinations` also holds the default
+    `model` section, which the spec refuses beside them: drop it and validate again."""
+    try:
+        return parse_spec(data, where=where)
+    except SpecError:
+        if not data.get("combinations"):
+            raise
+        return parse_spec({k: v for k, v in data.items() if k != "model"}, where=where)
+
+
+def record_serving(versions: ResolvedVersions, *, client: MlflowClient | None = None,
+                   deployment: str = "imagefab-serve", experiment: str = SERVING_EXPERIMENT,
+                   extra_tags: Mapping[str, str] | None = None) -> str:
     """Record that `deployment` now serves these versions: a run tagged with each, returns its id."""
     client = client or make_client()
     exp = experiment_id(client, experiment)
@@ -152,14 +165,15 @@ def run_metrics(rows: list[dict], summary: Mapping) -> tuple[dict[str, float], d
     cost = sum(r.get("cost_usd") or 0.0 for r in rows)
     m: dict[str, float] = {
         "images": total, **counts,
-        "acceptance_rate": _rate(counts["accepted"], judged),
-        "review_rate": _rate(counts["review"], judged),
-        "rejection_rate": _rate(counts["rejected"], judged),
-        "failure_rate": _rate(counts["failed"], total),
         "gpu_seconds": sum(r.get("gpu_seconds") or 0.0 for r in rows),
         "cpu_seconds": sum(r.get("cpu_seconds") or 0.0 for r in rows),
         "cost_usd": cost,
     }
+    if judged:  # no rate at all rather than a 0 % that nothing was measured for
+        m.update(acceptance_rate=counts["accepted"] / judged, review_rate=counts["review"] / judged,
+                 rejection_rate=counts["rejected"] / judged)
+    if total:
+        m["failure_rate"] = counts["failed"] / total
     if counts["accepted"]:
         m["cost_per_accepted_image_usd"] = cost / counts["accepted"]
     if summary:
@@ -182,11 +196,12 @@ def run_metrics(rows: list[dict], summary: Mapping) -> tuple[dict[str, float], d
     for kind, by_label in groups.items():
         for label, g in by_label.items():
             judged = sum(g[s] for s in VERDICTS)
-            g["acceptance_rate"] = _rate(g["accepted"], judged)
             g["named"] = sorted(g.get("named", ()))
             key = _metric_key(f"{kind}/{label}")
-            m[f"acceptance_rate/{key}"] = g["acceptance_rate"]
             m[f"images/{key}"] = judged + g["failed"]
+            if judged:
+                g["acceptance_rate"] = g["accepted"] / judged
+                m[f"acceptance_rate/{key}"] = g["acceptance_rate"]
     return m, groups
 
 
@@ -199,10 +214,6 @@ def combination_label(row: Mapping) -> str:
 def template_label(row: Mapping) -> str:
     t = row.get("template") or {}
     return f"{t['name']}:{t.get('version') or ''}" if t.get("name") else "no-template"
-
-
-def _rate(n: int, of: int) -> float:
-    return n / of if of else 0.0
 
 
 def _metric_key(text: str) -> str:
@@ -233,7 +244,8 @@ def _model_tags(rows: list[dict], record: Mapping) -> dict[str, str]:
     loras = record.get("loras") or {}
     tags = {}
     if bases:
-        tags["imagefab.models.base"] = ", ".join(f"{b['name']} v{b['version']} ({b['sha256'][:12]})" for b in bases.values())
+        tags["imagefab.models.base"] = ", ".join(f"{b['name']} v{b['version']} ({b['sha256'][:12]})"
+                                                 for b in bases.values())
     if loras:
         tags["imagefab.models.loras"] = ", ".join(f"{lo['name']} v{lo['version']} ({lo['sha256'][:12]})"
                                                   for lo in loras.values())
@@ -264,7 +276,9 @@ def _log_dataset(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
     if inp.limit:
         table = table.slice(0, inp.limit)
     name = inp.template_name or Path(inp.path).stem
-    dataset = mlflow.data.from_pandas(table.to_pandas(), source=inp.path, name=name)
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local file is one
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = mlflow.data.from_pandas(table.to_pandas(), source=inp.path, name=name)
     client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                             [InputTag(MLFLOW_DATASET_CONTEXT, "input")])])
 
@@ -291,7 +305,7 @@ def contact_sheet(rows: list[dict], output: OutputStore, *, per_status: int = 12
         total = sum(1 for r in rows if r["status"] == status)
         sections.append((status, chosen[:per_status], total))
     width = columns * (tile + pad) + pad
-    height = sum(head_h + math.ceil(max(1, len(chosen)) / columns) * (tile + label_h + pad) for _, chosen, _ in sections)
+    height = sum(head_h + math.ceil(len(chosen) / columns) * (tile + label_h + pad) for _, chosen, _ in sections)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     y = 0
@@ -308,7 +322,7 @@ def contact_sheet(rows: list[dict], output: OutputStore, *, per_status: int = 12
             reasons = ",".join(r.get("reasons") or [])[:22]
             draw.text((x, ty + tile + 2), f"{r['image_id'][:12]} {detail}", fill="black", font=font)
             draw.text((x, ty + tile + 15), reasons, fill="dimgray", font=font)
-        y += math.ceil(max(1, len(chosen)) / columns) * (tile + label_h + pad)
+        y += math.ceil(len(chosen) / columns) * (tile + label_h + pad)
     return sheet
 
 
@@ -316,7 +330,12 @@ def _thumbnail(row: Mapping, output: OutputStore, tile: int) -> Image.Image:
     variants = {v["preset"]: v["uri"] for v in row.get("variants") or []}
     uri = variants.get("thumbnail") or row["uri"]  # the small variant when there is one
     try:
-        with Image.open(io.BytesIO(output.read_bytes(output.rel_of(uri)))) as img:
+        try:
+            data = output.read_bytes(output.rel_of(uri))
+        except StorageError:  # not under this output (a copied catalog): read the URI itself
+            data = OutputStore.at(str(Path(uri).parent) if "://" not in uri else uri.rsplit("/", 1)[0]).read_bytes(
+                uri.rsplit("/", 1)[1])
+        with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB")
             img.thumbnail((tile, tile))
     except (StorageError, OSError):

@@ -1,0 +1,88 @@
+"""The report's plots: plain data in, PNG bytes out.
+
+Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot, so nothing
+global is switched and the report can run inside any process.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+
+OUTCOME_COLOURS = {"accepted": "#2e7d32", "review": "#f9a825", "rejected": "#c62828", "failed": "#9e9e9e"}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def acceptance_bars(labels: list[str], counts: dict[str, list[int]]) -> bytes:
+    """Horizontal stacked bars: one per combination, images by outcome."""
+    fig = _figure(9, 0.9 + 0.5 * max(len(labels), 1))
+    ax = fig.add_subplot()
+    left = [0] * len(labels)
+    for outcome, colour in OUTCOME_COLOURS.items():
+        values = counts.get(outcome, [0] * len(labels))
+        ax.barh(labels, values, left=left, color=colour, label=outcome)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    ax.legend(ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    return _png(fig)
+
+
+def score_histograms(scores: dict[str, dict[str, list[float]]]) -> bytes:
+    """One panel per QC score, a histogram per outcome. scores: {score: {outcome: values}}."""
+    fig = _figure(9, 2.8)
+    axes = fig.subplots(1, len(scores))
+    for ax, (name, by_outcome) in zip(axes, scores.items()):
+        values = [v for vs in by_outcome.values() for v in vs]
+        if values:
+            lo, hi = min(values), max(values)
+            bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
+            for outcome, vs in by_outcome.items():
+                if vs:
+                    ax.hist(vs, bins=bins, alpha=0.6, color=OUTCOME_COLOURS.get(outcome), label=outcome)
+        ax.set_title(name)
+        ax.set_ylabel("images")
+    axes[0].legend(frameon=False, fontsize="small")
+    return _png(fig)
+
+
+def cost_bars(labels: list[str], parts: dict[str, list[float]]) -> bytes:
+    """Horizontal stacked bars of USD per combination: device, CPU, storage a month."""
+    fig = _figure(9, 0.9 + 0.5 * max(len(labels), 1))
+    ax = fig.add_subplot()
+    left = [0.0] * len(labels)
+    for (name, values), colour in zip(parts.items(), ("#1565c0", "#6a1b9a", "#00838f")):
+        ax.barh(labels, values, left=left, color=colour, label=name)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("USD")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
+    ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    return _png(fig)
+
+
+def throughput(series: dict[str, list[datetime]]) -> bytes:
+    """Images written over time, cumulative, one line per run (from catalog `created_at`)."""
+    fig = _figure(9, 3.2)
+    ax = fig.add_subplot()
+    for run, times in series.items():
+        times = sorted(times)
+        ax.step(times, range(1, len(times) + 1), where="post", label=run)
+    ax.set_ylabel("images written (cumulative)")
+    ax.set_xlabel("time (UTC)")
+    if len(series) <= 8:
+        ax.legend(frameon=False, fontsize="small")
+    fig.autofmt_xdate()
+    return _png(fig)

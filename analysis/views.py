@@ -1,0 +1,91 @@
+"""A DuckDB connection with the analysis views (analysis/views.sql) over one output location.
+
+The catalog and the review decisions are handed to DuckDB as pyarrow datasets built on the
+OutputStore's filesystem, so a local folder and an object-store URI (s3://bucket/prefix) read
+the same way and DuckDB needs no httpfs extension.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from app.catalog.store import CATALOG_DIR, CatalogStore
+from app.review import DECISION_SCHEMA, ReviewStore
+from app.storage import OutputStore, StorageError
+
+VIEWS_SQL = Path(__file__).with_name("views.sql")
+VIEWS_MARKER = "-- imagefab:views"
+IMAGE_FILES_SCHEMA = pa.schema([("image_id", pa.string()), ("bytes", pa.int64())])
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis command: the message names it and says what would be valid."""
+
+
+def views_sql() -> str:
+    """The part of views.sql that builds on the three sources (catalog, decisions, image files)."""
+    text = VIEWS_SQL.read_text()
+    return text[text.index(VIEWS_MARKER):]
+
+
+def _output(output: OutputStore | str) -> OutputStore:
+    return output if isinstance(output, OutputStore) else OutputStore.at(output)
+
+
+def master_sizes(output: OutputStore) -> pa.Table:
+    """image_id and size of every master PNG (images/<id[:2]>/<id>.png), from one listing."""
+    fs, root = output.fs_and_root
+    base = f"{root.rstrip('/')}/images"
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"{output.uri_of('images')}: cannot list images ({e})") from e
+    ids, sizes = [], []
+    for info in infos:
+        rel = info.path[len(base):].strip("/").split("/")
+        # masters sit two levels down; variants three (images/ab/<id>/<preset>.<ext>)
+        if info.type == pafs.FileType.File and len(rel) == 2 and rel[1].endswith(".png"):
+            ids.append(rel[1][: -len(".png")])
+            sizes.append(info.size)
+    return pa.table([ids, sizes], schema=IMAGE_FILES_SCHEMA)
+
+
+def connect(output: OutputStore | str, *, file_sizes: bool = False,
+            con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+    """A connection whose views read the catalog at `output`.
+
+    file_sizes: list the master PNGs so `images.master_bytes` is filled (one listing of
+    images/; the catalog records variant sizes but not the master's).
+    """
+    output = _output(output)
+    catalog = CatalogStore(output).dataset()
+    if catalog is None or not catalog.files:
+        raise AnalysisError(f"no catalog under {output.uri_of(CATALOG_DIR)}: "
+                            f"run a job into it first (imagefab run SPEC --output {output.uri})")
+    decisions = ReviewStore(output).dataset()
+    con = con or duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")  # timestamps print in UTC, as the catalog stores them
+    con.register("catalog_source", catalog)
+    con.register("decisions_source", decisions if decisions is not None else DECISION_SCHEMA.empty_table())
+    con.register("image_files", master_sizes(output) if file_sizes else IMAGE_FILES_SCHEMA.empty_table())
+    con.execute(views_sql())
+    return con
+
+
+def resolve_run(con: duckdb.DuckDBPyConnection, run: str | None) -> str | None:
+    """A run_id from a full id or an unambiguous part of one (`27e8`, `ecommerce-studio-2026…`)."""
+    if not run:
+        return None
+    runs = [r for (r,) in con.execute("SELECT DISTINCT run_id FROM catalog ORDER BY run_id").fetchall()]
+    if run in runs:
+        return run
+    matches = [r for r in runs if run in r]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise AnalysisError(f"no run {run!r} in this catalog; the runs are: {', '.join(runs)}")
+    raise AnalysisError(f"{run!r} matches several runs ({', '.join(matches)}): give more of the run_id")
