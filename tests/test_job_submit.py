@@ -68,7 +68,7 @@ def test_ray_job_submit_runs_the_bulk_job(ray_head, tmp_path):
     out = tmp_path / "out"
     cmd = [ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            sys.executable, "-m", "jobs.generate", "specs/ecommerce.yaml", "--output", str(out),
-           "--limit", "2", "--set", "postprocess.presets=[thumbnail]", "--quiet"]
+           "--limit", "2", "--set", "postprocess.presets=[thumbnail]", "--quiet", "--no-mlflow"]
     env = {**env, "IMAGEFAB_HOME": os.environ["IMAGEFAB_HOME"]}
     deadline = time.time() + 120
     while True:

@@ -455,3 +455,47 @@ def test_mlflow_server_answers_on_loopback(migrated_store, tmp_path):
     finally:
         stop_server(proc, timeout_s=15)
     assert proc.poll() is not None
+
+
+# --- the bulk job through the registry ---------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rollback_changes_the_next_jobs_versions_and_images(ray_local, client, model_catalog, tiny_loras, tmp_path):
+    import mlflow
+
+    from app.catalog.store import CatalogStore
+    from app.regenerate import regenerate
+    from jobs.generate import run
+
+    style, detail = tiny_loras["tiny-style"], tiny_loras["tiny-detail"]
+    register_model(client, lora_entry("brand-style", style.path), catalog=model_catalog, aliases=["production"])
+    register_model(client, lora_entry("brand-style", detail.path), catalog=model_catalog)
+    promote(client, "brand-style", "2")
+    out = tmp_path / "out"
+    spec = spec_with_lora("models:/brand-style@production", **{
+        "output.uri": str(out), "input.limit": 1, "steps": 2, "postprocess.presets": ["thumbnail"]})
+
+    first = run(spec, quiet=True, track=True)
+    rollback(client, "brand-style")
+    second = run(spec, quiet=True, track=True)
+
+    rows = CatalogStore(OutputStore.at(str(out))).read().to_pylist()
+    by_run = {r["run_id"]: r for r in rows}
+    lora_of = {run_id: [(lo["name"], lo["version"], lo["sha256"]) for lo in r["loras"]] for run_id, r in by_run.items()}
+    assert lora_of[first.run_id] == [("brand-style", "2", detail.sha256)]
+    assert lora_of[second.run_id] == [("brand-style", "1", style.sha256)]
+    ids = {run_id: {r["image_id"] for r in rows if r["run_id"] == run_id} for run_id in by_run}
+    assert first.rendered == second.rendered == 2 and not ids[first.run_id] & ids[second.run_id]
+    pixels = {run_id: {r["pixel_sha256"] for r in rows if r["run_id"] == run_id} for run_id in by_run}
+    assert not pixels[first.run_id] & pixels[second.run_id]
+
+    # The first run's image still regenerates after the alias moved: its run record names v2.
+    report = regenerate(by_run[first.run_id]["image_id"], str(out))
+    assert report.identical
+
+    runs = mlflow.search_runs(experiment_names=["imagefab-bulk"], output_format="list")
+    assert len(runs) == 2
+    tracked = {r.data.tags.get("imagefab.run_id"): r for r in runs}
+    assert set(tracked) == {first.run_id, second.run_id}, [r.data.tags for r in runs]
+    assert all("images_per_second" in r.data.metrics for r in runs)
