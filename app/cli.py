@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -177,6 +178,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_catalog(argparse.Namespace(output=args.output))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from app.serve.app import build_app
+    from app.serve.config import load_serve_config
+
+    config = load_serve_config(args.config, host=args.host, port=args.port, output_uri=args.output)
+    config.check_bind()  # before starting anything: no keyless server on a public address
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="imagefab", route_prefix="/")
+    print(f"imagefab serving on http://{config.host}:{config.port}  (docs: /docs, health: /healthz; Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagefab", description="Production image generation on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -215,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--spec", default="specs/ecommerce.yaml")
     d.add_argument("--output", default="outputs")
     d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser("serve", help="serve the HTTP API (native, OpenAI, AUTOMATIC1111) with Ray Serve")
+    sv.add_argument("--config", help="serve config YAML (default: built-in defaults, tiny models)")
+    sv.add_argument("--host", help="bind address (default 127.0.0.1; others need API keys)")
+    sv.add_argument("--port", type=int, help="port (default 8000)")
+    sv.add_argument("--output", help="output URI for images and the catalog (default: outputs)")
+    sv.set_defaults(func=cmd_serve)
 
     from analysis.cli import add_analysis_cli, add_review_cli
     from app.registry import add_registry_cli

@@ -97,6 +97,45 @@ def _as_int(v: object, what: str) -> int:
     return int(f)
 
 
+def lora_stack(wanted: list[tuple[str, float]], models: ResolvedModels, base: ResolvedModel) -> tuple[LoraUse, ...]:
+    """Names and weights -> the LoRA lineage of a request; RowError for a name that cannot be used."""
+    names = [n for n, _ in wanted]
+    if len(set(names)) != len(names):
+        raise RowError(f"a LoRA is listed twice in {names}")
+    out = []
+    for name, weight in wanted:
+        if name in models.lora_problems:
+            raise RowError(models.lora_problems[name])
+        lo = models.loras.get(name)
+        if lo is None:
+            raise RowError(f"unknown LoRA '{name}' (known: {', '.join(models.known_loras)})")
+        if lo.arch != base.arch:
+            raise RowError(f"LoRA '{name}' was made for architecture {lo.arch}, but base '{base.name}' is {base.arch}")
+        if not -4.0 <= weight <= 4.0 or math.isnan(weight):
+            raise RowError(f"LoRA weight {weight} of '{name}' is outside -4..4")
+        out.append(LoraUse(name=lo.name, version=lo.version, weight=float(weight), sha256=lo.sha256, source=lo.source))
+    return tuple(out)
+
+
+def build_request(*, prompt: str, negative_prompt: str, base: ResolvedModel, loras: tuple[LoraUse, ...],
+                  combo: Combination, combination: str, width: int, height: int, seed: int,
+                  template: dict | None = None, variables: dict | None = None, tags: dict | None = None,
+                  tier: str = "default", row_key: str = "", variation: int = 0) -> RenderRequest:
+    """One RenderRequest with its image_id: the one place both entrances (bulk, Serve) make them."""
+    fuse = combo.fuse_loras and bool(loras)
+    image_id = compute_image_id(
+        prompt=prompt, negative_prompt=negative_prompt, base_sha256=base.sha256, loras=loras,
+        scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
+        width=width, height=height, seed=seed, fuse_loras=fuse,
+    )
+    return RenderRequest(
+        image_id=image_id, prompt=prompt, negative_prompt=negative_prompt, base_model=base.lineage(),
+        loras=loras, scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
+        width=width, height=height, seed=seed, template=template or {}, variables=variables or {},
+        tags=tags or {}, tier=tier, row_key=row_key, variation=variation, combination=combination, fuse_loras=fuse,
+    )
+
+
 class _KeepPlaceholders(dict):
     def __missing__(self, key: str) -> str:
         return "{" + key + "}"
@@ -195,18 +234,10 @@ class ExpandRows:
         for col in spec.tags:
             if col in raw and not _missing(raw[col]):
                 tags[col] = str(raw[col])
-        fuse = combo.fuse_loras and bool(loras)
-        image_id = compute_image_id(
-            prompt=prompt, negative_prompt=negative, base_sha256=base.sha256, loras=loras,
-            scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
-            width=width, height=height, seed=seed, fuse_loras=fuse,
-        )
-        return RenderRequest(
-            image_id=image_id, prompt=prompt, negative_prompt=negative, base_model=base.lineage(),
-            loras=loras, scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
-            width=width, height=height, seed=seed, template=self._template(), variables=variables,
-            tags=tags, tier=tier, row_key=self._row_key(raw, prompt), variation=variation,
-            combination=combination, fuse_loras=fuse,
+        return build_request(
+            prompt=prompt, negative_prompt=negative, base=base, loras=loras, combo=combo,
+            combination=combination, width=width, height=height, seed=seed, template=self._template(),
+            variables=variables, tags=tags, tier=tier, row_key=self._row_key(raw, prompt), variation=variation,
         )
 
     def _loras(self, raw: dict, combo: Combination, base: ResolvedModel) -> tuple[LoraUse, ...]:
@@ -214,22 +245,7 @@ class ExpandRows:
             wanted = parse_lora_list(str(raw["loras"]))
         else:
             wanted = [(lo.name, lo.weight) for lo in combo.loras]
-        names = [n for n, _ in wanted]
-        if len(set(names)) != len(names):
-            raise RowError(f"a LoRA is listed twice in {names}")
-        out = []
-        for name, weight in wanted:
-            if name in self.models.lora_problems:
-                raise RowError(self.models.lora_problems[name])
-            lo = self.models.loras.get(name)
-            if lo is None:
-                raise RowError(f"unknown LoRA '{name}' (known: {', '.join(self.models.known_loras)})")
-            if lo.arch != base.arch:
-                raise RowError(
-                    f"LoRA '{name}' was made for architecture {lo.arch}, but base '{base.name}' is {base.arch}"
-                )
-            out.append(LoraUse(name=lo.name, version=lo.version, weight=float(weight), sha256=lo.sha256, source=lo.source))
-        return tuple(out)
+        return lora_stack(wanted, self.models, base)
 
     def _seed(self, raw: dict, prompt: str, negative: str, variation: int) -> int:
         v = self.spec.variations

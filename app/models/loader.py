@@ -40,6 +40,10 @@ def quiet_libraries() -> None:
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
+    import warnings
+
+    # peft warns on every second adapter loaded into one model: intended here (a LoRA cache).
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()

@@ -1,0 +1,141 @@
+"""What the Serve app serves and how much it accepts: one validated, frozen config.
+
+`imagefab serve --config serve/imagefab.yaml`; every field has a default, so no file is needed
+for the tiny models on one machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.postprocess import PostprocessSettings
+from app.qc import QcSettings
+from app.spec import Combination, ComputeSpec, SchedulerName, SpecError, _format_errors
+
+API_KEYS_ENV = "IMAGEFAB_API_KEYS"  # comma-separated
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Limits(_Frozen):
+    """Requests past these get a 422 naming the field, before any GPU work."""
+
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_images: int = Field(8, ge=1, le=64)  # n, or batch_size x n_iter
+    max_side: int = Field(2048, ge=64, le=4096)
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64)
+    max_steps: int = Field(100, ge=1, le=500)
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # also bounds png-info uploads
+    max_in_flight: int = Field(32, ge=1)  # per ingress replica; past it: 503 + Retry-After
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+class Batching(_Frozen):
+    max_batch_size: int = Field(8, ge=1, le=64)
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=5.0)
+
+
+class Replicas(_Frozen):
+    """Generator replicas per base model (autoscaled between min and max)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    max_models_per_replica: int = Field(4, ge=1)  # LoRA combinations kept loaded per replica
+
+
+class ServeConfig(_Frozen):
+    combinations: dict[str, Combination] = {"default": Combination(loras=())}
+    default_combination: str | None = None  # None: the first listed
+    steps: int = Field(30, ge=1, le=500)  # defaults for combinations that set none
+    guidance: float = Field(5.0, ge=0.0, le=50.0)
+    scheduler: SchedulerName = "euler"
+    default_size: str = "tiny-square"
+    models_catalog: str | None = None
+    qc: QcSettings = QcSettings()
+    postprocess: PostprocessSettings = PostprocessSettings()
+    output_uri: str = "outputs"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: tuple[str, ...] = ()
+    public_url: str | None = None  # how clients reach this server, for `url` responses
+    limits: Limits = Limits()
+    batching: Batching = Batching()
+    replicas: Replicas = Replicas()
+    compute: ComputeSpec = ComputeSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if not self.combinations:
+            raise ValueError("combinations: at least one is needed")
+        if self.default_combination and self.default_combination not in self.combinations:
+            raise ValueError(f"default_combination: no combination '{self.default_combination}' "
+                             f"(combinations: {', '.join(self.combinations)})")
+        if any(len(k) < 16 for k in self.api_keys):
+            raise ValueError("api_keys: each key needs at least 16 characters")
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_combination or next(iter(self.combinations))
+
+    def effective_combinations(self) -> dict[str, Combination]:
+        return {
+            name: c.model_copy(update={
+                "steps": c.steps if c.steps is not None else self.steps,
+                "guidance": c.guidance if c.guidance is not None else self.guidance,
+                "scheduler": c.scheduler or self.scheduler,
+            })
+            for name, c in self.combinations.items()
+        }
+
+    def keys(self) -> tuple[str, ...]:
+        """Configured keys plus those in $IMAGEFAB_API_KEYS."""
+        env = tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
+        return self.api_keys + env
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check_bind(self) -> None:
+        """A server reachable from other machines never runs without keys."""
+        if not self.loopback and not self.keys():
+            raise SpecError(
+                f"host: binding to {self.host} (not loopback) needs API keys: set api_keys in the config "
+                f"or ${API_KEYS_ENV}"
+            )
+
+
+def load_serve_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+    data: dict = {}
+    where = "serve config"
+    if path:
+        p = Path(path)
+        where = str(p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SpecError(f"{p}: cannot read serve config ({e})") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{p}: a serve config is a YAML mapping")
+        if data.get("models_catalog") and not Path(data["models_catalog"]).is_absolute():
+            data["models_catalog"] = str(p.resolve().parent / data["models_catalog"])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, where)) from None
