@@ -314,8 +314,12 @@ class JobSpec(_Frozen):
 def _format_errors(e: ValidationError, where: str) -> str:
     lines = []
     for err in e.errors():
+        if err["type"] == "string_type" and isinstance(err.get("input"), dict):
+            continue  # the `str` side of a "settings or reference" union: the settings error says it
         path = ""
         for part in err["loc"]:
+            if isinstance(part, str) and (part.startswith("function-") or part[:1].isupper() or part == "str"):
+                continue  # pydantic's union-member tags, not field names
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
@@ -364,5 +368,10 @@ def _anchor_paths(data: dict, base_dir: Path) -> dict:
 
     anchor("input", "path")
     anchor("model", "catalog")
+    qc = data.get("qc")
+    if isinstance(qc, dict) and isinstance(qc.get("style_references"), dict):
+        refs = {k: v if _is_uri(str(v)) or Path(str(v)).expanduser().is_absolute() else str(base_dir / str(v))
+                for k, v in qc["style_references"].items()}
+        data["qc"] = {**qc, "style_references": refs}
     # output.uri stays relative to where the job runs (like any CLI tool's output flag).
     return data

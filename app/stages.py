@@ -24,7 +24,7 @@ from PIL import Image
 from app.catalog.store import CatalogStore
 from app.cost import PriceTable
 from app.postprocess import ImageMetadata, PostprocessSettings, encode_master, render_variants
-from app.qc import QcSettings, check_image
+from app.qc import QcModels, QcSettings
 from app.schedulers import sampler_name
 from app.storage import OutputStore
 
@@ -69,41 +69,73 @@ def metadata_for(req: dict) -> ImageMetadata:
 
 
 class QualityControl:
-    reads = ("status", "request", "pixels", "nonfinite")
-    adds = ("status", "reasons", "scores", "qc_version", "cpu_seconds")
+    """Pixel checks, artefacts, CLIP prompt adherence, near-duplicates and style (app/qc).
 
-    def __init__(self, settings: QcSettings):
+    `duplicates` is the run's shared pHash index (a `PhashIndex`, or an adapter to one held by
+    a Ray actor so that every QC worker sees every image); None checks duplicates within nothing.
+    """
+
+    reads = ("status", "request", "pixels", "nonfinite")
+    adds = ("status", "reasons", "scores", "phash", "nearest_duplicate", "qc_version", "cpu_seconds")
+
+    def __init__(self, settings: QcSettings, duplicates=None):
         self.settings = settings
+        self.models = QcModels.load(settings, duplicates=duplicates)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
         status, error = list(batch["status"]), list(batch["error"])
-        reasons, scores, cpu = [], [], []
-        for i in range(n):
-            t0 = time.process_time()
-            if status[i] != "pending":
-                reasons.append("[]")
-                scores.append("{}")
-            else:
-                try:
-                    verdict = check_image(image_from_row(batch, i), self.settings, float(batch["nonfinite"][i]))
-                    status[i] = verdict.status
-                    reasons.append(json.dumps(list(verdict.reasons)))
-                    scores.append(json.dumps({k: (None if math.isnan(v) else v) for k, v in verdict.scores.items()}))
-                except Exception as e:  # a bug or bad pixels in one row must not take the batch down
-                    status[i], error[i] = "failed", f"qc_error: {type(e).__name__}: {e}"
-                    reasons.append("[]")
-                    scores.append("{}")
-            cpu.append(time.process_time() - t0)
+        reasons, scores, phash, nearest = ["[]"] * n, ["{}"] * n, [""] * n, [""] * n
+        t0 = time.process_time()
+        pending = [i for i in range(n) if status[i] == "pending"]
+        verdicts = self._judge(batch, pending)
+        for i, verdict in zip(pending, verdicts):
+            if isinstance(verdict, Exception):  # bad pixels or a bug in one row: that row fails
+                status[i], error[i] = "failed", f"qc_error: {type(verdict).__name__}: {verdict}"
+                continue
+            status[i] = verdict.status
+            reasons[i] = json.dumps(list(verdict.reasons))
+            scores[i] = json.dumps({k: (None if math.isnan(v) else float(v)) for k, v in verdict.scores.items()})
+            phash[i], nearest[i] = verdict.phash or "", verdict.nearest_duplicate or ""
+        per_image = (time.process_time() - t0) / max(1, len(pending))
         return {
             **batch,
             "status": _obj(status),
             "error": _obj(error),
             "reasons": _obj(reasons),
             "scores": _obj(scores),
+            "phash": _obj(phash),
+            "nearest_duplicate": _obj(nearest),
             "qc_version": _obj([self.settings.qc_version] * n),
-            "cpu_seconds": np.asarray(cpu, dtype=np.float64),
+            "cpu_seconds": np.asarray([per_image if i in pending else 0.0 for i in range(n)], dtype=np.float64),
         }
+
+    def _judge(self, batch: dict, rows: list[int]) -> list:
+        """Verdicts for `rows`, batched (CLIP embeds them together); a row that breaks the batch is
+        judged alone so only it fails."""
+        if not rows:
+            return []
+        try:
+            return self._evaluate(batch, rows)
+        except Exception:
+            out = []
+            for i in rows:
+                try:
+                    out += self._evaluate(batch, [i])
+                except Exception as e:
+                    out.append(e)
+            return out
+
+    def _evaluate(self, batch: dict, rows: list[int]) -> list:
+        reqs = [json.loads(batch["request"][i]) for i in rows]
+        return self.models.evaluate_batch(
+            [image_from_row(batch, i) for i in rows],
+            [r["prompt"] for r in reqs],
+            image_ids=[str(batch["image_id"][i]) for i in rows],
+            combinations=[r.get("combination") for r in reqs],
+            tags=[r.get("tags") or {} for r in reqs],
+            nonfinite_fractions=[float(batch["nonfinite"][i]) for i in rows],
+        )
 
 
 class Postprocess:
@@ -198,6 +230,11 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "sharpness": scores.get("sharpness"),
         "contrast": scores.get("contrast"),
         "exposure": scores.get("exposure"),
+        "clip_score": scores.get("clip_score"),
+        "phash": (str(batch["phash"][i]) or None) if "phash" in batch else None,
+        "nearest_duplicate": (str(batch["nearest_duplicate"][i]) or None) if "nearest_duplicate" in batch else None,
+        "style_distance": scores.get("style_distance"),
+        "qc_scores": [(k, v) for k, v in scores.items() if v is not None],
         "qc_version": str(batch["qc_version"][i]) if "qc_version" in batch else None,
         "uri": str(batch["uri"][i]) if "uri" in batch else "",
         "bytes": int(batch["bytes"][i]) if "bytes" in batch and batch["uri"][i] else None,
@@ -253,8 +290,8 @@ class Finish:
     """
 
     def __init__(self, qc: QcSettings, postprocess: PostprocessSettings, output: OutputStore, run_id: str,
-                 source: str = "bulk", prices: PriceTable | None = None):
-        self.qc = QualityControl(qc)
+                 source: str = "bulk", prices: PriceTable | None = None, duplicates=None):
+        self.qc = QualityControl(qc, duplicates)
         self.post = Postprocess(postprocess, output)
         self.write = CatalogWrite(output, run_id, source, prices)
 

@@ -303,10 +303,13 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
             num_cpus=gen_cpus,
         )
 
+    duplicates = shared_duplicate_index(spec, output, run_id)
+
     def finish(ds):
         return ds.map_batches(
             Finish,
-            fn_constructor_kwargs={"qc": spec.qc, "postprocess": spec.postprocess, "output": output, "run_id": run_id},
+            fn_constructor_kwargs={"qc": spec.qc, "postprocess": spec.postprocess, "output": output, "run_id": run_id,
+                                   "duplicates": duplicates},
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute.qc_workers)),
             batch_size=batch,
             batch_format="numpy",
@@ -323,6 +326,37 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
         for out in stage.iter_batches(batch_size=None, batch_format="numpy"):
             summary.add_batch(out)
     summary.accelerator = "GPU" if use_gpu else f"CPU ({compute.cpu_threads} thread(s) per generator)"
+
+
+class RemotePhashIndex:
+    """The run's near-duplicate index, held by one Ray actor so every QC worker sees every image.
+
+    The actor answers one call at a time, so of two near-identical images judged by different
+    workers exactly one is kept. One call per batch."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def query_and_add_many(self, ids, hashes, max_distance, *, reject_distance=None, eligible=None, groups=None):
+        import ray
+
+        return ray.get(self.handle.query_and_add_many.remote(
+            list(ids), list(hashes), max_distance, reject_distance=reject_distance, eligible=eligible, groups=groups))
+
+
+def shared_duplicate_index(spec: JobSpec, output: OutputStore, run_id: str) -> RemotePhashIndex | None:
+    """An index loaded with the catalog's hashes (duplicates of earlier runs count too)."""
+    import ray
+
+    from app.qc.duplicates import PhashIndex
+
+    if "duplicates" not in spec.qc.enabled:
+        return None
+    actor = ray.remote(num_cpus=0)(PhashIndex).options(name=f"phash-{run_id}").remote()
+    existing = CatalogStore(output).read(["image_id", "phash", "status", "created_at"])
+    if existing.num_rows:
+        ray.get(actor.add_catalog.remote(existing))
+    return RemotePhashIndex(actor)
 
 
 def _pool_sizes(bases: list[str], pending: pa.Table, requested: int | None, gpus: int) -> dict[str, int]:

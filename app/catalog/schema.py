@@ -62,6 +62,7 @@ CATALOG_SCHEMA = pa.schema([
     ("phash", pa.string()),
     ("nearest_duplicate", pa.string()),
     ("style_distance", pa.float64()),
+    ("qc_scores", pa.map_(pa.string(), pa.float64())),  # every QC measure (artefacts, …) by name
     ("qc_version", pa.string()),
     # outputs
     ("uri", pa.string()),
@@ -83,7 +84,7 @@ COLUMNS = tuple(CATALOG_SCHEMA.names)
 def empty_row() -> dict:
     """A row with every column present: nulls, empty lists/maps, for writers to fill in."""
     row = {name: None for name in COLUMNS}
-    row.update(reasons=[], loras=[], variants=[], variables=[], tags=[], error="", approval="pending")
+    row.update(reasons=[], loras=[], variants=[], variables=[], tags=[], qc_scores=[], error="", approval="pending")
     return row
 
 
@@ -92,7 +93,7 @@ def to_table(rows: list[dict]) -> pa.Table:
     fixed = []
     for r in rows:
         r = {**empty_row(), **r}
-        for m in ("variables", "tags"):
+        for m in ("variables", "tags", "qc_scores"):
             if isinstance(r[m], dict):
                 r[m] = list(r[m].items())
         fixed.append(r)

@@ -1,14 +1,17 @@
 """Image-quality measurements: one plain function per check, no thresholds.
 
 Every function here turns pixels into a number; `decision.py` turns numbers into a verdict.
-All measurements work on the luminance plane `luma: [H, W] float32` in 0..255, built once by
-`luminance()`, so a check costs one pass over an array that is already in memory.
+The pixel checks work on the luminance plane `luma: [H, W] float32` in 0..255, built once by
+`luminance()`, so a check costs one pass over an array that is already in memory; the artefact
+checks add the RGB image and a 64-cell grid of it (`cell_grid`).
 
 Timing, median of 100 runs pinned to one AMD EPYC core (`taskset -c 0`, `OMP_NUM_THREADS=1`),
 1024x1024 RGB uint8, numpy 2.4, scipy 1.17: `luminance` 1.0-1.6 ms, `sharpness` 5.6-6.3 ms (area
 downscale to 512 px, then the Laplacian), `contrast` + `clipped_shares` + `mean_luma` 1.3 ms;
 `check_image` end to end 6.7-7.7 ms (the same from a PIL image), 2.9 ms at 512x512.
 `tests/test_qc_basic.py::test_check_image_is_fast` guards against regressions.
+Artefacts (`artefact_scores`, same setup, `python -m benchmarks.qc_speed`): cell grid 1.0 ms,
+colour cast 0.2 ms, black/green blocks 2.3 ms, blockiness 0.7 ms, banding 4.6 ms; 9.4 ms in all.
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ def cell_grid(plane: np.ndarray, grid: int = ARTEFACT_GRID) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def lab_chroma_axes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def srgb_to_lab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CIELab (L, a, b) of sRGB values `[..., 3]` in 0..255 (D65)."""
     c = rgb.astype(np.float64) / 255.0
     linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
@@ -237,16 +240,20 @@ def color_cast(cells_rgb: np.ndarray) -> float:
     sunset scene is the 19), the same photos under a 30% channel gain or a 40% colour tint 8..75,
     most above 20. A grey image is 0.
     """
-    lightness, a, b = lab_chroma_axes(cells_rgb.reshape(-1, 3))
+    lightness, a, b = srgb_to_lab(cells_rgb.reshape(-1, 3))
     count = max(1, round(CAST_HIGHLIGHT_SHARE * lightness.size))
     brightest = np.argpartition(lightness, lightness.size - count)[-count:]
     return float(np.hypot(a[brightest].mean(), b[brightest].mean()))
 
 
 def flat_block_shares(luma: np.ndarray, cells_rgb: np.ndarray) -> tuple[float, float]:
-    """(black, green): the share of the frame covered by the largest connected region of flat
-    black cells, and of flat green cells, each 0..1. `cells_rgb` is `cell_grid(rgb)`.
+    """(black, green): the share of the frame covered by the largest rectangle of flat black
+    cells, and of flat green cells, each 0..1. `cells_rgb` is `cell_grid(rgb)`.
 
+    A rectangle, not any connected region: a failed tile or a fill is a rectangle, while a dark
+    background or a smoothed night sky wraps around the subject (connected regions of those
+    measured up to 0.24 on the photos; their rectangles stay small). A block that touches a dark
+    area of the photo is still found, which a "region that fills its bounding box" rule misses.
     Border cells that a block only partly covers are not flat, so a pasted block reads a few
     percent under its true area (30% reads about 0.28 on a 1024 px image).
     """
@@ -258,22 +265,32 @@ def flat_block_shares(luma: np.ndarray, cells_rgb: np.ndarray) -> tuple[float, f
     black = flat & (luma_cells < BLACK_CELL_LUMA)
     red, green, blue = cells_rgb[..., 0], cells_rgb[..., 1], cells_rgb[..., 2]
     greenish = flat & (green - np.maximum(red, blue) > GREEN_CELL_MARGIN)
-    return _largest_region_share(black), _largest_region_share(greenish)
+    return _largest_block_share(black), _largest_block_share(greenish)
 
 
-def _largest_region_share(mask: np.ndarray) -> float:
-    if not mask.any():
-        return 0.0
-    labels, count = ndimage.label(mask)  # 4-connected
-    return float(np.bincount(labels.ravel())[1:].max() / mask.size)
+def _largest_block_share(mask: np.ndarray) -> float:
+    """Share of the grid under the largest axis-aligned rectangle of True cells."""
+    height, width = mask.shape
+    columns = np.arange(width)
+    best = 0
+    for top in np.flatnonzero(mask.any(axis=1)):
+        # solid: [H - top, W], cell (k, x) True when column x is True in every row top..top+k
+        solid = np.logical_and.accumulate(mask[top:], axis=0)
+        # longest run of True ending at each x: x minus the last False at or before it
+        last_false = np.maximum.accumulate(np.where(solid, -1, columns), axis=1)
+        runs = columns - last_false  # [H - top, W]
+        rows = np.arange(1, height - top + 1)[:, None]
+        best = max(best, int((runs.max(axis=1, keepdims=True) * rows).max()))
+    return float(best / mask.size)
 
 
 def blockiness(luma: np.ndarray) -> float:
     """How much stronger luma steps are on one phase of an 8 px grid than elsewhere.
 
-    Mean absolute neighbour difference per column phase (x mod 8), strongest phase over the median
-    phase (floored at one grey level), horizontally and vertically; the smaller of the two, since
-    real blocks show both ways and stripes only one. Offset-free: the grid may start anywhere.
+    Mean absolute neighbour difference per column, its median per phase (x mod 8), strongest
+    phase over the median phase (floored at one grey level), horizontally and vertically; the
+    smaller of the two, since real blocks show both ways and stripes only one. Offset-free: the
+    grid may start anywhere.
     1.0-1.2 for real photos, 1.17-1.5 after JPEG quality 70, 1.9-3.8 after quality 10.
     """
     height, width = luma.shape
@@ -287,7 +304,9 @@ def blockiness(luma: np.ndarray) -> float:
 
 def _phase_ratio(profile: np.ndarray) -> float:
     usable = len(profile) // BLOCK_PERIOD * BLOCK_PERIOD
-    by_phase = profile[:usable].reshape(-1, BLOCK_PERIOD).mean(axis=0)  # [8]
+    # median over the columns of each phase: one strong edge (a pasted rectangle, a horizon)
+    # sits in one column only, a block grid in every column of its phase
+    by_phase = np.median(profile[:usable].reshape(-1, BLOCK_PERIOD), axis=0)  # [8]
     return float(by_phase.max() / max(float(np.median(by_phase)), BLOCK_DIFF_FLOOR))
 
 

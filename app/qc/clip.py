@@ -129,6 +129,7 @@ class ClipScorer:
                 raise ValueError(f"`threads` must be >= 1 or None, but is {threads}")
             # Process-wide: QC actors own their process, and one CLIP per process is the rule.
             torch.set_num_threads(threads)
+        self.device = resolve_device(device)
         _register_packaged_configs()
         if model_name not in open_clip.list_models():
             raise ValueError(
@@ -152,7 +153,6 @@ class ClipScorer:
                 image_interpolation=tag_cfg.get("interpolation"),
                 image_resize_mode=tag_cfg.get("resize_mode"),
             )
-        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)

@@ -22,6 +22,34 @@ upscaled to 1024 px on the longer side (LANCZOS):
   should reach a person rather than the bin.
 - blank: std of luma / 255 below 0.008 (2 grey levels); the squeezed photos stay at 0.012 or
   more, a grey field with faint noise (std 1 level) measures 0.003.
+
+`evaluate_batch` / `evaluate` add the artefact checks of `checks.py`, prompt adherence and
+negative concepts (`clip.py`), near-duplicates (`duplicates.py`) and style (`style.py`).
+`check_image` stays the pixel-only subset (sharpness, contrast, exposure, blank, nonfinite).
+Precision and recall of every check on the photographs: `python -m benchmarks.qc_eval`.
+
+- color cast: CIELab chroma of the brightest 5% of the frame. Balanced photos 0..19 (a warm
+  sunset 19, coffee 14..15); under a 30% channel gain or a 40% colour tint mostly 20..75 (a blue
+  gain on the warm sunset neutralises it: 11). Reject above 20, review above 16.
+- black / green block: the largest rectangle of flat black / green cells, as a share of the
+  frame. Real photos stay under 0.06; a pasted block of 30% reads 0.28. Reject above 0.2, review
+  above 0.1.
+- blockiness: the strongest 8 px grid phase over the median one. Photos 1.0..1.2 (a source that
+  was itself JPEG-compressed 1.5); after JPEG q70 1.2..1.5, q10 1.9..3.8. Reject above 1.8,
+  review above 1.5.
+- banding: missing tones between evenly stepped tones of smooth areas. Photos 0..0.32,
+  posterised to 6 bits 0.75, 4 bits 0.94. Reject above 0.7, review above 0.5.
+- CLIP thresholds have no defaults: cosines depend on the model (ViT-B-32 and ViT-L-14 differ),
+  so they are set per model once its weights are at hand. Until then `clip_score` is recorded
+  and judges nothing.
+- negative concepts: rejected when the concept's cosine is above `max_negative_similarity` and
+  above the prompt's own cosine plus `negative_margin` (0 by default: the image must look more
+  like "watermark" than like what was asked for). A prompt that names the concept ("a poster
+  with text") skips it. The bound, like the CLIP thresholds, is model-dependent.
+- style: no default thresholds either; `StyleReference.reference_distances` (the references'
+  own spread) is the place to start.
+- near-duplicates: pHash distance of resized or JPEG q70 copies 0..2, 3% crops 2..8, unrelated
+  photos 20 and more. Reject at <= 6 bits, review at <= 10.
 """
 
 from __future__ import annotations
@@ -29,16 +57,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.qc import checks
+from app.qc.duplicates import DuplicateIndex, perceptual_hash
 
-KNOWN_CHECKS = ("sharpness", "contrast", "exposure", "blank", "nonfinite")
+if TYPE_CHECKING:  # torch stays out of `import app.qc`
+    from app.qc.clip import ClipScorer
+    from app.qc.style import StyleReference
+
+PIXEL_CHECKS = ("sharpness", "contrast", "exposure", "blank", "nonfinite")
+ARTEFACT_CHECKS = ("color_cast", "black_block", "green_block", "blockiness", "banding")
+MODEL_CHECKS = ("prompt", "negative_concepts", "duplicates", "style")
+KNOWN_CHECKS = PIXEL_CHECKS + ARTEFACT_CHECKS + MODEL_CHECKS
+
+# How the run is executed, not how images are judged: left out of `qc_version`.
+RUNTIME_FIELDS = frozenset({"clip_device", "clip_threads", "clip_batch_size"})
 
 # Bump when a measurement changes meaning (not when a threshold changes: thresholds are
 # hashed into `qc_version`).
@@ -61,6 +102,47 @@ class QcSettings(BaseModel):
     review_clipped: float = Field(0.3, ge=0.0, le=1.0)
     # Std of luma / 255 under which the image is a near-uniform field.
     min_std_blank: float = Field(0.008, ge=0.0, le=0.5)
+
+    # Artefacts (`evaluate` only). CIELab chroma of the brightest 5% of the frame.
+    max_color_cast: float = Field(20.0, ge=0.0)
+    review_color_cast: float = Field(16.0, ge=0.0)
+    # Share of the frame under the largest flat black / flat green region.
+    max_black_block: float = Field(0.2, ge=0.0, le=1.0)
+    review_black_block: float = Field(0.1, ge=0.0, le=1.0)
+    max_green_block: float = Field(0.2, ge=0.0, le=1.0)
+    review_green_block: float = Field(0.1, ge=0.0, le=1.0)
+    # Strongest 8 px grid phase over the median phase (1.0: no grid).
+    max_blockiness: float = Field(1.8, ge=1.0)
+    review_blockiness: float = Field(1.5, ge=1.0)
+    # Share of missing tones between the evenly stepped tones of smooth areas.
+    max_banding: float = Field(0.7, ge=0.0, le=1.0)
+    review_banding: float = Field(0.5, ge=0.0, le=1.0)
+
+    # Prompt adherence. No `clip_model`: no CLIP at all (no clip_score, no style check).
+    clip_model: str | None = None  # an open_clip architecture, e.g. "ViT-B-32"; "imagefab-tiny-clip" for tests
+    clip_pretrained: str | None = None  # a tag ("laion2b_s34b_b79k") or a checkpoint path; None: random weights
+    clip_seed: int = 0  # seeds random weights (clip_pretrained None)
+    clip_device: Literal["auto", "cpu", "cuda"] = "auto"
+    clip_threads: int | None = Field(None, ge=1)  # torch CPU threads in the QC process; None: torch's default
+    clip_batch_size: int = Field(32, ge=1)
+    # Raw cosine(image, prompt). No default: it depends on the model (see the module docstring).
+    min_clip_score: float | None = Field(None, ge=-1.0, le=1.0)
+    review_clip_score: float | None = Field(None, ge=-1.0, le=1.0)
+    # Rejected as negative_concept:<c> when cosine(image, c) > max_negative_similarity and
+    # > cosine(image, prompt) + negative_margin; concepts the prompt itself names are skipped.
+    negative_concepts: tuple[str, ...] = ()
+    max_negative_similarity: float = Field(0.25, ge=-1.0, le=1.0)
+    negative_margin: float = Field(0.0, ge=-2.0, le=2.0)
+
+    # Near-duplicates: pHash Hamming distance in bits to an earlier image (catalog or this run).
+    max_duplicate_distance: int = Field(6, ge=0, le=64)
+    review_duplicate_distance: int = Field(10, ge=0, le=64)
+
+    # Style: key (a combination key, or "<tag>=<value>") -> folder of reference images.
+    style_references: dict[str, str] = {}
+    max_style_distance: float | None = Field(None, ge=0.0, le=2.0)
+    review_style_distance: float | None = Field(None, ge=0.0, le=2.0)
+
     enabled: tuple[str, ...] = KNOWN_CHECKS
 
     @field_validator("enabled")
@@ -72,6 +154,29 @@ class QcSettings(BaseModel):
         if len(set(enabled)) != len(enabled):
             raise ValueError(f"QC checks are listed more than once in {list(enabled)}")
         return enabled
+
+    @field_validator("negative_concepts")
+    @classmethod
+    def _concepts_are_words(cls, concepts: tuple[str, ...]) -> tuple[str, ...]:
+        concepts = tuple(concept.strip() for concept in concepts)
+        if any(not concept for concept in concepts):
+            raise ValueError(f"`negative_concepts` must not contain empty entries, but is {list(concepts)}")
+        if len(set(concepts)) != len(concepts):
+            raise ValueError(f"`negative_concepts` lists a concept more than once: {list(concepts)}")
+        return concepts
+
+    @field_validator("style_references")
+    @classmethod
+    def _style_keys_and_folders(cls, references: dict[str, str]) -> dict[str, str]:
+        for key, folder in references.items():
+            if not key.strip() or not str(folder).strip():
+                raise ValueError(
+                    f"`style_references` needs a non-empty key and folder, but has {key!r}: {folder!r}"
+                )
+            name, sep, value = key.partition("=")
+            if sep and (not name or not value):
+                raise ValueError(f"`style_references` key {key!r} must read '<tag>=<value>' or be a combination key")
+        return references
 
     @model_validator(mode="after")
     def _review_bands_are_on_the_pass_side(self) -> QcSettings:
@@ -90,6 +195,34 @@ class QcSettings(BaseModel):
                 f"`review_clipped` must be <= `max_clipped`, but they are "
                 f"{self.review_clipped} and {self.max_clipped}"
             )
+        for reject, review in [
+            ("max_color_cast", "review_color_cast"),
+            ("max_black_block", "review_black_block"),
+            ("max_green_block", "review_green_block"),
+            ("max_blockiness", "review_blockiness"),
+            ("max_banding", "review_banding"),
+            ("max_style_distance", "review_style_distance"),
+        ]:
+            _review_at_most(self, review, reject)
+        if self.min_clip_score is not None and self.review_clip_score is not None:
+            if self.review_clip_score < self.min_clip_score:
+                raise ValueError(
+                    f"`review_clip_score` must be >= `min_clip_score`, but they are "
+                    f"{self.review_clip_score} and {self.min_clip_score}"
+                )
+        if self.review_duplicate_distance < self.max_duplicate_distance:
+            raise ValueError(
+                f"`review_duplicate_distance` must be >= `max_duplicate_distance`, but they are "
+                f"{self.review_duplicate_distance} and {self.max_duplicate_distance}"
+            )
+        if self.clip_model is None:
+            needs_clip = [
+                name
+                for name in ("clip_pretrained", "min_clip_score", "review_clip_score")
+                if getattr(self, name) is not None
+            ] + [name for name in ("negative_concepts", "style_references") if getattr(self, name)]
+            if needs_clip:
+                raise ValueError(f"{needs_clip} need a CLIP model, but `clip_model` is not set")
         if self.min_std_blank > self.min_contrast:
             # Blank is the extreme of low contrast; the other order would call a blank
             # image merely low-contrast.
@@ -101,9 +234,21 @@ class QcSettings(BaseModel):
 
     @property
     def qc_version(self) -> str:
-        """Stable id of these settings, e.g. "qc1-3f2a9c0d1b7e", for the catalog and MLflow."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable id of these settings, e.g. "qc1-3f2a9c0d1b7e", for the catalog and MLflow.
+
+        Covers every field that can change a verdict (thresholds, enabled checks, the CLIP model
+        and tag, concepts, reference folders by path), not `RUNTIME_FIELDS`.
+        """
+        judged = self.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+        canonical = json.dumps(judged, sort_keys=True, separators=(",", ":"))
         return f"{_ALGORITHM_VERSION}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def _review_at_most(settings: QcSettings, review: str, reject: str) -> None:
+    """For "larger is worse" measures the review bound sits below the reject bound."""
+    low, high = getattr(settings, review), getattr(settings, reject)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"`{review}` must be <= `{reject}`, but they are {low} and {high}")
 
 
 @dataclass(frozen=True)
@@ -116,24 +261,93 @@ class QcVerdict:
     "borderline_underexposed"). A rejected image lists its review reasons too.
     `scores` has "sharpness", "contrast", "exposure" (larger clipped share) and "mean_luma";
     NaN where the image could not be measured.
+
+    From `evaluate` also: reject reasons "color_cast", "black_block", "green_block",
+    "blockiness", "banding", "off_prompt", "negative_concept:<concept>", "off_style",
+    "duplicate_of:<image_id>", and review reasons "borderline_<each of the first seven>"
+    and "near_duplicate_of:<image_id>"; scores `EVALUATE_SCORE_KEYS` (NaN when not measured);
+    `phash` (16 hex characters) and `nearest_duplicate` (an image_id within the review distance).
     """
 
     status: Literal["accepted", "review", "rejected"]
     reasons: tuple[str, ...]
     scores: dict[str, float] = field(default_factory=dict)
+    phash: str | None = None
+    nearest_duplicate: str | None = None
 
 
 _SCORE_KEYS = ("sharpness", "contrast", "exposure", "mean_luma")
+ARTEFACT_SCORE_KEYS = ARTEFACT_CHECKS
+MODEL_SCORE_KEYS = ("clip_score", "negative_similarity", "style_distance", "style_phash_distance", "duplicate_distance")
+EVALUATE_SCORE_KEYS = _SCORE_KEYS + ARTEFACT_SCORE_KEYS + MODEL_SCORE_KEYS
 
 
-def _unmeasured(reason: str) -> QcVerdict:
-    return QcVerdict(status="rejected", reasons=(reason,), scores={key: math.nan for key in _SCORE_KEYS})
+def _unmeasured(reason: str, keys: tuple[str, ...] = _SCORE_KEYS) -> QcVerdict:
+    return QcVerdict(status="rejected", reasons=(reason,), scores={key: math.nan for key in keys})
+
+
+@dataclass
+class _Findings:
+    """What the checks found so far for one image; turned into a `QcVerdict` at the end."""
+
+    rejects: list[str] = field(default_factory=list)
+    reviews: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    blank: bool = False
+
+    def grade(self, reason: str, rejected: bool, borderline: bool) -> None:
+        if rejected:
+            self.rejects.append(reason)
+        elif borderline:
+            self.reviews.append(f"borderline_{reason}")
+
+    def verdict(self, phash: str | None = None, nearest_duplicate: str | None = None) -> QcVerdict:
+        status = "rejected" if self.rejects else "review" if self.reviews else "accepted"
+        return QcVerdict(status, tuple(self.rejects + self.reviews), self.scores, phash, nearest_duplicate)
+
+
+def _check_nonfinite_fraction(nonfinite_fraction: float) -> None:
+    if not (0.0 <= nonfinite_fraction <= 1.0):  # also false for NaN
+        raise ValueError(f"`nonfinite_fraction` must be in [0, 1], but is {nonfinite_fraction}")
+
+
+def _pixel_findings(luma: np.ndarray, settings: QcSettings, nonfinite_fraction: float) -> _Findings:
+    """The checks of `check_image` on a measurable luma plane."""
+    # 1. Measure
+    dark, bright = checks.clipped_shares(luma)
+    found = _Findings(
+        scores={
+            "sharpness": checks.sharpness(luma),
+            "contrast": checks.contrast(luma),
+            "exposure": max(dark, bright),
+            "mean_luma": checks.mean_luma(luma),
+        }
+    )
+
+    # 2. Compare against thresholds; reject reasons first, then review reasons
+    enabled = set(settings.enabled)
+    if "nonfinite" in enabled and nonfinite_fraction > 0.0:
+        found.rejects.append("nonfinite_output")
+    found.blank = "blank" in enabled and found.scores["contrast"] < settings.min_std_blank
+    if found.blank:
+        # A uniform field is also "blurry" and "low contrast"; saying so adds nothing.
+        found.rejects.append("blank")
+    if "sharpness" in enabled and not found.blank:
+        sharpness = found.scores["sharpness"]
+        found.grade("blur", sharpness < settings.min_sharpness, sharpness < settings.review_sharpness)
+    if "contrast" in enabled and not found.blank:
+        contrast = found.scores["contrast"]
+        found.grade("low_contrast", contrast < settings.min_contrast, contrast < settings.review_contrast)
+    if "exposure" in enabled:
+        found.grade("underexposed", dark > settings.max_clipped, dark > settings.review_clipped)
+        found.grade("overexposed", bright > settings.max_clipped, bright > settings.review_clipped)
+    return found
 
 
 def check_image(
     image: np.ndarray | Image.Image, settings: QcSettings, nonfinite_fraction: float = 0.0
 ) -> QcVerdict:
-    """Judge one rendered image.
+    """Judge one rendered image on its pixels (sharpness, contrast, exposure, blank, nonfinite).
 
     Args:
         image: PIL image or uint8 array `[H, W]`, `[H, W, 3]` or `[H, W, 4]`.
@@ -142,52 +356,13 @@ def check_image(
             replaced by 0 before the image was made); any is a reject.
 
     Images under 8x8 are rejected as "too_small" rather than raising, so one bad render never
-    fails a batch.
+    fails a batch. `evaluate` adds the artefact, CLIP, duplicate and style checks.
     """
-    if not (0.0 <= nonfinite_fraction <= 1.0):  # also false for NaN
-        raise ValueError(f"`nonfinite_fraction` must be in [0, 1], but is {nonfinite_fraction}")
-
-    # 1. Measure
+    _check_nonfinite_fraction(nonfinite_fraction)
     luma = checks.luminance(image)
     if checks.is_too_small(luma):
         return _unmeasured("too_small")
-    dark, bright = checks.clipped_shares(luma)
-    scores = {
-        "sharpness": checks.sharpness(luma),
-        "contrast": checks.contrast(luma),
-        "exposure": max(dark, bright),
-        "mean_luma": checks.mean_luma(luma),
-    }
-
-    # 2. Compare against thresholds; reject reasons first, then review reasons
-    enabled = set(settings.enabled)
-    rejects: list[str] = []
-    reviews: list[str] = []
-    if "nonfinite" in enabled and nonfinite_fraction > 0.0:
-        rejects.append("nonfinite_output")
-    blank = "blank" in enabled and scores["contrast"] < settings.min_std_blank
-    if blank:
-        # A uniform field is also "blurry" and "low contrast"; saying so adds nothing.
-        rejects.append("blank")
-    graded: list[tuple[str, bool, bool]] = []  # (reason, beyond the reject bound, in the review band)
-    if "sharpness" in enabled and not blank:
-        sharpness = scores["sharpness"]
-        graded.append(("blur", sharpness < settings.min_sharpness, sharpness < settings.review_sharpness))
-    if "contrast" in enabled and not blank:
-        contrast = scores["contrast"]
-        graded.append(("low_contrast", contrast < settings.min_contrast, contrast < settings.review_contrast))
-    if "exposure" in enabled:
-        graded.append(("underexposed", dark > settings.max_clipped, dark > settings.review_clipped))
-        graded.append(("overexposed", bright > settings.max_clipped, bright > settings.review_clipped))
-    for reason, rejected, borderline in graded:
-        if rejected:
-            rejects.append(reason)
-        elif borderline:
-            reviews.append(f"borderline_{reason}")
-
-    # 3. Verdict
-    status = "rejected" if rejects else "review" if reviews else "accepted"
-    return QcVerdict(status=status, reasons=tuple(rejects + reviews), scores=scores)
+    return _pixel_findings(luma, settings, nonfinite_fraction).verdict()
 
 
 def check_image_bytes(data: bytes, settings: QcSettings) -> QcVerdict:
@@ -197,3 +372,206 @@ def check_image_bytes(data: bytes, settings: QcSettings) -> QcVerdict:
     except ValueError:
         return _unmeasured("unreadable_image")
     return check_image(image, settings)
+
+
+# --- the whole of QC ------------------------------------------------------------------------------
+
+
+def evaluate(
+    image: np.ndarray | Image.Image,
+    prompt: str | None,
+    settings: QcSettings,
+    *,
+    clip: ClipScorer | None = None,
+    duplicates: DuplicateIndex | None = None,
+    style: StyleReference | None = None,
+    image_id: str | None = None,
+    nonfinite_fraction: float = 0.0,
+) -> QcVerdict:
+    """Judge one image with every enabled check; see `evaluate_batch`."""
+    return evaluate_batch(
+        [image],
+        [prompt],
+        settings,
+        clip=clip,
+        duplicates=duplicates,
+        styles=[style],
+        image_ids=None if image_id is None else [image_id],
+        nonfinite_fractions=[nonfinite_fraction],
+    )[0]
+
+
+def evaluate_batch(
+    images: Sequence[np.ndarray | Image.Image],
+    prompts: Sequence[str | None],
+    settings: QcSettings,
+    *,
+    clip: ClipScorer | None = None,
+    duplicates: DuplicateIndex | None = None,
+    styles: Sequence[StyleReference | None] | None = None,
+    image_ids: Sequence[str] | None = None,
+    nonfinite_fractions: Sequence[float] | None = None,
+    duplicate_groups: Sequence[str | None] | None = None,
+) -> list[QcVerdict]:
+    """Judge a batch of images: pixel and artefact checks, then one CLIP pass over the batch,
+    then the duplicate index (one `query_and_add_many` call, in batch order).
+
+    Args:
+        images: uint8 arrays or PIL images, as for `check_image`.
+        prompts: the prompt of each image (None or "": no prompt-adherence check for it).
+        settings: thresholds and enabled checks.
+        clip: a loaded `ClipScorer`; None skips prompt, negative-concept and style checks.
+        duplicates: a `PhashIndex` or an adapter for a shared one; None skips the duplicate
+            check (the pHash is still computed while "duplicates" is enabled).
+        styles: the `StyleReference` for each image, or None (see `style.style_key_for`).
+        image_ids: required with `duplicates`: what a later duplicate points to.
+        nonfinite_fractions: per image, as for `check_image`.
+
+    Every verdict has all of `EVALUATE_SCORE_KEYS` (NaN where not measured). An image that
+    was rejected for another reason is not added to the duplicate index.
+    """
+    count = len(images)
+    styles = [None] * count if styles is None else list(styles)
+    nonfinite_fractions = [0.0] * count if nonfinite_fractions is None else list(nonfinite_fractions)
+    lengths = {"prompts": len(prompts), "styles": len(styles), "nonfinite_fractions": len(nonfinite_fractions)}
+    if image_ids is not None:
+        lengths["image_ids"] = len(image_ids)
+    for name, length in lengths.items():
+        if length != count:
+            raise ValueError(f"{count} images but {length} {name}")
+    if duplicates is not None and image_ids is None:
+        raise ValueError("`image_ids` are needed with a duplicate index: a later duplicate points to them")
+    if any(style is not None for style in styles) and clip is None:
+        raise ValueError("style references need the CLIP scorer that built them, but `clip` is None")
+    for fraction in nonfinite_fractions:
+        _check_nonfinite_fraction(fraction)
+    enabled = set(settings.enabled)
+
+    # 1. Pixels: the pixel checks, artefacts, pHash; `measured` holds the images that have pixels
+    verdicts: list[QcVerdict | None] = [None] * count
+    found: dict[int, _Findings] = {}
+    rgbs: dict[int, np.ndarray] = {}
+    phashes: dict[int, str] = {}
+    for i, image in enumerate(images):
+        rgb = checks.rgb_array(image)
+        luma = checks.luminance(rgb)
+        if checks.is_too_small(luma):
+            verdicts[i] = _unmeasured("too_small", EVALUATE_SCORE_KEYS)
+            continue
+        found[i] = _pixel_findings(luma, settings, nonfinite_fractions[i])
+        found[i].scores.update(checks.artefact_scores(rgb, luma))
+        found[i].scores.update(dict.fromkeys(MODEL_SCORE_KEYS, math.nan))
+        _grade_artefacts(found[i], settings, enabled)
+        rgbs[i] = rgb
+        if "duplicates" in enabled or styles[i] is not None:
+            phashes[i] = perceptual_hash(rgb)
+    measured = list(found)
+
+    # 2. CLIP: one pass over the batch's images, texts from the scorer's cache
+    if clip is not None and measured:
+        _clip_checks(
+            clip, [rgbs[i] for i in measured], [prompts[i] for i in measured], [styles[i] for i in measured],
+            [phashes.get(i) for i in measured], [found[i] for i in measured], settings, enabled,
+        )
+
+    # 3. Duplicates, last: whether an image may be indexed depends on every other check
+    nearest: dict[int, str] = {}
+    if duplicates is not None and "duplicates" in enabled:
+        hashed = [i for i in measured if i in phashes]
+        matches = duplicates.query_and_add_many(
+            [image_ids[i] for i in hashed],
+            [phashes[i] for i in hashed],
+            settings.review_duplicate_distance,
+            reject_distance=settings.max_duplicate_distance,
+            eligible=[not found[i].rejects for i in hashed],
+            # Siblings (an A/B group) are meant to look alike: never duplicates of each other.
+            groups=None if duplicate_groups is None else [duplicate_groups[i] for i in hashed],
+        )
+        for i, match in zip(hashed, matches):
+            if match is None:
+                continue
+            match_id, distance = match
+            found[i].scores["duplicate_distance"] = float(distance)
+            nearest[i] = match_id
+            if distance <= settings.max_duplicate_distance:
+                found[i].rejects.append(f"duplicate_of:{match_id}")
+            else:
+                found[i].reviews.append(f"near_duplicate_of:{match_id}")
+
+    # 4. Verdicts
+    for i in measured:
+        verdicts[i] = found[i].verdict(phashes.get(i), nearest.get(i))
+    return verdicts
+
+
+def _grade_artefacts(found: _Findings, settings: QcSettings, enabled: set[str]) -> None:
+    if found.blank:
+        return  # a uniform field is a black or green "block" too; "blank" says it already
+    for name in ARTEFACT_CHECKS:
+        if name in enabled:
+            value = found.scores[name]
+            found.grade(name, value > getattr(settings, f"max_{name}"), value > getattr(settings, f"review_{name}"))
+
+
+def _mentions(prompt: str, concept: str) -> bool:
+    """Whether the prompt names the concept itself (then it is wanted, not a defect)."""
+    return re.search(rf"(?<!\w){re.escape(concept.lower())}(?!\w)", prompt.lower()) is not None
+
+
+def _clip_checks(
+    clip: ClipScorer,
+    rgbs: list[np.ndarray],
+    prompts: list[str | None],
+    styles: list[StyleReference | None],
+    phashes: list[str | None],
+    found: list[_Findings],
+    settings: QcSettings,
+    enabled: set[str],
+) -> None:
+    from app.qc.clip import cosine, similarities
+
+    # image_embeddings: [N, D] unit rows
+    image_embeddings = clip.embed_images(rgbs)
+
+    # Prompt adherence: raw cosine to the prompt
+    with_prompt = [k for k, prompt in enumerate(prompts) if prompt]
+    if with_prompt:
+        text_embeddings = clip.embed_texts([prompts[k] for k in with_prompt])  # [P, D]
+        scores = np.atleast_1d(cosine(image_embeddings[with_prompt], text_embeddings))
+        for k, score in zip(with_prompt, scores):
+            found[k].scores["clip_score"] = float(score)
+            if "prompt" in enabled:
+                low = settings.min_clip_score is not None and score < settings.min_clip_score
+                borderline = settings.review_clip_score is not None and score < settings.review_clip_score
+                found[k].grade("off_prompt", low, borderline)
+
+    # Negative concepts: closer to the image than the threshold and than its own prompt
+    concepts = settings.negative_concepts
+    if concepts:
+        concept_sims = similarities(image_embeddings, clip.embed_texts(list(concepts)))  # [N, C]
+        for k, row in enumerate(concept_sims):
+            prompt = prompts[k]
+            applicable = [c for c, concept in enumerate(concepts) if not (prompt and _mentions(prompt, concept))]
+            if not applicable:
+                continue
+            found[k].scores["negative_similarity"] = float(max(row[c] for c in applicable))
+            if "negative_concepts" not in enabled:
+                continue
+            prompt_score = found[k].scores["clip_score"]
+            for c in applicable:
+                beats_prompt = math.isnan(prompt_score) or row[c] > prompt_score + settings.negative_margin
+                if row[c] > settings.max_negative_similarity and beats_prompt:
+                    found[k].rejects.append(f"negative_concept:{concepts[c]}")
+
+    # Style: distance to the reference centroid
+    for k, style in enumerate(styles):
+        if style is None:
+            continue
+        distance = float(style.distances(image_embeddings[k : k + 1], clip.model_id)[0])
+        found[k].scores["style_distance"] = distance
+        if phashes[k] is not None:
+            found[k].scores["style_phash_distance"] = style.median_phash_distance(phashes[k])
+        if "style" in enabled:
+            far = settings.max_style_distance is not None and distance > settings.max_style_distance
+            borderline = settings.review_style_distance is not None and distance > settings.review_style_distance
+            found[k].grade("off_style", far, borderline)

@@ -107,7 +107,9 @@ class StyleReference:
         return float(np.median([hamming(phash, reference) for reference in self.phashes]))
 
 
-def style_key_for(references: Mapping[str, object], combination: str | None, tags: Mapping[str, str] | None) -> str | None:
+def style_key_for(
+    references: Mapping[str, object], combination: str | None, tags: Mapping[str, str] | None
+) -> str | None:
     """The key of `references` that applies to an image, or None (see the module docstring)."""
     if combination and combination in references:
         return combination

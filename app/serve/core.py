@@ -117,9 +117,22 @@ class ServeCore:
         self.output = OutputStore.at(config.output_uri)
         now = datetime.now(timezone.utc)
         self.run_id = run_id or f"serve-{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
-        self.qc = QualityControl(config.qc)
+        self.qc = QualityControl(config.qc, self._duplicate_index(config))
         self.post = Postprocess(config.postprocess, self.output)
         self.write = CatalogWrite(self.output, self.run_id, source="serve")
+
+    def _duplicate_index(self, config: ServeConfig):
+        """This replica's near-duplicate index, loaded with the catalog (bulk and served images)."""
+        if "duplicates" not in config.qc.enabled:
+            return None
+        from app.catalog.store import CatalogStore
+        from app.qc.duplicates import PhashIndex
+
+        index = PhashIndex()
+        existing = CatalogStore(self.output).read(["image_id", "phash", "status", "created_at"])
+        if existing.num_rows:
+            index.add_catalog(existing)
+        return index
 
     # --- requests -> render requests ------------------------------------------------------------
     def plan(self, job: ImageJob) -> list[RenderRequest]:
