@@ -393,3 +393,19 @@ def test_single_file_base_matches_folder(tmp_path, tiny_base):
     np.testing.assert_allclose(image_file, image_folder, rtol=0, atol=1e-5)
 
 
+
+
+@pytest.mark.parametrize("name", ["../../etc/evil", "a/b", "..hidden", "", "x" * 200])
+def test_model_names_can_never_be_paths(tmp_path, name):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"loras": {name: {"source": "builtin:tiny-lora", "base": "tiny-sdxl"}}}))
+    with pytest.raises(ModelFileError, match="a model name is letters"):
+        ModelCatalog.load(path)
+
+
+def test_model_versions_can_never_be_paths(tmp_path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"loras": {"ok": {"source": "builtin:tiny-lora", "base": "tiny-sdxl",
+                                                     "version": "../../x"}}}))
+    with pytest.raises(ModelFileError, match="is not a version"):
+        ModelCatalog.load(path)

@@ -6,8 +6,8 @@ batch in flight and readers never see half a file (see app/storage.py).
 
 from __future__ import annotations
 
+import hashlib
 import io
-import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,12 +25,16 @@ class CatalogStore:
     output: OutputStore
 
     def append(self, rows: list[dict], *, run_id: str, date: str) -> str | None:
+        """Write `rows` as one new file. Its name comes from the run and the image ids, so a batch
+        that Ray retries after a crash (a killed actor) replaces its own file instead of adding
+        its rows a second time: each image is catalogued exactly once per run."""
         if not rows:
             return None
         table = to_table(rows)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        rel = f"{CATALOG_DIR}/date={date}/run_id={run_id}/part-{uuid.uuid4().hex}.parquet"
+        key = hashlib.sha256("\n".join([run_id, *sorted(r["image_id"] for r in rows)]).encode()).hexdigest()[:32]
+        rel = f"{CATALOG_DIR}/date={date}/run_id={run_id}/part-{key}.parquet"
         return self.output.write_bytes(rel, buf.getvalue())
 
     def dataset(self) -> pads.Dataset | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from app.models.digest import (
 # Bumped when the tiny builders change, so stale builds are not mistaken for current ones.
 TINY_BUILD_VERSION = "2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
+MODEL_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class UnknownModelError(KeyError):
@@ -213,6 +215,10 @@ def _parse_catalog(data: object, where: str, relative_to: Path) -> dict[str, Mod
     allowed = set(ModelEntry.__dataclass_fields__) - {"name", "kind"}
     for section, kind in (("base_models", "base"), ("loras", "lora")):
         for name, body in (data.get(section) or {}).items():
+            if not MODEL_NAME.match(str(name)):
+                # Names become folder names in the model home and adapter names: never paths.
+                raise ModelFileError(f"{where}: {section}.{name!r}: a model name is letters, digits, '.', '_', '-' "
+                                     f"(at most 128, starting alphanumeric, no '..')")
             if not isinstance(body, dict) or "source" not in body:
                 raise ModelFileError(f"{where}: {section}.{name}: needs at least a `source`")
             bad = set(body) - allowed
@@ -220,6 +226,9 @@ def _parse_catalog(data: object, where: str, relative_to: Path) -> dict[str, Mod
                 raise ModelFileError(f"{where}: {section}.{name}: unknown field(s) {sorted(bad)}")
             body = dict(body)
             body["version"] = str(body.get("version", "1"))
+            if not MODEL_NAME.match(body["version"]):
+                raise ModelFileError(f"{where}: {section}.{name}.version: {body['version']!r} is not a version "
+                                     f"(letters, digits, '.', '_', '-')")
             src = str(body["source"])
             if not src.startswith(("builtin:", "hub:")):
                 # Relative paths in a user catalog are relative to the catalog file.
