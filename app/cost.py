@@ -66,7 +66,7 @@ class PriceTable:
     def device_hourly(self, accelerator: str) -> float:
         """Hourly price of the device named in a catalog row's `accelerator` ('cuda:NVIDIA H100 …', 'cpu:threads=1')."""
         if accelerator.startswith("cpu"):
-            threads = accelerator.partition("threads=")[2]
+            threads = accelerator.partition("threads=")[2].split("+", 1)[0]
             return self.cpu_core_hourly * (int(threads) if threads.isdigit() else 1)
         name = accelerator.upper()
         # Longest key first, so "H100" does not match an "H1000" and "L40S" wins over "L4".

@@ -105,11 +105,16 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
 
     accelerator = row["accelerator"] or ""
     threads = accelerator.partition("threads=")[2]
+    threads = threads.split("+", 1)[0]
     compute = ComputeSpec(
         device="cuda" if accelerator.startswith("cuda") else "cpu",
         cpu_threads=int(threads) if threads.isdigit() else 1,
         batch_invariant=len(requests) == 1,
         batch_size=len(requests),
+        # The speed settings it was rendered with, as recorded (they can change the last bits).
+        fuse_qkv="+fused_qkv" in accelerator,
+        channels_last="+channels_last" in accelerator,
+        compile="+compiled" in accelerator,
     )
     generator = Generator(base, loras, compute)
     results = {r.image_id: r for r in generator.render_batch_exactly(requests)}

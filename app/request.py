@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 # Bumped when the rendering recipe changes in a way that changes pixels for the same fields.
-RECIPE = "sdxl-txt2img-1"
+RECIPE = "sdxl-txt2img-2"  # 2: no negative prompt means zeroed negative embeddings
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.compute import ComputeSpec  # noqa: F401  (part of the spec; kept light for GPU machines)
 from app.postprocess import PostprocessSettings
 from app.qc import QcSettings
 
@@ -199,19 +200,6 @@ class ABTest(_Frozen):
 
 class OutputSpec(_Frozen):
     uri: str = "outputs"  # a local folder or any pyarrow filesystem URI (s3://, gs://)
-
-
-class ComputeSpec(_Frozen):
-    generators: int | None = Field(None, ge=1, le=1024)  # actor pool size; None: one per GPU, else 1
-    batch_size: int = Field(4, ge=1, le=256)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    # Torch threads per CPU generator: results depend on it, so it is fixed rather than "all cores".
-    cpu_threads: int = Field(1, ge=1, le=256)
-    # True: every image is denoised in a batch of its own, so its pixels never depend on which
-    # rows it was batched with. False: whole batches (faster on GPUs); regenerating an image then
-    # re-renders its recorded batch.
-    batch_invariant: bool = True
-    qc_workers: int = Field(1, ge=1, le=1024)
 
 
 class JobSpec(_Frozen):

@@ -157,3 +157,22 @@ def test_game_assets_runs_two_bases_and_three_stacks_in_one_job(ray_local, tmp_p
         "alt-base": ("tiny-sdxl-b", [("tiny-style-b", 0.9, 64)], False),
     }
     assert len({dict(r["tags"])["ab_group"] for r in rows}) == 2
+
+
+def test_fused_qkv_gives_the_same_images_with_and_without_lora_stacks(models):
+    """Fused QKV projections skip unfused LoRA adapters; the switcher must split them for those."""
+    from app.generate import Generator
+
+    spec = spec_with(combinations={
+        "plain": {}, "stack": {"loras": [{"name": "tiny-style", "weight": 0.8}]},
+        "fused": {"loras": [{"name": "tiny-style", "weight": 0.8}], "fuse_loras": True}},
+        tiers={}, ab_test={"combinations": ["plain", "stack", "fused", "plain"][:3]}, steps=2)
+    _, reqs = expand(spec, models, [{"prompt": "a red shoe"}])
+    reference = Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", fuse_qkv=False))
+    fast = Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", fuse_qkv=True,
+                                                                          channels_last=True))
+    assert fast.accelerator == "cpu:threads=1+fused_qkv+channels_last"
+    for r in reqs + reqs[:1]:  # back to plain at the end
+        want = reference.render([r])[0].pixels.astype(int)
+        got = fast.render([r])[0].pixels.astype(int)
+        assert np.abs(want - got).max() <= 1, r.combination

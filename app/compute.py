@@ -1,0 +1,32 @@
+"""Compute settings of the generators: the part of the spec the GPU stage reads.
+
+Its own module, importing only pydantic, so that `app.generate` runs on a bare GPU machine
+(benchmarks/gpu_bench.py) without the QC and post-processing dependencies of the full spec.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ComputeSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generators: int | None = Field(None, ge=1, le=1024)  # actor pool size; None: one per GPU, else 1
+    batch_size: int = Field(4, ge=1, le=256)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Torch threads per CPU generator: results depend on it, so it is fixed rather than "all cores".
+    cpu_threads: int = Field(1, ge=1, le=256)
+    # True: every image is denoised in a batch of its own, so its pixels never depend on which
+    # rows it was batched with. False: whole batches (faster on GPUs); regenerating an image then
+    # re-renders its recorded batch.
+    batch_invariant: bool = True
+    qc_workers: int = Field(1, ge=1, le=1024)
+    # Speed (app/generate.py). None: on for CUDA, off for CPU. Each is recorded in the catalog's
+    # `accelerator` (they can change the last bits) and `regenerate` applies the same.
+    fuse_qkv: bool | None = None  # one QKV matmul per attention; LoRA stacks then render fused
+    channels_last: bool | None = None  # NHWC convolutions
+    compile: bool = False  # torch.compile the UNet and VAE decoder (minutes per new shape)
+    warmup_sizes: tuple[str, ...] = ()  # sizes to compile at actor start: "1024x1024", …
