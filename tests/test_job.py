@@ -132,7 +132,6 @@ def test_regenerate_reproduces_a_catalogued_image(runs):
 
 
 def test_corrupt_model_fails_before_any_work(ray_local, spec_path, tmp_path, tiny_base):
-    from pathlib import Path
 
     copy = tmp_path / "base"
     shutil.copytree(tiny_base.path, copy)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import io
 import math
 import time
-from functools import lru_cache
 
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data as skdata
 
 from app.qc import EVALUATE_SCORE_KEYS, QcSettings, checks, evaluate, evaluate_batch, luminance
+from photos import photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 SIZES = (512, 1024)
@@ -25,17 +24,6 @@ SETTINGS = QcSettings()
 ARTEFACTS = ("color_cast", "black_block", "green_block", "blockiness", "banding")
 
 
-@lru_cache(maxsize=None)
-def photo(name: str, longer_side: int) -> np.ndarray:
-    pixels = getattr(skdata, name)()
-    if pixels.ndim == 2:
-        pixels = np.stack([pixels] * 3, axis=-1)
-    image = Image.fromarray(pixels[:, :, :3])
-    scale = longer_side / max(image.size)
-    size = (round(image.width * scale), round(image.height * scale))
-    resized = np.asarray(image.resize(size, Image.Resampling.LANCZOS))
-    resized.flags.writeable = False
-    return resized
 
 
 def artefact_reasons(verdict) -> set[str]:

@@ -11,7 +11,6 @@ import math
 import subprocess
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +21,13 @@ from scipy import ndimage
 from skimage import data as skdata
 
 from app.qc import QcSettings, QcVerdict, check_image, check_image_bytes, luminance, sharpness
+from photos import photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field")
 SIZES = (512, 1024)
 SETTINGS = QcSettings()
 
 
-@lru_cache(maxsize=None)
-def photo(name: str, longer_side: int) -> np.ndarray:
-    """`skimage.data.<name>()` as RGB uint8 [H, W, 3], resized so its longer side is `longer_side`."""
-    pixels = getattr(skdata, name)()
-    if pixels.ndim == 2:
-        pixels = np.stack([pixels] * 3, axis=-1)
-    image = Image.fromarray(pixels[:, :, :3])
-    scale = longer_side / max(image.size)
-    size = (round(image.width * scale), round(image.height * scale))
-    resized = np.asarray(image.resize(size, Image.Resampling.LANCZOS))
-    resized.flags.writeable = False  # shared between tests through the cache
-    return resized
 
 
 def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:

@@ -6,32 +6,20 @@ import io
 import pickle
 import time
 from datetime import datetime, timedelta, timezone
-from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
-from skimage import data as skdata
 
 from app.qc import DuplicateMatch, PhashIndex, QcSettings, evaluate_batch, hamming, perceptual_hash
 from app.qc.duplicates import hash_to_int
+from photos import photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 SETTINGS = QcSettings()
 
 
-@lru_cache(maxsize=None)
-def photo(name: str, longer_side: int = 512) -> np.ndarray:
-    pixels = getattr(skdata, name)()
-    if pixels.ndim == 2:
-        pixels = np.stack([pixels] * 3, axis=-1)
-    image = Image.fromarray(pixels[:, :, :3])
-    scale = longer_side / max(image.size)
-    size = (round(image.width * scale), round(image.height * scale))
-    resized = np.asarray(image.resize(size, Image.Resampling.LANCZOS))
-    resized.flags.writeable = False
-    return resized
 
 
 def jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:

@@ -18,7 +18,6 @@ import base64
 import hmac
 import json
 import time
-from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response

@@ -22,7 +22,7 @@ from app.models.digest import ModelFileError
 from app.request import RenderRequest
 from app.schedulers import SCHEDULERS
 from app.serve.config import ServeConfig
-from app.spec import Combination, Size, size_problem
+from app.spec import Size, size_problem
 from app.stages import CatalogWrite, Postprocess, QualityControl
 from app.storage import OutputStore
 
@@ -191,7 +191,6 @@ class ServeCore:
     # --- rendered pixels -> catalogued images ---------------------------------------------------
     def finish(self, requests: list[RenderRequest], results: list[dict]) -> list[ServedImage]:
         """QC, post-processing and a catalog append (source=serve) for one HTTP request's images."""
-        n = len(requests)
 
         def col(key, default, dtype=object):
             return np.asarray([r.get(key, default) for r in results], dtype=dtype)
