@@ -90,9 +90,9 @@ def _missing(v: object) -> bool:
 def _as_int(v: object, what: str) -> int:
     try:
         f = float(v)  # CSV gives strings; Parquet may give floats
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RowError(f"{what} {v!r} is not a number") from None
-    if math.isnan(f) or f != int(f):
+    if not math.isfinite(f) or f != int(f):  # int(inf) would raise OverflowError
         raise RowError(f"{what} {v!r} is not a whole number")
     return int(f)
 

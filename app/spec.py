@@ -78,7 +78,7 @@ class Size(_Frozen):
                 )
             return cls(width=int(m[1]), height=int(m[2]))
         if isinstance(value, dict):
-            return cls(**value)
+            return cls.model_validate(value)  # not cls(**value): YAML keys may be numbers
         if isinstance(value, Size):
             return value
         raise ValueError(f"expected a preset name, 'WIDTHxHEIGHT' or {{width, height}}, got {value!r}")
@@ -184,6 +184,18 @@ class Combination(_Frozen):
     _distinct = field_validator("loras")(ModelSpec._distinct.__func__)
 
 
+def with_defaults(combos: dict[str, Combination], steps: int, guidance: float, scheduler: str) -> dict[str, Combination]:
+    """Combinations with unset steps / guidance / scheduler taken from the given defaults."""
+    return {
+        name: c.model_copy(update={
+            "steps": c.steps if c.steps is not None else steps,
+            "guidance": c.guidance if c.guidance is not None else guidance,
+            "scheduler": c.scheduler or scheduler,
+        })
+        for name, c in combos.items()
+    }
+
+
 class Tiers(_Frozen):
     """Route rows to combinations by purpose: a tier per row (from `column`) -> a combination."""
 
@@ -278,14 +290,7 @@ class JobSpec(_Frozen):
         combos = dict(self.combinations) or {
             "default": Combination(base=self.model.base, loras=self.model.loras)
         }
-        return {
-            name: c.model_copy(update={
-                "steps": c.steps if c.steps is not None else self.steps,
-                "guidance": c.guidance if c.guidance is not None else self.guidance,
-                "scheduler": c.scheduler or self.scheduler,
-            })
-            for name, c in combos.items()
-        }
+        return with_defaults(combos, self.steps, self.guidance, self.scheduler)
 
     def with_overrides(self, **changes: Any) -> JobSpec:
         """A copy with dotted-path overrides, validated again (`output.uri=/tmp/x`)."""
@@ -295,6 +300,8 @@ class JobSpec(_Frozen):
             *parents, leaf = dotted.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise SpecError(f"overrides: {dotted}: '{p}' is a value, not a section with fields")
             node[leaf] = value
         return parse_spec(data, where="overrides")
 
@@ -333,7 +340,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise SpecError(f"{path}: cannot read spec ({e.strerror})") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of more than 4300 digits
         raise SpecError(f"{path}: not valid YAML ({e})") from None
     spec = parse_spec(data, where=str(path), base_dir=path.resolve().parent)
     return spec.with_overrides(**overrides) if overrides else spec

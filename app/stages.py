@@ -26,7 +26,7 @@ from app.cost import PriceTable
 from app.postprocess import ImageMetadata, PostprocessSettings, encode_master, render_variants
 from app.qc import QcModels, QcSettings
 from app.schedulers import sampler_name
-from app.storage import OutputStore
+from app.storage import OutputStore, StorageError
 
 SUMMARY_COLUMNS = ("image_id", "status", "gpu_seconds", "cpu_seconds", "combination", "base_model",
                    "generator_id", "lora_switches", "lora_switch_seconds")
@@ -158,6 +158,8 @@ class Postprocess:
             if status[i] not in ("failed", "pending") and len(batch["pixels"][i]):
                 try:
                     uri, size, rows, sha = self.write_one(batch, i, with_variants=status[i] != "rejected")
+                except StorageError:
+                    raise  # a full or read-only output is not this row's fault: every later row would fail too
                 except Exception as e:
                     status[i], error[i] = "failed", f"postprocess_error: {type(e).__name__}: {e}"
             uris.append(uri)

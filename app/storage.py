@@ -2,6 +2,14 @@
 
 Writes are atomic for readers: on a local disk a file is written under a temporary name and
 renamed into place; object stores publish an object only when its upload completes.
+
+Object-store settings come from the environment of the process that opens the store (the driver
+and every Ray worker), as the cloud SDKs read them: for S3 `AWS_ACCESS_KEY_ID` /
+`AWS_SECRET_ACCESS_KEY` (or an instance role / IRSA), `AWS_REGION`, and `AWS_ENDPOINT_URL` (or
+`AWS_ENDPOINT_URL_S3`) for an S3-compatible server such as MinIO. Credentials never appear in a
+URI, so never in the catalog. A URI may also carry pyarrow's non-secret options as a query
+(`s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http`): they are used to open the
+filesystem and kept out of every location the store hands out (`uri`, `uri_of`).
 """
 
 from __future__ import annotations
@@ -23,21 +31,26 @@ def _is_uri(s: str) -> bool:
 
 @dataclass(frozen=True)
 class OutputStore:
-    uri: str  # as given; local paths are made absolute
+    uri: str  # the location: local paths made absolute, a URI without its query
+    fs_options: str = ""  # a URI's query (`endpoint_override=…&scheme=http`), only for opening the filesystem
 
     _fs: list = field(default_factory=list, compare=False, repr=False)  # lazily built, not pickled state
 
     @classmethod
     def at(cls, uri: str) -> OutputStore:
         if not _is_uri(uri) or uri.startswith("file://"):
-            uri = str(Path(uri.removeprefix("file://")).expanduser().resolve())
-        return cls(uri)
+            return cls(str(Path(uri.removeprefix("file://")).expanduser().resolve()))
+        # Paths derived from the location must not carry the query inside them
+        # (`s3://b/p?scheme=http/images/…`), so it is kept apart.
+        location, _, query = uri.partition("?")
+        return cls(location, query)
 
     def __getstate__(self):
-        return {"uri": self.uri}
+        return {"uri": self.uri, "fs_options": self.fs_options}
 
     def __setstate__(self, state):
         object.__setattr__(self, "uri", state["uri"])
+        object.__setattr__(self, "fs_options", state.get("fs_options", ""))
         object.__setattr__(self, "_fs", [])
 
     @property
@@ -50,8 +63,9 @@ class OutputStore:
             if self.is_local:
                 self._fs.append((pafs.LocalFileSystem(), self.uri))
             else:
+                uri = f"{self.uri}?{self.fs_options}" if self.fs_options else self.uri
                 try:
-                    self._fs.append(pafs.FileSystem.from_uri(self.uri))
+                    self._fs.append(pafs.FileSystem.from_uri(uri))
                 except Exception as e:
                     raise StorageError(f"{self.uri}: cannot open output location ({e})") from e
         return self._fs[0]

@@ -155,7 +155,8 @@ class Ingress:
                 status = 401
                 return _error(401, "missing or wrong API key (Authorization: Bearer <key>)",
                               headers={"WWW-Authenticate": "Bearer"})
-            length = int(request.headers.get("content-length") or 0)
+            # A chunked upload declares no length: count the bytes FastAPI has already read.
+            length = int(request.headers.get("content-length") or 0) or len(await request.body())
             if length > self.config.limits.max_body_bytes:
                 status = 413
                 return _error(413, f"body of {length} bytes; at most {self.config.limits.max_body_bytes}")
@@ -213,7 +214,7 @@ class Ingress:
             if body.loras is not None:
                 try:
                     loras = [(str(lo["name"]), float(lo.get("weight", 1.0))) for lo in body.loras]
-                except (KeyError, TypeError, ValueError):
+                except (KeyError, TypeError, ValueError, OverflowError):  # float(10**400): OverflowError
                     raise RequestError(422, "loras", "each entry is {name, weight}") from None
             job = ImageJob(prompt=body.prompt, negative_prompt=body.negative_prompt, combination=body.combination,
                            loras=loras, seed=body.seed, n=body.n, steps=body.steps, guidance=body.guidance,
@@ -397,11 +398,25 @@ class Ingress:
         return await self._serve("/v1/stats", request, work)
 
 
+def serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies listen on when Serve is already running, else None."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve.context import _connect  # no public API returns the running http_options
+
+    client = _connect(raise_if_no_controller_running=False)
+    return client.http_config.host if client is not None else None
+
+
 def build_app(config: ServeConfig):
     """The bound application: models resolved and checked here, before any replica starts."""
     import ray
 
     config.check_bind()
+    # Serve's proxies, not this config, decide the address (`serve run` / KubeRay http_options).
+    config.check_bind(serve_http_host())
     models = resolve_serve_models(config)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     use_gpu = gpus > 0 and config.compute.device != "cpu"

@@ -16,9 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.postprocess import PostprocessSettings
 from app.qc import QcSettings
-from app.spec import Combination, ComputeSpec, SchedulerName, SpecError, _format_errors
+from app.spec import Combination, ComputeSpec, SchedulerName, SpecError, _format_errors, with_defaults
 
 API_KEYS_ENV = "IMAGEFAB_API_KEYS"  # comma-separated
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Frozen(BaseModel):
@@ -88,14 +97,7 @@ class ServeConfig(_Frozen):
         return self.default_combination or next(iter(self.combinations))
 
     def effective_combinations(self) -> dict[str, Combination]:
-        return {
-            name: c.model_copy(update={
-                "steps": c.steps if c.steps is not None else self.steps,
-                "guidance": c.guidance if c.guidance is not None else self.guidance,
-                "scheduler": c.scheduler or self.scheduler,
-            })
-            for name, c in self.combinations.items()
-        }
+        return with_defaults(self.combinations, self.steps, self.guidance, self.scheduler)
 
     def keys(self) -> tuple[str, ...]:
         """Configured keys plus those in $IMAGEFAB_API_KEYS."""
@@ -104,18 +106,15 @@ class ServeConfig(_Frozen):
 
     @property
     def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
-    def check_bind(self) -> None:
-        """A server reachable from other machines never runs without keys."""
-        if not self.loopback and not self.keys():
+    def check_bind(self, host: str | None = None) -> None:
+        """A server reachable from other machines never runs without keys. `host`: the address
+        actually bound when Serve's own `http_options` decide it; default: this config's `host`."""
+        host = host or self.host
+        if not is_loopback(host) and not self.keys():
             raise SpecError(
-                f"host: binding to {self.host} (not loopback) needs API keys: set api_keys in the config "
+                f"host: binding to {host} (not loopback) needs API keys: set api_keys in the config "
                 f"or ${API_KEYS_ENV}"
             )
 
