@@ -14,6 +14,7 @@ Flow (docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -60,9 +61,23 @@ class RunSummary:
     by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
     by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
 
+    first_result_at: float = 0.0  # perf_counter of the first and last finished batch
+    last_result_at: float = 0.0
+
+    @property
+    def streaming_images_per_second(self) -> float:
+        """Throughput while images flow: from the first finished batch to the last, so the run's
+        fixed start-up (reading, planning, actors loading models) does not count as a rate."""
+        span = self.last_result_at - self.first_result_at
+        return (self.rendered - self._first_batch) / span if span > 0 else 0.0
+
     def add_batch(self, out: dict) -> None:
         """Fold one batch of the CPU stage's per-image results into the totals."""
         n = len(out["status"])
+        now = time.perf_counter()
+        if not self.first_result_at:
+            self.first_result_at, self._first_batch = now, n
+        self.last_result_at = now
         self.rendered += n
         self.gpu_seconds += float(np.sum(out["gpu_seconds"]))
         self.cpu_seconds += float(np.sum(out["cpu_seconds"]))
@@ -85,8 +100,11 @@ class RunSummary:
     def images_per_second(self) -> float:
         return self.rendered / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
+    _first_batch: int = 0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "images_per_second": self.images_per_second}
+        return {**asdict(self), "images_per_second": self.images_per_second,
+                "streaming_images_per_second": self.streaming_images_per_second}
 
     def render(self) -> str:
         c = self.counts
@@ -212,6 +230,9 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
+    # A stage's own exception (a full disk's StorageError) reaches the driver as that exception,
+    # not as Ray Data's UserCodeException, whose cause is lost on the way.
+    ctx.raise_original_map_exception = True
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
@@ -228,7 +249,18 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator
 
     # 4. Render, QC, post-process, write.
     if plan.pending.num_rows:
-        _render(spec, plan, models, output, run_id, summary, generator_cls)
+        try:
+            _render(spec, plan, models, output, run_id, summary, generator_cls)
+            full = None
+        except StorageError as e:  # raised in a Ray stage: the output filled up or became read-only
+            # Its first line: Ray appends its traceback and a note on retries to the message.
+            full = str(getattr(e, "cause", None) or e).splitlines()[0]
+        if full:
+            # Ray Data ends a failed run's actors by dropping its references to them, but the
+            # error's traceback holds more, in cycles: collect them now, or a later run in this
+            # process waits forever for the CPUs those actors keep.
+            gc.collect()
+            raise StorageError(full)
     summary.wall_seconds = time.perf_counter() - t0
     output.write_bytes(f"runs/{run_id}/summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     if track:
@@ -264,7 +296,14 @@ def _base_of(combination_key: str) -> str:
 
 def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputStore, run_id: str,
             summary: RunSummary, generator_cls=None) -> None:
-    """One generator actor pool per base model, all feeding one CPU stage."""
+    """One generator actor pool per base model, all feeding one CPU stage.
+
+    A generator or finisher actor that dies (OOM killer, lost node) is restarted and its batch
+    retried on the new actor: Ray Data's actor-pool defaults (max_restarts=-1, max_task_retries=-1;
+    setting them through map_batches is deprecated in Ray 2.60). Retrying is safe: image files are
+    named by content and a batch's catalog file by its run and image ids, so a retry replaces what
+    the dead actor wrote (tests/test_faults.py kills a generator mid-run).
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
