@@ -24,6 +24,10 @@ class ComputeSpec(BaseModel):
     # re-renders its recorded batch.
     batch_invariant: bool = True
     qc_workers: int = Field(1, ge=1, le=1024)
+    # Custom Ray resources (cluster.yaml node types declare them): each generator needs one unit of
+    # `accelerator_resource` (e.g. gpu_bulk, gpu_hero), each QC/post worker one of `qc_resource`.
+    accelerator_resource: str | None = None
+    qc_resource: str | None = None
     # Speed (app/generate.py). None: on for CUDA, off for CPU. Each is recorded in the catalog's
     # `accelerator` (they can change the last bits) and `regenerate` applies the same.
     fuse_qkv: bool | None = None  # one QKV matmul per attention; LoRA stacks then render fused

@@ -256,9 +256,11 @@ class CatalogWrite:
     reads = ("*",)
     adds = SUMMARY_COLUMNS
 
-    def __init__(self, output: OutputStore, run_id: str, source: str = "bulk", prices: PriceTable | None = None):
+    def __init__(self, output: OutputStore, run_id: str, source: str = "bulk", prices: PriceTable | None = None,
+                 date: str | None = None):
         self.store = CatalogStore(output)
         self.run_id = run_id
+        self.date = date  # the partition; None: the day each batch is written (Serve)
         self.source = source
         self.prices = prices or PriceTable()
 
@@ -266,7 +268,7 @@ class CatalogWrite:
         now = datetime.now(timezone.utc)
         n = len(batch["image_id"])
         rows = [catalog_row(batch, i, source=self.source, prices=self.prices, created_at=now) for i in range(n)]
-        self.store.append(rows, run_id=self.run_id, date=now.strftime("%Y-%m-%d"))
+        self.store.append(rows, run_id=self.run_id, date=self.date or now.strftime("%Y-%m-%d"))
         def passed(col, default, dtype):
             return np.asarray(batch[col], dtype=dtype) if col in batch else np.full(n, default, dtype=dtype)
 
@@ -292,10 +294,10 @@ class Finish:
     """
 
     def __init__(self, qc: QcSettings, postprocess: PostprocessSettings, output: OutputStore, run_id: str,
-                 source: str = "bulk", prices: PriceTable | None = None, duplicates=None):
+                 source: str = "bulk", prices: PriceTable | None = None, duplicates=None, date: str | None = None):
         self.qc = QualityControl(qc, duplicates)
         self.post = Postprocess(postprocess, output)
-        self.write = CatalogWrite(output, run_id, source, prices)
+        self.write = CatalogWrite(output, run_id, source, prices, date)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.write(self.post(self.qc(batch)))

@@ -58,6 +58,8 @@ class RunSummary:
     wall_seconds: float = 0.0
     generators: int = 0
     accelerator: str = ""
+    # The run's catalog partition: the day it started (a batch retried after midnight stays in it).
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))
     by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
     by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
 
@@ -244,7 +246,7 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator
     _write_run_record(output, run_id, spec, models, versions)
     if plan.failed.num_rows:
         failed = {c: np.asarray(plan.failed.column(c).to_pylist(), dtype=object) for c in plan.failed.column_names}
-        CatalogWrite(output, run_id)(failed)
+        CatalogWrite(output, run_id, date=summary.date)(failed)
         summary.counts["failed"] += plan.failed.num_rows
 
     # 4. Render, QC, post-process, write.
@@ -313,7 +315,13 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
 
     compute = spec.compute
     gpus = cluster_gpus() if compute.device != "cpu" else 0
-    use_gpu = gpus > 0
+    # device: cuda on an autoscaling cluster whose GPU nodes are at zero: ask for GPUs anyway
+    # (the autoscaler adds them); the pool size cannot come from GPUs that are not there yet.
+    use_gpu = gpus > 0 or compute.device == "cuda"
+    if use_gpu and not gpus and not compute.generators:
+        raise SpecError("compute.generators: the cluster has no GPU up yet; with device: cuda, say how many "
+                        "generators to start (the autoscaler adds GPU nodes for them)")
+    gpus = gpus or (compute.generators or 1)
     cpus = ray.cluster_resources().get("CPU", 1)
     batch = compute.batch_size
     pending = plan.pending
@@ -338,6 +346,7 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
             batch_format="numpy",
             num_gpus=1 if use_gpu else 0,
             num_cpus=gen_cpus,
+            resources={compute.accelerator_resource: 1} if compute.accelerator_resource else None,
         )
 
     duplicates = shared_duplicate_index(spec, output, run_id)
@@ -346,11 +355,12 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
         return ds.map_batches(
             Finish,
             fn_constructor_kwargs={"qc": spec.qc, "postprocess": spec.postprocess, "output": output, "run_id": run_id,
-                                   "duplicates": duplicates},
+                                   "duplicates": duplicates, "date": summary.date},
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute.qc_workers)),
             batch_size=batch,
             batch_format="numpy",
             num_cpus=0.5,
+            resources={compute.qc_resource: 1} if compute.qc_resource else None,
         )
 
     if together:

@@ -419,14 +419,16 @@ def build_app(config: ServeConfig):
     config.check_bind(serve_http_host())
     models = resolve_serve_models(config)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
-    use_gpu = gpus > 0 and config.compute.device != "cpu"
+    use_gpu = config.compute.device == "cuda" or (gpus > 0 and config.compute.device == "auto")
     r = config.replicas
     generators = {}
     for name, base in models.bases.items():
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == base.arch}
         generators[name] = GeneratorServer.options(
             name=f"generator-{name}",
-            ray_actor_options={"num_gpus": 1 if use_gpu else 0, "num_cpus": 1 if use_gpu else 0.5},
+            ray_actor_options={"num_gpus": 1 if use_gpu else 0, "num_cpus": 1 if use_gpu else 0.5,
+                               **({"resources": {config.compute.accelerator_resource: 1}}
+                                  if config.compute.accelerator_resource else {})},
             autoscaling_config={"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
                                 "target_ongoing_requests": r.target_ongoing_requests},
             max_ongoing_requests=max(8, config.batching.max_batch_size * 2),
