@@ -14,7 +14,6 @@ Flow (docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import sys
@@ -253,16 +252,9 @@ def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator
     if plan.pending.num_rows:
         try:
             _render(spec, plan, models, output, run_id, summary, generator_cls)
-            full = None
         except StorageError as e:  # raised in a Ray stage: the output filled up or became read-only
             # Its first line: Ray appends its traceback and a note on retries to the message.
-            full = str(getattr(e, "cause", None) or e).splitlines()[0]
-        if full:
-            # Ray Data ends a failed run's actors by dropping its references to them, but the
-            # error's traceback holds more, in cycles: collect them now, or a later run in this
-            # process waits forever for the CPUs those actors keep.
-            gc.collect()
-            raise StorageError(full)
+            raise StorageError(str(getattr(e, "cause", None) or e).splitlines()[0]) from e
     summary.wall_seconds = time.perf_counter() - t0
     output.write_bytes(f"runs/{run_id}/summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     if track:

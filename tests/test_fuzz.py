@@ -1,0 +1,299 @@
+"""Hostile input, generated: the HTTP API fuzzed from its own OpenAPI schema (schemathesis), the
+spec parser and the row expansion fuzzed with hypothesis. Bounded: a fixed number of examples per
+operation or property, and a wall-clock budget for the HTTP fuzz.
+
+- HTTP: never a 5xx except a deliberate 503/504; a 4xx always says what is wrong (a field, or a
+  message); bodies and prompts over the limits are refused before any generator call.
+- Spec: `parse_spec` / `load_spec` raise nothing but `SpecError`, whatever the YAML holds.
+- Rows: `ExpandRows` never raises; a row it cannot use becomes a `failed` row with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from collections import Counter
+
+import httpx
+import pyarrow as pa
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from app.expand import ExpandRows, ResolvedModels
+from app.request import RenderRequest
+from app.spec import MAX_SIDE, MIN_SIDE, SpecError, load_spec, parse_spec
+
+KEY = "fuzz-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+EXAMPLES = 50  # per operation and per mode (valid / invalid requests)
+HTTP_BUDGET_S = 150  # the whole schemathesis run; past it, remaining examples are not sent
+LIMITS = {"max_in_flight": 4, "max_images": 2, "max_prompt_chars": 200, "max_body_bytes": 8192,
+          "max_side": 128, "max_pixels": 128 * 128, "max_steps": 2, "request_timeout_s": 60}
+
+
+# --- the HTTP API --------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    """The real Serve app on loopback, with limits that keep any valid request to a tiny render."""
+    from ray import serve
+
+    from app.serve.app import build_app
+    from app.serve.config import load_serve_config
+
+    port = free_port()
+    config = load_serve_config(
+        None, output_uri=str(tmp_path_factory.mktemp("fuzz-out")), port=port, steps=2, api_keys=[KEY],
+        default_size="128x128", combinations={"default": {"loras": [{"name": "tiny-style", "weight": 0.8}]}, "plain": {}},
+        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.0}, limits=LIMITS,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="imagefab-fuzz", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=AUTH)
+    yield client
+    client.close()
+    serve.shutdown()
+
+
+def names_the_problem(response: httpx.Response) -> bool:
+    """Our errors: {"error": {"message", "param"}}; FastAPI's: {"detail": "…" | [{"loc", "msg"}]}."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    if not isinstance(body, dict):
+        return False
+    if isinstance(body.get("error"), dict):
+        err = body["error"]
+        return bool(err.get("message")) and (response.status_code != 422 or bool(err.get("param")))
+    detail = body.get("detail")
+    if isinstance(detail, list):
+        return bool(detail) and all(isinstance(item, dict) and item.get("loc") and item.get("msg") for item in detail)
+    return isinstance(detail, str) and bool(detail)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_api_answers_bad_input_with_a_4xx_that_names_it(server):
+    """Every operation of the served OpenAPI schema, up to 50 valid and 50 invalid requests each.
+
+    (schemathesis' own pytest plugin does not run under pytest 9, so its strategies are driven
+    here with hypothesis directly.) Failures are collected, not shrunk: the run stays bounded."""
+    schema = schemathesis.openapi.from_url(str(server.base_url).rstrip("/") + "/openapi.json")
+    deadline = time.monotonic() + HTTP_BUDGET_S
+    sent, problems = Counter(), []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 12
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def probe(case):
+                if time.monotonic() > deadline:
+                    return  # bounded in time: the budget's remaining examples are not sent
+                response = case.call(headers=AUTH, timeout=60)
+                status = response.status_code
+                sent[status] += 1
+                server_error = status >= 500 and status not in (503, 504)
+                unexplained = 400 <= status < 500 and not names_the_problem(response)
+                if server_error or unexplained or (status == 503 and not response.headers.get("retry-after")):
+                    problems.append(f"{case.method} {case.formatted_path} [{mode.value}] -> {status} "
+                                    f"{response.text[:300]}\n  {case.as_curl_command()[:400]}")
+
+            try:
+                probe()
+            except Unsatisfiable:
+                pass  # nothing invalid to send: the operation takes no parameters and no body
+    assert sum(sent.values()) >= len(operations) * 10, sent
+    print(f"HTTP fuzz: {sum(sent.values())} requests over {len(operations)} operations, by status {dict(sent)}")
+    assert not problems, "\n".join(problems[:10])
+
+
+def generator_calls(client: httpx.Client) -> tuple[int, int]:
+    stats = client.get("/v1/stats").json()["generators"]["tiny-sdxl"]
+    return stats["calls"], stats["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_oversized_bodies_and_prompts_are_refused_before_any_generator_call(server):
+    client = server
+    before = generator_calls(client)
+    too_long = "a" * (LIMITS["max_prompt_chars"] + 1)
+    big = "x" * LIMITS["max_body_bytes"]
+
+    def chunked(payload: dict):  # no Content-Length: the size is only known once read
+        data = json.dumps(payload).encode()
+        return (data[i:i + 1000] for i in range(0, len(data), 1000))
+
+    cases = [
+        (client.post("/v1/generate", json={"prompt": "a cat", "tags": {"x": big}}), 413, None),
+        (client.post("/v1/generate", content=chunked({"prompt": "a cat", "tags": {"x": big}}),
+                     headers={"content-type": "application/json"}), 413, None),
+        (client.post("/sdapi/v1/png-info", json={"image": big}), 413, None),
+        (client.post("/v1/generate", json={"prompt": too_long}), 422, "prompt"),
+        (client.post("/v1/generate", json={"prompt": "a cat", "negative_prompt": too_long}), 422, "negative_prompt"),
+        (client.post("/v1/images/generations", json={"prompt": too_long, "size": "128x128"}), 422, "prompt"),
+        (client.post("/sdapi/v1/txt2img", json={"prompt": too_long, "width": 128, "height": 128, "steps": 2}),
+         422, "prompt"),
+        (client.post("/v1/generate", json={"prompt": "a cat", "n": LIMITS["max_images"] + 1}), 422, "n"),
+        (client.post("/v1/generate", json={"prompt": "a cat", "width": 136, "height": 128}), 422, "size"),
+        (client.post("/v1/generate", json={"prompt": "a cat", "steps": LIMITS["max_steps"] + 1}), 422, "steps"),
+        (client.post("/v1/generate", json={"prompt": "a cat", "loras": [{"name": "tiny-style", "weight": 10**400}]}),
+         422, "loras"),
+    ]
+    for response, status, field in cases:
+        assert response.status_code == status, response.text[:300]
+        assert response.json()["error"]["param"] == field
+    assert generator_calls(client) == before, "a refused request reached a generator"
+
+
+# --- the spec parser -------------------------------------------------------------------------------------
+
+SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+           | st.sampled_from(["tiny-sdxl", "tiny-style", "256x256", "sdxl-square", "{name}", "{", "qc:/x@y",
+                              "fixed", "derived", "euler", "jpeg", "../../etc/passwd", "s3://b/p", ""]))
+YAMLISH = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4),
+    max_leaves=16,
+)
+VALID = {"run_name": "fuzz", "input": {"path": "/data/rows.csv", "prompt_template": "photo of {name}"},
+         "size": "tiny-square", "steps": 4, "model": {"loras": [{"name": "tiny-style", "weight": 0.5}]}}
+FIELDS = ["run_name", "input", "input.path", "input.format", "input.prompt_template", "input.limit",
+          "input.key_column", "negative_prompt", "variations", "variations.seeds_per_row", "variations.seed_mode",
+          "variations.base_seed", "variations.seeds", "model", "model.base", "model.loras", "model.catalog",
+          "steps", "guidance", "scheduler", "size", "size.width", "combinations", "combinations.a",
+          "combinations.a.loras", "combinations.a.steps", "tiers", "tiers.routes", "tiers.default", "ab_test",
+          "ab_test.combinations", "qc", "qc.min_sharpness", "qc.clip_model", "postprocess", "postprocess.presets",
+          "postprocess.watermark", "postprocess.watermark.text", "output", "output.uri", "tags", "static_tags",
+          "compute", "compute.generators", "compute.batch_size", "compute.device", "unknown_field"]
+
+
+def with_value(data: dict, dotted: str, value) -> dict:
+    out = json.loads(json.dumps(data))
+    node = out
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[leaf] = value
+    return out
+
+
+def only_spec_errors(fn, *args) -> None:
+    try:
+        fn(*args)
+    except SpecError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=12) | st.integers(), YAMLISH, max_size=6))
+def test_arbitrary_mappings_raise_only_spec_errors(data):
+    only_spec_errors(parse_spec, data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(FIELDS), YAMLISH)
+def test_a_valid_spec_with_any_field_replaced_raises_only_spec_errors(field, value):
+    only_spec_errors(parse_spec, with_value(VALID, field, value))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200) | st.sampled_from(["steps: " + "9" * 5000, "[[[[", "a: &x [*x]", "\x00", "- 1"]))
+def test_any_yaml_text_raises_only_spec_errors(tmp_path, text):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    only_spec_errors(load_spec, path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dotted=st.sampled_from(FIELDS + ["steps.x", "run_name.a.b", "tags.0", "model.loras.0.weight", "input.path.x"])
+       | st.text(max_size=20), value=YAMLISH)
+def test_any_override_raises_only_spec_errors(tmp_path, dotted, value):
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(VALID))  # JSON is YAML
+    only_spec_errors(load_spec, path, {dotted: value})
+
+
+# --- the row expansion ------------------------------------------------------------------------------------
+
+NUMBERISH = ["1e400", "-1e400", "nan", "inf", "-inf", "-1", "0", "1.5", "64", "128", "1024", "4104", "9" * 30,
+             "9007199254740993", " 256 ", "0x10", "", " "]
+LORAISH = ["tiny-style:0.5", "tiny-style:inf", "tiny-style:nan", "tiny-style:1e400", "tiny-style", "tiny-style:5",
+           "tiny-detail:0.3, tiny-style:0.2", "tiny-style:0.1,tiny-style:0.2", "../../etc/passwd:1", "/etc/passwd",
+           "tiny-style-b:1", "tiny-ghost:0.5", ",,", ":", ":1", "tiny-style:0.5:extra", "tiny-style;tiny-detail"]
+COLUMNS = ["name", "pid", "prompt", "negative_prompt", "seed", "width", "height", "loras"]
+
+
+@st.composite
+def input_tables(draw) -> pa.Table:
+    """An input batch as Ray Data hands it over: each column one Arrow type (CSV: text), nulls anywhere."""
+    n = draw(st.integers(1, 6))
+    columns = {}
+    for name in draw(st.lists(st.sampled_from(COLUMNS), unique=True, min_size=1)):
+        kind = draw(st.sampled_from(["string", "float", "int"]))
+        if kind == "string":
+            values = st.text(max_size=30) | st.sampled_from(NUMBERISH + LORAISH)
+            arrow = pa.string()
+        elif kind == "float":
+            values, arrow = st.floats(), pa.float64()
+        else:
+            values, arrow = st.integers(-2**63, 2**63 - 1), pa.int64()
+        columns[name] = pa.array(draw(st.lists(st.none() | values, min_size=n, max_size=n)), type=arrow)
+    return pa.table(columns)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_base, model_catalog):
+    loras = {n: model_catalog.resolve_lora(n, tiny_base) for n in ("tiny-style", "tiny-detail")}
+    return ResolvedModels.single(tiny_base, loras=loras, known_loras=tuple(model_catalog.names("lora")))
+
+
+SPECS = {
+    "template": {**VALID, "tags": ["pid"], "variations": {"seeds_per_row": 2},
+                 "input": {"path": "/x.csv", "prompt_template": "photo of {name}", "key_column": "pid"}},
+    "prompt column": {**VALID, "variations": {"seeds_per_row": 1, "seed_mode": "fixed", "base_seed": 3},
+                      "input": {"path": "/x.parquet"}},
+}
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_any_rows_expand_without_raising_bad_ones_fail_with_a_reason(models, spec_name):
+    spec = parse_spec(SPECS[spec_name])
+    expand = ExpandRows(spec, models)
+
+    @settings(max_examples=300, deadline=None)
+    @given(input_tables())
+    def check(table):
+        out = expand(table)
+        assert len(out["image_id"]) == table.num_rows * spec.variations.seeds_per_row
+        for status, error, request in zip(out["status"], out["error"], out["request"]):
+            assert status in ("pending", "failed")
+            if status == "failed":
+                assert error.startswith("bad_row: ") and len(error) > len("bad_row: ")
+                continue
+            req = RenderRequest.from_json(request)
+            assert req.prompt.strip() and req.width % 8 == 0 and req.height % 8 == 0
+            assert MIN_SIDE <= min(req.width, req.height) and max(req.width, req.height) <= MAX_SIDE
+            assert 0 <= req.seed < 2**63
+            assert all(lo.name in models.loras and -4 <= lo.weight <= 4 and not math.isnan(lo.weight)
+                       for lo in req.loras)
+
+    check()
