@@ -7,16 +7,16 @@ block over 30% of the frame, JPEG quality 10 or 4-bit posterisation are flagged 
 
 from __future__ import annotations
 
-import io
 import math
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from app.qc import EVALUATE_SCORE_KEYS, QcSettings, checks, evaluate, evaluate_batch, luminance
 from photos import photo
+
+from benchmarks.qc_eval import jpeg, posterize  # the same variants the precision/recall table uses
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 SIZES = (512, 1024)
@@ -41,17 +41,6 @@ def paste_block(pixels: np.ndarray, color, share: float = 0.3) -> np.ndarray:
     top, left = (height - block_h) // 3, (width - block_w) // 2
     out[top : top + block_h, left : left + block_w] = color
     return out
-
-
-def jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def posterize(pixels: np.ndarray, bits: int) -> np.ndarray:
-    step = 2 ** (8 - bits)
-    return (pixels // step * step + step // 2).astype(np.uint8)
 
 
 def gradient(noise: float = 0.0, size: int = 1024) -> np.ndarray:
