@@ -32,12 +32,16 @@ def ray_bin() -> str:
 @pytest.fixture
 def ray_head(tmp_path):
     """A head node in its own process group (so stopping it leaves any other local Ray alone)."""
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent, agent_grpc, metrics = (free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = Path("/tmp") / f"rs{os.getpid()}"  # Ray's socket paths must stay short
     proc = subprocess.Popen(
         [ray_bin(), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # The session's own local Ray (other tests) holds the default agent ports: a second
+         # head on the same ports never gets a job agent ("No available agent to submit job").
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}",
          f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
