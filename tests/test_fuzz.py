@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from collections import Counter
 
@@ -28,6 +27,7 @@ from schemathesis import GenerationMode
 from app.expand import ExpandRows, ResolvedModels
 from app.request import RenderRequest
 from app.spec import MAX_SIDE, MIN_SIDE, SpecError, load_spec, parse_spec
+from ports import free_port
 
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -38,12 +38,6 @@ LIMITS = {"max_in_flight": 4, "max_images": 2, "max_prompt_chars": 200, "max_bod
 
 
 # --- the HTTP API --------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory):

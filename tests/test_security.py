@@ -21,6 +21,7 @@ import pytest
 from app.models.digest import ModelFileError
 from app.serve.config import ServeConfig, load_serve_config
 from app.spec import SpecError
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "security-key-0123456789abcdef"
@@ -51,12 +52,6 @@ def hostile_catalog(tmp_path_factory) -> tuple[Path, Path]:
         f"loras:\n  evil: {{source: {lora}, base: tiny-sdxl}}\n"
         f"base_models:\n  evil-base: {{source: {d / 'pickle.ckpt'}}}\n")
     return d / "catalog.yaml", sentinel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

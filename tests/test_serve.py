@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 
 import httpx
@@ -16,15 +15,10 @@ from PIL import Image
 from app.postprocess import parse_infotext, read_metadata
 from app.serve.config import ServeConfig, load_serve_config
 from app.spec import SpecError
+from ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "test-key-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
