@@ -4,6 +4,7 @@ Each stage names the columns it reads and adds. They import no Ray: `jobs/genera
 Serve app wire them. A row whose stage fails becomes `failed` with the reason; the others go on.
 
   Generator            -> pixels, nonfinite, gpu_seconds, accelerator, batch_id, batch_size
+  (GeneratorWithClip   -> the same + clip_embedding, clip_model, clip_cosines: app/qc/clip_stage.py)
   QualityControl       -> status, reasons, scores, qc_version, cpu_seconds
   Postprocess          -> uri, variants, pixel_sha256, cpu_seconds (+), drops pixels
   CatalogWrite         -> appends catalog rows; returns image_id, status, gpu_seconds, cpu_seconds
@@ -25,6 +26,7 @@ from app.catalog.store import CatalogStore
 from app.cost import PriceTable
 from app.postprocess import ImageMetadata, PostprocessSettings, encode_master, render_variants
 from app.qc import QcModels, QcSettings
+from app.qc.clip_measures import CLIP_COLUMNS, measure_from_row
 from app.schedulers import sampler_name
 from app.storage import OutputStore, StorageError
 
@@ -73,14 +75,18 @@ class QualityControl:
 
     `duplicates` is the run's shared pHash index (a `PhashIndex`, or an adapter to one held by
     a Ray actor so that every QC worker sees every image); None checks duplicates within nothing.
+    `clip_on_generator`: the generator measured CLIP (`QcSettings.clip_runs_on_generator`, decided
+    where the stages are wired); QC then loads no CLIP and reads `CLIP_COLUMNS` as well. A pending
+    row without them, or measured by another model than the settings name, fails.
     """
 
-    reads = ("status", "request", "pixels", "nonfinite")
+    reads = ("status", "request", "pixels", "nonfinite")  # + CLIP_COLUMNS with clip_on_generator
     adds = ("status", "reasons", "scores", "phash", "nearest_duplicate", "qc_version", "cpu_seconds")
 
-    def __init__(self, settings: QcSettings, duplicates=None):
+    def __init__(self, settings: QcSettings, duplicates=None, clip_on_generator: bool = False):
         self.settings = settings
-        self.models = QcModels.load(settings, duplicates=duplicates)
+        self.models = QcModels.load(settings, duplicates=duplicates, clip_on_generator=clip_on_generator)
+        self.reads = self.reads + (CLIP_COLUMNS if self.models.clip_on_generator else ())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -135,6 +141,7 @@ class QualityControl:
             combinations=[r.get("combination") for r in reqs],
             tags=[r.get("tags") or {} for r in reqs],
             nonfinite_fractions=[float(batch["nonfinite"][i]) for i in rows],
+            clip_measures=[measure_from_row(batch, i) for i in rows] if self.models.clip_on_generator else None,
         )
 
 
@@ -294,8 +301,9 @@ class Finish:
     """
 
     def __init__(self, qc: QcSettings, postprocess: PostprocessSettings, output: OutputStore, run_id: str,
-                 source: str = "bulk", prices: PriceTable | None = None, duplicates=None, date: str | None = None):
-        self.qc = QualityControl(qc, duplicates)
+                 source: str = "bulk", prices: PriceTable | None = None, duplicates=None, date: str | None = None,
+                 clip_on_generator: bool = False):
+        self.qc = QualityControl(qc, duplicates, clip_on_generator)
         self.post = Postprocess(postprocess, output)
         self.write = CatalogWrite(output, run_id, source, prices, date)
 

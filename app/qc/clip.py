@@ -33,6 +33,7 @@ from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 
 from app.qc.checks import rgb_array
+from app.qc.clip_measures import clip_model_id
 
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 TINY_MODEL = "imagefab-tiny-clip"
@@ -184,7 +185,7 @@ class ClipScorer:
 
         Embeddings are only comparable between equal ids (style references check it).
         """
-        return f"{self.model_name}/{self.pretrained or f'random-{self.seed}'}"
+        return clip_model_id(self.model_name, self.pretrained, self.seed)
 
     def embed_images(self, images: Sequence[np.ndarray | Image.Image]) -> np.ndarray:
         """L2-normalised embeddings `[N, D]` float32 of uint8 images (RGB, gray or RGBA)."""

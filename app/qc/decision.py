@@ -67,6 +67,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.qc import checks
+from app.qc.clip_measures import ClipMeasure, clip_model_id, measure_clip
 from app.qc.duplicates import DuplicateIndex, perceptual_hash
 
 if TYPE_CHECKING:  # torch stays out of `import app.qc`
@@ -79,7 +80,7 @@ MODEL_CHECKS = ("prompt", "negative_concepts", "duplicates", "style")
 KNOWN_CHECKS = PIXEL_CHECKS + ARTEFACT_CHECKS + MODEL_CHECKS
 
 # How the run is executed, not how images are judged: left out of `qc_version`.
-RUNTIME_FIELDS = frozenset({"clip_device", "clip_threads", "clip_batch_size"})
+RUNTIME_FIELDS = frozenset({"clip_device", "clip_threads", "clip_batch_size", "clip_on_generator"})
 
 # Bump when a measurement changes meaning (not when a threshold changes: thresholds are
 # hashed into `qc_version`).
@@ -125,6 +126,10 @@ class QcSettings(BaseModel):
     clip_device: Literal["auto", "cpu", "cuda"] = "auto"
     clip_threads: int | None = Field(None, ge=1)  # torch CPU threads in the QC process; None: torch's default
     clip_batch_size: int = Field(32, ge=1)
+    # Where CLIP embeds the images: on the generator's device right after rendering (True), in the
+    # QC worker (False), or "auto": on the generator when it has a CUDA device. See
+    # `clip_runs_on_generator`; clip_device / clip_threads then only concern the QC worker.
+    clip_on_generator: Literal["auto"] | bool = "auto"
     # Raw cosine(image, prompt). No default: it depends on the model (see the module docstring).
     min_clip_score: float | None = Field(None, ge=-1.0, le=1.0)
     review_clip_score: float | None = Field(None, ge=-1.0, le=1.0)
@@ -221,6 +226,7 @@ class QcSettings(BaseModel):
                 for name in ("clip_pretrained", "min_clip_score", "review_clip_score")
                 if getattr(self, name) is not None
             ] + [name for name in ("negative_concepts", "style_references") if getattr(self, name)]
+            needs_clip += ["clip_on_generator"] if self.clip_on_generator is True else []
             if needs_clip:
                 raise ValueError(f"{needs_clip} need a CLIP model, but `clip_model` is not set")
         if self.min_std_blank > self.min_contrast:
@@ -231,6 +237,21 @@ class QcSettings(BaseModel):
                 f"{self.min_std_blank} and {self.min_contrast}"
             )
         return self
+
+    @property
+    def clip_model_id(self) -> str | None:
+        """The `ClipScorer.model_id` these settings build (None without `clip_model`)."""
+        return None if self.clip_model is None else clip_model_id(self.clip_model, self.clip_pretrained, self.clip_seed)
+
+    def clip_runs_on_generator(self, generator_on_cuda: bool) -> bool:
+        """Whether the generator measures CLIP (and QC grades its measures) rather than QC itself.
+
+        Decided once, where the stages are wired (jobs/generate.py, app/serve/app.py), and
+        passed to both sides.
+        """
+        if self.clip_model is None:
+            return False
+        return generator_on_cuda if self.clip_on_generator == "auto" else self.clip_on_generator
 
     @property
     def qc_version(self) -> str:
@@ -387,6 +408,7 @@ def evaluate(
     style: StyleReference | None = None,
     image_id: str | None = None,
     nonfinite_fraction: float = 0.0,
+    clip_measure: ClipMeasure | None = None,
 ) -> QcVerdict:
     """Judge one image with every enabled check; see `evaluate_batch`."""
     return evaluate_batch(
@@ -398,6 +420,7 @@ def evaluate(
         styles=[style],
         image_ids=None if image_id is None else [image_id],
         nonfinite_fractions=[nonfinite_fraction],
+        clip_measures=None if clip_measure is None else [clip_measure],
     )[0]
 
 
@@ -412,6 +435,7 @@ def evaluate_batch(
     image_ids: Sequence[str] | None = None,
     nonfinite_fractions: Sequence[float] | None = None,
     duplicate_groups: Sequence[str | None] | None = None,
+    clip_measures: Sequence[ClipMeasure | None] | None = None,
 ) -> list[QcVerdict]:
     """Judge a batch of images: pixel and artefact checks, then one CLIP pass over the batch,
     then the duplicate index (one `query_and_add_many` call, in batch order).
@@ -420,12 +444,16 @@ def evaluate_batch(
         images: uint8 arrays or PIL images, as for `check_image`.
         prompts: the prompt of each image (None or "": no prompt-adherence check for it).
         settings: thresholds and enabled checks.
-        clip: a loaded `ClipScorer`; None skips prompt, negative-concept and style checks.
+        clip: a loaded `ClipScorer`; None (and no `clip_measures`) skips prompt, negative-concept
+            and style checks.
         duplicates: a `PhashIndex` or an adapter for a shared one; None skips the duplicate
             check (the pHash is still computed while "duplicates" is enabled).
         styles: the `StyleReference` for each image, or None (see `style.style_key_for`).
         image_ids: required with `duplicates`: what a later duplicate points to.
         nonfinite_fractions: per image, as for `check_image`.
+        clip_measures: instead of `clip`, each image's CLIP numbers measured elsewhere (on the
+            generator, `clip_measures.py`), made by the model `settings` name. An image that is
+            measured without one raises `ValueError`.
 
     Every verdict has all of `EVALUATE_SCORE_KEYS` (NaN where not measured). An image that
     was rejected for another reason is not added to the duplicate index.
@@ -436,13 +464,17 @@ def evaluate_batch(
     lengths = {"prompts": len(prompts), "styles": len(styles), "nonfinite_fractions": len(nonfinite_fractions)}
     if image_ids is not None:
         lengths["image_ids"] = len(image_ids)
+    if clip_measures is not None:
+        lengths["clip_measures"] = len(clip_measures)
+        if clip is not None:
+            raise ValueError("pass `clip` (measure here) or `clip_measures` (measured elsewhere), not both")
     for name, length in lengths.items():
         if length != count:
             raise ValueError(f"{count} images but {length} {name}")
     if duplicates is not None and image_ids is None:
         raise ValueError("`image_ids` are needed with a duplicate index: a later duplicate points to them")
-    if any(style is not None for style in styles) and clip is None:
-        raise ValueError("style references need the CLIP scorer that built them, but `clip` is None")
+    if any(style is not None for style in styles) and clip is None and clip_measures is None:
+        raise ValueError("style references need CLIP embeddings of the images, but `clip` and `clip_measures` are None")
     for fraction in nonfinite_fractions:
         _check_nonfinite_fraction(fraction)
     enabled = set(settings.enabled)
@@ -467,10 +499,16 @@ def evaluate_batch(
             phashes[i] = perceptual_hash(rgb)
     measured = list(found)
 
-    # 2. CLIP: one pass over the batch's images, texts from the scorer's cache
-    if clip is not None and measured:
+    # 2. CLIP: one pass over the batch's images (texts from the scorer's cache), or its numbers
+    #    as the generator measured them
+    if measured and (clip is not None or clip_measures is not None):
+        if clip_measures is None:
+            measures = measure_clip(clip, [rgbs[i] for i in measured], [prompts[i] for i in measured],
+                                    settings.negative_concepts)
+        else:
+            measures = [_checked_measure(clip_measures[i], i, settings) for i in measured]
         _clip_checks(
-            clip, [rgbs[i] for i in measured], [prompts[i] for i in measured], [styles[i] for i in measured],
+            measures, [prompts[i] for i in measured], [styles[i] for i in measured],
             [phashes.get(i) for i in measured], [found[i] for i in measured], settings, enabled,
         )
 
@@ -518,9 +556,25 @@ def _mentions(prompt: str, concept: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(concept.lower())}(?!\w)", prompt.lower()) is not None
 
 
+def _checked_measure(measure: ClipMeasure | None, i: int, settings: QcSettings) -> ClipMeasure:
+    """A measure made elsewhere, if it was made by the model and for the concepts `settings` name."""
+    if measure is None:
+        raise ValueError(f"image {i} has no CLIP measures, but CLIP was to run on the generator")
+    if measure.model_id != settings.clip_model_id:
+        raise ValueError(
+            f"image {i} was measured with CLIP {measure.model_id!r}, but the QC settings name "
+            f"{settings.clip_model_id!r}; the generator and QC must be given the same settings"
+        )
+    if set(measure.concept_cosines) != set(settings.negative_concepts):
+        raise ValueError(
+            f"image {i} was measured against the concepts {sorted(measure.concept_cosines)}, but the QC "
+            f"settings list {sorted(settings.negative_concepts)}"
+        )
+    return measure
+
+
 def _clip_checks(
-    clip: ClipScorer,
-    rgbs: list[np.ndarray],
+    measures: list[ClipMeasure],
     prompts: list[str | None],
     styles: list[StyleReference | None],
     phashes: list[str | None],
@@ -528,46 +582,39 @@ def _clip_checks(
     settings: QcSettings,
     enabled: set[str],
 ) -> None:
-    from app.qc.clip import cosine, similarities
-
-    # image_embeddings: [N, D] unit rows
-    image_embeddings = clip.embed_images(rgbs)
-
     # Prompt adherence: raw cosine to the prompt
-    with_prompt = [k for k, prompt in enumerate(prompts) if prompt]
-    if with_prompt:
-        text_embeddings = clip.embed_texts([prompts[k] for k in with_prompt])  # [P, D]
-        scores = np.atleast_1d(cosine(image_embeddings[with_prompt], text_embeddings))
-        for k, score in zip(with_prompt, scores):
-            found[k].scores["clip_score"] = float(score)
-            if "prompt" in enabled:
-                low = settings.min_clip_score is not None and score < settings.min_clip_score
-                borderline = settings.review_clip_score is not None and score < settings.review_clip_score
-                found[k].grade("off_prompt", low, borderline)
+    for k, measure in enumerate(measures):
+        if not prompts[k]:
+            continue
+        score = measure.prompt_cosine
+        found[k].scores["clip_score"] = score
+        if "prompt" in enabled:
+            low = settings.min_clip_score is not None and score < settings.min_clip_score
+            borderline = settings.review_clip_score is not None and score < settings.review_clip_score
+            found[k].grade("off_prompt", low, borderline)
 
     # Negative concepts: closer to the image than the threshold and than its own prompt
     concepts = settings.negative_concepts
-    if concepts:
-        concept_sims = similarities(image_embeddings, clip.embed_texts(list(concepts)))  # [N, C]
-        for k, row in enumerate(concept_sims):
-            prompt = prompts[k]
-            applicable = [c for c, concept in enumerate(concepts) if not (prompt and _mentions(prompt, concept))]
-            if not applicable:
-                continue
-            found[k].scores["negative_similarity"] = float(max(row[c] for c in applicable))
-            if "negative_concepts" not in enabled:
-                continue
-            prompt_score = found[k].scores["clip_score"]
-            for c in applicable:
-                beats_prompt = math.isnan(prompt_score) or row[c] > prompt_score + settings.negative_margin
-                if row[c] > settings.max_negative_similarity and beats_prompt:
-                    found[k].rejects.append(f"negative_concept:{concepts[c]}")
+    for k, measure in enumerate(measures if concepts else ()):
+        prompt = prompts[k]
+        applicable = [concept for concept in concepts if not (prompt and _mentions(prompt, concept))]
+        if not applicable:
+            continue
+        sims = measure.concept_cosines
+        found[k].scores["negative_similarity"] = max(sims[concept] for concept in applicable)
+        if "negative_concepts" not in enabled:
+            continue
+        prompt_score = found[k].scores["clip_score"]
+        for concept in applicable:
+            beats_prompt = math.isnan(prompt_score) or sims[concept] > prompt_score + settings.negative_margin
+            if sims[concept] > settings.max_negative_similarity and beats_prompt:
+                found[k].rejects.append(f"negative_concept:{concept}")
 
-    # Style: distance to the reference centroid
+    # Style: distance of the image embedding to the reference centroid
     for k, style in enumerate(styles):
         if style is None:
             continue
-        distance = float(style.distances(image_embeddings[k : k + 1], clip.model_id)[0])
+        distance = float(style.distances(measures[k].embedding[None, :], measures[k].model_id)[0])
         found[k].scores["style_distance"] = distance
         if phashes[k] is not None:
             found[k].scores["style_phash_distance"] = style.median_phash_distance(phashes[k])

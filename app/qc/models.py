@@ -6,6 +6,11 @@ A QC stage builds a `QcModels` in its `__init__` (never at import; CLIP pulls in
     models = QcModels.load(settings, duplicates=index)        # index: PhashIndex or an actor adapter
     verdicts = models.evaluate_batch(images, prompts, image_ids=ids, combinations=combos,
                                      tags=tags, nonfinite_fractions=nonfinite)
+
+When CLIP runs on the generator (`QcSettings.clip_runs_on_generator`), `load(...,
+clip_on_generator=True)` keeps no scorer: each batch brings its images' `ClipMeasure`s
+(`clip_measures.py`) and `evaluate_batch(..., clip_measures=...)` grades those. A scorer is then
+built only to embed the style reference folders, once, and let go.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from app.qc.clip_measures import ClipMeasure
 from app.qc.decision import QcSettings, QcVerdict, evaluate_batch
 from app.qc.duplicates import DuplicateIndex
 from app.qc.style import StyleReference, style_key_for
@@ -31,25 +37,35 @@ class QcModels:
     clip: ClipScorer | None = None
     styles: dict[str, StyleReference] = field(default_factory=dict)
     duplicates: DuplicateIndex | None = None
+    clip_on_generator: bool = False  # CLIP measures come with each batch; `clip` stays None
 
     @classmethod
     def load(
-        cls, settings: QcSettings, *, duplicates: DuplicateIndex | None = None, clip: ClipScorer | None = None
+        cls,
+        settings: QcSettings,
+        *,
+        duplicates: DuplicateIndex | None = None,
+        clip: ClipScorer | None = None,
+        clip_on_generator: bool = False,
     ) -> QcModels:
         """Build the CLIP scorer (when `clip_model` is set) and the style references.
 
         Pass `clip` to reuse a scorer already loaded; it must be the model the settings name.
+        With `clip_on_generator` no scorer is kept: one is built only when there are style
+        references to embed (on `clip_device`, like the QC worker's own CLIP would be).
         Raises `ClipWeightsUnavailable` when the tag's weights are not on this machine, and
         `FileNotFoundError` / `ValueError` naming the key for a bad reference folder.
         """
-        if settings.clip_model is not None and clip is None:
+        clip_on_generator = clip_on_generator and settings.clip_model is not None
+        needs_scorer = not clip_on_generator or bool(settings.style_references)
+        if settings.clip_model is not None and clip is None and needs_scorer:
             from app.qc.clip import ClipScorer
 
             clip = ClipScorer.from_settings(settings)
         styles = {
             key: StyleReference.from_folder(key, folder, clip) for key, folder in settings.style_references.items()
         }
-        return cls(settings, clip, styles, duplicates)
+        return cls(settings, None if clip_on_generator else clip, styles, duplicates, clip_on_generator)
 
     def style_for(self, combination: str | None, tags: Mapping[str, str] | None) -> StyleReference | None:
         key = style_key_for(self.styles, combination, tags)
@@ -64,10 +80,17 @@ class QcModels:
         combinations: Sequence[str | None] | None = None,
         tags: Sequence[Mapping[str, str] | None] | None = None,
         nonfinite_fractions: Sequence[float] | None = None,
+        clip_measures: Sequence[ClipMeasure | None] | None = None,
     ) -> list[QcVerdict]:
         """`decision.evaluate_batch` with the loaded parts; the style reference of each image is
-        picked from its combination key and tags."""
+        picked from its combination key and tags. `clip_measures` (one per image, from the
+        generator) are required when the models were loaded with `clip_on_generator`, and refused
+        otherwise: an image is never graded on numbers from a model QC did not expect."""
         count = len(images)
+        if self.clip_on_generator and clip_measures is None:
+            raise ValueError("CLIP runs on the generator, but the batch brings no `clip_measures`")
+        if not self.clip_on_generator and clip_measures is not None:
+            raise ValueError("`clip_measures` were given, but these QC models measure CLIP themselves")
         combinations = [None] * count if combinations is None else combinations
         tags = [None] * count if tags is None else tags
         if len(combinations) != count or len(tags) != count:
@@ -82,4 +105,5 @@ class QcModels:
             image_ids=image_ids,
             nonfinite_fractions=nonfinite_fractions,
             duplicate_groups=[(t or {}).get("ab_group") for t in tags],
+            clip_measures=clip_measures,
         )
