@@ -7,8 +7,9 @@ Flow (docs/ARCHITECTURE.md):
   1. validate the spec, the output location, the input's columns and every model file (sha256)
   2. Ray Data: read the input -> expand rows into render requests (map_batches)
   3. driver: drop duplicates and ids already in the catalog (resume); write failed rows
-  4. Ray Data: Generator actor pool (1 GPU each when there are GPUs) -> Finish (QC, post-processing,
-     catalog append) on CPU actors; the driver streams the small per-image results into a summary
+  4. Ray Data: Generator actor pool (1 GPU each when there are GPUs; CLIP measured there too when
+     qc.clip_on_generator says so) -> Finish (QC, post-processing, catalog append) on CPU actors;
+     the driver streams the small per-image results into a summary
 """
 
 from __future__ import annotations
@@ -303,8 +304,6 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
 
     from app.generate import Generator
 
-    Generator = generator_cls or Generator  # noqa: N806 (a class chosen at run time)
-
     compute = spec.compute
     gpus = cluster_gpus() if compute.device != "cpu" else 0
     # device: cuda on an autoscaling cluster whose GPU nodes are at zero: ask for GPUs anyway
@@ -324,6 +323,14 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
     together = not use_gpu or sum(pools.values()) <= gpus
     # Generators must leave CPU for the QC/post stage, or the dataset can stall.
     gen_cpus = 1.0 if use_gpu else min(float(compute.cpu_threads), max(0.25, cpus - 0.5) / sum(pools.values()))
+    # CLIP on the generator's GPU, right after rendering, or in the QC workers: decided once, told to both.
+    clip_on_generator = spec.qc.clip_runs_on_generator(generator_on_cuda=use_gpu)
+    if clip_on_generator:
+        from app.qc.clip_stage import GeneratorWithClip
+
+        stage, stage_kwargs = GeneratorWithClip, {"qc": spec.qc, "generator_cls": generator_cls}
+    else:
+        stage, stage_kwargs = generator_cls or Generator, {}
 
     def generators_for(base: str):
         rows = pending.filter(pc.equal(pc.utf8_slice_codeunits(pending.column("combination"), 0, len(base) + 1),
@@ -331,8 +338,8 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
         ds = ray.data.from_arrow([rows.slice(i, batch) for i in range(0, rows.num_rows, batch)])
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == models.bases[base].arch}
         return ds.map_batches(
-            Generator,
-            fn_constructor_kwargs={"base": models.bases[base], "loras": usable, "compute": compute},
+            stage,
+            fn_constructor_kwargs={"base": models.bases[base], "loras": usable, "compute": compute, **stage_kwargs},
             compute=ActorPoolStrategy(size=pools[base] if together else max(1, gpus)),
             batch_size=batch,
             batch_format="numpy",
@@ -347,7 +354,8 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
         return ds.map_batches(
             Finish,
             fn_constructor_kwargs={"qc": spec.qc, "postprocess": spec.postprocess, "output": output, "run_id": run_id,
-                                   "duplicates": duplicates, "date": summary.date},
+                                   "duplicates": duplicates, "date": summary.date,
+                                   "clip_on_generator": clip_on_generator},
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute.qc_workers)),
             batch_size=batch,
             batch_format="numpy",

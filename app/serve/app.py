@@ -26,10 +26,19 @@ from ray import serve
 from app.generate import Generator
 from app.models.catalog import ResolvedModel
 from app.postprocess import parse_infotext, read_metadata
+from app.qc import QcSettings
 from app.request import RenderRequest
 from app.schedulers import SCHEDULERS
 from app.serve.config import ServeConfig, load_serve_config
-from app.serve.core import A1111_SAMPLERS, ImageJob, RequestError, ServeCore, resolve_serve_models, split_lora_tags
+from app.serve.core import (
+    A1111_SAMPLERS,
+    ImageJob,
+    RequestError,
+    ServeCore,
+    rendered_rows,
+    resolve_serve_models,
+    split_lora_tags,
+)
 from app.serve.schemas import A1111PngInfo, A1111Txt2Img, GenerateRequest, GenerateResponse, OpenAIImageRequest
 from app.spec import ComputeSpec, Size
 
@@ -42,11 +51,19 @@ api = FastAPI(
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
 class GeneratorServer:
-    """One base model's pipeline; batches requests and keeps recently used LoRA stacks loaded."""
+    """One base model's pipeline; batches requests and keeps recently used LoRA stacks loaded.
+
+    `clip`: the QC settings when CLIP runs on the generator (`build_app` decides): the replica
+    then measures each image it renders on its own device, and the ingress grades the numbers."""
 
     def __init__(self, base: ResolvedModel, loras: dict[str, ResolvedModel], compute: ComputeSpec,
-                 max_batch_size: int, batch_wait_timeout_s: float):
+                 max_batch_size: int, batch_wait_timeout_s: float, clip: QcSettings | None = None):
         self.generator = Generator(base, loras, compute)
+        self.clip = None
+        if clip is not None:
+            from app.qc.clip_stage import ClipMeasurer
+
+            self.clip = ClipMeasurer(clip, self.generator.device.type)
         self.render_batch.set_max_batch_size(max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.calls = 0
@@ -66,20 +83,14 @@ class GeneratorServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def render_batch(self, requests: list[str]) -> list[dict]:
         reqs = [RenderRequest.from_json(r) for r in requests]
-        # The pipeline call blocks: run it off the event loop so health checks keep answering.
-        results = await asyncio.to_thread(self.generator.render, reqs)
+        # The pipeline call (and CLIP's, when it runs here) blocks: run it off the event loop so health
+        # checks keep answering.
+        out = await asyncio.to_thread(
+            lambda: rendered_rows(reqs, self.generator.render(reqs), self.generator.accelerator, self.clip))
         self.calls += 1
         self.images += len(reqs)
         for q in reqs:
             self.combinations_seen[q.combination_key] = self.combinations_seen.get(q.combination_key, 0) + 1
-        by_id = {r.image_id: r for r in results}
-        out = []
-        for q in reqs:
-            r = by_id[q.image_id]
-            out.append({"image_id": r.image_id, "error": r.error, "nonfinite_fraction": r.nonfinite_fraction,
-                        "gpu_seconds": r.gpu_seconds, "batch_id": r.batch_id, "batch_size": r.batch_size,
-                        "accelerator": self.generator.accelerator,
-                        "pixels": b"" if r.pixels is None else r.pixels.tobytes()})
         return out
 
     def stats(self) -> dict:
@@ -124,10 +135,10 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: ServeConfig, models, generators: dict):
+    def __init__(self, config: ServeConfig, models, generators: dict, clip_on_generator: bool = False):
         self.config = config
         self.models = models
-        self.core = ServeCore(config, models)
+        self.core = ServeCore(config, models, clip_on_generator=clip_on_generator)
         self.generators = generators  # base model name -> DeploymentHandle
         self.keys = tuple(k.encode() for k in config.keys())
         self.metrics = _Metrics()
@@ -420,6 +431,8 @@ def build_app(config: ServeConfig):
     models = resolve_serve_models(config)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     use_gpu = config.compute.device == "cuda" or (gpus > 0 and config.compute.device == "auto")
+    # CLIP on the generator replicas' GPUs, right after rendering, or in the ingress's QC: decided once here.
+    clip_on_generator = config.qc.clip_runs_on_generator(generator_on_cuda=use_gpu)
     r = config.replicas
     generators = {}
     for name, base in models.bases.items():
@@ -432,8 +445,9 @@ def build_app(config: ServeConfig):
             autoscaling_config={"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
                                 "target_ongoing_requests": r.target_ongoing_requests},
             max_ongoing_requests=max(8, config.batching.max_batch_size * 2),
-        ).bind(base, usable, config.compute, config.batching.max_batch_size, config.batching.batch_wait_timeout_s)
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(config, models, generators)
+        ).bind(base, usable, config.compute, config.batching.max_batch_size, config.batching.batch_wait_timeout_s,
+               config.qc if clip_on_generator else None)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(config, models, generators, clip_on_generator)
 
 
 def app_builder(args: dict):

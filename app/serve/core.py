@@ -3,6 +3,10 @@ post-processed, catalogued images out. `app/serve/app.py` only wires this to Ray
 
 All three HTTP dialects (native, OpenAI, AUTOMATIC1111) are translated into one `ImageJob`, so
 limits, model checks and the catalog are the same whichever door a request came through.
+
+When CLIP runs on the generator (`QcSettings.clip_runs_on_generator`, decided in `build_app`), a
+replica's `rendered_rows` carry each image's CLIP measures and `ServeCore(clip_on_generator=True)`
+grades them without loading CLIP.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 from app.expand import ResolvedModels, RowError, build_request, lora_stack
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
+from app.qc.clip_measures import measure_columns
 from app.request import RenderRequest
 from app.schedulers import SCHEDULERS
 from app.serve.config import ServeConfig
@@ -109,15 +114,34 @@ def resolve_serve_models(config: ServeConfig) -> ResolvedModels:
     return ResolvedModels(bases=bases, loras=loras, known_loras=tuple(sorted(loras)), lora_problems=problems)
 
 
+def rendered_rows(requests: list[RenderRequest], results: list, accelerator: str, clip=None) -> list[dict]:
+    """What a generator replica returns for each request, in order (`ServeCore.finish` reads it).
+
+    `results` are the `Generator.render` results; `clip` is a `ClipMeasurer` (app/qc/clip_stage.py)
+    when CLIP runs on the generator: its columns are added and its time shared into `gpu_seconds`.
+    """
+    by_id = {r.image_id: r for r in results}
+    rows = []
+    for q in requests:
+        r = by_id[q.image_id]
+        rows.append({"image_id": r.image_id, "error": r.error, "nonfinite_fraction": r.nonfinite_fraction,
+                     "gpu_seconds": r.gpu_seconds, "batch_id": r.batch_id, "batch_size": r.batch_size,
+                     "accelerator": accelerator, "pixels": b"" if r.pixels is None else r.pixels.tobytes()})
+    if clip is not None:
+        clip.add_to_results(rows, [by_id[q.image_id].pixels for q in requests], [q.prompt for q in requests])
+    return rows
+
+
 class ServeCore:
-    def __init__(self, config: ServeConfig, models: ResolvedModels, run_id: str | None = None):
+    def __init__(self, config: ServeConfig, models: ResolvedModels, run_id: str | None = None,
+                 clip_on_generator: bool = False):
         self.config = config
         self.models = models
         self.combos = config.effective_combinations()
         self.output = OutputStore.at(config.output_uri)
         now = datetime.now(timezone.utc)
         self.run_id = run_id or f"serve-{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
-        self.qc = QualityControl(config.qc, self._duplicate_index(config))
+        self.qc = QualityControl(config.qc, self._duplicate_index(config), clip_on_generator)
         self.post = Postprocess(config.postprocess, self.output)
         self.write = CatalogWrite(self.output, self.run_id, source="serve")
 
@@ -208,6 +232,7 @@ class ServeCore:
             "accelerator": col("accelerator", ""),
             "batch_id": col("batch_id", ""),
             "batch_size": col("batch_size", 0, np.int32),
+            **{name: col(name, empty) for name, empty in measure_columns(None).items()},
         }
         post = self.post(self.qc(batch))
         self.write(post)
