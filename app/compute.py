@@ -34,3 +34,7 @@ class ComputeSpec(BaseModel):
     channels_last: bool | None = None  # NHWC convolutions
     compile: bool = False  # torch.compile the UNet and VAE decoder (minutes per new shape)
     warmup_sizes: tuple[str, ...] = ()  # sizes to compile at actor start: "1024x1024", …
+    # Inductor's caches (compiled graphs, autotuning, kernels), shared by every generator that
+    # points at the same directory: one compiles a shape, the others load it. None:
+    # $IMAGEFAB_HOME/compile-cache (shared per node); a shared filesystem path shares it cluster-wide.
+    compile_cache: str | None = None

@@ -14,6 +14,7 @@ reason (reductions split differently across threads).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from itertools import groupby
 import numpy as np
 import torch
 
-from app.models.catalog import ResolvedModel
+from app.models.catalog import ResolvedModel, default_home
 from app.models.digest import ModelFileError
 from app.models.loader import LoraStackSwitcher, load_pipeline, make_scheduler, pick_device, pick_dtype
 from app.request import RenderRequest
@@ -69,7 +70,11 @@ class Generator:
         on_gpu = self.device.type == "cuda"
         self.fuse_qkv = on_gpu if compute.fuse_qkv is None else compute.fuse_qkv
         self.channels_last = on_gpu if compute.channels_last is None else compute.channels_last
-        self.switcher = LoraStackSwitcher(fuse_qkv=self.fuse_qkv)
+        self.switcher = LoraStackSwitcher(fuse_qkv=self.fuse_qkv, unet_adapters=not compute.compile)
+        # Compiled graphs have fixed batch shapes: a short batch is padded up to `batch_size` (the
+        # padding's images are dropped) instead of compiling its size (minutes on a GPU).
+        self.batch_bucket = compute.batch_size if compute.compile and not compute.batch_invariant else 0
+        self.compile_cache = use_compile_cache(compute.compile_cache) if compute.compile else None
         self._optimise()
         self.accelerator = self._describe_device()
         self.generator_id = uuid.uuid4().hex[:12]
@@ -82,10 +87,18 @@ class Generator:
             self.pipe.vae.to(memory_format=torch.channels_last)
         if self.fuse_qkv:
             self.pipe.fuse_qkv_projections()
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            # Inference only; peft also turns requires_grad off when it loads a LoRA, which a
+            # compiled graph's guards would see as a change (measured: one recompile).
+            module = getattr(self.pipe, part, None)
+            if module is not None:
+                module.requires_grad_(False)
         if self.compute.compile:
             # Parameters stay graph inputs (no freezing), so fusing a LoRA into the weights in
             # place does not recompile; a new batch shape does (hence shape buckets + warm-up).
-            self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs")
+            # In place (nn.Module.compile): pipe.unet stays a UNet2DConditionModel, so LoRA loading
+            # finds its adapters (a torch.compile wrapper there made `set_adapters` fail).
+            self.pipe.unet.compile(mode="max-autotune-no-cudagraphs")
             self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode="max-autotune-no-cudagraphs")
 
     def _warm_up(self) -> float:
@@ -106,6 +119,8 @@ class Generator:
         """The device and every setting that can change an image's last bits (see regenerate)."""
         flags = "".join(f"+{name}" for name, on in (("fused_qkv", self.fuse_qkv), ("channels_last", self.channels_last),
                                                    ("compiled", self.compute.compile)) if on)
+        if self.batch_bucket:
+            flags += f"+batch_bucket={self.batch_bucket}"
         if self.device.type == "cuda":
             return f"cuda:{torch.cuda.get_device_name(self.device)}{flags}"
         return f"cpu:threads={torch.get_num_threads()}{flags}"
@@ -188,20 +203,21 @@ class Generator:
         r0 = chunk[0]
         batch_id = chunk[0].image_id if len(chunk) == 1 else hashlib.sha256(
             "".join(r.image_id for r in chunk).encode()).hexdigest()[:32]
+        padded = chunk + [chunk[-1]] * (self.batch_bucket - len(chunk))
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 out = self.pipe(
-                    prompt=[r.prompt for r in chunk],
+                    prompt=[r.prompt for r in padded],
                     # No negative prompt: SDXL's zeroed negative embedding (as stock diffusers and
                     # A1111 do), not an encoded empty string, which renders differently.
-                    negative_prompt=None if not r0.negative_prompt else [r.negative_prompt for r in chunk],
+                    negative_prompt=None if not r0.negative_prompt else [r.negative_prompt for r in padded],
                     num_inference_steps=r0.steps,
                     guidance_scale=r0.guidance,
                     width=r0.width,
                     height=r0.height,
                     # CPU generators: the same noise on any device.
-                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in chunk],
+                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in padded],
                     output_type="np",
                 ).images  # [B, H, W, 3] float in [0, 1]
             if self.device.type == "cuda":
@@ -227,6 +243,18 @@ class Generator:
             "lora_switches": self.switcher.switches,
             "lora_switch_seconds": self.switcher.switch_seconds,
         }
+
+
+def use_compile_cache(where: str | None) -> str:
+    """Point inductor's on-disk caches at one directory per torch build; returns it.
+
+    Every generator process that uses the same directory shares compiled graphs and autotuning
+    results: the first to compile a shape writes it, the others (and restarted actors) load it.
+    """
+    path = os.path.join(where or str(default_home() / "compile-cache"), f"torch-{torch.__version__}")
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -103,19 +103,7 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
     except (ModelFileError, KeyError) as e:
         raise RegenerateError(f"cannot load the models of {image_id}: {e}") from e
 
-    accelerator = row["accelerator"] or ""
-    threads = accelerator.partition("threads=")[2]
-    threads = threads.split("+", 1)[0]
-    compute = ComputeSpec(
-        device="cuda" if accelerator.startswith("cuda") else "cpu",
-        cpu_threads=int(threads) if threads.isdigit() else 1,
-        batch_invariant=len(requests) == 1,
-        batch_size=len(requests),
-        # The speed settings it was rendered with, as recorded (they can change the last bits).
-        fuse_qkv="+fused_qkv" in accelerator,
-        channels_last="+channels_last" in accelerator,
-        compile="+compiled" in accelerator,
-    )
+    compute = recorded_compute(row["accelerator"] or "", len(requests))
     generator = Generator(base, loras, compute)
     results = {r.image_id: r for r in generator.render_batch_exactly(requests)}
     result = results[image_id]
@@ -137,4 +125,20 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
         image_id=image_id, expected_sha256=row["pixel_sha256"],
         actual_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(), max_abs_diff=diff,
         batch_size=len(requests), accelerator=generator.accelerator, pixels=pixels,
+    )
+
+
+def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
+    """The generator settings an image was rendered with, from its catalog `accelerator` and the
+    size of its batch: the speed settings can change the last bits, so they are applied again."""
+    threads = accelerator.partition("threads=")[2].split("+", 1)[0]
+    bucket = accelerator.partition("+batch_bucket=")[2].split("+", 1)[0]
+    return ComputeSpec(
+        device="cuda" if accelerator.startswith("cuda") else "cpu",
+        cpu_threads=int(threads) if threads.isdigit() else 1,
+        batch_invariant=n == 1 and not bucket.isdigit(),
+        batch_size=int(bucket) if bucket.isdigit() else n,
+        fuse_qkv="+fused_qkv" in accelerator,
+        channels_last="+channels_last" in accelerator,
+        compile="+compiled" in accelerator,
     )

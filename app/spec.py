@@ -196,6 +196,20 @@ def with_defaults(combos: dict[str, Combination], steps: int, guidance: float, s
     }
 
 
+def check_compiled_stacks(combos: dict[str, Combination], compute: ComputeSpec, every: bool = False) -> None:
+    """A compiled UNet renders LoRA stacks merged into its weights: switching them then changes
+    no module, so nothing recompiles. Unfused adapters would recompile it for every stack.
+    `every`: also combinations without LoRAs (Serve requests can add a stack to any)."""
+    if not compute.compile:
+        return
+    unfused = [name for name, c in combos.items() if (c.loras or every) and not c.fuse_loras]
+    if unfused:
+        raise ValueError(
+            f"compute.compile needs `fuse_loras: true` on every combination with LoRAs; not set on: "
+            f"{', '.join(unfused)} (a compiled UNet would recompile for each unfused LoRA stack)"
+        )
+
+
 class Tiers(_Frozen):
     """Route rows to combinations by purpose: a tier per row (from `column`) -> a combination."""
 
@@ -279,6 +293,7 @@ class JobSpec(_Frozen):
         for name in self.ab_test.combinations if self.ab_test else ():
             if name not in names:
                 raise ValueError(f"ab_test.combinations: no combination '{name}' (combinations: {shown})")
+        check_compiled_stacks(self.effective_combinations(), self.compute)
         return self
 
     @property

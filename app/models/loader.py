@@ -7,6 +7,7 @@ that load the released SDXL and its LoRAs.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import OrderedDict
@@ -108,40 +109,86 @@ def adapter_name(lora: ResolvedModel) -> str:
 
 
 @dataclass
+class LoraFactor:
+    """One UNet layer of one LoRA: delta W = scale * up @ down (convolutions flattened)."""
+
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    scale: float  # peft's scaling at adapter weight 1 (lora_alpha / r, or / sqrt(r) with rsLoRA)
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        return (self.up.flatten(1).float() @ self.down.flatten(1).float()).reshape(shape) * self.scale
+
+
+@dataclass
 class LoraStackSwitcher:
     """Keeps a pipeline's active LoRA stack equal to the one asked for, with an adapter cache.
 
     Adapters stay loaded between switches (loading is the slow part); the least recently used are
     deleted past `max_loaded`, since `set_adapters` slows down as inactive adapters pile up.
 
-    `fuse=True` merges the stack into the weights (no per-layer LoRA matmuls while it stays).
-    Unfusing subtracts the merged delta again, which does not give the original bits back, so the
-    touched weights are copied before fusing and restored exactly after: every other stack then
-    renders the same pixels whether or not a fused stack ran before it.
+    Two ways to render a stack:
+    - unfused (`fuse=False`): peft's adapter layers compute each LoRA beside the base weights.
+    - fused (`fuse=True`): the stack's UNet deltas are added into the base weights here, from the
+      low-rank factors kept per adapter (read from peft's layers once, at load). The touched
+      weights are copied first and restored exactly on the next switch, so every stack renders
+      the same pixels whatever ran before it. The UNet's module structure never changes, which
+      is what lets a compiled UNet switch stacks without recompiling (`unet_adapters=False`:
+      peft's UNet layers are removed right after reading the factors, and unfused stacks are
+      refused). Fused QKV projections stay fused: they are rebuilt in place from to_q/to_k/to_v.
+      Text-encoder parts of a LoRA always run as peft adapters (the encoders are not compiled).
     """
 
     max_loaded: int = 6
     fuse_qkv: bool = False  # the pipeline's QKV projections are fused whenever that is correct
+    unet_adapters: bool = True  # keep peft layers in the UNet (needed for unfused stacks)
+    after_change: object = None  # called with the pipe after UNet weights changed in place (FP8 refresh)
     switches: int = 0
     switch_seconds: float = 0.0
     loaded: OrderedDict = field(default_factory=OrderedDict)  # adapter name -> ResolvedModel
+    factors: dict = field(default_factory=dict)  # adapter name -> {UNet module path: LoraFactor}
     active: tuple = ()
     fused: bool = False
-    _saved: dict = field(default_factory=dict)  # module name -> (weight, bias) before fusing
+    _saved: dict = field(default_factory=dict)  # UNet module path -> weight before merging
+    _qkv_split: bool = False  # QKV unfused for an unfused stack
 
     def apply(self, pipe, stack: list[tuple[ResolvedModel, float]], fuse: bool = False) -> None:
         wanted = tuple((adapter_name(lo), float(w)) for lo, w in stack)
         fuse = fuse and bool(wanted)
         if wanted == self.active and fuse == self.fused:
             return
+        if wanted and not fuse and not self.unet_adapters:
+            raise ModelFileError(
+                "this generator's UNet is compiled, so LoRA stacks render fused (set `fuse_loras: true`); "
+                "unfused adapters would recompile it for every stack"
+            )
         t0 = time.perf_counter()
-        if self.fuse_qkv:
-            # Fused QKV layers bypass unfused LoRA adapters (measured: a 0.25 difference in the
-            # image), so they are split for every switch and fused again only when no adapter
-            # computes separately: no stack, or a stack merged into the weights.
-            pipe.unfuse_qkv_projections()
-        if self.fused:
-            self._unfuse(pipe)
+        self._load(pipe, stack)
+        self._restore(pipe)
+        unet_has_peft = bool(getattr(pipe.unet, "peft_config", None))
+        if fuse or not wanted:
+            if unet_has_peft:
+                pipe.unet.disable_lora()
+            if self._qkv_split:
+                pipe.fuse_qkv_projections()
+                self._qkv_split = False
+            if fuse:
+                self._merge(pipe, wanted)
+        else:
+            if self.fuse_qkv and not self._qkv_split:
+                # Fused QKV layers bypass unfused LoRA adapters (measured: a 0.25 difference in
+                # the image), so they are split while an unfused stack is active.
+                pipe.unfuse_qkv_projections()
+                self._qkv_split = True
+            pipe.unet.enable_lora()
+            pipe.unet.set_adapters([n for n, _ in wanted], [w for _, w in wanted])
+        self._set_text_encoders(pipe, wanted)
+        self.active, self.fused = wanted, fuse
+        self.switches += 1
+        self.switch_seconds += time.perf_counter() - t0
+
+    # --- adapters ---------------------------------------------------------------------------------
+    def _load(self, pipe, stack) -> None:
         for lo, _ in stack:
             name = adapter_name(lo)
             if name in self.loaded:
@@ -149,60 +196,108 @@ class LoraStackSwitcher:
                 continue
             try:
                 pipe.load_lora_weights(lo.path, weight_name=lo.weight_name, adapter_name=name, use_safetensors=True)
+                self.factors[name] = _read_factors(pipe.unet, name, lo)
             except Exception as e:
                 self._drop(pipe, name)
+                if isinstance(e, ModelFileError):
+                    raise
                 raise ModelFileError(f"{lo.path}: cannot load LoRA '{lo.name}' into this base: {_first_lines(e)}") from e
+            finally:
+                if not self.unet_adapters and getattr(pipe.unet, "peft_config", None):
+                    pipe.unet.unload_lora()  # back to the plain modules the compiled graph was traced on
             self.loaded[name] = lo
-        in_use = {n for n, _ in wanted}
+        in_use = {adapter_name(lo) for lo, _ in stack}
         while len(self.loaded) > self.max_loaded:
             victim = next((n for n in self.loaded if n not in in_use), None)
             if victim is None:
                 break
             self._drop(pipe, victim)
-        if wanted:
-            pipe.enable_lora()
-            pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
-        elif self.loaded:
-            pipe.disable_lora()
-        if fuse:
-            self._fuse(pipe, [n for n, _ in wanted])
-        if self.fuse_qkv and (fuse or not wanted):
-            pipe.fuse_qkv_projections()
-        self.active = wanted
-        self.switches += 1
-        self.switch_seconds += time.perf_counter() - t0
-
-    def _fuse(self, pipe, names: list[str]) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self._saved = {
-            name: (m.get_base_layer().weight.detach().clone(),
-                   None if m.get_base_layer().bias is None else m.get_base_layer().bias.detach().clone())
-            for name, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)
-        }
-        pipe.fuse_lora(components=["unet"], adapter_names=names)
-        self.fused = True
-
-    def _unfuse(self, pipe) -> None:
-        import torch
-
-        pipe.unfuse_lora(components=["unet"])
-        modules = dict(pipe.unet.named_modules())
-        with torch.no_grad():
-            for name, (weight, bias) in self._saved.items():
-                base = modules[name].get_base_layer()
-                base.weight.copy_(weight)
-                if bias is not None:
-                    base.bias.copy_(bias)
-        self._saved = {}
-        self.fused = False
 
     def _drop(self, pipe, name: str) -> None:
         self.loaded.pop(name, None)
+        self.factors.pop(name, None)
         try:
             pipe.delete_adapters(name)
         except Exception:  # a half-loaded adapter may not be registered everywhere
             pass
+
+    def _set_text_encoders(self, pipe, wanted: tuple) -> None:
+        from diffusers.loaders.lora_base import disable_lora_for_text_encoder, set_adapters_for_text_encoder
+
+        for encoder in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+            present = set(getattr(encoder, "peft_config", None) or {})
+            if not present:
+                continue
+            mine = [(n, w) for n, w in wanted if n in present]
+            if mine:
+                set_adapters_for_text_encoder([n for n, _ in mine], encoder, [w for _, w in mine])
+            else:
+                disable_lora_for_text_encoder(encoder)
+
+    # --- merging ----------------------------------------------------------------------------------
+    def _merge(self, pipe, wanted: tuple) -> None:
+        modules = dict(pipe.unet.named_modules())
+        deltas: dict[str, torch.Tensor] = {}
+        for name, weight in wanted:
+            for path, factor in self.factors[name].items():
+                base = _base_layer(modules[path])
+                d = factor.delta(base.weight.shape).to(base.weight.device) * weight
+                deltas[path] = d if path not in deltas else deltas[path] + d
+        with torch.no_grad():
+            for path, d in deltas.items():
+                w = _base_layer(modules[path]).weight
+                self._saved[path] = w.detach().clone()
+                w.copy_((w.float() + d).to(w.dtype))
+        self._after(pipe, modules, deltas)
+
+    def _restore(self, pipe) -> None:
+        if not self._saved:
+            return
+        modules = dict(pipe.unet.named_modules())
+        with torch.no_grad():
+            for path, weight in self._saved.items():
+                _base_layer(modules[path]).weight.copy_(weight)
+        touched, self._saved = self._saved, {}
+        self._after(pipe, modules, touched)
+
+    def _after(self, pipe, modules: dict, touched: dict) -> None:
+        """Rebuild fused QKV weights (in place) of the attentions whose projections changed."""
+        parents = {path.rsplit(".", 1)[0] for path in touched if path.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")}
+        with torch.no_grad():
+            for parent in parents:
+                attn = modules.get(parent)
+                if not getattr(attn, "fused_projections", False):
+                    continue
+                q, k, v = (_base_layer(getattr(attn, n)).weight for n in ("to_q", "to_k", "to_v"))
+                if getattr(attn, "to_qkv", None) is not None and not attn.is_cross_attention:
+                    attn.to_qkv.weight.copy_(torch.cat([q, k, v]))
+                elif getattr(attn, "to_kv", None) is not None:
+                    attn.to_kv.weight.copy_(torch.cat([k, v]))
+        if self.after_change is not None:
+            self.after_change(pipe)
+
+
+def _base_layer(module):
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _read_factors(unet, name: str, lora: ResolvedModel) -> dict[str, LoraFactor]:
+    """The UNet layers of adapter `name` as low-rank factors (copies: peft's layers may go)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = {}
+    for path, m in unet.named_modules():
+        if not isinstance(m, BaseTunerLayer) or name not in getattr(m, "lora_A", {}):
+            continue
+        if getattr(m, "use_dora", {}).get(name) or getattr(m, "lora_bias", {}).get(name):
+            raise ModelFileError(f"{lora.path}: LoRA '{lora.name}' uses DoRA or LoRA biases, which imagefab cannot merge")
+        down, up = m.lora_A[name].weight, m.lora_B[name].weight
+        if up.dim() == 4 and up.shape[2:] != (1, 1):
+            raise ModelFileError(f"{lora.path}: LoRA '{lora.name}' layer {path} has an up-projection kernel {tuple(up.shape[2:])}")
+        r, alpha = m.r[name], m.lora_alpha[name]
+        scale = alpha / math.sqrt(r) if m.use_rslora.get(name, False) else alpha / r
+        found[path] = LoraFactor(down.detach().clone(), up.detach().clone(), float(scale))
+    return found
 
 
 def _first_lines(e: Exception, n: int = 3) -> str:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.postprocess import PostprocessSettings
 from app.qc import QcSettings
-from app.spec import Combination, ComputeSpec, SchedulerName, SpecError, _format_errors, with_defaults
+from app.spec import Combination, ComputeSpec, SchedulerName, SpecError, _format_errors, check_compiled_stacks, with_defaults
 
 API_KEYS_ENV = "IMAGEFAB_API_KEYS"  # comma-separated
 
@@ -90,6 +90,7 @@ class ServeConfig(_Frozen):
                              f"(combinations: {', '.join(self.combinations)})")
         if any(len(k) < 16 for k in self.api_keys):
             raise ValueError("api_keys: each key needs at least 16 characters")
+        check_compiled_stacks(self.combinations, self.compute, every=True)
         return self
 
     @property
