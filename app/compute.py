@@ -33,6 +33,11 @@ class ComputeSpec(BaseModel):
     fuse_qkv: bool | None = None  # one QKV matmul per attention; LoRA stacks then render fused
     channels_last: bool | None = None  # NHWC convolutions
     compile: bool = False  # torch.compile the UNet and VAE decoder (minutes per new shape)
+    # FP8 (e4m3, row-wise scales) weights and activations in the UNet's transformer Linear layers
+    # (app/fp8.py): needs an sm_89+ GPU (or the CPU), pays off compiled. Checked at actor start:
+    # the UNet's output may move at most `fp8_max_error` (relative) from the unquantised one.
+    fp8: bool = False
+    fp8_max_error: float = Field(0.05, gt=0.0, le=1.0)
     warmup_sizes: tuple[str, ...] = ()  # sizes to compile at actor start: "1024x1024", …
     # Inductor's caches (compiled graphs, autotuning, kernels), shared by every generator that
     # points at the same directory: one compiles a shape, the others load it. None:

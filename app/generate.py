@@ -71,6 +71,7 @@ class Generator:
         self.fuse_qkv = on_gpu if compute.fuse_qkv is None else compute.fuse_qkv
         self.channels_last = on_gpu if compute.channels_last is None else compute.channels_last
         self.switcher = LoraStackSwitcher(fuse_qkv=self.fuse_qkv, unet_adapters=not compute.compile)
+        self.fp8_error, self.fp8_layers = None, 0  # relative UNet output change, layers in FP8
         # Compiled graphs have fixed batch shapes: a short batch is padded up to `batch_size` (the
         # padding's images are dropped) instead of compiling its size (minutes on a GPU).
         self.batch_bucket = compute.batch_size if compute.compile and not compute.batch_invariant else 0
@@ -87,6 +88,8 @@ class Generator:
             self.pipe.vae.to(memory_format=torch.channels_last)
         if self.fuse_qkv:
             self.pipe.fuse_qkv_projections()
+        if self.compute.fp8:
+            self.fp8_error = self._quantize_fp8()
         for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
             # Inference only; peft also turns requires_grad off when it loads a LoRA, which a
             # compiled graph's guards would see as a change (measured: one recompile).
@@ -100,6 +103,33 @@ class Generator:
             # finds its adapters (a torch.compile wrapper there made `set_adapters` fail).
             self.pipe.unet.compile(mode="max-autotune-no-cudagraphs")
             self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode="max-autotune-no-cudagraphs")
+
+    def _quantize_fp8(self) -> float:
+        """FP8 for the UNet's transformer Linear layers, if its output stays within the limit."""
+        from app.fp8 import fp8_supported, quantize_linears, refresh_all, relative_error
+
+        if not fp8_supported(self.device):
+            raise RuntimeError(f"compute.fp8: {self._device_name()} has no FP8 matmuls (needs compute capability 8.9+)")
+        unet = self.pipe.unet
+        inputs = _probe_inputs(unet.config, self.device, self.dtype)
+        with torch.inference_mode():
+            reference = unet(**inputs).sample
+        with torch.no_grad():  # not inference mode: the FP8 buffers are rewritten in place later
+            report = quantize_linears(unet)
+        with torch.inference_mode():
+            error = relative_error(reference, unet(**inputs).sample)
+        if error > self.compute.fp8_max_error:
+            raise RuntimeError(
+                f"compute.fp8: FP8 moves {self.base.name}'s UNet output by {error:.3f} (relative), above "
+                f"compute.fp8_max_error {self.compute.fp8_max_error}: render it in {self.dtype} (fp8: false)"
+            )
+        # Fused stacks rewrite weights in place and re-fusing QKV builds new layers: re-quantise.
+        self.switcher.after_change = lambda pipe: (quantize_linears(pipe.unet), refresh_all(pipe.unet))
+        self.fp8_layers = report.layers
+        return error
+
+    def _device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def _warm_up(self) -> float:
         """Compile the listed sizes now, at actor start, instead of in the first real batch."""
@@ -118,11 +148,11 @@ class Generator:
     def _describe_device(self) -> str:
         """The device and every setting that can change an image's last bits (see regenerate)."""
         flags = "".join(f"+{name}" for name, on in (("fused_qkv", self.fuse_qkv), ("channels_last", self.channels_last),
-                                                   ("compiled", self.compute.compile)) if on)
+                                                   ("compiled", self.compute.compile), ("fp8", self.compute.fp8)) if on)
         if self.batch_bucket:
             flags += f"+batch_bucket={self.batch_bucket}"
         if self.device.type == "cuda":
-            return f"cuda:{torch.cuda.get_device_name(self.device)}{flags}"
+            return f"cuda:{self._device_name()}{flags}"
         return f"cpu:threads={torch.get_num_threads()}{flags}"
 
     # --- Ray Data entry -------------------------------------------------------------------------
@@ -238,11 +268,29 @@ class Generator:
     def stats(self) -> dict:
         return {
             "accelerator": self.accelerator,
+            "fp8_error": self.fp8_error,
             "load_seconds": self.load_seconds,
             "warmup_seconds": self.warmup_seconds,
             "lora_switches": self.switcher.switches,
             "lora_switch_seconds": self.switcher.switch_seconds,
         }
+
+
+def _probe_inputs(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Fixed random UNet inputs (two latents of 32x32, SDXL's conditioning) for output checks."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    return {
+        "sample": rand(2, config.in_channels, 32, 32),
+        "timestep": torch.tensor([500.0, 500.0], device=device),
+        "encoder_hidden_states": rand(2, 77, config.cross_attention_dim),
+        "added_cond_kwargs": {"text_embeds": rand(2, pooled),
+                              "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]] * 2, device=device, dtype=dtype)},
+    }
 
 
 def use_compile_cache(where: str | None) -> str:

@@ -141,4 +141,5 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
         fuse_qkv="+fused_qkv" in accelerator,
         channels_last="+channels_last" in accelerator,
         compile="+compiled" in accelerator,
+        fp8="+fp8" in accelerator,
     )

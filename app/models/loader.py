@@ -142,7 +142,7 @@ class LoraStackSwitcher:
     max_loaded: int = 6
     fuse_qkv: bool = False  # the pipeline's QKV projections are fused whenever that is correct
     unet_adapters: bool = True  # keep peft layers in the UNet (needed for unfused stacks)
-    after_change: object = None  # called with the pipe after UNet weights changed in place (FP8 refresh)
+    after_change: object = None  # called with the pipe after each switch (FP8 re-quantisation)
     switches: int = 0
     switch_seconds: float = 0.0
     loaded: OrderedDict = field(default_factory=OrderedDict)  # adapter name -> ResolvedModel
@@ -183,6 +183,8 @@ class LoraStackSwitcher:
             pipe.unet.enable_lora()
             pipe.unet.set_adapters([n for n, _ in wanted], [w for _, w in wanted])
         self._set_text_encoders(pipe, wanted)
+        if self.after_change is not None:
+            self.after_change(pipe)
         self.active, self.fused = wanted, fuse
         self.switches += 1
         self.switch_seconds += time.perf_counter() - t0
@@ -273,8 +275,6 @@ class LoraStackSwitcher:
                     attn.to_qkv.weight.copy_(torch.cat([q, k, v]))
                 elif getattr(attn, "to_kv", None) is not None:
                     attn.to_kv.weight.copy_(torch.cat([k, v]))
-        if self.after_change is not None:
-            self.after_change(pipe)
 
 
 def _base_layer(module):
