@@ -43,3 +43,6 @@ class ComputeSpec(BaseModel):
     # points at the same directory: one compiles a shape, the others load it. None:
     # $IMAGEFAB_HOME/compile-cache (shared per node); a shared filesystem path shares it cluster-wide.
     compile_cache: str | None = None
+    # Images with more pixels than this are VAE-decoded in tiles (less memory, seams blended: the
+    # pixels differ slightly, so it depends on the size alone). Default: above 2048x2048.
+    vae_tiling_above: int = Field(2048 * 2048, ge=64 * 64)

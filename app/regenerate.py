@@ -133,6 +133,7 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
     size of its batch: the speed settings can change the last bits, so they are applied again."""
     threads = accelerator.partition("threads=")[2].split("+", 1)[0]
     bucket = accelerator.partition("+batch_bucket=")[2].split("+", 1)[0]
+    tiling = accelerator.partition("+vae_tiling_above=")[2].split("+", 1)[0]
     return ComputeSpec(
         device="cuda" if accelerator.startswith("cuda") else "cpu",
         cpu_threads=int(threads) if threads.isdigit() else 1,
@@ -142,4 +143,5 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
         channels_last="+channels_last" in accelerator,
         compile="+compiled" in accelerator,
         fp8="+fp8" in accelerator,
+        **({"vae_tiling_above": int(tiling)} if tiling.isdigit() else {}),
     )

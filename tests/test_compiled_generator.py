@@ -5,6 +5,7 @@ here (a C++ compiler), the same code path that compiles CUDA kernels on a GPU ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -183,3 +184,79 @@ def test_compiled_fp8_generator_switches_stacks_without_recompiling(tiny_base, t
         images.append(got.pixels.astype(int))
     assert graphs() == after_warm_up
     assert np.abs(images[1] - images[0]).mean() > 10  # the compiled FP8 layers followed the stack
+
+
+# --- output, memory, VAE tiling ---------------------------------------------------------------------
+def test_to_uint8_matches_the_float_arithmetic_and_counts_nonfinite_values():
+    import torch
+
+    from app.generate import to_uint8
+
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[1, 0, 0, :4] = float("nan")
+    images[1, 2, 7, 7] = float("inf")
+    images[0, 1, 3, 3] = 1.7  # out of range: clipped
+    pixels, bad = to_uint8(images)
+    as_np = images.permute(0, 2, 3, 1).numpy()
+    want = (np.clip(np.where(np.isfinite(as_np), as_np, 0.0), 0.0, 1.0) * np.float32(255.0)).round().astype(np.uint8)
+    assert pixels.shape == (2, 8, 8, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels, want)
+    assert bad == [0.0, pytest.approx(5 / 192)]
+
+
+def tight_memory(pipe, max_images: int):
+    """Fault injection: the device has room for `max_images` images per call, as a GPU would."""
+    import torch
+
+    class Tight(type(pipe)):
+        calls: list = []
+
+        def __call__(self, *args, **kwargs):
+            n = len(kwargs["prompt"])
+            type(self).calls.append(n)
+            if n > max_images:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (test: {n} images > {max_images})")
+            return super().__call__(*args, **kwargs)
+
+    pipe.__class__ = Tight
+    return Tight.calls
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_for_good(tiny_base, tiny_loras):
+    from app.generate import Generator
+    from app.models.loader import load_pipeline, pick_dtype
+
+    import torch
+
+    pipe = load_pipeline(tiny_base, torch.device("cpu"), pick_dtype(tiny_base.dtype, torch.device("cpu")))
+    calls = tight_memory(pipe, 2)
+    gen = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=4), pipe=pipe)
+    reqs = [request(tiny_base, tiny_loras, i) for i in range(4)]
+    first = gen.render(reqs)
+    assert all(not r.error for r in first) and [r.batch_size for r in first] == [2, 2, 2, 2]
+    assert calls == [4, 2, 2] and gen.batch_limit == 2
+    # Same pixels as a generator sized 2 from the start: the halves are ordinary batches.
+    sized = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=2))
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(first, sized.render(reqs)))
+    calls.clear()
+    gen.render([request(tiny_base, tiny_loras, i) for i in range(4, 8)])
+    assert calls == [2, 2]  # no second out-of-memory: the limit stays
+    calls.clear()
+    tight_memory(pipe, 0)
+    lone = gen.render([request(tiny_base, tiny_loras, 9)])[0]
+    assert lone.pixels is None and "out of memory at 64x64 for one image" in lone.error
+
+
+def test_vae_tiles_only_above_the_threshold_and_regenerate_knows(tiny_base):
+    from app.generate import Generator
+    from app.regenerate import recorded_compute
+
+    plain = Generator(tiny_base, {}, ComputeSpec(device="cpu"))
+    tiled = Generator(tiny_base, {}, ComputeSpec(device="cpu", vae_tiling_above=64 * 64))
+    assert tiled.accelerator == "cpu:threads=1+vae_tiling_above=4096" and plain.accelerator == "cpu:threads=1"
+    assert recorded_compute(tiled.accelerator, 1).vae_tiling_above == 4096
+    small = request(tiny_base, {}, 1)
+    assert np.array_equal(plain.render([small])[0].pixels, tiled.render([small])[0].pixels)  # 64x64: not above
+    big = dataclasses.replace(small, image_id="big", width=256, height=256)
+    a, b = plain.render([big])[0].pixels.astype(int), tiled.render([big])[0].pixels.astype(int)
+    assert 0 < np.abs(a - b).mean() < 20  # tiles blended at their seams: close, not equal
