@@ -33,6 +33,9 @@ class ComputeSpec(BaseModel):
     fuse_qkv: bool | None = None  # one QKV matmul per attention; LoRA stacks then render fused
     channels_last: bool | None = None  # NHWC convolutions
     compile: bool = False  # torch.compile the UNet and VAE decoder (minutes per new shape)
+    # Inductor mode. "max-autotune" adds CUDA graphs (fewer launches: matters at batch 1-2).
+    compile_mode: Literal["max-autotune-no-cudagraphs", "max-autotune", "default", "reduce-overhead"] = (
+        "max-autotune-no-cudagraphs")
     # FP8 (e4m3, row-wise scales) weights and activations in the UNet's transformer Linear layers
     # (app/fp8.py): needs an sm_89+ GPU (or the CPU), pays off compiled. Checked at actor start:
     # the UNet's output may move at most `fp8_max_error` (relative) from the unquantised one.

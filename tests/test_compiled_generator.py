@@ -99,7 +99,8 @@ def test_short_batches_are_padded_to_the_compiled_shape(tiny_base, tiny_loras, t
     from app.generate import Generator
 
     gen = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", compile=True, batch_invariant=False, batch_size=2,
-                                                       warmup_sizes=("64x64",), compile_cache=str(tmp_path)))
+                                                       compile_mode="default", warmup_sizes=("64x64",),
+                                                       compile_cache=str(tmp_path)))
     assert gen.accelerator.endswith("+compiled+batch_bucket=2")
     after_warm_up = graphs()
     reqs = [request(tiny_base, tiny_loras, i) for i in range(3)]
