@@ -1,32 +1,61 @@
 """Generator speed: imagefab's Generator next to stock diffusers, same process, same card.
 
-    python -m benchmarks.gpu_bench                       # SDXL-base architecture, CUDA, 1024², 30 steps
-    python -m benchmarks.gpu_bench --config tiny --device cpu --size 64 --steps 2 --batches 1,2
+    python -m benchmarks.gpu_bench --batches 1,4,8 --compile-batches 8 --fp8-batches 8 --repeats 1 --time-budget 450
+    python -m benchmarks.gpu_bench --config tiny --device cpu --size 64 --steps 2 --batches 1,2 --compile-batches 2
 
 The SDXL-base architecture is built from the configs in benchmarks/sdxl/ with random bf16 weights:
 the same arithmetic as the released weights, no download. A random rank-`--lora-rank` LoRA on
-the attention projections is active in both (stock: loaded and set the usual way; imagefab: its
-combination setting `fuse_loras`). Needs torch, transformers, diffusers, pydantic, pyyaml (the
-GPU machine lacks diffusers and pydantic: carry their wheels, see benchmarks/RESULTS.md).
+the attention projections is active in every row (stock: loaded and set the usual way, or fused
+with `fuse_lora` when compiled; imagefab: its combination setting `fuse_loras`). Needs torch,
+transformers, diffusers, pydantic, pyyaml (the GPU machine lacks diffusers and pydantic: carry
+their wheels, see benchmarks/RESULTS.md).
 
-Prints a Markdown table: s/image and images/s per batch size, TFLOP/s (counted with torch's
-FlopCounterMode on this very pipeline), warm-up/compile seconds, peak memory, the ratio to stock
-at the same batch size, and the largest pixel difference between the two (0..255).
+Row groups, in the order they run:
+  diffusers eager       --batches                the LoRA as unfused peft adapters
+  imagefab eager        --batches                Generator, whole batches per call
+  imagefab compiled     --compile-batches        compute.compile, one compiled shape per batch size
+  imagefab fp8          --fp8-batches            compute.compile + compute.fp8
+  diffusers compiled    --stock-compile-batches  the usual recipe: fuse_lora, fused QKV, channels_last,
+                                                 torch.compile(unet, "max-autotune-no-cudagraphs")
+Every compiled row gets a pipeline of its own, built from the same seed (the same weights):
+compiling in place and FP8's layer conversion cannot be undone on a shared one, and a second
+Generator on a used pipeline would merge its LoRA a second time and fuse QKV over fused QKV.
+
+Prints a Markdown table after each row group (so a run cut short still leaves what it measured,
+and `--json` is rewritten each time): s/image and images/s, TFLOP/s, warm-up seconds (compiling
+included), peak memory, the speed ratio to stock eager at the same batch size, the largest and
+mean pixel difference (0..255) from stock eager's images at the same batch size (else imagefab
+eager's), and FP8's measured output error. FLOPs are counted once per implementation with torch's
+FlopCounterMode on its eager path at batch 1 and scaled by the batch size: compiled and FP8 rows
+do the same arithmetic, and a dispatch mode around a compiled graph would recompile it.
+
+`--time-budget` skips (with a printed line) every row whose estimate no longer fits: eager rows
+from the eager seconds per image measured so far, compiled ones plus `--compile-estimate` per
+compiled shape and a pipeline build. The budget counts from the start of `main` (after torch's
+import). Compiled rows use a fresh inductor cache unless `--compile-cache` names a kept one (the
+header line says how many files it held at the start: 0 means cold compiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+STOCK, OURS = "diffusers eager", "imagefab eager"
+HEADER = ["implementation", "batch", "s/image", "images/s", "TFLOP/s", "warm-up s", "peak GiB", "vs stock",
+          "max px diff", "mean px diff", "px diff vs", "fp8 error"]
 
 
 @dataclass
@@ -37,14 +66,98 @@ class Row:
     warmup_seconds: float
     peak_gib: float
     tflops: float
+    ratio: float | None = None  # stock eager's s/image at this batch size / this row's
     max_pixel_diff: int | None = None
-    ratio: float | None = None
+    mean_pixel_diff: float | None = None
+    diff_ref: str | None = None  # whose images the pixel differences are from
+    fp8_error: float | None = None  # the UNet's relative output change, measured by the Generator
+    accelerator: str = ""
 
     def cells(self) -> list[str]:
+        def opt(value, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
         return [self.impl, str(self.batch), f"{self.seconds_per_image:.3f}", f"{1 / self.seconds_per_image:.2f}",
                 f"{self.tflops:.3g}", f"{self.warmup_seconds:.1f}", f"{self.peak_gib:.1f}",
-                "-" if self.ratio is None else f"{self.ratio:.2f}x",
-                "-" if self.max_pixel_diff is None else str(self.max_pixel_diff)]
+                "-" if self.ratio is None else f"{self.ratio:.2f}x", opt(self.max_pixel_diff, "d"),
+                opt(self.mean_pixel_diff, ".3f"), self.diff_ref or "-", opt(self.fp8_error, ".4f")]
+
+
+@dataclass
+class Results:
+    """The rows so far, the images they are compared with, and what was skipped or failed."""
+
+    meta: dict
+    json_path: str | None = None
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    images: dict = field(default_factory=dict)  # (impl, batch) -> [B, H, W, 3] uint8, eager rows only
+    flops_per_image: dict = field(default_factory=dict)  # "diffusers" / "imagefab" -> FLOPs of one image
+
+    def add(self, row: Row, images: np.ndarray) -> None:
+        ref = next(((name, self.images[name, row.batch]) for name in (STOCK, OURS)
+                    if name != row.impl and (name, row.batch) in self.images), None)
+        if ref is not None:
+            diff = np.abs(images.astype(np.int16) - ref[1].astype(np.int16))
+            row.diff_ref, row.max_pixel_diff, row.mean_pixel_diff = ref[0], int(diff.max()), float(diff.mean())
+        stock = self.seconds(STOCK, row.batch)
+        if stock is not None and row.impl != STOCK:
+            row.ratio = stock / row.seconds_per_image
+        if row.impl in (STOCK, OURS):
+            self.images[row.impl, row.batch] = images
+        self.rows.append(row)
+
+    def seconds(self, impl: str, batch: int) -> float | None:
+        return next((r.seconds_per_image for r in self.rows if r.impl == impl and r.batch == batch), None)
+
+    def eager_estimate(self, batch: int) -> float:
+        """Seconds per image to expect at `batch` from the eager rows so far (0: none yet)."""
+        known: dict[int, float] = {}
+        for r in self.rows:
+            if r.impl in (STOCK, OURS):
+                known[r.batch] = max(known.get(r.batch, 0.0), r.seconds_per_image)
+        if not known:
+            return 0.0
+        # s/image falls with the batch size: the nearest smaller batch measured over-estimates.
+        smaller = [b for b in known if b <= batch]
+        return known[max(smaller)] if smaller else known[min(known)]
+
+    def publish(self, title: str) -> None:
+        m = self.meta
+        print(f"\n{title}: {m['card']}, {m['config']}, {m['size']}x{m['size']}, {m['steps']} steps, "
+              f"guidance {m['guidance']}, {m['dtype']}, LoRA rank {m['lora_rank']}, repeats {m['repeats']}")
+        print("| " + " | ".join(HEADER) + " |")
+        print("|" + "---|" * len(HEADER))
+        for r in self.rows:
+            print("| " + " | ".join(r.cells()) + " |")
+        for s in self.skipped:
+            print(f"skipped: {s['impl']} batch {s['batch']} ({s['reason']})")
+        for f in self.failed:
+            print(f"failed: {f['impl']} batch {f['batch']} ({f['error']})")
+        print(flush=True)
+        if self.json_path:
+            Path(self.json_path).write_text(json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows],
+                                                        "skipped": self.skipped, "failed": self.failed}, indent=1))
+
+
+@dataclass
+class Budget:
+    """Seconds left for the run; `None` seconds: no limit."""
+
+    seconds: float | None
+    compile_seconds: float  # expected compile time of one compiled variant at one batch shape
+    started: float = field(default_factory=time.perf_counter)
+    build_seconds: float = 0.0  # one pipeline build, measured
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - (time.perf_counter() - self.started)
+
+    def skip_reason(self, estimate: float) -> str | None:
+        left = self.left()
+        if estimate <= left:
+            return None
+        return f"estimated {estimate:.1f} s, {max(left, 0.0):.1f} s of the {self.seconds:.0f} s budget left"
 
 
 def byte_tokenizer():
@@ -61,7 +174,9 @@ def byte_tokenizer():
 
 
 def build_pipeline(config: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A StableDiffusionXLPipeline of the chosen architecture with random weights, on `device`."""
+    """A StableDiffusionXLPipeline of the chosen architecture with random weights, on `device`.
+
+    The same `seed` gives the same weights: every compiled row builds its own copy this way."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -114,7 +229,7 @@ def save_random_lora(pipe, folder: Path, rank: int, seed: int = 1) -> Path:
 
 
 def count_flops(run_once, steps: int) -> float:
-    """FLOPs of one pipeline call of `steps` steps, from two counted calls (1 and 2 steps)."""
+    """FLOPs of one eager pipeline call of `steps` steps, from two counted calls (1 and 2 steps)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     totals = []
@@ -131,131 +246,282 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, repeats: int, device) -> float:
-    best = float("inf")
+def timed(fn, repeats: int, device) -> tuple[float, object]:
+    """The best of `repeats` wall times of `fn()`, and its last result."""
+    best, out = float("inf"), None
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    return best
+    return best, out
 
 
-def main(argv: list[str] | None = None) -> int:
+def release(device) -> None:
+    """Free the last row group's pipeline, compiled graphs and cached GPU memory."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def machine(device: torch.device) -> dict:
+    import diffusers
+
+    return {"card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+class Bench:
+    """One benchmark run: the arguments, the LoRA file, the results and the time budget."""
+
+    def __init__(self, args: argparse.Namespace):
+        from app.models.catalog import ResolvedModel
+
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.budget = Budget(args.time_budget, args.compile_estimate if args.compile_estimate is not None
+                             else (120.0 if self.device.type == "cuda" else 0.0))
+        self.tmp = Path(tempfile.mkdtemp(prefix="imagefab-bench-"))
+        # A fresh folder by default, so that warm-up seconds are cold compiles (an actor's first start).
+        self.compile_cache = args.compile_cache or str(self.tmp / "compile-cache")
+        cached = sum(1 for f in Path(self.compile_cache).rglob("*") if f.is_file())
+        self.prompts = [f"a studio photo of product {i}, white background" for i in range(256)]
+        self.base = ResolvedModel(name=f"{args.config}-random", kind="base", version="1", source="bench",
+                                  path=str(self.tmp), sha256="1" * 64, arch="bench")
+        self.lora: ResolvedModel | None = None
+        self.results = Results(meta={**machine(self.device), "config": args.config, "size": args.size,
+                                     "steps": args.steps, "guidance": args.guidance, "dtype": str(self.dtype),
+                                     "lora_rank": args.lora_rank, "repeats": args.repeats,
+                                     "compile_cache": self.compile_cache, "compile_cache_files_at_start": cached},
+                               json_path=args.json)
+
+    # --- pipelines ------------------------------------------------------------------------------
+    def build(self):
+        t0 = time.perf_counter()
+        pipe = build_pipeline(self.args.config, self.device, self.dtype)
+        self.budget.build_seconds = time.perf_counter() - t0
+        return pipe
+
+    def save_lora(self, pipe) -> None:
+        from app.models.catalog import ResolvedModel
+
+        if self.args.lora_rank:
+            path = save_random_lora(pipe, self.tmp / "lora", self.args.lora_rank)
+            self.lora = ResolvedModel(name="bench-lora", kind="lora", version="1", source=str(path), path=str(path),
+                                      sha256="0" * 64, arch="bench", weight_name="pytorch_lora_weights.safetensors")
+
+    def load_stock_lora(self, pipe) -> None:
+        if self.lora:
+            pipe.load_lora_weights(self.lora.path, weight_name=self.lora.weight_name, adapter_name="bench")
+            pipe.set_adapters(["bench"], [0.8])
+
+    # --- renderers: (batch, steps) -> [B, H, W, 3] uint8 ------------------------------------------
+    def stock_renderer(self, pipe):
+        a = self.args
+
+        def render(batch: int, steps: int) -> np.ndarray:
+            images = pipe(prompt=self.prompts[:batch], num_inference_steps=steps, guidance_scale=a.guidance,
+                          height=a.size, width=a.size, output_type="np",
+                          generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)]).images
+            return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)  # as the Generator rounds
+
+        return render
+
+    def generator_renderer(self, gen):
+        from app.request import LoraUse, RenderRequest
+
+        a = self.args
+        loras = (LoraUse("bench-lora", "1", 0.8, "0" * 64),) if self.lora else ()
+
+        def render(batch: int, steps: int) -> np.ndarray:
+            reqs = [RenderRequest(image_id=f"{i:032x}", prompt=self.prompts[i], negative_prompt="",
+                                  base_model=self.base.lineage(), loras=loras, scheduler="euler", steps=steps,
+                                  guidance=a.guidance, width=a.size, height=a.size, seed=i, fuse_loras=bool(loras))
+                    for i in range(batch)]
+            out = gen.render_batch_exactly(reqs)
+            errors = [r.error for r in out if r.error]
+            if errors:
+                raise RuntimeError(errors[0])
+            return np.stack([r.pixels for r in sorted(out, key=lambda r: r.image_id)])
+
+        return render
+
+    def generator(self, pipe, **compute):
+        from app.compute import ComputeSpec
+        from app.generate import Generator
+
+        spec = ComputeSpec(device=self.device.type, batch_invariant=False, fuse_qkv=self.args.fuse_qkv,
+                           channels_last=self.args.channels_last, **compute)
+        return Generator(self.base, {"bench-lora": self.lora} if self.lora else {}, spec, pipe=pipe)
+
+    # --- measuring ------------------------------------------------------------------------------
+    def measure(self, impl: str, family: str, batch: int, render, warmup: float = 0.0, **extra) -> None:
+        a, device = self.args, self.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # A short call first: lazy initialisation, kernel selection, and for compiled rows any
+        # recompile the fused LoRA would cause (there should be none after the Generator's warm-up).
+        w0 = time.perf_counter()
+        render(batch, min(2, a.steps))
+        warm = warmup + time.perf_counter() - w0
+        seconds, images = timed(lambda: render(batch, a.steps), a.repeats, device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        tflops = self.results.flops_per_image.get(family, float("nan")) * batch / seconds / 1e12
+        self.results.add(Row(impl, batch, seconds / batch, warm, peak, tflops, **extra), images)
+
+    def fits(self, impl: str, batch: int, compiled: bool) -> bool:
+        """Whether the row's estimate fits the time left; if not, records and prints the skip."""
+        a = self.args
+        estimate = self.results.eager_estimate(batch) * batch * (a.repeats + min(2, a.steps) / a.steps)
+        if compiled:
+            estimate += self.budget.compile_seconds + self.budget.build_seconds
+        reason = self.budget.skip_reason(estimate)
+        if reason:
+            self.results.skipped.append({"impl": impl, "batch": batch, "reason": reason})
+            print(f"skipping {impl} batch {batch}: {reason}", flush=True)
+        return reason is None
+
+    def guarded(self, impl: str, batch: int | str, fn) -> None:
+        """Run one row group; a failure is recorded and the run goes on to the next group."""
+        try:
+            fn()
+        except Exception as e:  # OOM, a compile error, FP8 unsupported: the other rows still count
+            traceback.print_exc()
+            self.results.failed.append({"impl": impl, "batch": batch, "error": f"{type(e).__name__}: {e}"[:500]})
+        release(self.device)
+        self.results.publish(f"after {impl}")
+
+    # --- row groups -----------------------------------------------------------------------------
+    def stock_eager(self, pipe, batches: list[int]) -> None:
+        """Stock diffusers with the LoRA as unfused adapters; counts stock's FLOPs per image."""
+        render = self.stock_renderer(pipe)
+        self.load_stock_lora(pipe)
+        try:
+            self.results.flops_per_image["diffusers"] = count_flops(lambda n: render(1, n), self.args.steps)
+            for b in batches:
+                if self.fits(STOCK, b, compiled=False):
+                    self.measure(STOCK, "diffusers", b, render)
+        finally:
+            if self.lora:
+                pipe.delete_adapters("bench")
+
+    def imagefab_eager(self, pipe, batches: list[int]) -> None:
+        """imagefab's Generator: bf16, fused QKV and channels_last on CUDA, the LoRA fused into the
+        weights (combination setting fuse_loras), each batch as one call; counts its FLOPs."""
+        gen = self.generator(pipe, batch_size=max(batches, default=1))
+        render = self.generator_renderer(gen)
+        self.results.flops_per_image["imagefab"] = count_flops(lambda n: render(1, n), self.args.steps)
+        for b in batches:
+            if self.fits(OURS, b, compiled=False):
+                self.measure(OURS, "imagefab", b, render, accelerator=gen.accelerator)
+
+    def imagefab_compiled(self, batch: int, fp8: bool) -> None:
+        """A Generator as a compiled actor runs: its own pipeline, one batch shape, compiled in its
+        warm-up (reported as warm-up seconds); FP8 rows report the error the Generator measured."""
+        impl = "imagefab fp8" if fp8 else "imagefab compiled"
+        if not self.fits(impl, batch, compiled=True):
+            return
+        gen = self.generator(self.build(), compile=True, fp8=fp8, fp8_max_error=self.args.fp8_max_error,
+                             batch_size=batch, warmup_sizes=(f"{self.args.size}x{self.args.size}",),
+                             compile_cache=self.compile_cache)
+        self.measure(impl, "imagefab", batch, self.generator_renderer(gen), warmup=gen.warmup_seconds,
+                     fp8_error=gen.stats()["fp8_error"], accelerator=gen.accelerator)
+
+    def stock_compiled(self, batch: int) -> None:
+        """Stock diffusers compiled the usual way: LoRA fused and unloaded, fused QKV, channels_last,
+        torch.compile of the UNet (max-autotune-no-cudagraphs); compiled in the first call."""
+        from app.generate import use_compile_cache
+
+        impl = "diffusers compiled"
+        if not self.fits(impl, batch, compiled=True):
+            return
+        use_compile_cache(self.compile_cache)  # the same inductor caches as the Generator rows
+        pipe = self.build()
+        self.load_stock_lora(pipe)
+        if self.lora:
+            pipe.fuse_lora(adapter_names=["bench"])
+            pipe.unload_lora_weights()  # keeps the fused weights, drops peft's layers
+        pipe.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet.compile(mode="max-autotune-no-cudagraphs")
+        self.measure(impl, "diffusers", batch, self.stock_renderer(pipe))
+
+
+def batch_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["sdxl", "tiny"], default="sdxl")
     p.add_argument("--device", default="cuda")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--batches", default="1,4,8", help="batch sizes, eager")
-    p.add_argument("--compile-batches", default="", help="batch sizes for imagefab with torch.compile")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batches", type=batch_list, default="1,4,8", help="batch sizes, stock and imagefab eager")
+    p.add_argument("--compile-batches", type=batch_list, default="", help="batch sizes, imagefab compiled")
+    p.add_argument("--fp8-batches", type=batch_list, default="", help="batch sizes, imagefab compiled + FP8")
+    p.add_argument("--stock-compile-batches", type=batch_list, default="",
+                   help="batch sizes, stock diffusers compiled (minutes of compiling each)")
+    p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
+                   help="imagefab's compute.fuse_qkv (default: on for CUDA, off for the CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="imagefab's compute.channels_last (default: on for CUDA, off for the CPU)")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per row (the best counts)")
     p.add_argument("--lora-rank", type=int, default=16, help="0: no LoRA")
-    p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--fp8-max-error", type=float, default=1.0,
+                   help="the Generator's FP8 error limit: the benchmark reports the error instead of refusing "
+                        "(compute.fp8_max_error defaults to 0.05)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds from the start: skip the rows that would not finish within them")
+    p.add_argument("--compile-estimate", type=float, default=None,
+                   help="expected seconds to compile one variant at one batch shape (default 120 on CUDA, 0 on CPU)")
+    p.add_argument("--compile-cache", help="inductor's cache folder (default: a fresh temporary one, so warm-up "
+                                           "seconds are cold compiles); a kept folder makes a rerun's compiles warm")
+    p.add_argument("--json", help="write the rows here too (rewritten after each row group)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        p.error(f"--steps and --repeats must be at least 1, not {args.steps} and {args.repeats}")
+    return args
 
-    from app.compute import ComputeSpec
-    from app.generate import Generator
-    from app.models.catalog import ResolvedModel
-    from app.request import LoraUse, RenderRequest
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from app.models.loader import quiet_libraries
 
     quiet_libraries()
-    device = torch.device(args.device)
-    if device.type == "cpu":
+    bench = Bench(args)
+    if bench.device.type == "cpu":
         torch.set_num_threads(1)  # both sides alike (the Generator pins CPU threads too)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    t0 = time.perf_counter()
-    pipe = build_pipeline(args.config, device, dtype)
-    print(f"built {args.config} on {device} in {time.perf_counter() - t0:.1f} s "
-          f"({sum(p.numel() for p in pipe.unet.parameters()) / 1e9:.2f} B UNet parameters)")
-    tmp = Path(tempfile.mkdtemp(prefix="imagefab-bench-"))
-    lora = None
-    if args.lora_rank:
-        path = save_random_lora(pipe, tmp / "lora", args.lora_rank)
-        lora = ResolvedModel(name="bench-lora", kind="lora", version="1", source=str(path), path=str(path),
-                             sha256="0" * 64, arch="bench", weight_name="pytorch_lora_weights.safetensors")
-    prompts = [f"a studio photo of product {i}, white background" for i in range(64)]
-    rows: list[Row] = []
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    m = bench.results.meta
+    print(f"{m['card']} | torch {m['torch']} | diffusers {m['diffusers']} | CUDA {m['cuda']} | {m['date']} | "
+          f"compile cache {m['compile_cache']} ({m['compile_cache_files_at_start']} files)", flush=True)
 
-    # 1. Stock diffusers, eager, the LoRA loaded the usual way (unfused adapters).
-    if lora:
-        pipe.load_lora_weights(lora.path, weight_name=lora.weight_name, adapter_name="bench")
-        pipe.set_adapters(["bench"], [0.8])
+    # 1. Eager rows share one pipeline: stock first, then the Generator (its LoRA merges into
+    #    the weights, so nothing runs on this pipeline after it).
+    pipe = bench.build()
+    print(f"built {args.config} on {bench.device} in {bench.budget.build_seconds:.1f} s "
+          f"({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M UNet parameters)", flush=True)
+    bench.save_lora(pipe)
+    bench.guarded(STOCK, ",".join(map(str, args.batches)), partial(bench.stock_eager, pipe, args.batches))
+    if args.batches or args.compile_batches or args.fp8_batches:
+        bench.guarded(OURS, ",".join(map(str, args.batches)), partial(bench.imagefab_eager, pipe, args.batches))
+    del pipe
+    release(bench.device)
 
-    def stock(batch: int, steps: int):
-        return pipe(prompt=prompts[:batch], num_inference_steps=steps, guidance_scale=args.guidance,
-                    height=args.size, width=args.size, output_type="np",
-                    generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)]).images
-
-    stock_images, stock_speed = {}, {}
-    for b in [int(x) for x in args.batches.split(",") if x]:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        w0 = time.perf_counter()
-        stock_images[b] = stock(b, args.steps)
-        warm = time.perf_counter() - w0
-        seconds = timed(lambda: stock(b, args.steps), args.repeats, device)
-        flops = count_flops(lambda n: stock(b, n), args.steps)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        stock_speed[b] = seconds / b
-        rows.append(Row("diffusers eager", b, seconds / b, warm, peak, flops / seconds / 1e12))
-    if lora:
-        pipe.delete_adapters("bench")
-
-    # 2. imagefab's Generator on the same weights: bf16, fused QKV, channels_last on CUDA, the
-    #    LoRA fused into the weights (combination setting fuse_loras), batches as one call.
-    base = ResolvedModel(name=f"{args.config}-random", kind="base", version="1", source="bench", path=str(tmp),
-                         sha256="1" * 64, arch="bench")
-
-    def requests(batch: int, steps: int) -> list[RenderRequest]:
-        loras = (LoraUse("bench-lora", "1", 0.8, "0" * 64),) if lora else ()
-        return [RenderRequest(image_id=f"{i:032x}", prompt=prompts[i], negative_prompt="", base_model=base.lineage(),
-                              loras=loras, scheduler="euler", steps=steps, guidance=args.guidance, width=args.size,
-                              height=args.size, seed=i, fuse_loras=bool(lora)) for i in range(batch)]
-
-    def measure(gen: Generator, label: str, batches: list[int], warmup: float = 0.0):
-        for b in batches:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            w0 = time.perf_counter()
-            first = gen.render_batch_exactly(requests(b, args.steps))
-            warm = warmup + time.perf_counter() - w0
-            seconds = timed(lambda: gen.render_batch_exactly(requests(b, args.steps)), args.repeats, device)
-            flops = count_flops(lambda n: gen.render_batch_exactly(requests(b, n)), args.steps)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            diff = None
-            if b in stock_images:
-                ours = np.stack([r.pixels for r in sorted(first, key=lambda r: r.image_id)]).astype(int)
-                theirs = (np.clip(stock_images[b], 0, 1) * 255).round().astype(int)
-                diff = int(np.abs(ours - theirs).max())
-            ratio = stock_speed[b] / (seconds / b) if b in stock_speed else None
-            rows.append(Row(label, b, seconds / b, warm, peak, flops / seconds / 1e12, diff, ratio))
-
-    eager_batches = [int(x) for x in args.batches.split(",") if x]
-    gen = Generator(base, {"bench-lora": lora} if lora else {}, ComputeSpec(device=device.type, batch_invariant=False,
-                                                                           batch_size=max(eager_batches)), pipe=pipe)
-    measure(gen, "imagefab eager", eager_batches)
-    compiled = [int(x) for x in args.compile_batches.split(",") if x]
-    if compiled:
-        cgen = Generator(base, gen.loras, ComputeSpec(device=device.type, batch_invariant=False, compile=True,
-                                                       batch_size=max(compiled)), pipe=pipe)
-        measure(cgen, "imagefab compiled", compiled)
-
-    header = ["implementation", "batch", "s/image", "images/s", "TFLOP/s", "warm-up s", "peak GiB",
-              "vs stock", "max px diff"]
-    print(f"\n{card}, {args.config}, {args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, "
-          f"{dtype}, LoRA rank {args.lora_rank}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(r.cells()) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    # 2. Compiled rows, each on a fresh pipeline of the same weights.
+    for b in args.compile_batches:
+        bench.guarded("imagefab compiled", b, partial(bench.imagefab_compiled, b, fp8=False))
+    for b in args.fp8_batches:
+        bench.guarded("imagefab fp8", b, partial(bench.imagefab_compiled, b, fp8=True))
+    for b in args.stock_compile_batches:
+        bench.guarded("diffusers compiled", b, partial(bench.stock_compiled, b))
+    bench.results.publish("final")
     return 0
 
 
