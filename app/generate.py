@@ -102,8 +102,10 @@ class Generator:
             # place does not recompile; a new batch shape does (hence shape buckets + warm-up).
             # In place (nn.Module.compile): pipe.unet stays a UNet2DConditionModel, so LoRA loading
             # finds its adapters (a torch.compile wrapper there made `set_adapters` fail).
-            self.pipe.unet.compile(mode=self.compute.compile_mode)
-            self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode=self.compute.compile_mode)
+            # dynamic=False: each size gets its own static graph (a second size would otherwise
+            # turn the first graph dynamic, with slower kernels for every size).
+            self.pipe.unet.compile(mode=self.compute.compile_mode, dynamic=False)
+            self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode=self.compute.compile_mode, dynamic=False)
 
     def _quantize_fp8(self) -> float:
         """FP8 for the UNet's transformer Linear layers, if its output stays within the limit."""

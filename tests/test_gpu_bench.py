@@ -20,9 +20,10 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     from benchmarks.gpu_bench import main
 
     out = tmp_path / "rows.json"
-    # A kept compile cache (the tests' model home): a rerun loads the tiny graphs instead of
-    # compiling them again (~2-3 min cold on a 2-core machine, both variants together).
-    cache = Path(os.environ["IMAGEFAB_HOME"]) / "bench-compile-cache"
+    # The Generator's default compile cache in the tests' model home, kept between runs and shared
+    # with tests/test_compiled_generator.py (same FP8 graphs): a rerun loads the tiny graphs
+    # instead of compiling them again (~2-3 min cold on a 2-core machine, both variants together).
+    cache = Path(os.environ["IMAGEFAB_HOME"]) / "compile-cache"
     # The GPU's settings (fused QKV, channels_last; the CPU's default is off): fused QKV is where a
     # pipeline used twice would go wrong (fused over fused, LoRA adapters bypassed).
     assert main([*TINY, "--batches", "1,2", "--compile-batches", "2", "--fp8-batches", "2", "--fuse-qkv",
