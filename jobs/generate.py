@@ -289,6 +289,15 @@ def _base_of(combination_key: str) -> str:
     return combination_key.split("|", 1)[0]
 
 
+def with_warmup_sizes(compute, requests: list[str]):
+    """Compiled generators warm up (compile) at actor start for every size their rows use, unless
+    the spec lists sizes itself: the first real batch of each size would otherwise wait minutes."""
+    if not compute.compile or compute.warmup_sizes:
+        return compute
+    sizes = sorted({(q["width"], q["height"]) for q in map(json.loads, filter(None, requests))})
+    return compute.model_copy(update={"warmup_sizes": tuple(f"{w}x{h}" for w, h in sizes)})
+
+
 def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputStore, run_id: str,
             summary: RunSummary, generator_cls=None) -> None:
     """One generator actor pool per base model, all feeding one CPU stage.
@@ -337,9 +346,10 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
                                        base + "|"))
         ds = ray.data.from_arrow([rows.slice(i, batch) for i in range(0, rows.num_rows, batch)])
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == models.bases[base].arch}
+        base_compute = with_warmup_sizes(compute, rows.column("request").to_pylist())
         return ds.map_batches(
             stage,
-            fn_constructor_kwargs={"base": models.bases[base], "loras": usable, "compute": compute, **stage_kwargs},
+            fn_constructor_kwargs={"base": models.bases[base], "loras": usable, "compute": base_compute, **stage_kwargs},
             compute=ActorPoolStrategy(size=pools[base] if together else max(1, gpus)),
             batch_size=batch,
             batch_format="numpy",

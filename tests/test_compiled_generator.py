@@ -252,3 +252,16 @@ def test_vae_tiles_only_above_the_threshold_and_regenerate_knows(tiny_base):
     big = dataclasses.replace(small, image_id="big", width=256, height=256)
     a, b = plain.render([big])[0].pixels.astype(int), tiled.render([big])[0].pixels.astype(int)
     assert 0 < np.abs(a - b).mean() < 20  # tiles blended at their seams: close, not equal
+
+
+def test_the_bulk_job_warms_compiled_generators_up_for_the_sizes_its_rows_use():
+    from jobs.generate import with_warmup_sizes
+
+    rows = [json.dumps({"width": 1024, "height": 1024}), json.dumps({"width": 832, "height": 1216}),
+            json.dumps({"width": 1024, "height": 1024}), ""]  # "" : a failed row has no request
+    compiled = with_warmup_sizes(ComputeSpec(compile=True), rows)
+    assert compiled.warmup_sizes == ("832x1216", "1024x1024")
+    listed = ComputeSpec(compile=True, warmup_sizes=("512x512",))
+    assert with_warmup_sizes(listed, rows) is listed  # the spec's own list wins
+    eager = ComputeSpec()
+    assert with_warmup_sizes(eager, rows) is eager  # nothing to compile
