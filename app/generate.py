@@ -72,9 +72,9 @@ class Generator:
         self.channels_last = on_gpu if compute.channels_last is None else compute.channels_last
         self.switcher = LoraStackSwitcher(fuse_qkv=self.fuse_qkv, unet_adapters=not compute.compile)
         self.fp8_error, self.fp8_layers = None, 0  # relative UNet output change, layers in FP8
+        self.batch_limit = compute.batch_size  # lowered for good when a batch runs out of memory
         # Compiled graphs have fixed batch shapes: a short batch is padded up to `batch_size` (the
         # padding's images are dropped) instead of compiling its size (minutes on a GPU).
-        self.batch_limit = compute.batch_size  # lowered for good when a batch runs out of memory
         self.batch_bucket = compute.batch_size if compute.compile and not compute.batch_invariant else 0
         self.compile_cache = use_compile_cache(compute.compile_cache) if compute.compile else None
         self._optimise()

@@ -265,3 +265,55 @@ def test_the_bulk_job_warms_compiled_generators_up_for_the_sizes_its_rows_use():
     assert with_warmup_sizes(listed, rows) is listed  # the spec's own list wins
     eager = ComputeSpec()
     assert with_warmup_sizes(eager, rows) is eager  # nothing to compile
+
+
+# --- LoRAs with text-encoder parts ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_encoder_loras(tiny_base, tmp_path_factory):
+    """Two LoRAs with the same random UNet part, one with a text-encoder part too (as many SDXL
+    LoRAs have), written with `save_lora_weights` like a trained one."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from app.models.catalog import ResolvedModel
+    from app.models.loader import load_pipeline
+    from app.models.tiny import LORA_TARGETS
+
+    pipe = load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    torch.manual_seed(11)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(LORA_TARGETS)))
+    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    unet_part = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    te_part = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
+    found = {}
+    for name, parts in (("unet-only", {}), ("with-te", {"text_encoder_lora_layers": te_part})):
+        folder = tmp_path_factory.mktemp(name)
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=unet_part, safe_serialization=True, **parts)
+        found[name] = ResolvedModel(name=name, kind="lora", version="1", source=str(folder), path=str(folder),
+                                    sha256=name.ljust(64, "0"), arch=tiny_base.arch,
+                                    weight_name="pytorch_lora_weights.safetensors")
+    return found
+
+
+def test_text_encoder_parts_of_a_lora_apply_fused_unfused_and_beside_a_compiled_unet(tiny_base, text_encoder_loras):
+    from app.generate import Generator
+
+    loras = text_encoder_loras
+
+    def render(gen, name, fuse):
+        return gen.render([request(tiny_base, loras, 1, ((name, 0.9),), fuse=fuse, seed=4)])[0].pixels.astype(int)
+
+    gen = Generator(tiny_base, loras, ComputeSpec(device="cpu", fuse_qkv=True))
+    unet_only, with_te = render(gen, "unet-only", True), render(gen, "with-te", True)
+    assert np.abs(with_te - unet_only).mean() > 1  # the text-encoder part changed the conditioning
+    assert np.abs(render(gen, "with-te", False) - with_te).max() <= 2  # unfused: the same image
+    # The UNet-merging mode a compiled generator uses (peft layers leave the UNet): same image.
+    merging = Generator(tiny_base, loras, ComputeSpec(device="cpu", fuse_qkv=True))
+    merging.switcher.unet_adapters = False
+    assert np.array_equal(render(merging, "with-te", True), with_te)
+    assert not getattr(merging.pipe.unet, "peft_config", None)  # no peft layer left in the UNet
+    assert np.array_equal(render(merging, "unet-only", True), unet_only)  # text encoder adapter off again

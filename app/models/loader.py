@@ -239,18 +239,21 @@ class LoraStackSwitcher:
     # --- merging ----------------------------------------------------------------------------------
     def _merge(self, pipe, wanted: tuple) -> None:
         modules = dict(pipe.unet.named_modules())
-        deltas: dict[str, torch.Tensor] = {}
+        uses: dict[str, list] = {}  # module path -> [(factor, adapter weight)]
         for name, weight in wanted:
             for path, factor in self.factors[name].items():
-                base = _base_layer(modules[path])
-                d = factor.delta(base.weight.shape).to(base.weight.device) * weight
-                deltas[path] = d if path not in deltas else deltas[path] + d
+                uses.setdefault(path, []).append((factor, weight))
         with torch.no_grad():
-            for path, d in deltas.items():
+            # Layer by layer: a full-size float32 delta exists for one layer at a time (all of
+            # SDXL's at once would be gigabytes), summed in float32 and rounded once.
+            for path, layer_uses in uses.items():
                 w = _base_layer(modules[path]).weight
                 self._saved[path] = w.detach().clone()
-                w.copy_((w.float() + d).to(w.dtype))
-        self._after(pipe, modules, deltas)
+                total = w.to(torch.float32, copy=True)
+                for factor, weight in layer_uses:
+                    total += factor.delta(w.shape).to(w.device) * weight
+                w.copy_(total.to(w.dtype))
+        self._after(pipe, modules, uses)
 
     def _restore(self, pipe) -> None:
         if not self._saved:
