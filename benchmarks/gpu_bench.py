@@ -428,8 +428,27 @@ class Bench:
         gen = self.generator(self.build(), compile=True, fp8=fp8, fp8_max_error=self.args.fp8_max_error,
                              batch_size=batch, warmup_sizes=(f"{self.args.size}x{self.args.size}",),
                              compile_cache=self.compile_cache)
-        self.measure(impl, "imagefab", batch, self.generator_renderer(gen), warmup=gen.warmup_seconds,
+        render = self.generator_renderer(gen)
+        self.measure(impl, "imagefab", batch, render, warmup=gen.warmup_seconds,
                      fp8_error=gen.stats()["fp8_error"], accelerator=gen.accelerator)
+        if self.args.profile_steps:
+            self.profile(impl, batch, render)
+
+    def profile(self, impl: str, batch: int, render) -> None:
+        """Where one call's device time goes, by kernel kind: what to optimise next."""
+        steps = self.args.profile_steps
+        try:
+            table = profile_breakdown(lambda: render(batch, steps), self.device)
+        except Exception as e:  # the profiler is a diagnosis: its failure must not cost the row
+            print(f"profile of {impl} batch {batch} failed: {type(e).__name__}: {e}", flush=True)
+            return
+        self.results.meta.setdefault("profiles", {})[f"{impl} b{batch}"] = table
+        print(f"\nwhere the time goes: {impl}, batch {batch}, {steps} steps (one call, profiled)", flush=True)
+        print("| kind | device ms | share | kernels |\n|---|---|---|---|")
+        for kind, row in table["kinds"].items():
+            print(f"| {kind} | {row['ms']:.1f} | {row['share']:.0%} | {row['count']} |")
+        print(f"| wall clock of the call | {table['wall_ms']:.1f} | device busy {table['busy_share']:.0%} | |",
+              flush=True)
 
     def stock_compiled(self, batch: int) -> None:
         """Stock diffusers compiled the usual way: LoRA fused and unloaded, fused QKV, channels_last,
@@ -450,6 +469,56 @@ class Bench:
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.unet.compile(mode="max-autotune-no-cudagraphs")
         self.measure(impl, "diffusers", batch, self.stock_renderer(pipe))
+
+
+KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS/cuDNN/Triton/flash kernels and aten ops
+    ("FP8 matmul", r"scaled_mm|f8f8|e4m3|fp8"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit|winograd|cudnn|mkldnn_convolution"),
+    ("matmul", r"gemm|cutlass|cublas|xmma|matmul|\bmm\b|_mm_|_mm$|addmm|bmm|linear|triton_tem_"),
+    ("norm", r"norm"),
+    ("fused by inductor (norms, element-wise)", r"^triton_|cpp_fused"),
+    ("copy / layout", r"copy|contiguous|cat|transpose|permute|memcpy|memset"),
+)
+
+
+def profile_breakdown(call, device: torch.device) -> dict:
+    """Run `call` once under torch.profiler; its device time (CPU time on a CPU) by kernel kind,
+    and how busy the device was over the call's wall clock (idle: launches, Python, syncs)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        call()
+        sync(device)
+        wall = time.perf_counter() - t0
+    kinds: dict[str, dict] = {}
+    total = 0.0
+    from torch.autograd import DeviceType
+
+    for event in prof.key_averages():
+        if cuda:  # the kernels themselves (CPU-side ops also carry their kernels' time: counted once)
+            us = event.self_device_time_total if event.device_type == DeviceType.CUDA else 0.0
+        else:  # the aten ops and inductor's fused C++ kernels
+            us = event.self_cpu_time_total if event.key.startswith("aten::") or "fused" in event.key else 0.0
+        if us <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, name)), "other")
+        row = kinds.setdefault(kind, {"ms": 0.0, "count": 0})
+        row["ms"] += us / 1e3
+        row["count"] += event.count
+        total += us / 1e3
+    for row in kinds.values():
+        row["share"] = row["ms"] / total if total else 0.0
+    ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
+    return {"kinds": ordered, "device_ms": total, "wall_ms": wall * 1e3,
+            "busy_share": min(1.0, total / (wall * 1e3)) if wall else 0.0}
 
 
 def batch_list(text: str) -> list[int]:
@@ -483,6 +552,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="expected seconds to compile one variant at one batch shape (default 120 on CUDA, 0 on CPU)")
     p.add_argument("--compile-cache", help="inductor's cache folder (default: a fresh temporary one, so warm-up "
                                            "seconds are cold compiles); a kept folder makes a rerun's compiles warm")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after each compiled row, profile one call of this many steps: device time by kernel "
+                        "kind (matmul, convolution, attention, inductor-fused, ...) and how busy the device was")
     p.add_argument("--json", help="write the rows here too (rewritten after each row group)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:

@@ -27,7 +27,7 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     # The GPU's settings (fused QKV, channels_last; the CPU's default is off): fused QKV is where a
     # pipeline used twice would go wrong (fused over fused, LoRA adapters bypassed).
     assert main([*TINY, "--batches", "1,2", "--compile-batches", "2", "--fp8-batches", "2", "--fuse-qkv",
-                 "--channels-last", "--compile-cache", str(cache), "--json", str(out)]) == 0
+                 "--channels-last", "--compile-cache", str(cache), "--profile-steps", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| torch " in printed.splitlines()[0] and "| diffusers " in printed.splitlines()[0]
     # A table after every row group, so a run cut short by its device still shows what it measured.
@@ -58,6 +58,16 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     assert fp8["accelerator"] == "cpu:threads=1+fused_qkv+channels_last+compiled+fp8+batch_bucket=2"
     assert rows["imagefab compiled", 2]["fp8_error"] is None
     assert rows["imagefab compiled", 2]["warmup_seconds"] > 0
+
+    # After each compiled row, one profiled call: its time by kernel kind, shares adding up to 1.
+    assert printed.count("where the time goes:") == 2
+    profiles = report["meta"]["profiles"]
+    assert set(profiles) == {"imagefab compiled b2", "imagefab fp8 b2"}
+    for table in profiles.values():
+        assert sum(k["share"] for k in table["kinds"].values()) == pytest.approx(1.0)
+        assert table["kinds"]["convolution"]["ms"] > 0 and 0 < table["busy_share"] <= 1
+    assert profiles["imagefab fp8 b2"]["kinds"]["FP8 matmul"]["count"] > 0  # the FP8 layers ran
+    assert "FP8 matmul" not in profiles["imagefab compiled b2"]["kinds"]
 
 
 def test_rows_that_would_overrun_the_time_budget_are_skipped_with_a_message(capsys, tmp_path):
