@@ -106,6 +106,12 @@ def test_builtin_base_is_a_checked_safetensors_folder(model_catalog, tiny_base):
     assert {p.suffix for p in weights} == {".safetensors"}
     assert {p.parent.name for p in weights} == COMPONENTS_WITH_WEIGHTS
 
+    # No library versions in its configs: the same seed gives the same bytes (and image ids)
+    # under any transformers/diffusers the pins allow.
+    configs = {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*.json")}
+    assert "unet/config.json" in configs and "text_encoder/config.json" in configs
+    assert not [name for name, text in configs.items() if "_diffusers_version" in text or "transformers_version" in text]
+
     again = model_catalog.resolve_base("tiny-sdxl")
     assert (again.path, again.sha256) == (tiny_base.path, tiny_base.sha256)
     assert again.lineage() == {"name": "tiny-sdxl", "version": "1", "sha256": tiny_base.sha256,

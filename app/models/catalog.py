@@ -30,7 +30,7 @@ from app.models.digest import (
 )
 
 # Bumped when the tiny builders change, so stale builds are not mistaken for current ones.
-TINY_BUILD_VERSION = "2"
+TINY_BUILD_VERSION = "3"  # 3: library versions dropped from the configs
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
 MODEL_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

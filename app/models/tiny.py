@@ -143,7 +143,27 @@ def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
     )
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
+    drop_library_versions(dest)
     return dest
+
+
+LIBRARY_VERSION_KEYS = ("transformers_version", "_diffusers_version")
+
+
+def drop_library_versions(folder: Path) -> None:
+    """Remove the writing libraries' versions from the saved configs (both loaders ignore them).
+
+    They are the only bytes that differ between builds with different transformers/diffusers
+    versions (measured: transformers 5.24 and 5.23 gave two sha256 for the same weights), and the
+    base's sha256 is part of every image id: without them, the same seed builds the same model on
+    any machine the pins allow.
+    """
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and any(k in data for k in LIBRARY_VERSION_KEYS):
+            for key in LIBRARY_VERSION_KEYS:
+                data.pop(key, None)
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def build_tiny_lora(dest: Path, base_dir: Path, recipe: TinyLoraRecipe) -> Path:
