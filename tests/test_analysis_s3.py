@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 from analysis_catalog import image_id, make_output
+from moto_s3 import loopback_s3
 
 import analysis
 from analysis.cost import cost_report
@@ -14,26 +14,14 @@ from analysis.report import build_report
 from app.cost import PriceTable
 from app.review import decide, pending_review
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")  # before the fixtures, so the whole module skips without moto
 
 
 @pytest.fixture(scope="module")
 def s3_output():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        import pyarrow.fs as pafs
-
-        pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True).create_dir("shop")
+    with loopback_s3("shop"):
         make_output("s3://shop/outputs")
         yield "s3://shop/outputs"
-    server.stop()
 
 
 def test_views_decisions_cost_and_report_over_s3(s3_output):

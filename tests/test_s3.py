@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import pickle
 import subprocess
@@ -27,8 +26,9 @@ from PIL import Image
 
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore, StorageError
+from moto_s3 import loopback_s3
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")  # before the fixtures, so the whole module skips without moto
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "imagefab-test"
@@ -37,21 +37,8 @@ BUCKET = "imagefab-test"
 @pytest.fixture(scope="module")
 def s3():
     """A loopback S3 server, one bucket, and the AWS_* variables pointing at it; yields host:port."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        # pyarrow's S3FileSystem() ignores AWS_ENDPOINT_URL (FileSystem.from_uri, which the store
-        # uses, reads it), so the bucket is made with the endpoint given.
-        pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True).create_dir(BUCKET)
-        yield f"{host}:{port}"
-    server.stop()
+    with loopback_s3(BUCKET) as address:
+        yield address
 
 
 def row(image_id, status, error=""):
