@@ -49,3 +49,14 @@ class ComputeSpec(BaseModel):
     # Images with more pixels than this are VAE-decoded in tiles (less memory, seams blended: the
     # pixels differ slightly, so it depends on the size alone). Default: above 2048x2048.
     vae_tiling_above: int = Field(2048 * 2048, ge=64 * 64)
+    # Decode each batch on a second CUDA stream while the next batch denoises, and copy its pixels
+    # to the host without stopping the GPU (same kernels: the pixels do not change). None: on for
+    # CUDA unless compile_mode captures CUDA graphs, off for the CPU. A batch that runs out of
+    # memory while another is still decoding turns it off for the generator's life.
+    decode_overlap: bool | None = None
+
+    def overlaps_decode(self, on_cuda: bool) -> bool:
+        """Whether generators on this device decode one batch while the next denoises."""
+        if self.decode_overlap is not None:
+            return self.decode_overlap
+        return on_cuda and not (self.compile and self.compile_mode in ("max-autotune", "reduce-overhead"))

@@ -13,11 +13,12 @@ reason (reductions split differently across threads).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 
 import numpy as np
@@ -41,9 +42,22 @@ class RenderResult:
     batch_size: int = 1
 
 
+@dataclass
+class _InFlight:
+    """A batch whose denoising is queued and whose decode may still be running (its own stream)."""
+
+    chunk: list[RenderRequest]
+    batch_id: str = ""
+    started: float = 0.0
+    pixels: torch.Tensor | None = None  # [B, H, W, 3] uint8 on the host (pinned: written by a copy in flight)
+    bad: torch.Tensor | None = None  # [B] share of non-finite values, on the host
+    done: object = None  # a torch.cuda.Event recorded after the copies; None: already on the host
+    failed: list[RenderResult] = field(default_factory=list)  # the chunk failed before anything was queued
+
+
 def _group_key(r: RenderRequest) -> tuple:
     # One pipeline call needs one LoRA stack (fused or not), scheduler, step count, guidance and
-    # size, and either no negative prompts or all (see _render_chunk).
+    # size, and either no negative prompts or all (see _start).
     return (r.combination_key, r.scheduler, r.steps, r.guidance, r.width, r.height, not r.negative_prompt)
 
 
@@ -77,6 +91,11 @@ class Generator:
         # padding's images are dropped) instead of compiling its size (minutes on a GPU).
         self.batch_bucket = compute.batch_size if compute.compile and not compute.batch_invariant else 0
         self.compile_cache = use_compile_cache(compute.compile_cache) if compute.compile else None
+        # Batch k decodes (and its pixels cross to the host) on a second stream while batch k+1
+        # denoises; on the CPU only the collecting is deferred (same code path, nothing overlaps).
+        self.overlap_decode = compute.overlaps_decode(on_gpu)
+        self.decode_stream = torch.cuda.Stream(self.device) if on_gpu and self.overlap_decode else None
+        self._last_done = 0.0  # when the last batch's pixels reached the host (shares device time out)
         self._optimise()
         self.accelerator = self._describe_device()
         self.generator_id = uuid.uuid4().hex[:12]
@@ -140,12 +159,17 @@ class Generator:
             return 0.0
         t0 = time.perf_counter()
         batch = 1 if self.compute.batch_invariant else self.compute.batch_size
+        # Two batches when decodes overlap: the memory of a decode beside the next denoising is
+        # found short now (overlap off, or batch_limit halved), not in the first real batches.
+        batches = 2 if self.overlap_decode else 1
         for size in self.compute.warmup_sizes:
             width, _, height = size.lower().partition("x")
             reqs = [RenderRequest(image_id=f"warmup{i}", prompt="warm-up", negative_prompt="",
                                   base_model=self.base.lineage(), loras=(), scheduler="euler", steps=2,
-                                  guidance=5.0, width=int(width), height=int(height), seed=i) for i in range(batch)]
-            self._render_sized(reqs)  # too big for the device's memory: batch_limit halves now
+                                  guidance=5.0, width=int(width), height=int(height), seed=i)
+                    for i in range(batch * batches)]
+            done, last = self._render_chunks(_chunks(reqs, batch), None, exact=False)
+            self._collect(last)
         return time.perf_counter() - t0
 
     def _describe_device(self) -> str:
@@ -196,6 +220,7 @@ class Generator:
     def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
         """Render requests, grouped so that one group is one LoRA stack and one pipeline setting."""
         results: list[RenderResult] = []
+        inflight = None  # the last batch's decode may run on while the next group's stack is set
         ordered = sorted(requests, key=_group_key)
         for _, group in groupby(ordered, key=_group_key):
             group = list(group)
@@ -209,29 +234,62 @@ class Generator:
             else:
                 # Batches ordered by image_id, so `regenerate` can rebuild one from its members alone.
                 chunks = _chunks(sorted(group, key=lambda r: r.image_id), self.batch_limit)
-            for chunk in chunks:
-                results += self._render_sized(chunk)
-        return results
-
-    def _render_sized(self, chunk: list[RenderRequest]) -> list[RenderResult]:
-        """Render a chunk; when the device runs out of memory, halve the batch size for good."""
-        try:
-            return self._render_chunk(chunk, raise_oom=len(chunk) > 1)
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.batch_limit = max(1, len(chunk) // 2)
-            if self.batch_bucket:
-                self.batch_bucket = self.batch_limit  # a new compiled shape, once
-            self.accelerator = self._describe_device()
-            half = _chunks(chunk, self.batch_limit)
-            return [res for part in half for res in self._render_sized(part)]
+            done, inflight = self._render_chunks(chunks, inflight, exact=False)
+            results += done
+        return results + self._collect(inflight)
 
     def render_batch_exactly(self, requests: list[RenderRequest]) -> list[RenderResult]:
         """Render `requests` as one pipeline call, as a recorded batch was (see `render`)."""
-        ordered = sorted(requests, key=lambda r: r.image_id)
-        self._prepare(ordered[0])
-        return self._render_chunk(ordered)
+        return self.render_batches([requests])
+
+    def render_batches(self, batches: list[list[RenderRequest]]) -> list[RenderResult]:
+        """Render each list as one pipeline call, back to back (each decode beside the next
+        batch's denoising); a batch that runs out of memory fails rather than being split."""
+        results: list[RenderResult] = []
+        inflight = None
+        for batch in batches:
+            ordered = sorted(batch, key=lambda r: r.image_id)
+            self._prepare(ordered[0])
+            done, inflight = self._render_chunks([ordered], inflight, exact=True)
+            results += done
+        return results + self._collect(inflight)
+
+    def _render_chunks(self, chunks: list[list[RenderRequest]], inflight: _InFlight | None,
+                       exact: bool) -> tuple[list[RenderResult], _InFlight | None]:
+        """Start each chunk, collecting the one before it once the next is queued; returns the
+        results so far and the chunk still in flight.
+
+        Out of memory while another batch is still decoding: that batch is finished and freed,
+        decodes stop overlapping for the generator's life, and the chunk is tried again. Out of
+        memory alone: the batch size halves for good (unless `exact`: a recorded batch fails).
+        """
+        results: list[RenderResult] = []
+        queue = list(chunks)
+        while queue:
+            chunk = queue.pop(0)
+            try:
+                started = self._start(chunk, raise_oom=inflight is not None or (len(chunk) > 1 and not exact))
+            except torch.OutOfMemoryError:
+                if inflight is not None:
+                    results += self._collect(inflight)
+                    inflight = None
+                    self.overlap_decode = False
+                    queue.insert(0, chunk)
+                else:
+                    self.batch_limit = max(1, len(chunk) // 2)
+                    if self.batch_bucket:
+                        self.batch_bucket = self.batch_limit  # a new compiled shape, once
+                    self.accelerator = self._describe_device()
+                    queue = _chunks([r for c in [chunk, *queue] for r in c], self.batch_limit)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            results += self._collect(inflight)
+            inflight = started
+            if not self.overlap_decode:
+                results += self._collect(inflight)
+                inflight = None
+        return results, inflight
 
     def _prepare(self, first: RenderRequest) -> None:
         if first.base_model["sha256"] != self.base.sha256:
@@ -248,7 +306,9 @@ class Generator:
         self.switcher.apply(self.pipe, stack, fuse=first.fuse_loras)
         self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_config)
 
-    def _render_chunk(self, chunk: list[RenderRequest], raise_oom: bool = False) -> list[RenderResult]:
+    def _start(self, chunk: list[RenderRequest], raise_oom: bool) -> _InFlight:
+        """Denoise a chunk, then queue its decode and the copy of its pixels to the host: on the
+        decode stream when there is one, so that the next chunk's denoising need not wait."""
         r0 = chunk[0]
         batch_id = chunk[0].image_id if len(chunk) == 1 else hashlib.sha256(
             "".join(r.image_id for r in chunk).encode()).hexdigest()[:32]
@@ -260,9 +320,10 @@ class Generator:
         else:
             self.pipe.vae.disable_tiling()
         t0 = time.perf_counter()
+        stream = self.decode_stream if self.overlap_decode else None
         try:
             with torch.inference_mode():
-                out = self.pipe(
+                latents = self.pipe(
                     prompt=[r.prompt for r in padded],
                     # No negative prompt: SDXL's zeroed negative embedding (as stock diffusers and
                     # A1111 do), not an encoded empty string, which renders differently.
@@ -273,19 +334,78 @@ class Generator:
                     height=r0.height,
                     # CPU generators: the same noise on any device.
                     generator=[torch.Generator("cpu").manual_seed(r.seed) for r in padded],
-                    output_type="pt",
-                ).images[: len(chunk)]  # [B, 3, H, W] in [0, 1], still on the device
-                pixels, bad = to_uint8(out)
+                    output_type="latent",
+                ).images
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(self.device))
+                    # The caching allocator must not give the latents' memory to the next batch
+                    # before this stream has read them.
+                    latents.record_stream(stream)
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    # The padded batch decodes whole: one compiled decoder shape per size.
+                    pixels, bad = uint8_on_device(self._decode(latents)[: len(chunk)])
+                    if stream is None:
+                        return _InFlight(chunk, batch_id, t0, pixels.cpu(), bad.cpu())
+                    host_pixels = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+                    host_bad = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
+                    host_pixels.copy_(pixels, non_blocking=True)
+                    host_bad.copy_(bad, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(stream)
+                    return _InFlight(chunk, batch_id, t0, host_pixels, host_bad, done)
         except torch.OutOfMemoryError:
             if raise_oom:
                 raise
-            return [RenderResult(r.image_id, None, error=f"generate_error: out of memory at {r0.width}x{r0.height} for "
-                                 f"one image (compute.vae_tiling_above decodes large images in tiles)") for r in chunk]
+            what = "one image" if len(chunk) == 1 else f"a recorded batch of {len(chunk)}"
+            return _InFlight(chunk, failed=[RenderResult(
+                r.image_id, None, error=f"generate_error: out of memory at {r0.width}x{r0.height} for {what} "
+                                        f"(compute.vae_tiling_above decodes large images in tiles)") for r in chunk])
         except Exception as e:  # a kernel error: these rows fail, the actor lives on
+            return _InFlight(chunk, failed=[RenderResult(r.image_id, None, error=f"generate_error: {type(e).__name__}: {e}")
+                                            for r in chunk])
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> [B, 3, H, W] in [0, 1], as the SDXL pipeline's own `output_type="pt"` does."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # float16 overflows in SDXL's VAE
+        if upcast:
+            vae.to(dtype=torch.float32)
+            latents = latents.to(torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        if getattr(self.pipe, "watermark", None) is not None:
+            image = self.pipe.watermark.apply_watermark(image)
+        return self.pipe.image_processor.postprocess(image, output_type="pt")
+
+    def _collect(self, inflight: _InFlight | None) -> list[RenderResult]:
+        """Wait for a started chunk's pixels; its device time is the wall time since the chunk
+        before it was collected (or since it started), so overlapping batches are not counted twice."""
+        if inflight is None:
+            return []
+        if inflight.failed:
+            return inflight.failed
+        chunk = inflight.chunk
+        try:
+            if inflight.done is not None:
+                inflight.done.synchronize()
+        except Exception as e:  # a kernel error in the decode, reported when it is waited for
             return [RenderResult(r.image_id, None, error=f"generate_error: {type(e).__name__}: {e}") for r in chunk]
-        per_image = (time.perf_counter() - t0) / len(chunk)
-        return [RenderResult(r.image_id, px, nonfinite_fraction=b, gpu_seconds=per_image, batch_id=batch_id,
-                             batch_size=len(chunk)) for r, px, b in zip(chunk, pixels, bad)]
+        now = time.perf_counter()
+        per_image = (now - max(inflight.started, self._last_done)) / len(chunk)
+        self._last_done = now
+        pixels = inflight.pixels.numpy()
+        if inflight.done is not None:
+            pixels = pixels.copy()  # out of the pinned buffer, which goes back to the host allocator
+        return [RenderResult(r.image_id, px, nonfinite_fraction=b, gpu_seconds=per_image, batch_id=inflight.batch_id,
+                             batch_size=len(chunk)) for r, px, b in zip(chunk, pixels, inflight.bad.tolist())]
 
     def stats(self) -> dict:
         return {
@@ -298,16 +418,22 @@ class Generator:
         }
 
 
-def to_uint8(images: torch.Tensor) -> tuple[np.ndarray, list[float]]:
+def uint8_on_device(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, 3, H, W] floats in [0, 1] -> [B, H, W, 3] uint8 and each image's share of non-finite
     values (replaced by 0), computed where the images are: on a GPU only a quarter of the float32
     bytes cross to the host, and the host's ~11 ms per 1024² image of numpy work goes away.
     Same arithmetic as the float32 numpy it replaces (float32 multiply, round half to even)."""
     x = images.float()
     finite = torch.isfinite(x)
-    bad = (1.0 - finite.flatten(1).float().mean(dim=1)).tolist()
+    bad = 1.0 - finite.flatten(1).float().mean(dim=1)
     x = torch.where(finite, x, 0.0).clamp_(0.0, 1.0).mul_(255.0).round_()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy(), bad
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous(), bad
+
+
+def to_uint8(images: torch.Tensor) -> tuple[np.ndarray, list[float]]:
+    """`uint8_on_device`, brought to the host as numpy and a list."""
+    pixels, bad = uint8_on_device(images)
+    return pixels.cpu().numpy(), bad.tolist()
 
 
 def _probe_inputs(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:

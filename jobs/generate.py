@@ -30,6 +30,7 @@ import pyarrow.csv as pacsv
 import yaml
 
 from app.catalog.store import CatalogStore
+from app.compute import ComputeSpec
 from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
@@ -298,6 +299,14 @@ def with_warmup_sizes(compute, requests: list[str]):
     return compute.model_copy(update={"warmup_sizes": tuple(f"{w}x{h}" for w, h in sizes)})
 
 
+def generator_call_rows(compute: ComputeSpec, use_gpu: bool) -> int:
+    """Rows per generator call. A generator overlaps one batch's decode with the next batch's
+    denoising only within a call, so whole batches (not batch-invariant) come two to a call on
+    GPUs; a batch-invariant call of `batch_size` rows is already that many one-image batches."""
+    two = use_gpu and not compute.batch_invariant and compute.overlaps_decode(on_cuda=True)
+    return compute.batch_size * (2 if two else 1)
+
+
 def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputStore, run_id: str,
             summary: RunSummary, generator_cls=None) -> None:
     """One generator actor pool per base model, all feeding one CPU stage.
@@ -324,6 +333,7 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
     gpus = gpus or (compute.generators or 1)
     cpus = ray.cluster_resources().get("CPU", 1)
     batch = compute.batch_size
+    call_rows = generator_call_rows(compute, use_gpu)
     pending = plan.pending
     bases = [_base_of(k) for k in pc.unique(pending.column("combination")).to_pylist()]
     bases = sorted(set(bases))
@@ -344,14 +354,14 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
     def generators_for(base: str):
         rows = pending.filter(pc.equal(pc.utf8_slice_codeunits(pending.column("combination"), 0, len(base) + 1),
                                        base + "|"))
-        ds = ray.data.from_arrow([rows.slice(i, batch) for i in range(0, rows.num_rows, batch)])
+        ds = ray.data.from_arrow([rows.slice(i, call_rows) for i in range(0, rows.num_rows, call_rows)])
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == models.bases[base].arch}
         base_compute = with_warmup_sizes(compute, rows.column("request").to_pylist())
         return ds.map_batches(
             stage,
             fn_constructor_kwargs={"base": models.bases[base], "loras": usable, "compute": base_compute, **stage_kwargs},
             compute=ActorPoolStrategy(size=pools[base] if together else max(1, gpus)),
-            batch_size=batch,
+            batch_size=call_rows,
             batch_format="numpy",
             num_gpus=1 if use_gpu else 0,
             num_cpus=gen_cpus,

@@ -69,7 +69,7 @@ def test_regenerate_rebuilds_the_recorded_batch_bucket():
 # tests' model home's, shared with tests/test_gpu_bench.py's FP8 row (the same graphs) and kept
 # between runs of the suite.
 COMPILED = dict(device="cpu", compile=True, fuse_qkv=True, channels_last=True, fp8=True, batch_invariant=False,
-                batch_size=2, warmup_sizes=("64x64",))
+                batch_size=2, warmup_sizes=("64x64",), decode_overlap=True)
 
 
 @pytest.fixture(scope="module")
