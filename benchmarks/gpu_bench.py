@@ -13,13 +13,19 @@ their wheels, see benchmarks/RESULTS.md).
 Row groups, in the order they run:
   diffusers eager       --batches                the LoRA as unfused peft adapters
   imagefab eager        --batches                Generator, whole batches per call
-  imagefab compiled     --compile-batches        compute.compile, one compiled shape per batch size
+  imagefab compiled     --compile-batches        compute.compile, one compiled shape per batch size;
+                                                 then the same generator with its decode not overlapped
+                                                 ("no decode overlap", when it overlaps: no recompiling)
   imagefab fp8          --fp8-batches            compute.compile + compute.fp8
   diffusers compiled    --stock-compile-batches  the usual recipe: fuse_lora, fused QKV, channels_last,
                                                  torch.compile(unet, "max-autotune-no-cudagraphs")
 Every compiled row gets a pipeline of its own, built from the same seed (the same weights):
 compiling in place and FP8's layer conversion cannot be undone on a shared one, and a second
 Generator on a used pipeline would merge its LoRA a second time and fuse QKV over fused QKV.
+
+Each timed call renders `--batches-per-call` batches back to back (different seeds), as a
+generator actor does with consecutive batches: imagefab decodes each batch on a second CUDA stream
+while the next one denoises; stock renders them one after another. s/image divides by all of them.
 
 Prints a Markdown table after each row group (so a run cut short still leaves what it measured,
 and `--json` is rewritten each time): s/image and images/s, TFLOP/s, warm-up seconds (compiling
@@ -126,7 +132,8 @@ class Results:
     def publish(self, title: str) -> None:
         m = self.meta
         print(f"\n{title}: {m['card']}, {m['config']}, {m['size']}x{m['size']}, {m['steps']} steps, "
-              f"guidance {m['guidance']}, {m['dtype']}, LoRA rank {m['lora_rank']}, repeats {m['repeats']}")
+              f"guidance {m['guidance']}, {m['dtype']}, LoRA rank {m['lora_rank']}, repeats {m['repeats']}, "
+              f"{m['batches_per_call']} batches per call")
         print("| " + " | ".join(HEADER) + " |")
         print("|" + "---|" * len(HEADER))
         for r in self.rows:
@@ -296,6 +303,7 @@ class Bench:
         self.results = Results(meta={**machine(self.device), "config": args.config, "size": args.size,
                                      "steps": args.steps, "guidance": args.guidance, "dtype": str(self.dtype),
                                      "lora_rank": args.lora_rank, "repeats": args.repeats,
+                                     "batches_per_call": args.batches_per_call,
                                      "compile_cache": self.compile_cache, "compile_cache_files_at_start": cached},
                                json_path=args.json)
 
@@ -320,14 +328,19 @@ class Bench:
             pipe.set_adapters(["bench"], [0.8])
 
     # --- renderers: (batch, steps) -> [B, H, W, 3] uint8 ------------------------------------------
+    # `calls` batches of `batch` images each, seeds 0.. in order (None: --batches-per-call).
     def stock_renderer(self, pipe):
         a = self.args
 
-        def render(batch: int, steps: int) -> np.ndarray:
-            images = pipe(prompt=self.prompts[:batch], num_inference_steps=steps, guidance_scale=a.guidance,
-                          height=a.size, width=a.size, output_type="np",
-                          generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)]).images
-            return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)  # as the Generator rounds
+        def render(batch: int, steps: int, calls: int | None = None) -> np.ndarray:
+            out = []
+            for start in range(0, batch * (calls or a.batches_per_call), batch):
+                seeds = range(start, start + batch)
+                images = pipe(prompt=[self.prompts[i] for i in seeds], num_inference_steps=steps,
+                              guidance_scale=a.guidance, height=a.size, width=a.size, output_type="np",
+                              generator=[torch.Generator("cpu").manual_seed(i) for i in seeds]).images
+                out.append((np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8))  # as the Generator rounds
+            return np.concatenate(out)
 
         return render
 
@@ -337,12 +350,12 @@ class Bench:
         a = self.args
         loras = (LoraUse("bench-lora", "1", 0.8, "0" * 64),) if self.lora else ()
 
-        def render(batch: int, steps: int) -> np.ndarray:
+        def render(batch: int, steps: int, calls: int | None = None) -> np.ndarray:
             reqs = [RenderRequest(image_id=f"{i:032x}", prompt=self.prompts[i], negative_prompt="",
                                   base_model=self.base.lineage(), loras=loras, scheduler="euler", steps=steps,
                                   guidance=a.guidance, width=a.size, height=a.size, seed=i, fuse_loras=bool(loras))
-                    for i in range(batch)]
-            out = gen.render_batch_exactly(reqs)
+                    for i in range(batch * (calls or a.batches_per_call))]
+            out = gen.render_batches([reqs[i : i + batch] for i in range(0, len(reqs), batch)])
             errors = [r.error for r in out if r.error]
             if errors:
                 raise RuntimeError(errors[0])
@@ -355,7 +368,7 @@ class Bench:
         from app.generate import Generator
 
         spec = ComputeSpec(device=self.device.type, batch_invariant=False, fuse_qkv=self.args.fuse_qkv,
-                           channels_last=self.args.channels_last, **compute)
+                           channels_last=self.args.channels_last, decode_overlap=self.args.decode_overlap, **compute)
         return Generator(self.base, {"bench-lora": self.lora} if self.lora else {}, spec, pipe=pipe)
 
     # --- measuring ------------------------------------------------------------------------------
@@ -370,13 +383,15 @@ class Bench:
         warm = warmup + time.perf_counter() - w0
         seconds, images = timed(lambda: render(batch, a.steps), a.repeats, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        tflops = self.results.flops_per_image.get(family, float("nan")) * batch / seconds / 1e12
-        self.results.add(Row(impl, batch, seconds / batch, warm, peak, tflops, **extra), images)
+        n = batch * a.batches_per_call
+        tflops = self.results.flops_per_image.get(family, float("nan")) * n / seconds / 1e12
+        self.results.add(Row(impl, batch, seconds / n, warm, peak, tflops, **extra), images)
 
     def fits(self, impl: str, batch: int, compiled: bool) -> bool:
         """Whether the row's estimate fits the time left; if not, records and prints the skip."""
         a = self.args
-        estimate = self.results.eager_estimate(batch) * batch * (a.repeats + min(2, a.steps) / a.steps)
+        estimate = (self.results.eager_estimate(batch) * batch * a.batches_per_call
+                    * (a.repeats + min(2, a.steps) / a.steps))
         if compiled:
             estimate += self.budget.compile_seconds + self.budget.build_seconds
         reason = self.budget.skip_reason(estimate)
@@ -401,7 +416,7 @@ class Bench:
         render = self.stock_renderer(pipe)
         self.load_stock_lora(pipe)
         try:
-            self.results.flops_per_image["diffusers"] = count_flops(lambda n: render(1, n), self.args.steps)
+            self.results.flops_per_image["diffusers"] = count_flops(lambda n: render(1, n, calls=1), self.args.steps)
             for b in batches:
                 if self.fits(STOCK, b, compiled=False):
                     self.measure(STOCK, "diffusers", b, render)
@@ -414,7 +429,7 @@ class Bench:
         weights (combination setting fuse_loras), each batch as one call; counts its FLOPs."""
         gen = self.generator(pipe, batch_size=max(batches, default=1))
         render = self.generator_renderer(gen)
-        self.results.flops_per_image["imagefab"] = count_flops(lambda n: render(1, n), self.args.steps)
+        self.results.flops_per_image["imagefab"] = count_flops(lambda n: render(1, n, calls=1), self.args.steps)
         for b in batches:
             if self.fits(OURS, b, compiled=False):
                 self.measure(OURS, "imagefab", b, render, accelerator=gen.accelerator)
@@ -433,6 +448,10 @@ class Bench:
                      fp8_error=gen.stats()["fp8_error"], accelerator=gen.accelerator)
         if self.args.profile_steps:
             self.profile(impl, batch, render)
+        if not fp8 and gen.overlap_decode and self.args.batches_per_call > 1:
+            # What the overlap buys: the same graphs, each batch collected before the next starts.
+            gen.overlap_decode = False
+            self.measure(f"{impl}, no decode overlap", "imagefab", batch, render, accelerator=gen.accelerator)
 
     def profile(self, impl: str, batch: int, render) -> None:
         """Where one call's device time goes, by kernel kind: what to optimise next."""
@@ -542,6 +561,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="imagefab's compute.channels_last (default: on for CUDA, off for the CPU)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per row (the best counts)")
+    p.add_argument("--batches-per-call", type=int, default=2,
+                   help="batches rendered back to back in each timed call (imagefab overlaps each decode with "
+                        "the next batch's denoising)")
+    p.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="imagefab's compute.decode_overlap (default: on for CUDA, off for the CPU)")
     p.add_argument("--lora-rank", type=int, default=16, help="0: no LoRA")
     p.add_argument("--fp8-max-error", type=float, default=1.0,
                    help="the Generator's FP8 error limit: the benchmark reports the error instead of refusing "
@@ -557,8 +581,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "kind (matmul, convolution, attention, inductor-fused, ...) and how busy the device was")
     p.add_argument("--json", help="write the rows here too (rewritten after each row group)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1:
-        p.error(f"--steps and --repeats must be at least 1, not {args.steps} and {args.repeats}")
+    if min(args.steps, args.repeats, args.batches_per_call) < 1:
+        p.error(f"--steps, --repeats and --batches-per-call must be at least 1, not {args.steps}, {args.repeats} "
+                f"and {args.batches_per_call}")
     return args
 
 

@@ -26,8 +26,11 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     cache = Path(os.environ["IMAGEFAB_HOME"]) / "compile-cache"
     # The GPU's settings (fused QKV, channels_last; the CPU's default is off): fused QKV is where a
     # pipeline used twice would go wrong (fused over fused, LoRA adapters bypassed).
+    # Decodes overlapped as on a GPU (the CPU's default is off): every imagefab row renders its two
+    # batches per call through the deferred-collecting path.
     assert main([*TINY, "--batches", "1,2", "--compile-batches", "2", "--fp8-batches", "2", "--fuse-qkv",
-                 "--channels-last", "--compile-cache", str(cache), "--profile-steps", "1", "--json", str(out)]) == 0
+                 "--channels-last", "--decode-overlap", "--compile-cache", str(cache), "--profile-steps", "1",
+                 "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| torch " in printed.splitlines()[0] and "| diffusers " in printed.splitlines()[0]
     # A table after every row group, so a run cut short by its device still shows what it measured.
@@ -36,7 +39,7 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     assert report["meta"]["card"] == "cpu" and not report["skipped"] and not report["failed"]
     rows = {(r["impl"], r["batch"]): r for r in report["rows"]}
     assert list(rows) == [("diffusers eager", 1), ("diffusers eager", 2), ("imagefab eager", 1), ("imagefab eager", 2),
-                          ("imagefab compiled", 2), ("imagefab fp8", 2)]
+                          ("imagefab compiled", 2), ("imagefab compiled, no decode overlap", 2), ("imagefab fp8", 2)]
     assert all(r["seconds_per_image"] > 0 and r["tflops"] > 0 for r in rows.values())
     # FLOPs are counted once per implementation at batch 1 and scaled: compiled and FP8 rows do
     # imagefab eager's arithmetic.
@@ -51,6 +54,10 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
         assert rows[key]["diff_ref"] == "diffusers eager" and rows[key]["ratio"] > 0, key
     assert rows["imagefab eager", 1]["max_pixel_diff"] <= 2 and rows["imagefab eager", 2]["max_pixel_diff"] <= 2
     assert rows["imagefab compiled", 2]["max_pixel_diff"] <= 3  # measured 1
+    # Overlapping the decode changes when pixels arrive, not the pixels.
+    serial = rows["imagefab compiled, no decode overlap", 2]
+    assert (serial["max_pixel_diff"], serial["mean_pixel_diff"]) == (rows["imagefab compiled", 2]["max_pixel_diff"],
+                                                                     rows["imagefab compiled", 2]["mean_pixel_diff"])
     # FP8 moves the image a little (measured: 5 of 255 at most, 0.48 on average, UNet error 0.006).
     fp8 = rows["imagefab fp8", 2]
     assert 0 < fp8["max_pixel_diff"] <= 12 and 0 < fp8["mean_pixel_diff"] < 1.5
