@@ -23,9 +23,10 @@ Every compiled row gets a pipeline of its own, built from the same seed (the sam
 compiling in place and FP8's layer conversion cannot be undone on a shared one, and a second
 Generator on a used pipeline would merge its LoRA a second time and fuse QKV over fused QKV.
 
-Each timed call renders `--batches-per-call` batches back to back (different seeds), as a
-generator actor does with consecutive batches: imagefab decodes each batch on a second CUDA stream
-while the next one denoises; stock renders them one after another. s/image divides by all of them.
+Each timed call of a compiled row renders `--batches-per-call` batches back to back (different
+seeds), as a generator actor does with consecutive batches: imagefab decodes each batch on a
+second CUDA stream while the next one denoises; stock renders them one after another. s/image
+divides by all of them; pixels are compared on the first batch. Eager rows render one batch.
 
 Prints a Markdown table after each row group (so a run cut short still leaves what it measured,
 and `--json` is rewritten each time): s/image and images/s, TFLOP/s, warm-up seconds (compiling
@@ -104,8 +105,8 @@ class Results:
     def add(self, row: Row, images: np.ndarray) -> None:
         ref = next(((name, self.images[name, row.batch]) for name in (STOCK, OURS)
                     if name != row.impl and (name, row.batch) in self.images), None)
-        if ref is not None:
-            diff = np.abs(images.astype(np.int16) - ref[1].astype(np.int16))
+        if ref is not None:  # eager rows render one batch: the first batch of a longer call
+            diff = np.abs(images[: len(ref[1])].astype(np.int16) - ref[1].astype(np.int16))
             row.diff_ref, row.max_pixel_diff, row.mean_pixel_diff = ref[0], int(diff.max()), float(diff.mean())
         stock = self.seconds(STOCK, row.batch)
         if stock is not None and row.impl != STOCK:
@@ -133,7 +134,7 @@ class Results:
         m = self.meta
         print(f"\n{title}: {m['card']}, {m['config']}, {m['size']}x{m['size']}, {m['steps']} steps, "
               f"guidance {m['guidance']}, {m['dtype']}, LoRA rank {m['lora_rank']}, repeats {m['repeats']}, "
-              f"{m['batches_per_call']} batches per call")
+              f"{m['batches_per_call']} batches per call in compiled rows")
         print("| " + " | ".join(HEADER) + " |")
         print("|" + "---|" * len(HEADER))
         for r in self.rows:
@@ -328,13 +329,13 @@ class Bench:
             pipe.set_adapters(["bench"], [0.8])
 
     # --- renderers: (batch, steps) -> [B, H, W, 3] uint8 ------------------------------------------
-    # `calls` batches of `batch` images each, seeds 0.. in order (None: --batches-per-call).
+    # `calls` batches of `batch` images each, seeds 0.. in order.
     def stock_renderer(self, pipe):
         a = self.args
 
-        def render(batch: int, steps: int, calls: int | None = None) -> np.ndarray:
+        def render(batch: int, steps: int, calls: int = 1) -> np.ndarray:
             out = []
-            for start in range(0, batch * (calls or a.batches_per_call), batch):
+            for start in range(0, batch * calls, batch):
                 seeds = range(start, start + batch)
                 images = pipe(prompt=[self.prompts[i] for i in seeds], num_inference_steps=steps,
                               guidance_scale=a.guidance, height=a.size, width=a.size, output_type="np",
@@ -350,11 +351,11 @@ class Bench:
         a = self.args
         loras = (LoraUse("bench-lora", "1", 0.8, "0" * 64),) if self.lora else ()
 
-        def render(batch: int, steps: int, calls: int | None = None) -> np.ndarray:
+        def render(batch: int, steps: int, calls: int = 1) -> np.ndarray:
             reqs = [RenderRequest(image_id=f"{i:032x}", prompt=self.prompts[i], negative_prompt="",
                                   base_model=self.base.lineage(), loras=loras, scheduler="euler", steps=steps,
                                   guidance=a.guidance, width=a.size, height=a.size, seed=i, fuse_loras=bool(loras))
-                    for i in range(batch * (calls or a.batches_per_call))]
+                    for i in range(batch * calls)]
             out = gen.render_batches([reqs[i : i + batch] for i in range(0, len(reqs), batch)])
             errors = [r.error for r in out if r.error]
             if errors:
@@ -372,26 +373,28 @@ class Bench:
         return Generator(self.base, {"bench-lora": self.lora} if self.lora else {}, spec, pipe=pipe)
 
     # --- measuring ------------------------------------------------------------------------------
-    def measure(self, impl: str, family: str, batch: int, render, warmup: float = 0.0, **extra) -> None:
+    def measure(self, impl: str, family: str, batch: int, render, warmup: float = 0.0, calls: int = 1,
+                **extra) -> None:
+        """One row: a short warm call, then the best of `repeats` timed calls of `calls` batches."""
         a, device = self.args, self.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # A short call first: lazy initialisation, kernel selection, and for compiled rows any
         # recompile the fused LoRA would cause (there should be none after the Generator's warm-up).
         w0 = time.perf_counter()
-        render(batch, min(2, a.steps))
+        render(batch, min(2, a.steps), calls)
         warm = warmup + time.perf_counter() - w0
-        seconds, images = timed(lambda: render(batch, a.steps), a.repeats, device)
+        seconds, images = timed(lambda: render(batch, a.steps, calls), a.repeats, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        n = batch * a.batches_per_call
+        n = batch * calls
         tflops = self.results.flops_per_image.get(family, float("nan")) * n / seconds / 1e12
         self.results.add(Row(impl, batch, seconds / n, warm, peak, tflops, **extra), images)
 
     def fits(self, impl: str, batch: int, compiled: bool) -> bool:
         """Whether the row's estimate fits the time left; if not, records and prints the skip."""
         a = self.args
-        estimate = (self.results.eager_estimate(batch) * batch * a.batches_per_call
-                    * (a.repeats + min(2, a.steps) / a.steps))
+        calls = a.batches_per_call if compiled else 1
+        estimate = self.results.eager_estimate(batch) * batch * calls * (a.repeats + min(2, a.steps) / a.steps)
         if compiled:
             estimate += self.budget.compile_seconds + self.budget.build_seconds
         reason = self.budget.skip_reason(estimate)
@@ -416,7 +419,7 @@ class Bench:
         render = self.stock_renderer(pipe)
         self.load_stock_lora(pipe)
         try:
-            self.results.flops_per_image["diffusers"] = count_flops(lambda n: render(1, n, calls=1), self.args.steps)
+            self.results.flops_per_image["diffusers"] = count_flops(lambda n: render(1, n), self.args.steps)
             for b in batches:
                 if self.fits(STOCK, b, compiled=False):
                     self.measure(STOCK, "diffusers", b, render)
@@ -429,7 +432,7 @@ class Bench:
         weights (combination setting fuse_loras), each batch as one call; counts its FLOPs."""
         gen = self.generator(pipe, batch_size=max(batches, default=1))
         render = self.generator_renderer(gen)
-        self.results.flops_per_image["imagefab"] = count_flops(lambda n: render(1, n, calls=1), self.args.steps)
+        self.results.flops_per_image["imagefab"] = count_flops(lambda n: render(1, n), self.args.steps)
         for b in batches:
             if self.fits(OURS, b, compiled=False):
                 self.measure(OURS, "imagefab", b, render, accelerator=gen.accelerator)
@@ -444,14 +447,16 @@ class Bench:
                              batch_size=batch, warmup_sizes=(f"{self.args.size}x{self.args.size}",),
                              compile_cache=self.compile_cache)
         render = self.generator_renderer(gen)
-        self.measure(impl, "imagefab", batch, render, warmup=gen.warmup_seconds,
+        calls = self.args.batches_per_call
+        self.measure(impl, "imagefab", batch, render, warmup=gen.warmup_seconds, calls=calls,
                      fp8_error=gen.stats()["fp8_error"], accelerator=gen.accelerator)
         if self.args.profile_steps:
-            self.profile(impl, batch, render)
-        if not fp8 and gen.overlap_decode and self.args.batches_per_call > 1:
+            self.profile(impl, batch, partial(render, calls=calls))
+        if not fp8 and gen.overlap_decode and calls > 1:
             # What the overlap buys: the same graphs, each batch collected before the next starts.
             gen.overlap_decode = False
-            self.measure(f"{impl}, no decode overlap", "imagefab", batch, render, accelerator=gen.accelerator)
+            self.measure(f"{impl}, no decode overlap", "imagefab", batch, render, calls=calls,
+                         accelerator=gen.accelerator)
 
     def profile(self, impl: str, batch: int, render) -> None:
         """Where one call's device time goes, by kernel kind: what to optimise next."""
@@ -487,7 +492,7 @@ class Bench:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.unet.compile(mode="max-autotune-no-cudagraphs")
-        self.measure(impl, "diffusers", batch, self.stock_renderer(pipe))
+        self.measure(impl, "diffusers", batch, self.stock_renderer(pipe), calls=self.args.batches_per_call)
 
 
 KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS/cuDNN/Triton/flash kernels and aten ops
@@ -562,8 +567,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="imagefab's compute.channels_last (default: on for CUDA, off for the CPU)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per row (the best counts)")
     p.add_argument("--batches-per-call", type=int, default=2,
-                   help="batches rendered back to back in each timed call (imagefab overlaps each decode with "
-                        "the next batch's denoising)")
+                   help="compiled rows: batches rendered back to back in each timed call (imagefab overlaps "
+                        "each decode with the next batch's denoising)")
     p.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="imagefab's compute.decode_overlap (default: on for CUDA, off for the CPU)")
     p.add_argument("--lora-rank", type=int, default=16, help="0: no LoRA")
