@@ -276,9 +276,12 @@ def release(device) -> None:
 
 def machine(device: torch.device) -> dict:
     import diffusers
+    import peft
+    import transformers
 
     return {"card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "cuda": torch.version.cuda,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -601,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     if bench.device.type == "cpu":
         torch.set_num_threads(1)  # both sides alike (the Generator pins CPU threads too)
     m = bench.results.meta
-    print(f"{m['card']} | torch {m['torch']} | diffusers {m['diffusers']} | CUDA {m['cuda']} | {m['date']} | "
+    print(f"{m['card']} | torch {m['torch']} | diffusers {m['diffusers']} | transformers {m['transformers']} | "
+          f"peft {m['peft']} | CUDA {m['cuda']} | {m['date']} | "
           f"compile cache {m['compile_cache']} ({m['compile_cache_files_at_start']} files)", flush=True)
 
     # 1. Eager rows share one pipeline: stock first, then the Generator (its LoRA merges into
