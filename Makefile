@@ -30,11 +30,16 @@ demo: setup
 mlflow: setup
 	$(BIN)/imagefab mlflow
 
+# Two pytest workers, a test file each at a time (module fixtures stay shared): most slow tests
+# wait on Ray, subprocesses or a compiler, so two overlap well on 2 cores (measured: 15:42 serial,
+# 12:30 with two, warm caches). Every test uses its own ports, folders and Ray.
+XDIST ?= -n 2 --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not slow' $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

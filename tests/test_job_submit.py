@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,11 +55,15 @@ def ray_head(tmp_path):
     else:
         pytest.fail(f"ray head did not answer: {(tmp_path / 'head.log').read_text()[-3000:]}")
     yield address, env
+    # `ray start --block` spends ~30 s stopping its dashboard and agents on SIGTERM (measured);
+    # the job is over by now, so after a short grace the group is killed and its folder removed.
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_bulk_job(ray_head, tmp_path):
