@@ -168,7 +168,7 @@ class Generator:
                                   base_model=self.base.lineage(), loras=(), scheduler="euler", steps=2,
                                   guidance=5.0, width=int(width), height=int(height), seed=i)
                     for i in range(batch * batches)]
-            done, last = self._render_chunks(_chunks(reqs, batch), None, exact=False)
+            _, last = self._render_chunks(_chunks(reqs, batch), None, exact=False)
             self._collect(last)
         return time.perf_counter() - t0
 
