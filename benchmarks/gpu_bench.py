@@ -393,10 +393,11 @@ class Bench:
         tflops = self.results.flops_per_image.get(family, float("nan")) * n / seconds / 1e12
         self.results.add(Row(impl, batch, seconds / n, warm, peak, tflops, **extra), images)
 
-    def fits(self, impl: str, batch: int, compiled: bool) -> bool:
-        """Whether the row's estimate fits the time left; if not, records and prints the skip."""
+    def fits(self, impl: str, batch: int, compiled: bool, calls: int | None = None) -> bool:
+        """Whether the row's estimate fits the time left; if not, records and prints the skip.
+        `calls`: batches per timed call (default: --batches-per-call for compiled rows, else 1)."""
         a = self.args
-        calls = a.batches_per_call if compiled else 1
+        calls = calls or (a.batches_per_call if compiled else 1)
         estimate = self.results.eager_estimate(batch) * batch * calls * (a.repeats + min(2, a.steps) / a.steps)
         if compiled:
             estimate += self.budget.compile_seconds + self.budget.build_seconds
@@ -455,11 +456,11 @@ class Bench:
                      fp8_error=gen.stats()["fp8_error"], accelerator=gen.accelerator)
         if self.args.profile_steps:
             self.profile(impl, batch, partial(render, calls=calls))
-        if not fp8 and gen.overlap_decode and calls > 1:
+        serial = f"{impl}, no decode overlap"
+        if not fp8 and gen.overlap_decode and calls > 1 and self.fits(serial, batch, compiled=False, calls=calls):
             # What the overlap buys: the same graphs, each batch collected before the next starts.
             gen.overlap_decode = False
-            self.measure(f"{impl}, no decode overlap", "imagefab", batch, render, calls=calls,
-                         accelerator=gen.accelerator)
+            self.measure(serial, "imagefab", batch, render, calls=calls, accelerator=gen.accelerator)
 
     def profile(self, impl: str, batch: int, render) -> None:
         """Where one call's device time goes, by kernel kind: what to optimise next."""
