@@ -430,12 +430,6 @@ def uint8_on_device(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous(), bad
 
 
-def to_uint8(images: torch.Tensor) -> tuple[np.ndarray, list[float]]:
-    """`uint8_on_device`, brought to the host as numpy and a list."""
-    pixels, bad = uint8_on_device(images)
-    return pixels.cpu().numpy(), bad.tolist()
-
-
 def _probe_inputs(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
     """Fixed random UNet inputs (two latents of 32x32, SDXL's conditioning) for output checks."""
     g = torch.Generator("cpu").manual_seed(seed)

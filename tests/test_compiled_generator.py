@@ -179,16 +179,17 @@ def test_fp8_above_its_error_limit_refuses_to_start(tiny_base):
 
 
 # --- output, memory, VAE tiling ---------------------------------------------------------------------
-def test_to_uint8_matches_the_float_arithmetic_and_counts_nonfinite_values():
+def test_uint8_on_device_matches_the_float_arithmetic_and_counts_nonfinite_values():
     import torch
 
-    from app.generate import to_uint8
+    from app.generate import uint8_on_device
 
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     images[1, 0, 0, :4] = float("nan")
     images[1, 2, 7, 7] = float("inf")
     images[0, 1, 3, 3] = 1.7  # out of range: clipped
-    pixels, bad = to_uint8(images)
+    pixels, bad = uint8_on_device(images)
+    pixels, bad = pixels.numpy(), bad.tolist()
     as_np = images.permute(0, 2, 3, 1).numpy()
     want = (np.clip(np.where(np.isfinite(as_np), as_np, 0.0), 0.0, 1.0) * np.float32(255.0)).round().astype(np.uint8)
     assert pixels.shape == (2, 8, 8, 3) and pixels.dtype == np.uint8

@@ -25,12 +25,12 @@ def request(base, loras, i: int, stack=(), seed: int | None = None, size: int = 
 
 def stock_pixels(pipe, r: RenderRequest) -> np.ndarray:
     """The pipeline decoding its own latents (output_type="pt"), rounded as the generator rounds."""
-    from app.generate import to_uint8
+    from app.generate import uint8_on_device
 
     with torch.inference_mode():
         out = pipe(prompt=[r.prompt], num_inference_steps=r.steps, guidance_scale=r.guidance, width=r.width,
                    height=r.height, generator=[torch.Generator("cpu").manual_seed(r.seed)], output_type="pt").images
-    return to_uint8(out)[0][0]
+    return uint8_on_device(out)[0][0].numpy()
 
 
 def test_the_generators_own_decode_gives_the_pipelines_pixels(tiny_base):
