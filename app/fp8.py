@@ -42,6 +42,7 @@ little to be worth their error. Any other selection can be passed as an `include
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -71,11 +72,43 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def fp8_supported(device: torch.device) -> bool:
-    """Whether `torch._scaled_mm` runs on `device`: CPUs (slowly), and CUDA GPUs from Ada/Hopper (sm_89)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu"
+def fp8_supported(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether Float8Linear's matmul runs on `device` with `dtype` inputs and outputs."""
+    return fp8_unsupported_reason(device, dtype) is None
+
+
+def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why Float8Linear cannot run on `device` with `dtype` outputs, or None when it can.
+
+    Not read from version tables: one 16x32x16 `torch._scaled_mm` with row-wise scales is tried
+    (once per device and dtype). Row-wise scaling differs by build: CUDA needs sm_89+ and (for
+    row-wise scales) bfloat16 outputs; torch 2.11's CPU kernel takes per-tensor scales only.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no FP8 matmuls: 8.9+ needed"
+    if device.type not in ("cuda", "cpu"):
+        return f"FP8 matmuls are only tried on CUDA GPUs and CPUs, not {device.type}"
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        return f"FP8 matmuls write {dtype} outputs here: bfloat16, float16 or float32 expected"
+    return _probe_scaled_mm(str(device), dtype)
+
+
+@functools.cache
+def _probe_scaled_mm(device: str, dtype: torch.dtype) -> str | None:
+    a = torch.linspace(-1.0, 1.0, 16 * 32, device=device).reshape(16, 32)
+    b = torch.linspace(1.0, -1.0, 16 * 32, device=device).reshape(16, 32)
+    (qa, sa), (qb, sb) = quantize_rows(a), quantize_rows(b)
+    try:
+        y = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=dtype)
+    except (RuntimeError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"torch {torch.__version__} cannot run row-wise scaled FP8 matmuls on {device} into {dtype}: {first}"
+    y = y.float()
+    if not torch.isfinite(y).all() or relative_error(a @ b.t(), y) > 0.1:
+        return f"torch {torch.__version__}'s row-wise scaled FP8 matmul on {device} gives wrong numbers"
+    return None
 
 
 class Float8Linear(torch.nn.Linear):

@@ -128,10 +128,11 @@ class Generator:
 
     def _quantize_fp8(self) -> float:
         """FP8 for the UNet's transformer Linear layers, if its output stays within the limit."""
-        from app.fp8 import fp8_supported, quantize_linears, refresh_all, relative_error
+        from app.fp8 import fp8_unsupported_reason, quantize_linears, refresh_all, relative_error
 
-        if not fp8_supported(self.device):
-            raise RuntimeError(f"compute.fp8: {self._device_name()} has no FP8 matmuls (needs compute capability 8.9+)")
+        why = fp8_unsupported_reason(self.device, self.dtype)
+        if why:
+            raise RuntimeError(f"compute.fp8: {why} (fp8: false renders in {self.dtype})")
         unet = self.pipe.unet
         inputs = _probe_inputs(unet.config, self.device, self.dtype)
         with torch.inference_mode():

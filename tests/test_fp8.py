@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.fp8 import Float8Linear, fp8_supported, quantize_linears, refresh_all, relative_error
+from app.fp8 import Float8Linear, fp8_supported, fp8_unsupported_reason, quantize_linears, refresh_all, relative_error
 from app.models.tiny import LORA_TARGETS
 
 LINEAR_TOL = 0.05  # measured 0.033-0.036
@@ -113,6 +113,20 @@ def test_constructed_float8_linear_quantises_its_own_weight():
     x = torch.randn(5, 32)
     with torch.no_grad():
         assert relative_error(x @ layer.weight.t(), layer(x)) < LINEAR_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_probe_runs_a_row_wise_scaled_matmul_on_the_cpu(dtype):
+    # torch 2.14's CPU kernel takes row-wise scales (2.11's took per-tensor ones only, and the
+    # probe said so: "cannot run row-wise scaled FP8 matmuls on cpu ... per-tensor scaling").
+    assert fp8_unsupported_reason(torch.device("cpu"), dtype) is None
+    assert fp8_supported(torch.device("cpu"), dtype)
+
+
+def test_the_probe_names_what_it_cannot_use():
+    assert "not meta" in fp8_unsupported_reason(torch.device("meta"))
+    assert "torch.int32 outputs" in fp8_unsupported_reason(torch.device("cpu"), torch.int32)
+    assert not fp8_supported(torch.device("cpu"), torch.float8_e4m3fn)
 
 
 def test_unaligned_sizes_are_refused_with_both_numbers():
