@@ -13,10 +13,10 @@ their wheels, see benchmarks/RESULTS.md).
 Row groups, in the order they run:
   diffusers eager       --batches                the LoRA as unfused peft adapters
   imagefab eager        --batches                Generator, whole batches per call
+  imagefab fp8          --fp8-batches            compute.compile + compute.fp8
   imagefab compiled     --compile-batches        compute.compile, one compiled shape per batch size;
                                                  then the same generator with its decode not overlapped
                                                  ("no decode overlap", when it overlaps: no recompiling)
-  imagefab fp8          --fp8-batches            compute.compile + compute.fp8
   diffusers compiled    --stock-compile-batches  the usual recipe: fuse_lora, fused QKV, channels_last,
                                                  torch.compile(unet, "max-autotune-no-cudagraphs")
 Every compiled row gets a pipeline of its own, built from the same seed (the same weights):
@@ -621,11 +621,14 @@ def main(argv: list[str] | None = None) -> int:
     del pipe
     release(bench.device)
 
-    # 2. Compiled rows, each on a fresh pipeline of the same weights.
-    for b in args.compile_batches:
-        bench.guarded("imagefab compiled", b, partial(bench.imagefab_compiled, b, fp8=False))
+    # 2. Compiled rows, each on a fresh pipeline of the same weights. FP8 first: in bf16 the
+    #    1.5 images/s target is above SDXL's own GEMM rate, so a run that the time budget cuts
+    #    short keeps the row the target depends on. The second compile reuses the first's VAE
+    #    graph and autotuning results from the shared inductor cache.
     for b in args.fp8_batches:
         bench.guarded("imagefab fp8", b, partial(bench.imagefab_compiled, b, fp8=True))
+    for b in args.compile_batches:
+        bench.guarded("imagefab compiled", b, partial(bench.imagefab_compiled, b, fp8=False))
     for b in args.stock_compile_batches:
         bench.guarded("diffusers compiled", b, partial(bench.stock_compiled, b))
     bench.results.publish("final")
