@@ -41,6 +41,10 @@ class ComputeSpec(BaseModel):
     # the UNet's output may move at most `fp8_max_error` (relative) from the unquantised one.
     fp8: bool = False
     fp8_max_error: float = Field(0.05, gt=0.0, le=1.0)
+    # FP8 matmuls accumulate in the tensor cores' own format (fast; torchao's inference default)
+    # rather than promoting to fp32 every 128 products. False: the exact-fp32 variant, recorded
+    # as `+fp8_fp32_accum` in `accelerator`.
+    fp8_fast_accum: bool = True
     warmup_sizes: tuple[str, ...] = ()  # sizes to compile at actor start: "1024x1024", …
     # Inductor's caches (compiled graphs, autotuning, kernels), shared by every generator that
     # points at the same directory: one compiles a shape, the others load it. None:

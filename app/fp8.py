@@ -24,6 +24,13 @@ Why a subclass of `nn.Linear`, and why the master weight stays:
     re-quantises into the same buffers (`copy_`), so a compiled graph that holds them stays valid
     and does not recompile. Keeping the master costs one FP8 byte per weight on top of bf16's two.
 
+Accumulation: `fast_accum` (default True, as torchao's inference and forward passes do) lets
+Hopper's FP8 tensor cores keep their own reduced-precision accumulator for the whole K loop
+instead of promoting to fp32 every 128 products. Torch's row-wise CUTLASS kernel is much slower
+without it (pytorch/pytorch#147971; torchao routes slow-accumulation row-wise matmuls to another
+kernel for that reason). The actor-start error check (`compute.fp8_max_error`) measures it with
+the rest; `fast_accum=False` is the exact-fp32 variant. CPUs ignore the flag.
+
 Order with diffusers' QKV fusion: `fuse_qkv_projections()` builds new plain `nn.Linear` modules
 (`to_qkv` for self-attention, `to_kv` for cross-attention) from the master weights of
 to_q/to_k/to_v, so quantise after fusing; calling `quantize_linears` again after each
@@ -123,6 +130,7 @@ class Float8Linear(torch.nn.Linear):
 
     weight_fp8: torch.Tensor
     weight_scale: torch.Tensor
+    fast_accum: bool = True  # the tensor cores' own accumulator (see the module's docstring)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         _check_aligned(in_features, out_features)
@@ -166,7 +174,8 @@ class Float8Linear(torch.nn.Linear):
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         xq, x_scale = quantize_rows(x2)  # [M, in] e4m3, [M, 1]
         y = torch._scaled_mm(
-            xq.contiguous(), self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype
+            xq.contiguous(), self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype,
+            use_fast_accum=self.fast_accum,
         )  # [M, out]
         if self.bias is not None:
             y = y + self.bias
@@ -193,7 +202,7 @@ class Float8Linear(torch.nn.Linear):
         self.refresh()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fp8=e4m3fn row-wise"
+        return f"{super().extra_repr()}, fp8=e4m3fn row-wise, fast_accum={self.fast_accum}"
 
 
 @dataclass(frozen=True)
@@ -212,7 +221,8 @@ class Fp8Report:
         return self.parameters_covered / self.linear_parameters if self.linear_parameters else 0.0
 
 
-def quantize_linears(module: torch.nn.Module, *, min_features: int = ALIGN, include: str | None = None) -> Fp8Report:
+def quantize_linears(module: torch.nn.Module, *, min_features: int = ALIGN, include: str | None = None,
+                     fast_accum: bool = True) -> Fp8Report:
     """Convert the selected Linear layers of `module` to Float8Linear in place; idempotent.
 
     `include`: a regex searched in each layer's qualified name (default DEFAULT_INCLUDE: the
@@ -220,6 +230,7 @@ def quantize_linears(module: torch.nn.Module, *, min_features: int = ALIGN, incl
     input or output features stay in high precision. Layers whose features are not multiples of
     16 are never converted (`torch._scaled_mm` cannot take them), nor LoRA adapter weights (peft's
     lora_A/lora_B/...: they are trained deltas, small, and peft expects them plain).
+    `fast_accum` is set on every Float8Linear selected, the ones converted earlier included.
     Call after `fuse_qkv_projections()` and after moving the module to its device and dtype.
     """
     if min_features < 1:
@@ -241,6 +252,7 @@ def quantize_linears(module: torch.nn.Module, *, min_features: int = ALIGN, incl
         if not isinstance(m, Float8Linear):
             Float8Linear.convert_(m)
             converted.append(name)
+        m.fast_accum = fast_accum
         layers += 1
         covered += m.weight.numel()
     return Fp8Report(tuple(converted), layers, covered, total, skipped)

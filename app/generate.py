@@ -137,8 +137,9 @@ class Generator:
         inputs = _probe_inputs(unet.config, self.device, self.dtype)
         with torch.inference_mode():
             reference = unet(**inputs).sample
+        fast_accum = self.compute.fp8_fast_accum
         with torch.no_grad():  # not inference mode: the FP8 buffers are rewritten in place later
-            report = quantize_linears(unet)
+            report = quantize_linears(unet, fast_accum=fast_accum)
         with torch.inference_mode():
             error = relative_error(reference, unet(**inputs).sample)
         if error > self.compute.fp8_max_error:
@@ -147,7 +148,8 @@ class Generator:
                 f"compute.fp8_max_error {self.compute.fp8_max_error}: render it in {self.dtype} (fp8: false)"
             )
         # Fused stacks rewrite weights in place and re-fusing QKV builds new layers: re-quantise.
-        self.switcher.after_change = lambda pipe: (quantize_linears(pipe.unet), refresh_all(pipe.unet))
+        self.switcher.after_change = lambda pipe: (quantize_linears(pipe.unet, fast_accum=fast_accum),
+                                                   refresh_all(pipe.unet))
         self.fp8_layers = report.layers
         return error
 
@@ -175,8 +177,10 @@ class Generator:
 
     def _describe_device(self) -> str:
         """The device and every setting that can change an image's last bits (see regenerate)."""
-        flags = "".join(f"+{name}" for name, on in (("fused_qkv", self.fuse_qkv), ("channels_last", self.channels_last),
-                                                   ("compiled", self.compute.compile), ("fp8", self.compute.fp8)) if on)
+        c = self.compute
+        settings = (("fused_qkv", self.fuse_qkv), ("channels_last", self.channels_last), ("compiled", c.compile),
+                    ("fp8", c.fp8), ("fp8_fp32_accum", c.fp8 and not c.fp8_fast_accum))
+        flags = "".join(f"+{name}" for name, on in settings if on)
         if self.batch_bucket:
             flags += f"+batch_bucket={self.batch_bucket}"
         if self.compute.vae_tiling_above != ComputeSpec.model_fields["vae_tiling_above"].default:

@@ -143,5 +143,6 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
         channels_last="+channels_last" in accelerator,
         compile="+compiled" in accelerator,
         fp8="+fp8" in accelerator,
+        fp8_fast_accum="+fp8_fp32_accum" not in accelerator,
         **({"vae_tiling_above": int(tiling)} if tiling.isdigit() else {}),
     )

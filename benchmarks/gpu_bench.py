@@ -448,6 +448,7 @@ class Bench:
         if not self.fits(impl, batch, compiled=True):
             return
         gen = self.generator(self.build(), compile=True, fp8=fp8, fp8_max_error=self.args.fp8_max_error,
+                             fp8_fast_accum=self.args.fp8_fast_accum,
                              batch_size=batch, warmup_sizes=(f"{self.args.size}x{self.args.size}",),
                              compile_cache=self.compile_cache)
         render = self.generator_renderer(gen)
@@ -579,6 +580,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp8-max-error", type=float, default=1.0,
                    help="the Generator's FP8 error limit: the benchmark reports the error instead of refusing "
                         "(compute.fp8_max_error defaults to 0.05)")
+    p.add_argument("--fp8-fast-accum", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute.fp8_fast_accum: the tensor cores' own accumulator (default) or fp32 every 128 products")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds from the start: skip the rows that would not finish within them")
     p.add_argument("--compile-estimate", type=float, default=None,

@@ -171,6 +171,26 @@ def test_fp8_generator_checks_its_error_and_follows_lora_switches(tiny_base, tin
     assert np.array_equal(fp8.render([plain])[0].pixels, first)
 
 
+def test_fp8_accumulation_setting_reaches_every_layer_and_the_catalog(tiny_base, tiny_loras):
+    from app.fp8 import Float8Linear
+    from app.generate import Generator
+    from app.regenerate import recorded_compute
+
+    gen = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", fuse_qkv=True, fp8=True, fp8_fast_accum=False))
+    assert gen.accelerator == "cpu:threads=1+fused_qkv+fp8+fp8_fp32_accum"
+    # An unfused stack splits the fused QKV layers; the next image fuses them again into new
+    # layers, which are quantised with the same setting.
+    before = {id(m) for m in gen.pipe.unet.modules() if isinstance(m, Float8Linear)}
+    unfused = request(tiny_base, tiny_loras, 2, (("tiny-style", 0.8),), fuse=False, seed=3)
+    assert [r.error for r in gen.render([unfused]) + gen.render([request(tiny_base, tiny_loras, 1)])] == ["", ""]
+    layers = [m for m in gen.pipe.unet.modules() if isinstance(m, Float8Linear)]
+    assert {id(m) for m in layers} != before and not any(m.fast_accum for m in layers)
+    recorded = recorded_compute(gen.accelerator, 1)
+    assert recorded.fp8 and not recorded.fp8_fast_accum
+    default = recorded_compute("cuda:NVIDIA H200+fused_qkv+channels_last+compiled+fp8+batch_bucket=8", 1)
+    assert default.fp8 and default.fp8_fast_accum
+
+
 def test_fp8_above_its_error_limit_refuses_to_start(tiny_base):
     from app.generate import Generator
 

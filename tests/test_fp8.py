@@ -129,6 +129,36 @@ def test_the_probe_names_what_it_cannot_use():
     assert not fp8_supported(torch.device("cpu"), torch.float8_e4m3fn)
 
 
+def test_fast_accumulation_is_set_on_every_selected_layer_and_reaches_the_matmul():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScaledMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fast = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._scaled_mm.default:
+                self.fast.append(kwargs.get("use_fast_accum", args[7] if len(args) > 7 else False))
+            return func(*args, **kwargs)
+
+    block = _TransformerFeedForward()
+    report = quantize_linears(block, include="to_qkv")
+    assert block.to_qkv.fast_accum and "fast_accum=True" in repr(block.to_qkv)
+    # Converting more layers sets the flag on the earlier ones too: one setting per module.
+    quantize_linears(block, include="", fast_accum=False)
+    assert report.converted == ("to_qkv",) and not any(m.fast_accum for m in (block.to_qkv, block.geglu, block.out))
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad(), ScaledMatmuls() as calls:
+        block(x)
+    assert calls.fast == [False, False, False]
+    quantize_linears(block, include="")
+    with torch.no_grad(), ScaledMatmuls() as calls:
+        block(x)
+    assert calls.fast == [True, True, True]
+
+
 def test_unaligned_sizes_are_refused_with_both_numbers():
     with pytest.raises(ValueError, match="20 and 32"):
         Float8Linear(20, 32)
@@ -366,7 +396,10 @@ def test_inductor_fuses_the_activation_quantisation_into_the_kernels_before_it()
     with torch.no_grad():
         out, codes = run_and_get_code(torch.compile(block), x)
         assert relative_error(block(x), out) < 1e-5
-    kernels = re.findall(r"^(cpp_fused_\w+) = ", "\n".join(codes), re.M)
+    code = "\n".join(codes)
+    kernels = re.findall(r"^(cpp_fused_\w+) = ", code, re.M)
+    # The matmuls themselves stay torch's (extern), with the layers' fast accumulation.
+    assert re.findall(r"_scaled_mm\(.*use_fast_accum=(\w+)", code) == ["True"] * 3
     # The row-wise amax and the e4m3 cast ride in the LayerNorm's kernel and in GEGLU's kernel.
     assert any("native_layer_norm" in k and "amax" in k for k in kernels), kernels
     assert any("gelu" in k and "amax" in k for k in kernels), kernels
