@@ -33,36 +33,60 @@ def image_flops(config: str = "sdxl", size: int = 1024, steps: int = 30, guidanc
     """FLOPs of one `size`² image at `steps` steps, by kind (KINDS), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    latents = 2 if guidance else 1  # classifier-free guidance: the unconditional latent too
+    pipe, linears, convs, step_total = trace_unet(config, size, latents)
+    vae, side = pipe.vae, size // 8
+    with torch.no_grad(), FlopCounterMode(display=False) as decode:
+        vae.decode(torch.zeros(1, vae.config.latent_channels, side, side, device="meta", dtype=torch.bfloat16))
+    flops = {"FP8 Linear": 0, "other Linear": 0}
+    for (selected, m, k, n), calls in linears.items():
+        flops["FP8 Linear" if selected else "other Linear"] += 2 * m * k * n * calls
+    flops.update(convs)
+    flops["attention"] = step_total - sum(flops.values())
+    flops = {kind: flops.get(kind, 0) * steps for kind in KINDS[:5]}
+    flops["VAE decode"] = decode.get_total_flops()
+    return flops
+
+
+def linear_shapes(config: str = "sdxl", size: int = 1024, latents: int = 16) -> Counter:
+    """The matmuls compute.fp8 converts, as a generator with fused QKV runs them in one UNet step
+    over `latents` latents (a batch of 8 images with guidance: 16): (M, K, N) -> calls."""
+    _, linears, _, _ = trace_unet(config, size, latents, fuse_qkv=True)
+    shapes: Counter = Counter()
+    for (selected, m, k, n), calls in linears.items():
+        if selected:
+            shapes[m, k, n] += calls
+    return shapes
+
+
+def trace_unet(config: str, size: int, latents: int, fuse_qkv: bool = False):
+    """One UNet step on the meta device: the pipeline, its Linear calls as (converted by
+    compute.fp8, M, K, N) -> calls, its convolution FLOPs by kind, and torch's FLOP count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from app.fp8 import DEFAULT_INCLUDE
     from benchmarks.gpu_bench import build_pipeline
 
     pipe = build_pipeline(config, torch.device("meta"), torch.bfloat16)
-    unet, vae = pipe.unet, pipe.vae
-    latents = 2 if guidance else 1  # classifier-free guidance: the unconditional latent too
-    side = size // 8
-    inputs = _unet_inputs(unet.config, latents, side)
-    by_layer: Counter = Counter()
+    unet = pipe.unet
+    if fuse_qkv:
+        unet.fuse_qkv_projections()
+    linears: Counter = Counter()
+    convs: Counter = Counter()
     selected = re.compile(DEFAULT_INCLUDE)
     hooks = []
     for name, module in unet.named_modules():
         if isinstance(module, torch.nn.Linear):
-            kind = "FP8 Linear" if selected.search(name) else "other Linear"
-            hooks.append(module.register_forward_hook(_linear_hook(by_layer, kind)))
+            hooks.append(module.register_forward_hook(_linear_hook(linears, bool(selected.search(name)))))
         elif isinstance(module, torch.nn.Conv2d):
-            hooks.append(module.register_forward_hook(_conv_hook(by_layer)))
+            hooks.append(module.register_forward_hook(_conv_hook(convs)))
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as step:
-            unet(**inputs)
+            unet(**_unet_inputs(unet.config, latents, size // 8))
     finally:
         for h in hooks:
             h.remove()
-    with torch.no_grad(), FlopCounterMode(display=False) as decode:
-        vae.decode(torch.zeros(1, vae.config.latent_channels, side, side, device="meta", dtype=torch.bfloat16))
-    counted = sum(by_layer.values())
-    flops = {kind: by_layer.get(kind, 0) * steps for kind in KINDS[:4]}
-    flops["attention"] = (step.get_total_flops() - counted) * steps
-    flops["VAE decode"] = decode.get_total_flops()
-    return flops
+    return pipe, linears, convs, step.get_total_flops()
 
 
 def _unet_inputs(config, latents: int, side: int) -> dict:
@@ -75,10 +99,9 @@ def _unet_inputs(config, latents: int, side: int) -> dict:
                                   "time_ids": torch.zeros(latents, 6, **meta)}}
 
 
-def _linear_hook(counter: Counter, kind: str):
+def _linear_hook(counter: Counter, selected: bool):
     def hook(module, args, out):
-        rows = args[0].numel() // module.in_features
-        counter[kind] += 2 * rows * module.in_features * module.out_features
+        counter[selected, args[0].numel() // module.in_features, module.in_features, module.out_features] += 1
     return hook
 
 

@@ -28,6 +28,10 @@ seeds), as a generator actor does with consecutive batches: imagefab decodes eac
 second CUDA stream while the next one denoises; stock renders them one after another. s/image
 divides by all of them; pixels are compared on the first batch. Eager rows render one batch.
 
+`--gemms` first times the FP8-able matmuls alone at the FP8 row's batch (benchmarks/gemms.py:
+bf16 against FP8 row-wise with and without fast accumulation and tensor-wise, per shape and per
+UNet step; ~20 s), so a run cut short still says what FP8 can take off a step.
+
 Prints a Markdown table after each row group (so a run cut short still leaves what it measured,
 and `--json` is rewritten each time): s/image and images/s, TFLOP/s, warm-up seconds (compiling
 included), peak memory, the speed ratio to stock eager at the same batch size, the largest and
@@ -463,6 +467,24 @@ class Bench:
             gen.overlap_decode = False
             self.measure(serial, "imagefab", batch, render, calls=calls, accelerator=gen.accelerator)
 
+    def gemms(self, batch: int) -> None:
+        """SDXL's FP8-able matmuls at `batch` images (2 latents each), bf16 against FP8 variants."""
+        from benchmarks import gemms
+        from benchmarks.flops import linear_shapes
+
+        t0 = time.perf_counter()
+        try:
+            shapes = linear_shapes(self.args.config, self.args.size, 2 * batch)
+            result = gemms.measure(shapes, self.device, self.dtype)
+        except Exception as e:  # a diagnosis, like the profile: its failure must not cost the rows
+            print(f"matmul timings failed: {type(e).__name__}: {e}", flush=True)
+            return
+        finally:
+            release(self.device)
+        self.results.meta["gemms"] = {"batch": batch, **result}
+        print(f"\nthe FP8-able matmuls alone, batch {batch} ({2 * batch} latents per step), "
+              f"{time.perf_counter() - t0:.1f} s:\n{gemms.table(result)}\n", flush=True)
+
     def profile(self, impl: str, batch: int, render) -> None:
         """Where one call's device time goes, by kernel kind: what to optimise next."""
         steps = self.args.profile_steps
@@ -582,6 +604,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(compute.fp8_max_error defaults to 0.05)")
     p.add_argument("--fp8-fast-accum", action=argparse.BooleanOptionalAction, default=True,
                    help="compute.fp8_fast_accum: the tensor cores' own accumulator (default) or fp32 every 128 products")
+    p.add_argument("--gemms", action="store_true",
+                   help="first, time the FP8-able matmuls alone (benchmarks/gemms.py) at the FP8 row's batch")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds from the start: skip the rows that would not finish within them")
     p.add_argument("--compile-estimate", type=float, default=None,
@@ -611,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{m['card']} | torch {m['torch']} | diffusers {m['diffusers']} | transformers {m['transformers']} | "
           f"peft {m['peft']} | CUDA {m['cuda']} | {m['date']} | "
           f"compile cache {m['compile_cache']} ({m['compile_cache_files_at_start']} files)", flush=True)
+
+    # 0. The FP8-able matmuls alone (seconds): what FP8 can take off a step, whatever follows.
+    if args.gemms:
+        bench.gemms(max(args.fp8_batches or args.compile_batches or args.batches or [1]))
 
     # 1. Eager rows share one pipeline: stock first, then the Generator (its LoRA merges into
     #    the weights, so nothing runs on this pipeline after it).

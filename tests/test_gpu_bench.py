@@ -30,13 +30,18 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     # batches per call through the deferred-collecting path.
     assert main([*TINY, "--batches", "1,2", "--compile-batches", "2", "--fp8-batches", "2", "--fuse-qkv",
                  "--channels-last", "--decode-overlap", "--compile-cache", str(cache), "--profile-steps", "1",
-                 "--json", str(out)]) == 0
+                 "--gemms", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| torch " in printed.splitlines()[0] and "| diffusers " in printed.splitlines()[0]
     # A table after every row group, so a run cut short by its device still shows what it measured.
     assert printed.count("| implementation | batch | s/image |") == 5
     report = json.loads(out.read_text())
     assert report["meta"]["card"] == "cpu" and not report["skipped"] and not report["failed"]
+    # The FP8-able matmuls alone, first, at the FP8 row's batch (2 images: 4 latents per step).
+    assert "the FP8-able matmuls alone, batch 2 (4 latents per step)" in printed
+    assert printed.index("the FP8-able matmuls alone") < printed.index("| diffusers eager | 1 |")
+    gemms = report["meta"]["gemms"]
+    assert gemms["batch"] == 2 and all(s > 0 for s in gemms["step"].values())
     rows = {(r["impl"], r["batch"]): r for r in report["rows"]}
     assert list(rows) == [("diffusers eager", 1), ("diffusers eager", 2), ("imagefab eager", 1), ("imagefab eager", 2),
                           # FP8 first: a run cut short by its time budget keeps the row the target needs.
