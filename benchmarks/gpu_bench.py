@@ -35,8 +35,8 @@ UNet step; ~20 s), so a run cut short still says what FP8 can take off a step.
 Prints a Markdown table after each row group (so a run cut short still leaves what it measured,
 and `--json` is rewritten each time): s/image and images/s, TFLOP/s, warm-up seconds (compiling
 included), peak memory, the speed ratio to stock eager at the same batch size, the largest and
-mean pixel difference (0..255) from stock eager's images at the same batch size (else imagefab
-eager's), and FP8's measured output error. FLOPs are counted once per implementation with torch's
+mean pixel difference (0..255) and the relative error (the difference's norm over the reference
+images' norm) from stock eager's images at the same batch size (else imagefab eager's), and FP8's measured output error. FLOPs are counted once per implementation with torch's
 FlopCounterMode on its eager path at batch 1 and scaled by the batch size: compiled and FP8 rows
 do the same arithmetic, and a dispatch mode around a compiled graph would recompile it.
 
@@ -66,7 +66,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 STOCK, OURS = "diffusers eager", "imagefab eager"
 HEADER = ["implementation", "batch", "s/image", "images/s", "TFLOP/s", "warm-up s", "peak GiB", "vs stock",
-          "max px diff", "mean px diff", "px diff vs", "fp8 error"]
+          "max px diff", "mean px diff", "rel. error", "px diff vs", "fp8 error"]
 
 
 @dataclass
@@ -80,6 +80,7 @@ class Row:
     ratio: float | None = None  # stock eager's s/image at this batch size / this row's
     max_pixel_diff: int | None = None
     mean_pixel_diff: float | None = None
+    relative_error: float | None = None  # ||images - reference|| / ||reference||, pixels as 0..255
     diff_ref: str | None = None  # whose images the pixel differences are from
     fp8_error: float | None = None  # the UNet's relative output change, measured by the Generator
     accelerator: str = ""
@@ -91,7 +92,8 @@ class Row:
         return [self.impl, str(self.batch), f"{self.seconds_per_image:.3f}", f"{1 / self.seconds_per_image:.2f}",
                 f"{self.tflops:.3g}", f"{self.warmup_seconds:.1f}", f"{self.peak_gib:.1f}",
                 "-" if self.ratio is None else f"{self.ratio:.2f}x", opt(self.max_pixel_diff, "d"),
-                opt(self.mean_pixel_diff, ".3f"), self.diff_ref or "-", opt(self.fp8_error, ".4f")]
+                opt(self.mean_pixel_diff, ".3f"), opt(self.relative_error, ".2e"), self.diff_ref or "-",
+                opt(self.fp8_error, ".4f")]
 
 
 @dataclass
@@ -112,6 +114,8 @@ class Results:
         if ref is not None:  # eager rows render one batch: the first batch of a longer call
             diff = np.abs(images[: len(ref[1])].astype(np.int16) - ref[1].astype(np.int16))
             row.diff_ref, row.max_pixel_diff, row.mean_pixel_diff = ref[0], int(diff.max()), float(diff.mean())
+            norm = float(np.linalg.norm(ref[1].astype(np.float64)))
+            row.relative_error = float(np.linalg.norm(diff.astype(np.float64))) / norm if norm else None
         stock = self.seconds(STOCK, row.batch)
         if stock is not None and row.impl != STOCK:
             row.ratio = stock / row.seconds_per_image
