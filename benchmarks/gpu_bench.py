@@ -36,9 +36,10 @@ Prints a Markdown table after each row group (so a run cut short still leaves wh
 and `--json` is rewritten each time): s/image and images/s, TFLOP/s, warm-up seconds (compiling
 included), peak memory, the speed ratio to stock eager at the same batch size, the largest and
 mean pixel difference (0..255) and the relative error (the difference's norm over the reference
-images' norm) from stock eager's images at the same batch size (else imagefab eager's), and FP8's measured output error. FLOPs are counted once per implementation with torch's
-FlopCounterMode on its eager path at batch 1 and scaled by the batch size: compiled and FP8 rows
-do the same arithmetic, and a dispatch mode around a compiled graph would recompile it.
+images' norm) from stock eager's images at the same batch size (else imagefab eager's), and FP8's
+measured output error. FLOPs are counted once per implementation with torch's FlopCounterMode on
+its eager path at batch 1 and scaled by the batch size: compiled and FP8 rows do the same
+arithmetic, and a dispatch mode around a compiled graph would recompile it.
 
 `--time-budget` skips (with a printed line) every row whose estimate no longer fits: eager rows
 from the eager seconds per image measured so far, compiled ones plus `--compile-estimate` per
@@ -109,13 +110,14 @@ class Results:
     flops_per_image: dict = field(default_factory=dict)  # "diffusers" / "imagefab" -> FLOPs of one image
 
     def add(self, row: Row, images: np.ndarray) -> None:
+        from app.fp8 import relative_error
+
         ref = next(((name, self.images[name, row.batch]) for name in (STOCK, OURS)
                     if name != row.impl and (name, row.batch) in self.images), None)
         if ref is not None:  # eager rows render one batch: the first batch of a longer call
             diff = np.abs(images[: len(ref[1])].astype(np.int16) - ref[1].astype(np.int16))
             row.diff_ref, row.max_pixel_diff, row.mean_pixel_diff = ref[0], int(diff.max()), float(diff.mean())
-            norm = float(np.linalg.norm(ref[1].astype(np.float64)))
-            row.relative_error = float(np.linalg.norm(diff.astype(np.float64))) / norm if norm else None
+            row.relative_error = relative_error(torch.from_numpy(ref[1]), torch.from_numpy(images[: len(ref[1])]))
         stock = self.seconds(STOCK, row.batch)
         if stock is not None and row.impl != STOCK:
             row.ratio = stock / row.seconds_per_image
