@@ -129,6 +129,22 @@ def test_the_probe_names_what_it_cannot_use():
     assert not fp8_supported(torch.device("cpu"), torch.float8_e4m3fn)
 
 
+class _TransformerFeedForward(torch.nn.Module):
+    """The two places SDXL's FP8 inputs come from: a LayerNorm (before to_qkv) and GEGLU (before ff.net.2)."""
+
+    def __init__(self, c: int = 64):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(c)
+        self.to_qkv = torch.nn.Linear(c, 3 * c, bias=False)
+        self.geglu = torch.nn.Linear(c, 8 * c)
+        self.out = torch.nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        qkv = self.to_qkv(self.norm(x))
+        a, gate = self.geglu(x).chunk(2, dim=-1)
+        return qkv.sum(-1, keepdim=True) + self.out(a * torch.nn.functional.gelu(gate))
+
+
 def test_fast_accumulation_is_set_on_every_selected_layer_and_reaches_the_matmul():
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -363,22 +379,6 @@ def test_compiled_float8_linear_does_not_recompile_after_refresh():
         expected = block(x)
     assert counter.frame_count == 1
     assert relative_error(expected, second) < 1e-5 and relative_error(first, second) > 0.1
-
-
-class _TransformerFeedForward(torch.nn.Module):
-    """The two places SDXL's FP8 inputs come from: a LayerNorm (before to_qkv) and GEGLU (before ff.net.2)."""
-
-    def __init__(self, c: int = 64):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(c)
-        self.to_qkv = torch.nn.Linear(c, 3 * c, bias=False)
-        self.geglu = torch.nn.Linear(c, 8 * c)
-        self.out = torch.nn.Linear(4 * c, c)
-
-    def forward(self, x):
-        qkv = self.to_qkv(self.norm(x))
-        a, gate = self.geglu(x).chunk(2, dim=-1)
-        return qkv.sum(-1, keepdim=True) + self.out(a * torch.nn.functional.gelu(gate))
 
 
 def test_inductor_fuses_the_activation_quantisation_into_the_kernels_before_it():
