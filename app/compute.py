@@ -33,9 +33,12 @@ class ComputeSpec(BaseModel):
     fuse_qkv: bool | None = None  # one QKV matmul per attention; LoRA stacks then render fused
     channels_last: bool | None = None  # NHWC convolutions
     compile: bool = False  # torch.compile the UNet and VAE decoder (minutes per new shape)
-    # Inductor mode. "max-autotune" adds CUDA graphs (fewer launches: matters at batch 1-2).
-    compile_mode: Literal["max-autotune-no-cudagraphs", "max-autotune", "default", "reduce-overhead"] = (
-        "max-autotune-no-cudagraphs")
+    # Inductor mode. "default" compiled SDXL with FP8 in 167 s on an H100; "max-autotune-no-cudagraphs"
+    # had not finished after 7 minutes (it times Triton templates against cuDNN/cuBLAS for every op
+    # shape; cuDNN won every convolution it timed). "max-autotune" and "reduce-overhead" add CUDA
+    # graphs (fewer launches: matters at batch 1-2). A mode other than "default" is recorded in
+    # `accelerator` as `+compile_mode=…`.
+    compile_mode: Literal["max-autotune-no-cudagraphs", "max-autotune", "default", "reduce-overhead"] = "default"
     # FP8 (e4m3, row-wise scales) weights and activations in the UNet's transformer Linear layers
     # (app/fp8.py): needs an sm_89+ GPU (or the CPU), pays off compiled. Checked at actor start:
     # the UNet's output may move at most `fp8_max_error` (relative) from the unquantised one.

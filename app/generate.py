@@ -181,6 +181,8 @@ class Generator:
         settings = (("fused_qkv", self.fuse_qkv), ("channels_last", self.channels_last), ("compiled", c.compile),
                     ("fp8", c.fp8), ("fp8_fp32_accum", c.fp8 and not c.fp8_fast_accum))
         flags = "".join(f"+{name}" for name, on in settings if on)
+        if c.compile and c.compile_mode != ComputeSpec.model_fields["compile_mode"].default:
+            flags += f"+compile_mode={c.compile_mode}"
         if self.batch_bucket:
             flags += f"+batch_bucket={self.batch_bucket}"
         if self.compute.vae_tiling_above != ComputeSpec.model_fields["vae_tiling_above"].default:

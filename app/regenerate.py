@@ -134,6 +134,7 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
     threads = accelerator.partition("threads=")[2].split("+", 1)[0]
     bucket = accelerator.partition("+batch_bucket=")[2].split("+", 1)[0]
     tiling = accelerator.partition("+vae_tiling_above=")[2].split("+", 1)[0]
+    mode = accelerator.partition("+compile_mode=")[2].split("+", 1)[0]
     return ComputeSpec(
         device="cuda" if accelerator.startswith("cuda") else "cpu",
         cpu_threads=int(threads) if threads.isdigit() else 1,
@@ -145,4 +146,5 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
         fp8="+fp8" in accelerator,
         fp8_fast_accum="+fp8_fp32_accum" not in accelerator,
         **({"vae_tiling_above": int(tiling)} if tiling.isdigit() else {}),
+        **({"compile_mode": mode} if mode else {}),
     )

@@ -61,6 +61,18 @@ def test_regenerate_rebuilds_the_recorded_batch_bucket():
     assert (padded.batch_size, padded.batch_invariant, padded.compile, padded.fuse_qkv) == (4, False, True, True)
     alone = recorded_compute("cpu:threads=2+fused_qkv", 1)
     assert (alone.batch_size, alone.batch_invariant, alone.cpu_threads, alone.compile) == (1, True, 2, False)
+    assert padded.compile_mode == "default"
+
+
+def test_a_compile_mode_other_than_default_is_recorded_and_regenerated(tiny_base):
+    from app.generate import Generator
+    from app.regenerate import recorded_compute
+
+    # No warm-up sizes: torch.compile only wraps here, the first render would compile.
+    gen = Generator(tiny_base, {}, ComputeSpec(device="cpu", compile=True, compile_mode="max-autotune-no-cudagraphs"))
+    assert gen.accelerator == "cpu:threads=1+compiled+compile_mode=max-autotune-no-cudagraphs"
+    assert recorded_compute(gen.accelerator, 1).compile_mode == "max-autotune-no-cudagraphs"
+    assert Generator(tiny_base, {}, ComputeSpec(device="cpu", compile=True)).accelerator == "cpu:threads=1+compiled"
 
 
 # --- compiled rendering (slow: inductor compiles the tiny UNet and VAE for the CPU) ----------------
