@@ -131,10 +131,12 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
 def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
     """The generator settings an image was rendered with, from its catalog `accelerator` and the
     size of its batch: the speed settings can change the last bits, so they are applied again."""
-    threads = accelerator.partition("threads=")[2].split("+", 1)[0]
-    bucket = accelerator.partition("+batch_bucket=")[2].split("+", 1)[0]
-    tiling = accelerator.partition("+vae_tiling_above=")[2].split("+", 1)[0]
-    mode = accelerator.partition("+compile_mode=")[2].split("+", 1)[0]
+
+    def value(key: str) -> str:  # value("+batch_bucket") of "cuda:…+batch_bucket=4+…" is "4"; "" when absent
+        return accelerator.partition(f"{key}=")[2].split("+", 1)[0]
+
+    threads, bucket = value("threads"), value("+batch_bucket")
+    tiling, mode = value("+vae_tiling_above"), value("+compile_mode")
     return ComputeSpec(
         device="cuda" if accelerator.startswith("cuda") else "cpu",
         cpu_threads=int(threads) if threads.isdigit() else 1,
