@@ -48,6 +48,11 @@ class ComputeSpec(BaseModel):
     # rather than promoting to fp32 every 128 products. False: the exact-fp32 variant, recorded
     # as `+fp8_fp32_accum` in `accelerator`.
     fp8_fast_accum: bool = True
+    # The attention kernel tried first (app/attention.py): "cudnn" (cuDNN's fused attention, with
+    # Hopper kernels of its own), "flash", "efficient", "math", each with the later ones as
+    # fallbacks; "auto" is torch's own order. Checked at actor start; a choice other than "auto" is
+    # recorded in `accelerator` as `+attention=…` and compiles into a cache folder of its own.
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     warmup_sizes: tuple[str, ...] = ()  # sizes to compile at actor start: "1024x1024", …
     # Inductor's caches (compiled graphs, autotuning, kernels), shared by every generator that
     # points at the same directory: one compiles a shape, the others load it. None:

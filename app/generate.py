@@ -24,6 +24,7 @@ from itertools import groupby
 import numpy as np
 import torch
 
+from app.attention import attention_kernels, attention_unsupported_reason, cache_folder
 from app.models.catalog import ResolvedModel, default_home
 from app.models.digest import ModelFileError
 from app.models.loader import LoraStackSwitcher, load_pipeline, make_scheduler, pick_device, pick_dtype
@@ -90,7 +91,10 @@ class Generator:
         # Compiled graphs have fixed batch shapes: a short batch is padded up to `batch_size` (the
         # padding's images are dropped) instead of compiling its size (minutes on a GPU).
         self.batch_bucket = compute.batch_size if compute.compile and not compute.batch_invariant else 0
-        self.compile_cache = use_compile_cache(compute.compile_cache) if compute.compile else None
+        why = attention_unsupported_reason(compute.attention, self.device, self.dtype)
+        if why:
+            raise RuntimeError(f"compute.attention={compute.attention}: {why} (\"auto\" lets torch choose)")
+        self.compile_cache = use_compile_cache(compute.compile_cache, compute.attention) if compute.compile else None
         # Batch k decodes (and its pixels cross to the host) on a second stream while batch k+1
         # denoises; on the CPU only the collecting is deferred (same code path, nothing overlaps).
         self.overlap_decode = compute.overlaps_decode(on_gpu)
@@ -135,12 +139,12 @@ class Generator:
             raise RuntimeError(f"compute.fp8: {why} (fp8: false renders in {self.dtype})")
         unet = self.pipe.unet
         inputs = _probe_inputs(unet.config, self.device, self.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_kernels(self.compute.attention):
             reference = unet(**inputs).sample
         fast_accum = self.compute.fp8_fast_accum
         with torch.no_grad():  # not inference mode: the FP8 buffers are rewritten in place later
             report = quantize_linears(unet, fast_accum=fast_accum)
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_kernels(self.compute.attention):
             error = relative_error(reference, unet(**inputs).sample)
         if error > self.compute.fp8_max_error:
             raise RuntimeError(
@@ -187,6 +191,8 @@ class Generator:
             flags += f"+batch_bucket={self.batch_bucket}"
         if self.compute.vae_tiling_above != ComputeSpec.model_fields["vae_tiling_above"].default:
             flags += f"+vae_tiling_above={self.compute.vae_tiling_above}"
+        if c.attention != "auto":
+            flags += f"+attention={c.attention}"
         if self.device.type == "cuda":
             return f"cuda:{self._device_name()}{flags}"
         return f"cpu:threads={torch.get_num_threads()}{flags}"
@@ -329,7 +335,9 @@ class Generator:
         t0 = time.perf_counter()
         stream = self.decode_stream if self.overlap_decode else None
         try:
-            with torch.inference_mode():
+            # The attention choice is in force for the denoising and the decode, and so for any
+            # compiling they trigger (a compiled graph keeps the kernel it was traced with).
+            with torch.inference_mode(), attention_kernels(self.compute.attention):
                 latents = self.pipe(
                     prompt=[r.prompt for r in padded],
                     # No negative prompt: SDXL's zeroed negative embedding (as stock diffusers and
@@ -454,13 +462,16 @@ def _probe_inputs(config, device: torch.device, dtype: torch.dtype, seed: int = 
     }
 
 
-def use_compile_cache(where: str | None) -> str:
-    """Point inductor's on-disk caches at one directory per torch build; returns it.
+def use_compile_cache(where: str | None, attention: str = "auto") -> str:
+    """Point inductor's on-disk caches at one directory per torch build (and per attention
+    choice other than "auto": its graphs are keyed without it, see app/attention.py); returns it.
 
     Every generator process that uses the same directory shares compiled graphs and autotuning
     results: the first to compile a shape writes it, the others (and restarted actors) load it.
     """
     path = os.path.join(where or str(default_home() / "compile-cache"), f"torch-{torch.__version__}")
+    if cache_folder(attention):
+        path = os.path.join(path, cache_folder(attention))
     os.makedirs(path, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path

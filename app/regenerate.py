@@ -136,7 +136,7 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
         return accelerator.partition(f"{key}=")[2].split("+", 1)[0]
 
     threads, bucket = value("threads"), value("+batch_bucket")
-    tiling, mode = value("+vae_tiling_above"), value("+compile_mode")
+    tiling, mode, attention = value("+vae_tiling_above"), value("+compile_mode"), value("+attention")
     return ComputeSpec(
         device="cuda" if accelerator.startswith("cuda") else "cpu",
         cpu_threads=int(threads) if threads.isdigit() else 1,
@@ -149,4 +149,5 @@ def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
         fp8_fast_accum="+fp8_fp32_accum" not in accelerator,
         **({"vae_tiling_above": int(tiling)} if tiling.isdigit() else {}),
         **({"compile_mode": mode} if mode else {}),
+        **({"attention": attention} if attention else {}),
     )
