@@ -59,6 +59,25 @@ def linear_shapes(config: str = "sdxl", size: int = 1024, latents: int = 16) -> 
     return shapes
 
 
+def attention_shapes(config: str = "sdxl", size: int = 1024, latents: int = 16) -> Counter:
+    """The UNet's scaled-dot-product attention calls in one step over `latents` latents, as
+    (batch, heads, query tokens, key tokens, head channels) -> calls."""
+    from torch.overrides import TorchFunctionMode
+
+    shapes: Counter = Counter()
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                q, k = args[0], args[1]
+                shapes[(*q.shape[:3], k.shape[2], q.shape[3])] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        trace_unet(config, size, latents, fuse_qkv=True)
+    return shapes
+
+
 def trace_unet(config: str, size: int, latents: int, fuse_qkv: bool = False):
     """One UNet step on the meta device: the pipeline, its Linear calls as (converted by
     compute.fp8, M, K, N) -> calls, its convolution FLOPs by kind, and torch's FLOP count."""

@@ -30,7 +30,9 @@ divides by all of them; pixels are compared on the first batch. Eager rows rende
 
 `--gemms` first times the FP8-able matmuls alone at the FP8 row's batch (benchmarks/gemms.py:
 bf16 against FP8 row-wise with and without fast accumulation and tensor-wise, per shape and per
-UNet step; ~20 s), so a run cut short still says what FP8 can take off a step.
+UNet step; ~20 s), so a run cut short still says what FP8 can take off a step. `--attention-shapes`
+likewise times SDXL's attention calls under each attention kernel (benchmarks/attention.py), and
+`--attention auto,cudnn` runs each compiled row once per compute.attention choice (a compile each).
 
 Prints a Markdown table after each row group (so a run cut short still leaves what it measured,
 and `--json` is rewritten each time): s/image and images/s, TFLOP/s, warm-up seconds (compiling
@@ -451,14 +453,15 @@ class Bench:
             if self.fits(OURS, b, compiled=False):
                 self.measure(OURS, "imagefab", b, render, accelerator=gen.accelerator)
 
-    def imagefab_compiled(self, batch: int, fp8: bool) -> None:
+    def imagefab_compiled(self, batch: int, fp8: bool, attention: str = "auto") -> None:
         """A Generator as a compiled actor runs: its own pipeline, one batch shape, compiled in its
-        warm-up (reported as warm-up seconds); FP8 rows report the error the Generator measured."""
-        impl = "imagefab fp8" if fp8 else "imagefab compiled"
+        warm-up (reported as warm-up seconds); FP8 rows report the error the Generator measured.
+        `attention`: compute.attention (rows other than "auto" are named after it)."""
+        impl = ("imagefab fp8" if fp8 else "imagefab compiled") + ("" if attention == "auto" else f", {attention} attention")
         if not self.fits(impl, batch, compiled=True):
             return
         gen = self.generator(self.build(), compile=True, fp8=fp8, fp8_max_error=self.args.fp8_max_error,
-                             fp8_fast_accum=self.args.fp8_fast_accum,
+                             fp8_fast_accum=self.args.fp8_fast_accum, attention=attention,
                              compile_mode=self.compile_mode(),
                              batch_size=batch, warmup_sizes=(f"{self.args.size}x{self.args.size}",),
                              compile_cache=self.compile_cache)
@@ -496,6 +499,26 @@ class Bench:
         self.results.meta["gemms"] = {"batch": batch, **result}
         print(f"\nthe FP8-able matmuls alone, batch {batch} ({2 * batch} latents per step), "
               f"{time.perf_counter() - t0:.1f} s:\n{gemms.table(result)}\n", flush=True)
+
+    def attention_shapes(self, batch: int) -> None:
+        """SDXL's attention calls per UNet step at `batch` images, timed under each --attention
+        kernel and the usual alternatives: which kernel the compiled rows should use."""
+        from benchmarks import attention
+        from benchmarks.flops import attention_shapes
+
+        kernels = tuple(dict.fromkeys((*self.args.attention, *attention.DEFAULT_KERNELS)))
+        t0 = time.perf_counter()
+        try:
+            result = attention.measure(attention_shapes(self.args.config, self.args.size, 2 * batch), self.device,
+                                       self.dtype, kernels)
+        except Exception as e:  # a diagnosis: its failure must not cost the rows
+            print(f"attention timings failed: {type(e).__name__}: {e}", flush=True)
+            return
+        finally:
+            release(self.device)
+        self.results.meta["attention_shapes"] = {"batch": batch, **result}
+        print(f"\nSDXL's attention calls alone, batch {batch} ({2 * batch} latents per step), "
+              f"{time.perf_counter() - t0:.1f} s:\n{attention.table(result)}\n", flush=True)
 
     def profile(self, impl: str, batch: int, render) -> None:
         """Where one call's device time goes, by kernel kind: what to optimise next."""
@@ -588,6 +611,12 @@ def batch_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def attention_choices(text: str) -> tuple[str, ...]:
+    from benchmarks.attention import kernel_list
+
+    return kernel_list(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["sdxl", "tiny"], default="sdxl")
@@ -619,6 +648,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
                    help="compute.compile_mode of the compiled rows (default: the Generator's default)")
+    p.add_argument("--attention", type=attention_choices, default=("auto",),
+                   help="compute.attention for the compiled rows, a row each: e.g. auto,cudnn")
+    p.add_argument("--attention-shapes", action="store_true",
+                   help="first time SDXL's attention calls alone under each attention kernel (seconds)")
     p.add_argument("--gemms", action="store_true",
                    help="first, time the FP8-able matmuls alone (benchmarks/gemms.py) at the FP8 row's batch")
     p.add_argument("--time-budget", type=float, default=None,
@@ -655,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     # 0. The FP8-able matmuls alone (seconds): what FP8 can take off a step, whatever follows.
     if args.gemms:
         bench.gemms(max(args.fp8_batches or args.compile_batches or args.batches or [1]))
+    if args.attention_shapes:
+        bench.attention_shapes(max(args.fp8_batches or args.compile_batches or args.batches or [1]))
 
     # 1. Eager rows share one pipeline: stock first, then the Generator (its LoRA merges into
     #    the weights, so nothing runs on this pipeline after it).
@@ -672,10 +707,13 @@ def main(argv: list[str] | None = None) -> int:
     #    1.5 images/s target is above SDXL's own GEMM rate, so a run that the time budget cuts
     #    short keeps the row the target depends on. The second compile reuses the first's VAE
     #    graph and autotuning results from the shared inductor cache.
+    #    Each --attention choice is a row of its own (and a compile of its own).
     for b in args.fp8_batches:
-        bench.guarded("imagefab fp8", b, partial(bench.imagefab_compiled, b, fp8=True))
+        for choice in args.attention:
+            bench.guarded("imagefab fp8", b, partial(bench.imagefab_compiled, b, fp8=True, attention=choice))
     for b in args.compile_batches:
-        bench.guarded("imagefab compiled", b, partial(bench.imagefab_compiled, b, fp8=False))
+        for choice in args.attention:
+            bench.guarded("imagefab compiled", b, partial(bench.imagefab_compiled, b, fp8=False, attention=choice))
     for b in args.stock_compile_batches:
         bench.guarded("diffusers compiled", b, partial(bench.stock_compiled, b))
     bench.results.publish("final")

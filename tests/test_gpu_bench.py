@@ -101,3 +101,31 @@ def test_rows_that_would_overrun_the_time_budget_are_skipped_with_a_message(caps
     assert [(r["impl"], r["batch"]) for r in report["rows"]] == [("diffusers eager", 1), ("imagefab eager", 1)]
     assert [(s["impl"], s["batch"]) for s in report["skipped"]] == [("imagefab fp8", 2), ("imagefab compiled", 2)]
     assert "budget left" in report["skipped"][0]["reason"]
+
+
+def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(capsys, tmp_path):
+    from benchmarks.gpu_bench import main
+
+    out = tmp_path / "rows.json"
+    cache = Path(os.environ["IMAGEFAB_HOME"]) / "compile-cache"  # kept between runs, as above
+    assert main([*TINY, "--batches", "2", "--fp8-batches", "2", "--fuse-qkv", "--channels-last", "--decode-overlap",
+                 "--attention", "auto,math", "--attention-shapes", "--compile-cache", str(cache),
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert not report["skipped"] and not report["failed"]
+    # The attention calls alone, first: the tiny UNet's 12 self- and 12 cross-attentions per step,
+    # under the --attention choices and the usual alternatives; the CPU lacks two of them.
+    assert printed.index("SDXL's attention calls alone, batch 2 (4 latents per step)") < printed.index("| diffusers eager |")
+    shapes = report["meta"]["attention_shapes"]
+    assert shapes["kernels"] == ["auto", "math", "cudnn", "flash", "efficient"]
+    assert sorted((r["shape"], r["calls"]) for r in shapes["shapes"]) == [([4, 4, 16, 16, 16], 12), ([4, 4, 16, 77, 16], 12)]
+    assert shapes["step"]["auto"] > 0 and shapes["step"]["math"] > 0 and shapes["step"]["cudnn"] is None
+    assert set(shapes["unsupported"]) == {"cudnn", "efficient"}
+    # One FP8 row per choice, each compiled with its own kernel and recorded as such.
+    rows = {r["impl"]: r for r in report["rows"] if r["batch"] == 2}
+    auto, math = rows["imagefab fp8"], rows["imagefab fp8, math attention"]
+    assert auto["accelerator"] == "cpu:threads=1+fused_qkv+channels_last+compiled+fp8+batch_bucket=2"
+    assert math["accelerator"] == auto["accelerator"] + "+attention=math"
+    # The same arithmetic in another order: the image stays FP8's image.
+    assert 0 < math["max_pixel_diff"] <= 12 and abs(math["mean_pixel_diff"] - auto["mean_pixel_diff"]) < 0.2
