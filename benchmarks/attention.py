@@ -84,14 +84,10 @@ def kernel_list(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.flops import attention_shapes
+    from benchmarks.gemms import step_parser
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=["sdxl", "tiny"], default="sdxl")
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--latents", type=int, default=16, help="latents per UNet call (images x 2 with guidance)")
-    p.add_argument("--device", default="cuda")
+    p = step_parser(__doc__.split("\n\n")[0])
     p.add_argument("--kernels", type=kernel_list, default=DEFAULT_KERNELS)
-    p.add_argument("--repeats", type=int, default=10)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -104,16 +104,21 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks.flops import linear_shapes
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a timing of one UNet step's calls alone (this module, benchmarks.attention)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", choices=["sdxl", "tiny"], default="sdxl")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--latents", type=int, default=16, help="latents per UNet call (images x 2 with guidance)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--repeats", type=int, default=10)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.flops import linear_shapes
+
+    a = step_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = measure(linear_shapes(a.config, a.size, a.latents), device, dtype, a.repeats)

@@ -487,18 +487,9 @@ class Bench:
         from benchmarks import gemms
         from benchmarks.flops import linear_shapes
 
-        t0 = time.perf_counter()
-        try:
-            shapes = linear_shapes(self.args.config, self.args.size, 2 * batch)
-            result = gemms.measure(shapes, self.device, self.dtype)
-        except Exception as e:  # a diagnosis, like the profile: its failure must not cost the rows
-            print(f"matmul timings failed: {type(e).__name__}: {e}", flush=True)
-            return
-        finally:
-            release(self.device)
-        self.results.meta["gemms"] = {"batch": batch, **result}
-        print(f"\nthe FP8-able matmuls alone, batch {batch} ({2 * batch} latents per step), "
-              f"{time.perf_counter() - t0:.1f} s:\n{gemms.table(result)}\n", flush=True)
+        self.diagnosis("gemms", "the FP8-able matmuls alone", "matmul timings", batch, gemms.table,
+                       lambda: gemms.measure(linear_shapes(self.args.config, self.args.size, 2 * batch),
+                                             self.device, self.dtype))
 
     def attention_shapes(self, batch: int) -> None:
         """SDXL's attention calls per UNet step at `batch` images, timed under each --attention
@@ -507,18 +498,24 @@ class Bench:
         from benchmarks.flops import attention_shapes
 
         kernels = tuple(dict.fromkeys((*self.args.attention, *attention.DEFAULT_KERNELS)))
+        self.diagnosis("attention_shapes", "SDXL's attention calls alone", "attention timings", batch, attention.table,
+                       lambda: attention.measure(attention_shapes(self.args.config, self.args.size, 2 * batch),
+                                                 self.device, self.dtype, kernels))
+
+    def diagnosis(self, key: str, title: str, what: str, batch: int, table, measure) -> None:
+        """Run a timing of parts alone (`measure()`), keep it under meta[key] and print its table;
+        like the profile, its failure must not cost the rows."""
         t0 = time.perf_counter()
         try:
-            result = attention.measure(attention_shapes(self.args.config, self.args.size, 2 * batch), self.device,
-                                       self.dtype, kernels)
-        except Exception as e:  # a diagnosis: its failure must not cost the rows
-            print(f"attention timings failed: {type(e).__name__}: {e}", flush=True)
+            result = measure()
+        except Exception as e:
+            print(f"{what} failed: {type(e).__name__}: {e}", flush=True)
             return
         finally:
             release(self.device)
-        self.results.meta["attention_shapes"] = {"batch": batch, **result}
-        print(f"\nSDXL's attention calls alone, batch {batch} ({2 * batch} latents per step), "
-              f"{time.perf_counter() - t0:.1f} s:\n{attention.table(result)}\n", flush=True)
+        self.results.meta[key] = {"batch": batch, **result}
+        print(f"\n{title}, batch {batch} ({2 * batch} latents per step), "
+              f"{time.perf_counter() - t0:.1f} s:\n{table(result)}\n", flush=True)
 
     def profile(self, impl: str, batch: int, render) -> None:
         """Where one call's device time goes, by kernel kind: what to optimise next."""
