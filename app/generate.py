@@ -469,9 +469,8 @@ def use_compile_cache(where: str | None, attention: str = "auto") -> str:
     Every generator process that uses the same directory shares compiled graphs and autotuning
     results: the first to compile a shape writes it, the others (and restarted actors) load it.
     """
-    path = os.path.join(where or str(default_home() / "compile-cache"), f"torch-{torch.__version__}")
-    if cache_folder(attention):
-        path = os.path.join(path, cache_folder(attention))
+    folders = [f"torch-{torch.__version__}", cache_folder(attention)]
+    path = os.path.join(where or str(default_home() / "compile-cache"), *filter(None, folders))
     os.makedirs(path, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path
