@@ -457,7 +457,7 @@ class Bench:
         """A Generator as a compiled actor runs: its own pipeline, one batch shape, compiled in its
         warm-up (reported as warm-up seconds); FP8 rows report the error the Generator measured.
         `attention`: compute.attention (rows other than "auto" are named after it)."""
-        impl = ("imagefab fp8" if fp8 else "imagefab compiled") + ("" if attention == "auto" else f", {attention} attention")
+        impl = compiled_impl(fp8, attention)
         if not self.fits(impl, batch, compiled=True):
             return
         gen = self.generator(self.build(), compile=True, fp8=fp8, fp8_max_error=self.args.fp8_max_error,
@@ -608,6 +608,11 @@ def batch_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def compiled_impl(fp8: bool, attention: str) -> str:
+    """A compiled row's name: "imagefab fp8", "imagefab compiled, cudnn attention", …"""
+    return ("imagefab fp8" if fp8 else "imagefab compiled") + ("" if attention == "auto" else f", {attention} attention")
+
+
 def attention_choices(text: str) -> tuple[str, ...]:
     from benchmarks.attention import kernel_list
 
@@ -705,12 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     #    short keeps the row the target depends on. The second compile reuses the first's VAE
     #    graph and autotuning results from the shared inductor cache.
     #    Each --attention choice is a row of its own (and a compile of its own).
-    for b in args.fp8_batches:
-        for choice in args.attention:
-            bench.guarded("imagefab fp8", b, partial(bench.imagefab_compiled, b, fp8=True, attention=choice))
-    for b in args.compile_batches:
-        for choice in args.attention:
-            bench.guarded("imagefab compiled", b, partial(bench.imagefab_compiled, b, fp8=False, attention=choice))
+    for fp8, batches in ((True, args.fp8_batches), (False, args.compile_batches)):
+        for b in batches:
+            for choice in args.attention:
+                bench.guarded(compiled_impl(fp8, choice), b,
+                              partial(bench.imagefab_compiled, b, fp8=fp8, attention=choice))
     for b in args.stock_compile_batches:
         bench.guarded("diffusers compiled", b, partial(bench.stock_compiled, b))
     bench.results.publish("final")

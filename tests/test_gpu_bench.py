@@ -109,16 +109,20 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
     out = tmp_path / "rows.json"
     cache = Path(os.environ["IMAGEFAB_HOME"]) / "compile-cache"  # kept between runs, as above
     assert main([*TINY, "--batches", "2", "--fp8-batches", "2", "--fuse-qkv", "--channels-last", "--decode-overlap",
-                 "--attention", "auto,math", "--attention-shapes", "--compile-cache", str(cache),
+                 "--attention", "auto,math,cudnn", "--attention-shapes", "--compile-cache", str(cache),
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert not report["skipped"] and not report["failed"]
+    # A choice the device lacks fails its row with the reason; the other rows stand.
+    assert not report["skipped"]
+    [failed] = report["failed"]
+    assert (failed["impl"], failed["batch"]) == ("imagefab fp8, cudnn attention", 2)
+    assert failed["error"].startswith("RuntimeError: compute.attention=cudnn: the cudnn attention kernel cannot run on cpu")
     # The attention calls alone, first: the tiny UNet's 12 self- and 12 cross-attentions per step,
     # under the --attention choices and the usual alternatives; the CPU lacks two of them.
     assert printed.index("SDXL's attention calls alone, batch 2 (4 latents per step)") < printed.index("| diffusers eager |")
     shapes = report["meta"]["attention_shapes"]
-    assert shapes["kernels"] == ["auto", "math", "cudnn", "flash", "efficient"]
+    assert shapes["kernels"] == ["auto", "math", "cudnn", "flash", "efficient"]  # --attention's first
     assert sorted((r["shape"], r["calls"]) for r in shapes["shapes"]) == [([4, 4, 16, 16, 16], 12), ([4, 4, 16, 77, 16], 12)]
     assert shapes["step"]["auto"] > 0 and shapes["step"]["math"] > 0 and shapes["step"]["cudnn"] is None
     assert set(shapes["unsupported"]) == {"cudnn", "efficient"}
