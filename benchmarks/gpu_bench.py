@@ -66,6 +66,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.attention import kernel_list
+
 HERE = Path(__file__).resolve().parent
 STOCK, OURS = "diffusers eager", "imagefab eager"
 HEADER = ["implementation", "batch", "s/image", "images/s", "TFLOP/s", "warm-up s", "peak GiB", "vs stock",
@@ -613,12 +615,6 @@ def compiled_impl(fp8: bool, attention: str) -> str:
     return ("imagefab fp8" if fp8 else "imagefab compiled") + ("" if attention == "auto" else f", {attention} attention")
 
 
-def attention_choices(text: str) -> tuple[str, ...]:
-    from benchmarks.attention import kernel_list
-
-    return kernel_list(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["sdxl", "tiny"], default="sdxl")
@@ -650,7 +646,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
                    help="compute.compile_mode of the compiled rows (default: the Generator's default)")
-    p.add_argument("--attention", type=attention_choices, default=("auto",),
+    p.add_argument("--attention", type=kernel_list, default=("auto",),
                    help="compute.attention for the compiled rows, a row each: e.g. auto,cudnn")
     p.add_argument("--attention-shapes", action="store_true",
                    help="first time SDXL's attention calls alone under each attention kernel (seconds)")
@@ -688,10 +684,11 @@ def main(argv: list[str] | None = None) -> int:
           f"compile cache {m['compile_cache']} ({m['compile_cache_files_at_start']} files)", flush=True)
 
     # 0. The FP8-able matmuls alone (seconds): what FP8 can take off a step, whatever follows.
+    largest = max(args.fp8_batches or args.compile_batches or args.batches or [1])  # the FP8 row's batch first
     if args.gemms:
-        bench.gemms(max(args.fp8_batches or args.compile_batches or args.batches or [1]))
+        bench.gemms(largest)
     if args.attention_shapes:
-        bench.attention_shapes(max(args.fp8_batches or args.compile_batches or args.batches or [1]))
+        bench.attention_shapes(largest)
 
     # 1. Eager rows share one pipeline: stock first, then the Generator (its LoRA merges into
     #    the weights, so nothing runs on this pipeline after it).
