@@ -9,7 +9,7 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast models mlflow clean
+.PHONY: setup demo test test-fast lint models mlflow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +35,12 @@ mlflow: setup
 # 12:30 with two, warm caches). Every test uses its own ports, folders and Ray.
 XDIST ?= -n 2 --dist loadfile
 
-test: setup
+# ruff (lint and format) over the whole tree; runs before the tests, so a style slip fails fast.
+lint: setup
+	$(BIN)/ruff check app jobs analysis benchmarks tests
+	$(BIN)/ruff format --check app jobs analysis benchmarks tests
+
+test: setup lint
 	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup

@@ -13,12 +13,18 @@ commands) loads nothing heavy: DuckDB and the rest load on first use.
 from importlib import import_module
 
 _EXPORTS = {
-    "AnalysisError": "analysis.views", "connect": "analysis.views", "resolve_run": "analysis.views",
-    "views_sql": "analysis.views", "QUERIES": "analysis.queries", "run_query": "analysis.queries",
-    "search": "analysis.fulltext", "cost_report": "analysis.cost", "build_report": "analysis.report",
+    "AnalysisError": "analysis.views",
+    "connect": "analysis.views",
+    "resolve_run": "analysis.views",
+    "views_sql": "analysis.views",
+    "QUERIES": "analysis.queries",
+    "run_query": "analysis.queries",
+    "search": "analysis.fulltext",
+    "cost_report": "analysis.cost",
+    "build_report": "analysis.report",
     "write_report": "analysis.report",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (built from the lazy-export table)
 
 
 def __getattr__(name: str):

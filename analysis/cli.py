@@ -24,8 +24,16 @@ from datetime import date, datetime
 
 EXIT_BAD_INPUT = 2
 DEFAULT_OUTPUT = "outputs"
-VIEWS = ("images", "catalog", "decisions", "latest_decisions", "acceptance_by_template",
-         "acceptance_by_variable", "acceptance_by_combination", "search_images('words')")
+VIEWS = (
+    "images",
+    "catalog",
+    "decisions",
+    "latest_decisions",
+    "acceptance_by_template",
+    "acceptance_by_variable",
+    "acceptance_by_combination",
+    "search_images('words')",
+)
 
 
 def _fail(message: str) -> int:
@@ -105,7 +113,7 @@ def print_result(columns: list[str], rows: list[tuple], fmt: str, out=None, widt
     else:
         cells = [[_cell(v, width) for v in r] for r in rows]
         widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+        line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
         out.write(line(columns) + "\n" + line(["-" * w for w in widths]) + "\n")
         for r in cells:
             out.write(line(r) + "\n")
@@ -187,8 +195,8 @@ def _prices(path: str | None):
 
 @_guarded
 def cmd_cost(args: argparse.Namespace) -> int:
-    from analysis.views import resolve_run
     from analysis.cost import cost_report
+    from analysis.views import resolve_run
 
     prices, where = _prices(args.prices)
     con = _connect(args, file_sizes=True)
@@ -205,8 +213,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
     prices, where = _prices(args.prices)
-    path = write_report(args.output, args.out, run=args.run, prices=prices, prices_from=where,
-                        max_thumbs=args.max_thumbs, threshold=args.threshold)
+    path = write_report(
+        args.output,
+        args.out,
+        run=args.run,
+        prices=prices,
+        prices_from=where,
+        max_thumbs=args.max_thumbs,
+        threshold=args.threshold,
+    )
     print(f"report: {path}")
     return 0
 
@@ -224,10 +239,21 @@ def cmd_review(args: argparse.Namespace) -> int:
         if not rows:
             print("no images waiting for review" + (f" in {run}" if run else ""))
             return 0
-        print_result(["image_id", "run_id", "created_at", "reasons", "sharpness", "prompt"],
-                     [(r["image_id"], r["run_id"], r["created_at"], r["reasons"],
-                       round(r["sharpness"], 2) if r["sharpness"] is not None else None, r["prompt"]) for r in rows],
-                     args.format)
+        print_result(
+            ["image_id", "run_id", "created_at", "reasons", "sharpness", "prompt"],
+            [
+                (
+                    r["image_id"],
+                    r["run_id"],
+                    r["created_at"],
+                    r["reasons"],
+                    round(r["sharpness"], 2) if r["sharpness"] is not None else None,
+                    r["prompt"],
+                )
+                for r in rows
+            ],
+            args.format,
+        )
         return 0
     if args.action == "serve":
         from analysis.review_page import serve

@@ -71,11 +71,15 @@ class CostReport:
 
     def render(self) -> str:
         money = _money
-        lines = [f"cost of {self.scope} (prices: {self.prices_from})",
-                 f"  images        {self.images} ({self.rendered} rendered, {self.accepted} accepted)"]
+        lines = [
+            f"cost of {self.scope} (prices: {self.prices_from})",
+            f"  images        {self.images} ({self.rendered} rendered, {self.accepted} accepted)",
+        ]
         for a in self.by_accelerator:
-            lines.append(f"  device        {a['gpu_seconds']:.1f} s on {a['accelerator'] or '(none)'} at "
-                         f"${a['hourly_usd']:.3f}/h = {money(a['gpu_usd'])}")
+            lines.append(
+                f"  device        {a['gpu_seconds']:.1f} s on {a['accelerator'] or '(none)'} at "
+                f"${a['hourly_usd']:.3f}/h = {money(a['gpu_usd'])}"
+            )
         lines += [
             f"  CPU           {self.cpu_seconds:.1f} s of QC and post-processing = {money(self.cpu_usd)}",
             f"  compute       {money(self.compute_usd)}: {money(self.usd_per_image)} per image, "
@@ -84,34 +88,48 @@ class CostReport:
             f"variants {_size(self.variant_bytes)}) = {money(self.storage_usd_month)} a month, "
             f"{money(self.storage_usd_month_per_accepted)} per accepted image",
         ]
-        for title, rows, key in (("per combination", self.by_combination, "model_stack"),
-                                 ("per template", self.by_template, "template")):
+        for title, rows, key in (
+            ("per combination", self.by_combination, "model_stack"),
+            ("per template", self.by_template, "template"),
+        ):
             lines.append(title)
             for r in rows:
                 name = r[key] if key != "model_stack" or not r["combination"] else f"{r['combination']}: {r[key]}"
-                lines.append(f"  {name:52s} {r['images']:5d} images {r['accepted']:5d} accepted  "
-                             f"{money(r['usd_per_image'])}/image  {money(r['usd_per_accepted'])}/accepted")
+                lines.append(
+                    f"  {name:52s} {r['images']:5d} images {r['accepted']:5d} accepted  "
+                    f"{money(r['usd_per_image'])}/image  {money(r['usd_per_accepted'])}/accepted"
+                )
         node = f"an always-on {self.gpu_node} node at {money(self.node_monthly_usd)} a month"
-        lines.append(f"against a hosted image API (at ${self.api[0].api_usd / self.api[0].api_gbp:.2f} per £)"
-                     if self.api else "against a hosted image API")
+        lines.append(
+            f"against a hosted image API (at ${self.api[0].api_usd / self.api[0].api_gbp:.2f} per £)"
+            if self.api
+            else "against a hosted image API"
+        )
         for c in self.api:
             share = f" ({c.ratio:.2%} of the API price)" if c.ratio is not None else ""
-            lines.append(f"  £{c.api_gbp:.3f} (${c.api_usd:.4f}) an image: self-hosted on demand "
-                         f"{money(c.self_hosted_usd_per_accepted)} per accepted image{share}")
+            lines.append(
+                f"  £{c.api_gbp:.3f} (${c.api_usd:.4f}) an image: self-hosted on demand "
+                f"{money(c.self_hosted_usd_per_accepted)} per accepted image{share}"
+            )
             if c.break_even_images_per_month is None:
-                lines.append(f"    {node} never breaks even: each image costs {money(c.marginal_usd)} "
-                             "beyond the node, no less than the API")
+                lines.append(
+                    f"    {node} never breaks even: each image costs {money(c.marginal_usd)} "
+                    "beyond the node, no less than the API"
+                )
                 continue
             reach = ""
             if c.node_capacity_per_month is not None:
                 verdict = "can" if c.node_reaches_break_even else "cannot"
                 where = ", ".join(self.measured_on)
                 caveat = "" if self.gpu_node.upper() in where.upper() else f", not on the {self.gpu_node} node"
-                reach = (f"; one node renders at most {c.node_capacity_per_month:,.0f} accepted images a month "
-                         f"at {self.gpu_seconds_per_accepted:.2f} device-s each (measured on {where}{caveat}), "
-                         f"so it {verdict}")
-            lines.append(f"    {node} breaks even at {c.break_even_images_per_month:,.0f} accepted images "
-                         f"a month{reach}")
+                reach = (
+                    f"; one node renders at most {c.node_capacity_per_month:,.0f} accepted images a month "
+                    f"at {self.gpu_seconds_per_accepted:.2f} device-s each (measured on {where}{caveat}), "
+                    f"so it {verdict}"
+                )
+            lines.append(
+                f"    {node} breaks even at {c.break_even_images_per_month:,.0f} accepted images a month{reach}"
+            )
         return "\n".join(lines)
 
 
@@ -143,22 +161,28 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> list[dict]:
 
 
 def _group_costs(con, key_sql: str, params: dict) -> list[dict]:
-    return _rows(con, f"""
+    return _rows(
+        con,
+        f"""
         SELECT {key_sql}, count(*) AS images, count(*) FILTER (outcome <> 'failed') AS rendered,
                count(*) FILTER (outcome = 'accepted') AS accepted,
                sum(usd) AS compute_usd, sum(stored_bytes) AS stored_bytes,
                sum(usd) / nullif(count(*) FILTER (outcome <> 'failed'), 0) AS usd_per_image,
                sum(usd) / nullif(count(*) FILTER (outcome = 'accepted'), 0) AS usd_per_accepted
         FROM image_costs WHERE $run IS NULL OR run_id = $run
-        GROUP BY ALL ORDER BY usd_per_accepted DESC NULLS FIRST""", params)
+        GROUP BY ALL ORDER BY usd_per_accepted DESC NULLS FIRST""",
+        params,
+    )
 
 
-def cost_report(con: duckdb.DuckDBPyConnection, prices: PriceTable, run: str | None = None,
-                prices_from: str = "defaults") -> CostReport:
+def cost_report(
+    con: duckdb.DuckDBPyConnection, prices: PriceTable, run: str | None = None, prices_from: str = "defaults"
+) -> CostReport:
     """The cost model over a connection from `analysis.connect(output, file_sizes=True)`."""
     accelerators = [a for (a,) in con.execute("SELECT DISTINCT coalesce(accelerator, '') FROM images").fetchall()]
-    hourly = pa.table({"accelerator": accelerators,
-                       "hourly_usd": [prices.device_hourly(a) if a else 0.0 for a in accelerators]})
+    hourly = pa.table(
+        {"accelerator": accelerators, "hourly_usd": [prices.device_hourly(a) if a else 0.0 for a in accelerators]}
+    )
     con.register("device_prices", hourly)
     con.execute(f"""
         CREATE OR REPLACE TEMP VIEW image_costs AS
@@ -169,13 +193,17 @@ def cost_report(con: duckdb.DuckDBPyConnection, prices: PriceTable, run: str | N
                coalesce(master_bytes, 0) + variant_bytes AS stored_bytes
         FROM images i JOIN device_prices p ON coalesce(i.accelerator, '') = p.accelerator""")
     params = {"run": run}
-    (total,) = _rows(con, """
+    (total,) = _rows(
+        con,
+        """
         SELECT count(*) AS images, count(*) FILTER (outcome <> 'failed') AS rendered,
                count(*) FILTER (outcome = 'accepted') AS accepted,
                coalesce(sum(gpu_seconds), 0) AS gpu_seconds, coalesce(sum(cpu_seconds), 0) AS cpu_seconds,
                coalesce(sum(gpu_usd), 0) AS gpu_usd, coalesce(sum(cpu_usd), 0) AS cpu_usd,
                coalesce(sum(master_bytes), 0)::BIGINT AS master_bytes, coalesce(sum(variant_bytes), 0)::BIGINT AS variant_bytes
-        FROM image_costs WHERE $run IS NULL OR run_id = $run""", params)
+        FROM image_costs WHERE $run IS NULL OR run_id = $run""",
+        params,
+    )
     if not total["images"]:
         raise AnalysisError(f"run {run!r} has no images in this catalog")
     compute = total["gpu_usd"] + total["cpu_usd"]
@@ -191,7 +219,8 @@ def cost_report(con: duckdb.DuckDBPyConnection, prices: PriceTable, run: str | N
     (node_s, node_accepted) = con.execute(
         "SELECT sum(gpu_seconds), count(*) FILTER (outcome = 'accepted') FROM image_costs "
         "WHERE ($run IS NULL OR run_id = $run) AND upper(accelerator) LIKE '%' || upper($node) || '%'",
-        {"run": run, "node": prices.gpu_node}).fetchone()
+        {"run": run, "node": prices.gpu_node},
+    ).fetchone()
     if node_accepted:
         gpu_s_per_accepted = node_s / node_accepted
     capacity = (prices.hours_per_month * 3600 / gpu_s_per_accepted) if gpu_s_per_accepted else None
@@ -199,26 +228,54 @@ def cost_report(con: duckdb.DuckDBPyConnection, prices: PriceTable, run: str | N
     for gbp in prices.hosted_api_gbp_per_image:
         usd = gbp * prices.usd_per_gbp
         even = node_monthly / (usd - marginal) if usd > marginal else None
-        api.append(ApiComparison(
-            api_gbp=gbp, api_usd=usd, self_hosted_usd_per_accepted=per_accepted,
-            ratio=per_accepted / usd if per_accepted is not None else None, marginal_usd=marginal,
-            break_even_images_per_month=even, node_capacity_per_month=capacity,
-            node_reaches_break_even=(even <= capacity) if even is not None and capacity is not None else None))
-    by_accelerator = _rows(con, """
+        api.append(
+            ApiComparison(
+                api_gbp=gbp,
+                api_usd=usd,
+                self_hosted_usd_per_accepted=per_accepted,
+                ratio=per_accepted / usd if per_accepted is not None else None,
+                marginal_usd=marginal,
+                break_even_images_per_month=even,
+                node_capacity_per_month=capacity,
+                node_reaches_break_even=(even <= capacity) if even is not None and capacity is not None else None,
+            )
+        )
+    by_accelerator = _rows(
+        con,
+        """
         SELECT coalesce(accelerator, '') AS accelerator, any_value(hourly_usd) AS hourly_usd, count(*) AS images,
                coalesce(sum(gpu_seconds), 0) AS gpu_seconds, coalesce(sum(gpu_usd), 0) AS gpu_usd
         FROM image_costs WHERE ($run IS NULL OR run_id = $run) AND coalesce(accelerator, '') <> ''
-        GROUP BY ALL ORDER BY gpu_seconds DESC""", params)
+        GROUP BY ALL ORDER BY gpu_seconds DESC""",
+        params,
+    )
     return CostReport(
-        scope=run or "all runs", prices_from=prices_from, images=total["images"], rendered=rendered,
-        accepted=accepted, gpu_seconds=total["gpu_seconds"], cpu_seconds=total["cpu_seconds"],
-        compute_usd=compute, gpu_usd=total["gpu_usd"], cpu_usd=total["cpu_usd"],
-        master_bytes=total["master_bytes"], variant_bytes=total["variant_bytes"], storage_usd_month=storage,
-        usd_per_image=compute / rendered if rendered else None, usd_per_accepted=per_accepted,
-        storage_usd_month_per_accepted=storage_per_accepted, gpu_seconds_per_accepted=gpu_s_per_accepted,
-        node_monthly_usd=node_monthly, gpu_node=prices.gpu_node, by_accelerator=by_accelerator,
-        measured_on=[a["accelerator"] for a in by_accelerator
-                     if not node_accepted or prices.gpu_node.upper() in a["accelerator"].upper()],
+        scope=run or "all runs",
+        prices_from=prices_from,
+        images=total["images"],
+        rendered=rendered,
+        accepted=accepted,
+        gpu_seconds=total["gpu_seconds"],
+        cpu_seconds=total["cpu_seconds"],
+        compute_usd=compute,
+        gpu_usd=total["gpu_usd"],
+        cpu_usd=total["cpu_usd"],
+        master_bytes=total["master_bytes"],
+        variant_bytes=total["variant_bytes"],
+        storage_usd_month=storage,
+        usd_per_image=compute / rendered if rendered else None,
+        usd_per_accepted=per_accepted,
+        storage_usd_month_per_accepted=storage_per_accepted,
+        gpu_seconds_per_accepted=gpu_s_per_accepted,
+        node_monthly_usd=node_monthly,
+        gpu_node=prices.gpu_node,
+        by_accelerator=by_accelerator,
+        measured_on=[
+            a["accelerator"]
+            for a in by_accelerator
+            if not node_accepted or prices.gpu_node.upper() in a["accelerator"].upper()
+        ],
         by_combination=_group_costs(con, "coalesce(combination, '') AS combination, model_stack", params),
         by_template=_group_costs(con, "coalesce(template.name, '(no template)') AS template", params),
-        api=api)
+        api=api,
+    )

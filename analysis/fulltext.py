@@ -16,15 +16,22 @@ FIELDS = ("prompt", "negative_prompt", "tags")
 SHOWN = ("score", "image_id", "run_id", "outcome", "prompt", "tags", "uri")
 
 
-def search(con: duckdb.DuckDBPyConnection, text: str, *, limit: int = 20, fields: tuple[str, ...] = (),
-           all_terms: bool = False, columns: tuple[str, ...] = SHOWN):
+def search(
+    con: duckdb.DuckDBPyConnection,
+    text: str,
+    *,
+    limit: int = 20,
+    fields: tuple[str, ...] = (),
+    all_terms: bool = False,
+    columns: tuple[str, ...] = SHOWN,
+):
     """Images matching `text`, best first: (column names, rows).
 
     fields: search only these of prompt / negative_prompt / tags (default: all three).
     all_terms: only images that contain every query term.
     """
     if not text or not text.strip():
-        raise AnalysisError("nothing to search for: give some words, e.g. imagefab search \"leather boot\"")
+        raise AnalysisError('nothing to search for: give some words, e.g. imagefab search "leather boot"')
     bad = [f for f in fields if f not in FIELDS]
     if bad:
         raise AnalysisError(f"cannot search field(s) {', '.join(bad)}; the fields are {', '.join(FIELDS)}")

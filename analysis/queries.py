@@ -55,16 +55,30 @@ def _q(name: str, help: str, sql: str, *params: Param) -> Query:
 
 
 _RUN = Param("run", "text", "only this run_id")
-QUERIES: dict[str, Query] = {q.name: q for q in (
-    _q("runs", "per run: images by outcome, device and CPU seconds, cost", f"""
+QUERIES: dict[str, Query] = {
+    q.name: q
+    for q in (
+        _q(
+            "runs",
+            "per run: images by outcome, device and CPU seconds, cost",
+            f"""
 SELECT run_id, min(date) AS date, {_ACCEPTANCE},
        round(sum(gpu_seconds), 3) AS gpu_s, round(sum(cpu_seconds), 3) AS cpu_s,
        round(sum(cost_usd), 6) AS cost_usd, min(created_at) AS first_at, max(created_at) AS last_at
-FROM images GROUP BY run_id ORDER BY first_at"""),
-    _q("outcomes", "images by outcome (QC status after people's decisions)", """
+FROM images GROUP BY run_id ORDER BY first_at""",
+        ),
+        _q(
+            "outcomes",
+            "images by outcome (QC status after people's decisions)",
+            """
 SELECT outcome, status, approval, count(*) AS images
-FROM images WHERE $run IS NULL OR run_id = $run GROUP BY ALL ORDER BY images DESC, outcome""", _RUN),
-    _q("by_lora", "images generated with a LoRA (optionally one version) in a date range", """
+FROM images WHERE $run IS NULL OR run_id = $run GROUP BY ALL ORDER BY images DESC, outcome""",
+            _RUN,
+        ),
+        _q(
+            "by_lora",
+            "images generated with a LoRA (optionally one version) in a date range",
+            """
 SELECT image_id, run_id, created_at, l.version AS lora_version, l.weight AS lora_weight,
        model_stack, outcome, prompt, uri
 FROM images, unnest(loras) AS t(l)
@@ -72,62 +86,117 @@ WHERE l.name = $lora AND ($version IS NULL OR l.version = $version)
   AND ($start IS NULL OR CAST(created_at AS DATE) >= $start)
   AND ($end IS NULL OR CAST(created_at AS DATE) <= $end)
 ORDER BY created_at, image_id""",
-       Param("lora", "text", "LoRA name, as in the model catalog", required=True),
-       Param("version", "text", "LoRA version"),
-       Param("start", "date", "first day, YYYY-MM-DD (UTC, inclusive)"),
-       Param("end", "date", "last day, YYYY-MM-DD (UTC, inclusive)")),
-    _q("rejected_by_reason", "images rejected (by QC or a person) that carry a QC reason", """
+            Param("lora", "text", "LoRA name, as in the model catalog", required=True),
+            Param("version", "text", "LoRA version"),
+            Param("start", "date", "first day, YYYY-MM-DD (UTC, inclusive)"),
+            Param("end", "date", "last day, YYYY-MM-DD (UTC, inclusive)"),
+        ),
+        _q(
+            "rejected_by_reason",
+            "images rejected (by QC or a person) that carry a QC reason",
+            """
 SELECT image_id, run_id, created_at, status, approval, reasons, reviewer, review_note,
        round(sharpness, 2) AS sharpness, round(contrast, 4) AS contrast, round(exposure, 4) AS exposure, prompt
 FROM images WHERE outcome = 'rejected' AND list_contains(reasons, $reason)
 ORDER BY created_at, image_id""",
-       Param("reason", "text", "a QC reason: blur, low_contrast, borderline_blur, …", required=True)),
-    _q("reasons", "QC reasons and how often each led to each outcome", """
+            Param("reason", "text", "a QC reason: blur, low_contrast, borderline_blur, …", required=True),
+        ),
+        _q(
+            "reasons",
+            "QC reasons and how often each led to each outcome",
+            """
 SELECT reason, outcome, count(*) AS images
 FROM (SELECT outcome, unnest(reasons) AS reason FROM images)
-GROUP BY ALL ORDER BY images DESC, reason, outcome"""),
-    _q("products_by_category", "product images (tags.category) for a category, optionally in one month", """
+GROUP BY ALL ORDER BY images DESC, reason, outcome""",
+        ),
+        _q(
+            "products_by_category",
+            "product images (tags.category) for a category, optionally in one month",
+            """
 SELECT image_id, tags['product_id'] AS product_id, tags['sku'] AS sku, created_at, outcome, uri
 FROM images
 WHERE tags['category'] = $category
   AND ($month IS NULL OR date_trunc('month', created_at) = $month)
 ORDER BY product_id, created_at, image_id""",
-       Param("category", "text", "the category tag's value", required=True),
-       Param("month", "month", "YYYY-MM (UTC)")),
-    _q("by_tag", "images whose tag KEY has VALUE", """
+            Param("category", "text", "the category tag's value", required=True),
+            Param("month", "month", "YYYY-MM (UTC)"),
+        ),
+        _q(
+            "by_tag",
+            "images whose tag KEY has VALUE",
+            """
 SELECT image_id, run_id, created_at, outcome, tags, prompt, uri
 FROM images WHERE tags[$key] = $value ORDER BY created_at, image_id""",
-       Param("key", "text", "tag name", required=True), Param("value", "text", "tag value", required=True)),
-    _q("acceptance_by_template", "acceptance rate and mean QC scores per prompt template", """
-SELECT * FROM acceptance_by_template ORDER BY acceptance_rate NULLS LAST, template, version"""),
-    _q("acceptance_by_variable", "acceptance and mean scores per template variable value", """
+            Param("key", "text", "tag name", required=True),
+            Param("value", "text", "tag value", required=True),
+        ),
+        _q(
+            "acceptance_by_template",
+            "acceptance rate and mean QC scores per prompt template",
+            """
+SELECT * FROM acceptance_by_template ORDER BY acceptance_rate NULLS LAST, template, version""",
+        ),
+        _q(
+            "acceptance_by_variable",
+            "acceptance and mean scores per template variable value",
+            """
 SELECT * FROM acceptance_by_variable
 WHERE ($template IS NULL OR template = $template) AND ($variable IS NULL OR variable = $variable)
 ORDER BY template, variable, acceptance_rate NULLS LAST, value""",
-       Param("template", "text", "template name"), Param("variable", "text", "variable name")),
-    _q("acceptance_by_combination", "acceptance and mean scores per combination (base model + LoRA stack)", """
-SELECT * FROM acceptance_by_combination ORDER BY acceptance_rate NULLS LAST, combination, model_stack"""),
-    _q("failing_templates", "templates whose acceptance rate is below a threshold", """
+            Param("template", "text", "template name"),
+            Param("variable", "text", "variable name"),
+        ),
+        _q(
+            "acceptance_by_combination",
+            "acceptance and mean scores per combination (base model + LoRA stack)",
+            """
+SELECT * FROM acceptance_by_combination ORDER BY acceptance_rate NULLS LAST, combination, model_stack""",
+        ),
+        _q(
+            "failing_templates",
+            "templates whose acceptance rate is below a threshold",
+            """
 SELECT * FROM acceptance_by_template
 WHERE acceptance_rate < $threshold AND images - failed >= $min_images
 ORDER BY acceptance_rate, template""",
-       Param("threshold", "number", "flag below this acceptance rate", default=0.5),
-       Param("min_images", "integer", "ignore templates with fewer rendered images", default=5)),
-    _q("cost_by_combination", "cost per image and per accepted image, per combination (base + LoRA stack)", f"""
+            Param("threshold", "number", "flag below this acceptance rate", default=0.5),
+            Param("min_images", "integer", "ignore templates with fewer rendered images", default=5),
+        ),
+        _q(
+            "cost_by_combination",
+            "cost per image and per accepted image, per combination (base + LoRA stack)",
+            f"""
 SELECT coalesce(combination, '') AS combination, model_stack, {_COST}
-FROM images WHERE $run IS NULL OR run_id = $run GROUP BY ALL ORDER BY usd_per_accepted DESC NULLS FIRST""", _RUN),
-    _q("cost_by_template", "cost per image and per accepted image, per prompt template", f"""
+FROM images WHERE $run IS NULL OR run_id = $run GROUP BY ALL ORDER BY usd_per_accepted DESC NULLS FIRST""",
+            _RUN,
+        ),
+        _q(
+            "cost_by_template",
+            "cost per image and per accepted image, per prompt template",
+            f"""
 SELECT coalesce(template.name, '(no template)') AS template, template.version AS version, {_COST}
-FROM images WHERE $run IS NULL OR run_id = $run GROUP BY ALL ORDER BY usd_per_accepted DESC NULLS FIRST""", _RUN),
-    _q("review_queue", "images waiting for a person's decision", """
+FROM images WHERE $run IS NULL OR run_id = $run GROUP BY ALL ORDER BY usd_per_accepted DESC NULLS FIRST""",
+            _RUN,
+        ),
+        _q(
+            "review_queue",
+            "images waiting for a person's decision",
+            """
 SELECT image_id, run_id, created_at, reasons, round(sharpness, 2) AS sharpness, prompt, uri
 FROM images WHERE outcome = 'review' AND ($run IS NULL OR run_id = $run)
-ORDER BY created_at, image_id""", _RUN),
-    _q("decisions", "people's review decisions, newest first (every one, not only those in force)", """
+ORDER BY created_at, image_id""",
+            _RUN,
+        ),
+        _q(
+            "decisions",
+            "people's review decisions, newest first (every one, not only those in force)",
+            """
 SELECT decided_at, image_id, decision, reviewer, note FROM decisions
 WHERE $reviewer IS NULL OR reviewer = $reviewer ORDER BY decided_at DESC, image_id""",
-       Param("reviewer", "text", "only this reviewer")),
-)}
+            Param("reviewer", "text", "only this reviewer"),
+        ),
+    )
+}
 
 
 def _convert(p: Param, raw: str):
@@ -154,11 +223,15 @@ def bind(query: Query, given: dict[str, str]) -> dict[str, object]:
     unknown = sorted(set(given) - set(known))
     if unknown:
         accepts = ", ".join(known) if known else "no parameters"
-        raise AnalysisError(f"query '{query.name}' has no parameter {', '.join(map(repr, unknown))} (it takes {accepts})")
+        raise AnalysisError(
+            f"query '{query.name}' has no parameter {', '.join(map(repr, unknown))} (it takes {accepts})"
+        )
     missing = [p.name for p in query.params if p.required and p.name not in given]
     if missing:
-        raise AnalysisError(f"query '{query.name}' needs " + "; ".join(
-            f"parameter {p.name} ({p.help}): --param {p.name}=…" for p in query.params if p.name in missing))
+        raise AnalysisError(
+            f"query '{query.name}' needs "
+            + "; ".join(f"parameter {p.name} ({p.help}): --param {p.name}=…" for p in query.params if p.name in missing)
+        )
     return {name: (_convert(p, given[name]) if name in given else p.default) for name, p in known.items()}
 
 

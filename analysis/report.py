@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 
 from analysis import plots
-from analysis.views import AnalysisError, connect, resolve_run
 from analysis.cost import CostReport, _money, _size, cost_report
 from analysis.thumbs import thumbnail
+from analysis.views import AnalysisError, connect, resolve_run
 from app.cost import PriceTable
 from app.storage import OutputStore, StorageError
 
@@ -51,7 +51,7 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
     if isinstance(v, datetime):
-        return v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(v, (list, tuple)):
         return ", ".join(map(str, v))
     return str(v)
@@ -61,9 +61,14 @@ def _table(columns: list[str], rows: list[tuple], table_id: str = "") -> str:
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows for i in range(len(columns))]
     head = "".join(f"<th{' class=n' if numeric[i] else ''}>{escape(c)}</th>" for i, c in enumerate(columns))
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=n' if numeric[i] else ''} data-col=\"{escape(columns[i])}\">{escape(_fmt(v))}</td>"
-                         for i, v in enumerate(r)) + "</tr>"
-        for r in rows)
+        "<tr>"
+        + "".join(
+            f'<td{" class=n" if numeric[i] else ""} data-col="{escape(columns[i])}">{escape(_fmt(v))}</td>'
+            for i, v in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
     ident = f' id="{table_id}"' if table_id else ""
     return f'<div class="wide"><table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
@@ -90,23 +95,33 @@ def _sheet(output: OutputStore, rows: list[dict], total: int, outcome: str, titl
     for r in rows:
         data = thumbnail(output, r)
         alt = f"{outcome} image {r['image_id']}"
-        pic = (f'<img src="{_b64(data, "image/webp")}" alt="{escape(alt)}" title="{escape(r["prompt"] or "")}">'
-               if data else '<div class="missing">no image file</div>')
+        pic = (
+            f'<img src="{_b64(data, "image/webp")}" alt="{escape(alt)}" title="{escape(r["prompt"] or "")}">'
+            if data
+            else '<div class="missing">no image file</div>'
+        )
         why = ", ".join(r["reasons"] or [])
         if r["reviewer"]:
             why = f"{why}; {r['approval']} by {r['reviewer']}" + (f": {r['review_note']}" if r["review_note"] else "")
         sharp = f"sharpness {r['sharpness']:.0f}" if r["sharpness"] is not None else ""
-        tiles.append(f'<div class="tile" data-image-id="{r["image_id"]}">{pic}<code>{r["image_id"][:12]}</code>'
-                     f'<div>{escape(r["row_key"] or "")} {escape(sharp)}</div>'
-                     f'<div class="why">{escape(why.strip("; "))}</div></div>')
+        tiles.append(
+            f'<div class="tile" data-image-id="{r["image_id"]}">{pic}<code>{r["image_id"][:12]}</code>'
+            f"<div>{escape(r['row_key'] or '')} {escape(sharp)}</div>"
+            f'<div class="why">{escape(why.strip("; "))}</div></div>'
+        )
     shown = f"{len(rows)} of {total}" if total > len(rows) else f"{total}"
     body = "".join(tiles) if tiles else "<p>none</p>"
-    return (f'<section id="sheet-{outcome}"><h3>{escape(title)} ({shown})</h3>'
-            f'<div class="sheet">{body}</div></section>')
+    return f'<section id="sheet-{outcome}"><h3>{escape(title)} ({shown})</h3><div class="sheet">{body}</div></section>'
 
 
-def build_report(output: OutputStore | str, run: str | None = None, prices: PriceTable | None = None,
-                 prices_from: str = "defaults", max_thumbs: int = 60, threshold: float = 0.5) -> str:
+def build_report(
+    output: OutputStore | str,
+    run: str | None = None,
+    prices: PriceTable | None = None,
+    prices_from: str = "defaults",
+    max_thumbs: int = 60,
+    threshold: float = 0.5,
+) -> str:
     """The report's HTML."""
     if max_thumbs < 0:
         raise AnalysisError(f"--max-thumbs must be 0 or more, not {max_thumbs}")
@@ -115,7 +130,9 @@ def build_report(output: OutputStore | str, run: str | None = None, prices: Pric
     con = connect(output, file_sizes=True)
     run = resolve_run(con, run)
     literal = "NULL" if run is None else "'" + run.replace("'", "''") + "'"
-    con.execute(f"CREATE OR REPLACE TEMP VIEW scope AS SELECT * FROM images WHERE {literal} IS NULL OR run_id = {literal}")
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW scope AS SELECT * FROM images WHERE {literal} IS NULL OR run_id = {literal}"
+    )
     cost: CostReport = cost_report(con, prices, run, prices_from)
     scope = run or "all runs"
 
@@ -123,52 +140,75 @@ def build_report(output: OutputStore | str, run: str | None = None, prices: Pric
     counts = dict(con.execute("SELECT outcome, count(*) FROM scope GROUP BY outcome").fetchall())
     n = sum(counts.values())
     rendered = n - counts.get("failed", 0)
-    stats = "".join([
-        _stat("images", n, "images"), _stat("accepted", counts.get("accepted", 0), "accepted"),
-        _stat("review", counts.get("review", 0), "waiting for review"),
-        _stat("rejected", counts.get("rejected", 0), "rejected"), _stat("failed", counts.get("failed", 0), "failed"),
-        _stat("acceptance", f"{counts.get('accepted', 0) / rendered:.1%}" if rendered else "-", "accepted of rendered"),
-        _stat("cost-per-accepted", _money(cost.usd_per_accepted), "compute per accepted image"),
-    ])
+    stats = "".join(
+        [
+            _stat("images", n, "images"),
+            _stat("accepted", counts.get("accepted", 0), "accepted"),
+            _stat("review", counts.get("review", 0), "waiting for review"),
+            _stat("rejected", counts.get("rejected", 0), "rejected"),
+            _stat("failed", counts.get("failed", 0), "failed"),
+            _stat(
+                "acceptance", f"{counts.get('accepted', 0) / rendered:.1%}" if rendered else "-", "accepted of rendered"
+            ),
+            _stat("cost-per-accepted", _money(cost.usd_per_accepted), "compute per accepted image"),
+        ]
+    )
 
     # 2. Runs
-    cols, runs = _query(con, """
+    cols, runs = _query(
+        con,
+        """
         SELECT run_id, count(*) AS images, count(*) FILTER (outcome = 'accepted') AS accepted,
                count(*) FILTER (outcome = 'review') AS review, count(*) FILTER (outcome = 'rejected') AS rejected,
                count(*) FILTER (outcome = 'failed') AS failed, sum(gpu_seconds) AS device_s, sum(cpu_seconds) AS cpu_s,
                sum(cost_usd) AS cost_usd, min(created_at) AS first_written, any_value(accelerator) AS accelerator
-        FROM scope GROUP BY run_id ORDER BY first_written""")
+        FROM scope GROUP BY run_id ORDER BY first_written""",
+    )
     run_rows = []
     for r in runs:
         s = _summary(output, r[0])
-        run_rows.append(r[:8] + (_money(r[8]),) + r[9:] + (s.get("wall_seconds"), s.get("images_per_second")))
-    run_table = _table(cols + ["wall_s", "images_per_s"], run_rows, "runs")
+        run_rows.append((*r[:8], _money(r[8]), *r[9:], s.get("wall_seconds"), s.get("images_per_second")))
+    run_table = _table([*cols, "wall_s", "images_per_s"], run_rows, "runs")
 
     # 3. Plots
-    _, combos = _query(con, """
+    _, combos = _query(
+        con,
+        """
         SELECT coalesce(nullif(combination, '') || ': ', '') || model_stack AS label,
                count(*) FILTER (outcome = 'accepted'), count(*) FILTER (outcome = 'review'),
                count(*) FILTER (outcome = 'rejected'), count(*) FILTER (outcome = 'failed')
-        FROM scope GROUP BY label ORDER BY label""")
+        FROM scope GROUP BY label ORDER BY label""",
+    )
     labels = [c[0] for c in combos]
-    acceptance_png = plots.acceptance_bars(labels, {o: [c[i + 1] for c in combos] for i, o in enumerate(plots.OUTCOME_COLOURS)})
+    acceptance_png = plots.acceptance_bars(
+        labels, {o: [c[i + 1] for c in combos] for i, o in enumerate(plots.OUTCOME_COLOURS)}
+    )
     score_data = {}
     for score in ("sharpness", "contrast", "exposure"):
         by = {}
         for outcome, values in con.execute(
-                f"SELECT outcome, list({score}) FILTER ({score} IS NOT NULL) FROM scope "
-                "WHERE outcome <> 'failed' GROUP BY outcome").fetchall():
+            f"SELECT outcome, list({score}) FILTER ({score} IS NOT NULL) FROM scope "
+            "WHERE outcome <> 'failed' GROUP BY outcome"
+        ).fetchall():
             by[outcome] = values or []
         score_data[score] = {o: by[o] for o in plots.OUTCOME_COLOURS if o in by}
     scores_png = plots.score_histograms(score_data)
     storage_per_byte = prices.storage_gb_month / 2**30
-    _, combo_costs = _query(con, """
+    _, combo_costs = _query(
+        con,
+        """
         SELECT coalesce(combination, ''), model_stack, sum(gpu_usd), sum(cpu_usd), sum(stored_bytes)
-        FROM image_costs WHERE run_id = $run OR $run IS NULL GROUP BY ALL ORDER BY 2""", {"run": run})
+        FROM image_costs WHERE run_id = $run OR $run IS NULL GROUP BY ALL ORDER BY 2""",
+        {"run": run},
+    )
     cost_png = plots.cost_bars(
         [f"{c[0]}: {c[1]}" if c[0] else c[1] for c in combo_costs],
-        {"device": [c[2] for c in combo_costs], "CPU (QC, post)": [c[3] for c in combo_costs],
-         "storage / month": [c[4] * storage_per_byte for c in combo_costs]})
+        {
+            "device": [c[2] for c in combo_costs],
+            "CPU (QC, post)": [c[3] for c in combo_costs],
+            "storage / month": [c[4] * storage_per_byte for c in combo_costs],
+        },
+    )
     series: dict[str, list] = {}
     for run_id, t in con.execute("SELECT run_id, created_at FROM scope ORDER BY created_at").fetchall():
         series.setdefault(run_id, []).append(t)
@@ -183,17 +223,30 @@ def build_report(output: OutputStore | str, run: str | None = None, prices: Pric
                round(avg(sharpness), 1) AS mean_sharpness, round(avg(contrast), 4) AS mean_contrast,
                round(avg(exposure), 4) AS mean_exposure
         FROM {source} GROUP BY ALL ORDER BY {order}acceptance_rate NULLS LAST"""
-    t_cols, templates = _query(con, perf_sql.format(
-        key="coalesce(template.name, '(no template)') AS template", source="scope", order=""))
+    t_cols, templates = _query(
+        con, perf_sql.format(key="coalesce(template.name, '(no template)') AS template", source="scope", order="")
+    )
     flagged = [t for t in templates if t[6] is not None and t[6] < threshold]
-    v_cols, variables = _query(con, perf_sql.format(
-        key="coalesce(template.name, '(no template)') AS template, v.key AS variable, v.value AS value",
-        source="scope, unnest(map_entries(variables)) AS t(v)", order="template, variable, "))
-    c_cols, combo_perf = _query(con, perf_sql.format(
-        key="coalesce(combination, '') AS combination, model_stack", source="scope", order=""))
-    flag_html = (f'<p class="flag" id="flagged">Templates accepted less than {threshold:.0%} of the time: '
-                 + escape(", ".join(f"{t[0]} ({t[6]:.0%})" for t in flagged)) + "</p>") if flagged else \
-        f'<p id="flagged">No template is accepted less than {threshold:.0%} of the time.</p>'
+    v_cols, variables = _query(
+        con,
+        perf_sql.format(
+            key="coalesce(template.name, '(no template)') AS template, v.key AS variable, v.value AS value",
+            source="scope, unnest(map_entries(variables)) AS t(v)",
+            order="template, variable, ",
+        ),
+    )
+    c_cols, combo_perf = _query(
+        con, perf_sql.format(key="coalesce(combination, '') AS combination, model_stack", source="scope", order="")
+    )
+    flag_html = (
+        (
+            f'<p class="flag" id="flagged">Templates accepted less than {threshold:.0%} of the time: '
+            + escape(", ".join(f"{t[0]} ({t[6]:.0%})" for t in flagged))
+            + "</p>"
+        )
+        if flagged
+        else f'<p id="flagged">No template is accepted less than {threshold:.0%} of the time.</p>'
+    )
 
     # 5. Cost
     cost_rows = [
@@ -202,13 +255,23 @@ def build_report(output: OutputStore | str, run: str | None = None, prices: Pric
         ("compute total", "", _money(cost.compute_usd)),
         ("per rendered image", "", _money(cost.usd_per_image)),
         ("per accepted image", "", _money(cost.usd_per_accepted)),
-        ("stored (masters + variants)", _size(cost.master_bytes + cost.variant_bytes), _money(cost.storage_usd_month) + " / month"),
+        (
+            "stored (masters + variants)",
+            _size(cost.master_bytes + cost.variant_bytes),
+            _money(cost.storage_usd_month) + " / month",
+        ),
     ]
-    api_rows = [(f"£{c.api_gbp:.3f}", f"${c.api_usd:.4f}", _money(c.self_hosted_usd_per_accepted),
-                 f"{c.ratio:.2%}" if c.ratio is not None else "-",
-                 f"{c.break_even_images_per_month:,.0f}" if c.break_even_images_per_month else "never",
-                 f"{c.node_capacity_per_month:,.0f}" if c.node_capacity_per_month else "-")
-                for c in cost.api]
+    api_rows = [
+        (
+            f"£{c.api_gbp:.3f}",
+            f"${c.api_usd:.4f}",
+            _money(c.self_hosted_usd_per_accepted),
+            f"{c.ratio:.2%}" if c.ratio is not None else "-",
+            f"{c.break_even_images_per_month:,.0f}" if c.break_even_images_per_month else "never",
+            f"{c.node_capacity_per_month:,.0f}" if c.node_capacity_per_month else "-",
+        )
+        for c in cost.api
+    ]
 
     # 6. Contact sheets
     sheets = []
@@ -216,13 +279,15 @@ def build_report(output: OutputStore | str, run: str | None = None, prices: Pric
         (total,) = con.execute("SELECT count(*) FROM scope WHERE outcome = $o", {"o": outcome}).fetchone()
         result = con.execute(
             "SELECT image_id, prompt, reasons, sharpness, row_key, uri, variants, approval, reviewer, review_note "
-            "FROM scope WHERE outcome = $o ORDER BY created_at, image_id LIMIT $n", {"o": outcome, "n": max_thumbs})
+            "FROM scope WHERE outcome = $o ORDER BY created_at, image_id LIMIT $n",
+            {"o": outcome, "n": max_thumbs},
+        )
         names = [d[0] for d in result.description]
         rows = [dict(zip(names, r)) for r in result.fetchall()]
         sheets.append(_sheet(output, rows, total, outcome, title))
 
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    img = lambda png, alt, ident: f'<img class="plot" id="{ident}" alt="{escape(alt)}" src="{_b64(png, "image/png")}">'  # noqa: E731
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    img = lambda png, alt, ident: f'<img class="plot" id="{ident}" alt="{escape(alt)}" src="{_b64(png, "image/png")}">'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>imagefab report: {escape(scope)}</title>
 <link rel="icon" href="data:,"><style>{CSS}</style></head>

@@ -23,8 +23,8 @@ from html import escape
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from analysis.views import AnalysisError
 from analysis.thumbs import thumbnail
+from analysis.views import AnalysisError
 from app.catalog.store import CatalogStore
 from app.review import ReviewError, decide, pending_review
 from app.storage import OutputStore, StorageError
@@ -96,9 +96,15 @@ CARD = """<div class="card" id="card-{id}" data-image-id="{id}">
 
 def _card(r: dict) -> str:
     sharp = f"{r['sharpness']:.0f}" if r.get("sharpness") is not None else "-"
-    return CARD.format(id=r["image_id"], short=r["image_id"][:12], run=escape(r.get("run_id") or ""),
-                       row_key=escape(r.get("row_key") or ""), sharpness=sharp,
-                       reasons=escape(", ".join(r.get("reasons") or [])), prompt=escape(r.get("prompt") or ""))
+    return CARD.format(
+        id=r["image_id"],
+        short=r["image_id"][:12],
+        run=escape(r.get("run_id") or ""),
+        row_key=escape(r.get("row_key") or ""),
+        sharpness=sharp,
+        reasons=escape(", ".join(r.get("reasons") or [])),
+        prompt=escape(r.get("prompt") or ""),
+    )
 
 
 class ReviewHandler(BaseHTTPRequestHandler):
@@ -128,14 +134,23 @@ class ReviewHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/":
             rows = pending_review(self.server.output)
-            html = PAGE.format(count=len(rows), reviewer=escape(self.server.reviewer), output=escape(self.server.output.uri),
-                               cards="".join(_card(r) for r in rows), empty_hidden="hidden" if rows else "",
-                               token=json.dumps(self.server.token))
+            html = PAGE.format(
+                count=len(rows),
+                reviewer=escape(self.server.reviewer),
+                output=escape(self.server.output.uri),
+                cards="".join(_card(r) for r in rows),
+                empty_hidden="hidden" if rows else "",
+                token=json.dumps(self.server.token),
+            )
             return self._send(HTTPStatus.OK, html.encode(), "text/html; charset=utf-8")
         if path == "/api/pending":
-            return self._json(HTTPStatus.OK, [
-                {k: r[k] for k in ("image_id", "run_id", "created_at", "reasons", "sharpness", "prompt")}
-                for r in pending_review(self.server.output)])
+            return self._json(
+                HTTPStatus.OK,
+                [
+                    {k: r[k] for k in ("image_id", "run_id", "created_at", "reasons", "sharpness", "prompt")}
+                    for r in pending_review(self.server.output)
+                ],
+            )
         if path.startswith("/thumb/"):
             image_id = path.removeprefix("/thumb/")
             row = CatalogStore(self.server.output).find(image_id) if IMAGE_ID.match(image_id) else None
@@ -160,8 +175,13 @@ class ReviewHandler(BaseHTTPRequestHandler):
             ids = body.get("image_ids")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise ReviewError("image_ids must be a list of image ids")
-            decisions = decide(self.server.output, ids, str(body.get("decision", "")), str(body.get("reviewer", "")),
-                               note=str(body.get("note") or ""))
+            decisions = decide(
+                self.server.output,
+                ids,
+                str(body.get("decision", "")),
+                str(body.get("reviewer", "")),
+                note=str(body.get("note") or ""),
+            )
         except (ValueError, AttributeError) as e:  # ReviewError is a ValueError, as is bad JSON
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         except StorageError as e:

@@ -17,8 +17,11 @@ def _rel_paths(row: dict) -> list[str]:
     """Where a row's pictures are, smallest first: its `thumbnail` variant, then the master."""
     image_id = row["image_id"]
     shard = f"images/{image_id[:2]}/{image_id}"
-    rels = [f"{shard}/{v['uri'].rsplit('/', 1)[-1]}" for v in (row.get("variants") or [])
-            if v.get("preset") == "thumbnail" and v.get("uri")]
+    rels = [
+        f"{shard}/{v['uri'].rsplit('/', 1)[-1]}"
+        for v in (row.get("variants") or [])
+        if v.get("preset") == "thumbnail" and v.get("uri")
+    ]
     if row.get("uri"):
         rels.append(f"{shard}.png")
     return rels

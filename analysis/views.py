@@ -29,7 +29,7 @@ class AnalysisError(ValueError):
 def views_sql() -> str:
     """The part of views.sql that builds on the three sources (catalog, decisions, image files)."""
     text = VIEWS_SQL.read_text()
-    return text[text.index(VIEWS_MARKER):]
+    return text[text.index(VIEWS_MARKER) :]
 
 
 def _output(output: OutputStore | str) -> OutputStore:
@@ -46,7 +46,7 @@ def master_sizes(output: OutputStore) -> pa.Table:
         raise StorageError(f"{output.uri_of('images')}: cannot list images ({e})") from e
     ids, sizes = [], []
     for info in infos:
-        rel = info.path[len(base):].strip("/").split("/")
+        rel = info.path[len(base) :].strip("/").split("/")
         # masters sit two levels down; variants three (images/ab/<id>/<preset>.<ext>)
         if info.type == pafs.FileType.File and len(rel) == 2 and rel[1].endswith(".png"):
             ids.append(rel[1][: -len(".png")])
@@ -54,8 +54,9 @@ def master_sizes(output: OutputStore) -> pa.Table:
     return pa.table([ids, sizes], schema=IMAGE_FILES_SCHEMA)
 
 
-def connect(output: OutputStore | str, *, file_sizes: bool = False,
-            con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    output: OutputStore | str, *, file_sizes: bool = False, con: duckdb.DuckDBPyConnection | None = None
+) -> duckdb.DuckDBPyConnection:
     """A connection whose views read the catalog at `output`.
 
     file_sizes: list the master PNGs so `images.master_bytes` is filled (one listing of
@@ -64,8 +65,10 @@ def connect(output: OutputStore | str, *, file_sizes: bool = False,
     output = _output(output)
     catalog = CatalogStore(output).dataset()
     if catalog is None or not catalog.files:
-        raise AnalysisError(f"no catalog under {output.uri_of(CATALOG_DIR)}: "
-                            f"run a job into it first (imagefab run SPEC --output {output.uri})")
+        raise AnalysisError(
+            f"no catalog under {output.uri_of(CATALOG_DIR)}: "
+            f"run a job into it first (imagefab run SPEC --output {output.uri})"
+        )
     decisions = ReviewStore(output).dataset()
     con = con or duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")  # timestamps print in UTC, as the catalog stores them

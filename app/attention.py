@@ -40,15 +40,19 @@ CHOICES = ("auto", *LADDER)
 def _backend(name: str):
     from torch.nn.attention import SDPBackend
 
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
 
 
 def kernel_order(choice: str) -> list[str]:
     """The kernels `choice` turns on, in the order tried: the choice, then the ones after it."""
     if choice not in CHOICES:
         raise ValueError(f"attention kernel {choice!r}: one of {', '.join(CHOICES)}")
-    return [] if choice == "auto" else list(LADDER[LADDER.index(choice):])
+    return [] if choice == "auto" else list(LADDER[LADDER.index(choice) :])
 
 
 @contextlib.contextmanager

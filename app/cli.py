@@ -1,11 +1,11 @@
 """The `imagefab` command.
 
-  imagefab demo                         build the offline models if missing, run a real bulk job
-  imagefab run SPEC [--output URI]      the bulk job on a local Ray (or RAY_ADDRESS's cluster)
-  imagefab validate SPEC                check a spec, its input and its models without rendering
-  imagefab models list|build|verify     the model catalog
-  imagefab regenerate IMAGE_ID          render a catalogued image again and compare the bytes
-  imagefab catalog [--output URI]       counts by run and status, straight from the Parquet catalog
+imagefab demo                         build the offline models if missing, run a real bulk job
+imagefab run SPEC [--output URI]      the bulk job on a local Ray (or RAY_ADDRESS's cluster)
+imagefab validate SPEC                check a spec, its input and its models without rendering
+imagefab models list|build|verify     the model catalog
+imagefab regenerate IMAGE_ID          render a catalogued image again and compare the bytes
+imagefab catalog [--output URI]       counts by run and status, straight from the Parquet catalog
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ EXIT_BAD_INPUT = 2
 
 def _env_defaults() -> None:
     # Local use: Ray's token auth off for the loopback head, no usage reporting, no hub lookups.
-    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
-                       ("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0"), ("HF_HUB_OFFLINE", "1"),
-                       ("TOKENIZERS_PARALLELISM", "false"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
+    for key, value in (
+        ("RAY_AUTH_MODE", "disabled"),
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+    ):
         os.environ.setdefault(key, value)
 
 
@@ -57,15 +62,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  input   {spec.input.path} ({spec.input.resolved_format}; columns: {', '.join(columns)})")
     for name, combo in spec.effective_combinations().items():
         base = models.bases[combo.base]
-        print(f"  combination {name}: {combo.steps} steps, guidance {combo.guidance}, {combo.scheduler}"
-              + (", LoRAs fused" if combo.fuse_loras else ""))
+        print(
+            f"  combination {name}: {combo.steps} steps, guidance {combo.guidance}, {combo.scheduler}"
+            + (", LoRAs fused" if combo.fuse_loras else "")
+        )
         print(f"    base  {base.name} v{base.version} sha256 {base.sha256[:16]}…")
         for lo in combo.loras:
             r = models.loras[lo.name]
             print(f"    lora  {r.name} v{r.version} @ {lo.weight:g} sha256 {r.sha256[:16]}…")
-    routing = f"A/B over {', '.join(spec.ab_test.combinations)}" if spec.ab_test else (
-        f"tier column '{spec.tiers.column}', default tier '{spec.default_tier}'" if spec.tiers.column
-        else f"every row -> '{spec.tiers.routes.get(spec.default_tier, spec.default_tier)}'")
+    routing = (
+        f"A/B over {', '.join(spec.ab_test.combinations)}"
+        if spec.ab_test
+        else (
+            f"tier column '{spec.tiers.column}', default tier '{spec.default_tier}'"
+            if spec.tiers.column
+            else f"every row -> '{spec.tiers.routes.get(spec.default_tier, spec.default_tier)}'"
+        )
+    )
     print(f"  routing {routing}")
     print(f"  render  {spec.size.width}x{spec.size.height}, {spec.variations.seeds_per_row} image(s) per row")
     print(f"  output  {spec.output.uri}")

@@ -44,8 +44,11 @@ class PriceTable:
 
     def __post_init__(self):
         api = self.hosted_api_gbp_per_image
-        object.__setattr__(self, "hosted_api_gbp_per_image",
-                           tuple(float(p) for p in (api if isinstance(api, (list, tuple)) else [api])))
+        object.__setattr__(
+            self,
+            "hosted_api_gbp_per_image",
+            tuple(float(p) for p in (api if isinstance(api, (list, tuple)) else [api])),
+        )
         if not self.hosted_api_gbp_per_image or min(self.hosted_api_gbp_per_image) <= 0:
             raise ValueError(f"hosted_api_gbp_per_image must be one or more prices above 0, not {api!r}")
         if self.usd_per_gbp <= 0:
@@ -57,7 +60,9 @@ class PriceTable:
             data = yaml.safe_load(f) or {}
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown price keys {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})")
+            raise ValueError(
+                f"{path}: unknown price keys {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})"
+            )
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:

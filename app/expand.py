@@ -117,22 +117,59 @@ def lora_stack(wanted: list[tuple[str, float]], models: ResolvedModels, base: Re
     return tuple(out)
 
 
-def build_request(*, prompt: str, negative_prompt: str, base: ResolvedModel, loras: tuple[LoraUse, ...],
-                  combo: Combination, combination: str, width: int, height: int, seed: int,
-                  template: dict | None = None, variables: dict | None = None, tags: dict | None = None,
-                  tier: str = "default", row_key: str = "", variation: int = 0) -> RenderRequest:
+def build_request(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    base: ResolvedModel,
+    loras: tuple[LoraUse, ...],
+    combo: Combination,
+    combination: str,
+    width: int,
+    height: int,
+    seed: int,
+    template: dict | None = None,
+    variables: dict | None = None,
+    tags: dict | None = None,
+    tier: str = "default",
+    row_key: str = "",
+    variation: int = 0,
+) -> RenderRequest:
     """One RenderRequest with its image_id: the one place both entrances (bulk, Serve) make them."""
     fuse = combo.fuse_loras and bool(loras)
     image_id = compute_image_id(
-        prompt=prompt, negative_prompt=negative_prompt, base_sha256=base.sha256, loras=loras,
-        scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
-        width=width, height=height, seed=seed, fuse_loras=fuse,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        base_sha256=base.sha256,
+        loras=loras,
+        scheduler=combo.scheduler,
+        steps=combo.steps,
+        guidance=combo.guidance,
+        width=width,
+        height=height,
+        seed=seed,
+        fuse_loras=fuse,
     )
     return RenderRequest(
-        image_id=image_id, prompt=prompt, negative_prompt=negative_prompt, base_model=base.lineage(),
-        loras=loras, scheduler=combo.scheduler, steps=combo.steps, guidance=combo.guidance,
-        width=width, height=height, seed=seed, template=template or {}, variables=variables or {},
-        tags=tags or {}, tier=tier, row_key=row_key, variation=variation, combination=combination, fuse_loras=fuse,
+        image_id=image_id,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        base_model=base.lineage(),
+        loras=loras,
+        scheduler=combo.scheduler,
+        steps=combo.steps,
+        guidance=combo.guidance,
+        width=width,
+        height=height,
+        seed=seed,
+        template=template or {},
+        variables=variables or {},
+        tags=tags or {},
+        tier=tier,
+        row_key=row_key,
+        variation=variation,
+        combination=combination,
+        fuse_loras=fuse,
     )
 
 
@@ -235,9 +272,21 @@ class ExpandRows:
             if col in raw and not _missing(raw[col]):
                 tags[col] = str(raw[col])
         return build_request(
-            prompt=prompt, negative_prompt=negative, base=base, loras=loras, combo=combo,
-            combination=combination, width=width, height=height, seed=seed, template=self._template(),
-            variables=variables, tags=tags, tier=tier, row_key=self._row_key(raw, prompt), variation=variation,
+            prompt=prompt,
+            negative_prompt=negative,
+            base=base,
+            loras=loras,
+            combo=combo,
+            combination=combination,
+            width=width,
+            height=height,
+            seed=seed,
+            template=self._template(),
+            variables=variables,
+            tags=tags,
+            tier=tier,
+            row_key=self._row_key(raw, prompt),
+            variation=variation,
         )
 
     def _loras(self, raw: dict, combo: Combination, base: ResolvedModel) -> tuple[LoraUse, ...]:

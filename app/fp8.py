@@ -94,7 +94,9 @@ def fp8_unsupported_reason(device: torch.device, dtype: torch.dtype = torch.bflo
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no FP8 matmuls: 8.9+ needed"
+        return (
+            f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no FP8 matmuls: 8.9+ needed"
+        )
     if device.type not in ("cuda", "cpu"):
         return f"FP8 matmuls are only tried on CUDA GPUs and CPUs, not {device.type}"
     if not dtype.is_floating_point or dtype.itemsize < 2:
@@ -174,7 +176,11 @@ class Float8Linear(torch.nn.Linear):
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         xq, x_scale = quantize_rows(x2)  # [M, in] e4m3, [M, 1]
         y = torch._scaled_mm(
-            xq.contiguous(), self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype,
+            xq.contiguous(),
+            self.weight_fp8.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            out_dtype=x.dtype,
             use_fast_accum=self.fast_accum,
         )  # [M, out]
         if self.bias is not None:
@@ -221,8 +227,9 @@ class Fp8Report:
         return self.parameters_covered / self.linear_parameters if self.linear_parameters else 0.0
 
 
-def quantize_linears(module: torch.nn.Module, *, min_features: int = ALIGN, include: str | None = None,
-                     fast_accum: bool = True) -> Fp8Report:
+def quantize_linears(
+    module: torch.nn.Module, *, min_features: int = ALIGN, include: str | None = None, fast_accum: bool = True
+) -> Fp8Report:
     """Convert the selected Linear layers of `module` to Float8Linear in place; idempotent.
 
     `include`: a regex searched in each layer's qualified name (default DEFAULT_INCLUDE: the

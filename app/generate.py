@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from app.attention import attention_kernels, attention_unsupported_reason, cache_folder
+from app.compute import ComputeSpec
 from app.models.catalog import ResolvedModel, default_home
 from app.models.digest import ModelFileError
 from app.models.loader import LoraStackSwitcher, load_pipeline, make_scheduler, pick_device, pick_dtype
 from app.request import RenderRequest
-from app.compute import ComputeSpec
 
 
 @dataclass
@@ -66,8 +66,17 @@ class Generator:
     """Renders requests for one base model; LoRA stacks are switched per group of requests."""
 
     reads = ("image_id", "status", "request")
-    adds = ("pixels", "nonfinite", "gpu_seconds", "accelerator", "batch_id", "batch_size",
-            "generator_id", "lora_switches", "lora_switch_seconds")
+    adds = (
+        "pixels",
+        "nonfinite",
+        "gpu_seconds",
+        "accelerator",
+        "batch_id",
+        "batch_size",
+        "generator_id",
+        "lora_switches",
+        "lora_switch_seconds",
+    )
 
     def __init__(self, base: ResolvedModel, loras: dict[str, ResolvedModel], compute: ComputeSpec, pipe=None):
         """`pipe`: an SDXL pipeline already built (benchmarks); else `base` is loaded from its files."""
@@ -93,7 +102,7 @@ class Generator:
         self.batch_bucket = compute.batch_size if compute.compile and not compute.batch_invariant else 0
         why = attention_unsupported_reason(compute.attention, self.device, self.dtype)
         if why:
-            raise RuntimeError(f"compute.attention={compute.attention}: {why} (\"auto\" lets torch choose)")
+            raise RuntimeError(f'compute.attention={compute.attention}: {why} ("auto" lets torch choose)')
         self.compile_cache = use_compile_cache(compute.compile_cache, compute.attention) if compute.compile else None
         # Batch k decodes (and its pixels cross to the host) on a second stream while batch k+1
         # denoises; on the CPU only the collecting is deferred (same code path, nothing overlaps).
@@ -152,8 +161,10 @@ class Generator:
                 f"compute.fp8_max_error {self.compute.fp8_max_error}: render it in {self.dtype} (fp8: false)"
             )
         # Fused stacks rewrite weights in place and re-fusing QKV builds new layers: re-quantise.
-        self.switcher.after_change = lambda pipe: (quantize_linears(pipe.unet, fast_accum=fast_accum),
-                                                   refresh_all(pipe.unet))
+        self.switcher.after_change = lambda pipe: (
+            quantize_linears(pipe.unet, fast_accum=fast_accum),
+            refresh_all(pipe.unet),
+        )
         self.fp8_layers = report.layers
         return error
 
@@ -171,10 +182,22 @@ class Generator:
         batches = 2 if self.overlap_decode else 1
         for size in self.compute.warmup_sizes:
             width, _, height = size.lower().partition("x")
-            reqs = [RenderRequest(image_id=f"warmup{i}", prompt="warm-up", negative_prompt="",
-                                  base_model=self.base.lineage(), loras=(), scheduler="euler", steps=2,
-                                  guidance=5.0, width=int(width), height=int(height), seed=i)
-                    for i in range(batch * batches)]
+            reqs = [
+                RenderRequest(
+                    image_id=f"warmup{i}",
+                    prompt="warm-up",
+                    negative_prompt="",
+                    base_model=self.base.lineage(),
+                    loras=(),
+                    scheduler="euler",
+                    steps=2,
+                    guidance=5.0,
+                    width=int(width),
+                    height=int(height),
+                    seed=i,
+                )
+                for i in range(batch * batches)
+            ]
             _, last = self._render_chunks(_chunks(reqs, batch), None, exact=False)
             self._collect(last)
         return time.perf_counter() - t0
@@ -182,8 +205,13 @@ class Generator:
     def _describe_device(self) -> str:
         """The device and every setting that can change an image's last bits (see regenerate)."""
         c = self.compute
-        settings = (("fused_qkv", self.fuse_qkv), ("channels_last", self.channels_last), ("compiled", c.compile),
-                    ("fp8", c.fp8), ("fp8_fp32_accum", c.fp8 and not c.fp8_fast_accum))
+        settings = (
+            ("fused_qkv", self.fuse_qkv),
+            ("channels_last", self.channels_last),
+            ("compiled", c.compile),
+            ("fp8", c.fp8),
+            ("fp8_fp32_accum", c.fp8 and not c.fp8_fast_accum),
+        )
         flags = "".join(f"+{name}" for name, on in settings if on)
         if c.compile and c.compile_mode != ComputeSpec.model_fields["compile_mode"].default:
             flags += f"+compile_mode={c.compile_mode}"
@@ -267,8 +295,9 @@ class Generator:
             results += done
         return results + self._collect(inflight)
 
-    def _render_chunks(self, chunks: list[list[RenderRequest]], inflight: _InFlight | None,
-                       exact: bool) -> tuple[list[RenderResult], _InFlight | None]:
+    def _render_chunks(
+        self, chunks: list[list[RenderRequest]], inflight: _InFlight | None, exact: bool
+    ) -> tuple[list[RenderResult], _InFlight | None]:
         """Start each chunk, collecting the one before it once the next is queued; returns the
         results so far and the chunk still in flight.
 
@@ -323,8 +352,11 @@ class Generator:
         """Denoise a chunk, then queue its decode and the copy of its pixels to the host: on the
         decode stream when there is one, so that the next chunk's denoising need not wait."""
         r0 = chunk[0]
-        batch_id = chunk[0].image_id if len(chunk) == 1 else hashlib.sha256(
-            "".join(r.image_id for r in chunk).encode()).hexdigest()[:32]
+        batch_id = (
+            chunk[0].image_id
+            if len(chunk) == 1
+            else hashlib.sha256("".join(r.image_id for r in chunk).encode()).hexdigest()[:32]
+        )
         padded = chunk + [chunk[-1]] * (self.batch_bucket - len(chunk))
         # VAE tiling only for images above the threshold: tiles blend at their seams, so it is a
         # function of the size alone (regenerate decodes the same way).
@@ -372,12 +404,25 @@ class Generator:
             if raise_oom:
                 raise
             what = "one image" if len(chunk) == 1 else f"a recorded batch of {len(chunk)}"
-            return _InFlight(chunk, failed=[RenderResult(
-                r.image_id, None, error=f"generate_error: out of memory at {r0.width}x{r0.height} for {what} "
-                                        f"(compute.vae_tiling_above decodes large images in tiles)") for r in chunk])
+            return _InFlight(
+                chunk,
+                failed=[
+                    RenderResult(
+                        r.image_id,
+                        None,
+                        error=f"generate_error: out of memory at {r0.width}x{r0.height} for {what} "
+                        f"(compute.vae_tiling_above decodes large images in tiles)",
+                    )
+                    for r in chunk
+                ],
+            )
         except Exception as e:  # a kernel error: these rows fail, the actor lives on
-            return _InFlight(chunk, failed=[RenderResult(r.image_id, None, error=f"generate_error: {type(e).__name__}: {e}")
-                                            for r in chunk])
+            return _InFlight(
+                chunk,
+                failed=[
+                    RenderResult(r.image_id, None, error=f"generate_error: {type(e).__name__}: {e}") for r in chunk
+                ],
+            )
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> [B, 3, H, W] in [0, 1], as the SDXL pipeline's own `output_type="pt"` does."""
@@ -419,8 +464,17 @@ class Generator:
         pixels = inflight.pixels.numpy()
         if inflight.done is not None:
             pixels = pixels.copy()  # out of the pinned buffer, which goes back to the host allocator
-        return [RenderResult(r.image_id, px, nonfinite_fraction=b, gpu_seconds=per_image, batch_id=inflight.batch_id,
-                             batch_size=len(chunk)) for r, px, b in zip(chunk, pixels, inflight.bad.tolist())]
+        return [
+            RenderResult(
+                r.image_id,
+                px,
+                nonfinite_fraction=b,
+                gpu_seconds=per_image,
+                batch_id=inflight.batch_id,
+                batch_size=len(chunk),
+            )
+            for r, px, b in zip(chunk, pixels, inflight.bad.tolist())
+        ]
 
     def stats(self) -> dict:
         return {
@@ -457,8 +511,10 @@ def _probe_inputs(config, device: torch.device, dtype: torch.dtype, seed: int = 
         "sample": rand(2, config.in_channels, 32, 32),
         "timestep": torch.tensor([500.0, 500.0], device=device),
         "encoder_hidden_states": rand(2, 77, config.cross_attention_dim),
-        "added_cond_kwargs": {"text_embeds": rand(2, pooled),
-                              "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]] * 2, device=device, dtype=dtype)},
+        "added_cond_kwargs": {
+            "text_embeds": rand(2, pooled),
+            "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]] * 2, device=device, dtype=dtype),
+        },
     }
 
 

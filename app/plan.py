@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -49,10 +50,8 @@ def row_lora_names(spec: JobSpec, columns: list[str]) -> set[str]:
     values = _input_dataset(spec, columns).to_table(columns=["loras"]).column("loras")
     names: set[str] = set()
     for value in pc.unique(values).to_pylist():
-        try:
+        with contextlib.suppress(RowError):  # that row fails with the reason during expansion
             names.update(name for name, _ in parse_lora_list(str(value or "")))
-        except RowError:
-            pass  # that row fails with the reason during expansion
     return names
 
 
@@ -67,9 +66,7 @@ def check_input(spec: JobSpec, columns: list[str]) -> None:
     if inp.prompt_template is not None:
         for name in template_fields(inp.prompt_template):
             if name not in have:
-                raise SpecError(
-                    f"input.prompt_template: column '{name}' is not in {inp.path} (columns: {shown})"
-                )
+                raise SpecError(f"input.prompt_template: column '{name}' is not in {inp.path} (columns: {shown})")
     elif inp.prompt_column not in have:
         raise SpecError(f"input.prompt_column: column '{inp.prompt_column}' is not in {inp.path} (columns: {shown})")
     for i, tag in enumerate(spec.tags):
@@ -78,7 +75,9 @@ def check_input(spec: JobSpec, columns: list[str]) -> None:
     if inp.key_column and inp.key_column not in have:
         raise SpecError(f"input.key_column: column '{inp.key_column}' is not in {inp.path} (columns: {shown})")
     if inp.negative_column and inp.negative_column not in have:
-        raise SpecError(f"input.negative_column: column '{inp.negative_column}' is not in {inp.path} (columns: {shown})")
+        raise SpecError(
+            f"input.negative_column: column '{inp.negative_column}' is not in {inp.path} (columns: {shown})"
+        )
 
 
 def resolve_models(spec: JobSpec, catalog: ModelCatalog, row_lora_names: set[str] = frozenset()) -> ResolvedModels:

@@ -13,13 +13,15 @@ PNG, WebP or JPEG. Every file carries:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from PIL import ExifTags, Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -264,9 +266,7 @@ class ImageMetadata:
         prompt = self.prompt
         # A1111 activates LoRAs with <lora:name:weight> in the prompt and writes the prompt as
         # typed; readers (Civitai, A1111's "send to txt2img") rely on finding them there.
-        tags = [
-            f"<lora:{lora.name}:{lora.weight:g}>" for lora in self.loras if f"<lora:{lora.name}:" not in prompt
-        ]
+        tags = [f"<lora:{lora.name}:{lora.weight:g}>" for lora in self.loras if f"<lora:{lora.name}:" not in prompt]
         if tags:
             prompt = " ".join([prompt, *tags]) if prompt else " ".join(tags)
 
@@ -534,10 +534,8 @@ def _parse_xmp(xmp: bytes | str) -> dict[str, Any]:
             found["digital_source_type"] = source.strip()
         element = description.find(f"{{{_NS_IMAGEFAB}}}Metadata")
         if element is not None and element.text:
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 found["imagefab"] = json.loads(element.text)
-            except json.JSONDecodeError:
-                pass
     return found
 
 
@@ -636,10 +634,8 @@ def read_metadata(data: bytes) -> dict[str, Any]:
         if isinstance(parameters, str):
             result["parameters"] = parameters
         if isinstance(image.info.get("imagefab"), str):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 result["imagefab"] = json.loads(image.info["imagefab"])
-            except json.JSONDecodeError:
-                pass
     else:
         exif = image.getexif()
         comment = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)

@@ -40,19 +40,42 @@ class RegenerateReport:
 
 
 def request_from_row(row: dict) -> RenderRequest:
-    loras = tuple(LoraUse(**{k: lo[k] for k in ("name", "version", "weight", "sha256", "source")}) for lo in row["loras"] or [])
+    loras = tuple(
+        LoraUse(**{k: lo[k] for k in ("name", "version", "weight", "sha256", "source")}) for lo in row["loras"] or []
+    )
     req = RenderRequest(
-        image_id=row["image_id"], prompt=row["prompt"], negative_prompt=row["negative_prompt"],
-        base_model=dict(row["base_model"]), loras=loras, scheduler=row["scheduler"], steps=row["steps"],
-        guidance=row["guidance"], width=row["width"], height=row["height"], seed=row["seed"],
-        template=dict(row["template"] or {}), variables=dict(row["variables"] or []), tags=dict(row["tags"] or []),
-        tier=row["tier"] or "default", row_key=row["row_key"] or "", variation=row["variation"] or 0,
-        combination=row["combination"] or "default", fuse_loras=bool(row["lora_fused"]),
+        image_id=row["image_id"],
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        base_model=dict(row["base_model"]),
+        loras=loras,
+        scheduler=row["scheduler"],
+        steps=row["steps"],
+        guidance=row["guidance"],
+        width=row["width"],
+        height=row["height"],
+        seed=row["seed"],
+        template=dict(row["template"] or {}),
+        variables=dict(row["variables"] or []),
+        tags=dict(row["tags"] or []),
+        tier=row["tier"] or "default",
+        row_key=row["row_key"] or "",
+        variation=row["variation"] or 0,
+        combination=row["combination"] or "default",
+        fuse_loras=bool(row["lora_fused"]),
     )
     again = compute_image_id(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, base_sha256=req.base_model["sha256"],
-        loras=req.loras, scheduler=req.scheduler, steps=req.steps, guidance=req.guidance,
-        width=req.width, height=req.height, seed=req.seed, fuse_loras=req.fuse_loras,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        base_sha256=req.base_model["sha256"],
+        loras=req.loras,
+        scheduler=req.scheduler,
+        steps=req.steps,
+        guidance=req.guidance,
+        width=req.width,
+        height=req.height,
+        seed=req.seed,
+        fuse_loras=req.fuse_loras,
     )
     if again != req.image_id:
         raise RegenerateError(f"catalog row of {req.image_id} does not hash to its id ({again}): the row was altered")
@@ -122,9 +145,13 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
     except OSError:
         pass
     return RegenerateReport(
-        image_id=image_id, expected_sha256=row["pixel_sha256"],
-        actual_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(), max_abs_diff=diff,
-        batch_size=len(requests), accelerator=generator.accelerator, pixels=pixels,
+        image_id=image_id,
+        expected_sha256=row["pixel_sha256"],
+        actual_sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
+        max_abs_diff=diff,
+        batch_size=len(requests),
+        accelerator=generator.accelerator,
+        pixels=pixels,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -30,13 +30,15 @@ DECISIONS = ("approved", "rejected")
 # image, so there is nothing there to approve.
 DECIDABLE_STATUSES = ("review", "accepted")
 
-DECISION_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("decision", pa.string()),  # approved | rejected
-    ("reviewer", pa.string()),
-    ("decided_at", pa.timestamp("us", tz="UTC")),
-    ("note", pa.string()),
-])
+DECISION_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("decision", pa.string()),  # approved | rejected
+        ("reviewer", pa.string()),
+        ("decided_at", pa.timestamp("us", tz="UTC")),
+        ("note", pa.string()),
+    ]
+)
 
 
 class ReviewError(ValueError):
@@ -66,7 +68,7 @@ class ReviewStore:
         table = pa.Table.from_pylist([d.__dict__ for d in decisions], schema=DECISION_SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        day = decisions[0].decided_at.astimezone(timezone.utc).strftime("%Y-%m-%d")
+        day = decisions[0].decided_at.astimezone(UTC).strftime("%Y-%m-%d")
         return self.output.write_bytes(f"{DECISIONS_DIR}/date={day}/part-{uuid.uuid4().hex}.parquet", buf.getvalue())
 
     def dataset(self) -> pads.Dataset | None:
@@ -79,8 +81,13 @@ class ReviewStore:
         except OSError as e:
             raise StorageError(f"{self.output.uri_of(DECISIONS_DIR)}: cannot list decisions ({e})") from e
         part = pads.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
-        return pads.dataset(base, filesystem=fs, format="parquet", partitioning=part,
-                            schema=DECISION_SCHEMA.append(pa.field("date", pa.string())))
+        return pads.dataset(
+            base,
+            filesystem=fs,
+            format="parquet",
+            partitioning=part,
+            schema=DECISION_SCHEMA.append(pa.field("date", pa.string())),
+        )
 
     def read(self) -> pa.Table:
         ds = self.dataset()
@@ -98,8 +105,14 @@ def _latest_rows(table: pa.Table) -> dict[str, dict]:
     return {r["image_id"]: r for r in rows}
 
 
-def decide(output: OutputStore | str, image_ids: list[str], decision: str, reviewer: str,
-           note: str = "", now: datetime | None = None) -> list[Decision]:
+def decide(
+    output: OutputStore | str,
+    image_ids: list[str],
+    decision: str,
+    reviewer: str,
+    note: str = "",
+    now: datetime | None = None,
+) -> list[Decision]:
     """Record one person's decision on some images; all are checked before anything is written."""
     output = _output(output)
     if decision not in DECISIONS:
@@ -111,15 +124,21 @@ def decide(output: OutputStore | str, image_ids: list[str], decision: str, revie
     if not ids:
         raise ReviewError("no image ids given")
     catalog = CatalogStore(output)
-    found = _latest_rows(catalog.read(["image_id", "status", "created_at", "run_id"], filter=pads.field("image_id").isin(ids)))
+    found = _latest_rows(
+        catalog.read(["image_id", "status", "created_at", "run_id"], filter=pads.field("image_id").isin(ids))
+    )
     unknown = [i for i in ids if i not in found]
     if unknown:
-        raise ReviewError(f"unknown image id(s) {', '.join(unknown)}: not in the catalog at {output.uri} "
-                          "(`imagefab review list` shows the ones waiting)")
+        raise ReviewError(
+            f"unknown image id(s) {', '.join(unknown)}: not in the catalog at {output.uri} "
+            "(`imagefab review list` shows the ones waiting)"
+        )
     not_decidable = [f"{i} is {found[i]['status']}" for i in ids if found[i]["status"] not in DECIDABLE_STATUSES]
     if not_decidable:
-        raise ReviewError(f"only images in {' or '.join(DECIDABLE_STATUSES)} can be decided: {'; '.join(not_decidable)}")
-    when = now or datetime.now(timezone.utc)
+        raise ReviewError(
+            f"only images in {' or '.join(DECIDABLE_STATUSES)} can be decided: {'; '.join(not_decidable)}"
+        )
+    when = now or datetime.now(UTC)
     decisions = [Decision(i, decision, reviewer, when, note or "") for i in ids]
     ReviewStore(output).append(decisions)
     return decisions
@@ -134,8 +153,11 @@ def pending_review(output: OutputStore | str, run: str | None = None) -> list[di
     rows = _latest_rows(CatalogStore(output).read(filter=filt))
     if rows:
         # An id in review in one run may have a later row elsewhere (not review): the latest wins.
-        latest = _latest_rows(CatalogStore(output).read(
-            ["image_id", "status", "created_at", "run_id"], filter=pads.field("image_id").isin(list(rows))))
+        latest = _latest_rows(
+            CatalogStore(output).read(
+                ["image_id", "status", "created_at", "run_id"], filter=pads.field("image_id").isin(list(rows))
+            )
+        )
         rows = {i: r for i, r in rows.items() if latest[i]["status"] == "review"}
     decided = ReviewStore(output).latest()
     pending = [r for i, r in rows.items() if i not in decided]

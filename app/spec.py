@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.compute import ComputeSpec  # noqa: F401  (part of the spec; kept light for GPU machines)
+from app.compute import ComputeSpec
 from app.postprocess import PostprocessSettings
 from app.qc import QcSettings
 
@@ -73,9 +73,7 @@ class Size(_Frozen):
                 return cls(width=w, height=h)
             m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
             if not m:
-                raise ValueError(
-                    f"'{value}' is neither WIDTHxHEIGHT nor a size preset ({', '.join(SIZE_PRESETS)})"
-                )
+                raise ValueError(f"'{value}' is neither WIDTHxHEIGHT nor a size preset ({', '.join(SIZE_PRESETS)})")
             return cls(width=int(m[1]), height=int(m[2]))
         if isinstance(value, dict):
             return cls.model_validate(value)  # not cls(**value): YAML keys may be numbers
@@ -184,14 +182,18 @@ class Combination(_Frozen):
     _distinct = field_validator("loras")(ModelSpec._distinct.__func__)
 
 
-def with_defaults(combos: dict[str, Combination], steps: int, guidance: float, scheduler: str) -> dict[str, Combination]:
+def with_defaults(
+    combos: dict[str, Combination], steps: int, guidance: float, scheduler: str
+) -> dict[str, Combination]:
     """Combinations with unset steps / guidance / scheduler taken from the given defaults."""
     return {
-        name: c.model_copy(update={
-            "steps": c.steps if c.steps is not None else steps,
-            "guidance": c.guidance if c.guidance is not None else guidance,
-            "scheduler": c.scheduler or scheduler,
-        })
+        name: c.model_copy(
+            update={
+                "steps": c.steps if c.steps is not None else steps,
+                "guidance": c.guidance if c.guidance is not None else guidance,
+                "scheduler": c.scheduler or scheduler,
+            }
+        )
         for name, c in combos.items()
     }
 
@@ -262,7 +264,9 @@ class JobSpec(_Frozen):
     @classmethod
     def _qc_reference(cls, qc: QcSettings | str) -> QcSettings | str:
         if isinstance(qc, str) and not qc.startswith("qc:/"):
-            raise ValueError(f"'{qc}' is neither QC settings nor a registry reference qc:/NAME@ALIAS or qc:/NAME/VERSION")
+            raise ValueError(
+                f"'{qc}' is neither QC settings nor a registry reference qc:/NAME@ALIAS or qc:/NAME/VERSION"
+            )
         return qc
 
     @field_validator("size", mode="before")
@@ -302,9 +306,7 @@ class JobSpec(_Frozen):
 
     def effective_combinations(self) -> dict[str, Combination]:
         """Every combination with steps/guidance/scheduler filled in from the top level."""
-        combos = dict(self.combinations) or {
-            "default": Combination(base=self.model.base, loras=self.model.loras)
-        }
+        combos = dict(self.combinations) or {"default": Combination(base=self.model.base, loras=self.model.loras)}
         return with_defaults(combos, self.steps, self.guidance, self.scheduler)
 
     def with_overrides(self, **changes: Any) -> JobSpec:
@@ -380,8 +382,10 @@ def _anchor_paths(data: dict, base_dir: Path) -> dict:
     anchor("model", "catalog")
     qc = data.get("qc")
     if isinstance(qc, dict) and isinstance(qc.get("style_references"), dict):
-        refs = {k: v if _is_uri(str(v)) or Path(str(v)).expanduser().is_absolute() else str(base_dir / str(v))
-                for k, v in qc["style_references"].items()}
+        refs = {
+            k: v if _is_uri(str(v)) or Path(str(v)).expanduser().is_absolute() else str(base_dir / str(v))
+            for k, v in qc["style_references"].items()
+        }
         data["qc"] = {**qc, "style_references": refs}
     # output.uri stays relative to where the job runs (like any CLI tool's output flag).
     return data

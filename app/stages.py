@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from PIL import Image
@@ -30,8 +30,17 @@ from app.qc.clip_measures import CLIP_COLUMNS, measure_from_row
 from app.schedulers import sampler_name
 from app.storage import OutputStore, StorageError
 
-SUMMARY_COLUMNS = ("image_id", "status", "gpu_seconds", "cpu_seconds", "combination", "base_model",
-                   "generator_id", "lora_switches", "lora_switch_seconds")
+SUMMARY_COLUMNS = (
+    "image_id",
+    "status",
+    "gpu_seconds",
+    "cpu_seconds",
+    "combination",
+    "base_model",
+    "generator_id",
+    "lora_switches",
+    "lora_switch_seconds",
+)
 
 
 def _obj(values) -> np.ndarray:
@@ -176,9 +185,13 @@ class Postprocess:
             cpu[i] += time.process_time() - t0
         out = {k: v for k, v in batch.items() if k != "pixels"}  # the bytes stop here
         out.update(
-            status=_obj(status), error=_obj(error), uri=_obj(uris), bytes=np.asarray(sizes, dtype=np.int64),
+            status=_obj(status),
+            error=_obj(error),
+            uri=_obj(uris),
+            bytes=np.asarray(sizes, dtype=np.int64),
             variants=_obj(variants),
-            pixel_sha256=_obj(shas), cpu_seconds=np.asarray(cpu, dtype=np.float64),
+            pixel_sha256=_obj(shas),
+            cpu_seconds=np.asarray(cpu, dtype=np.float64),
         )
         return out
 
@@ -195,8 +208,16 @@ class Postprocess:
             for v in render_variants(image, self.settings, meta):
                 ext = "jpg" if v.format == "jpeg" else v.format
                 rel = f"{master.removesuffix('.png')}/{v.preset}.{ext}"
-                rows.append({"preset": v.preset, "uri": self.output.write_bytes(rel, v.data), "width": v.width,
-                             "height": v.height, "format": v.format, "bytes": len(v.data)})
+                rows.append(
+                    {
+                        "preset": v.preset,
+                        "uri": self.output.write_bytes(rel, v.data),
+                        "width": v.width,
+                        "height": v.height,
+                        "format": v.format,
+                        "bytes": len(v.data),
+                    }
+                )
         return uri, len(data), rows, hashlib.sha256(pixels.data).hexdigest()  # no copy of the buffer
 
 
@@ -263,8 +284,14 @@ class CatalogWrite:
     reads = ("*",)
     adds = SUMMARY_COLUMNS
 
-    def __init__(self, output: OutputStore, run_id: str, source: str = "bulk", prices: PriceTable | None = None,
-                 date: str | None = None):
+    def __init__(
+        self,
+        output: OutputStore,
+        run_id: str,
+        source: str = "bulk",
+        prices: PriceTable | None = None,
+        date: str | None = None,
+    ):
         self.store = CatalogStore(output)
         self.run_id = run_id
         self.date = date  # the partition; None: the day each batch is written (Serve)
@@ -272,10 +299,11 @@ class CatalogWrite:
         self.prices = prices or PriceTable()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         n = len(batch["image_id"])
         rows = [catalog_row(batch, i, source=self.source, prices=self.prices, created_at=now) for i in range(n)]
         self.store.append(rows, run_id=self.run_id, date=self.date or now.strftime("%Y-%m-%d"))
+
         def passed(col, default, dtype):
             return np.asarray(batch[col], dtype=dtype) if col in batch else np.full(n, default, dtype=dtype)
 
@@ -300,9 +328,18 @@ class Finish:
     three parts stay separate callables for tests and for the Serve app.
     """
 
-    def __init__(self, qc: QcSettings, postprocess: PostprocessSettings, output: OutputStore, run_id: str,
-                 source: str = "bulk", prices: PriceTable | None = None, duplicates=None, date: str | None = None,
-                 clip_on_generator: bool = False):
+    def __init__(
+        self,
+        qc: QcSettings,
+        postprocess: PostprocessSettings,
+        output: OutputStore,
+        run_id: str,
+        source: str = "bulk",
+        prices: PriceTable | None = None,
+        duplicates=None,
+        date: str | None = None,
+        clip_on_generator: bool = False,
+    ):
         self.qc = QualityControl(qc, duplicates, clip_on_generator)
         self.post = Postprocess(postprocess, output)
         self.write = CatalogWrite(output, run_id, source, prices, date)

@@ -14,6 +14,7 @@ filesystem and kept out of every location the store hands out (`uri`, `uri_of`).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,14 +109,12 @@ class OutputStore:
         prefix = self.uri.rstrip("/") + "/"
         if not uri.startswith(prefix):
             raise StorageError(f"{uri} is not under the output location {self.uri}")
-        return uri[len(prefix):]
+        return uri[len(prefix) :]
 
     def check_writable(self) -> None:
         """Fail before any work when the output location cannot take a file."""
         rel = f".imagefab-write-check-{uuid.uuid4().hex[:8]}"
         self.write_bytes(rel, b"ok")
         fs, _ = self.fs_and_root
-        try:
+        with contextlib.suppress(OSError):
             fs.delete_file(self.path(rel))
-        except OSError:
-            pass

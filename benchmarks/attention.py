@@ -15,6 +15,7 @@ back as it would in the generator; a choice this device lacks altogether gets "-
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -26,8 +27,7 @@ def call_flops(b: int, h: int, lq: int, lk: int, d: int) -> int:
     return 4 * b * h * lq * lk * d
 
 
-def measure(shapes: dict, device: torch.device, dtype: torch.dtype, kernels=DEFAULT_KERNELS,
-            repeats: int = 10) -> dict:
+def measure(shapes: dict, device: torch.device, dtype: torch.dtype, kernels=DEFAULT_KERNELS, repeats: int = 10) -> dict:
     """{"kernels": [...], "shapes": [{shape, calls, seconds: {kernel: s or None}}],
     "step": {kernel: seconds per UNet step, or None}, "unsupported": {kernel: reason}}."""
     from app.attention import attention_kernels, attention_unsupported_reason
@@ -46,8 +46,8 @@ def measure(shapes: dict, device: torch.device, dtype: torch.dtype, kernels=DEFA
                 seconds[kernel] = None
                 continue
             with attention_kernels(kernel):
-                seconds[kernel] = time_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                                            device, repeats)
+                call = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
+                seconds[kernel] = time_call(call, device, repeats)
         rows.append({"shape": list(shape), "calls": calls, "seconds": seconds})
         del q, k, v
     step = {}
@@ -60,8 +60,10 @@ def measure(shapes: dict, device: torch.device, dtype: torch.dtype, kernels=DEFA
 def table(result: dict) -> str:
     """Markdown: TFLOP/s per shape and kernel, then the milliseconds per UNet step."""
     kernels = result["kernels"]
-    lines = ["| batch x heads x query x key x channels | calls per step | " + " | ".join(kernels) + " (TFLOP/s) |",
-             "|---|---|" + "---|" * len(kernels)]
+    lines = [
+        "| batch x heads x query x key x channels | calls per step | " + " | ".join(kernels) + " (TFLOP/s) |",
+        "|---|---|" + "---|" * len(kernels),
+    ]
     for r in result["shapes"]:
         flops = call_flops(*r["shape"])
         rates = [f"{flops / s / 1e12:.4g}" if s else "-" for s in (r["seconds"][k] for k in kernels)]

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import tempfile
@@ -68,9 +67,9 @@ def per_image_ms(fn, images, repeats: int = 3) -> float:
 def standalone(spec, images: list[np.ndarray], out: Path) -> dict[str, float]:
     from PIL import Image
 
+    from app.catalog.store import CatalogStore
     from app.postprocess import encode_master, render_variants
     from app.qc import QcModels
-    from app.catalog.store import CatalogStore
     from app.storage import OutputStore
 
     models = QcModels.load(spec.qc)
@@ -79,7 +78,8 @@ def standalone(spec, images: list[np.ndarray], out: Path) -> dict[str, float]:
         "QC (no CLIP)": per_image_ms(lambda im: models.evaluate_batch([im], ["a photo"], image_ids=["x" * 32]), images),
         "master PNG (level 1)": per_image_ms(lambda im: encode_master(Image.fromarray(im), None, 1), images),
         f"variants {list(spec.postprocess.presets)}": per_image_ms(
-            lambda im: render_variants(Image.fromarray(im), spec.postprocess), images),
+            lambda im: render_variants(Image.fromarray(im), spec.postprocess), images
+        ),
     }
     batch = [{"image_id": f"{i:032x}", "status": "accepted"} for i in range(16)]
     t0 = time.process_time()
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     # mirroring), so up to 64 images none is a near-duplicate and every one gets full QC and variants.
     rows = "\n".join(f"{i},product shot {i},{i}" for i in range(args.images))
     (tmp / "rows.csv").write_text("key,prompt,seed\n" + rows + "\n")
-    (tmp / "job.yaml").write_text(textwrap.dedent(f"""\
+    (tmp / "job.yaml").write_text(
+        textwrap.dedent(f"""\
         run_name: cpu-bench
         input: {{path: rows.csv, prompt_column: prompt, key_column: key}}
         size: {args.size}x{args.size}
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                         green_block, blockiness, banding, duplicates]}}
         postprocess: {{presets: [instagram_square, thumbnail], format: jpeg, quality: 90}}
         compute: {{batch_size: {args.batch}, qc_workers: {args.workers}}}
-    """))
+    """)
+    )
     spec = load_spec(tmp / "job.yaml", {"output.uri": str(tmp / "out")})
 
     import torch
@@ -143,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in costs.items():
         print(f"| {name} | {ms:.1f} |")
     print(f"| **standalone capacity** | **{capacity:.2f} images/s per core** |")
-    print(f"\nRay pipeline, {summary.rendered} images, stand-in generator, {args.workers} CPU-stage worker(s): "
-          f"{streaming:.2f} images/s while streaming (first result to last); {wall:.1f} s in all with start-up")
+    print(
+        f"\nRay pipeline, {summary.rendered} images, stand-in generator, {args.workers} CPU-stage worker(s): "
+        f"{streaming:.2f} images/s while streaming (first result to last); {wall:.1f} s in all with start-up"
+    )
     print("| measure | value |\n|---|---|")
     print(f"| pipeline per worker | {per_worker:.2f} images/s |")
     print(f"| efficiency vs standalone | {per_worker / capacity:.0%} |")

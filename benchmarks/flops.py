@@ -111,16 +111,21 @@ def trace_unet(config: str, size: int, latents: int, fuse_qkv: bool = False):
 def _unet_inputs(config, latents: int, side: int) -> dict:
     meta = {"device": "meta", "dtype": torch.bfloat16}
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    return {"sample": torch.zeros(latents, config.in_channels, side, side, **meta),
-            "timestep": torch.zeros(latents, device="meta"),
-            "encoder_hidden_states": torch.zeros(latents, 77, config.cross_attention_dim, **meta),
-            "added_cond_kwargs": {"text_embeds": torch.zeros(latents, pooled, **meta),
-                                  "time_ids": torch.zeros(latents, 6, **meta)}}
+    return {
+        "sample": torch.zeros(latents, config.in_channels, side, side, **meta),
+        "timestep": torch.zeros(latents, device="meta"),
+        "encoder_hidden_states": torch.zeros(latents, 77, config.cross_attention_dim, **meta),
+        "added_cond_kwargs": {
+            "text_embeds": torch.zeros(latents, pooled, **meta),
+            "time_ids": torch.zeros(latents, 6, **meta),
+        },
+    }
 
 
 def _linear_hook(counter: Counter, selected: bool):
     def hook(module, args, out):
         counter[selected, args[0].numel() // module.in_features, module.in_features, module.out_features] += 1
+
     return hook
 
 
@@ -128,11 +133,12 @@ def _conv_hook(counter: Counter):
     def hook(module, args, out):
         kh, kw = module.kernel_size
         counter[f"conv {kh}x{kw}"] += 2 * out.numel() * (module.in_channels // module.groups) * kh * kw
+
     return hook
 
 
 def parse_rates(text: str) -> dict[str, float]:
-    """"FP8 Linear=1000,conv 3x3=450" -> {kind: TFLOP/s}; kinds must be KINDS."""
+    """ "FP8 Linear=1000,conv 3x3=450" -> {kind: TFLOP/s}; kinds must be KINDS."""
     rates = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         kind, _, value = part.partition("=")
@@ -144,8 +150,10 @@ def parse_rates(text: str) -> dict[str, float]:
 
 def table(flops: dict[str, float], rates: dict[str, float]) -> str:
     total = sum(flops.values())
-    lines = ["| kind | TFLOP per image | share |" + (" TFLOP/s | s per image |" if rates else ""),
-             "|---|---|---|" + ("---|---|" if rates else "")]
+    lines = [
+        "| kind | TFLOP per image | share |" + (" TFLOP/s | s per image |" if rates else ""),
+        "|---|---|---|" + ("---|---|" if rates else ""),
+    ]
     floor = 0.0
     for kind in KINDS:
         cells = [kind, f"{flops[kind] / 1e12:.4g}", f"{flops[kind] / total:.1%}"]
@@ -165,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--no-guidance", action="store_true", help="one latent per step instead of two")
-    p.add_argument("--rates", type=parse_rates, default={},
-                   help='TFLOP/s per kind for the kernels-only floor, e.g. "FP8 Linear=1000,attention=430"')
+    p.add_argument(
+        "--rates",
+        type=parse_rates,
+        default={},
+        help='TFLOP/s per kind for the kernels-only floor, e.g. "FP8 Linear=1000,attention=430"',
+    )
     a = p.parse_args(argv)
     if a.size % 8 or a.size < 64:
         p.error(f"--size must be a multiple of 8 and at least 64, got {a.size}")

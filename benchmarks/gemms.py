@@ -61,11 +61,13 @@ def shape_seconds(m: int, k: int, n: int, device: torch.device, dtype: torch.dty
     xt, wt, xt_scale, wt_scale = xt.view(m, k), wt.view(n, k), xt_scale.reshape(()), wt_scale.reshape(())
     calls = {
         "high precision": lambda: torch.mm(x, w.t()),
-        "fp8 row fast": lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=dtype,
-                                                 use_fast_accum=True),
+        "fp8 row fast": lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=dtype, use_fast_accum=True
+        ),
         "fp8 row": lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=dtype),
-        "fp8 tensor fast": lambda: torch._scaled_mm(xt, wt.t(), scale_a=xt_scale, scale_b=wt_scale, out_dtype=dtype,
-                                                    use_fast_accum=True),
+        "fp8 tensor fast": lambda: torch._scaled_mm(
+            xt, wt.t(), scale_a=xt_scale, scale_b=wt_scale, out_dtype=dtype, use_fast_accum=True
+        ),
         "quantise": lambda: quantize_rows(x),
     }
     seconds = {}

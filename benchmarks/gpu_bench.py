@@ -59,7 +59,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -70,8 +70,21 @@ from benchmarks.attention import kernel_list
 
 HERE = Path(__file__).resolve().parent
 STOCK, OURS = "diffusers eager", "imagefab eager"
-HEADER = ["implementation", "batch", "s/image", "images/s", "TFLOP/s", "warm-up s", "peak GiB", "vs stock",
-          "max px diff", "mean px diff", "rel. error", "px diff vs", "fp8 error"]
+HEADER = [
+    "implementation",
+    "batch",
+    "s/image",
+    "images/s",
+    "TFLOP/s",
+    "warm-up s",
+    "peak GiB",
+    "vs stock",
+    "max px diff",
+    "mean px diff",
+    "rel. error",
+    "px diff vs",
+    "fp8 error",
+]
 
 
 @dataclass
@@ -94,11 +107,21 @@ class Row:
         def opt(value, fmt: str) -> str:
             return "-" if value is None else format(value, fmt)
 
-        return [self.impl, str(self.batch), f"{self.seconds_per_image:.3f}", f"{1 / self.seconds_per_image:.2f}",
-                f"{self.tflops:.3g}", f"{self.warmup_seconds:.1f}", f"{self.peak_gib:.1f}",
-                "-" if self.ratio is None else f"{self.ratio:.2f}x", opt(self.max_pixel_diff, "d"),
-                opt(self.mean_pixel_diff, ".3f"), opt(self.relative_error, ".2e"), self.diff_ref or "-",
-                opt(self.fp8_error, ".4f")]
+        return [
+            self.impl,
+            str(self.batch),
+            f"{self.seconds_per_image:.3f}",
+            f"{1 / self.seconds_per_image:.2f}",
+            f"{self.tflops:.3g}",
+            f"{self.warmup_seconds:.1f}",
+            f"{self.peak_gib:.1f}",
+            "-" if self.ratio is None else f"{self.ratio:.2f}x",
+            opt(self.max_pixel_diff, "d"),
+            opt(self.mean_pixel_diff, ".3f"),
+            opt(self.relative_error, ".2e"),
+            self.diff_ref or "-",
+            opt(self.fp8_error, ".4f"),
+        ]
 
 
 @dataclass
@@ -116,8 +139,14 @@ class Results:
     def add(self, row: Row, images: np.ndarray) -> None:
         from app.fp8 import relative_error
 
-        ref = next(((name, self.images[name, row.batch]) for name in (STOCK, OURS)
-                    if name != row.impl and (name, row.batch) in self.images), None)
+        ref = next(
+            (
+                (name, self.images[name, row.batch])
+                for name in (STOCK, OURS)
+                if name != row.impl and (name, row.batch) in self.images
+            ),
+            None,
+        )
         if ref is not None:  # eager rows render one batch: the first batch of a longer call
             diff = np.abs(images[: len(ref[1])].astype(np.int16) - ref[1].astype(np.int16))
             row.diff_ref, row.max_pixel_diff, row.mean_pixel_diff = ref[0], int(diff.max()), float(diff.mean())
@@ -146,9 +175,11 @@ class Results:
 
     def publish(self, title: str) -> None:
         m = self.meta
-        print(f"\n{title}: {m['card']}, {m['config']}, {m['size']}x{m['size']}, {m['steps']} steps, "
-              f"guidance {m['guidance']}, {m['dtype']}, LoRA rank {m['lora_rank']}, repeats {m['repeats']}, "
-              f"{m['batches_per_call']} batches per call in compiled rows")
+        print(
+            f"\n{title}: {m['card']}, {m['config']}, {m['size']}x{m['size']}, {m['steps']} steps, "
+            f"guidance {m['guidance']}, {m['dtype']}, LoRA rank {m['lora_rank']}, repeats {m['repeats']}, "
+            f"{m['batches_per_call']} batches per call in compiled rows"
+        )
         print("| " + " | ".join(HEADER) + " |")
         print("|" + "---|" * len(HEADER))
         for r in self.rows:
@@ -159,8 +190,17 @@ class Results:
             print(f"failed: {f['impl']} batch {f['batch']} ({f['error']})")
         print(flush=True)
         if self.json_path:
-            Path(self.json_path).write_text(json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows],
-                                                        "skipped": self.skipped, "failed": self.failed}, indent=1))
+            Path(self.json_path).write_text(
+                json.dumps(
+                    {
+                        "meta": self.meta,
+                        "rows": [asdict(r) for r in self.rows],
+                        "skipped": self.skipped,
+                        "failed": self.failed,
+                    },
+                    indent=1,
+                )
+            )
 
 
 @dataclass
@@ -205,12 +245,26 @@ def build_pipeline(config: str, device: torch.device, dtype: torch.dtype, seed: 
     from app.models import tiny
 
     if config == "sdxl":
-        unet_cfg = {k: v for k, v in json.loads((HERE / "sdxl" / "unet.json").read_text()).items() if not k.startswith("_")}
-        vae_cfg = {k: v for k, v in json.loads((HERE / "sdxl" / "vae.json").read_text()).items() if not k.startswith("_")}
-        te1 = CLIPTextConfig(**{k: v for k, v in json.loads((HERE / "sdxl" / "text_encoder.json").read_text()).items()
-                                if k != "architectures"})
-        te2 = CLIPTextConfig(**{k: v for k, v in json.loads((HERE / "sdxl" / "text_encoder_2.json").read_text()).items()
-                                if k != "architectures"})
+        unet_cfg = {
+            k: v for k, v in json.loads((HERE / "sdxl" / "unet.json").read_text()).items() if not k.startswith("_")
+        }
+        vae_cfg = {
+            k: v for k, v in json.loads((HERE / "sdxl" / "vae.json").read_text()).items() if not k.startswith("_")
+        }
+        te1 = CLIPTextConfig(
+            **{
+                k: v
+                for k, v in json.loads((HERE / "sdxl" / "text_encoder.json").read_text()).items()
+                if k != "architectures"
+            }
+        )
+        te2 = CLIPTextConfig(
+            **{
+                k: v
+                for k, v in json.loads((HERE / "sdxl" / "text_encoder_2.json").read_text()).items()
+                if k != "architectures"
+            }
+        )
     else:
         unet_cfg, vae_cfg = dict(tiny.TINY_UNET), dict(tiny.TINY_VAE)
         ids = dict(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
@@ -222,9 +276,15 @@ def build_pipeline(config: str, device: torch.device, dtype: torch.dtype, seed: 
         text_encoder = CLIPTextModel(te1).to(dtype)
         text_encoder_2 = CLIPTextModelWithProjection(te2).to(dtype)
     tok = byte_tokenizer()
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tok, tokenizer_2=tok, unet=unet,
-                                     scheduler=EulerDiscreteScheduler(**tiny.SDXL_SCHEDULER))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**tiny.SDXL_SCHEDULER),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -240,8 +300,10 @@ def save_random_lora(pipe, folder: Path, rank: int, seed: int = 1) -> Path:
 
     unet = pipe.unet
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(LORA_TARGETS)),
-                     adapter_name="bench_tmp")
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(LORA_TARGETS)),
+        adapter_name="bench_tmp",
+    )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="bench_tmp"))
     layers = {k: (v * 0.01).to(torch.float32).cpu() for k, v in layers.items()}  # a mild, realistic delta
     unet.delete_adapters("bench_tmp")
@@ -293,10 +355,15 @@ def machine(device: torch.device) -> dict:
     import peft
     import transformers
 
-    return {"card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cuda": torch.version.cuda,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 class Bench:
@@ -308,22 +375,43 @@ class Bench:
         self.args = args
         self.device = torch.device(args.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.budget = Budget(args.time_budget, args.compile_estimate if args.compile_estimate is not None
-                             else (180.0 if self.device.type == "cuda" else 0.0))
+        self.budget = Budget(
+            args.time_budget,
+            args.compile_estimate
+            if args.compile_estimate is not None
+            else (180.0 if self.device.type == "cuda" else 0.0),
+        )
         self.tmp = Path(tempfile.mkdtemp(prefix="imagefab-bench-"))
         # A fresh folder by default, so that warm-up seconds are cold compiles (an actor's first start).
         self.compile_cache = args.compile_cache or str(self.tmp / "compile-cache")
         cached = sum(1 for f in Path(self.compile_cache).rglob("*") if f.is_file())
         self.prompts = [f"a studio photo of product {i}, white background" for i in range(256)]
-        self.base = ResolvedModel(name=f"{args.config}-random", kind="base", version="1", source="bench",
-                                  path=str(self.tmp), sha256="1" * 64, arch="bench")
+        self.base = ResolvedModel(
+            name=f"{args.config}-random",
+            kind="base",
+            version="1",
+            source="bench",
+            path=str(self.tmp),
+            sha256="1" * 64,
+            arch="bench",
+        )
         self.lora: ResolvedModel | None = None
-        self.results = Results(meta={**machine(self.device), "config": args.config, "size": args.size,
-                                     "steps": args.steps, "guidance": args.guidance, "dtype": str(self.dtype),
-                                     "lora_rank": args.lora_rank, "repeats": args.repeats,
-                                     "batches_per_call": args.batches_per_call,
-                                     "compile_cache": self.compile_cache, "compile_cache_files_at_start": cached},
-                               json_path=args.json)
+        self.results = Results(
+            meta={
+                **machine(self.device),
+                "config": args.config,
+                "size": args.size,
+                "steps": args.steps,
+                "guidance": args.guidance,
+                "dtype": str(self.dtype),
+                "lora_rank": args.lora_rank,
+                "repeats": args.repeats,
+                "batches_per_call": args.batches_per_call,
+                "compile_cache": self.compile_cache,
+                "compile_cache_files_at_start": cached,
+            },
+            json_path=args.json,
+        )
 
     # --- pipelines ------------------------------------------------------------------------------
     def build(self):
@@ -337,8 +425,16 @@ class Bench:
 
         if self.args.lora_rank:
             path = save_random_lora(pipe, self.tmp / "lora", self.args.lora_rank)
-            self.lora = ResolvedModel(name="bench-lora", kind="lora", version="1", source=str(path), path=str(path),
-                                      sha256="0" * 64, arch="bench", weight_name="pytorch_lora_weights.safetensors")
+            self.lora = ResolvedModel(
+                name="bench-lora",
+                kind="lora",
+                version="1",
+                source=str(path),
+                path=str(path),
+                sha256="0" * 64,
+                arch="bench",
+                weight_name="pytorch_lora_weights.safetensors",
+            )
 
     def load_stock_lora(self, pipe) -> None:
         if self.lora:
@@ -354,9 +450,15 @@ class Bench:
             out = []
             for start in range(0, batch * calls, batch):
                 seeds = range(start, start + batch)
-                images = pipe(prompt=[self.prompts[i] for i in seeds], num_inference_steps=steps,
-                              guidance_scale=a.guidance, height=a.size, width=a.size, output_type="np",
-                              generator=[torch.Generator("cpu").manual_seed(i) for i in seeds]).images
+                images = pipe(
+                    prompt=[self.prompts[i] for i in seeds],
+                    num_inference_steps=steps,
+                    guidance_scale=a.guidance,
+                    height=a.size,
+                    width=a.size,
+                    output_type="np",
+                    generator=[torch.Generator("cpu").manual_seed(i) for i in seeds],
+                ).images
                 out.append((np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8))  # as the Generator rounds
             return np.concatenate(out)
 
@@ -369,10 +471,23 @@ class Bench:
         loras = (LoraUse("bench-lora", "1", 0.8, "0" * 64),) if self.lora else ()
 
         def render(batch: int, steps: int, calls: int = 1) -> np.ndarray:
-            reqs = [RenderRequest(image_id=f"{i:032x}", prompt=self.prompts[i], negative_prompt="",
-                                  base_model=self.base.lineage(), loras=loras, scheduler="euler", steps=steps,
-                                  guidance=a.guidance, width=a.size, height=a.size, seed=i, fuse_loras=bool(loras))
-                    for i in range(batch * calls)]
+            reqs = [
+                RenderRequest(
+                    image_id=f"{i:032x}",
+                    prompt=self.prompts[i],
+                    negative_prompt="",
+                    base_model=self.base.lineage(),
+                    loras=loras,
+                    scheduler="euler",
+                    steps=steps,
+                    guidance=a.guidance,
+                    width=a.size,
+                    height=a.size,
+                    seed=i,
+                    fuse_loras=bool(loras),
+                )
+                for i in range(batch * calls)
+            ]
             out = gen.render_batches([reqs[i : i + batch] for i in range(0, len(reqs), batch)])
             errors = [r.error for r in out if r.error]
             if errors:
@@ -385,13 +500,18 @@ class Bench:
         from app.compute import ComputeSpec
         from app.generate import Generator
 
-        spec = ComputeSpec(device=self.device.type, batch_invariant=False, fuse_qkv=self.args.fuse_qkv,
-                           channels_last=self.args.channels_last, decode_overlap=self.args.decode_overlap, **compute)
+        spec = ComputeSpec(
+            device=self.device.type,
+            batch_invariant=False,
+            fuse_qkv=self.args.fuse_qkv,
+            channels_last=self.args.channels_last,
+            decode_overlap=self.args.decode_overlap,
+            **compute,
+        )
         return Generator(self.base, {"bench-lora": self.lora} if self.lora else {}, spec, pipe=pipe)
 
     # --- measuring ------------------------------------------------------------------------------
-    def measure(self, impl: str, family: str, batch: int, render, warmup: float = 0.0, calls: int = 1,
-                **extra) -> None:
+    def measure(self, impl: str, family: str, batch: int, render, warmup: float = 0.0, calls: int = 1, **extra) -> None:
         """One row: a short warm call, then the best of `repeats` timed calls of `calls` batches."""
         a, device = self.args, self.device
         if device.type == "cuda":
@@ -462,15 +582,30 @@ class Bench:
         impl = compiled_impl(fp8, attention)
         if not self.fits(impl, batch, compiled=True):
             return
-        gen = self.generator(self.build(), compile=True, fp8=fp8, fp8_max_error=self.args.fp8_max_error,
-                             fp8_fast_accum=self.args.fp8_fast_accum, attention=attention,
-                             compile_mode=self.compile_mode(),
-                             batch_size=batch, warmup_sizes=(f"{self.args.size}x{self.args.size}",),
-                             compile_cache=self.compile_cache)
+        gen = self.generator(
+            self.build(),
+            compile=True,
+            fp8=fp8,
+            fp8_max_error=self.args.fp8_max_error,
+            fp8_fast_accum=self.args.fp8_fast_accum,
+            attention=attention,
+            compile_mode=self.compile_mode(),
+            batch_size=batch,
+            warmup_sizes=(f"{self.args.size}x{self.args.size}",),
+            compile_cache=self.compile_cache,
+        )
         render = self.generator_renderer(gen)
         calls = self.args.batches_per_call
-        self.measure(impl, "imagefab", batch, render, warmup=gen.warmup_seconds, calls=calls,
-                     fp8_error=gen.stats()["fp8_error"], accelerator=gen.accelerator)
+        self.measure(
+            impl,
+            "imagefab",
+            batch,
+            render,
+            warmup=gen.warmup_seconds,
+            calls=calls,
+            fp8_error=gen.stats()["fp8_error"],
+            accelerator=gen.accelerator,
+        )
         if self.args.profile_steps:
             self.profile(impl, batch, partial(render, calls=calls))
         serial = f"{impl}, no decode overlap"
@@ -489,9 +624,14 @@ class Bench:
         from benchmarks import gemms
         from benchmarks.flops import linear_shapes
 
-        self.diagnosis("gemms", "the FP8-able matmuls alone", "matmul timings", batch, gemms.table,
-                       lambda: gemms.measure(linear_shapes(self.args.config, self.args.size, 2 * batch),
-                                             self.device, self.dtype))
+        self.diagnosis(
+            "gemms",
+            "the FP8-able matmuls alone",
+            "matmul timings",
+            batch,
+            gemms.table,
+            lambda: gemms.measure(linear_shapes(self.args.config, self.args.size, 2 * batch), self.device, self.dtype),
+        )
 
     def attention_shapes(self, batch: int) -> None:
         """SDXL's attention calls per UNet step at `batch` images, timed under each --attention
@@ -500,9 +640,16 @@ class Bench:
         from benchmarks.flops import attention_shapes
 
         kernels = tuple(dict.fromkeys((*self.args.attention, *attention.DEFAULT_KERNELS)))
-        self.diagnosis("attention_shapes", "SDXL's attention calls alone", "attention timings", batch, attention.table,
-                       lambda: attention.measure(attention_shapes(self.args.config, self.args.size, 2 * batch),
-                                                 self.device, self.dtype, kernels))
+        self.diagnosis(
+            "attention_shapes",
+            "SDXL's attention calls alone",
+            "attention timings",
+            batch,
+            attention.table,
+            lambda: attention.measure(
+                attention_shapes(self.args.config, self.args.size, 2 * batch), self.device, self.dtype, kernels
+            ),
+        )
 
     def diagnosis(self, key: str, title: str, what: str, batch: int, table, measure) -> None:
         """Run a timing of parts alone (`measure()`), keep it under meta[key] and print its table;
@@ -516,8 +663,11 @@ class Bench:
         finally:
             release(self.device)
         self.results.meta[key] = {"batch": batch, **result}
-        print(f"\n{title}, batch {batch} ({2 * batch} latents per step), "
-              f"{time.perf_counter() - t0:.1f} s:\n{table(result)}\n", flush=True)
+        print(
+            f"\n{title}, batch {batch} ({2 * batch} latents per step), "
+            f"{time.perf_counter() - t0:.1f} s:\n{table(result)}\n",
+            flush=True,
+        )
 
     def profile(self, impl: str, batch: int, render) -> None:
         """Where one call's device time goes, by kernel kind: what to optimise next."""
@@ -532,8 +682,9 @@ class Bench:
         print("| kind | device ms | share | kernels |\n|---|---|---|---|")
         for kind, row in table["kinds"].items():
             print(f"| {kind} | {row['ms']:.1f} | {row['share']:.0%} | {row['count']} |")
-        print(f"| wall clock of the call | {table['wall_ms']:.1f} | device busy {table['busy_share']:.0%} | |",
-              flush=True)
+        print(
+            f"| wall clock of the call | {table['wall_ms']:.1f} | device busy {table['busy_share']:.0%} | |", flush=True
+        )
 
     def stock_compiled(self, batch: int) -> None:
         """Stock diffusers compiled the usual way: LoRA fused and unloaded, fused QKV, channels_last,
@@ -602,8 +753,12 @@ def profile_breakdown(call, device: torch.device) -> dict:
     for row in kinds.values():
         row["share"] = row["ms"] / total if total else 0.0
     ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
-    return {"kinds": ordered, "device_ms": total, "wall_ms": wall * 1e3,
-            "busy_share": min(1.0, total / (wall * 1e3)) if wall else 0.0}
+    return {
+        "kinds": ordered,
+        "device_ms": total,
+        "wall_ms": wall * 1e3,
+        "busy_share": min(1.0, total / (wall * 1e3)) if wall else 0.0,
+    }
 
 
 def batch_list(text: str) -> list[int]:
@@ -612,7 +767,9 @@ def batch_list(text: str) -> list[int]:
 
 def compiled_impl(fp8: bool, attention: str) -> str:
     """A compiled row's name: "imagefab fp8", "imagefab compiled, cudnn attention", …"""
-    return ("imagefab fp8" if fp8 else "imagefab compiled") + ("" if attention == "auto" else f", {attention} attention")
+    return ("imagefab fp8" if fp8 else "imagefab compiled") + (
+        "" if attention == "auto" else f", {attention} attention"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -625,48 +782,106 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=batch_list, default="1,4,8", help="batch sizes, stock and imagefab eager")
     p.add_argument("--compile-batches", type=batch_list, default="", help="batch sizes, imagefab compiled")
     p.add_argument("--fp8-batches", type=batch_list, default="", help="batch sizes, imagefab compiled + FP8")
-    p.add_argument("--stock-compile-batches", type=batch_list, default="",
-                   help="batch sizes, stock diffusers compiled (minutes of compiling each)")
-    p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
-                   help="imagefab's compute.fuse_qkv (default: on for CUDA, off for the CPU)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="imagefab's compute.channels_last (default: on for CUDA, off for the CPU)")
+    p.add_argument(
+        "--stock-compile-batches",
+        type=batch_list,
+        default="",
+        help="batch sizes, stock diffusers compiled (minutes of compiling each)",
+    )
+    p.add_argument(
+        "--fuse-qkv",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="imagefab's compute.fuse_qkv (default: on for CUDA, off for the CPU)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="imagefab's compute.channels_last (default: on for CUDA, off for the CPU)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed calls per row (the best counts)")
-    p.add_argument("--batches-per-call", type=int, default=2,
-                   help="compiled rows: batches rendered back to back in each timed call (imagefab overlaps "
-                        "each decode with the next batch's denoising)")
-    p.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=None,
-                   help="imagefab's compute.decode_overlap (default: on for CUDA, off for the CPU)")
+    p.add_argument(
+        "--batches-per-call",
+        type=int,
+        default=2,
+        help="compiled rows: batches rendered back to back in each timed call (imagefab overlaps "
+        "each decode with the next batch's denoising)",
+    )
+    p.add_argument(
+        "--decode-overlap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="imagefab's compute.decode_overlap (default: on for CUDA, off for the CPU)",
+    )
     p.add_argument("--lora-rank", type=int, default=16, help="0: no LoRA")
-    p.add_argument("--fp8-max-error", type=float, default=1.0,
-                   help="the Generator's FP8 error limit: the benchmark reports the error instead of refusing "
-                        "(compute.fp8_max_error defaults to 0.05)")
-    p.add_argument("--fp8-fast-accum", action=argparse.BooleanOptionalAction, default=True,
-                   help="compute.fp8_fast_accum: the tensor cores' own accumulator (default) or fp32 every 128 products")
-    p.add_argument("--compile-mode", default=None,
-                   choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
-                   help="compute.compile_mode of the compiled rows (default: the Generator's default)")
-    p.add_argument("--attention", type=kernel_list, default=("auto",),
-                   help="compute.attention for the compiled rows, a row each: e.g. auto,cudnn")
-    p.add_argument("--attention-shapes", action="store_true",
-                   help="first time SDXL's attention calls alone under each attention kernel (seconds)")
-    p.add_argument("--gemms", action="store_true",
-                   help="first, time the FP8-able matmuls alone (benchmarks/gemms.py) at the FP8 row's batch")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds from the start: skip the rows that would not finish within them")
-    p.add_argument("--compile-estimate", type=float, default=None,
-                   help="expected seconds to compile one variant at one batch shape (default 180 on CUDA: "
-                        "167 measured for SDXL + FP8 on an H100; 0 on CPU)")
-    p.add_argument("--compile-cache", help="inductor's cache folder (default: a fresh temporary one, so warm-up "
-                                           "seconds are cold compiles); a kept folder makes a rerun's compiles warm")
-    p.add_argument("--profile-steps", type=int, default=0,
-                   help="after each compiled row, profile one call of this many steps: device time by kernel "
-                        "kind (matmul, convolution, attention, inductor-fused, ...) and how busy the device was")
+    p.add_argument(
+        "--fp8-max-error",
+        type=float,
+        default=1.0,
+        help="the Generator's FP8 error limit: the benchmark reports the error instead of refusing "
+        "(compute.fp8_max_error defaults to 0.05)",
+    )
+    p.add_argument(
+        "--fp8-fast-accum",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute.fp8_fast_accum: the tensor cores' own accumulator (default) or fp32 every 128 products",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
+        help="compute.compile_mode of the compiled rows (default: the Generator's default)",
+    )
+    p.add_argument(
+        "--attention",
+        type=kernel_list,
+        default=("auto",),
+        help="compute.attention for the compiled rows, a row each: e.g. auto,cudnn",
+    )
+    p.add_argument(
+        "--attention-shapes",
+        action="store_true",
+        help="first time SDXL's attention calls alone under each attention kernel (seconds)",
+    )
+    p.add_argument(
+        "--gemms",
+        action="store_true",
+        help="first, time the FP8-able matmuls alone (benchmarks/gemms.py) at the FP8 row's batch",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds from the start: skip the rows that would not finish within them",
+    )
+    p.add_argument(
+        "--compile-estimate",
+        type=float,
+        default=None,
+        help="expected seconds to compile one variant at one batch shape (default 180 on CUDA: "
+        "167 measured for SDXL + FP8 on an H100; 0 on CPU)",
+    )
+    p.add_argument(
+        "--compile-cache",
+        help="inductor's cache folder (default: a fresh temporary one, so warm-up "
+        "seconds are cold compiles); a kept folder makes a rerun's compiles warm",
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after each compiled row, profile one call of this many steps: device time by kernel "
+        "kind (matmul, convolution, attention, inductor-fused, ...) and how busy the device was",
+    )
     p.add_argument("--json", help="write the rows here too (rewritten after each row group)")
     args = p.parse_args(argv)
     if min(args.steps, args.repeats, args.batches_per_call) < 1:
-        p.error(f"--steps, --repeats and --batches-per-call must be at least 1, not {args.steps}, {args.repeats} "
-                f"and {args.batches_per_call}")
+        p.error(
+            f"--steps, --repeats and --batches-per-call must be at least 1, not {args.steps}, {args.repeats} "
+            f"and {args.batches_per_call}"
+        )
     return args
 
 
@@ -679,9 +894,12 @@ def main(argv: list[str] | None = None) -> int:
     if bench.device.type == "cpu":
         torch.set_num_threads(1)  # both sides alike (the Generator pins CPU threads too)
     m = bench.results.meta
-    print(f"{m['card']} | torch {m['torch']} | diffusers {m['diffusers']} | transformers {m['transformers']} | "
-          f"peft {m['peft']} | CUDA {m['cuda']} | {m['date']} | "
-          f"compile cache {m['compile_cache']} ({m['compile_cache_files_at_start']} files)", flush=True)
+    print(
+        f"{m['card']} | torch {m['torch']} | diffusers {m['diffusers']} | transformers {m['transformers']} | "
+        f"peft {m['peft']} | CUDA {m['cuda']} | {m['date']} | "
+        f"compile cache {m['compile_cache']} ({m['compile_cache_files_at_start']} files)",
+        flush=True,
+    )
 
     # 0. The FP8-able matmuls alone (seconds): what FP8 can take off a step, whatever follows.
     largest = max(args.fp8_batches or args.compile_batches or args.batches or [1])  # the FP8 row's batch first
@@ -693,8 +911,11 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Eager rows share one pipeline: stock first, then the Generator (its LoRA merges into
     #    the weights, so nothing runs on this pipeline after it).
     pipe = bench.build()
-    print(f"built {args.config} on {bench.device} in {bench.budget.build_seconds:.1f} s "
-          f"({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M UNet parameters)", flush=True)
+    print(
+        f"built {args.config} on {bench.device} in {bench.budget.build_seconds:.1f} s "
+        f"({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M UNet parameters)",
+        flush=True,
+    )
     bench.save_lora(pipe)
     bench.guarded(STOCK, ",".join(map(str, args.batches)), partial(bench.stock_eager, pipe, args.batches))
     if args.batches or args.compile_batches or args.fp8_batches:
@@ -710,8 +931,9 @@ def main(argv: list[str] | None = None) -> int:
     for fp8, batches in ((True, args.fp8_batches), (False, args.compile_batches)):
         for b in batches:
             for choice in args.attention:
-                bench.guarded(compiled_impl(fp8, choice), b,
-                              partial(bench.imagefab_compiled, b, fp8=fp8, attention=choice))
+                bench.guarded(
+                    compiled_impl(fp8, choice), b, partial(bench.imagefab_compiled, b, fp8=fp8, attention=choice)
+                )
     for b in args.stock_compile_batches:
         bench.guarded("diffusers compiled", b, partial(bench.stock_compiled, b))
     bench.results.publish("final")

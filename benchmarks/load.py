@@ -65,8 +65,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(max_in_flight: int, steps: int = 2, size: str = "128x128", output: str | None = None,
-                 port: int | None = None) -> str:
+def start_server(
+    max_in_flight: int, steps: int = 2, size: str = "128x128", output: str | None = None, port: int | None = None
+) -> str:
     """The Serve app on loopback with the tiny models; returns its base URL (Ray started if needed)."""
     import ray
     from ray import serve
@@ -79,20 +80,30 @@ def start_server(max_in_flight: int, steps: int = 2, size: str = "128x128", outp
     port = port or free_port()
     width, _, height = size.partition("x")
     config = load_serve_config(
-        None, output_uri=output or tempfile.mkdtemp(prefix="imagefab-load-"), port=port, steps=steps,
-        api_keys=[KEY], default_size=size, combinations={"plain": {}},
+        None,
+        output_uri=output or tempfile.mkdtemp(prefix="imagefab-load-"),
+        port=port,
+        steps=steps,
+        api_keys=[KEY],
+        default_size=size,
+        combinations={"plain": {}},
         # A short batch window: concurrent requests share generator calls, as in production.
         batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-        limits={"max_in_flight": max_in_flight, "max_side": max(int(width), int(height)),
-                "max_pixels": int(width) * int(height), "request_timeout_s": 120},
+        limits={
+            "max_in_flight": max_in_flight,
+            "max_side": max(int(width), int(height)),
+            "max_pixels": int(width) * int(height),
+            "request_timeout_s": 120,
+        },
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="imagefab-load", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
-def run_level(base_url: str, concurrency: int, seconds: float, *, timeout: float = 60.0,
-              busy_pause: float = 0.1) -> LevelResult:
+def run_level(
+    base_url: str, concurrency: int, seconds: float, *, timeout: float = 60.0, busy_pause: float = 0.1
+) -> LevelResult:
     """C closed-loop clients for `seconds`; each request is one 128x128 image (distinct prompt)."""
     import httpx
 
@@ -135,15 +146,19 @@ def run_level(base_url: str, concurrency: int, seconds: float, *, timeout: float
 
 
 def markdown(results: list[LevelResult], bound: int) -> str:
-    rows = ["| clients | vs bound | requests | 200 | 503 | other | p50 latency (s) | p99 latency (s) | images/s "
-            "| 503 answered in, p99 (s) |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| clients | vs bound | requests | 200 | 503 | other | p50 latency (s) | p99 latency (s) | images/s "
+        "| 503 answered in, p99 (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         where = "below" if r.concurrency < bound else "at" if r.concurrency == bound else "above"
         other = ", ".join(f"{k}: {v}" for k, v in sorted(r.other.items())) or "0"
         refused_in = f"{r.percentile(99, r.busy_latencies):.3f}" if r.busy_latencies else "–"
-        rows.append(f"| {r.concurrency} | {where} | {r.requests} | {len(r.ok_latencies)} | {r.busy} | {other} "
-                    f"| {r.percentile(50):.2f} | {r.percentile(99):.2f} | {r.throughput:.2f} | {refused_in} |")
+        rows.append(
+            f"| {r.concurrency} | {where} | {r.requests} | {len(r.ok_latencies)} | {r.busy} | {other} "
+            f"| {r.percentile(50):.2f} | {r.percentile(99):.2f} | {r.throughput:.2f} | {refused_in} |"
+        )
     return "\n".join(rows)
 
 
@@ -156,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="128x128")
     p.add_argument("--timeout", type=float, default=60.0, help="per request, client side")
     args = p.parse_args(argv)
-    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
-                       ("TOKENIZERS_PARALLELISM", "false")):
+    for key, value in (
+        ("RAY_AUTH_MODE", "disabled"),
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
         os.environ.setdefault(key, value)
 
     import ray
@@ -170,14 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"Serve app on loopback, tiny-sdxl {args.size}, {args.steps} steps, one generator replica, "
-          f"limits.max_in_flight={args.max_in_flight}, {args.seconds:g} s per level; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+    print(
+        f"Serve app on loopback, tiny-sdxl {args.size}, {args.steps} steps, one generator replica, "
+        f"limits.max_in_flight={args.max_in_flight}, {args.seconds:g} s per level; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n"
+    )
     print(markdown(results, args.max_in_flight))
     failed = [r for r in results if (r.concurrency <= args.max_in_flight and r.errors) or r.other]
     if failed:
-        print(f"\nFAILED: errors at or below the bound, or outcomes other than 200/503: "
-              f"{[(r.concurrency, r.busy, r.other) for r in failed]}")
+        print(
+            f"\nFAILED: errors at or below the bound, or outcomes other than 200/503: "
+            f"{[(r.concurrency, r.busy, r.other) for r in failed]}"
+        )
     return 1 if failed else 0
 
 

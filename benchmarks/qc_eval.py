@@ -34,8 +34,15 @@ from skimage import data as skdata
 from app.qc import PhashIndex, QcSettings, evaluate_batch, perceptual_hash
 
 PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field",
-    "immunohistochemistry", "motorcycle",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "motorcycle",
 )
 HARD_CASES = ("moon", "retina", "clock", "cell", "colorwheel", "grass", "gravel", "brick", "page", "text")
 

@@ -64,8 +64,10 @@ def check_rows(runs: int, batch: int, architectures: list[str]) -> list[tuple[st
     rows = [
         ("luminance (RGB -> luma)", median_ms(lambda: checks.luminance(pixels), runs)),
         ("sharpness", median_ms(lambda: checks.sharpness(luma), runs)),
-        ("contrast + exposure + mean", median_ms(
-            lambda: (checks.contrast(luma), checks.clipped_shares(luma), checks.mean_luma(luma)), runs)),
+        (
+            "contrast + exposure + mean",
+            median_ms(lambda: (checks.contrast(luma), checks.clipped_shares(luma), checks.mean_luma(luma)), runs),
+        ),
         ("cell grid (64 cells, RGB)", median_ms(lambda: checks.cell_grid(pixels), runs)),
         ("color_cast", median_ms(lambda: checks.color_cast(cells), runs)),
         ("black + green block", median_ms(lambda: checks.flat_block_shares(luma, cells), runs)),
@@ -82,13 +84,27 @@ def check_rows(runs: int, batch: int, architectures: list[str]) -> list[tuple[st
     rows.append(("evaluate, no CLIP (+ pHash)", no_clip))
 
     index = PhashIndex()
-    index.add_many([f"i{i}" for i in range(100_000)],
-                   np.random.default_rng(0).integers(0, 2**64, 100_000, dtype=np.uint64).tolist())
+    index.add_many(
+        [f"i{i}" for i in range(100_000)],
+        np.random.default_rng(0).integers(0, 2**64, 100_000, dtype=np.uint64).tolist(),
+    )
     counter = iter(range(10**9))
-    rows.append(("  + duplicate index (100k)", median_ms(
-        lambda: evaluate_batch(images, [None] * batch, settings, duplicates=index,
-                               image_ids=[f"q{next(counter)}" for _ in range(batch)]),
-        max(3, runs // 5)) / batch))
+    rows.append(
+        (
+            "  + duplicate index (100k)",
+            median_ms(
+                lambda: evaluate_batch(
+                    images,
+                    [None] * batch,
+                    settings,
+                    duplicates=index,
+                    image_ids=[f"q{next(counter)}" for _ in range(batch)],
+                ),
+                max(3, runs // 5),
+            )
+            / batch,
+        )
+    )
 
     from app.qc.clip import TINY_MODEL, ClipScorer
 
@@ -96,14 +112,19 @@ def check_rows(runs: int, batch: int, architectures: list[str]) -> list[tuple[st
     rows.append(("tiny CLIP: embed image", median_ms(lambda: clip.embed_images(images), max(3, runs // 5)) / batch))
     clip_settings = QcSettings(clip_model=TINY_MODEL, negative_concepts=("text", "watermark"))
     prompts = [f"an astronaut, variation {i}" for i in range(batch)]
-    rows.append(("evaluate + tiny CLIP", median_ms(
-        lambda: evaluate_batch(images, prompts, clip_settings, clip=clip), max(3, runs // 5)) / batch))
+    rows.append(
+        (
+            "evaluate + tiny CLIP",
+            median_ms(lambda: evaluate_batch(images, prompts, clip_settings, clip=clip), max(3, runs // 5)) / batch,
+        )
+    )
 
     # a production architecture with random weights: the same arithmetic as with real ones
     for architecture in architectures:
         big = ClipScorer(architecture, None, device="cpu", threads=1, batch_size=batch)
-        rows.append((f"{architecture} (random w.): image",
-                     median_ms(lambda scorer=big: scorer.embed_images(images), 3) / batch))
+        rows.append(
+            (f"{architecture} (random w.): image", median_ms(lambda scorer=big: scorer.embed_images(images), 3) / batch)
+        )
     return rows
 
 
@@ -148,8 +169,12 @@ def main() -> None:
     parser.add_argument("--index-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the first allowed)")
-    parser.add_argument("--architectures", nargs="*", default=["ViT-B-32"],
-                        help="open_clip architectures to time with random weights (no download)")
+    parser.add_argument(
+        "--architectures",
+        nargs="*",
+        default=["ViT-B-32"],
+        help="open_clip architectures to time with random weights (no download)",
+    )
     args = parser.parse_args()
 
     if hasattr(os, "sched_setaffinity"):
@@ -158,8 +183,10 @@ def main() -> None:
         where = f"pinned to core {core}"
     else:
         where = "not pinned (no sched_setaffinity here)"
-    print(f"QC cost per 1024 x 1024 image, one core ({where}), {platform.processor() or platform.machine()}, "
-          f"median of {args.runs} runs")
+    print(
+        f"QC cost per 1024 x 1024 image, one core ({where}), {platform.processor() or platform.machine()}, "
+        f"median of {args.runs} runs"
+    )
     print()
     print("| measurement                  | ms / image | images / s / core |")
     print("|------------------------------|------------|-------------------|")

@@ -84,17 +84,20 @@ def bench_spec(workdir: Path, actors: int, args: argparse.Namespace):
         w = csv.writer(f)
         w.writerow(["pid", "subject"])
         w.writerows([f"p{i}", f"test object number {i}"] for i in range(images))
-    return parse_spec({
-        "run_name": f"scaling-{actors}",
-        "input": {"path": str(inp), "prompt_template": "studio photo of a {subject}", "key_column": "pid"},
-        "model": {"base": "tiny-sdxl"},
-        "steps": 1,
-        "size": {"width": args.size, "height": args.size},
-        "qc": {"enabled": ["sharpness", "contrast", "exposure", "blank", "nonfinite"]},
-        "postprocess": {"presets": [], "format": "png"},
-        "output": {"uri": str(workdir / f"out-{actors}")},
-        "compute": {"generators": actors, "batch_size": args.batch_size, "qc_workers": args.qc_workers},
-    }, where="benchmark")
+    return parse_spec(
+        {
+            "run_name": f"scaling-{actors}",
+            "input": {"path": str(inp), "prompt_template": "studio photo of a {subject}", "key_column": "pid"},
+            "model": {"base": "tiny-sdxl"},
+            "steps": 1,
+            "size": {"width": args.size, "height": args.size},
+            "qc": {"enabled": ["sharpness", "contrast", "exposure", "blank", "nonfinite"]},
+            "postprocess": {"presets": [], "format": "png"},
+            "output": {"uri": str(workdir / f"out-{actors}")},
+            "compute": {"generators": actors, "batch_size": args.batch_size, "qc_workers": args.qc_workers},
+        },
+        where="benchmark",
+    )
 
 
 def measure(actors: int, args: argparse.Namespace, workdir: Path) -> ScalingResult:
@@ -108,8 +111,9 @@ def measure(actors: int, args: argparse.Namespace, workdir: Path) -> ScalingResu
     if summary.counts.get("failed"):
         raise RuntimeError(f"{actors} actor(s): {summary.counts['failed']} images failed; see {spec.output.uri}")
     if summary.generators != actors or summary.accelerator != "GPU":
-        raise RuntimeError(f"expected {actors} generator(s) on GPUs, the job ran {summary.generators} on "
-                           f"{summary.accelerator}")
+        raise RuntimeError(
+            f"expected {actors} generator(s) on GPUs, the job ran {summary.generators} on {summary.accelerator}"
+        )
     written = CatalogStore(OutputStore.at(spec.output.uri)).read(["created_at"]).column("created_at").to_pylist()
     # Steady state: the images finished after every actor has written its first batch (one
     # catalog write per batch), over the time from then to the last write.
@@ -122,14 +126,18 @@ def measure(actors: int, args: argparse.Namespace, workdir: Path) -> ScalingResu
 
 def scaling_table(results: list[ScalingResult]) -> str:
     one = next((r for r in results if r.actors == 1), None)
-    lines = ["| generator actors | images | wall s | end-to-end img/s | steady img/s | ideal img/s | efficiency "
-             "| speed-up vs 1 | CPU stage ms/image |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| generator actors | images | wall s | end-to-end img/s | steady img/s | ideal img/s | efficiency "
+        "| speed-up vs 1 | CPU stage ms/image |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         speedup = f"{r.steady_images_per_second / one.steady_images_per_second:.2f}x" if one else "–"
-        lines.append(f"| {r.actors} | {r.images} | {r.wall_seconds:.1f} | {r.end_to_end_images_per_second:.2f} | "
-                     f"{r.steady_images_per_second:.2f} | {r.actors * r.rate:.1f} | {r.efficiency:.0%} | {speedup} | "
-                     f"{1000 * r.cpu_seconds / r.images:.1f} |")
+        lines.append(
+            f"| {r.actors} | {r.images} | {r.wall_seconds:.1f} | {r.end_to_end_images_per_second:.2f} | "
+            f"{r.steady_images_per_second:.2f} | {r.actors * r.rate:.1f} | {r.efficiency:.0%} | {speedup} | "
+            f"{1000 * r.cpu_seconds / r.images:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -137,15 +145,19 @@ def cost_table() -> str:
     from app.cost import PriceTable
 
     prices = PriceTable()
-    lines = ["| GPU | list USD/h | bf16 TFLOP/s | setting | s/image | images/h | USD per 10,000 images | source |",
-             "|---|---:|---:|---|---:|---:|---:|---|"]
+    lines = [
+        "| GPU | list USD/h | bf16 TFLOP/s | setting | s/image | images/h | USD per 10,000 images | source |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
     for gpu, tflops in BF16_TFLOPS.items():
         hourly = prices.device_hourly(f"cuda:NVIDIA {gpu}")
         for setting, h200_seconds in H200_SECONDS_PER_IMAGE.items():
             seconds = h200_seconds * BF16_TFLOPS["H200"] / tflops
             source = "quoted (brief)" if gpu == "H200" else "H200 quote x bf16 ratio"
-            lines.append(f"| {gpu} | {hourly:.2f} | {tflops:g} | {setting} | {seconds:.2f} | {3600 / seconds:,.0f} | "
-                         f"{10_000 * seconds / 3600 * hourly:.2f} | {source} |")
+            lines.append(
+                f"| {gpu} | {hourly:.2f} | {tflops:g} | {setting} | {seconds:.2f} | {3600 / seconds:,.0f} | "
+                f"{10_000 * seconds / 3600 * hourly:.2f} | {source} |"
+            )
     return "\n".join(lines)
 
 
@@ -156,18 +168,28 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Logical CPUs: each GPU generator reserves one (they sleep), plus the CPU stage and reads.
-        ray.init(num_cpus=max(args.actors) + 4, num_gpus=8, object_store_memory=300 * 2**20,
-                 include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=max(args.actors) + 4,
+            num_gpus=8,
+            object_store_memory=300 * 2**20,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         results = []
         with tempfile.TemporaryDirectory(prefix="imagefab-scaling-") as tmp:
             for actors in args.actors:
                 t0 = time.perf_counter()
                 results.append(measure(actors, args, Path(tmp)))
-                print(f"{actors} actor(s): {results[-1].steady_images_per_second:.2f} images/s steady "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"{actors} actor(s): {results[-1].steady_images_per_second:.2f} images/s steady "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
         ray.shutdown()
-        print(f"\n## Generator scaling: stand-in at {args.rate:g} images/s per actor, {args.size}x{args.size}, "
-              f"batch {args.batch_size}, {os.cpu_count()} CPU cores\n")
+        print(
+            f"\n## Generator scaling: stand-in at {args.rate:g} images/s per actor, {args.size}x{args.size}, "
+            f"batch {args.batch_size}, {os.cpu_count()} CPU cores\n"
+        )
         print(scaling_table(results))
     print("\n## Cost per GPU type (SDXL 1024², 30 steps; list prices from app/cost.py)\n")
     print(cost_table())

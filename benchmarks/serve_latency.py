@@ -44,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = load_serve_config(None, output_uri=out, port=port, steps=args.steps,
-                               batching={"max_batch_size": 1, "batch_wait_timeout_s": args.batch_wait})
+    config = load_serve_config(
+        None,
+        output_uri=out,
+        port=port,
+        steps=args.steps,
+        batching={"max_batch_size": 1, "batch_wait_timeout_s": args.batch_wait},
+    )
     models = resolve_serve_models(config)
     core = ServeCore(config, models)
     base = next(iter(models.bases.values()))
@@ -60,8 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results = gen.render(reqs)
         t1 = time.perf_counter()
-        core.finish(reqs, [{"image_id": r.image_id, "error": r.error, "pixels": r.pixels.tobytes(),
-                            "gpu_seconds": r.gpu_seconds, "accelerator": gen.accelerator} for r in results])
+        core.finish(
+            reqs,
+            [
+                {
+                    "image_id": r.image_id,
+                    "error": r.error,
+                    "pixels": r.pixels.tobytes(),
+                    "gpu_seconds": r.gpu_seconds,
+                    "accelerator": gen.accelerator,
+                }
+                for r in results
+            ],
+        )
         t2 = time.perf_counter()
         if i >= 2:  # warm-up
             direct.append(t1 - t0)
@@ -85,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
 
     med = {k: statistics.median(v) * 1000 for k, v in (("direct", direct), ("direct+", direct_plus), ("http", http))}
-    print(f"\ntiny-sdxl on CPU, {args.size}, {args.steps} steps, {args.requests} sequential one-image requests, medians")
+    print(
+        f"\ntiny-sdxl on CPU, {args.size}, {args.steps} steps, {args.requests} sequential one-image requests, medians"
+    )
     print("| path | ms |\n|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.0f} |")

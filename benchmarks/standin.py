@@ -26,8 +26,17 @@ class StandInGenerator:
 
     images_per_second: float = 4.0
     reads = ("image_id", "status", "request")
-    adds = ("pixels", "nonfinite", "gpu_seconds", "accelerator", "batch_id", "batch_size",
-            "generator_id", "lora_switches", "lora_switch_seconds")
+    adds = (
+        "pixels",
+        "nonfinite",
+        "gpu_seconds",
+        "accelerator",
+        "batch_id",
+        "batch_size",
+        "generator_id",
+        "lora_switches",
+        "lora_switch_seconds",
+    )
 
     @classmethod
     def at_rate(cls, images_per_second: float) -> type[StandInGenerator]:
@@ -35,8 +44,11 @@ class StandInGenerator:
         constructor is fixed by the Generator's, so the rate travels as a class attribute."""
         if images_per_second <= 0:
             raise ValueError(f"images_per_second must be above 0, not {images_per_second!r}")
-        return type(f"StandInGenerator_{images_per_second:g}".replace(".", "_"), (cls,),
-                    {"images_per_second": float(images_per_second)})
+        return type(
+            f"StandInGenerator_{images_per_second:g}".replace(".", "_"),
+            (cls,),
+            {"images_per_second": float(images_per_second)},
+        )
 
     def __init__(self, base, loras, compute):
         self.base = base

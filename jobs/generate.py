@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +34,8 @@ from app.compute import ComputeSpec
 from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
-from app.registry.errors import RegistryError
 from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, row_lora_names, split_plan
+from app.registry.errors import RegistryError
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
 from app.storage import OutputStore, StorageError
@@ -60,7 +60,7 @@ class RunSummary:
     generators: int = 0
     accelerator: str = ""
     # The run's catalog partition: the day it started (a batch retried after midnight stays in it).
-    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d"))
     by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
     by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
 
@@ -106,42 +106,58 @@ class RunSummary:
     _first_batch: int = 0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "images_per_second": self.images_per_second,
-                "streaming_images_per_second": self.streaming_images_per_second}
+        return {
+            **asdict(self),
+            "images_per_second": self.images_per_second,
+            "streaming_images_per_second": self.streaming_images_per_second,
+        }
 
     def render(self) -> str:
         c = self.counts
-        return "\n".join([
-            f"run {self.run_id}  ({self.run_name})",
-            f"  requests      {self.requests}  (skipped, already in catalog: {self.skipped_existing}; "
-            f"duplicates in input: {self.duplicates})",
-            f"  rendered      {self.rendered} on {self.generators} generator(s) [{self.accelerator}]",
-            f"  outcome       accepted {c['accepted']}  review {c['review']}  rejected {c['rejected']}  failed {c['failed']}",
-            f"  throughput    {self.images_per_second:.2f} images/s over {self.wall_seconds:.1f} s",
-            f"  device time   {self.gpu_seconds:.1f} s   CPU (QC, post) {self.cpu_seconds:.1f} s",
-            *[f"  combination   {name}: {c['images']} images, accepted {c.get('accepted', 0)}, "
-              f"{c['gpu_seconds'] / max(1, c['images']):.3f} device s/image"
-              for name, c in sorted(self.by_combination.items())],
-            *[f"  generator     {gid[:8]} ({g['base']}): {g['images']} images, {g['lora_switches']} LoRA switches "
-              f"in {g['switch_seconds']:.2f} s" for gid, g in sorted(self.by_generator.items())],
-            f"  images        {self.output}/images/",
-            f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
-            f"  summary       {self.output}/runs/{self.run_id}/summary.json",
-        ])
+        return "\n".join(
+            [
+                f"run {self.run_id}  ({self.run_name})",
+                f"  requests      {self.requests}  (skipped, already in catalog: {self.skipped_existing}; "
+                f"duplicates in input: {self.duplicates})",
+                f"  rendered      {self.rendered} on {self.generators} generator(s) [{self.accelerator}]",
+                f"  outcome       accepted {c['accepted']}  review {c['review']}  rejected {c['rejected']}  failed {c['failed']}",
+                f"  throughput    {self.images_per_second:.2f} images/s over {self.wall_seconds:.1f} s",
+                f"  device time   {self.gpu_seconds:.1f} s   CPU (QC, post) {self.cpu_seconds:.1f} s",
+                *[
+                    f"  combination   {name}: {c['images']} images, accepted {c.get('accepted', 0)}, "
+                    f"{c['gpu_seconds'] / max(1, c['images']):.3f} device s/image"
+                    for name, c in sorted(self.by_combination.items())
+                ],
+                *[
+                    f"  generator     {gid[:8]} ({g['base']}): {g['images']} images, {g['lora_switches']} LoRA switches "
+                    f"in {g['switch_seconds']:.2f} s"
+                    for gid, g in sorted(self.by_generator.items())
+                ],
+                f"  images        {self.output}/images/",
+                f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
+                f"  summary       {self.output}/runs/{self.run_id}/summary.json",
+            ]
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.split("\n")[0])
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("--output", help="output URI (overrides output.uri)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a spec field by dotted path, e.g. --set steps=8 (YAML value)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a spec field by dotted path, e.g. --set steps=8 (YAML value)",
+    )
     p.add_argument("--limit", type=int, help="only the first N input rows (smoke test)")
     p.add_argument("--run-id", help="run id (default: run_name-UTCSTAMP-random)")
     p.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 1 when any image failed (default: only when every one did)")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 when any image failed (default: only when every one did)"
+    )
     return p.parse_args(argv)
 
 
@@ -160,10 +176,11 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 
 def new_run_id(spec: JobSpec) -> str:
-    return f"{spec.run_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    return f"{spec.run_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
 
 
 # --- the Ray parts ---------------------------------------------------------------------------------
+
 
 def _expand_batch(batch: pa.Table, spec: JobSpec, models: ResolvedModels) -> dict:
     return ExpandRows(spec, models)(batch)
@@ -174,8 +191,11 @@ def read_input(spec: JobSpec, columns: list[str]):
 
     inp = spec.input
     if inp.resolved_format == "csv":
-        ds = ray.data.read_csv(inp.path, convert_options=csv_string_types(columns),
-                               parse_options=pacsv.ParseOptions(delimiter=inp.delimiter))
+        ds = ray.data.read_csv(
+            inp.path,
+            convert_options=csv_string_types(columns),
+            parse_options=pacsv.ParseOptions(delimiter=inp.delimiter),
+        )
     else:
         ds = ray.data.read_parquet(inp.path)
     return ds.limit(inp.limit) if inp.limit else ds
@@ -187,8 +207,13 @@ def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -
     from app.expand import OUTPUT_COLUMNS
 
     ds = read_input(spec, columns)
-    expanded = ds.map_batches(_expand_batch, fn_kwargs={"spec": spec, "models": models},
-                              batch_format="pyarrow", batch_size=1024, zero_copy_batch=True).materialize()
+    expanded = ds.map_batches(
+        _expand_batch,
+        fn_kwargs={"spec": spec, "models": models},
+        batch_format="pyarrow",
+        batch_size=1024,
+        zero_copy_batch=True,
+    ).materialize()
     tables = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
     schema = pa.schema([(c, pa.string()) for c in OUTPUT_COLUMNS])
     table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
@@ -201,8 +226,9 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def run(spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator_cls=None,
-        track: bool = False) -> RunSummary:
+def run(
+    spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator_cls=None, track: bool = False
+) -> RunSummary:
     """Run the bulk job; `track` logs it as an MLflow run (the CLI does, unless --no-mlflow).
 
     `generator_cls` replaces the Generator only for capacity benchmarks (benchmarks/): a class
@@ -282,8 +308,13 @@ def _track(output: OutputStore, run_id: str, versions) -> None:
         mlflow_run = track_job_output(output.uri, run_id, versions=versions)
         log.info("run %s: logged to MLflow as run %s", run_id, mlflow_run)
     except Exception as e:  # images and catalog are written; tracking can be redone
-        log.warning("run %s: MLflow tracking failed (%s); retry with: imagefab registry track %s %s",
-                    run_id, e, output.uri, run_id)
+        log.warning(
+            "run %s: MLflow tracking failed (%s); retry with: imagefab registry track %s %s",
+            run_id,
+            e,
+            output.uri,
+            run_id,
+        )
 
 
 def _base_of(combination_key: str) -> str:
@@ -307,8 +338,15 @@ def generator_call_rows(compute: ComputeSpec, use_gpu: bool) -> int:
     return compute.batch_size * (2 if two else 1)
 
 
-def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputStore, run_id: str,
-            summary: RunSummary, generator_cls=None) -> None:
+def _render(
+    spec: JobSpec,
+    plan: Plan,
+    models: ResolvedModels,
+    output: OutputStore,
+    run_id: str,
+    summary: RunSummary,
+    generator_cls=None,
+) -> None:
     """One generator actor pool per base model, all feeding one CPU stage.
 
     A generator or finisher actor that dies (OOM killer, lost node) is restarted and its batch
@@ -328,8 +366,10 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
     # (the autoscaler adds them); the pool size cannot come from GPUs that are not there yet.
     use_gpu = gpus > 0 or compute.device == "cuda"
     if use_gpu and not gpus and not compute.generators:
-        raise SpecError("compute.generators: the cluster has no GPU up yet; with device: cuda, say how many "
-                        "generators to start (the autoscaler adds GPU nodes for them)")
+        raise SpecError(
+            "compute.generators: the cluster has no GPU up yet; with device: cuda, say how many "
+            "generators to start (the autoscaler adds GPU nodes for them)"
+        )
     gpus = gpus or (compute.generators or 1)
     cpus = ray.cluster_resources().get("CPU", 1)
     batch = compute.batch_size
@@ -352,14 +392,20 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
         stage, stage_kwargs = generator_cls or Generator, {}
 
     def generators_for(base: str):
-        rows = pending.filter(pc.equal(pc.utf8_slice_codeunits(pending.column("combination"), 0, len(base) + 1),
-                                       base + "|"))
+        rows = pending.filter(
+            pc.equal(pc.utf8_slice_codeunits(pending.column("combination"), 0, len(base) + 1), base + "|")
+        )
         ds = ray.data.from_arrow([rows.slice(i, call_rows) for i in range(0, rows.num_rows, call_rows)])
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == models.bases[base].arch}
         base_compute = with_warmup_sizes(compute, rows.column("request").to_pylist())
         return ds.map_batches(
             stage,
-            fn_constructor_kwargs={"base": models.bases[base], "loras": usable, "compute": base_compute, **stage_kwargs},
+            fn_constructor_kwargs={
+                "base": models.bases[base],
+                "loras": usable,
+                "compute": base_compute,
+                **stage_kwargs,
+            },
             compute=ActorPoolStrategy(size=pools[base] if together else max(1, gpus)),
             batch_size=call_rows,
             batch_format="numpy",
@@ -373,9 +419,15 @@ def _render(spec: JobSpec, plan: Plan, models: ResolvedModels, output: OutputSto
     def finish(ds):
         return ds.map_batches(
             Finish,
-            fn_constructor_kwargs={"qc": spec.qc, "postprocess": spec.postprocess, "output": output, "run_id": run_id,
-                                   "duplicates": duplicates, "date": summary.date,
-                                   "clip_on_generator": clip_on_generator},
+            fn_constructor_kwargs={
+                "qc": spec.qc,
+                "postprocess": spec.postprocess,
+                "output": output,
+                "run_id": run_id,
+                "duplicates": duplicates,
+                "date": summary.date,
+                "clip_on_generator": clip_on_generator,
+            },
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute.qc_workers)),
             batch_size=batch,
             batch_format="numpy",
@@ -407,8 +459,11 @@ class RemotePhashIndex:
     def query_and_add_many(self, ids, hashes, max_distance, *, reject_distance=None, eligible=None, groups=None):
         import ray
 
-        return ray.get(self.handle.query_and_add_many.remote(
-            list(ids), list(hashes), max_distance, reject_distance=reject_distance, eligible=eligible, groups=groups))
+        return ray.get(
+            self.handle.query_and_add_many.remote(
+                list(ids), list(hashes), max_distance, reject_distance=reject_distance, eligible=eligible, groups=groups
+            )
+        )
 
 
 def shared_duplicate_index(spec: JobSpec, output: OutputStore, run_id: str) -> RemotePhashIndex | None:
@@ -450,7 +505,7 @@ def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: R
         "registry": versions.to_dict(),
         "base_models": {n: asdict(b) for n, b in models.bases.items()},
         "loras": {n: asdict(lo) for n, lo in models.loras.items()},
-        "started_at": datetime.now(timezone.utc).isoformat(),
+        "started_at": datetime.now(UTC).isoformat(),
     }
     output.write_bytes(f"runs/{run_id}/run.json", json.dumps(record, indent=1).encode())
 

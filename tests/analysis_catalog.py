@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from PIL import Image
@@ -57,14 +57,27 @@ ROWS = [
     (9, "b", "P-9", "studio", [STYLE], "accepted", [], "", H100, 2.0, 0.5, 300.0),
     (7, "b", "P-7", "lifestyle", [STYLE, DETAIL], "review", ["borderline_low_contrast"], "", H100, 3.0, 0.5, 250.0),
     (8, "b", "P-8", "lifestyle", [STYLE, DETAIL], "rejected", ["low_contrast"], "", H100, 3.0, 0.5, 240.0),
-    (10, "b", "P-1", "lifestyle", [STYLE, DETAIL], "failed", [], "bad_row: template column 'color' is empty", "", 0.0, 0.0, None),
+    (
+        10,
+        "b",
+        "P-1",
+        "lifestyle",
+        [STYLE, DETAIL],
+        "failed",
+        [],
+        "bad_row: template column 'color' is empty",
+        "",
+        0.0,
+        0.0,
+        None,
+    ),
     (11, "c", None, None, [], "accepted", [], "", CPU, 10.0, 1.0, 500.0),
     (12, "c", None, None, [], "accepted", [], "", CPU, 10.0, 1.0, 510.0),
 ]
 RUNS = {
-    "a": ("shop-20261101-090000-aaaa", "2026-11-01", datetime(2026, 11, 1, 9, 0, tzinfo=timezone.utc)),
-    "b": ("shop-20261203-100000-bbbb", "2026-12-03", datetime(2026, 12, 3, 10, 0, tzinfo=timezone.utc)),
-    "c": ("game-20261203-110000-cccc", "2026-12-03", datetime(2026, 12, 3, 11, 0, tzinfo=timezone.utc)),
+    "a": ("shop-20261101-090000-aaaa", "2026-11-01", datetime(2026, 11, 1, 9, 0, tzinfo=UTC)),
+    "b": ("shop-20261203-100000-bbbb", "2026-12-03", datetime(2026, 12, 3, 10, 0, tzinfo=UTC)),
+    "c": ("game-20261203-110000-cccc", "2026-12-03", datetime(2026, 12, 3, 11, 0, tzinfo=UTC)),
 }
 TEMPLATES = {"studio": "studio photo of a {product_name}, {color}", "lifestyle": "{product_name} in use, {color}"}
 
@@ -112,19 +125,55 @@ def make_output(uri: str, prices=None) -> OutputStore:
                 uri = output.write_bytes(f"images/{iid[:2]}/{iid}.png", png)
                 if status in ("accepted", "review"):
                     thumb = _webp(png)
-                    variants = [{"preset": "thumbnail", "uri": output.write_bytes(f"images/{iid[:2]}/{iid}/thumbnail.webp", thumb),
-                                 "width": 32, "height": 32, "format": "webp", "bytes": len(thumb)}]
-            rows.append({
-                "image_id": iid, "source": "bulk", "created_at": created, "status": status, "reasons": reasons,
-                "error": error, "prompt": prompt, "negative_prompt": "text, watermark, blurry",
-                "template": {"name": template, "version": "v1-" + template[:3], "text": TEMPLATES[template]} if template else None,
-                "variables": variables, "tags": tags, "row_key": product or f"sword-{n}", "variation": 0,
-                "base_model": BASE, "loras": loras, "scheduler": "euler", "steps": 4, "guidance": 5.0,
-                "width": 64, "height": 64, "seed": n, "tier": "default", "batch_id": iid, "batch_size": 1,
-                "sharpness": sharp, "contrast": 0.2 if sharp else None, "exposure": 0.01 if sharp else None,
-                "uri": uri, "variants": variants, "gpu_seconds": gpu_s, "cpu_seconds": cpu_s,
-                "cost_usd": prices.image_cost(acc, gpu_s, cpu_s) if acc else 0.0, "accelerator": acc,
-            })
+                    variants = [
+                        {
+                            "preset": "thumbnail",
+                            "uri": output.write_bytes(f"images/{iid[:2]}/{iid}/thumbnail.webp", thumb),
+                            "width": 32,
+                            "height": 32,
+                            "format": "webp",
+                            "bytes": len(thumb),
+                        }
+                    ]
+            rows.append(
+                {
+                    "image_id": iid,
+                    "source": "bulk",
+                    "created_at": created,
+                    "status": status,
+                    "reasons": reasons,
+                    "error": error,
+                    "prompt": prompt,
+                    "negative_prompt": "text, watermark, blurry",
+                    "template": {"name": template, "version": "v1-" + template[:3], "text": TEMPLATES[template]}
+                    if template
+                    else None,
+                    "variables": variables,
+                    "tags": tags,
+                    "row_key": product or f"sword-{n}",
+                    "variation": 0,
+                    "base_model": BASE,
+                    "loras": loras,
+                    "scheduler": "euler",
+                    "steps": 4,
+                    "guidance": 5.0,
+                    "width": 64,
+                    "height": 64,
+                    "seed": n,
+                    "tier": "default",
+                    "batch_id": iid,
+                    "batch_size": 1,
+                    "sharpness": sharp,
+                    "contrast": 0.2 if sharp else None,
+                    "exposure": 0.01 if sharp else None,
+                    "uri": uri,
+                    "variants": variants,
+                    "gpu_seconds": gpu_s,
+                    "cpu_seconds": cpu_s,
+                    "cost_usd": prices.image_cost(acc, gpu_s, cpu_s) if acc else 0.0,
+                    "accelerator": acc,
+                }
+            )
         store.append(rows, run_id=run_id, date=day)
     return output
 

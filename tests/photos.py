@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo(name: str, longer_side: int = 512) -> np.ndarray:
     """`skimage.data.<name>()` as RGB uint8 [H, W, 3], resized so its longer side is `longer_side`."""
     pixels = getattr(skdata, name)()

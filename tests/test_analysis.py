@@ -5,15 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import pytest
 from analysis_catalog import RUNS, cli, image_id, make_output
 
 import analysis
-from analysis.views import VIEWS_SQL
 from analysis.queries import QUERIES, run_query
+from analysis.views import VIEWS_SQL
 from app.review import decide
 
 
@@ -43,7 +43,9 @@ def test_images_has_one_row_per_image_the_latest(con):
     (n_images, n_ids) = con.execute("SELECT count(*), count(DISTINCT image_id) FROM images").fetchone()
     assert (n_catalog, n_images, n_ids) == (13, 12, 12)
     # P-9 failed (out of memory) in run a and was rendered again in run b: the rerun's row wins.
-    status, run, error = con.execute("SELECT status, run_id, error FROM images WHERE image_id = $i", {"i": image_id(9)}).fetchone()
+    status, run, error = con.execute(
+        "SELECT status, run_id, error FROM images WHERE image_id = $i", {"i": image_id(9)}
+    ).fetchone()
     assert (status, run, error) == ("accepted", RUNS["b"][0], "")
     outcomes = dict(con.execute("SELECT outcome, count(*) FROM images GROUP BY ALL").fetchall())
     assert outcomes == {"accepted": 7, "review": 2, "rejected": 2, "failed": 1}
@@ -53,16 +55,22 @@ def test_images_has_one_row_per_image_the_latest(con):
 
 def test_decisions_join_as_approval_and_outcome(tmp_path):
     out = make_output(str(tmp_path))
-    decide(out, ids(5), "approved", "alice", now=datetime(2026, 12, 4, tzinfo=timezone.utc))
-    decide(out, ids(7), "approved", "alice", now=datetime(2026, 12, 4, tzinfo=timezone.utc))
-    decide(out, ids(7), "rejected", "bob", note="logo", now=datetime(2026, 12, 5, tzinfo=timezone.utc))
+    decide(out, ids(5), "approved", "alice", now=datetime(2026, 12, 4, tzinfo=UTC))
+    decide(out, ids(7), "approved", "alice", now=datetime(2026, 12, 4, tzinfo=UTC))
+    decide(out, ids(7), "rejected", "bob", note="logo", now=datetime(2026, 12, 5, tzinfo=UTC))
     con = analysis.connect(out)
-    got = {r[0]: r[1:] for r in con.execute(
-        "SELECT image_id, status, approval, outcome, reviewer, review_note FROM images WHERE image_id IN ($a, $b, $c)",
-        {"a": image_id(5), "b": image_id(7), "c": image_id(1)}).fetchall()}
-    assert got == {image_id(5): ("review", "approved", "accepted", "alice", ""),
-                   image_id(7): ("review", "rejected", "rejected", "bob", "logo"),
-                   image_id(1): ("accepted", "pending", "accepted", None, None)}
+    got = {
+        r[0]: r[1:]
+        for r in con.execute(
+            "SELECT image_id, status, approval, outcome, reviewer, review_note FROM images WHERE image_id IN ($a, $b, $c)",
+            {"a": image_id(5), "b": image_id(7), "c": image_id(1)},
+        ).fetchall()
+    }
+    assert got == {
+        image_id(5): ("review", "approved", "accepted", "alice", ""),
+        image_id(7): ("review", "rejected", "rejected", "bob", "logo"),
+        image_id(1): ("accepted", "pending", "accepted", None, None),
+    }
     assert [r["decision"] for r in rows(con, "decisions")] == ["rejected", "approved", "approved"]
     assert [r["image_id"] for r in rows(con, "rejected_by_reason", reason="borderline_low_contrast")] == ids(7)
     assert rows(con, "review_queue") == []
@@ -75,15 +83,19 @@ def test_views_sql_reads_the_same_from_a_plain_duckdb(tmp_path):
     plain = duckdb.connect()
     plain.execute("SET VARIABLE imagefab_output = $o", {"o": str(tmp_path)})
     plain.execute(VIEWS_SQL.read_text())
-    for sql in ("SELECT image_id, status, approval, outcome, model_stack, run_id, date, master_bytes FROM images ORDER BY image_id",
-                "SELECT * FROM acceptance_by_template ORDER BY template",
-                "SELECT * FROM acceptance_by_combination ORDER BY model_stack",
-                "SELECT image_id, round(score, 6) FROM search_images('red leather boot')"):
+    for sql in (
+        "SELECT image_id, status, approval, outcome, model_stack, run_id, date, master_bytes FROM images ORDER BY image_id",
+        "SELECT * FROM acceptance_by_template ORDER BY template",
+        "SELECT * FROM acceptance_by_combination ORDER BY model_stack",
+        "SELECT image_id, round(score, 6) FROM search_images('red leather boot')",
+    ):
         assert plain.execute(sql).fetchall() == con.execute(sql).fetchall(), sql
     # With a decision on file, a fresh `.read` picks up decisions too.
     decide(out, ids(5), "approved", "carol")
     plain.execute(VIEWS_SQL.read_text())
-    assert plain.execute("SELECT approval FROM images WHERE image_id = $i", {"i": image_id(5)}).fetchone() == ("approved",)
+    assert plain.execute("SELECT approval FROM images WHERE image_id = $i", {"i": image_id(5)}).fetchone() == (
+        "approved",
+    )
 
 
 def test_lora_in_a_date_range(con):
@@ -108,7 +120,13 @@ def test_rejected_for_a_reason_and_products_by_month(con):
 def test_acceptance_by_template_variable_and_combination(con):
     by_template = {r["template"]: r for r in rows(con, "acceptance_by_template")}
     studio = by_template["studio"]
-    assert (studio["images"], studio["accepted"], studio["review"], studio["rejected"], studio["failed"]) == (7, 5, 1, 1, 0)
+    assert (studio["images"], studio["accepted"], studio["review"], studio["rejected"], studio["failed"]) == (
+        7,
+        5,
+        1,
+        1,
+        0,
+    )
     assert studio["acceptance_rate"] == round(5 / 7, 4)
     assert by_template["lifestyle"]["acceptance_rate"] == 0.0 and by_template["lifestyle"]["failed"] == 1
     assert by_template["(no template)"]["acceptance_rate"] == 1.0
@@ -126,7 +144,10 @@ def test_acceptance_by_template_variable_and_combination(con):
 def test_failing_templates_threshold(con):
     assert rows(con, "failing_templates") == []  # lifestyle has only 2 rendered images (min_images 5)
     assert [r["template"] for r in rows(con, "failing_templates", min_images=2)] == ["lifestyle"]
-    assert [r["template"] for r in rows(con, "failing_templates", threshold=0.8, min_images=2)] == ["lifestyle", "studio"]
+    assert [r["template"] for r in rows(con, "failing_templates", threshold=0.8, min_images=2)] == [
+        "lifestyle",
+        "studio",
+    ]
 
 
 def test_cost_per_accepted_image_per_template(con):
@@ -138,8 +159,12 @@ def test_cost_per_accepted_image_per_template(con):
 
 
 def test_every_named_query_runs(con):
-    required = {"by_lora": {"lora": "style"}, "rejected_by_reason": {"reason": "blur"},
-                "products_by_category": {"category": "bags"}, "by_tag": {"key": "sku", "value": "SKU-3"}}
+    required = {
+        "by_lora": {"lora": "style"},
+        "rejected_by_reason": {"reason": "blur"},
+        "products_by_category": {"category": "bags"},
+        "by_tag": {"key": "sku", "value": "SKU-3"},
+    }
     for name in QUERIES:
         columns, _ = run_query(con, name, required.get(name, {}))
         assert columns, name
@@ -158,25 +183,40 @@ def test_query_cli_formats(output, capsys):
     assert cli("query", "--list") == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in QUERIES) and "lora=…" in listed
-    assert cli("sql", "SELECT outcome, count(*) AS n FROM images GROUP BY ALL ORDER BY n DESC", "--output", str(output)) == 0
+    assert (
+        cli("sql", "SELECT outcome, count(*) AS n FROM images GROUP BY ALL ORDER BY n DESC", "--output", str(output))
+        == 0
+    )
     assert capsys.readouterr().out.splitlines()[2].split() == ["accepted", "7"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["query", "nope"], "no query named 'nope'; the queries are: runs, outcomes, by_lora"),
-    (["query", "by_lora"], "query 'by_lora' needs parameter lora (LoRA name, as in the model catalog): --param lora=…"),
-    (["query", "by_lora", "--param", "lora=x", "--param", "start=2026-13-01"], "parameter 'start' must be YYYY-MM-DD, not '2026-13-01'"),
-    (["query", "products_by_category", "--param", "category=x", "--param", "month=2026-1"], "parameter 'month' must be YYYY-MM"),
-    (["query", "runs", "--param", "lora=x"], "query 'runs' has no parameter 'lora' (it takes no parameters)"),
-    (["query", "by_lora", "--param", "lora"], "--param takes KEY=VALUE, not 'lora'"),
-    (["query"], "name a query (imagefab query NAME); the queries are: runs"),
-    (["sql", "SELECT * FROM nowhere"], "Table with name nowhere does not exist"),
-    (["sql", "SELEC 1"], "syntax error at or near \"SELEC\""),
-    (["search", "   "], "nothing to search for"),
-    (["search", "--- !!"], "has no searchable words"),
-    (["cost", "zzzz"], "no run 'zzzz' in this catalog; the runs are: game-20261203-110000-cccc"),
-    (["cost", "shop"], "'shop' matches several runs"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["query", "nope"], "no query named 'nope'; the queries are: runs, outcomes, by_lora"),
+        (
+            ["query", "by_lora"],
+            "query 'by_lora' needs parameter lora (LoRA name, as in the model catalog): --param lora=…",
+        ),
+        (
+            ["query", "by_lora", "--param", "lora=x", "--param", "start=2026-13-01"],
+            "parameter 'start' must be YYYY-MM-DD, not '2026-13-01'",
+        ),
+        (
+            ["query", "products_by_category", "--param", "category=x", "--param", "month=2026-1"],
+            "parameter 'month' must be YYYY-MM",
+        ),
+        (["query", "runs", "--param", "lora=x"], "query 'runs' has no parameter 'lora' (it takes no parameters)"),
+        (["query", "by_lora", "--param", "lora"], "--param takes KEY=VALUE, not 'lora'"),
+        (["query"], "name a query (imagefab query NAME); the queries are: runs"),
+        (["sql", "SELECT * FROM nowhere"], "Table with name nowhere does not exist"),
+        (["sql", "SELEC 1"], 'syntax error at or near "SELEC"'),
+        (["search", "   "], "nothing to search for"),
+        (["search", "--- !!"], "has no searchable words"),
+        (["cost", "zzzz"], "no run 'zzzz' in this catalog; the runs are: game-20261203-110000-cccc"),
+        (["cost", "shop"], "'shop' matches several runs"),
+    ],
+)
 def test_bad_input_is_one_clear_line(output, capsys, argv, message):
     assert cli(*argv, "--output", str(output)) == 2
     err = capsys.readouterr().err

@@ -12,9 +12,15 @@ import analysis
 from analysis.cost import cost_report
 from app.cost import PriceTable
 
-PRICES = {"gpu_hourly": {"H100": 3.6}, "cpu_core_hourly": 0.036, "storage_gb_month": 0.02,
-          "hosted_api_gbp_per_image": [0.01, 0.00001, 0.000001], "usd_per_gbp": 1.25,
-          "gpu_node": "H100", "gpu_node_monthly_usd": 1000.0}
+PRICES = {
+    "gpu_hourly": {"H100": 3.6},
+    "cpu_core_hourly": 0.036,
+    "storage_gb_month": 0.02,
+    "hosted_api_gbp_per_image": [0.01, 0.00001, 0.000001],
+    "usd_per_gbp": 1.25,
+    "gpu_node": "H100",
+    "gpu_node_monthly_usd": 1000.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,9 @@ def test_cost_model_by_hand(output, prices_file):
     assert report.master_bytes + report.variant_bytes == stored
     assert report.storage_usd_month == pytest.approx(stored / 2**30 * 0.02)
     assert {a["accelerator"]: a["hourly_usd"] for a in report.by_accelerator} == {
-        "cuda:NVIDIA H100 80GB HBM3": 3.6, "cpu:threads=1": 0.036}
+        "cuda:NVIDIA H100 80GB HBM3": 3.6,
+        "cpu:threads=1": 0.036,
+    }
 
     # Against the API: the node's capacity from H100 seconds only (5 accepted in 20 s).
     assert report.gpu_seconds_per_accepted == pytest.approx(4.0)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from analysis_catalog import image_id, make_output
 from moto_s3 import loopback_s3
@@ -34,7 +33,9 @@ def test_views_decisions_cost_and_report_over_s3(s3_output):
     decide(s3_output, [image_id(5)], "approved", "alice")
     assert [r["image_id"] for r in pending_review(s3_output)] == [image_id(7)]
     con = analysis.connect(s3_output)
-    assert con.execute("SELECT approval FROM images WHERE image_id = $i", {"i": image_id(5)}).fetchone() == ("approved",)
+    assert con.execute("SELECT approval FROM images WHERE image_id = $i", {"i": image_id(5)}).fetchone() == (
+        "approved",
+    )
 
     report = cost_report(analysis.connect(s3_output, file_sizes=True), PriceTable())
     assert report.accepted == 8 and report.master_bytes > 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -11,7 +11,12 @@ from app.catalog.store import CatalogStore
 from app.storage import OutputStore
 
 DOCS = [
-    ("d1", "studio photo of a red leather boot, soft light", "text, watermark, blurry", {"category": "footwear", "campaign": "autumn"}),
+    (
+        "d1",
+        "studio photo of a red leather boot, soft light",
+        "text, watermark, blurry",
+        {"category": "footwear", "campaign": "autumn"},
+    ),
     ("d2", "red wool scarf on a red chair", "text, watermark", {"category": "accessory", "campaign": "autumn"}),
     ("d3", "blue cotton tote bag", "blurry", {"category": "bag"}),
     ("d4", "leather belt with a brass buckle", "", {"category": "accessory"}),
@@ -28,15 +33,28 @@ FTS_1_5_5 = {
     ("accessory leather", ""): [("d4", 0.8428779334329579), ("d2", 0.3520345623166929), ("d1", 0.3133336943095646)],
     ("blurry", ""): [("d3", 0.44328776107390017), ("d1", 0.3133336943095646)],
     ("blurry", "prompt"): [],
-    ("red leather", "prompt,tags"): [("d1", 0.6266673886191292), ("d2", 0.49552321521203524), ("d4", 0.42143896671647896)],
+    ("red leather", "prompt,tags"): [
+        ("d1", 0.6266673886191292),
+        ("d2", 0.49552321521203524),
+        ("d4", 0.42143896671647896),
+    ],
 }
 
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    rows = [{"image_id": i, "status": "accepted", "created_at": datetime(2026, 12, 1, tzinfo=timezone.utc),
-             "prompt": p, "negative_prompt": n, "tags": t} for i, p, n, t in DOCS]
+    rows = [
+        {
+            "image_id": i,
+            "status": "accepted",
+            "created_at": datetime(2026, 12, 1, tzinfo=UTC),
+            "prompt": p,
+            "negative_prompt": n,
+            "tags": t,
+        }
+        for i, p, n, t in DOCS
+    ]
     CatalogStore(OutputStore.at(str(root))).append(rows, run_id="r1", date="2026-12-01")
     return root
 
@@ -48,11 +66,13 @@ def con(output):
 
 @pytest.mark.parametrize("query, fields", list(FTS_1_5_5))
 def test_scores_match_the_fts_extension(con, query, fields):
-    columns, rows = analysis.search(con, query, fields=tuple(fields.split(",")) if fields else (),
-                                    columns=("image_id", "score"))
+    _columns, rows = analysis.search(
+        con, query, fields=tuple(fields.split(",")) if fields else (), columns=("image_id", "score")
+    )
     # search() rounds scores for display; the macro gives them whole
-    exact = con.execute("SELECT image_id, score FROM search_images($q, fields := $f)",
-                        {"q": query, "f": fields or None}).fetchall()
+    exact = con.execute(
+        "SELECT image_id, score FROM search_images($q, fields := $f)", {"q": query, "f": fields or None}
+    ).fetchall()
     expected = FTS_1_5_5[(query, fields)]
     assert [i for i, _ in exact] == [i for i, _ in expected] == [r[0] for r in rows]
     assert [s for _, s in exact] == pytest.approx([s for _, s in expected], rel=1e-12)

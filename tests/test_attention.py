@@ -22,8 +22,19 @@ MATH = "aten::_scaled_dot_product_attention_math"
 
 
 def request(base, i: int = 0) -> RenderRequest:
-    return RenderRequest(image_id=f"att{i:03d}", prompt="a red shoe", negative_prompt="", base_model=base.lineage(),
-                         loras=(), scheduler="euler", steps=2, guidance=5.0, width=64, height=64, seed=i)
+    return RenderRequest(
+        image_id=f"att{i:03d}",
+        prompt="a red shoe",
+        negative_prompt="",
+        base_model=base.lineage(),
+        loras=(),
+        scheduler="euler",
+        steps=2,
+        guidance=5.0,
+        width=64,
+        height=64,
+        seed=i,
+    )
 
 
 def kernels_called(fn) -> set[str]:
@@ -48,7 +59,7 @@ def test_the_context_selects_the_kernel_and_restores_torch_s_own_order():
 
     before = _cur_sdpa_kernel_backends(with_priority=True)
     q = torch.randn(1, 2, 32, 16)
-    call = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)  # noqa: E731
+    call = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert FLASH_CPU in kernels_called(call)
     with attention_kernels("math"):
         assert MATH in kernels_called(call) and FLASH_CPU not in kernels_called(call)
@@ -72,7 +83,9 @@ def test_kernels_this_device_lacks_are_named_with_the_device():
 def test_a_generator_refuses_a_kernel_its_device_lacks(tiny_base):
     from app.generate import Generator
 
-    with pytest.raises(RuntimeError, match=r'compute.attention=cudnn: the cudnn attention kernel cannot run on cpu.*"auto"'):
+    with pytest.raises(
+        RuntimeError, match=r'compute.attention=cudnn: the cudnn attention kernel cannot run on cpu.*"auto"'
+    ):
         Generator(tiny_base, {}, ComputeSpec(device="cpu", attention="cudnn"))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
@@ -14,9 +14,15 @@ from app.storage import OutputStore, StorageError
 
 
 def row(image_id, status, error=""):
-    return {"image_id": image_id, "status": status, "error": error, "source": "bulk",
-            "created_at": datetime(2026, 1, 2, tzinfo=timezone.utc), "tags": {"sku": "S1"},
-            "loras": [{"name": "a", "version": "1", "weight": 0.5, "sha256": "0" * 64, "source": "x"}]}
+    return {
+        "image_id": image_id,
+        "status": status,
+        "error": error,
+        "source": "bulk",
+        "created_at": datetime(2026, 1, 2, tzinfo=UTC),
+        "tags": {"sku": "S1"},
+        "loras": [{"name": "a", "version": "1", "weight": 0.5, "sha256": "0" * 64, "source": "x"}],
+    }
 
 
 def test_rows_round_trip_through_the_one_schema(tmp_path):
@@ -29,18 +35,30 @@ def test_rows_round_trip_through_the_one_schema(tmp_path):
     assert got["a"]["tags"] == [("sku", "S1")] and got["a"]["loras"][0]["weight"] == 0.5
     assert got["a"]["run_id"] == "r1" and got["a"]["approval"] == "pending"
     # DuckDB sees the same rows, partitions included.
-    n, run = duckdb.connect().execute(
-        f"SELECT count(*), any_value(run_id) FROM read_parquet('{tmp_path}/catalog/**/*.parquet', hive_partitioning=true)"
-    ).fetchone()
+    n, run = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*), any_value(run_id) FROM read_parquet('{tmp_path}/catalog/**/*.parquet', hive_partitioning=true)"
+        )
+        .fetchone()
+    )
     assert (n, run) == (2, "r1")
 
 
 def test_done_ids_retry_passing_failures_but_not_bad_rows(tmp_path):
     store = CatalogStore(OutputStore.at(str(tmp_path)))
     assert store.done_ids() == set()
-    store.append([row("ok", "accepted"), row("rej", "rejected"), row("bad", "failed", "bad_row: empty prompt"),
-                  row("oom", "failed", "generate_error: OutOfMemoryError"), row("fixed", "failed", "generate_error: x")],
-                 run_id="r1", date="2026-01-02")
+    store.append(
+        [
+            row("ok", "accepted"),
+            row("rej", "rejected"),
+            row("bad", "failed", "bad_row: empty prompt"),
+            row("oom", "failed", "generate_error: OutOfMemoryError"),
+            row("fixed", "failed", "generate_error: x"),
+        ],
+        run_id="r1",
+        date="2026-01-02",
+    )
     store.append([row("fixed", "accepted")], run_id="r2", date="2026-01-03")
     assert store.done_ids() == {"ok", "rej", "bad", "fixed"}
 

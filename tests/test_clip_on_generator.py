@@ -51,9 +51,15 @@ def measuring(models, reference_folder):
     """The generator stage with CLIP, and QC settings naming the same model and concepts."""
     from app.qc.clip_stage import GeneratorWithClip
 
-    settings = QcSettings(clip_model=TINY_MODEL, clip_device="cpu", clip_threads=1, clip_batch_size=4,
-                          negative_concepts=CONCEPTS, style_references={"default": str(reference_folder)},
-                          clip_on_generator=True)
+    settings = QcSettings(
+        clip_model=TINY_MODEL,
+        clip_device="cpu",
+        clip_threads=1,
+        clip_batch_size=4,
+        negative_concepts=CONCEPTS,
+        style_references={"default": str(reference_folder)},
+        clip_on_generator=True,
+    )
     compute = ComputeSpec(device="cpu", cpu_threads=1, batch_size=4)
     return GeneratorWithClip(models.bases["tiny-sdxl"], models.loras, compute, qc=settings), settings
 
@@ -62,8 +68,15 @@ def measuring(models, reference_folder):
 def rendered(measuring, models):
     """One batch of four: as the plain generator leaves it, and with the CLIP columns added."""
     stage, _ = measuring
-    spec = parse_spec({"run_name": "t", "input": {"path": "/x.parquet"}, "size": "tiny-square", "steps": 2,
-                       "variations": {"seeds_per_row": 1, "seed_mode": "fixed", "base_seed": 5}})
+    spec = parse_spec(
+        {
+            "run_name": "t",
+            "input": {"path": "/x.parquet"},
+            "size": "tiny-square",
+            "steps": 2,
+            "variations": {"seeds_per_row": 1, "seed_mode": "fixed", "base_seed": 5},
+        }
+    )
     expanded = ExpandRows(spec, models)(pa.Table.from_pylist([{"prompt": p} for p in PROMPTS]))
     batch = {k: np.asarray(v, dtype=object) for k, v in expanded.items()}
     plain = stage.generator(batch)
@@ -82,18 +95,24 @@ def thresholds_between(settings: QcSettings, measured: dict) -> QcSettings:
     (style,) = QcModels.load(settings, clip_on_generator=True).styles.values()
     distances = sorted(float(style.distances(m.embedding[None], m.model_id)[0]) for m in measures)
     assert len(set(scores)) == len(set(distances)) == 4, "four distinct renders"
-    return QcSettings(**{
-        **settings.model_dump(),
-        "min_clip_score": (scores[0] + scores[1]) / 2, "review_clip_score": (scores[2] + scores[3]) / 2,
-        "max_negative_similarity": (concept[-2] + concept[-1]) / 2, "negative_margin": -2.0,
-        "max_style_distance": (distances[-2] + distances[-1]) / 2,
-        "review_style_distance": (distances[-2] + distances[-1]) / 2,
-    })
+    return QcSettings(
+        **{
+            **settings.model_dump(),
+            "min_clip_score": (scores[0] + scores[1]) / 2,
+            "review_clip_score": (scores[2] + scores[3]) / 2,
+            "max_negative_similarity": (concept[-2] + concept[-1]) / 2,
+            "negative_margin": -2.0,
+            "max_style_distance": (distances[-2] + distances[-1]) / 2,
+            "review_style_distance": (distances[-2] + distances[-1]) / 2,
+        }
+    )
 
 
 def verdicts(out: dict) -> list[tuple]:
-    return [(str(out["status"][i]), str(out["error"][i]), out["reasons"][i], out["scores"][i])
-            for i in range(len(out["image_id"]))]
+    return [
+        (str(out["status"][i]), str(out["error"][i]), out["reasons"][i], out["scores"][i])
+        for i in range(len(out["image_id"]))
+    ]
 
 
 # --- the stages, without Ray -----------------------------------------------------------------------
@@ -185,9 +204,14 @@ def test_serve_replica_measures_and_the_ingress_grades_the_same(measuring, model
     # A replica's own CLIP, fresh like the ingress's: a text's embedding differs in its last bits
     # with the other new texts it is first embedded with, so both sides start from an empty cache.
     replica_clip = ClipMeasurer(qc, "cpu")
-    cores = {where: ServeCore(ServeConfig(qc=qc, steps=2, output_uri=str(tmp_path / where)), models,
-                              clip_on_generator=where == "generator")
-             for where in ("generator", "qc")}
+    cores = {
+        where: ServeCore(
+            ServeConfig(qc=qc, steps=2, output_uri=str(tmp_path / where)),
+            models,
+            clip_on_generator=where == "generator",
+        )
+        for where in ("generator", "qc")
+    }
     requests = cores["qc"].plan(ImageJob(prompt="a red leather boot", n=3, seed=11))
     results = stage.generator.render(requests)
     accelerator = stage.generator.accelerator
@@ -197,8 +221,11 @@ def test_serve_replica_measures_and_the_ingress_grades_the_same(measuring, model
     }
     assert cores["generator"].qc.models.clip is None
     for on_generator, in_qc in zip(served["generator"], served["qc"]):
-        assert (on_generator.status, on_generator.reasons, on_generator.scores) == (in_qc.status, in_qc.reasons,
-                                                                                    in_qc.scores)
+        assert (on_generator.status, on_generator.reasons, on_generator.scores) == (
+            in_qc.status,
+            in_qc.reasons,
+            in_qc.scores,
+        )
         assert not math.isnan(on_generator.scores["clip_score"])
 
 
@@ -211,7 +238,8 @@ def test_bulk_job_catalogues_the_same_scores_and_verdicts(ray_local, tmp_path):
     from jobs.generate import run
 
     (tmp_path / "rows.csv").write_text("key,prompt\n" + "".join(f"k{i},{p}\n" for i, p in enumerate(PROMPTS)))
-    (tmp_path / "job.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "job.yaml").write_text(
+        textwrap.dedent(f"""\
         run_name: clip-where
         input: {{path: rows.csv, prompt_column: prompt, key_column: key}}
         variations: {{seeds_per_row: 1, seed_mode: fixed, base_seed: 3}}
@@ -220,12 +248,15 @@ def test_bulk_job_catalogues_the_same_scores_and_verdicts(ray_local, tmp_path):
         compute: {{device: cpu, cpu_threads: 1, batch_size: 4}}
         qc: {{clip_model: {TINY_MODEL}, clip_threads: 1, review_clip_score: 1.0,
              negative_concepts: [watermark, text], enabled: [sharpness, prompt, negative_concepts]}}
-    """))
+    """)
+    )
     rows = {}
     # On the generator, QC is told to put its own CLIP on CUDA: where there is none, that would
     # fail the run, so a run that passes never built a CLIP in QC.
-    for where, qc in (("generator", {"clip_on_generator": True, "clip_device": "cuda"}),
-                      ("qc", {"clip_on_generator": False, "clip_device": "cpu"})):
+    for where, qc in (
+        ("generator", {"clip_on_generator": True, "clip_device": "cuda"}),
+        ("qc", {"clip_on_generator": False, "clip_device": "cpu"}),
+    ):
         out = tmp_path / where
         spec = load_spec(tmp_path / "job.yaml", {"output.uri": str(out), **{f"qc.{k}": v for k, v in qc.items()}})
         summary = run(spec, quiet=True)
@@ -236,7 +267,10 @@ def test_bulk_job_catalogues_the_same_scores_and_verdicts(ray_local, tmp_path):
         other = rows["qc"][image_id]
         assert row["pixel_sha256"] == other["pixel_sha256"]
         assert row["clip_score"] is not None and row["clip_score"] == other["clip_score"]
-        assert (row["status"], row["reasons"], row["qc_version"]) == (other["status"], other["reasons"],
-                                                                      other["qc_version"])
+        assert (row["status"], row["reasons"], row["qc_version"]) == (
+            other["status"],
+            other["reasons"],
+            other["qc_version"],
+        )
         assert dict(row["qc_scores"]) == dict(other["qc_scores"])
         assert "borderline_off_prompt" in row["reasons"]

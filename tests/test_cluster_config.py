@@ -51,8 +51,11 @@ def manifest(kind: str) -> dict:
 
 
 def ray_cluster_spec(doc: dict) -> dict:
-    return {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
-            "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)
+    return {
+        "RayCluster": lambda d: d["spec"],
+        "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+        "RayService": lambda d: d["spec"]["rayClusterConfig"],
+    }[doc["kind"]](doc)
 
 
 def groups(spec: dict) -> list[dict]:
@@ -64,6 +67,7 @@ def containers(group: dict) -> list[dict]:
 
 
 # --- cluster.yaml --------------------------------------------------------------------------------
+
 
 def validated(cfg: dict) -> dict:
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -99,8 +103,16 @@ def _node_type_without_resources(cfg):
     del cfg["available_node_types"]["gpu_hero"]["resources"]
 
 
-@pytest.mark.parametrize("breakage", [_typo_in_a_node_type, _fractional_resource, _unknown_head_type,
-                                      _min_workers_over_the_cluster_max, _node_type_without_resources])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _typo_in_a_node_type,
+        _fractional_resource,
+        _unknown_head_type,
+        _min_workers_over_the_cluster_max,
+        _node_type_without_resources,
+    ],
+)
 def test_rays_validation_rejects_a_broken_cluster_yaml(breakage):
     cfg = cluster_config()
     breakage(cfg)
@@ -129,8 +141,11 @@ def test_node_types_have_roles_resources_and_bounds():
 
 def test_cluster_yaml_is_pinned():
     cfg = cluster_config()
-    images = [cfg["docker"]["image"], cfg["docker"]["head_image"],
-              *(t["docker"]["worker_image"] for t in cfg["available_node_types"].values() if "docker" in t)]
+    images = [
+        cfg["docker"]["image"],
+        cfg["docker"]["head_image"],
+        *(t["docker"]["worker_image"] for t in cfg["available_node_types"].values() if "docker" in t),
+    ]
     py = "py" + pyproject()["project"]["requires-python"].split(">=")[1].split(",")[0].replace(".", "")
     for image in images:
         assert re.fullmatch(rf"rayproject/ray:{re.escape(RAY)}-{py}-(cpu|gpu)", image), image
@@ -141,13 +156,14 @@ def test_cluster_yaml_is_pinned():
     installs = [shlex.split(c) for c in commands if "pip install" in c]
     assert installs
     for words in installs:
-        targets = [w for w in words[words.index("install") + 1:] if not w.startswith("-")]
+        targets = [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
         for t in targets:
             assert t == "/home/ray/imagefab" or re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==[\w.]+", t), f"unpinned: {t}"
     assert "latest" not in (REPO / "cluster.yaml").read_text().replace("/latest/ami-id", "")
 
 
 # --- KubeRay manifests ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", MANIFESTS)
 def test_manifest_kind_version_and_pins(kind):
@@ -216,8 +232,13 @@ def test_rayservice_serve_config_is_valid_for_ray_serve_and_names_the_app_builde
     assert file.is_file(), f"{app.import_path}: no {file.relative_to(REPO)}"
     # Checked without importing (that would start Serve's machinery): the module defines it.
     defined = {n.name for n in ast.parse(file.read_text()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    defined |= {t.id for n in ast.parse(file.read_text()).body if isinstance(n, ast.Assign)
-                for t in n.targets if isinstance(t, ast.Name)}
+    defined |= {
+        t.id
+        for n in ast.parse(file.read_text()).body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     assert attr in defined, f"{app.import_path}: {module} defines no {attr}"
 
 
@@ -237,7 +258,9 @@ def test_rayservice_args_are_a_valid_serve_config_in_the_image():
     # Serve binds 0.0.0.0 on a cluster, so the app needs keys: every pod gets the keys' Secret.
     for group in groups(ray_cluster_spec(manifest("RayService"))):
         for c in containers(group):
-            assert {"name": "imagefab-api-keys"} in [e.get("secretRef") for e in c.get("envFrom", [])], group["groupName"]
+            assert {"name": "imagefab-api-keys"} in [e.get("secretRef") for e in c.get("envFrom", [])], group[
+                "groupName"
+            ]
 
 
 def _dockerfile_workdir() -> str:
@@ -256,22 +279,30 @@ def test_dockerfile_builds_on_the_pinned_ray_image_and_copies_what_exists():
     assert ".venv" in ignored and ".git" in ignored
 
 
-@pytest.mark.skipif(not os.environ.get("IMAGEFAB_KUBERAY_CRDS"), reason="set IMAGEFAB_KUBERAY_CRDS to KubeRay's CRD folder")
+@pytest.mark.skipif(
+    not os.environ.get("IMAGEFAB_KUBERAY_CRDS"), reason="set IMAGEFAB_KUBERAY_CRDS to KubeRay's CRD folder"
+)
 @pytest.mark.parametrize("kind", MANIFESTS)
 def test_manifests_against_kuberay_crd_schemas(kind):
     doc = manifest(kind)
     crd = yaml.safe_load((Path(os.environ["IMAGEFAB_KUBERAY_CRDS"]) / f"ray.io_{kind.lower()}s.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == doc["apiVersion"].split("/")[1])
-    errors = [f"{list(e.absolute_path)}: {e.message[:200]}"
-              for e in jsonschema.Draft7Validator(_no_unknown_fields(version["schema"]["openAPIV3Schema"])).iter_errors(doc)]
+    errors = [
+        f"{list(e.absolute_path)}: {e.message[:200]}"
+        for e in jsonschema.Draft7Validator(_no_unknown_fields(version["schema"]["openAPIV3Schema"])).iter_errors(doc)
+    ]
     assert not errors, "\n".join(errors)
 
 
 def _no_unknown_fields(schema):
     """Kubernetes silently prunes fields a CRD does not declare; make them errors, so typos show."""
     if isinstance(schema, dict):
-        if (schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema = {**schema, "additionalProperties": False}
         return {k: _no_unknown_fields(v) for k, v in schema.items()}
     if isinstance(schema, list):

@@ -17,22 +17,33 @@ from app.spec import ComputeSpec, SpecError, parse_spec
 def models(model_catalog, tiny_base, tiny_loras):
     base_b = model_catalog.resolve_base("tiny-sdxl-b")
     loras = {**tiny_loras, "tiny-style-b": model_catalog.resolve_lora("tiny-style-b", base_b)}
-    return ResolvedModels(bases={"tiny-sdxl": tiny_base, "tiny-sdxl-b": base_b}, loras=loras,
-                          known_loras=tuple(model_catalog.names("lora")))
+    return ResolvedModels(
+        bases={"tiny-sdxl": tiny_base, "tiny-sdxl-b": base_b},
+        loras=loras,
+        known_loras=tuple(model_catalog.names("lora")),
+    )
 
 
 COMBOS = {
-    "hero": {"base": "tiny-sdxl", "loras": [{"name": "tiny-style", "weight": 0.8}, {"name": "tiny-detail", "weight": 0.6}],
-             "steps": 30},
+    "hero": {
+        "base": "tiny-sdxl",
+        "loras": [{"name": "tiny-style", "weight": 0.8}, {"name": "tiny-detail", "weight": 0.6}],
+        "steps": 30,
+    },
     "variation": {"base": "tiny-sdxl-b", "loras": [{"name": "tiny-style-b", "weight": 1.0}], "steps": 8},
     "fast": {"base": "tiny-sdxl", "scheduler": "euler_trailing", "steps": 4, "guidance": 1.0},
 }
 
 
 def spec_with(**over):
-    data = {"run_name": "t", "input": {"path": "/x.parquet"}, "size": "tiny-square", "guidance": 5.0,
-            "combinations": COMBOS, "tiers": {"column": "tier", "default": "bulk",
-                                               "routes": {"bulk": "variation", "thumbnail": "fast"}}}
+    data = {
+        "run_name": "t",
+        "input": {"path": "/x.parquet"},
+        "size": "tiny-square",
+        "guidance": 5.0,
+        "combinations": COMBOS,
+        "tiers": {"column": "tier", "default": "bulk", "routes": {"bulk": "variation", "thumbnail": "fast"}},
+    }
     data.update(over)
     return parse_spec(data)
 
@@ -43,9 +54,16 @@ def expand(spec, models, rows):
 
 
 def test_tiers_route_rows_to_combinations_with_their_own_settings(models):
-    out, reqs = expand(spec_with(), models, [
-        {"prompt": "a", "tier": "hero"}, {"prompt": "b", "tier": None}, {"prompt": "c", "tier": "thumbnail"},
-        {"prompt": "d", "tier": "poster"}])
+    out, reqs = expand(
+        spec_with(),
+        models,
+        [
+            {"prompt": "a", "tier": "hero"},
+            {"prompt": "b", "tier": None},
+            {"prompt": "c", "tier": "thumbnail"},
+            {"prompt": "d", "tier": "poster"},
+        ],
+    )
     assert out["status"] == ["pending", "pending", "pending", "failed"]
     hero, bulk, thumb = reqs[:3]
     assert (hero.combination, hero.tier, hero.steps, hero.guidance) == ("hero", "hero", 30, 5.0)
@@ -56,8 +74,11 @@ def test_tiers_route_rows_to_combinations_with_their_own_settings(models):
 
 
 def test_ab_test_renders_each_row_through_every_combination_with_one_seed(models):
-    out, reqs = expand(spec_with(ab_test={"combinations": ["hero", "variation"]}, tiers={}), models,
-                       [{"prompt": "a red shoe"}, {"prompt": "a hat"}])
+    out, reqs = expand(
+        spec_with(ab_test={"combinations": ["hero", "variation"]}, tiers={}),
+        models,
+        [{"prompt": "a red shoe"}, {"prompt": "a hat"}],
+    )
     assert len(reqs) == 4 and all(out["status"][i] == "pending" for i in range(4))
     by_group = {}
     for r in reqs:
@@ -88,8 +109,11 @@ def test_spec_errors_name_the_combination(model_catalog):
 def test_row_lora_for_another_architecture_fails_that_row(models):
     alien = dataclasses.replace(models.loras["tiny-style"], name="alien", arch="unet-0123456789")
     with_alien = dataclasses.replace(models, loras={**models.loras, "alien": alien})
-    out, _ = expand(spec_with(), with_alien, [{"prompt": "a", "tier": "hero", "loras": "alien:0.5"},
-                                              {"prompt": "b", "tier": "hero"}])
+    out, _ = expand(
+        spec_with(),
+        with_alien,
+        [{"prompt": "a", "tier": "hero", "loras": "alien:0.5"}, {"prompt": "b", "tier": "hero"}],
+    )
     assert out["status"] == ["failed", "pending"]
     assert "LoRA 'alien' was made for architecture unet-0123456789, but base 'tiny-sdxl' is" in out["error"][0]
 
@@ -97,10 +121,19 @@ def test_row_lora_for_another_architecture_fails_that_row(models):
 def test_fused_stack_matches_unfused_and_leaves_the_base_exact(models):
     from app.generate import Generator
 
-    spec = spec_with(combinations={
-        "plain": {}, "stack": {"loras": [{"name": "tiny-style", "weight": 0.8}, {"name": "tiny-detail", "weight": 0.5}]},
-        "fused": {"loras": [{"name": "tiny-style", "weight": 0.8}, {"name": "tiny-detail", "weight": 0.5}], "fuse_loras": True}},
-        tiers={}, ab_test={"combinations": ["plain", "stack", "fused"]}, steps=3)
+    spec = spec_with(
+        combinations={
+            "plain": {},
+            "stack": {"loras": [{"name": "tiny-style", "weight": 0.8}, {"name": "tiny-detail", "weight": 0.5}]},
+            "fused": {
+                "loras": [{"name": "tiny-style", "weight": 0.8}, {"name": "tiny-detail", "weight": 0.5}],
+                "fuse_loras": True,
+            },
+        },
+        tiers={},
+        ab_test={"combinations": ["plain", "stack", "fused"]},
+        steps=3,
+    )
     _, reqs = expand(spec, models, [{"prompt": "a red shoe"}])
     plain, stack, fused = reqs
     assert fused.fuse_loras and fused.image_id != stack.image_id  # fusing decides the last bits
@@ -136,8 +169,10 @@ def test_game_assets_runs_two_bases_and_three_stacks_in_one_job(ray_local, tmp_p
     from app.storage import OutputStore
     from jobs.generate import run
 
-    spec = load_spec(Path(__file__).parents[1] / "specs" / "game_assets.yaml",
-                     {"output.uri": str(tmp_path), "variations.seeds_per_row": 2, "steps": 2})
+    spec = load_spec(
+        Path(__file__).parents[1] / "specs" / "game_assets.yaml",
+        {"output.uri": str(tmp_path), "variations.seeds_per_row": 2, "steps": 2},
+    )
     summary = run(spec, quiet=True)
     assert summary.rendered == 6 and summary.counts["failed"] == 0
     assert set(summary.by_combination) == {"painted", "detailed", "alt-base"}
@@ -149,8 +184,14 @@ def test_game_assets_runs_two_bases_and_three_stacks_in_one_job(ray_local, tmp_p
     assert "LoRA switches" in summary.render()
 
     rows = CatalogStore(OutputStore.at(str(tmp_path))).read().to_pylist()
-    lineage = {r["combination"]: (r["base_model"]["name"], [(lo["name"], lo["weight"], len(lo["sha256"])) for lo in r["loras"]],
-                                  r["lora_fused"]) for r in rows}
+    lineage = {
+        r["combination"]: (
+            r["base_model"]["name"],
+            [(lo["name"], lo["weight"], len(lo["sha256"])) for lo in r["loras"]],
+            r["lora_fused"],
+        )
+        for r in rows
+    }
     assert lineage == {
         "painted": ("tiny-sdxl", [("tiny-style", 0.8, 64)], False),
         "detailed": ("tiny-sdxl", [("tiny-detail", 0.7, 64), ("tiny-style", 0.3, 64)], True),
@@ -163,14 +204,21 @@ def test_fused_qkv_gives_the_same_images_with_and_without_lora_stacks(models):
     """Fused QKV projections skip unfused LoRA adapters; the switcher must split them for those."""
     from app.generate import Generator
 
-    spec = spec_with(combinations={
-        "plain": {}, "stack": {"loras": [{"name": "tiny-style", "weight": 0.8}]},
-        "fused": {"loras": [{"name": "tiny-style", "weight": 0.8}], "fuse_loras": True}},
-        tiers={}, ab_test={"combinations": ["plain", "stack", "fused", "plain"][:3]}, steps=2)
+    spec = spec_with(
+        combinations={
+            "plain": {},
+            "stack": {"loras": [{"name": "tiny-style", "weight": 0.8}]},
+            "fused": {"loras": [{"name": "tiny-style", "weight": 0.8}], "fuse_loras": True},
+        },
+        tiers={},
+        ab_test={"combinations": ["plain", "stack", "fused", "plain"][:3]},
+        steps=2,
+    )
     _, reqs = expand(spec, models, [{"prompt": "a red shoe"}])
     reference = Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", fuse_qkv=False))
-    fast = Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", fuse_qkv=True,
-                                                                          channels_last=True))
+    fast = Generator(
+        models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", fuse_qkv=True, channels_last=True)
+    )
     assert fast.accelerator == "cpu:threads=1+fused_qkv+channels_last"
     for r in reqs + reqs[:1]:  # back to plain at the end
         want = reference.render([r])[0].pixels.astype(int)

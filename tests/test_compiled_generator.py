@@ -9,6 +9,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def request(base, loras, i: int, stack=(), fuse: bool = True, seed: int | None = None) -> RenderRequest:
     uses = tuple(LoraUse(name=n, version=loras[n].version, weight=w, sha256=loras[n].sha256) for n, w in stack)
-    return RenderRequest(image_id=f"img{i:03d}", prompt="a red shoe", negative_prompt="",
-                         base_model=base.lineage(), loras=uses, scheduler="euler", steps=2, guidance=5.0,
-                         width=64, height=64, seed=i if seed is None else seed, fuse_loras=fuse and bool(uses))
+    return RenderRequest(
+        image_id=f"img{i:03d}",
+        prompt="a red shoe",
+        negative_prompt="",
+        base_model=base.lineage(),
+        loras=uses,
+        scheduler="euler",
+        steps=2,
+        guidance=5.0,
+        width=64,
+        height=64,
+        seed=i if seed is None else seed,
+        fuse_loras=fuse and bool(uses),
+    )
 
 
 def graphs() -> int:
@@ -36,9 +48,16 @@ def graphs() -> int:
 
 # --- spec checks (fast) ----------------------------------------------------------------------------
 def test_compile_with_an_unfused_lora_combination_is_refused_naming_it():
-    data = {"run_name": "t", "input": {"path": "/x.parquet"}, "compute": {"compile": True},
-            "combinations": {"plain": {}, "styled": {"loras": [{"name": "tiny-style"}]},
-                             "merged": {"loras": [{"name": "tiny-style"}], "fuse_loras": True}}}
+    data = {
+        "run_name": "t",
+        "input": {"path": "/x.parquet"},
+        "compute": {"compile": True},
+        "combinations": {
+            "plain": {},
+            "styled": {"loras": [{"name": "tiny-style"}]},
+            "merged": {"loras": [{"name": "tiny-style"}], "fuse_loras": True},
+        },
+    }
     with pytest.raises(SpecError) as e:
         parse_spec(data)
     assert "styled" in str(e.value) and "fuse_loras: true" in str(e.value) and "merged" not in str(e.value)
@@ -80,8 +99,17 @@ def test_a_compile_mode_other_than_default_is_recorded_and_regenerated(tiny_base
 # re-quantisation after each LoRA switch runs compiled too; batches of 2. The compile cache is the
 # tests' model home's, shared with tests/test_gpu_bench.py's FP8 row (the same graphs) and kept
 # between runs of the suite.
-COMPILED = dict(device="cpu", compile=True, fuse_qkv=True, channels_last=True, fp8=True, batch_invariant=False,
-                batch_size=2, warmup_sizes=("64x64",), decode_overlap=True)
+COMPILED = dict(
+    device="cpu",
+    compile=True,
+    fuse_qkv=True,
+    channels_last=True,
+    fp8=True,
+    batch_invariant=False,
+    batch_size=2,
+    warmup_sizes=("64x64",),
+    decode_overlap=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +182,14 @@ def test_another_generator_loads_every_graph_from_the_compile_cache(compiled):
     """A second generator process (another actor on the node, or a restarted one) with the same
     settings and cache directory compiles nothing: every graph comes from the first's cache."""
     gen, _, _, cold = compiled
-    out = subprocess.run([sys.executable, "-c", WARM_START, ComputeSpec(**COMPILED).model_dump_json()], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WARM_START, ComputeSpec(**COMPILED).model_dump_json()],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
     second = json.loads(out.stdout.strip().splitlines()[-1])
     assert second["cache"] == gen.compile_cache
     assert second["hits"] > 0 and second["misses"] == 0
@@ -171,7 +205,10 @@ def test_fp8_generator_checks_its_error_and_follows_lora_switches(tiny_base, tin
     fp8 = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", fuse_qkv=True, fp8=True))
     assert fp8.accelerator == "cpu:threads=1+fused_qkv+fp8"
     assert 1e-4 < fp8.stats()["fp8_error"] < 0.02 and fp8.fp8_layers > 0  # measured 0.006
-    plain, styled = request(tiny_base, tiny_loras, 1, seed=3), request(tiny_base, tiny_loras, 2, (("tiny-style", 0.8),), seed=3)
+    plain, styled = (
+        request(tiny_base, tiny_loras, 1, seed=3),
+        request(tiny_base, tiny_loras, 2, (("tiny-style", 0.8),), seed=3),
+    )
     first = fp8.render([plain])[0].pixels
     # Close to the exact image, not equal (measured: at most 3 of 255, 0.33 on average).
     diff = np.abs(first.astype(int) - exact.render([plain])[0].pixels.astype(int))
@@ -234,7 +271,7 @@ def tight_memory(pipe, max_images: int):
     import torch
 
     class Tight(type(pipe)):
-        calls: list = []
+        calls: typing.ClassVar[list] = []
 
         def __call__(self, *args, **kwargs):
             n = len(kwargs["prompt"])
@@ -248,10 +285,10 @@ def tight_memory(pipe, max_images: int):
 
 
 def test_a_batch_that_runs_out_of_memory_is_halved_for_good(tiny_base, tiny_loras):
+    import torch
+
     from app.generate import Generator
     from app.models.loader import load_pipeline, pick_dtype
-
-    import torch
 
     pipe = load_pipeline(tiny_base, torch.device("cpu"), pick_dtype(tiny_base.dtype, torch.device("cpu")))
     calls = tight_memory(pipe, 2)
@@ -290,8 +327,12 @@ def test_vae_tiles_only_above_the_threshold_and_regenerate_knows(tiny_base):
 def test_the_bulk_job_warms_compiled_generators_up_for_the_sizes_its_rows_use():
     from jobs.generate import with_warmup_sizes
 
-    rows = [json.dumps({"width": 1024, "height": 1024}), json.dumps({"width": 832, "height": 1216}),
-            json.dumps({"width": 1024, "height": 1024}), ""]  # "" : a failed row has no request
+    rows = [
+        json.dumps({"width": 1024, "height": 1024}),
+        json.dumps({"width": 832, "height": 1216}),
+        json.dumps({"width": 1024, "height": 1024}),
+        "",
+    ]  # "" : a failed row has no request
     compiled = with_warmup_sizes(ComputeSpec(compile=True), rows)
     assert compiled.warmup_sizes == ("832x1216", "1024x1024")
     listed = ComputeSpec(compile=True, warmup_sizes=("512x512",))
@@ -318,17 +359,29 @@ def text_encoder_loras(tiny_base, tmp_path_factory):
     pipe = load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
     torch.manual_seed(11)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(LORA_TARGETS)))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    pipe.text_encoder.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+        )
+    )
     unet_part = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     te_part = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
     found = {}
     for name, parts in (("unet-only", {}), ("with-te", {"text_encoder_lora_layers": te_part})):
         folder = tmp_path_factory.mktemp(name)
-        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=unet_part, safe_serialization=True, **parts)
-        found[name] = ResolvedModel(name=name, kind="lora", version="1", source=str(folder), path=str(folder),
-                                    sha256=name.ljust(64, "0"), arch=tiny_base.arch,
-                                    weight_name="pytorch_lora_weights.safetensors")
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=unet_part, safe_serialization=True, **parts
+        )
+        found[name] = ResolvedModel(
+            name=name,
+            kind="lora",
+            version="1",
+            source=str(folder),
+            path=str(folder),
+            sha256=name.ljust(64, "0"),
+            arch=tiny_base.arch,
+            weight_name="pytorch_lora_weights.safetensors",
+        )
     return found
 
 

@@ -7,9 +7,9 @@ every image with its own batch, and what happens when memory runs out with a bat
 from __future__ import annotations
 
 import time
+import typing
 
 import numpy as np
-import pytest
 import torch
 
 from app.compute import ComputeSpec
@@ -18,9 +18,19 @@ from app.request import LoraUse, RenderRequest
 
 def request(base, loras, i: int, stack=(), seed: int | None = None, size: int = 64) -> RenderRequest:
     uses = tuple(LoraUse(name=n, version=loras[n].version, weight=w, sha256=loras[n].sha256) for n, w in stack)
-    return RenderRequest(image_id=f"img{i:03d}", prompt=f"a red shoe {i}", negative_prompt="",
-                         base_model=base.lineage(), loras=uses, scheduler="euler", steps=2, guidance=5.0,
-                         width=size, height=size, seed=i if seed is None else seed)
+    return RenderRequest(
+        image_id=f"img{i:03d}",
+        prompt=f"a red shoe {i}",
+        negative_prompt="",
+        base_model=base.lineage(),
+        loras=uses,
+        scheduler="euler",
+        steps=2,
+        guidance=5.0,
+        width=size,
+        height=size,
+        seed=i if seed is None else seed,
+    )
 
 
 def stock_pixels(pipe, r: RenderRequest) -> np.ndarray:
@@ -28,8 +38,15 @@ def stock_pixels(pipe, r: RenderRequest) -> np.ndarray:
     from app.generate import uint8_on_device
 
     with torch.inference_mode():
-        out = pipe(prompt=[r.prompt], num_inference_steps=r.steps, guidance_scale=r.guidance, width=r.width,
-                   height=r.height, generator=[torch.Generator("cpu").manual_seed(r.seed)], output_type="pt").images
+        out = pipe(
+            prompt=[r.prompt],
+            num_inference_steps=r.steps,
+            guidance_scale=r.guidance,
+            width=r.width,
+            height=r.height,
+            generator=[torch.Generator("cpu").manual_seed(r.seed)],
+            output_type="pt",
+        ).images
     return uint8_on_device(out)[0][0].numpy()
 
 
@@ -77,7 +94,9 @@ def test_deferred_collecting_keeps_each_image_with_its_batch(tiny_base, tiny_lor
     # Device time is shared out without counting overlapping batches twice.
     assert 0 < sum(r.gpu_seconds for r in got) <= wall
     # Recorded batches, back to back, are the same batches.
-    batches = [[r for r in reqs[:3] if want[r.image_id].batch_id == b] for b in {want[r.image_id].batch_id for r in reqs[:3]}]
+    batches = [
+        [r for r in reqs[:3] if want[r.image_id].batch_id == b] for b in {want[r.image_id].batch_id for r in reqs[:3]}
+    ]
     again = deferred.render_batches(batches)
     assert all(np.array_equal(r.pixels, want[r.image_id].pixels) for r in again) and len(again) == 3
 
@@ -87,7 +106,7 @@ def fail_once_at(pipe, call: int):
     decode still holding memory beside it; every other call renders."""
 
     class Flaky(type(pipe)):
-        calls: list = []
+        calls: typing.ClassVar[list] = []
 
         def __call__(self, *args, **kwargs):
             type(self).calls.append(len(kwargs["prompt"]))
@@ -106,8 +125,12 @@ def test_out_of_memory_beside_a_batch_in_flight_stops_overlapping_not_the_batch_
     cpu = torch.device("cpu")
     pipe = load_pipeline(tiny_base, cpu, pick_dtype(tiny_base.dtype, cpu))
     calls = fail_once_at(pipe, 2)
-    gen = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=2,
-                                                       decode_overlap=True), pipe=pipe)
+    gen = Generator(
+        tiny_base,
+        tiny_loras,
+        ComputeSpec(device="cpu", batch_invariant=False, batch_size=2, decode_overlap=True),
+        pipe=pipe,
+    )
     reqs = [request(tiny_base, tiny_loras, i) for i in range(6)]
     results = gen.render(reqs)
     assert all(not r.error for r in results) and [r.batch_size for r in results] == [2] * 6

@@ -119,7 +119,9 @@ def test_game_assets_share_twenty_seeds_across_three_styles():
     groups: dict[str, set] = defaultdict(set)
     for req in requests:
         groups[req.tags["ab_group"]].add((req.combination, req.seed))
-    assert len(groups) == 20 and all(len({c for c, _ in g}) == 3 and len({s for _, s in g}) == 1 for g in groups.values())
+    assert len(groups) == 20 and all(
+        len({c for c, _ in g}) == 3 and len({s for _, s in g}) == 1 for g in groups.values()
+    )
 
 
 def test_social_renders_every_platform_preset_as_watermarked_jpeg():
@@ -139,7 +141,11 @@ def test_cli_validate_accepts_example(path: Path):
     command = [str(imagefab)] if imagefab.exists() else [sys.executable, "-m", "app.cli"]
     result = subprocess.run(
         [*command, "validate", str(path)],
-        cwd=path.parent.parent.parent, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+        cwd=path.parent.parent.parent,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert f"{path}: valid" in result.stdout

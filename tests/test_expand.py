@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from app.expand import ExpandRows, ResolvedModels, parse_lora_list, RowError
+from app.expand import ExpandRows, ResolvedModels, RowError, parse_lora_list
 from app.plan import check_input, split_plan
 from app.request import RenderRequest, compute_image_id
 from app.spec import SpecError, parse_spec
@@ -47,7 +47,9 @@ def test_template_rows_become_requests_with_tags_and_lineage(models):
     assert req.row_key == "P1"
     assert req.template["name"] == "inline" and len(req.template["version"]) == 12
     assert req.base_model["sha256"] == models.bases["tiny-sdxl"].sha256
-    assert [(lo.name, lo.weight, lo.sha256) for lo in req.loras] == [("tiny-style", 0.8, models.loras["tiny-style"].sha256)]
+    assert [(lo.name, lo.weight, lo.sha256) for lo in req.loras] == [
+        ("tiny-style", 0.8, models.loras["tiny-style"].sha256)
+    ]
     assert (req.width, req.height, req.steps) == (256, 256, 4)
     # Two variations: two different seeds, two different ids.
     r2 = RenderRequest.from_json(out["request"][1])
@@ -62,19 +64,32 @@ def test_image_id_is_the_hash_of_what_decides_the_pixels(models):
     assert expand(spec, models, rows)["image_id"] == a["image_id"]
     req = RenderRequest.from_json(a["request"][0])
     assert req.image_id == compute_image_id(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, base_sha256=req.base_model["sha256"],
-        loras=req.loras, scheduler=req.scheduler, steps=req.steps, guidance=req.guidance,
-        width=req.width, height=req.height, seed=req.seed)
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        base_sha256=req.base_model["sha256"],
+        loras=req.loras,
+        scheduler=req.scheduler,
+        steps=req.steps,
+        guidance=req.guidance,
+        width=req.width,
+        height=req.height,
+        seed=req.seed,
+    )
     # Tags do not decide pixels; the LoRA weight, steps and prompt do.
     assert expand(make_spec(static_tags={"campaign": "other"}), models, rows)["image_id"] == a["image_id"]
     assert expand(make_spec(steps=5), models, rows)["image_id"] != a["image_id"]
-    assert expand(make_spec(model={"loras": [{"name": "tiny-style", "weight": 0.5}]}), models, rows)["image_id"] != a["image_id"]
+    assert (
+        expand(make_spec(model={"loras": [{"name": "tiny-style", "weight": 0.5}]}), models, rows)["image_id"]
+        != a["image_id"]
+    )
 
 
 def test_derived_seeds_do_not_depend_on_other_rows(models):
     spec = make_spec()
     one = expand(spec, models, [{"pid": "P2", "name": "mug", "color": "white"}])
-    two = expand(spec, models, [{"pid": "P1", "name": "boot", "color": "tan"}, {"pid": "P2", "name": "mug", "color": "white"}])
+    two = expand(
+        spec, models, [{"pid": "P1", "name": "boot", "color": "tan"}, {"pid": "P2", "name": "mug", "color": "white"}]
+    )
     assert one["image_id"] == two["image_id"][2:]
 
 
@@ -115,10 +130,19 @@ def test_bad_rows_fail_with_a_reason_and_others_go_on(models, row, reason):
 
 
 def test_prompt_column_and_empty_prompt(models):
-    spec = parse_spec({"run_name": "t", "input": {"path": "/x.parquet"}, "size": "tiny-square",
-                       "negative_prompt": "blurry"})
-    out = expand(spec, models, [{"prompt": "  a   red  shoe ", "negative_prompt": None}, {"prompt": "   "}, {"prompt": None},
-                                {"prompt": "cat", "negative_prompt": "dog"}])
+    spec = parse_spec(
+        {"run_name": "t", "input": {"path": "/x.parquet"}, "size": "tiny-square", "negative_prompt": "blurry"}
+    )
+    out = expand(
+        spec,
+        models,
+        [
+            {"prompt": "  a   red  shoe ", "negative_prompt": None},
+            {"prompt": "   "},
+            {"prompt": None},
+            {"prompt": "cat", "negative_prompt": "dog"},
+        ],
+    )
     assert out["status"] == ["pending", "failed", "failed", "pending"]
     assert RenderRequest.from_json(out["request"][0]).prompt == "a red shoe"
     assert RenderRequest.from_json(out["request"][0]).negative_prompt == "blurry"
@@ -134,10 +158,17 @@ def test_row_lora_column_replaces_the_spec_stack(models):
 
 
 def test_lora_problems_fail_only_their_rows(tiny_base, tiny_loras):
-    models = ResolvedModels.single(tiny_base, loras={"tiny-style": tiny_loras["tiny-style"]},
-                            known_loras=("tiny-style", "broken"), lora_problems={"broken": "/m/broken: sha256 mismatch"})
-    out = expand(make_spec(), models, [{"pid": "1", "name": "a", "color": "b", "loras": "broken:1"},
-                                       {"pid": "2", "name": "a", "color": "c"}])
+    models = ResolvedModels.single(
+        tiny_base,
+        loras={"tiny-style": tiny_loras["tiny-style"]},
+        known_loras=("tiny-style", "broken"),
+        lora_problems={"broken": "/m/broken: sha256 mismatch"},
+    )
+    out = expand(
+        make_spec(),
+        models,
+        [{"pid": "1", "name": "a", "color": "b", "loras": "broken:1"}, {"pid": "2", "name": "a", "color": "c"}],
+    )
     assert out["status"] == ["failed", "failed", "pending", "pending"]
     assert "sha256 mismatch" in out["error"][0]
 
@@ -150,15 +181,21 @@ def test_parse_lora_list():
 
 def test_check_input_names_a_missing_template_column():
     spec = make_spec()
-    with pytest.raises(SpecError, match=r"input.prompt_template: column 'color' is not in /x.csv \(columns: pid, name\)"):
+    with pytest.raises(
+        SpecError, match=r"input.prompt_template: column 'color' is not in /x.csv \(columns: pid, name\)"
+    ):
         check_input(spec, ["pid", "name"])
     with pytest.raises(SpecError, match=r"tags\[0\]: column 'pid'"):
         check_input(make_spec(input={"path": "/x.csv", "prompt_template": "{name}"}), ["name"])
 
 
 def test_split_plan_dedupes_skips_existing_and_sets_failed_aside(models):
-    rows = [{"pid": "1", "name": "a", "color": "b"}, {"pid": "1", "name": "a", "color": "b"},
-            {"pid": "2", "name": "", "color": "b"}, {"pid": "3", "name": "c", "color": "d"}]
+    rows = [
+        {"pid": "1", "name": "a", "color": "b"},
+        {"pid": "1", "name": "a", "color": "b"},
+        {"pid": "2", "name": "", "color": "b"},
+        {"pid": "3", "name": "c", "color": "d"},
+    ]
     out = expand(make_spec(variations={"seeds_per_row": 1}), models, rows)
     table = pa.table(out)
     plan = split_plan(table, done_ids={out["image_id"][3]})

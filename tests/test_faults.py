@@ -114,8 +114,13 @@ def parts(out: Path) -> list[str]:
 
 def start_job(spec_path: Path, out: Path, run_id: str, log: Path, **overrides) -> subprocess.Popen:
     # A session of its own: the job's Ray processes are its descendants, and killpg ends them all.
-    return subprocess.Popen([sys.executable, "-c", JOB, str(spec_path), str(out), run_id, json.dumps(overrides)],
-                            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", JOB, str(spec_path), str(out), run_id, json.dumps(overrides)],
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def end_job(proc: subprocess.Popen) -> None:
@@ -130,7 +135,9 @@ def wait_for_parts(out: Path, n: int, proc: subprocess.Popen, log: Path, timeout
     deadline = time.monotonic() + timeout
     while len(parts(out)) < n:
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"no {n} catalog files before the job ended or {timeout} s:\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"no {n} catalog files before the job ended or {timeout} s:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.1)
 
 
@@ -213,8 +220,7 @@ def test_a_row_that_breaks_postprocessing_fails_alone(killed_generator_run):
     assert all(r["uri"] and r["pixel_sha256"] for r in rows if r["status"] != "failed")
 
 
-def test_killed_driver_then_rerun_renders_only_what_is_missing(spec_path, reference, first_rows, ray_local,
-                                                                 tmp_path):
+def test_killed_driver_then_rerun_renders_only_what_is_missing(spec_path, reference, first_rows, ray_local, tmp_path):
     from jobs.generate import run
 
     out, log = tmp_path / "out", tmp_path / "job.log"
@@ -243,7 +249,9 @@ def small_tmpfs(tmp_path):
     """A 600 KB filesystem (room for run.json and a few images); skipped where mounting is not allowed."""
     where = tmp_path / "small"
     where.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(where)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if res.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); needs root")
     yield where
@@ -256,17 +264,37 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(where)], check=True)
 
 
-def test_full_output_stops_with_a_clear_error_and_a_rerun_finishes(spec_path, reference, first_rows, ray_local,
-                                                                  small_tmpfs):
+def test_full_output_stops_with_a_clear_error_and_a_rerun_finishes(
+    spec_path, reference, first_rows, ray_local, small_tmpfs
+):
     from jobs.generate import run
 
     # The CLI, with a Ray of its own, as an operator runs it.
-    res = subprocess.run([sys.executable, "-m", "jobs.generate", str(spec_path), "--output", str(small_tmpfs),
-                          "--quiet", "--no-mlflow", "--set", f"input.limit={ROWS}", "--run-id", "full"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.generate",
+            str(spec_path),
+            "--output",
+            str(small_tmpfs),
+            "--quiet",
+            "--no-mlflow",
+            "--set",
+            f"input.limit={ROWS}",
+            "--run-id",
+            "full",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     [error] = [line for line in res.stderr.splitlines() if line.startswith("imagefab: error:")]
-    assert error.startswith(f"imagefab: error: {small_tmpfs}/") and error.endswith("cannot write (No space left on device)")
+    assert error.startswith(f"imagefab: error: {small_tmpfs}/") and error.endswith(
+        "cannot write (No space left on device)"
+    )
     # Nothing half-written: no temporary file left, every visible file whole, every catalogued image there.
     assert not glob.glob(f"{small_tmpfs}/**/.*", recursive=True)
     assert_complete_files(small_tmpfs)

@@ -229,12 +229,14 @@ def test_dtype_casts_keep_fp8_buffers_and_state_dicts_stay_plain():
 
 
 def test_selection_skips_unaligned_narrow_and_unmatched_layers():
-    model = torch.nn.ModuleDict({
-        "wide": torch.nn.Linear(64, 64),
-        "odd": torch.nn.Linear(20, 64),
-        "narrow": torch.nn.Linear(64, 16),
-        "conv": torch.nn.Conv2d(64, 64, 1),
-    })
+    model = torch.nn.ModuleDict(
+        {
+            "wide": torch.nn.Linear(64, 64),
+            "odd": torch.nn.Linear(20, 64),
+            "narrow": torch.nn.Linear(64, 16),
+            "conv": torch.nn.Conv2d(64, 64, 1),
+        }
+    )
     report = quantize_linears(model, include="", min_features=32)
     assert report.converted == ("wide",)
     assert "multiples of 16" in report.skipped["odd"] and "20->64" in report.skipped["odd"]
@@ -266,10 +268,25 @@ def test_tiny_unet_in_fp8_stays_close_to_float32(pipe, reference):
     # Every transformer block Linear, nothing else: 6 transformers x 2 blocks x 10 layers.
     assert len(report.converted) == report.layers == 120
     leaves = {n.split("transformer_blocks.")[1].split(".", 1)[1] for n in report.converted}
-    assert leaves == {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                      "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"}
-    assert {"time_embedding.linear_1", "add_embedding.linear_1", "mid_block.attentions.0.proj_in",
-            "mid_block.attentions.0.proj_out", "down_blocks.0.resnets.0.time_emb_proj"} <= set(report.skipped)
+    assert leaves == {
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    }
+    assert {
+        "time_embedding.linear_1",
+        "add_embedding.linear_1",
+        "mid_block.attentions.0.proj_in",
+        "mid_block.attentions.0.proj_out",
+        "down_blocks.0.resnets.0.time_emb_proj",
+    } <= set(report.skipped)
     assert report.share == pytest.approx(report.parameters_covered / report.linear_parameters)
     assert 0.8 < report.share < 0.9  # measured 0.853; proj_in/out and embeddings are the rest
     after = dict(pipe.unet.named_parameters())

@@ -22,22 +22,31 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from ports import free_port
 from schemathesis import GenerationMode
 
 from app.expand import ExpandRows, ResolvedModels
 from app.request import RenderRequest
 from app.spec import MAX_SIDE, MIN_SIDE, SpecError, load_spec, parse_spec
-from ports import free_port
 
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = 50  # per operation and per mode (valid / invalid requests)
 HTTP_BUDGET_S = 150  # the whole schemathesis run; past it, remaining examples are not sent
-LIMITS = {"max_in_flight": 4, "max_images": 2, "max_prompt_chars": 200, "max_body_bytes": 8192,
-          "max_side": 128, "max_pixels": 128 * 128, "max_steps": 2, "request_timeout_s": 60}
+LIMITS = {
+    "max_in_flight": 4,
+    "max_images": 2,
+    "max_prompt_chars": 200,
+    "max_body_bytes": 8192,
+    "max_side": 128,
+    "max_pixels": 128 * 128,
+    "max_steps": 2,
+    "request_timeout_s": 60,
+}
 
 
 # --- the HTTP API --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory):
@@ -49,9 +58,15 @@ def server(ray_local, tmp_path_factory):
 
     port = free_port()
     config = load_serve_config(
-        None, output_uri=str(tmp_path_factory.mktemp("fuzz-out")), port=port, steps=2, api_keys=[KEY],
-        default_size="128x128", combinations={"default": {"loras": [{"name": "tiny-style", "weight": 0.8}]}, "plain": {}},
-        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.0}, limits=LIMITS,
+        None,
+        output_uri=str(tmp_path_factory.mktemp("fuzz-out")),
+        port=port,
+        steps=2,
+        api_keys=[KEY],
+        default_size="128x128",
+        combinations={"default": {"loras": [{"name": "tiny-style", "weight": 0.8}]}, "plain": {}},
+        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
+        limits=LIMITS,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="imagefab-fuzz", route_prefix="/")
@@ -93,8 +108,13 @@ def test_api_answers_bad_input_with_a_4xx_that_names_it(server):
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode))
             def probe(case):
                 if time.monotonic() > deadline:
@@ -105,8 +125,10 @@ def test_api_answers_bad_input_with_a_4xx_that_names_it(server):
                 server_error = status >= 500 and status not in (503, 504)
                 unexplained = 400 <= status < 500 and not names_the_problem(response)
                 if server_error or unexplained or (status == 503 and not response.headers.get("retry-after")):
-                    problems.append(f"{case.method} {case.formatted_path} [{mode.value}] -> {status} "
-                                    f"{response.text[:300]}\n  {case.as_curl_command()[:400]}")
+                    problems.append(
+                        f"{case.method} {case.formatted_path} [{mode.value}] -> {status} "  # noqa: B023 (called in this iteration)
+                        f"{response.text[:300]}\n  {case.as_curl_command()[:400]}"
+                    )
 
             try:
                 probe()
@@ -132,23 +154,36 @@ def test_oversized_bodies_and_prompts_are_refused_before_any_generator_call(serv
 
     def chunked(payload: dict):  # no Content-Length: the size is only known once read
         data = json.dumps(payload).encode()
-        return (data[i:i + 1000] for i in range(0, len(data), 1000))
+        return (data[i : i + 1000] for i in range(0, len(data), 1000))
 
     cases = [
         (client.post("/v1/generate", json={"prompt": "a cat", "tags": {"x": big}}), 413, None),
-        (client.post("/v1/generate", content=chunked({"prompt": "a cat", "tags": {"x": big}}),
-                     headers={"content-type": "application/json"}), 413, None),
+        (
+            client.post(
+                "/v1/generate",
+                content=chunked({"prompt": "a cat", "tags": {"x": big}}),
+                headers={"content-type": "application/json"},
+            ),
+            413,
+            None,
+        ),
         (client.post("/sdapi/v1/png-info", json={"image": big}), 413, None),
         (client.post("/v1/generate", json={"prompt": too_long}), 422, "prompt"),
         (client.post("/v1/generate", json={"prompt": "a cat", "negative_prompt": too_long}), 422, "negative_prompt"),
         (client.post("/v1/images/generations", json={"prompt": too_long, "size": "128x128"}), 422, "prompt"),
-        (client.post("/sdapi/v1/txt2img", json={"prompt": too_long, "width": 128, "height": 128, "steps": 2}),
-         422, "prompt"),
+        (
+            client.post("/sdapi/v1/txt2img", json={"prompt": too_long, "width": 128, "height": 128, "steps": 2}),
+            422,
+            "prompt",
+        ),
         (client.post("/v1/generate", json={"prompt": "a cat", "n": LIMITS["max_images"] + 1}), 422, "n"),
         (client.post("/v1/generate", json={"prompt": "a cat", "width": 136, "height": 128}), 422, "size"),
         (client.post("/v1/generate", json={"prompt": "a cat", "steps": LIMITS["max_steps"] + 1}), 422, "steps"),
-        (client.post("/v1/generate", json={"prompt": "a cat", "loras": [{"name": "tiny-style", "weight": 10**400}]}),
-         422, "loras"),
+        (
+            client.post("/v1/generate", json={"prompt": "a cat", "loras": [{"name": "tiny-style", "weight": 10**400}]}),
+            422,
+            "loras",
+        ),
     ]
     for response, status, field in cases:
         assert response.status_code == status, response.text[:300]
@@ -158,24 +193,92 @@ def test_oversized_bodies_and_prompts_are_refused_before_any_generator_call(serv
 
 # --- the spec parser -------------------------------------------------------------------------------------
 
-SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-           | st.sampled_from(["tiny-sdxl", "tiny-style", "256x256", "sdxl-square", "{name}", "{", "qc:/x@y",
-                              "fixed", "derived", "euler", "jpeg", "../../etc/passwd", "s3://b/p", ""]))
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(
+        [
+            "tiny-sdxl",
+            "tiny-style",
+            "256x256",
+            "sdxl-square",
+            "{name}",
+            "{",
+            "qc:/x@y",
+            "fixed",
+            "derived",
+            "euler",
+            "jpeg",
+            "../../etc/passwd",
+            "s3://b/p",
+            "",
+        ]
+    )
+)
 YAMLISH = st.recursive(
     SCALARS,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4),
     max_leaves=16,
 )
-VALID = {"run_name": "fuzz", "input": {"path": "/data/rows.csv", "prompt_template": "photo of {name}"},
-         "size": "tiny-square", "steps": 4, "model": {"loras": [{"name": "tiny-style", "weight": 0.5}]}}
-FIELDS = ["run_name", "input", "input.path", "input.format", "input.prompt_template", "input.limit",
-          "input.key_column", "negative_prompt", "variations", "variations.seeds_per_row", "variations.seed_mode",
-          "variations.base_seed", "variations.seeds", "model", "model.base", "model.loras", "model.catalog",
-          "steps", "guidance", "scheduler", "size", "size.width", "combinations", "combinations.a",
-          "combinations.a.loras", "combinations.a.steps", "tiers", "tiers.routes", "tiers.default", "ab_test",
-          "ab_test.combinations", "qc", "qc.min_sharpness", "qc.clip_model", "postprocess", "postprocess.presets",
-          "postprocess.watermark", "postprocess.watermark.text", "output", "output.uri", "tags", "static_tags",
-          "compute", "compute.generators", "compute.batch_size", "compute.device", "unknown_field"]
+VALID = {
+    "run_name": "fuzz",
+    "input": {"path": "/data/rows.csv", "prompt_template": "photo of {name}"},
+    "size": "tiny-square",
+    "steps": 4,
+    "model": {"loras": [{"name": "tiny-style", "weight": 0.5}]},
+}
+FIELDS = [
+    "run_name",
+    "input",
+    "input.path",
+    "input.format",
+    "input.prompt_template",
+    "input.limit",
+    "input.key_column",
+    "negative_prompt",
+    "variations",
+    "variations.seeds_per_row",
+    "variations.seed_mode",
+    "variations.base_seed",
+    "variations.seeds",
+    "model",
+    "model.base",
+    "model.loras",
+    "model.catalog",
+    "steps",
+    "guidance",
+    "scheduler",
+    "size",
+    "size.width",
+    "combinations",
+    "combinations.a",
+    "combinations.a.loras",
+    "combinations.a.steps",
+    "tiers",
+    "tiers.routes",
+    "tiers.default",
+    "ab_test",
+    "ab_test.combinations",
+    "qc",
+    "qc.min_sharpness",
+    "qc.clip_model",
+    "postprocess",
+    "postprocess.presets",
+    "postprocess.watermark",
+    "postprocess.watermark.text",
+    "output",
+    "output.uri",
+    "tags",
+    "static_tags",
+    "compute",
+    "compute.generators",
+    "compute.batch_size",
+    "compute.device",
+    "unknown_field",
+]
 
 
 def with_value(data: dict, dotted: str, value) -> dict:
@@ -218,8 +321,11 @@ def test_any_yaml_text_raises_only_spec_errors(tmp_path, text):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(dotted=st.sampled_from(FIELDS + ["steps.x", "run_name.a.b", "tags.0", "model.loras.0.weight", "input.path.x"])
-       | st.text(max_size=20), value=YAMLISH)
+@given(
+    dotted=st.sampled_from([*FIELDS, "steps.x", "run_name.a.b", "tags.0", "model.loras.0.weight", "input.path.x"])
+    | st.text(max_size=20),
+    value=YAMLISH,
+)
 def test_any_override_raises_only_spec_errors(tmp_path, dotted, value):
     path = tmp_path / "spec.yaml"
     path.write_text(json.dumps(VALID))  # JSON is YAML
@@ -228,11 +334,45 @@ def test_any_override_raises_only_spec_errors(tmp_path, dotted, value):
 
 # --- the row expansion ------------------------------------------------------------------------------------
 
-NUMBERISH = ["1e400", "-1e400", "nan", "inf", "-inf", "-1", "0", "1.5", "64", "128", "1024", "4104", "9" * 30,
-             "9007199254740993", " 256 ", "0x10", "", " "]
-LORAISH = ["tiny-style:0.5", "tiny-style:inf", "tiny-style:nan", "tiny-style:1e400", "tiny-style", "tiny-style:5",
-           "tiny-detail:0.3, tiny-style:0.2", "tiny-style:0.1,tiny-style:0.2", "../../etc/passwd:1", "/etc/passwd",
-           "tiny-style-b:1", "tiny-ghost:0.5", ",,", ":", ":1", "tiny-style:0.5:extra", "tiny-style;tiny-detail"]
+NUMBERISH = [
+    "1e400",
+    "-1e400",
+    "nan",
+    "inf",
+    "-inf",
+    "-1",
+    "0",
+    "1.5",
+    "64",
+    "128",
+    "1024",
+    "4104",
+    "9" * 30,
+    "9007199254740993",
+    " 256 ",
+    "0x10",
+    "",
+    " ",
+]
+LORAISH = [
+    "tiny-style:0.5",
+    "tiny-style:inf",
+    "tiny-style:nan",
+    "tiny-style:1e400",
+    "tiny-style",
+    "tiny-style:5",
+    "tiny-detail:0.3, tiny-style:0.2",
+    "tiny-style:0.1,tiny-style:0.2",
+    "../../etc/passwd:1",
+    "/etc/passwd",
+    "tiny-style-b:1",
+    "tiny-ghost:0.5",
+    ",,",
+    ":",
+    ":1",
+    "tiny-style:0.5:extra",
+    "tiny-style;tiny-detail",
+]
 COLUMNS = ["name", "pid", "prompt", "negative_prompt", "seed", "width", "height", "loras"]
 
 
@@ -249,7 +389,7 @@ def input_tables(draw) -> pa.Table:
         elif kind == "float":
             values, arrow = st.floats(), pa.float64()
         else:
-            values, arrow = st.integers(-2**63, 2**63 - 1), pa.int64()
+            values, arrow = st.integers(-(2**63), 2**63 - 1), pa.int64()
         columns[name] = pa.array(draw(st.lists(st.none() | values, min_size=n, max_size=n)), type=arrow)
     return pa.table(columns)
 
@@ -261,10 +401,17 @@ def models(tiny_base, model_catalog):
 
 
 SPECS = {
-    "template": {**VALID, "tags": ["pid"], "variations": {"seeds_per_row": 2},
-                 "input": {"path": "/x.csv", "prompt_template": "photo of {name}", "key_column": "pid"}},
-    "prompt column": {**VALID, "variations": {"seeds_per_row": 1, "seed_mode": "fixed", "base_seed": 3},
-                      "input": {"path": "/x.parquet"}},
+    "template": {
+        **VALID,
+        "tags": ["pid"],
+        "variations": {"seeds_per_row": 2},
+        "input": {"path": "/x.csv", "prompt_template": "photo of {name}", "key_column": "pid"},
+    },
+    "prompt column": {
+        **VALID,
+        "variations": {"seeds_per_row": 1, "seed_mode": "fixed", "base_seed": 3},
+        "input": {"path": "/x.parquet"},
+    },
 }
 
 
@@ -285,9 +432,10 @@ def test_any_rows_expand_without_raising_bad_ones_fail_with_a_reason(models, spe
                 continue
             req = RenderRequest.from_json(request)
             assert req.prompt.strip() and req.width % 8 == 0 and req.height % 8 == 0
-            assert MIN_SIDE <= min(req.width, req.height) and max(req.width, req.height) <= MAX_SIDE
+            assert min(req.width, req.height) >= MIN_SIDE and max(req.width, req.height) <= MAX_SIDE
             assert 0 <= req.seed < 2**63
-            assert all(lo.name in models.loras and -4 <= lo.weight <= 4 and not math.isnan(lo.weight)
-                       for lo in req.loras)
+            assert all(
+                lo.name in models.loras and -4 <= lo.weight <= 4 and not math.isnan(lo.weight) for lo in req.loras
+            )
 
     check()

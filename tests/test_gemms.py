@@ -33,9 +33,28 @@ def test_every_variant_is_timed_and_the_step_sums_its_calls():
 
 
 def test_a_variant_this_torch_cannot_run_shows_as_a_dash():
-    result = {"shapes": [{"m": 16, "k": 32, "n": 16, "calls": 2,
-                          "seconds": {"high precision": 1e-6, "fp8 row fast": None, "fp8 row": None,
-                                      "fp8 tensor fast": 1e-6, "quantise": 1e-6}}],
-              "step": {"high precision": 2e-6, "fp8 row fast": None, "fp8 row": None, "fp8 tensor fast": 2e-6,
-                       "quantise": 2e-6}}
+    result = {
+        "shapes": [
+            {
+                "m": 16,
+                "k": 32,
+                "n": 16,
+                "calls": 2,
+                "seconds": {
+                    "high precision": 1e-6,
+                    "fp8 row fast": None,
+                    "fp8 row": None,
+                    "fp8 tensor fast": 1e-6,
+                    "quantise": 1e-6,
+                },
+            }
+        ],
+        "step": {
+            "high precision": 2e-6,
+            "fp8 row fast": None,
+            "fp8 row": None,
+            "fp8 tensor fast": 2e-6,
+            "quantise": 2e-6,
+        },
+    }
     assert "| 16 x 32 x 16 | 2 | 0.01638 | - | - | 0.01638 | 0.001 |" in table(result)

@@ -28,9 +28,30 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     # pipeline used twice would go wrong (fused over fused, LoRA adapters bypassed).
     # Decodes overlapped as on a GPU (the CPU's default is off): every imagefab row renders its two
     # batches per call through the deferred-collecting path.
-    assert main([*TINY, "--batches", "1,2", "--compile-batches", "2", "--fp8-batches", "2", "--fuse-qkv",
-                 "--channels-last", "--decode-overlap", "--compile-cache", str(cache), "--profile-steps", "1",
-                 "--gemms", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                *TINY,
+                "--batches",
+                "1,2",
+                "--compile-batches",
+                "2",
+                "--fp8-batches",
+                "2",
+                "--fuse-qkv",
+                "--channels-last",
+                "--decode-overlap",
+                "--compile-cache",
+                str(cache),
+                "--profile-steps",
+                "1",
+                "--gemms",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| torch " in printed.splitlines()[0] and "| diffusers " in printed.splitlines()[0]
     # A table after every row group, so a run cut short by its device still shows what it measured.
@@ -43,9 +64,16 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     gemms = report["meta"]["gemms"]
     assert gemms["batch"] == 2 and all(s > 0 for s in gemms["step"].values())
     rows = {(r["impl"], r["batch"]): r for r in report["rows"]}
-    assert list(rows) == [("diffusers eager", 1), ("diffusers eager", 2), ("imagefab eager", 1), ("imagefab eager", 2),
-                          # FP8 first: a run cut short by its time budget keeps the row the target needs.
-                          ("imagefab fp8", 2), ("imagefab compiled", 2), ("imagefab compiled, no decode overlap", 2)]
+    assert list(rows) == [
+        ("diffusers eager", 1),
+        ("diffusers eager", 2),
+        ("imagefab eager", 1),
+        ("imagefab eager", 2),
+        # FP8 first: a run cut short by its time budget keeps the row the target needs.
+        ("imagefab fp8", 2),
+        ("imagefab compiled", 2),
+        ("imagefab compiled, no decode overlap", 2),
+    ]
     assert all(r["seconds_per_image"] > 0 and r["tflops"] > 0 for r in rows.values())
     # FLOPs are counted once per implementation at batch 1 and scaled: compiled and FP8 rows do
     # imagefab eager's arithmetic.
@@ -66,8 +94,10 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
     assert rows["diffusers eager", 1]["relative_error"] is None  # the reference itself
     # Overlapping the decode changes when pixels arrive, not the pixels.
     serial = rows["imagefab compiled, no decode overlap", 2]
-    assert (serial["max_pixel_diff"], serial["mean_pixel_diff"]) == (rows["imagefab compiled", 2]["max_pixel_diff"],
-                                                                     rows["imagefab compiled", 2]["mean_pixel_diff"])
+    assert (serial["max_pixel_diff"], serial["mean_pixel_diff"]) == (
+        rows["imagefab compiled", 2]["max_pixel_diff"],
+        rows["imagefab compiled", 2]["mean_pixel_diff"],
+    )
     # FP8 moves the image a little (measured: 5 of 255 at most, 0.48 on average, UNet error 0.006).
     fp8 = rows["imagefab fp8", 2]
     assert 0 < fp8["max_pixel_diff"] <= 12 and 0 < fp8["mean_pixel_diff"] < 1.5
@@ -92,8 +122,26 @@ def test_rows_that_would_overrun_the_time_budget_are_skipped_with_a_message(caps
     from benchmarks.gpu_bench import main
 
     out = tmp_path / "rows.json"
-    assert main([*TINY, "--batches", "1", "--compile-batches", "2", "--fp8-batches", "2", "--time-budget", "600",
-                 "--compile-estimate", "1000", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                *TINY,
+                "--batches",
+                "1",
+                "--compile-batches",
+                "2",
+                "--fp8-batches",
+                "2",
+                "--time-budget",
+                "600",
+                "--compile-estimate",
+                "1000",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "skipping imagefab compiled batch 2: estimated 100" in printed
     assert "skipping imagefab fp8 batch 2: estimated 100" in printed
@@ -108,22 +156,48 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
 
     out = tmp_path / "rows.json"
     cache = Path(os.environ["IMAGEFAB_HOME"]) / "compile-cache"  # kept between runs, as above
-    assert main([*TINY, "--batches", "2", "--fp8-batches", "2", "--fuse-qkv", "--channels-last", "--decode-overlap",
-                 "--attention", "auto,math,cudnn", "--attention-shapes", "--compile-cache", str(cache),
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                *TINY,
+                "--batches",
+                "2",
+                "--fp8-batches",
+                "2",
+                "--fuse-qkv",
+                "--channels-last",
+                "--decode-overlap",
+                "--attention",
+                "auto,math,cudnn",
+                "--attention-shapes",
+                "--compile-cache",
+                str(cache),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     # A choice the device lacks fails its row with the reason; the other rows stand.
     assert not report["skipped"]
     [failed] = report["failed"]
     assert (failed["impl"], failed["batch"]) == ("imagefab fp8, cudnn attention", 2)
-    assert failed["error"].startswith("RuntimeError: compute.attention=cudnn: the cudnn attention kernel cannot run on cpu")
+    assert failed["error"].startswith(
+        "RuntimeError: compute.attention=cudnn: the cudnn attention kernel cannot run on cpu"
+    )
     # The attention calls alone, first: the tiny UNet's 12 self- and 12 cross-attentions per step,
     # under the --attention choices and the usual alternatives; the CPU lacks two of them.
-    assert printed.index("SDXL's attention calls alone, batch 2 (4 latents per step)") < printed.index("| diffusers eager |")
+    assert printed.index("SDXL's attention calls alone, batch 2 (4 latents per step)") < printed.index(
+        "| diffusers eager |"
+    )
     shapes = report["meta"]["attention_shapes"]
     assert shapes["kernels"] == ["auto", "math", "cudnn", "flash", "efficient"]  # --attention's first
-    assert sorted((r["shape"], r["calls"]) for r in shapes["shapes"]) == [([4, 4, 16, 16, 16], 12), ([4, 4, 16, 77, 16], 12)]
+    assert sorted((r["shape"], r["calls"]) for r in shapes["shapes"]) == [
+        ([4, 4, 16, 16, 16], 12),
+        ([4, 4, 16, 77, 16], 12),
+    ]
     assert shapes["step"]["auto"] > 0 and shapes["step"]["math"] > 0 and shapes["step"]["cudnn"] is None
     assert set(shapes["unsupported"]) == {"cudnn", "efficient"}
     # One FP8 row per choice, each compiled with its own kernel and recorded as such.

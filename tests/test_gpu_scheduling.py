@@ -33,10 +33,11 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_generators_take_one_gpu_each_when_the_cluster_has_gpus(tmp_path):
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out")], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    line = next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
     assert result["generators"] == 1 and result["accelerator"] == "GPU"
     assert result["rendered"] == 2 and result["counts"]["failed"] == 0

@@ -33,7 +33,8 @@ BAD_REQUESTS = 3 * 2
 def spec_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("spec")
     (d / "rows.csv").write_text(ROWS)
-    (d / "job.yaml").write_text(textwrap.dedent("""\
+    (d / "job.yaml").write_text(
+        textwrap.dedent("""\
         run_name: test-job
         input: {path: rows.csv, prompt_template: "studio photo of a {name}, {color}", key_column: pid}
         tags: [pid]
@@ -43,7 +44,8 @@ def spec_path(tmp_path_factory):
         steps: 3
         postprocess: {presets: [thumbnail], format: jpeg}
         compute: {batch_size: 2}
-    """))
+    """)
+    )
     return d / "job.yaml"
 
 
@@ -107,7 +109,9 @@ def test_same_spec_twice_gives_byte_identical_images(runs):
     store_a, store_b = OutputStore.at(str(runs["a"])), OutputStore.at(str(runs["b"]))
     for image_id in a:
         assert a[image_id]["pixel_sha256"] == b[image_id]["pixel_sha256"]
-        assert store_a.read_bytes(store_a.rel_of(a[image_id]["uri"])) == store_b.read_bytes(store_b.rel_of(b[image_id]["uri"]))
+        assert store_a.read_bytes(store_a.rel_of(a[image_id]["uri"])) == store_b.read_bytes(
+            store_b.rel_of(b[image_id]["uri"])
+        )
 
 
 def test_summary_counts_match_the_catalog_and_duckdb_reads_it(runs):
@@ -120,7 +124,7 @@ def test_summary_counts_match_the_catalog_and_duckdb_reads_it(runs):
         f"SELECT count(*), list(DISTINCT status) FROM read_parquet('{runs['b']}/catalog/**/*.parquet', hive_partitioning=true)"
     ).fetchone()
     assert n == GOOD_REQUESTS + BAD_REQUESTS and "failed" in statuses
-    assert (OutputStore.at(str(runs["b"])).read_bytes(f"runs/{fresh.run_id}/summary.json"))
+    assert OutputStore.at(str(runs["b"])).read_bytes(f"runs/{fresh.run_id}/summary.json")
 
 
 def test_regenerate_reproduces_a_catalogued_image(runs):
@@ -140,11 +144,15 @@ def test_corrupt_model_fails_before_any_work(ray_local, spec_path, tmp_path, tin
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     (tmp_path / "catalog.yaml").write_text(
-        f"base_models:\n  my-base:\n    source: {copy}\n    sha256: {tiny_base.sha256}\n")
+        f"base_models:\n  my-base:\n    source: {copy}\n    sha256: {tiny_base.sha256}\n"
+    )
     out = tmp_path / "out"
     with pytest.raises(ModelFileError) as e:
-        run_job(spec_path, out, **{"model.base": "my-base", "model.catalog": str(tmp_path / "catalog.yaml"),
-                                   "model.loras": []})
+        run_job(
+            spec_path,
+            out,
+            **{"model.base": "my-base", "model.catalog": str(tmp_path / "catalog.yaml"), "model.loras": []},
+        )
     assert str(weights) in str(e.value) and "sha256 mismatch" in str(e.value)
     assert not (out / "catalog").exists()
 

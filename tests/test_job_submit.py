@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore
-from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -31,14 +31,28 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = Path("/tmp") / f"rs{os.getpid()}"  # Ray's socket paths must stay short
     proc = subprocess.Popen(
-        [ray_bin(), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         # The session's own local Ray (other tests) holds the default agent ports: a second
-         # head on the same ports never gets a job agent ("No available agent to submit job").
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            ray_bin(),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            # The session's own local Ray (other tests) holds the default agent ports: a second
+            # head on the same ports never gets a job agent ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 300  # a loaded machine can take minutes to start the job agent
@@ -69,9 +83,28 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_the_bulk_job(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "out"
-    cmd = [ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           sys.executable, "-m", "jobs.generate", "specs/ecommerce.yaml", "--output", str(out),
-           "--limit", "2", "--set", "postprocess.presets=[thumbnail]", "--quiet", "--no-mlflow"]
+    cmd = [
+        ray_bin(),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "-m",
+        "jobs.generate",
+        "specs/ecommerce.yaml",
+        "--output",
+        str(out),
+        "--limit",
+        "2",
+        "--set",
+        "postprocess.presets=[thumbnail]",
+        "--quiet",
+        "--no-mlflow",
+    ]
     env = {**env, "IMAGEFAB_HOME": os.environ["IMAGEFAB_HOME"]}
     deadline = time.time() + 300  # a loaded machine can take minutes to start the job agent
     while True:

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ldm_export import config_only_copy, export_ldm_checkpoint, ldm_state_dict
 
 from app.models.catalog import WEIGHT_SUFFIXES, ModelCatalog, UnknownModelError
 from app.models.digest import ModelFileError, file_sha256
-
-from ldm_export import config_only_copy, export_ldm_checkpoint, ldm_state_dict
 
 PROMPT = "a lighthouse on a cliff at dusk"
 COMPONENTS_WITH_WEIGHTS = {"unet", "vae", "text_encoder", "text_encoder_2"}
@@ -110,12 +109,18 @@ def test_builtin_base_is_a_checked_safetensors_folder(model_catalog, tiny_base):
     # under any transformers/diffusers the pins allow.
     configs = {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*.json")}
     assert "unet/config.json" in configs and "text_encoder/config.json" in configs
-    assert not [name for name, text in configs.items() if "_diffusers_version" in text or "transformers_version" in text]
+    assert not [
+        name for name, text in configs.items() if "_diffusers_version" in text or "transformers_version" in text
+    ]
 
     again = model_catalog.resolve_base("tiny-sdxl")
     assert (again.path, again.sha256) == (tiny_base.path, tiny_base.sha256)
-    assert again.lineage() == {"name": "tiny-sdxl", "version": "1", "sha256": tiny_base.sha256,
-                               "source": "builtin:tiny-sdxl"}
+    assert again.lineage() == {
+        "name": "tiny-sdxl",
+        "version": "1",
+        "sha256": tiny_base.sha256,
+        "source": "builtin:tiny-sdxl",
+    }
 
 
 def test_builtin_loras_resolve_with_their_weight_file(tiny_base, tiny_loras):
@@ -370,8 +375,11 @@ def test_ldm_export_is_what_diffusers_converts_back(tiny_base):
         "unet/diffusion_pytorch_model": sfu.convert_ldm_unet_checkpoint(ldm, config["unet"]),
         "vae/diffusion_pytorch_model": sfu.convert_ldm_vae_checkpoint(ldm, config["vae"]),
         # transformers >= 5.6 saves CLIPTextModel without its `text_model.` wrapper
-        "text_encoder/model": {k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(ldm).items()
-                               if not k.startswith("conditioner.")},
+        "text_encoder/model": {
+            k.removeprefix("text_model."): v
+            for k, v in sfu.convert_ldm_clip_checkpoint(ldm).items()
+            if not k.startswith("conditioner.")
+        },
         "text_encoder_2/model": sfu.convert_open_clip_checkpoint(text_2, ldm, prefix="conditioner.embedders.1.model."),
     }
     for stem, converted in back.items():
@@ -399,8 +407,6 @@ def test_single_file_base_matches_folder(tmp_path, tiny_base):
     np.testing.assert_allclose(image_file, image_folder, rtol=0, atol=1e-5)
 
 
-
-
 @pytest.mark.parametrize("name", ["../../etc/evil", "a/b", "..hidden", "", "x" * 200])
 def test_model_names_can_never_be_paths(tmp_path, name):
     path = tmp_path / "catalog.yaml"
@@ -411,7 +417,8 @@ def test_model_names_can_never_be_paths(tmp_path, name):
 
 def test_model_versions_can_never_be_paths(tmp_path):
     path = tmp_path / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"loras": {"ok": {"source": "builtin:tiny-lora", "base": "tiny-sdxl",
-                                                     "version": "../../x"}}}))
+    path.write_text(
+        yaml.safe_dump({"loras": {"ok": {"source": "builtin:tiny-lora", "base": "tiny-sdxl", "version": "../../x"}}})
+    )
     with pytest.raises(ModelFileError, match="is not a version"):
         ModelCatalog.load(path)

@@ -22,10 +22,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore
-from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,10 +36,24 @@ def ray_bin() -> str:
 
 def start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     """`ray start --block` in a process group of its own, so stopping it stops only its processes."""
-    return subprocess.Popen([ray_bin(), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-                             "--num-gpus=1", f"--object-store-memory={150 * 2**20}",
-                             f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", *args],
-                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [
+            ray_bin(),
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=4",
+            "--num-gpus=1",
+            f"--object-store-memory={150 * 2**20}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+            *args,
+        ],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop_nodes(procs: list[subprocess.Popen], grace: float = 10) -> None:
@@ -85,16 +99,32 @@ def two_nodes(tmp_path):
     temp = Path("/tmp") / f"rm{os.getpid()}"  # Ray's socket paths must stay short
     logs = [tmp_path / "head.log", tmp_path / "node_b.log"]
     dashboard = f"http://127.0.0.1:{dash}"
-    head = start_node(["--head", f"--port={gcs}", '--resources={"node_a": 1}', "--include-dashboard=true",
-                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                       f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}"], logs[0], env)
+    head = start_node(
+        [
+            "--head",
+            f"--port={gcs}",
+            '--resources={"node_a": 1}',
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp}",
+        ],
+        logs[0],
+        env,
+    )
     procs = [head]
     try:
-        wait_for(lambda: urllib.request.urlopen(f"{dashboard}/api/version", timeout=2), "the head's dashboard",
-                 procs, logs)
+        wait_for(
+            lambda: urllib.request.urlopen(f"{dashboard}/api/version", timeout=2), "the head's dashboard", procs, logs
+        )
         procs.append(start_node([f"--address=127.0.0.1:{gcs}", '--resources={"node_b": 1}'], logs[1], env))
-        wait_for(lambda: len([n for n in list_nodes(address=dashboard) if n.state == "ALIVE"]) == 2,
-                 "two nodes alive", procs, logs)
+        wait_for(
+            lambda: len([n for n in list_nodes(address=dashboard) if n.state == "ALIVE"]) == 2,
+            "two nodes alive",
+            procs,
+            logs,
+        )
         yield f"127.0.0.1:{gcs}", dashboard, env
     finally:
         stop_nodes(procs)
@@ -147,8 +177,14 @@ def test_generators_spread_over_two_nodes(two_nodes, tmp_path):
     gcs, _, env = two_nodes
     out = tmp_path / "out"
     # The driver is a process of its own, connected through RAY_ADDRESS like a job on a cluster.
-    res = subprocess.run([sys.executable, "-c", DRIVER, str(out)], cwd=REPO, env={**env, "RAY_ADDRESS": gcs},
-                         capture_output=True, text=True, timeout=240)
+    res = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(out)],
+        cwd=REPO,
+        env={**env, "RAY_ADDRESS": gcs},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
     summary = result["summary"]
@@ -175,10 +211,12 @@ def test_standin_generator_adds_the_generators_columns():
     cls = StandInGenerator.at_rate(50.0)
     gen = cls(base=None, loras={}, compute=None)
     req = {"image_id": "a" * 32, "width": 64, "height": 48, "seed": 3}
-    batch = {"image_id": np.array(["a" * 32, "b" * 32], dtype=object),
-             "status": np.array(["pending", "failed"], dtype=object),
-             "error": np.array(["", "bad_row: x"], dtype=object),
-             "request": np.array([json.dumps(req), ""], dtype=object)}
+    batch = {
+        "image_id": np.array(["a" * 32, "b" * 32], dtype=object),
+        "status": np.array(["pending", "failed"], dtype=object),
+        "error": np.array(["", "bad_row: x"], dtype=object),
+        "request": np.array([json.dumps(req), ""], dtype=object),
+    }
     t0 = time.perf_counter()
     out = gen(batch)
     assert time.perf_counter() - t0 >= 1 / 50.0  # one pending image at 50 images/s
@@ -192,9 +230,14 @@ def test_standin_generator_adds_the_generators_columns():
 def test_scaling_benchmark_runs_on_fake_gpus():
     # 4 s of work per configuration (8 or 16 batches): with 2 s (4 batches) a loaded machine once
     # bunched the catalog writes enough to read 308 % from a 3-write window.
-    res = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--actors", "1,2", "--rate", "8",
-                          "--seconds", "4"], cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-                         capture_output=True, text=True, timeout=240)
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaling", "--actors", "1,2", "--rate", "8", "--seconds", "4"],
+        cwd=REPO,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [line.split("|") for line in res.stdout.splitlines() if re.match(r"\| [12] \|", line)]
     assert [int(r[1]) for r in rows] == [1, 2]

@@ -356,9 +356,13 @@ def test_render_variants(astronaut: Image.Image, fmt: str) -> None:
     assert [v.preset for v in variants] == list(settings.presets)
     for variant in variants:
         image = decode(variant.data)
-        assert image.size == (variant.width, variant.height) == (
-            PRESETS[variant.preset].width,
-            PRESETS[variant.preset].height,
+        assert (
+            image.size
+            == (variant.width, variant.height)
+            == (
+                PRESETS[variant.preset].width,
+                PRESETS[variant.preset].height,
+            )
         )
         assert variant.format == fmt
         found = read_metadata(variant.data)
@@ -429,7 +433,5 @@ def test_encode_image_rejects_bad_arguments(astronaut: Image.Image) -> None:
 def test_importing_postprocess_pulls_in_no_heavy_dependencies() -> None:
     code = "import sys, app.postprocess; print(sorted({'ray', 'torch', 'mlflow', 'duckdb'} & set(sys.modules)))"
     repo_root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root)
     assert result.stdout.strip() == "[]"

@@ -12,18 +12,15 @@ import time
 
 import numpy as np
 import pytest
-
-from app.qc import EVALUATE_SCORE_KEYS, QcSettings, checks, evaluate, evaluate_batch, luminance
 from photos import photo
 
+from app.qc import EVALUATE_SCORE_KEYS, QcSettings, checks, evaluate, evaluate_batch, luminance
 from benchmarks.qc_eval import jpeg, posterize  # the same variants the precision/recall table uses
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 SIZES = (512, 1024)
 SETTINGS = QcSettings()
 ARTEFACTS = ("color_cast", "black_block", "green_block", "blockiness", "banding")
-
-
 
 
 def artefact_reasons(verdict) -> set[str]:

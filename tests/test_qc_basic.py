@@ -15,19 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from photos import photo
 from PIL import Image
 from pydantic import ValidationError
 from scipy import ndimage
 from skimage import data as skdata
 
 from app.qc import QcSettings, QcVerdict, check_image, check_image_bytes, luminance, sharpness
-from photos import photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field")
 SIZES = (512, 1024)
 SETTINGS = QcSettings()
-
-
 
 
 def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
@@ -298,7 +296,5 @@ def test_check_image_is_fast() -> None:
 def test_importing_qc_pulls_in_no_heavy_dependencies() -> None:
     code = "import sys, app.qc; print(sorted({'ray', 'torch', 'mlflow', 'duckdb'} & set(sys.modules)))"
     repo_root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root)
     assert result.stdout.strip() == "[]"

@@ -174,8 +174,10 @@ def test_prompt_thresholds(score: float, reasons: tuple[str, ...]) -> None:
 
 def test_negative_concepts() -> None:
     settings = QcSettings(
-        clip_model=TINY_MODEL, negative_concepts=("watermark", "text", "extra fingers"),
-        max_negative_similarity=0.25, negative_margin=0.02,
+        clip_model=TINY_MODEL,
+        negative_concepts=("watermark", "text", "extra fingers"),
+        max_negative_similarity=0.25,
+        negative_margin=0.02,
     )
     clip = HandmadeScorer(
         [1, 0, 0],
@@ -210,8 +212,10 @@ def test_negative_concepts() -> None:
     [
         ({"min_clip_score": 0.2}, ["min_clip_score", "clip_model"]),
         ({"negative_concepts": ("text",)}, ["negative_concepts", "clip_model"]),
-        ({"clip_model": TINY_MODEL, "min_clip_score": 0.3, "review_clip_score": 0.2},
-         ["review_clip_score", "0.2", "0.3"]),
+        (
+            {"clip_model": TINY_MODEL, "min_clip_score": 0.3, "review_clip_score": 0.2},
+            ["review_clip_score", "0.2", "0.3"],
+        ),
         ({"clip_model": TINY_MODEL, "negative_concepts": ("text", " ")}, ["negative_concepts"]),
         ({"clip_model": TINY_MODEL, "negative_concepts": ("text", "text")}, ["more than once"]),
         ({"clip_device": "tpu"}, ["clip_device"]),
@@ -240,6 +244,11 @@ def test_importing_the_clip_module_is_what_pulls_in_torch() -> None:
     from pathlib import Path
 
     code = "import sys, app.qc, app.qc.models; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.stdout.strip() == "False"

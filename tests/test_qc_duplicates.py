@@ -5,21 +5,19 @@ from __future__ import annotations
 import io
 import pickle
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from photos import photo
 from PIL import Image
 
 from app.qc import DuplicateMatch, PhashIndex, QcSettings, evaluate_batch, hamming, perceptual_hash
 from app.qc.duplicates import hash_to_int
-from photos import photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 SETTINGS = QcSettings()
-
-
 
 
 def jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
@@ -241,13 +239,15 @@ def test_index_pickles_for_ray() -> None:
 
 
 def test_from_catalog_skips_undelivered_rows_and_keeps_the_oldest() -> None:
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    table = pa.table({
-        "image_id": ["new", "old", "bad", "nohash", "failed"],
-        "phash": ["00000000000000ff", "00000000000000ff", "0000000000000000", None, "0000000000000001"],
-        "status": ["accepted", "review", "rejected", "accepted", "failed"],
-        "created_at": [now, now - timedelta(days=1), now, now, now],
-    })
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    table = pa.table(
+        {
+            "image_id": ["new", "old", "bad", "nohash", "failed"],
+            "phash": ["00000000000000ff", "00000000000000ff", "0000000000000000", None, "0000000000000001"],
+            "status": ["accepted", "review", "rejected", "accepted", "failed"],
+            "created_at": [now, now - timedelta(days=1), now, now, now],
+        }
+    )
     index = PhashIndex.from_catalog(table)
     assert len(index) == 2 and "bad" not in index and "failed" not in index
     # the same hash twice: the older row is the original

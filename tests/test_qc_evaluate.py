@@ -17,8 +17,9 @@ ASTRONAUT = skdata.astronaut()
 
 def test_batch_keeps_order_and_handles_unmeasurable_images() -> None:
     tiny = np.zeros((4, 4, 3), np.uint8)
-    verdicts = evaluate_batch([ASTRONAUT, tiny, skdata.camera()], ["a", None, ""], SETTINGS,
-                              nonfinite_fractions=[0.0, 0.0, 0.01])
+    verdicts = evaluate_batch(
+        [ASTRONAUT, tiny, skdata.camera()], ["a", None, ""], SETTINGS, nonfinite_fractions=[0.0, 0.0, 0.01]
+    )
     assert verdicts[0].status == "accepted"
     assert verdicts[1].reasons == ("too_small",) and verdicts[1].phash is None
     assert tuple(verdicts[1].scores) == EVALUATE_SCORE_KEYS
@@ -53,8 +54,17 @@ def test_mismatched_inputs_name_the_argument(kwargs: dict, match: str) -> None:
 
 def test_known_checks_cover_every_reason_family() -> None:
     assert KNOWN_CHECKS[:5] == ("sharpness", "contrast", "exposure", "blank", "nonfinite")
-    for name in ("color_cast", "black_block", "green_block", "blockiness", "banding",
-                 "prompt", "negative_concepts", "duplicates", "style"):
+    for name in (
+        "color_cast",
+        "black_block",
+        "green_block",
+        "blockiness",
+        "banding",
+        "prompt",
+        "negative_concepts",
+        "duplicates",
+        "style",
+    ):
         assert name in KNOWN_CHECKS
     assert SETTINGS.enabled == KNOWN_CHECKS
 
@@ -68,8 +78,10 @@ def test_known_checks_cover_every_reason_family() -> None:
         ({"max_blockiness": 1.5, "review_blockiness": 1.6}, ["review_blockiness", "max_blockiness"]),
         ({"max_banding": 0.5, "review_banding": 0.6}, ["review_banding", "max_banding"]),
         ({"max_blockiness": 0.5}, ["max_blockiness"]),
-        ({"max_duplicate_distance": 8, "review_duplicate_distance": 4},
-         ["review_duplicate_distance", "max_duplicate_distance", "4", "8"]),
+        (
+            {"max_duplicate_distance": 8, "review_duplicate_distance": 4},
+            ["review_duplicate_distance", "max_duplicate_distance", "4", "8"],
+        ),
         ({"max_duplicate_distance": 65}, ["max_duplicate_distance"]),
         ({"enabled": ("sharpness", "colourfulness")}, ["colourfulness", "color_cast", "style"]),
     ],
@@ -90,12 +102,14 @@ def test_qc_version_covers_the_new_thresholds() -> None:
 
 
 def test_settings_load_from_spec_like_data() -> None:
-    settings = QcSettings.model_validate({
-        "clip_model": "imagefab-tiny-clip",
-        "negative_concepts": ["text", "watermark"],
-        "style_references": {"brand=acme": "refs/acme"},
-        "min_clip_score": 0.2,
-        "review_clip_score": 0.25,
-    })
+    settings = QcSettings.model_validate(
+        {
+            "clip_model": "imagefab-tiny-clip",
+            "negative_concepts": ["text", "watermark"],
+            "style_references": {"brand=acme": "refs/acme"},
+            "min_clip_score": 0.2,
+            "review_clip_score": 0.25,
+        }
+    )
     assert settings.negative_concepts == ("text", "watermark")
     assert settings.style_references == {"brand=acme": "refs/acme"}

@@ -29,7 +29,8 @@ def test_duplicates_within_the_run_and_against_the_catalog(ray_local, tmp_path):
     from jobs.generate import run
 
     (tmp_path / "rows.csv").write_text(ROWS)
-    (tmp_path / "job.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "job.yaml").write_text(
+        textwrap.dedent("""\
         run_name: qc-dupes
         input: {path: rows.csv, prompt_column: prompt, key_column: key}
         tags: [key]
@@ -37,7 +38,8 @@ def test_duplicates_within_the_run_and_against_the_catalog(ray_local, tmp_path):
         size: tiny-square
         steps: 2
         compute: {batch_size: 4}
-    """))
+    """)
+    )
     out = tmp_path / "out"
     first = run(load_spec(tmp_path / "job.yaml", {"output.uri": str(out)}), quiet=True)
     assert first.rendered == 3
@@ -60,8 +62,13 @@ def test_duplicates_within_the_run_and_against_the_catalog(ray_local, tmp_path):
     assert d["status"] == "rejected" and d["nearest_duplicate"] == kept["image_id"]
 
     # Rejection reasons of a run, counted with one query.
-    counts = dict(duckdb.connect().execute(
-        f"SELECT split_part(reason, ':', 1) AS reason, count(*) FROM "
-        f"(SELECT unnest(reasons) AS reason FROM read_parquet('{out}/catalog/**/*.parquet', hive_partitioning=true)) "
-        f"GROUP BY ALL").fetchall())
+    counts = dict(
+        duckdb.connect()
+        .execute(
+            f"SELECT split_part(reason, ':', 1) AS reason, count(*) FROM "
+            f"(SELECT unnest(reasons) AS reason FROM read_parquet('{out}/catalog/**/*.parquet', hive_partitioning=true)) "
+            f"GROUP BY ALL"
+        )
+        .fetchall()
+    )
     assert counts["duplicate_of"] == 2

@@ -39,8 +39,9 @@ def test_workers_share_one_index(ray_local) -> None:
 
     @ray.remote(num_cpus=0.5)
     def qc_worker(images, ids, handle):
-        verdicts = evaluate_batch(images, [None] * len(images), QcSettings(),
-                                  duplicates=RemotePhashIndex(handle), image_ids=ids)
+        verdicts = evaluate_batch(
+            images, [None] * len(images), QcSettings(), duplicates=RemotePhashIndex(handle), image_ids=ids
+        )
         return [(v.status, v.reasons, v.nearest_duplicate) for v in verdicts]
 
     # both workers render the astronaut (one as a JPEG copy); one also re-renders the catalog's camera

@@ -106,8 +106,13 @@ class FixedScorer:
 @pytest.mark.parametrize(("cos", "reasons"), [(0.95, ()), (0.75, ("borderline_off_style",)), (0.5, ("off_style",))])
 def test_style_thresholds(cos: float, reasons: tuple[str, ...]) -> None:
     reference = StyleReference(
-        key="brand=acme", model_id="fixed", centroid=np.array([1.0, 0.0, 0.0], np.float32),
-        reference_distances=np.zeros(1, np.float32), phashes=("0" * 16,), sources=("#0",), digest="",
+        key="brand=acme",
+        model_id="fixed",
+        centroid=np.array([1.0, 0.0, 0.0], np.float32),
+        reference_distances=np.zeros(1, np.float32),
+        phashes=("0" * 16,),
+        sources=("#0",),
+        digest="",
     )
     settings = QcSettings(clip_model=TINY_MODEL, max_style_distance=0.4, review_style_distance=0.2)
     clip = FixedScorer([cos, math.sqrt(1 - cos**2), 0.0])
@@ -125,14 +130,18 @@ def test_style_without_clip_is_refused(scorer: ClipScorer) -> None:
 
 def test_qc_models_loads_references_and_picks_them_per_image(reference_folder: Path) -> None:
     settings = QcSettings(
-        clip_model=TINY_MODEL, style_references={"brand=acme": str(reference_folder)},
-        max_style_distance=2.0, review_style_distance=2.0,
+        clip_model=TINY_MODEL,
+        style_references={"brand=acme": str(reference_folder)},
+        max_style_distance=2.0,
+        review_style_distance=2.0,
     )
     models = QcModels.load(settings)
     assert set(models.styles) == {"brand=acme"}
     with_style, without = models.evaluate_batch(
-        [PHOTOS["coffee"], PHOTOS["coffee"]], ["coffee", "coffee"],
-        combinations=["x|", "x|"], tags=[{"brand": "acme"}, {"brand": "other"}],
+        [PHOTOS["coffee"], PHOTOS["coffee"]],
+        ["coffee", "coffee"],
+        combinations=["x|", "x|"],
+        tags=[{"brand": "acme"}, {"brand": "other"}],
     )
     assert 0.0 <= with_style.scores["style_distance"] <= 2.0
     assert math.isnan(without.scores["style_distance"])
@@ -144,8 +153,10 @@ def test_qc_models_loads_references_and_picks_them_per_image(reference_folder: P
         ({"style_references": {"brand=acme": "refs/acme"}}, ["style_references", "clip_model"]),
         ({"clip_model": TINY_MODEL, "style_references": {"brand=": "refs"}}, ["brand="]),
         ({"clip_model": TINY_MODEL, "style_references": {"acme": ""}}, ["acme"]),
-        ({"clip_model": TINY_MODEL, "max_style_distance": 0.2, "review_style_distance": 0.3},
-         ["review_style_distance", "max_style_distance", "0.3", "0.2"]),
+        (
+            {"clip_model": TINY_MODEL, "max_style_distance": 0.2, "review_style_distance": 0.3},
+            ["review_style_distance", "max_style_distance", "0.3", "0.2"],
+        ),
     ],
 )
 def test_style_settings_name_fields_and_values(fields: dict, names: list[str]) -> None:

@@ -11,7 +11,7 @@ import io
 import json
 import shutil
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -90,6 +90,7 @@ def spec_with_lora(reference: str, **overrides) -> JobSpec:
 
 # --- references and templates -------------------------------------------------------------------------
 
+
 def test_references_parse_and_bad_ones_say_what_is_valid():
     ref = parse_reference("models:/brand-style@production")
     assert (ref.scheme, ref.name, ref.alias, ref.version) == ("models", "brand-style", "production", None)
@@ -114,13 +115,20 @@ def test_templates_convert_both_ways():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.text(alphabet="ab {}", max_size=4),
-                          st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True).map(lambda n: "\0" + n)),
-                max_size=6))
+@given(
+    st.lists(
+        st.one_of(
+            st.text(alphabet="ab {}", max_size=4),
+            st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True).map(lambda n: "\0" + n),
+        ),
+        max_size=6,
+    )
+)
 def test_template_conversion_round_trips_or_refuses(parts):
     # Literal pieces are escaped imagefab text, "\0name" pieces are placeholders.
-    template = "".join("{" + p[1:] + "}" if p.startswith("\0") else p.replace("{", "{{").replace("}", "}}")
-                       for p in parts)
+    template = "".join(
+        "{" + p[1:] + "}" if p.startswith("\0") else p.replace("{", "{{").replace("}", "}}") for p in parts
+    )
     try:
         stored = to_mlflow_template(template)
     except ValueError:
@@ -130,6 +138,7 @@ def test_template_conversion_round_trips_or_refuses(parts):
 
 
 # --- registering -----------------------------------------------------------------------------------
+
 
 def test_registering_the_same_files_twice_makes_one_version_with_reference_and_tags(client, model_catalog, tiny_loras):
     style = tiny_loras["tiny-style"]
@@ -167,6 +176,7 @@ def test_register_builtins_is_idempotent_and_sets_production_once(client, model_
 
 
 # --- resolving, promoting, rolling back -------------------------------------------------------------
+
 
 def test_rollback_changes_what_the_next_run_resolves(client, model_catalog, tiny_loras, tmp_path):
     style, detail = tiny_loras["tiny-style"], tiny_loras["tiny-detail"]
@@ -210,18 +220,26 @@ def test_rollback_returns_to_the_previous_target_not_the_previous_number(client,
         rollback(client, "brand-style")  # 3 was the first target
     with pytest.raises(RegistryError, match=r"has no version 9 \(versions: 1, 2, 3\)"):
         promote(client, "brand-style", "9")
-    actions = [(e["action"], e["from"], e["to"]) for e in json.loads(
-        client.get_registered_model("brand-style").tags["imagefab.alias_log"])]
+    actions = [
+        (e["action"], e["from"], e["to"])
+        for e in json.loads(client.get_registered_model("brand-style").tags["imagefab.alias_log"])
+    ]
     assert actions == [("promote", None, "3"), ("promote", "3", "1"), ("rollback", "1", "3"), ("rollback", "2", "3")]
 
 
 def test_unknown_alias_or_version_names_the_reference_and_what_exists(client, model_catalog, tiny_loras):
-    register_model(client, lora_entry("brand-style", tiny_loras["tiny-style"].path), catalog=model_catalog,
-                   aliases=["production", "candidate"])
+    register_model(
+        client,
+        lora_entry("brand-style", tiny_loras["tiny-style"].path),
+        catalog=model_catalog,
+        aliases=["production", "candidate"],
+    )
     with pytest.raises(UnresolvedReference) as e:
         resolve_spec_references(spec_with_lora("models:/brand-style@staging"), client)
-    assert str(e.value) == ("model.loras[0].name: models:/brand-style@staging: 'brand-style' has no alias "
-                            "'staging'; its aliases: candidate (version 1), production (version 1)")
+    assert str(e.value) == (
+        "model.loras[0].name: models:/brand-style@staging: 'brand-style' has no alias "
+        "'staging'; its aliases: candidate (version 1), production (version 1)"
+    )
     assert isinstance(e.value, SpecError)  # the job and CLI report it as bad input
     with pytest.raises(UnresolvedReference, match=r"has no version 4; its versions: 1"):
         resolve_spec_references(spec_with_lora("models:/brand-style/4"), client)
@@ -231,12 +249,14 @@ def test_unknown_alias_or_version_names_the_reference_and_what_exists(client, mo
         resolve_spec_references(load_spec(ECOMMERCE, {"model.base": "models:/brand-style@production"}), client)
 
 
-def test_changed_files_of_a_registered_version_are_refused_naming_both_digests(client, model_catalog, tiny_loras,
-                                                                                 tmp_path):
+def test_changed_files_of_a_registered_version_are_refused_naming_both_digests(
+    client, model_catalog, tiny_loras, tmp_path
+):
     folder = tmp_path / "brand"
     shutil.copytree(tiny_loras["tiny-style"].path, folder)
-    registered = register_model(client, lora_entry("brand-local", folder), catalog=model_catalog,
-                                aliases=["production"])
+    registered = register_model(
+        client, lora_entry("brand-local", folder), catalog=model_catalog, aliases=["production"]
+    )
     weights = next(folder.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b"\0")
     spec = spec_with_lora("models:/brand-local@production")
@@ -259,8 +279,9 @@ def test_prompt_references_resolve_to_imagefab_templates_and_roll_back(client):
     assert register_prompt(client, "ecommerce_studio", text).created is False
     v2 = register_prompt(client, "ecommerce_studio", "catalogue shot of a {product_name} in {colour}")
     assert (v1.version, v2.version) == ("1", "2")
-    ref_spec = load_spec(ECOMMERCE, {"input.prompt_template": "prompts:/ecommerce_studio@production",
-                                     "input.template_name": None})
+    ref_spec = load_spec(
+        ECOMMERCE, {"input.prompt_template": "prompts:/ecommerce_studio@production", "input.template_name": None}
+    )
 
     resolved, versions = resolve_spec_references(ref_spec, client)
     assert resolved.input.prompt_template == text and resolved.input.template_name == "ecommerce_studio"
@@ -276,8 +297,9 @@ def test_prompt_references_resolve_to_imagefab_templates_and_roll_back(client):
     rollback(client, "ecommerce_studio")
     assert resolve_spec_references(ref_spec, client)[1].refs[0].version == "1"
     with pytest.raises(UnresolvedReference, match=r"has no alias 'staging'; its aliases: production \(version 1\)"):
-        resolve_spec_references(load_spec(ECOMMERCE, {"input.prompt_template": "prompts:/ecommerce_studio@staging"}),
-                                 client)
+        resolve_spec_references(
+            load_spec(ECOMMERCE, {"input.prompt_template": "prompts:/ecommerce_studio@staging"}), client
+        )
 
 
 @pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # a str in `qc` until the spec takes one
@@ -300,14 +322,22 @@ def test_qc_settings_are_versioned_and_resolve_to_qc_settings(client):
 def test_one_spec_can_compare_two_aliases_of_one_lora(client, model_catalog, tiny_loras):
     if "combinations" not in JobSpec.model_fields:
         pytest.skip("this spec version has no combinations")
-    register_model(client, lora_entry("brand-style", tiny_loras["tiny-style"].path), catalog=model_catalog,
-                   aliases=["production"])
-    register_model(client, lora_entry("brand-style", tiny_loras["tiny-detail"].path), catalog=model_catalog,
-                   aliases=["candidate"])
-    spec = load_spec(ECOMMERCE, {"model": {}, "combinations": {
-        "now": {"base": "tiny-sdxl", "loras": [{"name": "models:/brand-style@production", "weight": 0.8}]},
-        "next": {"base": "tiny-sdxl", "loras": [{"name": "models:/brand-style@candidate", "weight": 0.8}]},
-    }})
+    register_model(
+        client, lora_entry("brand-style", tiny_loras["tiny-style"].path), catalog=model_catalog, aliases=["production"]
+    )
+    register_model(
+        client, lora_entry("brand-style", tiny_loras["tiny-detail"].path), catalog=model_catalog, aliases=["candidate"]
+    )
+    spec = load_spec(
+        ECOMMERCE,
+        {
+            "model": {},
+            "combinations": {
+                "now": {"base": "tiny-sdxl", "loras": [{"name": "models:/brand-style@production", "weight": 0.8}]},
+                "next": {"base": "tiny-sdxl", "loras": [{"name": "models:/brand-style@candidate", "weight": 0.8}]},
+            },
+        },
+    )
     resolved, versions = resolve_spec_references(spec, client, catalog=model_catalog)
     assert resolved.combinations["now"].loras[0].name == "brand-style-v1"
     assert resolved.combinations["next"].loras[0].name == "brand-style-v2"
@@ -316,6 +346,7 @@ def test_one_spec_can_compare_two_aliases_of_one_lora(client, model_catalog, tin
 
 
 # --- tracking ----------------------------------------------------------------------------------------
+
 
 def fake_run(output: OutputStore, run_id: str, statuses: list[str], lora_weight: float) -> tuple[dict, dict, object]:
     """Catalog rows, run.json and summary of a finished run, with real image files."""
@@ -326,19 +357,36 @@ def fake_run(output: OutputStore, run_id: str, statuses: list[str], lora_weight:
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (grey, 255 - grey, 128)).save(buf, format="PNG")
         uri = output.write_bytes(f"images/{run_id}/{i}.png", buf.getvalue())
-        rows.append({
-            "image_id": f"{run_id}-{i:04d}", "source": "bulk", "created_at": datetime.now(timezone.utc),
-            "status": status, "reasons": ["blur"] if status == "rejected" else [],
-            "template": {"name": "ecommerce_studio", "version": "abc123", "text": spec.input.prompt_template},
-            "base_model": {"name": "tiny-sdxl", "version": "1", "sha256": "a" * 64, "source": "builtin:tiny-sdxl"},
-            "loras": [{"name": "brand-style", "version": "2", "weight": lora_weight, "sha256": "b" * 64, "source": "x"}],
-            "sharpness": 20.0 + 40 * i, "contrast": 0.05 + 0.02 * i, "exposure": 0.01,
-            "qc_version": spec.qc.qc_version, "uri": uri, "gpu_seconds": 0.5, "cpu_seconds": 0.1, "cost_usd": 0.001,
-            "accelerator": "cuda:NVIDIA H100",
-        })
-    record = {"run_id": run_id, "spec": spec.model_dump(mode="json"), "started_at": datetime.now(timezone.utc).isoformat(),
-              "base_models": {"tiny-sdxl": {"name": "tiny-sdxl", "version": "1", "sha256": "a" * 64}},
-              "loras": {"brand-style": {"name": "brand-style", "version": "2", "sha256": "b" * 64}}}
+        rows.append(
+            {
+                "image_id": f"{run_id}-{i:04d}",
+                "source": "bulk",
+                "created_at": datetime.now(UTC),
+                "status": status,
+                "reasons": ["blur"] if status == "rejected" else [],
+                "template": {"name": "ecommerce_studio", "version": "abc123", "text": spec.input.prompt_template},
+                "base_model": {"name": "tiny-sdxl", "version": "1", "sha256": "a" * 64, "source": "builtin:tiny-sdxl"},
+                "loras": [
+                    {"name": "brand-style", "version": "2", "weight": lora_weight, "sha256": "b" * 64, "source": "x"}
+                ],
+                "sharpness": 20.0 + 40 * i,
+                "contrast": 0.05 + 0.02 * i,
+                "exposure": 0.01,
+                "qc_version": spec.qc.qc_version,
+                "uri": uri,
+                "gpu_seconds": 0.5,
+                "cpu_seconds": 0.1,
+                "cost_usd": 0.001,
+                "accelerator": "cuda:NVIDIA H100",
+            }
+        )
+    record = {
+        "run_id": run_id,
+        "spec": spec.model_dump(mode="json"),
+        "started_at": datetime.now(UTC).isoformat(),
+        "base_models": {"tiny-sdxl": {"name": "tiny-sdxl", "version": "1", "sha256": "a" * 64}},
+        "loras": {"brand-style": {"name": "brand-style", "version": "2", "sha256": "b" * 64}},
+    }
     summary = {"run_id": run_id, "images_per_second": 4.0, "wall_seconds": 2.5, "rendered": len(statuses)}
     return record, summary, to_table(rows)
 
@@ -349,8 +397,10 @@ def test_two_tracked_runs_can_be_compared(client, tmp_path):
     output = OutputStore.at(str(tmp_path / "out"))
     spec = load_spec(ECOMMERCE)
     ids = {}
-    for run_id, statuses, weight in (("run-a", ["accepted", "accepted", "rejected", "review"], 0.8),
-                                     ("run-b", ["accepted", "rejected", "rejected", "failed"], 0.5)):
+    for run_id, statuses, weight in (
+        ("run-a", ["accepted", "accepted", "rejected", "review"], 0.8),
+        ("run-b", ["accepted", "rejected", "rejected", "failed"], 0.5),
+    ):
         record, summary, rows = fake_run(output, run_id, statuses, weight)
         ids[run_id] = track_run(spec, summary, record, rows, output, client=client)
 
@@ -389,8 +439,9 @@ def test_contact_sheet_and_pil_histograms_without_matplotlib(tmp_path):
 
 
 def test_record_serving_logs_the_served_versions(client, model_catalog, tiny_loras):
-    register_model(client, lora_entry("brand-style", tiny_loras["tiny-style"].path), catalog=model_catalog,
-                   aliases=["production"])
+    register_model(
+        client, lora_entry("brand-style", tiny_loras["tiny-style"].path), catalog=model_catalog, aliases=["production"]
+    )
     _, versions = resolve_spec_references(spec_with_lora("models:/brand-style@production"), client, verify=False)
     from app.registry import record_serving
 
@@ -401,6 +452,7 @@ def test_record_serving_logs_the_served_versions(client, model_catalog, tiny_lor
 
 
 # --- the command line --------------------------------------------------------------------------------
+
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="imagefab")
@@ -430,6 +482,7 @@ def test_cli_promote_rollback_list_history(client, store_uri, model_catalog, tin
 
 # --- the server --------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow  # starts `mlflow server` (uvicorn): ~15-30 s on 2 shared cores
 def test_mlflow_server_answers_on_loopback(migrated_store, tmp_path):
     import urllib.request
@@ -437,8 +490,18 @@ def test_mlflow_server_answers_on_loopback(migrated_store, tmp_path):
     from app.registry.server import server_command, start_server, stop_server, wait_healthy
 
     assert server_command("/srv/x", port=5000)[3:] == [
-        "server", "--backend-store-uri", "sqlite:////srv/x/mlflow.db", "--default-artifact-root", "/srv/x/mlartifacts",
-        "-h", "127.0.0.1", "--port", "5000", "--workers", "1"]
+        "server",
+        "--backend-store-uri",
+        "sqlite:////srv/x/mlflow.db",
+        "--default-artifact-root",
+        "/srv/x/mlartifacts",
+        "-h",
+        "127.0.0.1",
+        "--port",
+        "5000",
+        "--workers",
+        "1",
+    ]
     shutil.copy(migrated_store, tmp_path / "mlflow.db")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -459,6 +522,7 @@ def test_mlflow_server_answers_on_loopback(migrated_store, tmp_path):
 
 # --- the bulk job through the registry ---------------------------------------------------------------
 
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_rollback_changes_the_next_jobs_versions_and_images(ray_local, client, model_catalog, tiny_loras, tmp_path):
@@ -473,8 +537,10 @@ def test_rollback_changes_the_next_jobs_versions_and_images(ray_local, client, m
     register_model(client, lora_entry("brand-style", detail.path), catalog=model_catalog)
     promote(client, "brand-style", "2")
     out = tmp_path / "out"
-    spec = spec_with_lora("models:/brand-style@production", **{
-        "output.uri": str(out), "input.limit": 1, "steps": 2, "postprocess.presets": ["thumbnail"]})
+    spec = spec_with_lora(
+        "models:/brand-style@production",
+        **{"output.uri": str(out), "input.limit": 1, "steps": 2, "postprocess.presets": ["thumbnail"]},
+    )
 
     first = run(spec, quiet=True, track=True)
     rollback(client, "brand-style")

@@ -22,8 +22,16 @@ from app.review import ReviewStore, decide, pending_review
 from app.storage import OutputStore
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 pytestmark = pytest.mark.slow
 
 
@@ -48,8 +56,12 @@ def browser(tmp_path_factory):
 
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=ARGS,
-            headless=True, viewport={"width": 1200, "height": 900})
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            args=ARGS,
+            headless=True,
+            viewport={"width": 1200, "height": 900},
+        )
         context.set_default_timeout(15_000)
         yield context
         context.close()
@@ -87,8 +99,15 @@ def test_report_renders_with_the_catalog_numbers(tmp_path, page):
 
     assert page.locator("h1").inner_text() == "imagefab report: all runs"
     headings = page.locator("h2").all_inner_texts()
-    assert headings == ["Runs", "Acceptance by combination", "QC score distributions", "Cost breakdown",
-                        "Throughput", "Prompt performance", "Contact sheets"]
+    assert headings == [
+        "Runs",
+        "Acceptance by combination",
+        "QC score distributions",
+        "Cost breakdown",
+        "Throughput",
+        "Prompt performance",
+        "Contact sheets",
+    ]
     # The numbers a person reads are the catalog's.
     con = analysis.connect(out)
     counts = dict(con.execute("SELECT outcome, count(*) FROM images GROUP BY ALL").fetchall())
@@ -156,7 +175,10 @@ def test_review_page_approve_and_reject(review_server, page, tmp_path):
     assert page.locator("#count").inner_text() == "1"
     latest = ReviewStore(out).latest()
     assert (latest[image_id(5)].decision, latest[image_id(5)].reviewer, latest[image_id(5)].note) == (
-        "approved", "alice", "colour is right")
+        "approved",
+        "alice",
+        "colour is right",
+    )
     assert [r["image_id"] for r in pending_review(out)] == [image_id(7)]
 
     page.locator(f"#card-{image_id(7)}").get_by_role("button", name="Reject").click()

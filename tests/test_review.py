@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,11 +12,15 @@ from analysis_catalog import RUNS, cli, image_id, make_output
 from app.review import ReviewError, ReviewStore, decide, pending_review
 from app.storage import OutputStore
 
-T0 = datetime(2026, 12, 4, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
 
 
 def digests(root: Path, sub: str) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / sub).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / sub).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture()
@@ -44,22 +48,27 @@ def test_decisions_are_appended_and_the_latest_wins(output):
     assert store.read().num_rows == 3
     latest = store.latest()
     assert {i: (d.decision, d.reviewer) for i, d in latest.items()} == {
-        image_id(5): ("rejected", "bob"), image_id(7): ("rejected", "bob")}
+        image_id(5): ("rejected", "bob"),
+        image_id(7): ("rejected", "bob"),
+    }
     assert latest[image_id(5)].decided_at == T0 + timedelta(minutes=5)
     assert pending_review(str(output)) == []
     # The catalog files were never touched.
     assert digests(output, "catalog") == catalog_before
 
 
-@pytest.mark.parametrize("ids, decision, reviewer, message", [
-    (["0" * 32], "approved", "alice", "unknown image id(s) " + "0" * 32),
-    ([image_id(5), "f" * 32], "approved", "alice", "unknown image id(s) " + "f" * 32),
-    ([image_id(6)], "approved", "alice", f"{image_id(6)} is rejected"),
-    ([image_id(10)], "rejected", "alice", f"{image_id(10)} is failed"),
-    ([image_id(5)], "maybe", "alice", "decision must be one of approved, rejected, not 'maybe'"),
-    ([image_id(5)], "approved", "  ", "needs the reviewer's name"),
-    ([], "approved", "alice", "no image ids given"),
-])
+@pytest.mark.parametrize(
+    "ids, decision, reviewer, message",
+    [
+        (["0" * 32], "approved", "alice", "unknown image id(s) " + "0" * 32),
+        ([image_id(5), "f" * 32], "approved", "alice", "unknown image id(s) " + "f" * 32),
+        ([image_id(6)], "approved", "alice", f"{image_id(6)} is rejected"),
+        ([image_id(10)], "rejected", "alice", f"{image_id(10)} is failed"),
+        ([image_id(5)], "maybe", "alice", "decision must be one of approved, rejected, not 'maybe'"),
+        ([image_id(5)], "approved", "  ", "needs the reviewer's name"),
+        ([], "approved", "alice", "no image ids given"),
+    ],
+)
 def test_bad_decisions_fail_before_anything_is_written(output, ids, decision, reviewer, message):
     with pytest.raises(ReviewError, match=message.replace("(", r"\(").replace(")", r"\)")):
         decide(str(output), ids, decision, reviewer)

@@ -16,17 +16,17 @@ import subprocess
 import sys
 import textwrap
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pyarrow.fs as pafs
 import pytest
+from moto_s3 import loopback_s3
 from PIL import Image
 
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore, StorageError
-from moto_s3 import loopback_s3
 
 pytest.importorskip("moto.server")  # before the fixtures, so the whole module skips without moto
 
@@ -42,8 +42,14 @@ def s3():
 
 
 def row(image_id, status, error=""):
-    return {"image_id": image_id, "status": status, "error": error, "source": "bulk",
-            "created_at": datetime(2026, 1, 2, tzinfo=timezone.utc), "tags": {"sku": "S1"}}
+    return {
+        "image_id": image_id,
+        "status": status,
+        "error": error,
+        "source": "bulk",
+        "created_at": datetime(2026, 1, 2, tzinfo=UTC),
+        "tags": {"sku": "S1"},
+    }
 
 
 def test_output_store_writes_reads_and_names_s3_locations(s3):
@@ -92,8 +98,15 @@ def test_endpoint_in_the_uri_query_stays_out_of_every_location(s3, monkeypatch):
 def test_catalog_append_read_and_resume_on_s3(s3):
     store = CatalogStore(OutputStore.at(f"s3://{BUCKET}/catalog-test"))
     assert store.done_ids() == set() and store.read().num_rows == 0
-    uri = store.append([row("ok", "accepted"), row("oom", "failed", "generate_error: OutOfMemoryError"),
-                        row("bad", "failed", "bad_row: empty prompt")], run_id="r1", date="2026-01-02")
+    uri = store.append(
+        [
+            row("ok", "accepted"),
+            row("oom", "failed", "generate_error: OutOfMemoryError"),
+            row("bad", "failed", "bad_row: empty prompt"),
+        ],
+        run_id="r1",
+        date="2026-01-02",
+    )
     assert uri.startswith(f"s3://{BUCKET}/catalog-test/catalog/date=2026-01-02/run_id=r1/part-")
     store.append([row("oom", "accepted")], run_id="r2", date="2026-01-03")
     assert store.done_ids() == {"ok", "bad", "oom"}
@@ -124,11 +137,13 @@ def test_bulk_job_writes_to_s3_and_duckdb_reads_the_catalog_back(s3):
     """`run(spec)` with an s3:// output on a local Ray whose workers get the AWS_* settings from
     their environment; a rerun finds the catalog on S3 and renders nothing."""
     output = f"s3://{BUCKET}/shop"
-    res = subprocess.run([sys.executable, "-c", JOB, output], cwd=REPO, env=dict(os.environ),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", JOB, output], cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    first, rerun = (json.loads(line.removeprefix("RESULT ")) for line in res.stdout.splitlines()
-                    if line.startswith("RESULT "))
+    first, rerun = (
+        json.loads(line.removeprefix("RESULT ")) for line in res.stdout.splitlines() if line.startswith("RESULT ")
+    )
     assert first["output"] == output and first["rendered"] == 2 and first["counts"]["failed"] == 0
     assert rerun["rendered"] == 0 and rerun["skipped"] == 2  # resume read the catalog from S3
 
@@ -141,13 +156,17 @@ def test_bulk_job_writes_to_s3_and_duckdb_reads_the_catalog_back(s3):
         master = Image.open(io.BytesIO(store.read_bytes(store.rel_of(r["uri"]))))
         assert master.size == (r["width"], r["height"]) and master.format == "PNG"
         for v in r["variants"]:
-            assert v["uri"].startswith(f"{output}/images/") and len(store.read_bytes(store.rel_of(v["uri"]))) == v["bytes"]
+            assert (
+                v["uri"].startswith(f"{output}/images/") and len(store.read_bytes(store.rel_of(v["uri"]))) == v["bytes"]
+            )
     summary = json.loads(store.read_bytes(f"runs/{first['run_id']}/summary.json"))
     assert summary["rendered"] == 2
 
     # DuckDB over the same objects: no httpfs, a pyarrow dataset on the S3 filesystem.
     con = duckdb.connect()
     con.register("catalog", catalog.dataset())
-    got = con.execute("SELECT count(*), count(DISTINCT image_id), min(uri LIKE 's3://%'), any_value(run_id) "
-                      "FROM catalog WHERE status <> 'failed'").fetchone()
+    got = con.execute(
+        "SELECT count(*), count(DISTINCT image_id), min(uri LIKE 's3://%'), any_value(run_id) "
+        "FROM catalog WHERE status <> 'failed'"
+    ).fetchone()
     assert got == (2, 2, True, first["run_id"])

@@ -17,16 +17,24 @@ from pathlib import Path
 import httpx
 import pyarrow as pa
 import pytest
+from ports import free_port
 
 from app.models.digest import ModelFileError
 from app.serve.config import ServeConfig, load_serve_config
 from app.spec import SpecError
-from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "security-key-0123456789abcdef"
 WRONG_KEY = "wrong-key-fedcba9876543210"
-TRAVERSALS = ["../../etc/passwd", "/etc/passwd", "..", "tiny-style/../../x", "..\\..\\x", "tiny-style%2F..%2F..", "~root"]
+TRAVERSALS = [
+    "../../etc/passwd",
+    "/etc/passwd",
+    "..",
+    "tiny-style/../../x",
+    "..\\..\\x",
+    "tiny-style%2F..%2F..",
+    "~root",
+]
 
 
 class _Payload:
@@ -50,7 +58,8 @@ def hostile_catalog(tmp_path_factory) -> tuple[Path, Path]:
     (d / "pickle.ckpt").write_bytes(pickle.dumps(_Payload(sentinel)))
     (d / "catalog.yaml").write_text(
         f"loras:\n  evil: {{source: {lora}, base: tiny-sdxl}}\n"
-        f"base_models:\n  evil-base: {{source: {d / 'pickle.ckpt'}}}\n")
+        f"base_models:\n  evil-base: {{source: {d / 'pickle.ckpt'}}}\n"
+    )
     return d / "catalog.yaml", sentinel
 
 
@@ -65,8 +74,14 @@ def server(ray_local, tmp_path_factory, hostile_catalog):
     out.mkdir()
     (out.parent / "secret.png").write_text("SENTINEL: outside the output folder")
     config = load_serve_config(
-        None, output_uri=str(out), port=port, steps=2, api_keys=[KEY], default_size="128x128",
-        models_catalog=str(hostile_catalog[0]), combinations={"default": {}},
+        None,
+        output_uri=str(out),
+        port=port,
+        steps=2,
+        api_keys=[KEY],
+        default_size="128x128",
+        models_catalog=str(hostile_catalog[0]),
+        combinations={"default": {}},
         limits={"max_side": 128, "max_pixels": 128 * 128, "max_steps": 2, "max_images": 2, "max_body_bytes": 20_000},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -114,9 +129,15 @@ def test_every_route_but_health_and_docs_needs_the_key(server):
     guarded_paths = {path.replace("0123456789abcdef0123456789abcdef.png", "{name}") for _, path, _ in GUARDED}
     assert served - PUBLIC == guarded_paths, "a route was added: say here whether it needs a key"
     anon = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    for headers in ({}, {"Authorization": f"Bearer {WRONG_KEY}"}, {"Authorization": KEY},
-                    {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY[:-1]}"},
-                    {"Authorization": f"Bearer {KEY}x"}, {"X-Api-Key": KEY}):
+    for headers in (
+        {},
+        {"Authorization": f"Bearer {WRONG_KEY}"},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": f"Bearer {KEY[:-1]}"},
+        {"Authorization": f"Bearer {KEY}x"},
+        {"X-Api-Key": KEY},
+    ):
         for method, path, body in GUARDED:
             r = anon.request(method, path, json=body, headers=headers)
             assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
@@ -132,8 +153,12 @@ def test_keys_never_reach_the_logs_or_the_catalog(server, generated, ray_local):
     from app.storage import OutputStore
 
     client, port, out = server
-    httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "x"},
-               headers={"Authorization": f"Bearer {WRONG_KEY}"}, timeout=30)
+    httpx.post(
+        f"http://127.0.0.1:{port}/v1/generate",
+        json={"prompt": "x"},
+        headers={"Authorization": f"Bearer {WRONG_KEY}"},
+        timeout=30,
+    )
     client.post("/v1/generate", json={"prompt": "a bad one", "width": 100})  # an error path, with the key
     secrets = (KEY.encode(), WRONG_KEY.encode())
     session = Path(ray_local._private.worker._global_node.get_session_dir_path())
@@ -153,6 +178,7 @@ def test_keys_never_reach_the_logs_or_the_catalog(server, generated, ray_local):
 
 # --- names that are never paths ------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("name", TRAVERSALS)
@@ -160,8 +186,17 @@ def test_traversal_names_in_requests_are_4xx_and_read_nothing(server, generated,
     client, _, _ = server
     requests = [
         ("/sdapi/v1/txt2img", {"prompt": f"a cat <lora:{name}:1>", "width": 128, "height": 128, "steps": 2}, "loras"),
-        ("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 128, "height": 128, "steps": 2,
-                               "override_settings": {"sd_model_checkpoint": f"{name} [0123456789]"}}, "model"),
+        (
+            "/sdapi/v1/txt2img",
+            {
+                "prompt": "a cat",
+                "width": 128,
+                "height": 128,
+                "steps": 2,
+                "override_settings": {"sd_model_checkpoint": f"{name} [0123456789]"},
+            },
+            "model",
+        ),
         ("/v1/generate", {"prompt": "a cat", "loras": [{"name": name, "weight": 1}]}, "loras"),
         ("/v1/generate", {"prompt": "a cat", "combination": name}, "model"),
         ("/v1/images/generations", {"prompt": "a cat", "model": name}, "model"),
@@ -177,9 +212,19 @@ def test_the_file_route_serves_only_image_ids(server, generated):
     client, _, out = server
     ok = client.get(f"/v1/files/images/{generated['image_id']}.png")
     assert ok.status_code == 200 and ok.content[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ["../secret.png", "..%2Fsecret.png", "%2e%2e%2fsecret.png", "..%252Fsecret.png", "....//secret.png",
-                 f"..%2F..%2F{out.name}%2Fimages", "%00", "secret", f"{generated['image_id']}%2F..%2F..%2Fsecret",
-                 f"{generated['image_id'][:31]}.png", f"{generated['image_id'].upper()}.png"]:
+    for name in [
+        "../secret.png",
+        "..%2Fsecret.png",
+        "%2e%2e%2fsecret.png",
+        "..%252Fsecret.png",
+        "....//secret.png",
+        f"..%2F..%2F{out.name}%2Fimages",
+        "%00",
+        "secret",
+        f"{generated['image_id']}%2F..%2F..%2Fsecret",
+        f"{generated['image_id'][:31]}.png",
+        f"{generated['image_id'].upper()}.png",
+    ]:
         r = client.get(f"/v1/files/images/{name}")
         assert r.status_code == 404, (name, r.status_code)
         assert b"SENTINEL" not in r.content
@@ -214,6 +259,7 @@ def test_traversal_names_in_a_loras_column_fail_their_rows(tiny_base, model_cata
 
 # --- only safetensors ------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_pickle_lora_is_refused_through_the_api_and_never_unpickled(server, hostile_catalog):
@@ -240,15 +286,25 @@ def test_a_pickle_base_stops_the_serve_app_and_the_job_before_any_work(hostile_c
     with pytest.raises(ModelFileError, match="pickle-based checkpoints are refused"):
         resolve_serve_models(config)  # build_app's first step, before any replica starts
     (tmp_path / "rows.csv").write_text("prompt\na cat\n")
-    (tmp_path / "job.yaml").write_text(json.dumps({
-        "run_name": "pickle", "input": {"path": "rows.csv"}, "size": "tiny-square", "steps": 2,
-        "model": {"base": "evil-base", "catalog": str(catalog)}, "output": {"uri": str(tmp_path / "out")}}))
+    (tmp_path / "job.yaml").write_text(
+        json.dumps(
+            {
+                "run_name": "pickle",
+                "input": {"path": "rows.csv"},
+                "size": "tiny-square",
+                "steps": 2,
+                "model": {"base": "evil-base", "catalog": str(catalog)},
+                "output": {"uri": str(tmp_path / "out")},
+            }
+        )
+    )
     with pytest.raises(ModelFileError, match="pickle-based checkpoints are refused"):
         run(load_spec(tmp_path / "job.yaml"), quiet=True)
     assert not sentinel.exists() and not (tmp_path / "out" / "catalog").exists()
 
 
 # --- where the server listens ----------------------------------------------------------------------------
+
 
 def test_the_default_bind_is_loopback_and_a_public_one_needs_keys(monkeypatch):
     monkeypatch.delenv("IMAGEFAB_API_KEYS", raising=False)
@@ -265,8 +321,14 @@ def test_the_default_bind_is_loopback_and_a_public_one_needs_keys(monkeypatch):
 
 def test_the_cli_refuses_a_public_host_without_keys_before_starting_anything():
     env = {k: v for k, v in os.environ.items() if k != "IMAGEFAB_API_KEYS"}
-    res = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "host: binding to 0.0.0.0 (not loopback) needs API keys" in res.stderr
     assert "Started a local Ray instance" not in res.stderr
 
@@ -277,10 +339,14 @@ def test_the_app_checks_the_address_serve_really_binds(server, monkeypatch):
     """`serve run` / KubeRay set Serve's http_options; the imagefab config's `host` is not what binds."""
     import app.serve.app as serve_app
 
-    client, port, _ = server
+    _client, port, _ = server
     assert serve_app.serve_http_host() == "127.0.0.1"  # the running proxies, read back from Serve
-    public = [a.address for addrs in _interfaces().values() for a in addrs
-              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    public = [
+        a.address
+        for addrs in _interfaces().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
     for address in public:  # nothing answers on this machine's other addresses
         with pytest.raises(OSError):
             socket.create_connection((address, port), timeout=2).close()

@@ -11,11 +11,11 @@ import threading
 import httpx
 import pytest
 from PIL import Image
+from ports import free_port
 
 from app.postprocess import parse_infotext, read_metadata
 from app.serve.config import ServeConfig, load_serve_config
 from app.spec import SpecError
-from ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "test-key-0123456789abcdef"
@@ -30,17 +30,23 @@ def server(ray_local, tmp_path_factory):
     port = free_port()
     out = tmp_path_factory.mktemp("serve-out")
     config = load_serve_config(
-        None, output_uri=str(out), port=port, steps=3, api_keys=[KEY],
-        combinations={"default": {"loras": [{"name": "tiny-style", "weight": 0.8}]}, "plain": {},
-                      "fast": {"scheduler": "euler_trailing", "steps": 2, "guidance": 1.0}},
+        None,
+        output_uri=str(out),
+        port=port,
+        steps=3,
+        api_keys=[KEY],
+        combinations={
+            "default": {"loras": [{"name": "tiny-style", "weight": 0.8}]},
+            "plain": {},
+            "fast": {"scheduler": "euler_trailing", "steps": 2, "guidance": 1.0},
+        },
         # A long batch window so concurrent test requests reliably share generator calls.
         batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.5},
         limits={"max_in_flight": 3, "max_images": 4, "max_prompt_chars": 200, "max_body_bytes": 200_000},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="imagefab-test", route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                          headers={"Authorization": f"Bearer {KEY}"})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers={"Authorization": f"Bearer {KEY}"})
     yield client, port, out
     client.close()
     serve.shutdown()
@@ -55,7 +61,7 @@ def stats(client) -> dict:
 
 
 def test_health_docs_and_keys(server):
-    client, port, _ = server
+    _client, port, _ = server
     anon = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     assert anon.get("/healthz").json()["status"] == "ok"  # health needs no key
     assert "/v1/images/generations" in anon.get("/openapi.json").json()["paths"]
@@ -98,7 +104,9 @@ def test_concurrent_requests_share_generator_calls(server):
     results = []
 
     def call(i):
-        results.append(client.post("/v1/generate", json={"prompt": f"a hat number {i}", "seed": i, "combination": "plain"}))
+        results.append(
+            client.post("/v1/generate", json={"prompt": f"a hat number {i}", "seed": i, "combination": "plain"})
+        )
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
     [t.start() for t in threads]
@@ -135,23 +143,41 @@ def test_openai_client_gets_b64_and_urls(server):
     with pytest.raises(openai.NotFoundError):
         oa.images.generate(model="no-such-model", prompt="a lamp")
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope-nope-nope-nope", max_retries=0
-                      ).images.generate(model="plain", prompt="a lamp")
+        openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="nope-nope-nope-nope", max_retries=0
+        ).images.generate(model="plain", prompt="a lamp")
 
 
 def test_a1111_txt2img_and_friends(server):
     client, _, _ = server
-    r = client.post("/sdapi/v1/txt2img", json={
-        "prompt": "a castle <lora:tiny-detail:0.5>", "negative_prompt": "blurry", "seed": 11, "steps": 2,
-        "cfg_scale": 6, "width": 256, "height": 192, "batch_size": 2, "n_iter": 1, "sampler_name": "Euler a",
-        "override_settings": {"sd_model_checkpoint": "tiny-sdxl [e0979b9d95]"}, "enable_hr": False})
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "a castle <lora:tiny-detail:0.5>",
+            "negative_prompt": "blurry",
+            "seed": 11,
+            "steps": 2,
+            "cfg_scale": 6,
+            "width": 256,
+            "height": 192,
+            "batch_size": 2,
+            "n_iter": 1,
+            "sampler_name": "Euler a",
+            "override_settings": {"sd_model_checkpoint": "tiny-sdxl [e0979b9d95]"},
+            "enable_hr": False,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     info = json.loads(body["info"])
     assert len(body["images"]) == 2 and info["all_seeds"] == [11, 12] and info["sampler_name"] == "Euler a"
     assert png_of(body["images"][0]).size == (256, 192)
     parsed = parse_infotext(info["infotexts"][0])
-    assert parsed["negative_prompt"] == "blurry" and parsed["cfg_scale"] == 6.0 and parsed["loras"] == [("tiny-detail", 0.5)]
+    assert (
+        parsed["negative_prompt"] == "blurry"
+        and parsed["cfg_scale"] == 6.0
+        and parsed["loras"] == [("tiny-detail", 0.5)]
+    )
     png = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + body["images"][0]}).json()
     assert png["parameters"]["seed"] == 11 and png["info"].startswith("a castle")
     assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["tiny-sdxl"]
@@ -160,17 +186,20 @@ def test_a1111_txt2img_and_friends(server):
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
-@pytest.mark.parametrize("body, status, field", [
-    ({"prompt": "x" * 300}, 422, "prompt"),
-    ({"prompt": "x", "n": 5}, 422, "n"),
-    ({"prompt": "x", "width": 250, "height": 256}, 422, "size"),
-    ({"prompt": "x", "width": 4096, "height": 4096}, 422, "size"),
-    ({"prompt": "x", "combination": "nope"}, 404, "model"),
-    ({"prompt": "x", "loras": [{"name": "tiny-ghost", "weight": 1}]}, 404, "loras"),
-    ({"prompt": "x", "loras": [{"name": "tiny-style", "weight": 9}]}, 422, "loras"),
-    ({"prompt": "x", "scheduler": "warp"}, 422, "scheduler"),
-    ({"prompt": "  "}, 422, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, status, field",
+    [
+        ({"prompt": "x" * 300}, 422, "prompt"),
+        ({"prompt": "x", "n": 5}, 422, "n"),
+        ({"prompt": "x", "width": 250, "height": 256}, 422, "size"),
+        ({"prompt": "x", "width": 4096, "height": 4096}, 422, "size"),
+        ({"prompt": "x", "combination": "nope"}, 404, "model"),
+        ({"prompt": "x", "loras": [{"name": "tiny-ghost", "weight": 1}]}, 404, "loras"),
+        ({"prompt": "x", "loras": [{"name": "tiny-style", "weight": 9}]}, 422, "loras"),
+        ({"prompt": "x", "scheduler": "warp"}, 422, "scheduler"),
+        ({"prompt": "  "}, 422, "prompt"),
+    ],
+)
 def test_limits_and_unknown_models_are_4xx_naming_the_field(server, body, status, field):
     client, _, _ = server
     r = client.post("/v1/generate", json=body)

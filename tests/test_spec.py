@@ -33,7 +33,11 @@ def test_minimal_spec_gets_defaults_and_anchors_input_to_spec_folder(tmp_path):
 @pytest.mark.parametrize(
     "patch, field_path, fragment",
     [
-        ({"model": {"loras": [{"name": "a", "weight": 1}, {"name": "b", "weight": 7.0}]}}, "model.loras[1].weight", "7.0"),
+        (
+            {"model": {"loras": [{"name": "a", "weight": 1}, {"name": "b", "weight": 7.0}]}},
+            "model.loras[1].weight",
+            "7.0",
+        ),
         ({"size": "1001x512"}, "size", "divisible by 8 but are 1001 and 512"),
         ({"size": "huge"}, "size", "'huge' is neither WIDTHxHEIGHT nor a size preset"),
         ({"size": {"width": 64000, "height": 512}}, "size", "outside 64..4096"),
@@ -45,7 +49,11 @@ def test_minimal_spec_gets_defaults_and_anchors_input_to_spec_folder(tmp_path):
         ({"qc": {"min_sharpness": 50, "review_sharpness": 10}}, "qc", "review_sharpness"),
         ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
         ({"input": {"path": "x.csv", "prompt_template": "photo of {name"}}, "input.prompt_template", "malformed"),
-        ({"input": {"path": "x.csv", "prompt_template": "photo of {name:>10}"}}, "input.prompt_template", "format spec"),
+        (
+            {"input": {"path": "x.csv", "prompt_template": "photo of {name:>10}"}},
+            "input.prompt_template",
+            "format spec",
+        ),
     ],
 )
 def test_bad_field_is_named_with_its_value(patch, field_path, fragment):

@@ -33,9 +33,14 @@ def generator(models):
 
 
 def spec_for(**over):
-    data = {"run_name": "t", "input": {"path": "/x.parquet"}, "size": "tiny-square", "steps": 3,
-            "variations": {"seeds_per_row": 1, "seed_mode": "fixed", "base_seed": 5},
-            "postprocess": {"presets": ["thumbnail"], "format": "jpeg"}}
+    data = {
+        "run_name": "t",
+        "input": {"path": "/x.parquet"},
+        "size": "tiny-square",
+        "steps": 3,
+        "variations": {"seeds_per_row": 1, "seed_mode": "fixed", "base_seed": 5},
+        "postprocess": {"presets": ["thumbnail"], "format": "jpeg"},
+    }
     data.update(over)
     return parse_spec(data)
 
@@ -72,7 +77,9 @@ def test_lora_weight_zero_is_the_base_image_and_weight_changes_pixels(generator,
 def test_batched_mode_is_reproduced_by_rendering_the_recorded_batch(models):
     from app.generate import Generator
 
-    gen = Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=3))
+    gen = Generator(
+        models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=3)
+    )
     reqs, _ = requests(models, ["a", "b", "c"])
     first = {r.image_id: r for r in gen.render(reqs)}
     assert {r.batch_size for r in first.values()} == {3}
@@ -83,8 +90,13 @@ def test_batched_mode_is_reproduced_by_rendering_the_recorded_batch(models):
 
 def test_unknown_lora_on_generator_fails_rows_not_the_actor(generator, models):
     reqs, _ = requests(models, ["x"], model={"loras": [{"name": "tiny-style", "weight": 1.0}]})
-    bad = RenderRequest(**{**reqs[0].__dict__, "image_id": "f" * 32,
-                           "loras": (reqs[0].loras[0].__class__("ghost", "1", 1.0, "0" * 64),)})
+    bad = RenderRequest(
+        **{
+            **reqs[0].__dict__,
+            "image_id": "f" * 32,
+            "loras": (reqs[0].loras[0].__class__("ghost", "1", 1.0, "0" * 64),),
+        }
+    )
     results = {r.image_id: r for r in generator.render([bad, reqs[0]])}
     assert results["f" * 32].error.startswith("model_error:") and "ghost" in results["f" * 32].error
     assert results[reqs[0].image_id].error == ""

@@ -13,70 +13,83 @@ STATUSES = ("accepted", "review", "rejected", "failed")
 
 TEMPLATE = pa.struct([("name", pa.string()), ("version", pa.string()), ("text", pa.string())])
 MODEL = pa.struct([("name", pa.string()), ("version", pa.string()), ("sha256", pa.string()), ("source", pa.string())])
-LORA = pa.struct([
-    ("name", pa.string()), ("version", pa.string()), ("weight", pa.float64()),
-    ("sha256", pa.string()), ("source", pa.string()),
-])
-VARIANT = pa.struct([
-    ("preset", pa.string()), ("uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("format", pa.string()), ("bytes", pa.int64()),
-])
+LORA = pa.struct(
+    [
+        ("name", pa.string()),
+        ("version", pa.string()),
+        ("weight", pa.float64()),
+        ("sha256", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+VARIANT = pa.struct(
+    [
+        ("preset", pa.string()),
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("bytes", pa.int64()),
+    ]
+)
 STRMAP = pa.map_(pa.string(), pa.string())
 
-CATALOG_SCHEMA = pa.schema([
-    # identity and outcome
-    ("image_id", pa.string()),
-    ("source", pa.string()),  # bulk | serve
-    ("created_at", pa.timestamp("us", tz="UTC")),
-    ("status", pa.string()),  # accepted | review | rejected | failed
-    ("reasons", pa.list_(pa.string())),
-    ("error", pa.string()),
-    # what was asked
-    ("prompt", pa.string()),
-    ("negative_prompt", pa.string()),
-    ("template", TEMPLATE),
-    ("variables", STRMAP),
-    ("tags", STRMAP),
-    ("row_key", pa.string()),
-    ("variation", pa.int32()),
-    # how it was rendered: with image_id, enough to render it again
-    ("base_model", MODEL),
-    ("loras", pa.list_(LORA)),
-    ("scheduler", pa.string()),
-    ("steps", pa.int32()),
-    ("guidance", pa.float64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("seed", pa.int64()),
-    ("tier", pa.string()),
-    ("combination", pa.string()),  # the spec's named base + LoRA stack + settings
-    ("lora_fused", pa.bool_()),  # the stack was merged into the weights (decides the last bits)
-    ("batch_id", pa.string()),  # the pipeline call it was rendered in (== image_id when alone)
-    ("batch_size", pa.int32()),
-    ("pixel_sha256", pa.string()),  # sha256 of the raw RGB bytes, checked by `regenerate`
-    # quality control
-    ("sharpness", pa.float64()),
-    ("contrast", pa.float64()),
-    ("exposure", pa.float64()),
-    ("clip_score", pa.float64()),
-    ("phash", pa.string()),
-    ("nearest_duplicate", pa.string()),
-    ("style_distance", pa.float64()),
-    ("qc_scores", pa.map_(pa.string(), pa.float64())),  # every QC measure (artefacts, …) by name
-    ("qc_version", pa.string()),
-    # outputs
-    ("uri", pa.string()),
-    ("bytes", pa.int64()),  # size of the master file at `uri`
-    ("variants", pa.list_(VARIANT)),
-    # cost
-    ("gpu_seconds", pa.float64()),
-    ("cpu_seconds", pa.float64()),
-    ("cost_usd", pa.float64()),
-    ("accelerator", pa.string()),
-    # governance
-    ("usage_rights", pa.string()),
-    ("approval", pa.string()),  # pending; people's decisions are appended elsewhere and joined
-])
+CATALOG_SCHEMA = pa.schema(
+    [
+        # identity and outcome
+        ("image_id", pa.string()),
+        ("source", pa.string()),  # bulk | serve
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("status", pa.string()),  # accepted | review | rejected | failed
+        ("reasons", pa.list_(pa.string())),
+        ("error", pa.string()),
+        # what was asked
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("template", TEMPLATE),
+        ("variables", STRMAP),
+        ("tags", STRMAP),
+        ("row_key", pa.string()),
+        ("variation", pa.int32()),
+        # how it was rendered: with image_id, enough to render it again
+        ("base_model", MODEL),
+        ("loras", pa.list_(LORA)),
+        ("scheduler", pa.string()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("seed", pa.int64()),
+        ("tier", pa.string()),
+        ("combination", pa.string()),  # the spec's named base + LoRA stack + settings
+        ("lora_fused", pa.bool_()),  # the stack was merged into the weights (decides the last bits)
+        ("batch_id", pa.string()),  # the pipeline call it was rendered in (== image_id when alone)
+        ("batch_size", pa.int32()),
+        ("pixel_sha256", pa.string()),  # sha256 of the raw RGB bytes, checked by `regenerate`
+        # quality control
+        ("sharpness", pa.float64()),
+        ("contrast", pa.float64()),
+        ("exposure", pa.float64()),
+        ("clip_score", pa.float64()),
+        ("phash", pa.string()),
+        ("nearest_duplicate", pa.string()),
+        ("style_distance", pa.float64()),
+        ("qc_scores", pa.map_(pa.string(), pa.float64())),  # every QC measure (artefacts, …) by name
+        ("qc_version", pa.string()),
+        # outputs
+        ("uri", pa.string()),
+        ("bytes", pa.int64()),  # size of the master file at `uri`
+        ("variants", pa.list_(VARIANT)),
+        # cost
+        ("gpu_seconds", pa.float64()),
+        ("cpu_seconds", pa.float64()),
+        ("cost_usd", pa.float64()),
+        ("accelerator", pa.string()),
+        # governance
+        ("usage_rights", pa.string()),
+        ("approval", pa.string()),  # pending; people's decisions are appended elsewhere and joined
+    ]
+)
 PARTITIONS = ("date", "run_id")
 COLUMNS = tuple(CATALOG_SCHEMA.names)
 

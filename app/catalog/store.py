@@ -47,9 +47,14 @@ class CatalogStore:
         if info.type == pa.fs.FileType.NotFound:
             return None
         part = pads.partitioning(pa.schema([("date", pa.string()), ("run_id", pa.string())]), flavor="hive")
-        return pads.dataset(base, filesystem=fs, format="parquet", partitioning=part,
-                            schema=CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string())),
-                            exclude_invalid_files=False)
+        return pads.dataset(
+            base,
+            filesystem=fs,
+            format="parquet",
+            partitioning=part,
+            schema=CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string())),
+            exclude_invalid_files=False,
+        )
 
     def read(self, columns: list[str] | None = None, filter=None) -> pa.Table:
         ds = self.dataset()

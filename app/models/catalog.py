@@ -130,8 +130,15 @@ class ModelCatalog:
         path = self._materialise(e)
         arch = e.arch or _folder_arch(Path(e.config) if e.source_kind == "single_file" and e.config else path)
         return ResolvedModel(
-            name=e.name, kind="base", version=e.version, source=e.source, path=str(path),
-            sha256=self._check(e, path), arch=arch, dtype=e.dtype, config=e.config,
+            name=e.name,
+            kind="base",
+            version=e.version,
+            source=e.source,
+            path=str(path),
+            sha256=self._check(e, path),
+            arch=arch,
+            dtype=e.dtype,
+            config=e.config,
         )
 
     def resolve_lora(self, name: str, base: ResolvedModel | None = None) -> ResolvedModel:
@@ -147,8 +154,14 @@ class ModelCatalog:
         path = self._materialise(e)
         weight = _lora_weight_file(path)
         return ResolvedModel(
-            name=e.name, kind="lora", version=e.version, source=e.source, path=str(path),
-            sha256=self._check(e, path), arch=trained_for.arch, weight_name=weight,
+            name=e.name,
+            kind="lora",
+            version=e.version,
+            source=e.source,
+            path=str(path),
+            sha256=self._check(e, path),
+            arch=trained_for.arch,
+            weight_name=weight,
         )
 
     def _materialise(self, e: ModelEntry) -> Path:
@@ -168,7 +181,9 @@ class ModelCatalog:
         if e.source_kind == "builtin":
             manifest = read_manifest(path)
             if manifest is None:
-                raise ModelFileError(f"{path}: built-in model '{e.name}' has no manifest; delete the folder to rebuild it")
+                raise ModelFileError(
+                    f"{path}: built-in model '{e.name}' has no manifest; delete the folder to rebuild it"
+                )
             verify_folder(path, manifest["sha256"])
             return manifest["sha256"]
         if e.sha256:
@@ -217,8 +232,10 @@ def _parse_catalog(data: object, where: str, relative_to: Path) -> dict[str, Mod
         for name, body in (data.get(section) or {}).items():
             if not MODEL_NAME.match(str(name)):
                 # Names become folder names in the model home and adapter names: never paths.
-                raise ModelFileError(f"{where}: {section}.{name!r}: a model name is letters, digits, '.', '_', '-' "
-                                     f"(at most 128, starting alphanumeric, no '..')")
+                raise ModelFileError(
+                    f"{where}: {section}.{name!r}: a model name is letters, digits, '.', '_', '-' "
+                    f"(at most 128, starting alphanumeric, no '..')"
+                )
             if not isinstance(body, dict) or "source" not in body:
                 raise ModelFileError(f"{where}: {section}.{name}: needs at least a `source`")
             bad = set(body) - allowed
@@ -227,14 +244,18 @@ def _parse_catalog(data: object, where: str, relative_to: Path) -> dict[str, Mod
             body = dict(body)
             body["version"] = str(body.get("version", "1"))
             if not MODEL_NAME.match(body["version"]):
-                raise ModelFileError(f"{where}: {section}.{name}.version: {body['version']!r} is not a version "
-                                     f"(letters, digits, '.', '_', '-')")
+                raise ModelFileError(
+                    f"{where}: {section}.{name}.version: {body['version']!r} is not a version "
+                    f"(letters, digits, '.', '_', '-')"
+                )
             src = str(body["source"])
             if not src.startswith(("builtin:", "hub:")):
                 # Relative paths in a user catalog are relative to the catalog file.
                 raw = src.removeprefix("file:")
                 p = Path(raw).expanduser()
-                body["source"] = ("file:" if src.startswith("file:") else "") + str(p if p.is_absolute() else relative_to / p)
+                body["source"] = ("file:" if src.startswith("file:") else "") + str(
+                    p if p.is_absolute() else relative_to / p
+                )
             if body.get("config") and not Path(body["config"]).is_absolute():
                 body["config"] = str(relative_to / body["config"])
             entries[str(name)] = ModelEntry(name=str(name), kind=kind, **body)
@@ -280,8 +301,14 @@ def _folder_arch(path: Path) -> str:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{cfg_path}: cannot read the UNet config ({e})") from e
-    keys = ("block_out_channels", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
-            "down_block_types", "layers_per_block")
+    keys = (
+        "block_out_channels",
+        "cross_attention_dim",
+        "transformer_layers_per_block",
+        "attention_head_dim",
+        "down_block_types",
+        "layers_per_block",
+    )
     import hashlib
 
     shape = json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True)
@@ -296,7 +323,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        return Path(
+            snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        )
     except (LocalEntryNotFoundError, OSError, ValueError) as e:
         raise ModelFileError(
             f"hub model '{repo_id}' is not in the local hub cache; download it on a machine with internet "

@@ -7,6 +7,7 @@ that load the released SDXL and its LoRAs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -20,6 +21,7 @@ from app.models.digest import ModelFileError
 from app.schedulers import SCHEDULERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
@@ -38,10 +40,10 @@ def pick_dtype(model_dtype: str, device: torch.device) -> torch.dtype:
 
 def quiet_libraries() -> None:
     """Loading bars and "no text-encoder LoRA keys" notices would flood every actor's log."""
+    import warnings
+
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
-
-    import warnings
 
     # peft warns on every second adapter loaded into one model: intended here (a LoRA cache).
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -203,7 +205,9 @@ class LoraStackSwitcher:
                 self._drop(pipe, name)
                 if isinstance(e, ModelFileError):
                     raise
-                raise ModelFileError(f"{lo.path}: cannot load LoRA '{lo.name}' into this base: {_first_lines(e)}") from e
+                raise ModelFileError(
+                    f"{lo.path}: cannot load LoRA '{lo.name}' into this base: {_first_lines(e)}"
+                ) from e
             finally:
                 if not self.unet_adapters and getattr(pipe.unet, "peft_config", None):
                     pipe.unet.unload_lora()  # back to the plain modules the compiled graph was traced on
@@ -218,10 +222,8 @@ class LoraStackSwitcher:
     def _drop(self, pipe, name: str) -> None:
         self.loaded.pop(name, None)
         self.factors.pop(name, None)
-        try:
+        with contextlib.suppress(Exception):  # a half-loaded adapter may not be registered everywhere
             pipe.delete_adapters(name)
-        except Exception:  # a half-loaded adapter may not be registered everywhere
-            pass
 
     def _set_text_encoders(self, pipe, wanted: tuple) -> None:
         from diffusers.loaders.lora_base import disable_lora_for_text_encoder, set_adapters_for_text_encoder
@@ -293,10 +295,14 @@ def _read_factors(unet, name: str, lora: ResolvedModel) -> dict[str, LoraFactor]
         if not isinstance(m, BaseTunerLayer) or name not in getattr(m, "lora_A", {}):
             continue
         if getattr(m, "use_dora", {}).get(name) or getattr(m, "lora_bias", {}).get(name):
-            raise ModelFileError(f"{lora.path}: LoRA '{lora.name}' uses DoRA or LoRA biases, which imagefab cannot merge")
+            raise ModelFileError(
+                f"{lora.path}: LoRA '{lora.name}' uses DoRA or LoRA biases, which imagefab cannot merge"
+            )
         down, up = m.lora_A[name].weight, m.lora_B[name].weight
         if up.dim() == 4 and up.shape[2:] != (1, 1):
-            raise ModelFileError(f"{lora.path}: LoRA '{lora.name}' layer {path} has an up-projection kernel {tuple(up.shape[2:])}")
+            raise ModelFileError(
+                f"{lora.path}: LoRA '{lora.name}' layer {path} has an up-projection kernel {tuple(up.shape[2:])}"
+            )
         r, alpha = m.r[name], m.lora_alpha[name]
         scale = alpha / math.sqrt(r) if m.use_rslora.get(name, False) else alpha / r
         found[path] = LoraFactor(down.detach().clone(), up.detach().clone(), float(scale))

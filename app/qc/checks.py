@@ -88,9 +88,7 @@ def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim != 2 and (image.ndim != 3 or image.shape[2] not in (3, 4)):
-        raise ValueError(
-            f"`image` must be shaped [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], but is {image.shape}"
-        )
+        raise ValueError(f"`image` must be shaped [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], but is {image.shape}")
     return image
 
 

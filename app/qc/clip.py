@@ -54,7 +54,7 @@ def _register_packaged_configs() -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when this process sees a GPU (the generator's), else the CPU."""
+    """ "auto" -> CUDA when this process sees a GPU (the generator's), else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):

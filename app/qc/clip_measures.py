@@ -41,8 +41,9 @@ class ClipMeasure:
     concept_cosines: Mapping[str, float]  # every negative concept -> cosine(image, concept)
 
 
-def measure_clip(clip, images: Sequence[np.ndarray], prompts: Sequence[str | None],
-                 concepts: Sequence[str]) -> list[ClipMeasure]:
+def measure_clip(
+    clip, images: Sequence[np.ndarray], prompts: Sequence[str | None], concepts: Sequence[str]
+) -> list[ClipMeasure]:
     """Embed `images` (uint8 RGB arrays) in one pass with `clip` (a `ClipScorer`), and their
     cosines to their prompts and to every negative concept."""
     from app.qc.clip import cosine, similarities  # numpy only, but its module loads torch
@@ -59,8 +60,11 @@ def measure_clip(clip, images: Sequence[np.ndarray], prompts: Sequence[str | Non
         prompt_cosines[with_prompt] = np.atleast_1d(cosine(image_embeddings[with_prompt], text_embeddings))
 
     # Negative concepts: every concept against every image; which apply is QC's business
-    concept_sims = (similarities(image_embeddings, clip.embed_texts(list(concepts)))  # [N, C]
-                    if concepts else np.zeros((count, 0)))
+    concept_sims = (
+        similarities(image_embeddings, clip.embed_texts(list(concepts)))  # [N, C]
+        if concepts
+        else np.zeros((count, 0))
+    )
     return [
         ClipMeasure(
             model_id=clip.model_id,

@@ -80,8 +80,7 @@ class ClipMeasurer:
             **{name: _obj([row[name] for row in out]) for name in CLIP_COLUMNS},
         }
 
-    def add_to_results(self, results: list[dict], images: Sequence[np.ndarray | None],
-                       prompts: Sequence[str]) -> None:
+    def add_to_results(self, results: list[dict], images: Sequence[np.ndarray | None], prompts: Sequence[str]) -> None:
         """Serve: add `CLIP_COLUMNS` in place to a replica's result dicts (`app/serve/core.py`
         `rendered_rows`), for those with pixels and no error."""
         for result in results:

@@ -175,9 +175,7 @@ class QcSettings(BaseModel):
     def _style_keys_and_folders(cls, references: dict[str, str]) -> dict[str, str]:
         for key, folder in references.items():
             if not key.strip() or not str(folder).strip():
-                raise ValueError(
-                    f"`style_references` needs a non-empty key and folder, but has {key!r}: {folder!r}"
-                )
+                raise ValueError(f"`style_references` needs a non-empty key and folder, but has {key!r}: {folder!r}")
             name, sep, value = key.partition("=")
             if sep and (not name or not value):
                 raise ValueError(f"`style_references` key {key!r} must read '<tag>=<value>' or be a combination key")
@@ -197,8 +195,7 @@ class QcSettings(BaseModel):
             )
         if self.review_clipped > self.max_clipped:
             raise ValueError(
-                f"`review_clipped` must be <= `max_clipped`, but they are "
-                f"{self.review_clipped} and {self.max_clipped}"
+                f"`review_clipped` must be <= `max_clipped`, but they are {self.review_clipped} and {self.max_clipped}"
             )
         for reject, review in [
             ("max_color_cast", "review_color_cast"),
@@ -209,12 +206,15 @@ class QcSettings(BaseModel):
             ("max_style_distance", "review_style_distance"),
         ]:
             _review_at_most(self, review, reject)
-        if self.min_clip_score is not None and self.review_clip_score is not None:
-            if self.review_clip_score < self.min_clip_score:
-                raise ValueError(
-                    f"`review_clip_score` must be >= `min_clip_score`, but they are "
-                    f"{self.review_clip_score} and {self.min_clip_score}"
-                )
+        if (
+            self.min_clip_score is not None
+            and self.review_clip_score is not None
+            and self.review_clip_score < self.min_clip_score
+        ):
+            raise ValueError(
+                f"`review_clip_score` must be >= `min_clip_score`, but they are "
+                f"{self.review_clip_score} and {self.min_clip_score}"
+            )
         if self.review_duplicate_distance < self.max_duplicate_distance:
             raise ValueError(
                 f"`review_duplicate_distance` must be >= `max_duplicate_distance`, but they are "
@@ -233,8 +233,7 @@ class QcSettings(BaseModel):
             # Blank is the extreme of low contrast; the other order would call a blank
             # image merely low-contrast.
             raise ValueError(
-                f"`min_std_blank` must be <= `min_contrast`, but they are "
-                f"{self.min_std_blank} and {self.min_contrast}"
+                f"`min_std_blank` must be <= `min_contrast`, but they are {self.min_std_blank} and {self.min_contrast}"
             )
         return self
 
@@ -365,9 +364,7 @@ def _pixel_findings(luma: np.ndarray, settings: QcSettings, nonfinite_fraction: 
     return found
 
 
-def check_image(
-    image: np.ndarray | Image.Image, settings: QcSettings, nonfinite_fraction: float = 0.0
-) -> QcVerdict:
+def check_image(image: np.ndarray | Image.Image, settings: QcSettings, nonfinite_fraction: float = 0.0) -> QcVerdict:
     """Judge one rendered image on its pixels (sharpness, contrast, exposure, blank, nonfinite).
 
     Args:
@@ -503,13 +500,19 @@ def evaluate_batch(
     #    as the generator measured them
     if measured and (clip is not None or clip_measures is not None):
         if clip_measures is None:
-            measures = measure_clip(clip, [rgbs[i] for i in measured], [prompts[i] for i in measured],
-                                    settings.negative_concepts)
+            measures = measure_clip(
+                clip, [rgbs[i] for i in measured], [prompts[i] for i in measured], settings.negative_concepts
+            )
         else:
             measures = [_checked_measure(clip_measures[i], i, settings) for i in measured]
         _clip_checks(
-            measures, [prompts[i] for i in measured], [styles[i] for i in measured],
-            [phashes.get(i) for i in measured], [found[i] for i in measured], settings, enabled,
+            measures,
+            [prompts[i] for i in measured],
+            [styles[i] for i in measured],
+            [phashes.get(i) for i in measured],
+            [found[i] for i in measured],
+            settings,
+            enabled,
         )
 
     # 3. Duplicates, last: whether an image may be indexed depends on every other check

@@ -16,21 +16,41 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "RegistryError": "errors", "UnresolvedReference": "errors", "VersionMismatch": "errors",
-    "Reference": "refs", "parse_reference": "refs", "is_reference": "refs",
-    "to_mlflow_template": "refs", "from_mlflow_template": "refs",
-    "tracking_uri": "store", "make_client": "store", "promote": "store", "rollback": "store",
-    "alias_log": "store", "AliasMove": "store",
-    "RegisteredVersion": "register", "register_model": "register", "register_prompt": "register",
-    "register_qc": "register", "register_catalog": "register", "register_builtins": "register",
-    "ResolvedRef": "resolve", "ResolvedVersions": "resolve", "resolve_model": "resolve",
-    "resolve_prompt": "resolve", "resolve_qc": "resolve", "resolve_spec_references": "resolve",
-    "has_references": "resolve", "verify_models": "resolve",
-    "track_run": "tracking", "track_job_output": "tracking", "record_serving": "tracking",
+    "RegistryError": "errors",
+    "UnresolvedReference": "errors",
+    "VersionMismatch": "errors",
+    "Reference": "refs",
+    "parse_reference": "refs",
+    "is_reference": "refs",
+    "to_mlflow_template": "refs",
+    "from_mlflow_template": "refs",
+    "tracking_uri": "store",
+    "make_client": "store",
+    "promote": "store",
+    "rollback": "store",
+    "alias_log": "store",
+    "AliasMove": "store",
+    "RegisteredVersion": "register",
+    "register_model": "register",
+    "register_prompt": "register",
+    "register_qc": "register",
+    "register_catalog": "register",
+    "register_builtins": "register",
+    "ResolvedRef": "resolve",
+    "ResolvedVersions": "resolve",
+    "resolve_model": "resolve",
+    "resolve_prompt": "resolve",
+    "resolve_qc": "resolve",
+    "resolve_spec_references": "resolve",
+    "has_references": "resolve",
+    "verify_models": "resolve",
+    "track_run": "tracking",
+    "track_job_output": "tracking",
+    "record_serving": "tracking",
     "add_registry_cli": "cli",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (built from the lazy-export table)
 
 
 def __getattr__(name: str):

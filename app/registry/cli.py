@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -30,8 +30,9 @@ EXIT_BAD_INPUT = 2
 def add_registry_cli(subparsers) -> None:
     """Add `registry` and `mlflow` to the `imagefab` command's subparsers."""
     reg = subparsers.add_parser("registry", help="model, prompt and QC versions in MLflow: promote, rollback, …")
-    reg.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, IMAGEFAB_MLFLOW_URI, "
-                                            "sqlite:///mlflow.db)")
+    reg.add_argument(
+        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, IMAGEFAB_MLFLOW_URI, sqlite:///mlflow.db)"
+    )
     sub = reg.add_subparsers(dest="registry_command", required=True)
 
     sub.add_parser("list", help="every registered model and prompt with its aliases").set_defaults(func=cmd_list)
@@ -93,6 +94,7 @@ def add_registry_cli(subparsers) -> None:
 
 # --- commands --------------------------------------------------------------------------------------
 
+
 def _client(args: argparse.Namespace):
     # A reference file is a few hundred bytes: no download progress bars on the terminal.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -103,6 +105,7 @@ def _client(args: argparse.Namespace):
 
 def _guarded(fn):
     """Report registry errors as `imagefab: error: …` with exit code 2, like the other commands."""
+
     def run(args: argparse.Namespace) -> int:
         from app.registry.errors import RegistryError
 
@@ -111,6 +114,7 @@ def _guarded(fn):
         except RegistryError as e:
             print(f"imagefab: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
+
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
     return run
@@ -175,7 +179,7 @@ def _version_line(client, entry, version: str) -> str:
 
 
 def _when(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M") if ms else "?"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "?"
 
 
 @_guarded
@@ -199,24 +203,33 @@ def cmd_register_builtins(args: argparse.Namespace) -> int:
     from app.models.catalog import ModelCatalog
     from app.registry.register import register_builtins
 
-    register_builtins(_client(args), catalog=ModelCatalog.load(args.catalog), specs_dir=args.specs,
-                      alias=args.alias or None, report=print)
+    register_builtins(
+        _client(args),
+        catalog=ModelCatalog.load(args.catalog),
+        specs_dir=args.specs,
+        alias=args.alias or None,
+        report=print,
+    )
     return 0
 
 
 @_guarded
 def cmd_register_model(args: argparse.Namespace) -> int:
     from app.models.catalog import ModelCatalog, ModelEntry
-    from app.registry.register import register_model
-
     from app.registry.errors import RegistryError
+    from app.registry.register import register_model
 
     if args.kind == "lora" and not args.base:
         raise RegistryError("register-model: a LoRA needs --base (the catalog base model it was trained for)")
     path = Path(args.path).expanduser().resolve()
     source = f"file:{path}" if path.is_file() else str(path)
-    entry = ModelEntry(name=args.name, kind=args.kind, source=source, base=args.base,
-                       config=str(Path(args.config).resolve()) if args.config else None)
+    entry = ModelEntry(
+        name=args.name,
+        kind=args.kind,
+        source=source,
+        base=args.base,
+        config=str(Path(args.config).resolve()) if args.config else None,
+    )
     print(register_model(_client(args), entry, catalog=ModelCatalog.load(args.catalog), aliases=args.alias))
     return 0
 
@@ -266,8 +279,10 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
     from app.registry.server import start_server, stop_server
 
     root = Path(args.root).resolve()
-    print(f"MLflow on http://{args.host}:{args.port}  (store sqlite:///{root / 'mlflow.db'}, "
-          f"artifacts {root / 'mlartifacts'}); Ctrl-C stops it")
+    print(
+        f"MLflow on http://{args.host}:{args.port}  (store sqlite:///{root / 'mlflow.db'}, "
+        f"artifacts {root / 'mlartifacts'}); Ctrl-C stops it"
+    )
     proc = start_server(root, args.host, args.port)
     try:
         return proc.wait()

@@ -92,7 +92,7 @@ def from_mlflow_template(template: str) -> str:
     """MLflow `{{ variable }}` -> imagefab `{variable}`; other braces are doubled (literal)."""
     out, pos = [], 0
     for m in _MLFLOW_VAR.finditer(template):
-        out.append(_escape(template[pos:m.start()]))
+        out.append(_escape(template[pos : m.start()]))
         out.append("{" + m[1] + "}")
         pos = m.end()
     out.append(_escape(template[pos:]))

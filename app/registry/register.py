@@ -72,6 +72,7 @@ def content_sha256(payload: dict) -> str:
 
 # --- models -----------------------------------------------------------------------------------------
 
+
 def model_reference(entry: ModelEntry, resolved: ResolvedModel) -> dict:
     """The JSON a model version holds: where the files are and what they must hash to."""
     return {
@@ -93,8 +94,9 @@ def model_reference(entry: ModelEntry, resolved: ResolvedModel) -> dict:
     }
 
 
-def register_model(client: MlflowClient, entry: ModelEntry, *, catalog: ModelCatalog | None = None,
-                   aliases: Iterable[str] = ()) -> RegisteredVersion:
+def register_model(
+    client: MlflowClient, entry: ModelEntry, *, catalog: ModelCatalog | None = None, aliases: Iterable[str] = ()
+) -> RegisteredVersion:
     """Register `entry`'s files as a version of the registered model `entry.name`.
 
     The entry is resolved through `catalog` (the built-in one by default) with `entry` merged in:
@@ -108,14 +110,25 @@ def register_model(client: MlflowClient, entry: ModelEntry, *, catalog: ModelCat
     resolved = merged.resolve_base(entry.name) if entry.kind == "base" else merged.resolve_lora(entry.name)
     reference = model_reference(entry, resolved)
     digest = content_sha256({k: reference[k] for k in _IDENTITY})
-    tags = {"sha256": resolved.sha256, "arch": resolved.arch, "kind": entry.kind,
-            "catalog_version": entry.version, "content_sha256": digest}
-    return _register_artifact(client, entry.name, entry.kind, reference, REFERENCE_FILE, tags,
-                              description=entry.description, aliases=aliases)
+    tags = {
+        "sha256": resolved.sha256,
+        "arch": resolved.arch,
+        "kind": entry.kind,
+        "catalog_version": entry.version,
+        "content_sha256": digest,
+    }
+    return _register_artifact(
+        client, entry.name, entry.kind, reference, REFERENCE_FILE, tags, description=entry.description, aliases=aliases
+    )
 
 
-def register_catalog(client: MlflowClient, catalog: ModelCatalog | None = None, *, alias: str | None = DEFAULT_ALIAS,
-                     report: Callable[[str], None] = lambda _: None) -> list[RegisteredVersion]:
+def register_catalog(
+    client: MlflowClient,
+    catalog: ModelCatalog | None = None,
+    *,
+    alias: str | None = DEFAULT_ALIAS,
+    report: Callable[[str], None] = lambda _: None,
+) -> list[RegisteredVersion]:
     """Every model in the catalog that can be resolved here; `alias` set where it is not set yet.
 
     Models that cannot be resolved on this machine (a hub model not in the local cache) are
@@ -137,21 +150,33 @@ def register_catalog(client: MlflowClient, catalog: ModelCatalog | None = None, 
 
 # --- QC settings ------------------------------------------------------------------------------------
 
-def register_qc(client: MlflowClient, name: str, settings: QcSettings, *,
-                aliases: Iterable[str] = ()) -> RegisteredVersion:
+
+def register_qc(
+    client: MlflowClient, name: str, settings: QcSettings, *, aliases: Iterable[str] = ()
+) -> RegisteredVersion:
     """Register QC settings as a version of the registered model `qc-<name>`."""
     check_name(name, "QC settings")
     payload = settings.model_dump(mode="json")
     digest = content_sha256(payload)
     tags = {"kind": "qc", "qc_version": settings.qc_version, "content_sha256": digest}
-    return _register_artifact(client, QC_PREFIX + name, "qc", payload, QC_FILE, tags,
-                              description=f"QC settings '{name}' ({settings.qc_version})", aliases=aliases)
+    return _register_artifact(
+        client,
+        QC_PREFIX + name,
+        "qc",
+        payload,
+        QC_FILE,
+        tags,
+        description=f"QC settings '{name}' ({settings.qc_version})",
+        aliases=aliases,
+    )
 
 
 # --- prompt templates --------------------------------------------------------------------------------
 
-def register_prompt(client: MlflowClient, name: str, template: str, *, commit_message: str | None = None,
-                    aliases: Iterable[str] = ()) -> RegisteredVersion:
+
+def register_prompt(
+    client: MlflowClient, name: str, template: str, *, commit_message: str | None = None, aliases: Iterable[str] = ()
+) -> RegisteredVersion:
     """Register an imagefab `{column}` template as a version of prompt `name` (stored as `{{column}}`)."""
     from mlflow.exceptions import MlflowException
 
@@ -175,8 +200,12 @@ def register_prompt(client: MlflowClient, name: str, template: str, *, commit_me
                     version = str(v.version)
                     break
         if version is None:
-            pv = client.create_prompt_version(name, stored, description=commit_message or "registered by imagefab",
-                                              tags={"content_sha256": digest, KIND_TAG: "template"})
+            pv = client.create_prompt_version(
+                name,
+                stored,
+                description=commit_message or "registered by imagefab",
+                tags={"content_sha256": digest, KIND_TAG: "template"},
+            )
             version, created = str(pv.version), True
     except MlflowException as e:
         raise RegistryError(f"cannot register prompt '{name}': {e.message}") from e
@@ -204,9 +233,15 @@ def spec_templates(specs_dir: str | Path) -> dict[str, str]:
 
 # --- everything at once ------------------------------------------------------------------------------
 
-def register_builtins(client: MlflowClient, *, catalog: ModelCatalog | None = None,
-                      specs_dir: str | Path | None = "specs", alias: str | None = DEFAULT_ALIAS,
-                      report: Callable[[str], None] = lambda _: None) -> list[RegisteredVersion]:
+
+def register_builtins(
+    client: MlflowClient,
+    *,
+    catalog: ModelCatalog | None = None,
+    specs_dir: str | Path | None = "specs",
+    alias: str | None = DEFAULT_ALIAS,
+    report: Callable[[str], None] = lambda _: None,
+) -> list[RegisteredVersion]:
     """The catalog's models, the example specs' templates and the default QC settings.
 
     Idempotent: a second call registers nothing new. `alias` (production) is set on the first
@@ -226,6 +261,7 @@ def register_builtins(client: MlflowClient, *, catalog: ModelCatalog | None = No
 
 # --- shared -----------------------------------------------------------------------------------------
 
+
 def _initial_alias(client: MlflowClient, reg: RegisteredVersion, alias: str | None) -> str:
     if not alias:
         return ""
@@ -236,8 +272,17 @@ def _initial_alias(client: MlflowClient, reg: RegisteredVersion, alias: str | No
     return f" (@{alias})"
 
 
-def _register_artifact(client: MlflowClient, name: str, kind: str, payload: dict, artifact_file: str,
-                       tags: dict[str, str], *, description: str, aliases: Iterable[str]) -> RegisteredVersion:
+def _register_artifact(
+    client: MlflowClient,
+    name: str,
+    kind: str,
+    payload: dict,
+    artifact_file: str,
+    tags: dict[str, str],
+    *,
+    description: str,
+    aliases: Iterable[str],
+) -> RegisteredVersion:
     """A new version of registered model `name` holding `payload` as `artifact_file`, unless a
     version with the same `content_sha256` tag exists already."""
     from mlflow.exceptions import MlflowException
@@ -261,8 +306,9 @@ def _register_artifact(client: MlflowClient, name: str, kind: str, payload: dict
             folder = artifact_file.rsplit(".", 1)[0]
             client.log_dict(run_id, payload, f"{folder}/{artifact_file}")
             client.set_terminated(run_id)
-            mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{folder}", run_id=run_id,
-                                             tags=tags, description=description)
+            mv = client.create_model_version(
+                name, source=f"{run.info.artifact_uri}/{folder}", run_id=run_id, tags=tags, description=description
+            )
             version, created = str(mv.version), True
     except MlflowException as e:
         raise RegistryError(f"cannot register '{name}' in {client.tracking_uri}: {e.message}") from e

@@ -92,20 +92,26 @@ class ResolvedVersions:
         return {"imagefab.ref." + re.sub(r"\[(\d+)\]", r".\1", r.field): r.describe() for r in self.refs}
 
     def to_dict(self) -> dict:
-        return {"references": [asdict(r) for r in self.refs],
-                "models": {n: asdict(e) for n, e in self.models.items()}}
+        return {"references": [asdict(r) for r in self.refs], "models": {n: asdict(e) for n, e in self.models.items()}}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ResolvedVersions:
         data = data or {}
-        return cls(refs=tuple(ResolvedRef(**r) for r in data.get("references", [])),
-                   models={n: ModelEntry(**e) for n, e in data.get("models", {}).items()})
+        return cls(
+            refs=tuple(ResolvedRef(**r) for r in data.get("references", [])),
+            models={n: ModelEntry(**e) for n, e in data.get("models", {}).items()},
+        )
 
 
 def has_references(spec: JobSpec) -> bool:
     """Whether the spec names anything through the registry (and must be resolved before it runs)."""
-    values = [spec.model.base, *(lo.name for lo in spec.model.loras), spec.input.prompt_template,
-              spec.input.template_name, spec.qc]
+    values = [
+        spec.model.base,
+        *(lo.name for lo in spec.model.loras),
+        spec.input.prompt_template,
+        spec.input.template_name,
+        spec.qc,
+    ]
     combos = getattr(spec, "combinations", None) or {}
     return any(is_reference(v) for v in values) or any(_combination_has_reference(c) for c in combos.values())
 
@@ -116,21 +122,31 @@ def _combination_has_reference(combo) -> bool:
 
 # --- one reference -----------------------------------------------------------------------------------
 
+
 def resolve_model(client: MlflowClient, ref: Reference | str, field_name: str = "") -> tuple[ModelEntry, ResolvedRef]:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> a catalog entry bound to that version."""
     ref = _parsed(ref, "models", field_name)
     mv = _model_version(client, ref, field_name)
     reference = _read_json(client, mv, REFERENCE_FILE, ref, field_name)
     if reference.get("sha256") != mv.tags.get("sha256"):
-        raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version}'s reference.json says sha256 "
-                            f"{reference.get('sha256')} but its tag says {mv.tags.get('sha256')}")
+        raise RegistryError(
+            f"{_at(field_name)}{ref}: version {mv.version}'s reference.json says sha256 "
+            f"{reference.get('sha256')} but its tag says {mv.tags.get('sha256')}"
+        )
     try:
         entry = ModelEntry(
-            name=ref.registered_name, kind=reference["kind"], source=reference["source"], version=str(mv.version),
-            sha256=reference["sha256"], base=reference.get("base"), config=reference.get("config"),
+            name=ref.registered_name,
+            kind=reference["kind"],
+            source=reference["source"],
+            version=str(mv.version),
+            sha256=reference["sha256"],
+            base=reference.get("base"),
+            config=reference.get("config"),
             arch=reference.get("arch") if reference["kind"] == "base" else None,
-            dtype=reference.get("dtype") or "auto", seed=int(reference.get("seed") or 0),
-            rank=int(reference.get("rank") or 4), description=reference.get("description") or "",
+            dtype=reference.get("dtype") or "auto",
+            seed=int(reference.get("seed") or 0),
+            rank=int(reference.get("rank") or 4),
+            description=reference.get("description") or "",
         )
     except (KeyError, TypeError, ValueError) as e:
         raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version}'s reference.json lacks {e}") from None
@@ -144,8 +160,10 @@ def resolve_prompt(client: MlflowClient, ref: Reference | str, field_name: str =
     ref = _parsed(ref, "prompts", field_name)
     entry = find_entry(client, ref.name)
     if entry is None or entry.kind != "prompt":
-        raise UnresolvedReference(f"{_at(field_name)}{ref}: there is no prompt '{ref.name}'"
-                                  + (" (it is a registered model: use models:/)" if entry else ""))
+        raise UnresolvedReference(
+            f"{_at(field_name)}{ref}: there is no prompt '{ref.name}'"
+            + (" (it is a registered model: use models:/)" if entry else "")
+        )
     try:
         if ref.alias:
             pv = client.get_prompt_version_by_alias(ref.name, ref.alias)
@@ -171,16 +189,21 @@ def resolve_qc(client: MlflowClient, ref: Reference | str, field_name: str = "qc
     except ValueError as e:
         raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version} holds invalid QC settings: {e}") from None
     if mv.tags.get("qc_version") not in (None, settings.qc_version):
-        raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version} is tagged qc_version "
-                            f"{mv.tags['qc_version']} but holds settings of {settings.qc_version}")
-    return settings, ResolvedRef(field_name, str(ref), "qc", ref.registered_name, str(mv.version), ref.alias,
-                                 settings.qc_version)
+        raise RegistryError(
+            f"{_at(field_name)}{ref}: version {mv.version} is tagged qc_version "
+            f"{mv.tags['qc_version']} but holds settings of {settings.qc_version}"
+        )
+    return settings, ResolvedRef(
+        field_name, str(ref), "qc", ref.registered_name, str(mv.version), ref.alias, settings.qc_version
+    )
 
 
 # --- a whole spec ------------------------------------------------------------------------------------
 
-def resolve_spec_references(spec: JobSpec, client: MlflowClient, *, catalog: ModelCatalog | None = None,
-                            verify: bool = True) -> tuple[JobSpec, ResolvedVersions]:
+
+def resolve_spec_references(
+    spec: JobSpec, client: MlflowClient, *, catalog: ModelCatalog | None = None, verify: bool = True
+) -> tuple[JobSpec, ResolvedVersions]:
     """The spec with every registry reference replaced by its concrete value, and what each resolved to.
 
     `verify`: hash each referenced model's files now and raise VersionMismatch naming the
@@ -210,7 +233,7 @@ def resolve_spec_references(spec: JobSpec, client: MlflowClient, *, catalog: Mod
                 model(lo.name, f"{at}.loras[{i}].name", "lora")
     names = _concrete_names([e for e, _ in found.values()])
     models: dict[str, ModelEntry] = {}
-    for where, (entry, rec) in found.items():
+    for entry, rec in found.values():
         concrete = names[(entry.name, entry.version)]
         models[concrete] = replace(entry, name=concrete)
         refs.append(replace(rec, value=concrete))
@@ -225,16 +248,19 @@ def resolve_spec_references(spec: JobSpec, client: MlflowClient, *, catalog: Mod
 
     for at, combo in stacks.items():
         base = concrete(combo.base, f"{at}.base")
-        loras = [{"name": concrete(lo.name, f"{at}.loras[{i}].name"), "weight": lo.weight}
-                 for i, lo in enumerate(combo.loras)]
+        loras = [
+            {"name": concrete(lo.name, f"{at}.loras[{i}].name"), "weight": lo.weight}
+            for i, lo in enumerate(combo.loras)
+        ]
         if at == "model":
             if base != combo.base:
                 changes["model.base"] = base
             if any(lo["name"] != old.name for lo, old in zip(loras, combo.loras)):
                 changes["model.loras"] = loras
         elif base != combo.base or any(lo["name"] != old.name for lo, old in zip(loras, combo.loras)):
-            changes.setdefault("combinations", {n: c.model_dump(mode="json", exclude_unset=True)
-                                                for n, c in combos.items()})
+            changes.setdefault(
+                "combinations", {n: c.model_dump(mode="json", exclude_unset=True) for n, c in combos.items()}
+            )
             name = at.removeprefix("combinations.")
             changes["combinations"][name].update(base=base, loras=loras)
 
@@ -270,8 +296,9 @@ def verify_models(versions: ResolvedVersions, catalog: ModelCatalog) -> None:
         if ref.kind != "model":
             continue
         entry = versions.models[ref.value or ref.name]
-        where = (f"{_at(ref.field)}{ref.reference} is {ref.name} version {ref.version}, "
-                 f"registered with sha256 {ref.digest}")
+        where = (
+            f"{_at(ref.field)}{ref.reference} is {ref.name} version {ref.version}, registered with sha256 {ref.digest}"
+        )
         try:
             if entry.source_kind in ("single_file", "folder"):
                 path = Path(entry.source.removeprefix("file:")).expanduser()
@@ -290,6 +317,7 @@ def verify_models(versions: ResolvedVersions, catalog: ModelCatalog) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
 
 def _concrete_names(entries: list[ModelEntry]) -> dict[tuple[str, str], str]:
     """(registered name, version) -> the model's name in the run: the registered name, or

@@ -22,10 +22,22 @@ from pathlib import Path
 
 def server_command(root: str | Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
     root = Path(root).resolve()
-    return [sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--default-artifact-root", str(root / "mlartifacts"),
-            "-h", host, "--port", str(port), "--workers", str(workers)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root",
+        str(root / "mlartifacts"),
+        "-h",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
 
 
 def start_server(root: str | Path, host: str = "127.0.0.1", port: int = 5000, **popen) -> subprocess.Popen:

@@ -23,7 +23,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,8 +45,7 @@ _ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 def tracking_uri() -> str:
     """The MLflow store jobs and commands use when none is given."""
-    return (os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get(ENV_URI)
-            or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    return os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get(ENV_URI) or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def make_client(uri: str | None = None) -> MlflowClient:
@@ -87,7 +86,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _user() -> str:
@@ -98,6 +97,7 @@ def _user() -> str:
 
 
 # --- registry entries: registered models and prompts behind one interface ------------------------
+
 
 class RegistryEntry:
     """One registered model or prompt: its versions, aliases and tags."""
@@ -229,6 +229,7 @@ def list_entries(client: MlflowClient) -> list[RegistryEntry]:
 
 # --- aliases with history ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class AliasMove:
     name: str
@@ -266,8 +267,16 @@ def _save(entry: RegistryEntry, alias: str, stack: list[str], tags: dict[str, st
         log = json.loads(tags.get(LOG_TAG, "[]"))
     except json.JSONDecodeError:
         log = []
-    log.append({"at": now_iso(), "alias": alias, "action": move.action, "from": move.previous,
-                "to": move.version, "by": _user()})
+    log.append(
+        {
+            "at": now_iso(),
+            "alias": alias,
+            "action": move.action,
+            "from": move.previous,
+            "to": move.version,
+            "by": _user(),
+        }
+    )
     entry.set_tag(LOG_TAG, json.dumps(log[-LOG_KEEP:]))
 
 
@@ -311,8 +320,10 @@ def rollback(client: MlflowClient, name: str, alias: str = DEFAULT_ALIAS) -> Ali
     stack.pop()
     target = stack[-1]
     if target not in entry.versions():
-        raise RegistryError(f"{name}@{alias} pointed at version {target} before {current}, but version {target} "
-                            f"no longer exists; promote a version instead")
+        raise RegistryError(
+            f"{name}@{alias} pointed at version {target} before {current}, but version {target} "
+            f"no longer exists; promote a version instead"
+        )
     entry.set_alias(alias, target)
     move = AliasMove(name, alias, current, target, "rollback")
     _save(entry, alias, stack, tags, move)

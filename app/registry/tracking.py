@@ -26,7 +26,7 @@ import re
 import time
 import warnings
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +51,18 @@ _STATUS_COLOURS = {"accepted": (46, 139, 87), "review": (218, 165, 32), "rejecte
 _METRIC_KEY_BAD = re.compile(r"[^\w.\- :/]")
 
 
-def track_run(spec: JobSpec, summary: Any, run_record: Mapping, catalog_rows: pa.Table, output: OutputStore | str, *,
-              client: MlflowClient | None = None, versions: ResolvedVersions | None = None,
-              experiment: str = JOB_EXPERIMENT, thumbnails_per_status: int = 12) -> str:
+def track_run(
+    spec: JobSpec,
+    summary: Any,
+    run_record: Mapping,
+    catalog_rows: pa.Table,
+    output: OutputStore | str,
+    *,
+    client: MlflowClient | None = None,
+    versions: ResolvedVersions | None = None,
+    experiment: str = JOB_EXPERIMENT,
+    thumbnails_per_status: int = 12,
+) -> str:
     """Log one finished bulk run; returns the MLflow run id.
 
     `summary`: the job's RunSummary (or its `to_dict()`), None when the run did not finish (the
@@ -72,8 +81,14 @@ def track_run(spec: JobSpec, summary: Any, run_record: Mapping, catalog_rows: pa
         raise RegistryError("run.json names no run_id; cannot track the run")
 
     started = _ms(run_record.get("started_at")) or int(time.time() * 1000)
-    tags = {"imagefab.run_id": run_id, "imagefab.run_name": spec.run_name, "imagefab.output": output.uri,
-            "imagefab.qc_version": spec.qc.qc_version, **_model_tags(rows, run_record), **versions.tags()}
+    tags = {
+        "imagefab.run_id": run_id,
+        "imagefab.run_name": spec.run_name,
+        "imagefab.output": output.uri,
+        "imagefab.qc_version": spec.qc.qc_version,
+        **_model_tags(rows, run_record),
+        **versions.tags(),
+    }
     if spec.input.template_name:
         tags["imagefab.template"] = spec.input.template_name
     exp = experiment_id(client, experiment)
@@ -82,13 +97,13 @@ def track_run(spec: JobSpec, summary: Any, run_record: Mapping, catalog_rows: pa
     try:
         params = [Param(k, v) for k, v in _flatten(spec.model_dump(mode="json")).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
-            client.log_batch(rid, params=params[i:i + 100])
+            client.log_batch(rid, params=params[i : i + 100])
         _log_dataset(client, rid, spec)
         metrics, groups = run_metrics(rows, summary_d)
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
-            client.log_batch(rid, metrics=batch[i:i + 1000])
+            client.log_batch(rid, metrics=batch[i : i + 1000])
         client.log_text(rid, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
         client.log_dict(rid, dict(run_record), "run.json")
         client.log_dict(rid, versions.to_dict(), "resolved_versions.json")
@@ -102,13 +117,20 @@ def track_run(spec: JobSpec, summary: Any, run_record: Mapping, catalog_rows: pa
         client.set_terminated(rid, "FAILED")
         raise
     wall = float(summary_d.get("wall_seconds") or 0.0)
-    client.set_terminated(rid, "FINISHED" if summary_d else "FAILED",
-                          end_time=started + int(wall * 1000) if wall else None)
+    client.set_terminated(
+        rid, "FINISHED" if summary_d else "FAILED", end_time=started + int(wall * 1000) if wall else None
+    )
     return rid
 
 
-def track_job_output(output_uri: str, run_id: str, *, client: MlflowClient | None = None,
-                     versions: ResolvedVersions | None = None, experiment: str = JOB_EXPERIMENT) -> str:
+def track_job_output(
+    output_uri: str,
+    run_id: str,
+    *,
+    client: MlflowClient | None = None,
+    versions: ResolvedVersions | None = None,
+    experiment: str = JOB_EXPERIMENT,
+) -> str:
     """`track_run` from what a job wrote: runs/<run_id>/run.json, summary.json and the catalog."""
     import pyarrow.dataset as pads
 
@@ -139,13 +161,18 @@ def _recorded_spec(data: dict, where: str) -> JobSpec:
         return parse_spec({k: v for k, v in data.items() if k != "model"}, where=where)
 
 
-def record_serving(versions: ResolvedVersions, *, client: MlflowClient | None = None,
-                   deployment: str = "imagefab-serve", experiment: str = SERVING_EXPERIMENT,
-                   extra_tags: Mapping[str, str] | None = None) -> str:
+def record_serving(
+    versions: ResolvedVersions,
+    *,
+    client: MlflowClient | None = None,
+    deployment: str = "imagefab-serve",
+    experiment: str = SERVING_EXPERIMENT,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
     """Record that `deployment` now serves these versions: a run tagged with each, returns its id."""
     client = client or make_client()
     exp = experiment_id(client, experiment)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     tags = {"imagefab.deployment": deployment, **versions.tags(), **(extra_tags or {})}
     run = client.create_run(exp, run_name=f"{deployment}-{stamp}", tags=tags)
     client.log_dict(run.info.run_id, versions.to_dict(), "resolved_versions.json")
@@ -154,6 +181,7 @@ def record_serving(versions: ResolvedVersions, *, client: MlflowClient | None = 
 
 
 # --- metrics ---------------------------------------------------------------------------------------
+
 
 def run_metrics(rows: list[dict], summary: Mapping) -> tuple[dict[str, float], dict]:
     """Metrics of a run's catalog rows (+ the summary's throughput), and per-group counts."""
@@ -164,14 +192,18 @@ def run_metrics(rows: list[dict], summary: Mapping) -> tuple[dict[str, float], d
     total = len(rows)
     cost = sum(r.get("cost_usd") or 0.0 for r in rows)
     m: dict[str, float] = {
-        "images": total, **counts,
+        "images": total,
+        **counts,
         "gpu_seconds": sum(r.get("gpu_seconds") or 0.0 for r in rows),
         "cpu_seconds": sum(r.get("cpu_seconds") or 0.0 for r in rows),
         "cost_usd": cost,
     }
     if judged:  # no rate at all rather than a 0 % that nothing was measured for
-        m.update(acceptance_rate=counts["accepted"] / judged, review_rate=counts["review"] / judged,
-                 rejection_rate=counts["rejected"] / judged)
+        m.update(
+            acceptance_rate=counts["accepted"] / judged,
+            review_rate=counts["review"] / judged,
+            rejection_rate=counts["rejected"] / judged,
+        )
     if total:
         m["failure_rate"] = counts["failed"] / total
     if counts["accepted"]:
@@ -223,6 +255,7 @@ def _metric_key(text: str) -> str:
 
 # --- params, tags, dataset --------------------------------------------------------------------------
 
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(value, dict):
         out: dict[str, str] = {}
@@ -244,11 +277,13 @@ def _model_tags(rows: list[dict], record: Mapping) -> dict[str, str]:
     loras = record.get("loras") or {}
     tags = {}
     if bases:
-        tags["imagefab.models.base"] = ", ".join(f"{b['name']} v{b['version']} ({b['sha256'][:12]})"
-                                                 for b in bases.values())
+        tags["imagefab.models.base"] = ", ".join(
+            f"{b['name']} v{b['version']} ({b['sha256'][:12]})" for b in bases.values()
+        )
     if loras:
-        tags["imagefab.models.loras"] = ", ".join(f"{lo['name']} v{lo['version']} ({lo['sha256'][:12]})"
-                                                  for lo in loras.values())
+        tags["imagefab.models.loras"] = ", ".join(
+            f"{lo['name']} v{lo['version']} ({lo['sha256'][:12]})" for lo in loras.values()
+        )
     return tags
 
 
@@ -266,8 +301,9 @@ def _log_dataset(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
             import pyarrow.csv as pacsv
 
             names = pads.dataset(inp.path, format="csv").schema.names
-            fmt = pads.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=inp.delimiter),
-                                     convert_options=csv_string_types(names))
+            fmt = pads.CsvFileFormat(
+                parse_options=pacsv.ParseOptions(delimiter=inp.delimiter), convert_options=csv_string_types(names)
+            )
             table = pads.dataset(inp.path, format=fmt).to_table()
         else:
             table = pads.dataset(inp.path, format="parquet").to_table()
@@ -279,8 +315,7 @@ def _log_dataset(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local file is one
         warnings.filterwarnings("ignore", message="The specified dataset source")
         dataset = mlflow.data.from_pandas(table.to_pandas(), source=inp.path, name=name)
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                            [InputTag(MLFLOW_DATASET_CONTEXT, "input")])])
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "input")])])
 
 
 def _ms(iso: str | None) -> int | None:
@@ -294,8 +329,10 @@ def _ms(iso: str | None) -> int | None:
 
 # --- pictures ---------------------------------------------------------------------------------------
 
-def contact_sheet(rows: list[dict], output: OutputStore, *, per_status: int = 12, tile: int = 128,
-                  columns: int = 6) -> Image.Image:
+
+def contact_sheet(
+    rows: list[dict], output: OutputStore, *, per_status: int = 12, tile: int = 128, columns: int = 6
+) -> Image.Image:
     """Thumbnails of up to `per_status` accepted, review and rejected images, labelled."""
     font = ImageFont.load_default()
     label_h, head_h, pad = 30, 24, 4
@@ -334,7 +371,8 @@ def _thumbnail(row: Mapping, output: OutputStore, tile: int) -> Image.Image:
             data = output.read_bytes(output.rel_of(uri))
         except StorageError:  # not under this output (a copied catalog): read the URI itself
             data = OutputStore.at(str(Path(uri).parent) if "://" not in uri else uri.rsplit("/", 1)[0]).read_bytes(
-                uri.rsplit("/", 1)[1])
+                uri.rsplit("/", 1)[1]
+            )
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB")
             img.thumbnail((tile, tile))
@@ -350,8 +388,10 @@ def qc_histograms(rows: list[dict], spec: JobSpec | None = None) -> Image.Image:
     """Histograms of the QC scores by verdict, with the spec's thresholds; matplotlib if installed."""
     data = {}
     for score in SCORES:
-        by_status = {s: [r[score] for r in rows if r["status"] == s and r.get(score) is not None
-                         and math.isfinite(r[score])] for s in VERDICTS}
+        by_status = {
+            s: [r[score] for r in rows if r["status"] == s and r.get(score) is not None and math.isfinite(r[score])]
+            for s in VERDICTS
+        }
         if any(by_status.values()):
             data[score] = by_status
     bounds = _thresholds(spec)
@@ -365,8 +405,11 @@ def _thresholds(spec: JobSpec | None) -> dict[str, list[float]]:
     if spec is None:
         return {}
     q = spec.qc
-    return {"sharpness": [q.min_sharpness, q.review_sharpness], "contrast": [q.min_contrast, q.review_contrast],
-            "exposure": [q.review_clipped, q.max_clipped]}
+    return {
+        "sharpness": [q.min_sharpness, q.review_sharpness],
+        "contrast": [q.min_contrast, q.review_contrast],
+        "exposure": [q.review_clipped, q.max_clipped],
+    }
 
 
 def _histograms_matplotlib(data: dict, bounds: dict) -> Image.Image:
@@ -379,8 +422,13 @@ def _histograms_matplotlib(data: dict, bounds: dict) -> Image.Image:
     axes = fig.subplots(1, panels, squeeze=False)[0]
     for ax, (score, by_status) in zip(axes, data.items()):
         present = {s: v for s, v in by_status.items() if v}
-        ax.hist(list(present.values()), bins=20, stacked=True, label=list(present),
-                color=[tuple(c / 255 for c in _STATUS_COLOURS[s]) for s in present])
+        ax.hist(
+            list(present.values()),
+            bins=20,
+            stacked=True,
+            label=list(present),
+            color=[tuple(c / 255 for c in _STATUS_COLOURS[s]) for s in present],
+        )
         for b in bounds.get(score, []):
             ax.axvline(b, color="black", linestyle="--", linewidth=0.8)
         ax.set_title(score)

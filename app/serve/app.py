@@ -12,7 +12,6 @@ and limits before any GPU work, and runs QC, post-processing and the catalog app
 at run time, and Serve's ingress wrapping loses the module globals needed to resolve strings.)
 """
 
-
 import asyncio
 import base64
 import hmac
@@ -56,8 +55,15 @@ class GeneratorServer:
     `clip`: the QC settings when CLIP runs on the generator (`build_app` decides): the replica
     then measures each image it renders on its own device, and the ingress grades the numbers."""
 
-    def __init__(self, base: ResolvedModel, loras: dict[str, ResolvedModel], compute: ComputeSpec,
-                 max_batch_size: int, batch_wait_timeout_s: float, clip: QcSettings | None = None):
+    def __init__(
+        self,
+        base: ResolvedModel,
+        loras: dict[str, ResolvedModel],
+        compute: ComputeSpec,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        clip: QcSettings | None = None,
+    ):
         self.generator = Generator(base, loras, compute)
         self.clip = None
         if clip is not None:
@@ -86,7 +92,8 @@ class GeneratorServer:
         # The pipeline call (and CLIP's, when it runs here) blocks: run it off the event loop so health
         # checks keep answering.
         out = await asyncio.to_thread(
-            lambda: rendered_rows(reqs, self.generator.render(reqs), self.generator.accelerator, self.clip))
+            lambda: rendered_rows(reqs, self.generator.render(reqs), self.generator.accelerator, self.clip)
+        )
         self.calls += 1
         self.images += len(reqs)
         for q in reqs:
@@ -94,8 +101,12 @@ class GeneratorServer:
         return out
 
     def stats(self) -> dict:
-        return {"calls": self.calls, "images": self.images, "combinations": dict(self.combinations_seen),
-                **self.generator.stats()}
+        return {
+            "calls": self.calls,
+            "images": self.images,
+            "combinations": dict(self.combinations_seen),
+            **self.generator.stats(),
+        }
 
     def check_health(self) -> None:
         if self.generator.pipe is None:
@@ -109,16 +120,24 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("imagefab_http_requests_total", "HTTP requests", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("imagefab_http_request_seconds", "HTTP request latency", ["route"],
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=self.registry)
-        self.in_flight = Gauge("imagefab_requests_in_flight", "Requests being served (queue depth)",
-                               registry=self.registry)
+        self.requests = Counter(
+            "imagefab_http_requests_total", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "imagefab_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "imagefab_requests_in_flight", "Requests being served (queue depth)", registry=self.registry
+        )
         self.images = Counter("imagefab_images_total", "Images rendered", ["combination"], registry=self.registry)
         self.qc = Counter("imagefab_qc_outcomes_total", "QC outcomes", ["status"], registry=self.registry)
-        self.rejected = Counter("imagefab_backpressure_rejections_total", "Requests refused with 503",
-                                registry=self.registry)
+        self.rejected = Counter(
+            "imagefab_backpressure_rejections_total", "Requests refused with 503", registry=self.registry
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -127,8 +146,14 @@ class _Metrics:
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-                      "param": field, "code": status}}
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": field,
+            "code": status,
+        }
+    }
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
@@ -140,7 +165,7 @@ class Ingress:
         self.models = models
         self.core = ServeCore(config, models, clip_on_generator=clip_on_generator)
         self.generators = generators  # base model name -> DeploymentHandle
-        self.keys = tuple(k.encode() for k in config.keys())
+        self.keys = tuple(k.encode() for k in config)
         self.metrics = _Metrics()
         self.in_flight = 0
         self.started = time.time()
@@ -164,8 +189,11 @@ class Ingress:
         try:
             if not self._authorized(request):
                 status = 401
-                return _error(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                              headers={"WWW-Authenticate": "Bearer"})
+                return _error(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer <key>)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             # A chunked upload declares no length: count the bytes FastAPI has already read.
             length = int(request.headers.get("content-length") or 0) or len(await request.body())
             if length > self.config.limits.max_body_bytes:
@@ -181,7 +209,7 @@ class Ingress:
                 response = await asyncio.wait_for(work(), timeout=self.config.limits.request_timeout_s)
                 status = response.status_code
                 return response
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 status = 504
                 return _error(504, f"no result within {self.config.limits.request_timeout_s} s")
             except RequestError as e:
@@ -227,31 +255,61 @@ class Ingress:
                     loras = [(str(lo["name"]), float(lo.get("weight", 1.0))) for lo in body.loras]
                 except (KeyError, TypeError, ValueError, OverflowError):  # float(10**400): OverflowError
                     raise RequestError(422, "loras", "each entry is {name, weight}") from None
-            job = ImageJob(prompt=body.prompt, negative_prompt=body.negative_prompt, combination=body.combination,
-                           loras=loras, seed=body.seed, n=body.n, steps=body.steps, guidance=body.guidance,
-                           scheduler=body.scheduler, width=width, height=height, tags=body.tags)
+            job = ImageJob(
+                prompt=body.prompt,
+                negative_prompt=body.negative_prompt,
+                combination=body.combination,
+                loras=loras,
+                seed=body.seed,
+                n=body.n,
+                steps=body.steps,
+                guidance=body.guidance,
+                scheduler=body.scheduler,
+                width=width,
+                height=height,
+                tags=body.tags,
+            )
             requests, images = await self._render(job)
             out = []
             for im in images:
-                item = {"image_id": im.image_id, "seed": im.seed, "status": im.status, "reasons": im.reasons,
-                        "scores": im.scores, "width": im.width, "height": im.height, "uri": im.uri, "error": im.error}
+                item = {
+                    "image_id": im.image_id,
+                    "seed": im.seed,
+                    "status": im.status,
+                    "reasons": im.reasons,
+                    "scores": im.scores,
+                    "width": im.width,
+                    "height": im.height,
+                    "uri": im.uri,
+                    "error": im.error,
+                }
                 if body.response_format == "url":
                     item["url"] = self._url(request, im.image_id) if im.png else None
                 else:
                     item["b64_json"] = base64.b64encode(im.png).decode() if im.png else None
                 out.append(item)
-            return JSONResponse({"images": out, "combination": requests[0].combination,
-                                 "seconds": round(time.perf_counter() - t0, 4)})
+            return JSONResponse(
+                {"images": out, "combination": requests[0].combination, "seconds": round(time.perf_counter() - t0, 4)}
+            )
 
         return await self._serve("/v1/generate", request, work)
 
     @api.get("/v1/models", tags=["native", "openai"])
     async def models_list(self, request: Request):
         async def work():
-            data = [{"id": name, "object": "model", "owned_by": "imagefab", "base": c.base,
-                     "loras": [lo.model_dump() for lo in c.loras], "steps": c.steps, "guidance": c.guidance,
-                     "scheduler": c.scheduler}
-                    for name, c in self.core.combos.items()]
+            data = [
+                {
+                    "id": name,
+                    "object": "model",
+                    "owned_by": "imagefab",
+                    "base": c.base,
+                    "loras": [lo.model_dump() for lo in c.loras],
+                    "steps": c.steps,
+                    "guidance": c.guidance,
+                    "scheduler": c.scheduler,
+                }
+                for name, c in self.core.combos.items()
+            ]
             return JSONResponse({"object": "list", "data": data})
 
         return await self._serve("/v1/models", request, work)
@@ -275,8 +333,14 @@ class Ingress:
                 except ValueError as e:
                     raise RequestError(422, "size", str(e)) from None
                 width, height = size.width, size.height
-            job = ImageJob(prompt=body.prompt, combination=body.model, n=body.n, width=width, height=height,
-                           tags={"user": body.user} if body.user else {})
+            job = ImageJob(
+                prompt=body.prompt,
+                combination=body.model,
+                n=body.n,
+                width=width,
+                height=height,
+                tags={"user": body.user} if body.user else {},
+            )
             _, images = await self._render(job)
             fmt = body.response_format or "b64_json"
             data = []
@@ -299,8 +363,9 @@ class Ingress:
             if sampler:
                 scheduler = A1111_SAMPLERS.get(sampler) or (sampler if sampler in SCHEDULERS else None)
                 if scheduler is None:
-                    raise RequestError(422, "sampler_name", f"unknown sampler '{sampler}' "
-                                                            f"(GET /sdapi/v1/samplers lists them)")
+                    raise RequestError(
+                        422, "sampler_name", f"unknown sampler '{sampler}' (GET /sdapi/v1/samplers lists them)"
+                    )
             checkpoint = body.override_settings.get("sd_model_checkpoint")
             combination, base = None, None
             if checkpoint:
@@ -309,46 +374,88 @@ class Ingress:
                     combination = name
                 else:
                     base = name
-            job = ImageJob(prompt=prompt, negative_prompt=body.negative_prompt, combination=combination, base=base,
-                           loras=tag_loras or None, seed=body.seed, n=body.batch_size * body.n_iter,
-                           steps=body.steps, guidance=body.cfg_scale, scheduler=scheduler,
-                           width=body.width, height=body.height)
+            job = ImageJob(
+                prompt=prompt,
+                negative_prompt=body.negative_prompt,
+                combination=combination,
+                base=base,
+                loras=tag_loras or None,
+                seed=body.seed,
+                n=body.batch_size * body.n_iter,
+                steps=body.steps,
+                guidance=body.cfg_scale,
+                scheduler=scheduler,
+                width=body.width,
+                height=body.height,
+            )
             _, images = await self._render(job)
             infotexts = [read_metadata(im.png).get("parameters", "") if im.png else "" for im in images]
             info = {
-                "prompt": body.prompt, "all_prompts": [body.prompt] * len(images),
-                "negative_prompt": body.negative_prompt, "seed": images[0].seed,
-                "all_seeds": [im.seed for im in images], "subseed": -1, "all_subseeds": [-1] * len(images),
-                "steps": images[0].request.steps, "cfg_scale": images[0].request.guidance,
+                "prompt": body.prompt,
+                "all_prompts": [body.prompt] * len(images),
+                "negative_prompt": body.negative_prompt,
+                "seed": images[0].seed,
+                "all_seeds": [im.seed for im in images],
+                "subseed": -1,
+                "all_subseeds": [-1] * len(images),
+                "steps": images[0].request.steps,
+                "cfg_scale": images[0].request.guidance,
                 "sampler_name": SCHEDULERS[images[0].request.scheduler][2],
-                "width": images[0].width, "height": images[0].height, "sd_model_name": images[0].request.base_model["name"],
-                "sd_model_hash": images[0].request.base_model["sha256"][:10], "batch_size": body.batch_size,
-                "infotexts": infotexts, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-                "extra_generation_params": {"imagefab image_ids": [im.image_id for im in images],
-                                            "imagefab qc": [im.status for im in images]},
+                "width": images[0].width,
+                "height": images[0].height,
+                "sd_model_name": images[0].request.base_model["name"],
+                "sd_model_hash": images[0].request.base_model["sha256"][:10],
+                "batch_size": body.batch_size,
+                "infotexts": infotexts,
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+                "extra_generation_params": {
+                    "imagefab image_ids": [im.image_id for im in images],
+                    "imagefab qc": [im.status for im in images],
+                },
             }
-            return JSONResponse({"images": [base64.b64encode(im.png).decode() for im in images],
-                                 "parameters": body.model_dump(), "info": json.dumps(info)})
+            return JSONResponse(
+                {
+                    "images": [base64.b64encode(im.png).decode() for im in images],
+                    "parameters": body.model_dump(),
+                    "info": json.dumps(info),
+                }
+            )
 
         return await self._serve("/sdapi/v1/txt2img", request, work)
 
     @api.get("/sdapi/v1/sd-models", tags=["a1111"])
     async def a1111_models(self, request: Request):
         async def work():
-            return JSONResponse([
-                {"title": f"{b.name} [{b.sha256[:10]}]", "model_name": b.name, "hash": b.sha256[:10],
-                 "sha256": b.sha256, "filename": b.path, "config": None}
-                for b in self.models.bases.values()])
+            return JSONResponse(
+                [
+                    {
+                        "title": f"{b.name} [{b.sha256[:10]}]",
+                        "model_name": b.name,
+                        "hash": b.sha256[:10],
+                        "sha256": b.sha256,
+                        "filename": b.path,
+                        "config": None,
+                    }
+                    for b in self.models.bases.values()
+                ]
+            )
 
         return await self._serve("/sdapi/v1/sd-models", request, work)
 
     @api.get("/sdapi/v1/loras", tags=["a1111"])
     async def a1111_loras(self, request: Request):
         async def work():
-            return JSONResponse([
-                {"name": lo.name, "alias": lo.name, "path": lo.path,
-                 "metadata": {"sha256": lo.sha256, "version": lo.version, "arch": lo.arch}}
-                for lo in self.models.loras.values()])
+            return JSONResponse(
+                [
+                    {
+                        "name": lo.name,
+                        "alias": lo.name,
+                        "path": lo.path,
+                        "metadata": {"sha256": lo.sha256, "version": lo.version, "arch": lo.arch},
+                    }
+                    for lo in self.models.loras.values()
+                ]
+            )
 
         return await self._serve("/sdapi/v1/loras", request, work)
 
@@ -381,17 +488,32 @@ class Ingress:
     async def a1111_progress(self, request: Request):
         async def work():
             busy = self.in_flight > 1  # this request itself is in flight
-            return JSONResponse({"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
-                                 "state": {"job_count": self.in_flight - 1, "job": "txt2img" if busy else "",
-                                           "interrupted": False, "skipped": False}})
+            return JSONResponse(
+                {
+                    "progress": 0.0,
+                    "eta_relative": 0.0,
+                    "current_image": None,
+                    "textinfo": None,
+                    "state": {
+                        "job_count": self.in_flight - 1,
+                        "job": "txt2img" if busy else "",
+                        "interrupted": False,
+                        "skipped": False,
+                    },
+                }
+            )
 
         return await self._serve("/sdapi/v1/progress", request, work)
 
     # --- operations -----------------------------------------------------------------------------------
     @api.get("/healthz", tags=["ops"])
     async def healthz(self):
-        return {"status": "ok", "uptime_s": round(time.time() - self.started, 1),
-                "combinations": list(self.core.combos), "bases": list(self.models.bases)}
+        return {
+            "status": "ok",
+            "uptime_s": round(time.time() - self.started, 1),
+            "combinations": list(self.core.combos),
+            "bases": list(self.models.bases),
+        }
 
     @api.get("/metrics", tags=["ops"])
     async def metrics(self, request: Request):
@@ -439,14 +561,29 @@ def build_app(config: ServeConfig):
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == base.arch}
         generators[name] = GeneratorServer.options(
             name=f"generator-{name}",
-            ray_actor_options={"num_gpus": 1 if use_gpu else 0, "num_cpus": 1 if use_gpu else 0.5,
-                               **({"resources": {config.compute.accelerator_resource: 1}}
-                                  if config.compute.accelerator_resource else {})},
-            autoscaling_config={"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
-                                "target_ongoing_requests": r.target_ongoing_requests},
+            ray_actor_options={
+                "num_gpus": 1 if use_gpu else 0,
+                "num_cpus": 1 if use_gpu else 0.5,
+                **(
+                    {"resources": {config.compute.accelerator_resource: 1}}
+                    if config.compute.accelerator_resource
+                    else {}
+                ),
+            },
+            autoscaling_config={
+                "min_replicas": r.min_replicas,
+                "max_replicas": r.max_replicas,
+                "target_ongoing_requests": r.target_ongoing_requests,
+            },
             max_ongoing_requests=max(8, config.batching.max_batch_size * 2),
-        ).bind(base, usable, config.compute, config.batching.max_batch_size, config.batching.batch_wait_timeout_s,
-               config.qc if clip_on_generator else None)
+        ).bind(
+            base,
+            usable,
+            config.compute,
+            config.batching.max_batch_size,
+            config.batching.batch_wait_timeout_s,
+            config.qc if clip_on_generator else None,
+        )
     return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(config, models, generators, clip_on_generator)
 
 

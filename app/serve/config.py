@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.postprocess import PostprocessSettings
 from app.qc import QcSettings
-from app.spec import Combination, ComputeSpec, SchedulerName, SpecError, _format_errors, check_compiled_stacks, with_defaults
+from app.spec import (
+    Combination,
+    ComputeSpec,
+    SchedulerName,
+    SpecError,
+    _format_errors,
+    check_compiled_stacks,
+    with_defaults,
+)
 
 API_KEYS_ENV = "IMAGEFAB_API_KEYS"  # comma-separated
 
@@ -86,8 +94,10 @@ class ServeConfig(_Frozen):
         if not self.combinations:
             raise ValueError("combinations: at least one is needed")
         if self.default_combination and self.default_combination not in self.combinations:
-            raise ValueError(f"default_combination: no combination '{self.default_combination}' "
-                             f"(combinations: {', '.join(self.combinations)})")
+            raise ValueError(
+                f"default_combination: no combination '{self.default_combination}' "
+                f"(combinations: {', '.join(self.combinations)})"
+            )
         if any(len(k) < 16 for k in self.api_keys):
             raise ValueError("api_keys: each key needs at least 16 characters")
         check_compiled_stacks(self.combinations, self.compute, every=True)
@@ -115,8 +125,7 @@ class ServeConfig(_Frozen):
         host = host or self.host
         if not is_loopback(host) and not self.keys():
             raise SpecError(
-                f"host: binding to {host} (not loopback) needs API keys: set api_keys in the config "
-                f"or ${API_KEYS_ENV}"
+                f"host: binding to {host} (not loopback) needs API keys: set api_keys in the config or ${API_KEYS_ENV}"
             )
 
 

@@ -16,7 +16,7 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def resolve_serve_models(config: ServeConfig) -> ResolvedModels:
     """
     catalog = ModelCatalog.load(config.models_catalog)
     bases, loras, problems = {}, {}, {}
-    for name, combo in config.effective_combinations().items():
+    for combo in config.effective_combinations().values():
         bases.setdefault(combo.base, catalog.resolve_base(combo.base))
         for lo in combo.loras:  # the configured stacks must work: fail at start-up
             loras[lo.name] = catalog.resolve_lora(lo.name, bases[combo.base])
@@ -124,22 +124,32 @@ def rendered_rows(requests: list[RenderRequest], results: list, accelerator: str
     rows = []
     for q in requests:
         r = by_id[q.image_id]
-        rows.append({"image_id": r.image_id, "error": r.error, "nonfinite_fraction": r.nonfinite_fraction,
-                     "gpu_seconds": r.gpu_seconds, "batch_id": r.batch_id, "batch_size": r.batch_size,
-                     "accelerator": accelerator, "pixels": b"" if r.pixels is None else r.pixels.tobytes()})
+        rows.append(
+            {
+                "image_id": r.image_id,
+                "error": r.error,
+                "nonfinite_fraction": r.nonfinite_fraction,
+                "gpu_seconds": r.gpu_seconds,
+                "batch_id": r.batch_id,
+                "batch_size": r.batch_size,
+                "accelerator": accelerator,
+                "pixels": b"" if r.pixels is None else r.pixels.tobytes(),
+            }
+        )
     if clip is not None:
         clip.add_to_results(rows, [by_id[q.image_id].pixels for q in requests], [q.prompt for q in requests])
     return rows
 
 
 class ServeCore:
-    def __init__(self, config: ServeConfig, models: ResolvedModels, run_id: str | None = None,
-                 clip_on_generator: bool = False):
+    def __init__(
+        self, config: ServeConfig, models: ResolvedModels, run_id: str | None = None, clip_on_generator: bool = False
+    ):
         self.config = config
         self.models = models
         self.combos = config.effective_combinations()
         self.output = OutputStore.at(config.output_uri)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.run_id = run_id or f"serve-{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
         self.qc = QualityControl(config.qc, self._duplicate_index(config), clip_on_generator)
         self.post = Postprocess(config.postprocess, self.output)
@@ -176,25 +186,36 @@ class ServeCore:
         combo = self.combos[name]
         if job.base and job.base != combo.base:
             if job.base not in self.models.bases:
-                raise RequestError(404, "model", f"unknown base model '{job.base}' (served: {', '.join(self.models.bases)})")
+                raise RequestError(
+                    404, "model", f"unknown base model '{job.base}' (served: {', '.join(self.models.bases)})"
+                )
             combo = combo.model_copy(update={"base": job.base, "loras": ()})
             name = f"{name}@{job.base}"
-        updates = {k: v for k, v in (("steps", job.steps), ("guidance", job.guidance), ("scheduler", job.scheduler))
-                   if v is not None}
+        updates = {
+            k: v
+            for k, v in (("steps", job.steps), ("guidance", job.guidance), ("scheduler", job.scheduler))
+            if v is not None
+        }
         if "steps" in updates and not 1 <= updates["steps"] <= lim.max_steps:
             raise RequestError(422, "steps", f"{updates['steps']} is outside 1..{lim.max_steps}")
         if "guidance" in updates and not 0 <= updates["guidance"] <= 50:
             raise RequestError(422, "guidance", f"{updates['guidance']} is outside 0..50")
         if "scheduler" in updates and updates["scheduler"] not in SCHEDULERS:
-            raise RequestError(422, "scheduler", f"unknown scheduler '{updates['scheduler']}' "
-                                                 f"(valid: {', '.join(SCHEDULERS)})")
+            raise RequestError(
+                422, "scheduler", f"unknown scheduler '{updates['scheduler']}' (valid: {', '.join(SCHEDULERS)})"
+            )
         combo = combo.model_copy(update=updates) if updates else combo
         default = Size.parse(self.config.default_size)
         width, height = job.width or default.width, job.height or default.height
         problem = size_problem(width, height)
         if problem or max(width, height) > lim.max_side or width * height > lim.max_pixels:
-            raise RequestError(422, "size", problem or f"{width}x{height} is larger than this server allows "
-                                                       f"({lim.max_side} per side, {lim.max_pixels} pixels)")
+            raise RequestError(
+                422,
+                "size",
+                problem
+                or f"{width}x{height} is larger than this server allows "
+                f"({lim.max_side} per side, {lim.max_pixels} pixels)",
+            )
         base = self.models.bases[combo.base]
         wanted = job.loras if job.loras is not None else [(lo.name, lo.weight) for lo in combo.loras]
         try:
@@ -206,9 +227,21 @@ class ServeCore:
             raise RequestError(422, "seed", f"{first} is outside 0..2^63-{job.n + 1}")
         tags = {str(k): str(v) for k, v in (job.tags or {}).items()}
         return [
-            build_request(prompt=prompt, negative_prompt=job.negative_prompt or "", base=base, loras=loras,
-                          combo=combo, combination=name, width=width, height=height, seed=first + k,
-                          tags=tags, tier="serve", row_key=prompt[:80], variation=k)
+            build_request(
+                prompt=prompt,
+                negative_prompt=job.negative_prompt or "",
+                base=base,
+                loras=loras,
+                combo=combo,
+                combination=name,
+                width=width,
+                height=height,
+                seed=first + k,
+                tags=tags,
+                tier="serve",
+                row_key=prompt[:80],
+                variation=k,
+            )
             for k in range(job.n)
         ]
 
@@ -240,11 +273,21 @@ class ServeCore:
         for i, q in enumerate(requests):
             uri = str(post["uri"][i])
             png = self.output.read_bytes(self.output.rel_of(uri)) if uri else b""
-            out.append(ServedImage(
-                image_id=q.image_id, seed=q.seed, status=str(post["status"][i]),
-                reasons=json.loads(post["reasons"][i]), scores=json.loads(post["scores"][i]),
-                error=str(post["error"][i]), uri=uri, width=q.width, height=q.height, png=png, request=q,
-            ))
+            out.append(
+                ServedImage(
+                    image_id=q.image_id,
+                    seed=q.seed,
+                    status=str(post["status"][i]),
+                    reasons=json.loads(post["reasons"][i]),
+                    scores=json.loads(post["scores"][i]),
+                    error=str(post["error"][i]),
+                    uri=uri,
+                    width=q.width,
+                    height=q.height,
+                    png=png,
+                    request=q,
+                )
+            )
         return out
 
     def read_image(self, image_id: str) -> bytes:

@@ -18,12 +18,14 @@ class _Body(BaseModel):
 
 # --- native -----------------------------------------------------------------------------------------
 
+
 class GenerateRequest(_Body):
     prompt: str = Field(description="What to render.")
     negative_prompt: str = ""
     combination: str | None = Field(None, description="A served combination (GET /v1/models); default: the first.")
     loras: list[dict[str, Any]] | None = Field(
-        None, description="Replaces the combination's LoRA stack: [{name, weight}].")
+        None, description="Replaces the combination's LoRA stack: [{name, weight}]."
+    )
     seed: int | None = Field(None, ge=-1, description="-1 or absent: random. Image k gets seed + k.")
     n: int = Field(1, ge=1, le=64)
     steps: int | None = Field(None, ge=1, le=500)
@@ -58,6 +60,7 @@ class GenerateResponse(BaseModel):
 
 # --- OpenAI Images API --------------------------------------------------------------------------------
 
+
 class OpenAIImageRequest(BaseModel):
     # extra fields (quality, style, background…) are accepted and ignored, as other servers do
     model_config = ConfigDict(extra="allow")
@@ -71,6 +74,7 @@ class OpenAIImageRequest(BaseModel):
 
 
 # --- AUTOMATIC1111 --api --------------------------------------------------------------------------------
+
 
 class A1111Txt2Img(BaseModel):
     # A1111 clients send many fields this server does not use (hires fix, restore faces, …): ignored.
