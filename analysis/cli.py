@@ -149,8 +149,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         if not args.list:
             return _fail(f"name a query (imagefab query NAME); the queries are: {', '.join(QUERIES)}")
         for q in QUERIES.values():
-            params = " ".join(f"{p.name}=…" if p.required else f"[{p.name}=…]" for p in q.params)
-            print(f"{q.name:26s} {q.help}" + (f"\n{'':26s}   params: {params}" if params else ""))
+            usage = " ".join(f"{p.name}=…" if p.required else f"[{p.name}=…]" for p in q.params)
+            print(f"{q.name:26s} {q.help}" + (f"\n{'':26s}   params: {usage}" if usage else ""))
         return 0
     query = get(args.name)  # an unknown name fails before the catalog is opened
     params = _parse_params(args.param)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import duckdb
 import pyarrow as pa
 
-from analysis.views import AnalysisError
+from analysis.views import AnalysisError, one_row
 from app.cost import PriceTable
 
 GIB = 2**30
@@ -145,7 +145,7 @@ def _money(x: float | None) -> str:
     return f"${x:.2g}"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -216,11 +216,13 @@ def cost_report(
     node_monthly = prices.node_monthly_usd()
     # A node's capacity from the device seconds measured on its own kind of device, where there
     # are any; otherwise from all of them (the text says where they were measured).
-    (node_s, node_accepted) = con.execute(
-        "SELECT sum(gpu_seconds), count(*) FILTER (outcome = 'accepted') FROM image_costs "
-        "WHERE ($run IS NULL OR run_id = $run) AND upper(accelerator) LIKE '%' || upper($node) || '%'",
-        {"run": run, "node": prices.gpu_node},
-    ).fetchone()
+    (node_s, node_accepted) = one_row(
+        con.execute(
+            "SELECT sum(gpu_seconds), count(*) FILTER (outcome = 'accepted') FROM image_costs "
+            "WHERE ($run IS NULL OR run_id = $run) AND upper(accelerator) LIKE '%' || upper($node) || '%'",
+            {"run": run, "node": prices.gpu_node},
+        )
+    )
     if node_accepted:
         gpu_s_per_accepted = node_s / node_accepted
     capacity = (prices.hours_per_month * 3600 / gpu_s_per_accepted) if gpu_s_per_accepted else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import duckdb
 
-from analysis.views import AnalysisError
+from analysis.views import AnalysisError, one_row
 
 FIELDS = ("prompt", "negative_prompt", "tags")
 SHOWN = ("score", "image_id", "run_id", "outcome", "prompt", "tags", "uri")
@@ -37,7 +37,7 @@ def search(
         raise AnalysisError(f"cannot search field(s) {', '.join(bad)}; the fields are {', '.join(FIELDS)}")
     if limit < 1:
         raise AnalysisError(f"--limit must be at least 1, not {limit}")
-    (terms,) = con.execute("SELECT imagefab_tokens($text)", {"text": text}).fetchone()
+    (terms,) = one_row(con.execute("SELECT imagefab_tokens($text)", {"text": text}))
     if not terms:
         raise AnalysisError(f"{text!r} has no searchable words (letters or digits)")
     select = ", ".join("round(score, 4) AS score" if c == "score" else c for c in columns)

@@ -241,7 +241,9 @@ def get(name: str) -> Query:
     return QUERIES[name]
 
 
-def run_query(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str] | None = None):
+def run_query(
+    con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str] | None = None
+) -> tuple[list[str], list[tuple]]:
     """Run a named query; returns (column names, rows)."""
     query = get(name)
     values = bind(query, params or {})

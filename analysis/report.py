@@ -17,7 +17,7 @@ from pathlib import Path
 from analysis import plots
 from analysis.cost import CostReport, _money, _size, cost_report
 from analysis.thumbs import thumbnail
-from analysis.views import AnalysisError, connect, resolve_run
+from analysis.views import AnalysisError, connect, one_row, resolve_run
 from app.cost import PriceTable
 from app.storage import OutputStore, StorageError
 
@@ -276,7 +276,7 @@ def build_report(
     # 6. Contact sheets
     sheets = []
     for outcome, title in SHEETS:
-        (total,) = con.execute("SELECT count(*) FROM scope WHERE outcome = $o", {"o": outcome}).fetchone()
+        (total,) = one_row(con.execute("SELECT count(*) FROM scope WHERE outcome = $o", {"o": outcome}))
         result = con.execute(
             "SELECT image_id, prompt, reasons, sharpness, row_key, uri, variants, approval, reviewer, review_note "
             "FROM scope WHERE outcome = $o ORDER BY created_at, image_id LIMIT $n",

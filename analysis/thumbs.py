@@ -35,8 +35,8 @@ def thumbnail(output: OutputStore, row: dict, size: int = 160, quality: int = 80
         except StorageError:
             continue
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
+            with Image.open(io.BytesIO(data)) as opened:
+                im = opened.convert("RGB")
                 im.thumbnail((size, size))
                 buf = io.BytesIO()
                 im.save(buf, format="WEBP", quality=quality)

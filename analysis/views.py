@@ -22,6 +22,14 @@ VIEWS_MARKER = "-- imagefab:views"
 IMAGE_FILES_SCHEMA = pa.schema([("image_id", pa.string()), ("bytes", pa.int64())])
 
 
+def one_row(result: duckdb.DuckDBPyConnection) -> tuple:
+    """The single row of an aggregate query (which always has one)."""
+    row = result.fetchone()
+    if row is None:
+        raise AnalysisError("an aggregate query returned no row")
+    return row
+
+
 class AnalysisError(ValueError):
     """Bad input to an analysis command: the message names it and says what would be valid."""
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -150,8 +151,9 @@ class Float8Linear(torch.nn.Linear):
             raise TypeError(f"Float8Linear.convert_ takes an nn.Linear, not {type(linear).__name__}")
         _check_aligned(linear.in_features, linear.out_features)
         linear.__class__ = cls
-        linear._add_fp8_buffers()
-        return linear
+        fp8 = cast("Float8Linear", linear)
+        fp8._add_fp8_buffers()
+        return fp8
 
     def _add_fp8_buffers(self) -> None:
         # Not persistent: they are derived from `weight`, so state dicts and saved models are unchanged.
@@ -257,7 +259,7 @@ def quantize_linears(
             skipped[name] = reason
             continue
         if not isinstance(m, Float8Linear):
-            Float8Linear.convert_(m)
+            m = Float8Linear.convert_(m)
             converted.append(name)
         m.fast_accum = fast_accum
         layers += 1

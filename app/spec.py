@@ -179,7 +179,7 @@ class Combination(_Frozen):
     scheduler: SchedulerName | None = None
     fuse_loras: bool = False
 
-    _distinct = field_validator("loras")(ModelSpec._distinct.__func__)
+    _distinct = field_validator("loras")(ModelSpec._distinct.__func__)  # type: ignore[attr-defined]
 
 
 def with_defaults(
@@ -299,6 +299,13 @@ class JobSpec(_Frozen):
                 raise ValueError(f"ab_test.combinations: no combination '{name}' (combinations: {shown})")
         check_compiled_stacks(self.effective_combinations(), self.compute)
         return self
+
+    @property
+    def qc_settings(self) -> QcSettings:
+        """The QC settings; a `qc:/…` registry reference must have been resolved before."""
+        if isinstance(self.qc, str):
+            raise SpecError(f"qc: the registry reference {self.qc!r} has not been resolved")
+        return self.qc
 
     @property
     def default_tier(self) -> str:

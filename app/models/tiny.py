@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 # The tiny UNet: the shapes of diffusers' own SDXL tests (two levels, text_time conditioning).
 # cross_attention_dim = hidden(text_encoder) + hidden(text_encoder_2) = 32 + 48,
@@ -49,7 +50,7 @@ TINY_VAE = dict(
     sample_size=128,
     scaling_factor=0.13025,  # SDXL's
 )
-TINY_TEXT = dict(
+TINY_TEXT: dict[str, Any] = dict(
     hidden_size=32,
     intermediate_size=37,
     layer_norm_eps=1e-05,
@@ -89,7 +90,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     path = resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
     # The first line is a header; CLIP keeps 48894 merges.
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    merges = [(a, b) for a, b in (line.split() for line in lines[1 : 49152 - 256 - 2 + 1])]
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
     tokens += ["".join(m) for m in merges]
@@ -123,9 +124,10 @@ def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
     vocab, merges = clip_vocab_and_merges()
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     # SDXL's two tokenizers differ only in their padding token.
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
-    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
-    ids = dict(vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    # transformers annotates `merges` as text lines; its BPE builder takes (left, right) pairs too.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")  # type: ignore[arg-type]
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")  # type: ignore[arg-type]
+    ids: dict[str, Any] = dict(vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET)
@@ -142,7 +144,7 @@ def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
     )
     dest.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(dest, safe_serialization=True)
+    pipe.save_pretrained(dest, safe_serialization=True)  # type: ignore[attr-defined]  # diffusers mixin
     drop_library_versions(dest)
     return dest
 

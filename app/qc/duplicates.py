@@ -203,7 +203,7 @@ class PhashIndex:
         ids = table.column("image_id").to_pylist()
         hashes = table.column("phash").to_pylist()
         statuses = table.column("status").to_pylist() if "status" in names else [None] * len(ids)
-        order = range(len(ids))
+        order = list(range(len(ids)))
         if "created_at" in names:
             created = table.column("created_at").to_pylist()
             order = sorted(order, key=lambda i: (created[i] is None, created[i] or 0))

@@ -20,7 +20,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.models.catalog import ModelCatalog, ModelEntry
 from app.models.digest import ModelFileError, path_sha256
@@ -77,8 +77,7 @@ class ResolvedVersions:
 
     def check_models(self, models: ResolvedModels) -> None:
         """Raise VersionMismatch when a model the job resolved has other bytes than were registered."""
-        bases = getattr(models, "bases", None) or {models.base.name: models.base}
-        resolved = {**bases, **models.loras}
+        resolved = {**models.bases, **models.loras}
         for ref in self.refs:
             r = resolved.get(ref.value or ref.name) if ref.kind == "model" else None
             if r is not None and r.sha256 != ref.digest:
@@ -150,7 +149,7 @@ def resolve_model(client: MlflowClient, ref: Reference | str, field_name: str = 
         )
     except (KeyError, TypeError, ValueError) as e:
         raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version}'s reference.json lacks {e}") from None
-    return entry, ResolvedRef(field_name, str(ref), "model", entry.name, entry.version, ref.alias, entry.sha256)
+    return entry, ResolvedRef(field_name, str(ref), "model", entry.name, entry.version, ref.alias, entry.sha256 or "")
 
 
 def resolve_prompt(client: MlflowClient, ref: Reference | str, field_name: str = "") -> tuple[str, ResolvedRef]:
@@ -211,7 +210,7 @@ def resolve_spec_references(
     call `ResolvedVersions.check_models(models)` instead, so files are hashed once.
     """
     refs: list[ResolvedRef] = []
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
 
     # 1. models: resolve every reference, then name each concrete version
     found: dict[str, tuple[ModelEntry, ResolvedRef]] = {}  # field -> resolved
@@ -238,7 +237,7 @@ def resolve_spec_references(
         models[concrete] = replace(entry, name=concrete)
         refs.append(replace(rec, value=concrete))
 
-    def concrete(value: str, where: str) -> str:
+    def concrete_name(value: str, where: str) -> str:
         if where not in found:
             return value
         entry = found[where][0]
@@ -247,9 +246,9 @@ def resolve_spec_references(
     # the spec's stacks with the concrete names
 
     for at, combo in stacks.items():
-        base = concrete(combo.base, f"{at}.base")
+        base = concrete_name(combo.base, f"{at}.base")
         loras = [
-            {"name": concrete(lo.name, f"{at}.loras[{i}].name"), "weight": lo.weight}
+            {"name": concrete_name(lo.name, f"{at}.loras[{i}].name"), "weight": lo.weight}
             for i, lo in enumerate(combo.loras)
         ]
         if at == "model":
@@ -273,7 +272,7 @@ def resolve_spec_references(
         changes["input.template_name"] = rec.name
 
     # 3. QC settings (`qc: qc:/default@production` once the spec accepts a reference there)
-    if is_reference(spec.qc):
+    if isinstance(spec.qc, str) and is_reference(spec.qc):
         settings, rec = resolve_qc(client, _parse(spec.qc, "qc"), "qc")
         refs.append(replace(rec, value=settings.qc_version))
         changes["qc"] = settings.model_dump(mode="json")
@@ -304,10 +303,10 @@ def verify_models(versions: ResolvedVersions, catalog: ModelCatalog) -> None:
                 path = Path(entry.source.removeprefix("file:")).expanduser()
                 if not path.exists():
                     raise VersionMismatch(f"{where}, but {path} no longer exists")
-                actual, at = path_sha256(path), path
+                actual, at = path_sha256(path), str(path)
             else:  # built-in or hub: let the catalog build or find the files
                 r = merged.resolve_base(entry.name) if entry.kind == "base" else merged.resolve_lora(entry.name)
-                actual, at = r.sha256, r.path
+                actual, at = r.sha256, str(r.path)
         except ModelFileError as e:
             if isinstance(e, VersionMismatch):
                 raise
@@ -375,6 +374,8 @@ def _model_version(client: MlflowClient, ref: Reference, where: str):
         if ref.alias:
             return client.get_model_version_by_alias(name, ref.alias)
         version = max(entry.versions(), key=int) if ref.version == "latest" else ref.version
+        if version is None:
+            raise UnresolvedReference(f"{_at(where)}{ref}: names neither an alias nor a version")
         return client.get_model_version(name, version)
     except (MlflowException, ValueError):  # ValueError: max() of no versions
         raise UnresolvedReference(_missing(ref, entry, where)) from None

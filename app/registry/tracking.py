@@ -85,7 +85,7 @@ def track_run(
         "imagefab.run_id": run_id,
         "imagefab.run_name": spec.run_name,
         "imagefab.output": output.uri,
-        "imagefab.qc_version": spec.qc.qc_version,
+        "imagefab.qc_version": spec.qc_settings.qc_version,
         **_model_tags(rows, run_record),
         **versions.tags(),
     }
@@ -212,8 +212,7 @@ def run_metrics(rows: list[dict], summary: Mapping) -> tuple[dict[str, float], d
         m["images_per_second"] = float(summary.get("images_per_second") or 0.0)
         m["wall_seconds"] = float(summary.get("wall_seconds") or 0.0)
     for score in SCORES:
-        values = [r.get(score) for r in rows if r["status"] in VERDICTS]
-        values = [v for v in values if v is not None and math.isfinite(v)]
+        values = [v for r in rows if r["status"] in VERDICTS if (v := r.get(score)) is not None and math.isfinite(v)]
         if values:
             m[f"qc/{score}_mean"] = sum(values) / len(values)
 
@@ -373,8 +372,8 @@ def _thumbnail(row: Mapping, output: OutputStore, tile: int) -> Image.Image:
             data = OutputStore.at(str(Path(uri).parent) if "://" not in uri else uri.rsplit("/", 1)[0]).read_bytes(
                 uri.rsplit("/", 1)[1]
             )
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+        with Image.open(io.BytesIO(data)) as opened:
+            img = opened.convert("RGB")
             img.thumbnail((tile, tile))
     except (StorageError, OSError):
         img = Image.new("RGB", (tile, tile), (200, 200, 200))
@@ -404,7 +403,7 @@ def qc_histograms(rows: list[dict], spec: JobSpec | None = None) -> Image.Image:
 def _thresholds(spec: JobSpec | None) -> dict[str, list[float]]:
     if spec is None:
         return {}
-    q = spec.qc
+    q = spec.qc_settings
     return {
         "sharpness": [q.min_sharpness, q.review_sharpness],
         "contrast": [q.min_contrast, q.review_contrast],
@@ -457,7 +456,7 @@ def _histograms_pil(data: dict, bounds: dict, bins: int = 20) -> Image.Image:
         x0, w = p * panel_w + pad, (panel_w - 2 * pad) / bins
         base_y = panel_h - pad
         for i in range(bins):
-            y = base_y
+            y: float = base_y
             for s in VERDICTS:
                 h = counts[s][i] / top * (panel_h - 2 * pad - 10)
                 if h:
