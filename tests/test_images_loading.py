@@ -6,15 +6,21 @@ import hashlib
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from icc_profiles import cmyk_profile, naive_rgb
 from photos import photo
 from PIL import Image, ImageCms
 
 from app.conditioning import ConditioningError, InputLimits, load_input_image
 from app.conditioning.loading import decode_input_image
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -147,6 +153,12 @@ def test_exif_orientation_is_applied():
     assert np.array_equal(image.pixels, np.rot90(pixels, k=-1))
 
 
+def test_no_ray_and_no_torch_are_imported():
+    code = "import sys, app.conditioning; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip() == "[]"
+
+
 def test_cmyk_becomes_rgb_plainly_without_a_usable_profile():
     rgb = Image.fromarray(photo("coffee", 64))
     cmyk = rgb.convert("CMYK")
@@ -158,6 +170,21 @@ def test_cmyk_becomes_rgb_plainly_without_a_usable_profile():
     tagged = decode_input_image(encode(cmyk, "JPEG", quality=95, icc_profile=srgb), "tagged.jpg")
     assert tagged.conversions[0].startswith("cmyk_to_rgb=plain (embedded profile unusable: embedded profile is RGB")
     assert np.array_equal(tagged.pixels, plain.pixels)
+
+
+def test_cmyk_with_an_embedded_cmyk_profile_is_converted_through_it():
+    cmyk = Image.fromarray(photo("coffee", 64)).convert("CMYK")
+    plain = decode_input_image(encode(cmyk, "JPEG", quality=95), "plain.jpg")
+    # a profile that describes Pillow's own formula gives (nearly) the same colours…
+    same = decode_input_image(encode(cmyk, "JPEG", quality=95, icc_profile=cmyk_profile()), "same.jpg")
+    assert same.conversions == ("cmyk_to_rgb=icc",)
+    assert np.abs(same.pixels.astype(int) - plain.pixels).mean() < 1.5
+    # …and one whose cyan and magenta inks are swapped is followed, not ignored
+    swapped = cmyk_profile(lambda inks: naive_rgb(inks[:, [1, 0, 2, 3]]))
+    followed = decode_input_image(encode(cmyk, "JPEG", quality=95, icc_profile=swapped), "swapped.jpg")
+    assert followed.conversions == ("cmyk_to_rgb=icc",)
+    assert np.abs(followed.pixels.astype(int) - plain.pixels[:, :, [1, 0, 2]]).mean() < 1.5
+    assert np.abs(followed.pixels.astype(int) - plain.pixels).mean() > 10
 
 
 def test_sixteen_bit_greyscale_becomes_eight_bit_rgb():
