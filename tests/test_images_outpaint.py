@@ -99,7 +99,7 @@ def test_fills_continue_the_image_without_an_edge(fill):
         above = canvas.pixels[y - 1, x : x + w].astype(float)
         assert np.abs(above - pixels[0]).mean() < 20
     with pytest.raises(ConditioningError, match="fill 'noise' is not one of edge, reflect, mean"):
-        outpaint_canvas(pixels, parse_target("1:1"), fill="noise")  # type: ignore[arg-type]
+        outpaint_canvas(pixels, parse_target("1:1"), fill="noise")
 
 
 def test_canvas_size_of_a_wide_image_adds_height():
@@ -125,3 +125,11 @@ def test_render_size_for_every_platform_and_a_small_model():
     assert render_size_for_ratio(9 / 16, megapixels=0.0625, multiple=8) == (184, 328)
     with pytest.raises(ConditioningError, match="multiple 12 \\(a multiple of 8\\)"):
         render_size_for_ratio(1.0, multiple=12)
+
+
+def test_platform_ratios_agree_with_the_postprocessing_presets():
+    from app.postprocess import PRESETS
+
+    for name, (w, h) in PLATFORM_RATIOS.items():
+        preset = PRESETS[name]
+        assert preset.width / preset.height == pytest.approx(w / h, rel=0.01), name
