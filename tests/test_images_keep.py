@@ -6,8 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from photos import photo
+from PIL import Image
 
-from app.conditioning import ConditioningError, kept_region_difference, paste_back, seam_score
+from app.conditioning import (
+    ConditioningError,
+    kept_region_difference,
+    load_input_image,
+    mask_from_alpha,
+    paste_back,
+    seam_score,
+)
 from app.conditioning.keep import original_weight
 from app.conditioning.masks import distance_inside
 from app.conditioning.seams import SEAM_SCORE_LIMIT
@@ -114,3 +122,16 @@ def test_seam_score_separates_a_naive_paste_from_a_feathered_one():
     assert min(scores["feathered"]) > 0.6 and max(scores["feathered"]) < 1.35
     assert min(scores["none"]) > 0.8 and max(scores["none"]) < 1.15
     assert max(scores["feathered"]) < SEAM_SCORE_LIMIT < min(scores["naive"])
+
+
+def test_a_product_cutout_stays_exact_from_file_to_output(tmp_path):
+    """The inpainting path the generator will take: a PNG cutout on disk, its alpha as the mask,
+    a generated background, the product pasted back."""
+    cutout = np.dstack([scene("coffee"), np.where(disc(), 255, 0).astype(np.uint8)])  # [H, W, 4]
+    Image.fromarray(cutout).save(tmp_path / "cup.png")
+    product = load_input_image("cup.png", base_dir=tmp_path)
+    keep = ~mask_from_alpha(product)
+    assert np.array_equal(keep, disc())
+    output = paste_back(scene("chelsea"), product.pixels, keep, band_px=6)
+    assert kept_region_difference(output, product.pixels, keep, 6).max_abs == 0
+    assert seam_score(output, keep) < SEAM_SCORE_LIMIT

@@ -179,6 +179,12 @@ def test_cmyk_with_an_embedded_cmyk_profile_is_converted_through_it():
     same = decode_input_image(encode(cmyk, "JPEG", quality=95, icc_profile=cmyk_profile()), "same.jpg")
     assert same.conversions == ("cmyk_to_rgb=icc",)
     assert np.abs(same.pixels.astype(int) - plain.pixels).mean() < 1.5
+    exif = Image.Exif()
+    exif[0x0112] = 3  # upside down: the profile survives the rotation
+    turned = encode(cmyk, "JPEG", quality=95, icc_profile=cmyk_profile(), exif=exif)
+    upright = decode_input_image(turned, "turned.jpg")
+    assert upright.conversions == ("exif_orientation=3", "cmyk_to_rgb=icc")
+    assert np.array_equal(upright.pixels, same.pixels[::-1, ::-1])
     # …and one whose cyan and magenta inks are swapped is followed, not ignored
     swapped = cmyk_profile(lambda inks: naive_rgb(inks[:, [1, 0, 2, 3]]))
     followed = decode_input_image(encode(cmyk, "JPEG", quality=95, icc_profile=swapped), "swapped.jpg")

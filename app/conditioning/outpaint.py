@@ -5,7 +5,7 @@ than the image), placed by an anchor (centred by default); its sides are multipl
 area is the mask (True = generate) and gets an initial fill, since img2img starts from it:
 - `edge`: each new pixel takes the nearest edge pixel's colour, then the new area is blurred so the
   streaks soften (like A1111's "fill": the image's colours, little structure);
-- `reflect`: the image mirrored outward, then blurred (keeps the texture's scale near the seam);
+- `reflect`: the image mirrored outward, then blurred (its shapes continue across the seam, softened);
 - `mean`: the image's mean colour (like A1111's "latent nothing", a flat start).
 The original's pixels are copied unchanged into the canvas (unless it was shrunk).
 
