@@ -1,9 +1,10 @@
 """Full-text search over prompts, negative prompts and tags, ranked by BM25.
 
 The ranking is plain SQL (`search_images` in analysis/views.sql), not DuckDB's fts extension:
-that cannot be downloaded here, and its PyPI wheels are locked to older DuckDB releases. The
-scores equal fts's `match_bm25` for the same tokens (tests/test_analysis_search.py checks against
-values fts computed), and the index is never stale: it is built from the `images` view per query.
+that is downloaded at run time, which an offline installation cannot do, and its PyPI wheels are
+locked to older DuckDB releases. The scores equal fts's `match_bm25` for the same tokens
+(tests/test_analysis_search.py checks against values fts computed), and the index is never stale:
+it is built from the `images` view per query.
 """
 
 from __future__ import annotations

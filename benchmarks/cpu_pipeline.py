@@ -8,7 +8,7 @@
 2. The bulk job through Ray Data with a stand-in generator (benchmarks/standin.py) fast enough
    never to be the bottleneck, returning precomputed 1024² photographs; `--workers` CPU-stage
    actors (each one Python process, so at most one core each). Pipeline per core = images/s per
-   worker. Efficiency = pipeline per core / standalone capacity per core (the issue asks >= 80 %).
+   worker. Efficiency = pipeline per core / standalone capacity per core (the target: >= 80 %).
 3. Cores needed to keep one H200 fed at 1.5 images/s = 1.5 / pipeline per core.
 """
 

@@ -7,8 +7,8 @@ The SDXL-base architecture is built from the configs in benchmarks/sdxl/ with ra
 the same arithmetic as the released weights, no download. A random rank-`--lora-rank` LoRA on
 the attention projections is active in every row (stock: loaded and set the usual way, or fused
 with `fuse_lora` when compiled; imagefab: its combination setting `fuse_loras`). Needs torch,
-transformers, diffusers, pydantic, pyyaml (the GPU machine lacks diffusers and pydantic: carry
-their wheels, see benchmarks/RESULTS.md).
+transformers, peft, diffusers, pydantic, pyyaml (installing them from wheels on a machine without a
+package index: benchmarks/RESULTS.md, "Running the GPU benchmark").
 
 Row groups, in the order they run:
   diffusers eager       --batches                the LoRA as unfused peft adapters

@@ -19,7 +19,7 @@ every actor's first batch, over the time from then to the last catalog write); e
 steady images/s / (actors x rate).
 
 Part 2 is arithmetic, no measurement: images/hour and USD per 10,000 images per GPU type at the
-list prices of `app/cost.py`, from the H200 seconds per image quoted in the project brief (stock
+list prices of `app/cost.py`, from quoted H200 seconds per image measured outside this project (stock
 diffusers 0.42.1, SDXL 1024², 30 steps: 1.16 s at batch 8, 1.06 s compiled at batch 4), scaled to
 other GPUs by their dense bf16 tensor throughput, which assumes the same utilisation everywhere.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA datasheets, no sparsity).
 BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
-# Quoted in the brief: H200, stock diffusers 0.42.1, SDXL 1024², 30 steps, guidance on.
+# Quoted, measured outside this project: H200, stock diffusers 0.42.1, SDXL 1024², 30 steps, guidance on.
 H200_SECONDS_PER_IMAGE = {"stock, batch 8": 1.16, "compiled, batch 4": 1.06}
 
 
@@ -153,7 +153,7 @@ def cost_table() -> str:
         hourly = prices.device_hourly(f"cuda:NVIDIA {gpu}")
         for setting, h200_seconds in H200_SECONDS_PER_IMAGE.items():
             seconds = h200_seconds * BF16_TFLOPS["H200"] / tflops
-            source = "quoted (brief)" if gpu == "H200" else "H200 quote x bf16 ratio"
+            source = "quoted" if gpu == "H200" else "H200 quote x bf16 ratio"
             lines.append(
                 f"| {gpu} | {hourly:.2f} | {tflops:g} | {setting} | {seconds:.2f} | {3600 / seconds:,.0f} | "
                 f"{10_000 * seconds / 3600 * hourly:.2f} | {source} |"

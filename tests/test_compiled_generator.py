@@ -1,4 +1,4 @@
-"""The compiled generator (issue 10) on the CPU with the tiny architecture: LoRA stacks switch
+"""The compiled generator on the CPU with the tiny architecture: LoRA stacks switch
 without recompiling, short batches are padded to the compiled shape, and compiled graphs are
 shared between generator processes through the compile cache. Inductor compiles for the CPU
 here (a C++ compiler), the same code path that compiles CUDA kernels on a GPU machine."""

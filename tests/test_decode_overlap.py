@@ -1,4 +1,4 @@
-"""Decoding one batch while the next denoises (issue 10): the generator denoises to latents,
+"""Decoding one batch while the next denoises: the generator denoises to latents,
 decodes them itself (on a second CUDA stream on a GPU) and collects each batch's pixels only once
 the next batch is queued. On the CPU nothing runs in parallel, but the same code path runs: these
 tests check that the split decode gives the pipeline's own pixels, that deferred collecting keeps

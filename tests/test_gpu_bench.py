@@ -88,7 +88,7 @@ def test_every_variant_renders_the_stock_image(capsys, tmp_path):
         assert rows[key]["diff_ref"] == "diffusers eager" and rows[key]["ratio"] > 0, key
     assert rows["imagefab eager", 1]["max_pixel_diff"] <= 2 and rows["imagefab eager", 2]["max_pixel_diff"] <= 2
     assert rows["imagefab compiled", 2]["max_pixel_diff"] <= 3  # measured 1
-    # The relative error the issue asks for: ||ours - stock|| / ||stock||, over the pixels.
+    # The relative error of the images: ||ours - stock|| / ||stock||, over the pixels.
     for key in [("imagefab eager", 1), ("imagefab eager", 2), ("imagefab compiled", 2)]:
         assert 0 <= rows[key]["relative_error"] < 5e-3, key
     assert rows["diffusers eager", 1]["relative_error"] is None  # the reference itself
