@@ -4,7 +4,9 @@ operation or property, and a wall-clock budget for the HTTP fuzz.
 
 - HTTP: never a 5xx except a deliberate 503/504; a 4xx always says what is wrong (a field, or a
   message); bodies and prompts over the limits are refused before any generator call.
-- Spec: `parse_spec` / `load_spec` raise nothing but `SpecError`, whatever the YAML holds.
+- Spec: specs whose every value is in range parse, keep their values and read back the same from
+  what a run records; a value out of range is a `SpecError` naming its field path; and whatever
+  the YAML holds, `parse_spec` / `load_spec` raise nothing but a `SpecError` that says where.
 - Rows: `ExpandRows` never raises; a row it cannot use becomes a `failed` row with the reason.
 """
 
@@ -19,6 +21,7 @@ import httpx
 import pyarrow as pa
 import pytest
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -27,7 +30,8 @@ from schemathesis import GenerationMode
 
 from app.expand import ExpandRows, ResolvedModels
 from app.request import RenderRequest
-from app.spec import MAX_SIDE, MIN_SIDE, SpecError, load_spec, parse_spec
+from app.schedulers import SCHEDULERS
+from app.spec import MAX_SIDE, MIN_SIDE, SIZE_PRESETS, SpecError, load_spec, parse_spec
 
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -293,23 +297,168 @@ def with_value(data: dict, dotted: str, value) -> dict:
     return out
 
 
-def only_spec_errors(fn, *args) -> None:
+def only_spec_errors(where: tuple[str, ...], fn, *args) -> None:
+    """`fn(*args)` parses or raises a `SpecError` whose message starts with where the spec came
+    from and goes on to say what is wrong; any other exception fails the test."""
     try:
         fn(*args)
-    except SpecError:
-        pass
+    except SpecError as e:
+        message = str(e)
+        assert message.startswith(tuple(f"{w}: " for w in where)), message
+        assert len(message.split(": ", 1)[1].strip()) > 5, message
+
+
+# --- valid specs: they parse, keep their values and survive the run record ---
+
+SIDES = st.integers(MIN_SIDE // 8, MAX_SIDE // 8).map(lambda n: 8 * n)
+SEEDS = st.integers(0, 2**63 - 1)
+
+
+def lora_stacks(names: list[str]) -> st.SearchStrategy:
+    return st.tuples(*[st.builds(lambda w, n=n: {"name": n, "weight": w}, st.floats(-4.0, 4.0)) for n in names])
+
+
+VALID_SPECS = st.fixed_dictionaries(
+    {
+        "run_name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True),
+        "input": st.fixed_dictionaries(
+            {
+                "path": st.sampled_from(["/data/rows.csv", "/data/rows.tsv", "s3://bucket/rows.parquet"]),
+                "prompt_template": st.sampled_from(["photo of {name}", "a {color} {product}, studio", "{subject}"]),
+            },
+            optional={"limit": st.integers(1, 10**6), "key_column": st.sampled_from(["pid", "sku"])},
+        ),
+    },
+    optional={
+        "negative_prompt": st.text(max_size=40),
+        "steps": st.integers(1, 500),
+        "guidance": st.floats(0.0, 50.0),
+        "scheduler": st.sampled_from(list(SCHEDULERS)),
+        "size": st.sampled_from(list(SIZE_PRESETS))
+        | st.builds("{}x{}".format, SIDES, SIDES)
+        | st.fixed_dictionaries({"width": SIDES, "height": SIDES}),
+        "variations": st.fixed_dictionaries(
+            {"seeds_per_row": st.integers(1, 10_000)},
+            optional={"seed_mode": st.sampled_from(["derived", "fixed"]), "base_seed": SEEDS},
+        )
+        | st.lists(SEEDS, min_size=1, max_size=5).map(
+            lambda seeds: {"seed_mode": "fixed", "seeds_per_row": len(seeds), "seeds": seeds}
+        ),
+        "model": st.lists(st.sampled_from(["tiny-style", "tiny-detail", "brand-look"]), unique=True, max_size=3)
+        .flatmap(lora_stacks)
+        .map(lambda stack: {"loras": list(stack)}),
+        "tags": st.lists(st.sampled_from(["pid", "sku", "category"]), unique=True, max_size=3),
+        "static_tags": st.dictionaries(
+            st.sampled_from(["campaign", "brand"]), st.text(max_size=10) | st.integers(0, 9999)
+        ),
+        "output": st.fixed_dictionaries({"uri": st.sampled_from(["outputs", "s3://bucket/run", "/srv/imagefab"])}),
+        "compute": st.fixed_dictionaries(
+            {},
+            optional={
+                "batch_size": st.integers(1, 256),
+                "device": st.sampled_from(["auto", "cuda", "cpu"]),
+                "generators": st.none() | st.integers(1, 1024),
+            },
+        ),
+    },
+)
+
+
+def expected_size(value) -> tuple[int, int]:
+    if isinstance(value, dict):
+        return value["width"], value["height"]
+    if value in SIZE_PRESETS:
+        return SIZE_PRESETS[value]
+    width, height = value.split("x")
+    return int(width), int(height)
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALID_SPECS)
+def test_valid_specs_parse_keep_their_values_and_read_back_from_the_run_record(data):
+    spec = parse_spec(data)
+    assert spec.run_name == data["run_name"] and spec.input.path == data["input"]["path"]
+    assert spec.input.prompt_template == data["input"]["prompt_template"]
+    for field in ("negative_prompt", "steps", "guidance", "scheduler"):
+        if field in data:
+            assert getattr(spec, field) == data[field], field
+    if "size" in data:
+        assert (spec.size.width, spec.size.height) == expected_size(data["size"])
+    if "variations" in data:
+        assert spec.variations.seeds_per_row == data["variations"]["seeds_per_row"]
+        assert list(spec.variations.seeds) == data["variations"].get("seeds", [])
+    if "model" in data:
+        assert [(lo.name, lo.weight) for lo in spec.model.loras] == [
+            (lo["name"], lo["weight"]) for lo in data["model"]["loras"]
+        ]
+    if "static_tags" in data:  # YAML numbers become text: tags are text in the catalog
+        assert spec.static_tags == {k: str(v) for k, v in data["static_tags"].items()}
+    # A run records its spec as YAML-able JSON with only the fields that were set (run.json), and
+    # regenerate and the registry parse it back: the same spec, defaults applied again.
+    recorded = yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True))
+    assert parse_spec(yaml.safe_load(recorded)) == spec
+    assert parse_spec(spec.model_dump(mode="json")) == spec
+
+
+# --- values out of range: a SpecError naming the field path ---
+
+INVALID = {
+    # path in the spec -> (out-of-range values, the path the error names, whether it shows the value)
+    "run_name": (st.sampled_from(["no spaces", "-starts-with-dash", "", "x" * 65, "a/b"]), "run_name", True),
+    "steps": (st.integers(max_value=0) | st.integers(min_value=501), "steps", True),
+    "guidance": (st.floats(max_value=-0.001) | st.floats(min_value=50.001) | st.just(math.nan), "guidance", False),
+    "scheduler": (st.text(max_size=12).filter(lambda s: s not in SCHEDULERS), "scheduler", True),
+    "size": (
+        st.builds("{}x{}".format, st.integers(MIN_SIDE, MAX_SIDE).filter(lambda n: n % 8), SIDES)
+        | st.builds("{}x{}".format, st.sampled_from([0, 8, MIN_SIDE - 8, MAX_SIDE + 8]), SIDES),
+        "size",
+        False,
+    ),
+    "variations.seeds_per_row": (
+        st.integers(max_value=0) | st.integers(min_value=10_001),
+        "variations.seeds_per_row",
+        True,
+    ),
+    "variations.base_seed": (st.integers(max_value=-1) | st.integers(min_value=2**63), "variations.base_seed", True),
+    "model.loras": (
+        (st.floats(max_value=-4.001) | st.floats(min_value=4.001)).map(lambda w: [{"name": "tiny-style", "weight": w}]),
+        "model.loras[0].weight",
+        False,
+    ),
+    "input.limit": (st.integers(max_value=0), "input.limit", True),
+    "compute.batch_size": (st.integers(max_value=0) | st.integers(min_value=257), "compute.batch_size", True),
+    "postprocess.quality": (st.integers(max_value=0) | st.integers(min_value=101), "postprocess.quality", True),
+    "unknown_field": (st.integers(), "unknown_field", False),
+    "compute.gpus": (st.integers(1, 8), "compute.gpus", False),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALID_SPECS, st.sampled_from(sorted(INVALID)).flatmap(lambda f: st.tuples(st.just(f), INVALID[f][0])))
+def test_an_out_of_range_value_is_a_spec_error_naming_its_field(data, bad):
+    field, value = bad
+    _, named, shows_value = INVALID[field]
+    with pytest.raises(SpecError) as raised:
+        parse_spec(with_value(data, field, value))
+    message = str(raised.value)
+    assert f"\n  {named}: " in message, message
+    if shows_value:
+        assert f"(got {value!r})" in message, message
+
+
+# --- anything at all: only SpecErrors, and they say where ---
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(max_size=12) | st.integers(), YAMLISH, max_size=6))
 def test_arbitrary_mappings_raise_only_spec_errors(data):
-    only_spec_errors(parse_spec, data)
+    only_spec_errors(("<spec>",), parse_spec, data)
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(FIELDS), YAMLISH)
 def test_a_valid_spec_with_any_field_replaced_raises_only_spec_errors(field, value):
-    only_spec_errors(parse_spec, with_value(VALID, field, value))
+    only_spec_errors(("<spec>",), parse_spec, with_value(VALID, field, value))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -317,7 +466,7 @@ def test_a_valid_spec_with_any_field_replaced_raises_only_spec_errors(field, val
 def test_any_yaml_text_raises_only_spec_errors(tmp_path, text):
     path = tmp_path / "spec.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    only_spec_errors(load_spec, path)
+    only_spec_errors((str(path),), load_spec, path)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -329,7 +478,7 @@ def test_any_yaml_text_raises_only_spec_errors(tmp_path, text):
 def test_any_override_raises_only_spec_errors(tmp_path, dotted, value):
     path = tmp_path / "spec.yaml"
     path.write_text(json.dumps(VALID))  # JSON is YAML
-    only_spec_errors(load_spec, path, {dotted: value})
+    only_spec_errors((str(path), "overrides"), load_spec, path, {dotted: value})
 
 
 # --- the row expansion ------------------------------------------------------------------------------------
