@@ -109,19 +109,28 @@ def batch_from(generator, models, prompts, **over):
 
 
 def test_qc_post_and_catalog_write_make_readable_rows(generator, models, tmp_path):
-    batch = batch_from(generator, models, ["a red shoe", "a blue hat"])
+    batch = batch_from(generator, models, ["a red shoe", "a blue hat", "a green mug"])
+    # The tiny model's images are sharp, mid-grey noise: accepted by the default QC. The third
+    # image's pixels become one flat grey, which QC has to reject as blank.
+    batch["pixels"][2] = np.full((256, 256, 3), 128, np.uint8).tobytes()
     spec = spec_for()
     output = OutputStore.at(str(tmp_path / "out"))
     qc = QualityControl(spec.qc)(batch)
-    assert set(qc["status"]) <= {"accepted", "review", "rejected"}
-    assert json.loads(qc["scores"][0])["sharpness"] > 0
+    assert list(qc["status"]) == ["accepted", "accepted", "rejected"], list(qc["reasons"])
+    assert [json.loads(r) for r in qc["reasons"][:2]] == [[], []] and "blank" in json.loads(qc["reasons"][2])
+    assert json.loads(qc["scores"][0])["sharpness"] > spec.qc.review_sharpness
     post = Postprocess(spec.postprocess, output)(qc)
     assert "pixels" not in post
     summary = CatalogWrite(output, run_id="r1")(post)
     assert list(summary["image_id"]) == list(batch["image_id"])
 
     rows = CatalogStore(output).read().to_pylist()
-    assert len(rows) == 2 and {r["run_id"] for r in rows} == {"r1"}
+    assert len(rows) == 3 and {r["run_id"] for r in rows} == {"r1"}
+    by_id = {r["image_id"]: r for r in rows}
+    assert [by_id[i]["status"] for i in batch["image_id"]] == ["accepted", "accepted", "rejected"]
+    # Variants are made for accepted and review images only; the rejected one has its master alone.
+    rejected = by_id[batch["image_id"][2]]
+    assert rejected["variants"] == [] and rejected["uri"]
     row = next(r for r in rows if r["image_id"] == batch["image_id"][0])
     assert row["prompt"] == "a red shoe" and row["steps"] == 3 and row["width"] == 256
     assert row["base_model"]["name"] == "tiny-sdxl" and len(row["base_model"]["sha256"]) == 64
@@ -135,11 +144,10 @@ def test_qc_post_and_catalog_write_make_readable_rows(generator, models, tmp_pat
     assert info["prompt"] == "a red shoe" and info["seed"] == row["seed"] and info["steps"] == 3
     assert info["sampler"] == "Euler" and info["image_id"] == row["image_id"]
     assert meta["digital_source_type"].endswith("trainedAlgorithmicMedia")
-    if row["status"] != "rejected":
-        (variant,) = row["variants"]
-        assert variant["preset"] == "thumbnail" and variant["format"] == "jpeg"
-        thumb = output.read_bytes(output.rel_of(variant["uri"]))
-        assert Image.open(io.BytesIO(thumb)).size == (256, 256) and len(thumb) == variant["bytes"]
+    (variant,) = row["variants"]
+    assert variant["preset"] == "thumbnail" and variant["format"] == "jpeg"
+    thumb = output.read_bytes(output.rel_of(variant["uri"]))
+    assert Image.open(io.BytesIO(thumb)).size == (256, 256) and len(thumb) == variant["bytes"]
 
 
 def test_nonfinite_output_is_rejected(generator, models):
