@@ -228,10 +228,11 @@ def test_standin_generator_adds_the_generators_columns():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_scaling_benchmark_runs_on_fake_gpus():
-    # 4 s of work per configuration (8 or 16 batches): with 2 s (4 batches) a loaded machine once
-    # bunched the catalog writes enough to read 308 % from a 3-write window.
+    # 4 s of work per configuration (8 or 16 batches of 4): enough batches after every actor's
+    # first for a steady window of several catalog writes.
+    rate = 8.0  # images/s of one stand-in generator
     res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scaling", "--actors", "1,2", "--rate", "8", "--seconds", "4"],
+        [sys.executable, "-m", "benchmarks.scaling", "--actors", "1,2", "--rate", f"{rate:g}", "--seconds", "4"],
         cwd=REPO,
         env={**os.environ, "RAY_AUTH_MODE": "disabled"},
         capture_output=True,
@@ -239,9 +240,20 @@ def test_scaling_benchmark_runs_on_fake_gpus():
         timeout=240,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # | actors | images | wall s | end-to-end img/s | steady img/s | ideal img/s | efficiency | ...
     rows = [line.split("|") for line in res.stdout.splitlines() if re.match(r"\| [12] \|", line)]
     assert [int(r[1]) for r in rows] == [1, 2]
     for r in rows:
-        assert int(r[2]) == 32 * int(r[1])  # rate x actors x seconds images
-        assert 0.5 < float(r[7].strip().rstrip("%")) / 100 < 1.5, r  # efficiency near 100 %
+        actors, images, end_to_end = int(r[1]), int(r[2]), float(r[4])
+        assert images == 32 * actors  # rate x actors x seconds images
+        # A stand-in sleeps out each batch's time, so it never renders faster than `rate`, and the
+        # job renders every image between its start and its summary: end to end it cannot beat
+        # actors x rate, however loaded the machine (load only slows it).
+        assert 0 < end_to_end <= actors * rate, r
+    # What scaling means: two generators render more a second than one could at all. The steady
+    # window opens once both have written a batch, so from then on both are rendering; a loaded
+    # 2-core machine slows them, but only rendering side by side gets past one actor's ceiling.
+    # (Its upper side is not asserted: catalog writes can bunch after a stall of the CPU stage.)
+    steady_two = float(rows[1][5])
+    assert steady_two > rate, rows[1]
     assert "| L4 |" in res.stdout and "USD per 10,000 images" in res.stdout
