@@ -143,6 +143,7 @@ def test_out_of_memory_beside_a_batch_in_flight_stops_overlapping_not_the_batch_
     calls.clear()
     fail_once_at(pipe, 1)
     failed = gen.render_batch_exactly(reqs[:2])
+    assert [r.image_id for r in failed] == [r.image_id for r in reqs[:2]]
     assert all(r.pixels is None and "out of memory at 64x64 for a recorded batch of 2" in r.error for r in failed)
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from scipy import ndimage
 from skimage import data as skdata
 
 from app.qc import EVALUATE_SCORE_KEYS, KNOWN_CHECKS, QcSettings, evaluate, evaluate_batch
@@ -31,11 +32,20 @@ def test_batch_keeps_order_and_handles_unmeasurable_images() -> None:
 def test_evaluate_agrees_with_check_image_on_the_pixel_checks() -> None:
     from app.qc import check_image
 
-    for image in (ASTRONAUT, skdata.camera(), skdata.coffee()):
+    severity = {"accepted": 0, "review": 1, "rejected": 2}
+    dark, flat = ASTRONAUT // 6, np.full((64, 64, 3), 120, np.uint8)
+    blurred = np.clip(ndimage.uniform_filter(ASTRONAUT, size=(15, 15, 1)), 0, 255).astype(np.uint8)
+    seen = set()
+    for image in (ASTRONAUT, skdata.camera(), skdata.coffee(), dark, blurred, flat):
         full, pixel_only = evaluate(image, None, SETTINGS), check_image(image, SETTINGS)
         for key in ("sharpness", "contrast", "exposure", "mean_luma"):
-            assert full.scores[key] == pytest.approx(pixel_only.scores[key], rel=1e-5)
+            assert full.scores[key] == pytest.approx(pixel_only.scores[key], rel=1e-5, nan_ok=True)
+        # evaluate adds checks to the pixel ones: every pixel finding stays, and the verdict is
+        # never milder.
         assert set(pixel_only.reasons) <= set(full.reasons)
+        assert severity[full.status] >= severity[pixel_only.status]
+        seen |= set(pixel_only.reasons)
+    assert {"blur", "borderline_low_contrast", "blank"} <= seen  # the pixel checks did find things
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from pydantic import ValidationError
 
 from app.spec import JobSpec, Size, SpecError, load_spec, parse_spec
 
@@ -99,8 +100,9 @@ def test_spec_is_frozen_and_picklable():
     import pickle
 
     spec = parse_spec({"run_name": "t", "input": {"path": "/x.parquet"}})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.steps = 3  # type: ignore[misc]
+    assert spec.steps == 30
     assert pickle.loads(pickle.dumps(spec)) == spec
     assert isinstance(spec, JobSpec)
 
