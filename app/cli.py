@@ -192,16 +192,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ray
     from ray import serve
 
+    from app.raycluster import connect_or_start_local
     from app.serve.app import build_app
     from app.serve.config import load_serve_config
 
     config = load_serve_config(args.config, host=args.host, port=args.port, output_uri=args.output)
     config.check_bind()  # before starting anything: no keyless server on a public address
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    connect_or_start_local(include_dashboard=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name="imagefab", route_prefix="/")
     print(f"imagefab serving on http://{config.host}:{config.port}  (docs: /docs, health: /healthz; Ctrl-C stops)")
@@ -272,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     _env_defaults()
     args = build_parser().parse_args(argv)
     from app.models.digest import ModelFileError
+    from app.raycluster import ClusterUnreachable
     from app.regenerate import RegenerateError
     from app.registry import RegistryError
     from app.spec import SpecError
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (SpecError, ModelFileError, StorageError, RegenerateError, RegistryError) as e:
+    except (SpecError, ModelFileError, StorageError, RegenerateError, RegistryError, ClusterUnreachable) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

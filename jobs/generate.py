@@ -35,6 +35,7 @@ from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
 from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, row_lora_names, split_plan
+from app.raycluster import ClusterUnreachable, connect_or_start_local
 from app.registry.errors import RegistryError
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
@@ -233,7 +234,6 @@ def run(
 
     `generator_cls` replaces the Generator only for capacity benchmarks (benchmarks/): a class
     with the same constructor and batch interface."""
-    import ray
     from ray.data import DataContext
 
     t0 = time.perf_counter()
@@ -254,8 +254,7 @@ def run(
     models = resolve_models(spec, catalog, row_lora_names(spec, columns))
     versions.check_models(models)
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=not quiet)
+    connect_or_start_local(log_to_driver=not quiet)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
@@ -516,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = spec_from_args(args)
         summary = run(spec, run_id=args.run_id, quiet=args.quiet, track=not args.no_mlflow)
-    except (SpecError, ModelFileError, StorageError, RegistryError) as e:
+    except (SpecError, ModelFileError, StorageError, RegistryError, ClusterUnreachable) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         return 2
     print(summary.render())
