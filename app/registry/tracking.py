@@ -289,7 +289,7 @@ def _model_tags(rows: list[dict], record: Mapping) -> dict[str, str]:
 def _log_dataset(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
     import mlflow.data
     import pyarrow.dataset as pads
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     from app.plan import csv_string_types
@@ -314,7 +314,17 @@ def _log_dataset(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local file is one
         warnings.filterwarnings("ignore", message="The specified dataset source")
         dataset = mlflow.data.from_pandas(table.to_pandas(), source=inp.path, name=name)
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "input")])])
+    # The run's input as MLflow's Dataset entity, built from the dataset's public to_dict().
+    d = dataset.to_dict()
+    entity = Dataset(
+        name=d["name"],
+        digest=d["digest"],
+        source_type=d["source_type"],
+        source=d["source"],
+        schema=d.get("schema"),
+        profile=d.get("profile"),
+    )
+    client.log_inputs(run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "input")])])
 
 
 def _ms(iso: str | None) -> int | None:
