@@ -35,6 +35,7 @@ SUMMARY_COLUMNS = (
     "status",
     "gpu_seconds",
     "cpu_seconds",
+    "cost_usd",
     "combination",
     "base_model",
     "generator_id",
@@ -312,6 +313,7 @@ class CatalogWrite:
             "status": _obj([r["status"] for r in rows]),
             "gpu_seconds": np.asarray([r["gpu_seconds"] for r in rows], dtype=np.float64),
             "cpu_seconds": np.asarray([r["cpu_seconds"] for r in rows], dtype=np.float64),
+            "cost_usd": np.asarray([r["cost_usd"] for r in rows], dtype=np.float64),
             "combination": _obj([r["combination"] for r in rows]),
             "base_model": _obj([(r["base_model"] or {}).get("name", "") for r in rows]),
             # Generator counters pass through to the driver's summary (not catalog columns).
