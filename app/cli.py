@@ -1,17 +1,21 @@
 """The `imagefab` command.
 
 imagefab demo                         build the offline models if missing, run a real bulk job
-imagefab run SPEC [--output URI]      the bulk job on a local Ray (or RAY_ADDRESS's cluster)
-imagefab validate SPEC                check a spec, its input and its models without rendering
+imagefab run SPEC [--output URI]      the bulk job on a local Ray (or RAY_ADDRESS's cluster); --json
+imagefab validate SPEC [--json]       check a spec, its input and its models without rendering
+imagefab spec schema                  the spec's JSON Schema, for editors and CI
 imagefab models list|build|verify     the model catalog
 imagefab regenerate IMAGE_ID          render a catalogued image again and compare the bytes
-imagefab catalog [--output URI]       counts by run and status, straight from the Parquet catalog
+imagefab catalog [--output URI]       counts by run and status, straight from the Parquet catalog; --json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,41 +39,44 @@ def _env_defaults() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from jobs import generate
 
-    argv = [args.spec] + (["--output", args.output] if args.output else [])
-    argv += [x for s in args.set for x in ("--set", s)]
-    argv += (["--limit", str(args.limit)] if args.limit else []) + (["--quiet"] if args.quiet else [])
-    argv += ["--no-mlflow"] if getattr(args, "no_mlflow", False) else []
-    return generate.main(argv)
+    return generate.run_from_args(args)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def validation_report(spec_path: str, overrides: list[str]) -> dict:
+    """What `imagefab validate` found: the resolved models, routing, input and output of a valid
+    spec. Raises the spec's, models' or registry's own error when it is not valid."""
     from app.models.catalog import ModelCatalog
     from app.plan import check_input, input_columns, resolve_models, row_lora_names
     from jobs.generate import resolve_registry, spec_from_args
 
-    spec = spec_from_args(argparse.Namespace(spec=args.spec, set=args.set, output=None, limit=None))
+    spec = spec_from_args(argparse.Namespace(spec=spec_path, set=overrides, output=None, limit=None))
     spec, versions = resolve_registry(spec)
     columns = input_columns(spec)
     check_input(spec, columns)
     catalog = versions.merge_into(ModelCatalog.load(spec.model.catalog))
     models = resolve_models(spec, catalog, row_lora_names(spec, columns))
     versions.check_models(models)
-    for ref in versions.refs:
-        print(f"  registry {ref.field}: {ref.describe()}")
     unknown = sorted(row_lora_names(spec, columns) - set(models.loras))
     bad = {**{n: f"unknown LoRA '{n}'" for n in unknown}, **models.lora_problems}
-    print(f"{args.spec}: valid")
-    print(f"  input   {spec.input.path} ({spec.input.resolved_format}; columns: {', '.join(columns)})")
+    combinations = {}
     for name, combo in spec.effective_combinations().items():
         base = models.bases[combo.base]
-        print(
-            f"  combination {name}: {combo.steps} steps, guidance {combo.guidance}, {combo.scheduler}"
-            + (", LoRAs fused" if combo.fuse_loras else "")
-        )
-        print(f"    base  {base.name} v{base.version} sha256 {base.sha256[:16]}…")
-        for lo in combo.loras:
-            r = models.loras[lo.name]
-            print(f"    lora  {r.name} v{r.version} @ {lo.weight:g} sha256 {r.sha256[:16]}…")
+        combinations[name] = {
+            "steps": combo.steps,
+            "guidance": combo.guidance,
+            "scheduler": combo.scheduler,
+            "fuse_loras": combo.fuse_loras,
+            "base": {"name": base.name, "version": base.version, "sha256": base.sha256},
+            "loras": [
+                {
+                    "name": models.loras[lo.name].name,
+                    "version": models.loras[lo.name].version,
+                    "weight": lo.weight,
+                    "sha256": models.loras[lo.name].sha256,
+                }
+                for lo in combo.loras
+            ],
+        }
     routing = (
         f"A/B over {', '.join(spec.ab_test.combinations)}"
         if spec.ab_test
@@ -79,11 +86,76 @@ def cmd_validate(args: argparse.Namespace) -> int:
             else f"every row -> '{spec.tiers.routes.get(spec.default_tier, spec.default_tier)}'"
         )
     )
-    print(f"  routing {routing}")
-    print(f"  render  {spec.size.width}x{spec.size.height}, {spec.variations.seeds_per_row} image(s) per row")
-    print(f"  output  {spec.output.uri}")
-    for name, why in sorted(bad.items()):
-        print(f"  warning rows asking for LoRA '{name}' will fail: {why}")
+    return {
+        "spec": spec_path,
+        "valid": True,
+        "registry": [{"field": ref.field, "resolved": ref.describe()} for ref in versions.refs],
+        "input": {"path": spec.input.path, "format": spec.input.resolved_format, "columns": list(columns)},
+        "combinations": combinations,
+        "routing": routing,
+        "render": {
+            "width": spec.size.width,
+            "height": spec.size.height,
+            "images_per_row": spec.variations.seeds_per_row,
+        },
+        "output": spec.output.uri,
+        "warnings": [f"rows asking for LoRA '{name}' will fail: {why}" for name, why in sorted(bad.items())],
+    }
+
+
+FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*|\[\d+\])*): ")
+
+
+def validation_errors(error: Exception) -> list[dict]:
+    """An invalid spec's problems as {field, message}; field is null where no field is to blame."""
+    problems = getattr(error, "problems", None)
+    if problems:
+        return [{"field": path or None, "message": msg} for path, msg in problems]
+    text = str(error)
+    match = FIELD_PREFIX.match(text)
+    if match and "/" not in match.group(1):
+        return [{"field": match.group(1), "message": text[match.end() :]}]
+    return [{"field": None, "message": text}]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from app.models.digest import ModelFileError
+    from app.registry import RegistryError
+    from app.spec import SpecError
+
+    if not args.json:
+        return print_validation(validation_report(args.spec, args.set))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            report = validation_report(args.spec, args.set)
+    except (SpecError, ModelFileError, RegistryError) as e:
+        print(json.dumps({"spec": args.spec, "valid": False, "errors": validation_errors(e)}))
+        return EXIT_BAD_INPUT
+    print(json.dumps(report))
+    return 0
+
+
+def print_validation(report: dict) -> int:
+    for ref in report["registry"]:
+        print(f"  registry {ref['field']}: {ref['resolved']}")
+    inp = report["input"]
+    print(f"{report['spec']}: valid")
+    print(f"  input   {inp['path']} ({inp['format']}; columns: {', '.join(inp['columns'])})")
+    for name, combo in report["combinations"].items():
+        print(
+            f"  combination {name}: {combo['steps']} steps, guidance {combo['guidance']}, {combo['scheduler']}"
+            + (", LoRAs fused" if combo["fuse_loras"] else "")
+        )
+        base = combo["base"]
+        print(f"    base  {base['name']} v{base['version']} sha256 {base['sha256'][:16]}…")
+        for lo in combo["loras"]:
+            print(f"    lora  {lo['name']} v{lo['version']} @ {lo['weight']:g} sha256 {lo['sha256'][:16]}…")
+    render = report["render"]
+    print(f"  routing {report['routing']}")
+    print(f"  render  {render['width']}x{render['height']}, {render['images_per_row']} image(s) per row")
+    print(f"  output  {report['output']}")
+    for warning in report["warnings"]:
+        print(f"  warning {warning}")
     return 0
 
 
@@ -142,16 +214,42 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         raise SystemExit("imagefab catalog reads local outputs; use analysis/ for object storage")
     pattern = f"{root.uri}/catalog/**/*.parquet"
     if not list(Path(root.uri, "catalog").glob("**/*.parquet")):
-        print(f"no catalog under {root.uri}/catalog")
+        if getattr(args, "json", False):
+            print(json.dumps({"output": root.uri, "runs": [], "error": f"no catalog under {root.uri}/catalog"}))
+        else:
+            print(f"no catalog under {root.uri}/catalog")
         return 1
     con = duckdb.connect()
-    sql = f"""
+    rel = con.sql(f"""
         SELECT run_id, status, count(*) AS images, round(avg(sharpness), 1) AS mean_sharpness,
                round(sum(gpu_seconds), 2) AS gpu_s, round(sum(cost_usd), 6) AS cost_usd
         FROM read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)
-        GROUP BY ALL ORDER BY run_id, status"""
-    print(con.sql(sql))
+        GROUP BY ALL ORDER BY run_id, status""")
+    if getattr(args, "json", False):
+        rows = [dict(zip(rel.columns, row)) for row in rel.fetchall()]
+        print(json.dumps({"output": root.uri, "runs": rows}))
+    else:
+        print(rel)
     return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from app.spec import JobSpec
+
+    schema = JobSpec.model_json_schema()
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "imagefab job spec"}
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("imagefab")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 # The demo's run names its models, template and QC settings through MLflow aliases, the way a
@@ -213,22 +311,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jobs.options import add_run_arguments
+
     p = argparse.ArgumentParser(prog="imagefab", description="Production image generation on Ray.")
+    p.add_argument("--version", action="version", version=f"imagefab {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a bulk job")
-    r.add_argument("spec")
-    r.add_argument("--output", help="output URI (overrides output.uri)")
-    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    r.add_argument("--limit", type=int)
-    r.add_argument("--quiet", action="store_true")
-    r.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    r = sub.add_parser("run", help="run a bulk job (the options of python -m jobs.generate)")
+    add_run_arguments(r)
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a spec, its input and models")
     v.add_argument("spec")
     v.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    v.add_argument("--json", action="store_true", help="the result as one JSON object on stdout (errors too)")
     v.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("spec", help="the job spec's JSON Schema (for editors and CI)")
+    sp.add_argument("action", choices=["schema"])
+    sp.set_defaults(func=cmd_spec)
 
     m = sub.add_parser("models", help="list, build or verify the model catalog")
     m.add_argument("action", choices=["list", "build", "verify"])
@@ -244,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("catalog", help="counts by run and status")
     c.add_argument("--output", default="outputs")
+    c.add_argument("--json", action="store_true", help="the counts as one JSON object on stdout")
     c.set_defaults(func=cmd_catalog)
 
     d = sub.add_parser("demo", help="set up and run a real bulk job on the embedded defaults")

@@ -14,6 +14,7 @@ the address is probed with a short TCP connect:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -107,3 +108,26 @@ def connect_or_start_local(
         )
     ray.init(address="local", **init_kwargs)
     return "local"
+
+
+def _not_bars_disabled(record: logging.LogRecord) -> bool:
+    # Ray Data's "Progress bars disabled. To enable, set DataContext…" warning: the bars are off
+    # on purpose, and --verbose is how to turn them on here.
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def ray_data_logs_to_console(verbose: bool) -> str:
+    """Ray Data's operator logs (dozens of INFO lines a minute) on the console only when
+    `verbose`; its log file in the Ray session's logs folder keeps them either way. Returns
+    that file's path. Call after Ray is initialised."""
+    import ray
+    import ray.data  # configures the "ray.data" logger: a file and a console handler)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":  # the handler's name in Ray Data's logging config
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+            handler.removeFilter(_not_bars_disabled)
+            if not verbose:
+                handler.addFilter(_not_bars_disabled)
+    context = ray.get_runtime_context()
+    return str(Path(context.get_temp_dir()) / context.get_session_name() / "logs" / "ray-data" / "ray-data.log")

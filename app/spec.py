@@ -37,7 +37,14 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class SpecError(ValueError):
-    """A spec that cannot run; the message names the field path and the bad value."""
+    """A spec that cannot run; the message names the field path and the bad value.
+
+    `problems` lists (field path, what is wrong) for each error of a spec that failed
+    validation, for tools that want them apart (`imagefab validate --json`)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
 
 
 class _Frozen(BaseModel):
@@ -269,12 +276,13 @@ class JobSpec(_Frozen):
             )
         return qc
 
-    @field_validator("size", mode="before")
+    # json_schema_input_type: what the YAML may say, for the JSON Schema (`imagefab spec schema`).
+    @field_validator("size", mode="before", json_schema_input_type=str | Size)
     @classmethod
     def _size(cls, v: Any) -> Size:
         return Size.parse(v)
 
-    @field_validator("static_tags", mode="before")
+    @field_validator("static_tags", mode="before", json_schema_input_type=dict[str, str | int | float])
     @classmethod
     def _tag_values_as_text(cls, tags: Any) -> Any:
         # `year: 2026` in YAML is an int; tags are text in the catalog.
@@ -330,8 +338,9 @@ class JobSpec(_Frozen):
         return parse_spec(data, where="overrides")
 
 
-def _format_errors(e: ValidationError, where: str) -> str:
-    lines = []
+def _problems(e: ValidationError) -> list[tuple[str, str]]:
+    """(field path, message with the bad value) for each of pydantic's errors."""
+    problems = []
     for err in e.errors():
         if err["type"] == "string_type" and isinstance(err.get("input"), dict):
             continue  # the `str` side of a "settings or reference" union: the settings error says it
@@ -343,7 +352,12 @@ def _format_errors(e: ValidationError, where: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
-        lines.append(f"  {path}: {msg}{shown}" if path else f"  {msg}")
+        problems.append((path, f"{msg}{shown}"))
+    return problems
+
+
+def _format_errors(e: ValidationError, where: str) -> str:
+    lines = [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in _problems(e)]
     return f"{where}: invalid spec\n" + "\n".join(lines)
 
 
@@ -355,7 +369,7 @@ def parse_spec(data: Any, where: str = "<spec>", base_dir: Path | None = None) -
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_format_errors(e, where)) from None
+        raise SpecError(_format_errors(e, where), _problems(e)) from None
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:

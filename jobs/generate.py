@@ -15,6 +15,7 @@ Flow (docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -35,11 +36,13 @@ from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
 from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, row_lora_names, split_plan
-from app.raycluster import ClusterUnreachable, connect_or_start_local
+from app.progress import RunProgress
+from app.raycluster import ClusterUnreachable, connect_or_start_local, ray_data_logs_to_console
 from app.registry.errors import RegistryError
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
 from app.storage import OutputStore, StorageError
+from jobs.options import add_run_arguments
 
 log = logging.getLogger("imagefab.job")
 
@@ -143,22 +146,7 @@ class RunSummary:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.split("\n")[0])
-    p.add_argument("spec", help="job spec YAML")
-    p.add_argument("--output", help="output URI (overrides output.uri)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a spec field by dotted path, e.g. --set steps=8 (YAML value)",
-    )
-    p.add_argument("--limit", type=int, help="only the first N input rows (smoke test)")
-    p.add_argument("--run-id", help="run id (default: run_name-UTCSTAMP-random)")
-    p.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
-    p.add_argument(
-        "--strict", action="store_true", help="exit 1 when any image failed (default: only when every one did)"
-    )
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 
@@ -228,9 +216,17 @@ def cluster_gpus() -> int:
 
 
 def run(
-    spec: JobSpec, run_id: str | None = None, quiet: bool = False, generator_cls=None, track: bool = False
+    spec: JobSpec,
+    run_id: str | None = None,
+    quiet: bool = False,
+    generator_cls=None,
+    track: bool = False,
+    verbose: bool = False,
 ) -> RunSummary:
     """Run the bulk job; `track` logs it as an MLflow run (the CLI does, unless --no-mlflow).
+
+    Progress (images done, outcomes, images/s, ETA, cost) goes to stderr unless `quiet`; Ray
+    Data's own progress bars and operator logs go to its log file, or the console when `verbose`.
 
     `generator_cls` replaces the Generator only for capacity benchmarks (benchmarks/): a class
     with the same constructor and batch interface."""
@@ -256,13 +252,14 @@ def run(
 
     connect_or_start_local(log_to_driver=not quiet)
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = not quiet
-    ctx.print_on_execution_start = not quiet
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
     # A stage's own exception (a full disk's StorageError) reaches the driver as that exception,
     # not as Ray Data's UserCodeException, whose cause is lost on the way.
     ctx.raise_original_map_exception = True
-    if quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray_data_log = ray_data_logs_to_console(verbose)
+    if not (quiet or verbose):
+        print(f"Ray Data's operator logs: {ray_data_log} (--verbose shows them here)", file=sys.stderr)
 
     # 2-3. Expand, then decide what to render.
     requests, summary.input_rows = expand_requests(spec, models, columns)
@@ -278,7 +275,8 @@ def run(
     # 4. Render, QC, post-process, write.
     if plan.pending.num_rows:
         try:
-            _render(spec, plan, models, output, run_id, summary, generator_cls)
+            progress = None if quiet else RunProgress(plan.pending.num_rows)
+            _render(spec, plan, models, output, run_id, summary, generator_cls, progress)
         except StorageError as e:  # raised in a Ray stage: the output filled up or became read-only
             # Its first line: Ray appends its traceback and a note on retries to the message.
             raise StorageError(str(getattr(e, "cause", None) or e).splitlines()[0]) from e
@@ -345,6 +343,7 @@ def _render(
     run_id: str,
     summary: RunSummary,
     generator_cls=None,
+    progress: RunProgress | None = None,
 ) -> None:
     """One generator actor pool per base model, all feeding one CPU stage.
 
@@ -443,6 +442,10 @@ def _render(
     for stage in stages:
         for out in stage.iter_batches(batch_size=None, batch_format="numpy"):
             summary.add_batch(out)
+            if progress is not None:
+                progress.add_batch(out)
+    if progress is not None:
+        progress.close()
     summary.accelerator = "GPU" if use_gpu else f"CPU ({compute.cpu_threads} thread(s) per generator)"
 
 
@@ -510,15 +513,31 @@ def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: R
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_from_args(parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """The job for parsed options (jobs/options.py); exit 2 on bad input, 1 when images failed.
+
+    With `--json` the summary is the only thing on stdout; everything else goes to stderr."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+    as_json = getattr(args, "json", False)
     try:
-        spec = spec_from_args(args)
-        summary = run(spec, run_id=args.run_id, quiet=args.quiet, track=not args.no_mlflow)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            spec = spec_from_args(args)
+            summary = run(
+                spec,
+                run_id=args.run_id,
+                quiet=args.quiet,
+                track=not args.no_mlflow,
+                verbose=getattr(args, "verbose", False),
+            )
     except (SpecError, ModelFileError, StorageError, RegistryError, ClusterUnreachable) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": str(e)}))
         return 2
-    print(summary.render())
+    print(json.dumps(summary.to_dict()) if as_json else summary.render())
     failed, attempted = summary.counts.get("failed", 0), summary.requests - summary.skipped_existing
     if failed and (args.strict or failed >= attempted):
         return 1
