@@ -40,6 +40,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
+        # address="local": never a cluster recorded by an earlier `ray start` (dead or alive).
+        ray.init(
+            address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False
+        )
     yield ray
     ray.shutdown()

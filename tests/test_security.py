@@ -161,7 +161,9 @@ def test_keys_never_reach_the_logs_or_the_catalog(server, generated, ray_local):
     )
     client.post("/v1/generate", json={"prompt": "a bad one", "width": 100})  # an error path, with the key
     secrets = (KEY.encode(), WRONG_KEY.encode())
-    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    context = ray_local.get_runtime_context()
+    session = Path(context.get_temp_dir()) / context.get_session_name()
+    assert (session / "logs").is_dir(), session
     searched = 0
     for root in (session / "logs", out):
         for path in root.rglob("*"):
