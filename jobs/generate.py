@@ -253,7 +253,7 @@ def run(
     connect_or_start_local(log_to_driver=not quiet)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
+    ctx.print_on_execution_start = True  # each dataset's plan, in Ray Data's log (on the console when verbose)
     # A stage's own exception (a full disk's StorageError) reaches the driver as that exception,
     # not as Ray Data's UserCodeException, whose cause is lost on the way.
     ctx.raise_original_map_exception = True

@@ -129,19 +129,22 @@ def start_head(root: Path, log: Path) -> tuple[subprocess.Popen, int]:
 def dead_head(root: Path, log: Path) -> str:
     """Start a head, then SIGKILL its whole process group: its address stays recorded."""
     head, port = start_head(root, log)
-    # Ray records the node's own address, never loopback; the same port on loopback is the same
-    # GCS (it listens on every interface), and keeps this test's probes on the loopback interface.
-    recorded = recorded_address()
-    assert recorded and recorded.endswith(f":{port}"), recorded
-    address = f"127.0.0.1:{port}"
-    assert unreachable_reason(address) is None  # alive
-    kill_group(head.pid)  # no `ray stop`: the address stays recorded
-    head.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while unreachable_reason(address) is None and time.monotonic() < deadline:
-        time.sleep(0.2)  # the GCS goes with its group
-    assert unreachable_reason(address), "the head's GCS still answers after SIGKILL"
-    assert recorded_address() == recorded
+    try:
+        # Ray records the node's own address, never loopback; the same port on loopback is the same
+        # GCS (it listens on every interface), and keeps this test's probes on the loopback interface.
+        recorded = recorded_address()
+        assert recorded and recorded.endswith(f":{port}"), recorded
+        address = f"127.0.0.1:{port}"
+        assert unreachable_reason(address) is None  # alive
+        kill_group(head.pid)  # no `ray stop`: the address stays recorded
+        head.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while unreachable_reason(address) is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the GCS goes with its group
+        assert unreachable_reason(address), "the head's GCS still answers after SIGKILL"
+        assert recorded_address() == recorded
+    finally:
+        kill_group(head.pid)  # whatever failed above, no head outlives the test
     recorded_address_file().write_text(address)
     return address
 
