@@ -16,6 +16,17 @@ own original within the review distance); every original is queried against the 
 (negative). Hard cases (scikit-image images that are not ordinary photographs: a fundus image,
 a colour wheel, a JPEG-damaged moon, ...) are listed apart, originals only: whatever they raise
 is a false alarm on an unusual image.
+
+Two kinds of clean image that an e-commerce catalog is full of are labelled too:
+- packshots (`benchmarks/packshots.py`): products cut out of the photographs and placed on pure
+  white with a soft shadow, two sizes in the frame. Clean ones are negatives for every check; a
+  blurred one is a blur positive, one tinted as a whole a colour-cast positive.
+- dominant-colour scenes (`SCENES`): crops of the photographs where one natural hue fills most of
+  the frame (a red motorcycle, an orange suit, a dusk sky), and hue-rotated copies of them (green,
+  blue) in which the neutral parts stay neutral. Negatives; tinted copies are colour-cast positives.
+The photographs also get an overexposed copy (x2.5 gain, 1.3 stops: highlights in the subject clip).
+The "any defect" row is the status: positives are every variant made to show a defect, negatives
+every clean image; flagged = not accepted, rejected = rejected.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from scipy import ndimage
 from skimage import data as skdata
 
 from app.qc import PhashIndex, QcSettings, evaluate_batch, perceptual_hash
+from benchmarks import packshots
 
 PHOTOS = (
     "astronaut",
@@ -61,6 +73,7 @@ CASTS = {  # channel gains (a white balance gone wrong) or a 40% blend towards a
 TARGETS = {
     "blur": ("blur",),
     "low_contrast": ("low_contrast",),
+    "overexposed": ("overexposed",),
     **{name: ("color_cast",) for name in CASTS},
     "black_block": ("black_block",),
     "green_block": ("green_block",),
@@ -73,10 +86,51 @@ TOLERATED = {
     "low_contrast": ("blur",),  # sharpness scales with contrast squared
     # a cast scales or blends the channels, which lowers the luma's contrast as well
     **{name: ("blur", "low_contrast") for name in CASTS},
+    # a gain stretches the tones apart (gaps between levels) and washes the contrast out
+    "overexposed": ("banding", "low_contrast"),
     "black_block": ("underexposed",),  # 30% of the frame is black
     "jpeg_q10": ("banding",),  # q10 quantises each block's mean tone coarsely: stepped flat tones
 }
-CHECKS = ("blur", "low_contrast", "color_cast", "black_block", "green_block", "blockiness", "banding")
+CHECKS = (
+    "blur",
+    "low_contrast",
+    "overexposed",
+    "color_cast",
+    "black_block",
+    "green_block",
+    "blockiness",
+    "banding",
+)
+# One natural hue dominates: (photo, rows, columns, hue rotation in degrees). Rotating the hue in
+# HSV keeps grey, white and black pixels as they are: a green or blue object among neutral
+# surroundings, which is what a green bike or a blue cat would photograph as.
+SCENES = {
+    "red_motorcycle": ("motorcycle", (130, 330), (250, 560), 0),
+    "orange_suit": ("astronaut", (280, 512), (60, 420), 0),
+    "red_cup": ("coffee", (0, 400), (60, 500), 0),
+    "dusk_sky": ("rocket", (0, 300), (0, 640), 0),
+    "orange_cat": ("chelsea", (0, 300), (0, 451), 0),
+    "green_motorcycle": ("motorcycle", (130, 330), (250, 560), 110),
+    "green_suit": ("astronaut", (280, 512), (60, 420), 90),
+    "blue_cat": ("chelsea", (0, 300), (0, 451), 190),
+}
+SCENE_CASTS = ("tint_orange", "tint_blue")
+PACKSHOT_FILLS = (0.45, 0.75)
+# variants of the extra sets -> the reasons they are made to raise
+EXTRA_TARGETS = {
+    "packshot": (),
+    "packshot_blur": ("blur",),
+    "packshot_cast": ("color_cast",),
+    "scene": (),
+    **{f"scene_{name}": ("color_cast",) for name in SCENE_CASTS},
+}
+EXTRA_TOLERATED = {
+    "packshot_blur": ("low_contrast",),
+    "packshot_cast": ("blur", "low_contrast"),
+    **{f"scene_{name}": ("blur", "low_contrast") for name in SCENE_CASTS},
+}
+GROUPS = ("photo", "packshot", "scene")
+STATUSES = ("accepted", "review", "rejected")
 DUPLICATE_COPIES = ("jpeg_q70", "resize_0.5x", "crop_2pct")
 
 
@@ -104,6 +158,40 @@ def gaussian_blur(pixels: np.ndarray, sigma: float = 3.0) -> np.ndarray:
 
 def squeeze_contrast(pixels: np.ndarray, half_range: float = 0.06) -> np.ndarray:
     return (127.5 + (pixels.astype(np.float32) - 127.5) * (2 * half_range)).round().astype(np.uint8)
+
+
+def overexpose(pixels: np.ndarray, gain: float = 2.5) -> np.ndarray:
+    """Too much light: every value times `gain`, the highlights clipped to 255."""
+    return np.clip(pixels.astype(np.float32) * gain, 0, 255).round().astype(np.uint8)
+
+
+def hue_rotated(pixels: np.ndarray, degrees: float) -> np.ndarray:
+    if degrees == 0:
+        return pixels
+    hsv = np.asarray(Image.fromarray(pixels).convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(degrees / 360 * 256)) % 256
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def scene(name: str, longer_side: int) -> np.ndarray:
+    photo, (top, bottom), (left, right), degrees = SCENES[name]
+    crop = np.ascontiguousarray(load_photo(photo)[top:bottom, left:right])
+    return resized(hue_rotated(crop, degrees), longer_side)
+
+
+def packshot_variants(cut: packshots.Cutout, size: int, fill: float) -> dict[str, np.ndarray]:
+    """A clean packshot, and the same one blurred and tinted orange.
+
+    No overexposed packshot: a product blown out to white merges with its white backdrop, and
+    no measure of the pixels alone can tell the two apart.
+    """
+    aspect = 0.6 if cut.rgb.shape[0] > 2 * cut.rgb.shape[1] else 1.0  # a tall product: a portrait frame
+    clean = packshots.packshot(cut, size, fill, aspect=aspect)
+    return {
+        "packshot": clean,
+        "packshot_blur": gaussian_blur(clean),
+        "packshot_cast": color_cast(clean, *CASTS["tint_orange"]),
+    }
 
 
 def color_cast(pixels: np.ndarray, kind: str, value: tuple) -> np.ndarray:
@@ -152,6 +240,7 @@ def variants(original: np.ndarray) -> dict[str, np.ndarray]:
         "original": original,
         "blur": gaussian_blur(original),
         "low_contrast": squeeze_contrast(original),
+        "overexposed": overexpose(original),
         **{name: color_cast(original, *spec) for name, spec in CASTS.items()},
         "black_block": paste_block(original, (0, 0, 0)),
         "green_block": paste_block(original, (0, 135, 0)),  # an all-zero YUV frame decoded to RGB
@@ -214,26 +303,52 @@ class Report:
     sizes: tuple[int, ...]
     settings: QcSettings
     tallies: dict[str, Tally]  # check -> counts; "duplicate" included
-    originals: dict[str, list[str]]  # status -> ["name@size [reasons]"]
+    originals: dict[str, list[str]]  # "group:status" -> ["name@size [reasons]"] of the clean images
     hard_cases: list[str]
     misses: list[str]
     seconds: float
 
 
+def labelled_sets(size: int) -> list[tuple[str, str, dict[str, np.ndarray]]]:
+    """(set, subject, {variant kind: pixels}) at one size: the photographs' variants, packshots, scenes."""
+    sets = [("photo", name, variants(resized(load_photo(name), size))) for name in PHOTOS]
+    for name, make in packshots.CUTOUTS.items():
+        cut = make()
+        for fill in PACKSHOT_FILLS:
+            sets.append(("packshot", f"{name}/{fill}", packshot_variants(cut, size, fill)))
+    for name in SCENES:
+        clean = scene(name, size)
+        made = {"scene": clean, **{f"scene_{cast}": color_cast(clean, *CASTS[cast]) for cast in SCENE_CASTS}}
+        sets.append(("scene", name, made))
+    return sets
+
+
 def measure(sizes: tuple[int, ...], settings: QcSettings | None = None) -> Report:
     settings = settings or QcSettings()
     tallies = {check: Tally() for check in CHECKS}
+    overall = Tally()
     misses: list[str] = []
     originals: dict[str, list[str]] = defaultdict(list)
     start = time.perf_counter()
+    targets_of = {**TARGETS, **EXTRA_TARGETS}
+    tolerated_of = {**TOLERATED, **EXTRA_TOLERATED}
     for size in sizes:
-        for name in PHOTOS:
-            made = variants(resized(load_photo(name), size))
+        for group, name, made in labelled_sets(size):
             verdicts = evaluate_batch(list(made.values()), [None] * len(made), settings)
             for (kind, _), verdict in zip(made.items(), verdicts):
-                if kind == "original":
-                    originals[verdict.status].append(f"{name}@{size} {list(verdict.reasons)}")
-                targets = TARGETS.get(kind, ())
+                where = f"{name}@{size} {kind}"
+                targets = targets_of.get(kind, ())
+                if not targets:
+                    originals[f"{group}:{verdict.status}"].append(f"{name}@{size} {list(verdict.reasons)}")
+                # any defect: the status, whatever the reason
+                if targets:
+                    overall.positives += 1
+                    overall.tp_reject += verdict.status == "rejected"
+                    overall.tp_review += verdict.status == "review"
+                else:
+                    overall.negatives += 1
+                    overall.fp_reject += verdict.status == "rejected"
+                    overall.fp_review += verdict.status == "review"
                 for check in CHECKS:
                     rejected, review = flagged(verdict.reasons, check)
                     tally = tallies[check]
@@ -242,13 +357,14 @@ def measure(sizes: tuple[int, ...], settings: QcSettings | None = None) -> Repor
                         tally.tp_reject += rejected
                         tally.tp_review += review
                         if not (rejected or review):
-                            misses.append(f"missed   {check:<13} {name}@{size} {kind}: {verdict.scores.get(check, '')}")
-                    elif check not in TOLERATED.get(kind, ()):
+                            misses.append(f"missed   {check:<13} {where}: {verdict.scores.get(check, '')}")
+                    elif check not in tolerated_of.get(kind, ()):
                         tally.negatives += 1
                         tally.fp_reject += rejected
                         tally.fp_review += review
                         if rejected or review:
-                            misses.append(f"false    {check:<13} {name}@{size} {kind}: {verdict.reasons}")
+                            misses.append(f"false    {check:<13} {where}: {verdict.reasons}")
+    tallies["any defect"] = overall
 
     # Near-duplicates: pHash distance to the indexed originals
     duplicates = Tally()
@@ -295,15 +411,25 @@ def format_report(report: Report, details: bool = False) -> str:
     originals = report.originals
     lines = [
         f"QC on scikit-image photographs at {', '.join(map(str, report.sizes))} px, QcSettings "
-        f"{report.settings.qc_version}; {len(PHOTOS)} photos x {len(TARGETS) + 1} variants per size.",
+        f"{report.settings.qc_version}; per size {len(PHOTOS)} photos x {len(TARGETS) + 1} variants, "
+        f"{len(packshots.CUTOUTS) * len(PACKSHOT_FILLS)} packshots x 3, {len(SCENES)} scenes x "
+        f"{len(SCENE_CASTS) + 1}.",
         "TP/FP -r: rejected for the check, -v: review (borderline_) only; prec/rec -r: rejects only, -f: flagged.",
         "",
         HEADER,
         *(tally.row(check) for check, tally in report.tallies.items()),
         "",
-        f"Originals ({sum(map(len, originals.values()))}): "
-        + ", ".join(f"{len(originals[status])} {status}" for status in ("accepted", "review", "rejected")),
-        *(f"  {status}: {entry}" for status in ("review", "rejected") for entry in originals[status]),
+        *(
+            f"Clean {group}s ({sum(len(originals[f'{group}:{s}']) for s in STATUSES)}): "
+            + ", ".join(f"{len(originals[f'{group}:{status}'])} {status}" for status in STATUSES)
+            for group in GROUPS
+        ),
+        *(
+            f"  {group} {status}: {entry}"
+            for group in GROUPS
+            for status in ("review", "rejected")
+            for entry in originals[f"{group}:{status}"]
+        ),
         "",
         f"Hard cases (originals of unusual images, {len(HARD_CASES)} x {len(report.sizes)}), what they raise:",
         *(report.hard_cases or ["  nothing"]),

@@ -266,7 +266,7 @@ def test_inconsistent_settings_name_fields_and_values(fields: dict, names: list[
 
 def test_qc_version_is_a_stable_hash_of_the_thresholds() -> None:
     version = QcSettings().qc_version
-    assert version.startswith("qc1-") and len(version) == len("qc1-") + 12
+    assert version.startswith("qc2-") and len(version) == len("qc2-") + 12
     int(version[4:], 16)
     assert QcSettings().qc_version == version
     assert QcSettings(min_sharpness=31.0).qc_version != version

@@ -20,10 +20,12 @@ def report():
     return module.measure((512,)), module
 
 
-def test_no_original_photo_is_rejected(report) -> None:
+def test_every_clean_image_is_accepted(report) -> None:
     result, _ = report
-    assert result.originals["rejected"] == []
-    assert len(result.originals["accepted"]) >= 8  # the warm sunset (rocket) may reach review
+    for group in ("photo", "packshot", "scene"):
+        assert result.originals[f"{group}:review"] == [], group
+        assert result.originals[f"{group}:rejected"] == [], group
+        assert len(result.originals[f"{group}:accepted"]) >= 8, group
 
 
 @pytest.mark.parametrize(
@@ -31,12 +33,14 @@ def test_no_original_photo_is_rejected(report) -> None:
     [
         ("blur", 1.0, 1.0),
         ("low_contrast", 1.0, 1.0),
-        ("color_cast", 0.9, 0.9),
+        ("overexposed", 1.0, 0.6),  # night scenes (rocket, hubble) clip little even at 2.5x
+        ("color_cast", 0.95, 0.9),
         ("black_block", 1.0, 1.0),
         ("green_block", 1.0, 1.0),
         ("blockiness", 1.0, 1.0),
         ("banding", 1.0, 0.85),  # a dark photo posterised keeps too few tones in its smooth areas
         ("duplicate", 1.0, 1.0),
+        ("any defect", 1.0, 0.95),
     ],
 )
 def test_precision_of_rejects_and_recall_of_flags(report, check: str, min_precision: float, min_recall: float) -> None:

@@ -105,7 +105,7 @@ def test_new_settings_name_fields_and_values(fields: dict, names: list[str]) -> 
 
 def test_qc_version_covers_the_new_thresholds() -> None:
     version = SETTINGS.qc_version
-    assert version.startswith("qc1-")
+    assert version.startswith("qc2-")
     for fields in ({"max_color_cast": 25.0}, {"review_duplicate_distance": 12}, {"enabled": ("blank",)}):
         assert QcSettings(**fields).qc_version != version
     assert QcSettings().qc_version == version

@@ -53,7 +53,7 @@ def test_duplicates_within_the_run_and_against_the_catalog(ray_local, tmp_path):
     assert dup["nearest_duplicate"] == kept["image_id"]
     assert rows["c"]["nearest_duplicate"] is None
     assert dict(rows["c"]["qc_scores"])["sharpness"] == rows["c"]["sharpness"]
-    assert "color_cast" in dict(rows["c"]["qc_scores"]) and rows["c"]["qc_version"].startswith("qc1-")
+    assert "color_cast" in dict(rows["c"]["qc_scores"]) and rows["c"]["qc_version"].startswith("qc2-")
 
     # A later run: the same pixels again under yet another id are a duplicate of the catalogued image.
     (tmp_path / "rows.csv").write_text("key,prompt,loras,seed\nd,a red leather boot,tiny-detail:0,\n")

@@ -36,6 +36,17 @@ SHARPNESS_WORKING_SIDE = 512
 CLIP_DARK = 2.0
 CLIP_BRIGHT = 253.0
 
+# A plain light backdrop (the white of a packshot, a light studio sweep): flat cells (luma std under
+# `FLAT_CELL_STD`) at least this light, connected to the frame's edge, covering at least
+# `BACKDROP_BORDER_SHARE` of the edge's cells. A product stands inside its backdrop, so the backdrop
+# runs all round the frame; a blown-out sky or wall touches one to three sides and stays part of
+# the picture (and of its overexposure). A soft shadow is darker than this and stays in the subject.
+BACKDROP_LUMA = 235.0
+BACKDROP_BORDER_SHARE = 0.9
+# Below this share of the frame, what is not backdrop is too little to measure on its own: the
+# whole frame is measured (a white page is blank and overexposed, not a tiny subject).
+MIN_SUBJECT_SHARE = 0.005
+
 # Rec. 601 luma weights, the same ones Pillow uses for convert("L").
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -106,13 +117,17 @@ def is_too_small(luma: np.ndarray) -> bool:
     return luma.shape[0] < MIN_SIDE or luma.shape[1] < MIN_SIDE
 
 
-def sharpness(luma: np.ndarray, working_side: int = SHARPNESS_WORKING_SIDE) -> float:
+def sharpness(luma: np.ndarray, working_side: int = SHARPNESS_WORKING_SIDE, subject: np.ndarray | None = None) -> float:
     """Variance of the Laplacian of the luma, measured at `working_side` on the longer side.
 
     Larger is sharper. The value is in (grey levels)^2, like the usual OpenCV
     "variance of Laplacian" blur score, but comparable across resolutions (see
     `SHARPNESS_WORKING_SIDE`). It also scales with contrast squared, so a flat, low-contrast
     image reads as blurry too; `decision.py` reports those as "low_contrast" or "blank" first.
+
+    `subject` (`[H, W]` bool, from `subject_mask`) limits the variance to those pixels: a plain
+    backdrop has a Laplacian of zero by construction, and averaging it in would make a sharp
+    product that fills a third of the frame read as a third as sharp.
     """
     height, width = luma.shape
     longer = max(height, width)
@@ -122,12 +137,16 @@ def sharpness(luma: np.ndarray, working_side: int = SHARPNESS_WORKING_SIDE) -> f
         # BOX is an area average: it removes the extra pixels without adding ringing (LANCZOS
         # would sharpen edges and inflate the score).
         luma = np.asarray(Image.fromarray(luma, mode="F").resize(size, Image.Resampling.BOX))
-    return float(ndimage.laplace(luma).var())
+        if subject is not None:
+            subject = np.asarray(Image.fromarray(subject).resize(size, Image.Resampling.NEAREST))
+    laplacian = ndimage.laplace(luma)
+    return float(laplacian.var() if subject is None else laplacian[subject].var())
 
 
-def contrast(luma: np.ndarray) -> float:
-    """RMS contrast: standard deviation of luma / 255, in 0..0.5."""
-    return float(luma.std() / 255.0)
+def contrast(luma: np.ndarray, subject: np.ndarray | None = None) -> float:
+    """RMS contrast: standard deviation of luma / 255, in 0..0.5; over `subject` pixels if given
+    (a white product on white has its contrast in the product, not in the backdrop)."""
+    return float((luma if subject is None else luma[subject]).std() / 255.0)
 
 
 def mean_luma(luma: np.ndarray) -> float:
@@ -135,12 +154,55 @@ def mean_luma(luma: np.ndarray) -> float:
     return float(luma.mean() / 255.0)
 
 
-def clipped_shares(luma: np.ndarray) -> tuple[float, float]:
-    """(share of pixels at or below `CLIP_DARK`, share at or above `CLIP_BRIGHT`), each 0..1."""
-    size = luma.size
+def clipped_shares(luma: np.ndarray, subject: np.ndarray | None = None) -> tuple[float, float]:
+    """(share of pixels at or below `CLIP_DARK`, share at or above `CLIP_BRIGHT`), each 0..1.
+
+    With `subject`, shares of the subject's pixels: a backdrop of pure white is clipped by design
+    and holds no detail to lose, while clipped highlights on the product itself are lost detail.
+    """
+    if subject is not None:
+        luma = luma[subject]
+    size = max(1, luma.size)
     dark = np.count_nonzero(luma <= CLIP_DARK) / size
     bright = np.count_nonzero(luma >= CLIP_BRIGHT) / size
     return float(dark), float(bright)
+
+
+def subject_mask(luma: np.ndarray) -> np.ndarray | None:
+    """The pixels that are not a plain light backdrop (`[H, W]` bool), or None when the frame has
+    no such backdrop (or too little else to measure): then the whole frame is the subject.
+
+    Works on the `ARTEFACT_GRID` cell grid (one 16 x 16 px cell per 1024 px / 64): a cell is
+    backdrop when it is flat and light (`BACKDROP_LUMA`) and connected through such cells to the
+    frame's edge, and only when those cells cover `BACKDROP_BORDER_SHARE` of the edge. Cells that
+    hold the product's outline are not flat, so the outline (part of the product's sharpness)
+    stays in the subject.
+    """
+    # Most images have no backdrop: their frame edge is not light, which costs only the edge to see.
+    frame_edge = np.concatenate([luma[0], luma[-1], luma[1:-1, 0], luma[1:-1, -1]])
+    if np.count_nonzero(frame_edge >= BACKDROP_LUMA) < BACKDROP_BORDER_SHARE * frame_edge.size:
+        return None
+    # mean, mean_sq: [h, w]; std per cell from E[x^2] - E[x]^2
+    mean = cell_grid(luma)
+    std = np.sqrt(np.maximum(cell_grid(luma * luma) - mean * mean, 0.0))
+    light_flat = (std < FLAT_CELL_STD) & (mean >= BACKDROP_LUMA)
+    labels, _ = ndimage.label(light_flat)
+    edge = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    if np.count_nonzero(edge) < BACKDROP_BORDER_SHARE * edge.size:
+        return None
+    backdrop = np.isin(labels, np.unique(edge[edge > 0]))
+    if 1.0 - backdrop.mean() < MIN_SUBJECT_SHARE:
+        return None
+    # back to pixels: cell (y // factor, x // factor), as `cell_grid` averaged them
+    factor = max(1, max(luma.shape) // ARTEFACT_GRID)
+    rows = np.minimum(np.arange(luma.shape[0]) // factor, backdrop.shape[0] - 1)
+    cols = np.minimum(np.arange(luma.shape[1]) // factor, backdrop.shape[1] - 1)
+    # The cells along the product's outline hold backdrop pixels too: their light pixels are
+    # backdrop (else a thin product's outline would read as clipped highlights).
+    outline = ndimage.binary_dilation(backdrop) & ~backdrop
+    subject = ~backdrop[rows[:, None], cols[None, :]]
+    subject &= ~(outline[rows[:, None], cols[None, :]] & (luma >= BACKDROP_LUMA))
+    return subject
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -179,9 +241,21 @@ BLACK_CELL_LUMA = 20.0
 # decodes to RGB (0, 135, 0), a chroma-key screen to about (0, 177, 64).
 GREEN_CELL_MARGIN = 60.0
 
-# Colour cast is read from the brightest cells: whites and highlights are near-neutral in a
-# correctly balanced photo whatever its subject, while a cast tints everything, them included.
+# Colour cast is read from two places a cast cannot miss and a subject's own colour rarely
+# reaches: the brightest cells (whites and highlights are near-neutral in a balanced photo) and the
+# most neutral cells (the greys, whites and metal of the scene). A cast tints both; a scene that
+# is mostly one natural colour (a red bike, green foliage, a blue sky) tints its highlights when the
+# coloured surface is the brightest thing in it, but leaves its neutral surfaces neutral.
 CAST_HIGHLIGHT_SHARE = 0.05
+# The most neutral cells: this share of the cells with CIELab lightness of at least
+# `CAST_NEUTRAL_MIN_LIGHTNESS` (darker cells are near-neutral whatever the cast, and noisy).
+CAST_NEUTRAL_SHARE = 0.1
+CAST_NEUTRAL_MIN_LIGHTNESS = 30.0
+# A cast of strength c moves the most neutral cells by about c/3 or more: the cells a cast leaves
+# most neutral are those of the complementary colour it cancels (a blue gain greys a warm skin).
+# Measured on the photographs under 30% gains and 40% tints: the neutral chroma was 0.3-1.0 of the
+# highlights' (one 0.27), on the balanced scenes with a dominant colour 0.01-0.3.
+CAST_NEUTRAL_FACTOR = 3.0
 
 # JPEG and VAE blocks sit on an 8 px grid.
 BLOCK_PERIOD = 8
@@ -232,16 +306,30 @@ def srgb_to_lab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def color_cast(cells_rgb: np.ndarray) -> float:
-    """Chroma (CIELab, 0..~130) of the mean colour of the brightest 5% of cells.
+    """How strongly the whole image is tinted: CIELab chroma (0..~130), 0 for a grey image.
 
-    `cells_rgb` is `cell_grid(rgb)`: `[h, w, 3]`. Correctly balanced photos measured 0..19 (a warm
-    sunset scene is the 19), the same photos under a 30% channel gain or a 40% colour tint 8..75,
-    most above 20. A grey image is 0.
+    `cells_rgb` is `cell_grid(rgb)`: `[h, w, 3]`. The smaller of two readings (see
+    `CAST_NEUTRAL_FACTOR`): the chroma of the mean colour of the brightest 5% of cells, and
+    `CAST_NEUTRAL_FACTOR` times the chroma of the mean colour of the 10% least chromatic cells
+    (grey-world on the near-neutral surfaces). A tint that only the highlights carry, while the
+    scene's neutral surfaces stay neutral, is the colour of the subject, not of the light.
+    Correctly balanced photos measured 0..15; dominant-colour scenes (a red motorcycle, an orange
+    suit, a green one) 1..13 (the highlights alone: up to 80); the photos under a 30% channel gain
+    or a 40% colour tint 7..75, most above 20. An image with no neutral surface at all, one hue
+    edge to edge, cannot be told from a cast and reads as one.
     """
     lightness, a, b = srgb_to_lab(cells_rgb.reshape(-1, 3))
     count = max(1, round(CAST_HIGHLIGHT_SHARE * lightness.size))
     brightest = np.argpartition(lightness, lightness.size - count)[-count:]
-    return float(np.hypot(a[brightest].mean(), b[brightest].mean()))
+    highlights = float(np.hypot(a[brightest].mean(), b[brightest].mean()))
+    lit = lightness >= CAST_NEUTRAL_MIN_LIGHTNESS
+    if not lit.any():
+        return highlights
+    a_lit, b_lit = a[lit], b[lit]
+    count = max(1, round(CAST_NEUTRAL_SHARE * a_lit.size))
+    most_neutral = np.argpartition(np.hypot(a_lit, b_lit), count - 1)[:count]
+    neutrals = float(np.hypot(a_lit[most_neutral].mean(), b_lit[most_neutral].mean()))
+    return min(highlights, CAST_NEUTRAL_FACTOR * neutrals)
 
 
 def flat_block_shares(luma: np.ndarray, cells_rgb: np.ndarray) -> tuple[float, float]:

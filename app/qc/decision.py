@@ -17,9 +17,15 @@ upscaled to 1024 px on the longer side (LANCZOS):
   Sharpness scales with contrast squared, so a flattened photo also reports "blur".
 - contrast (std of luma / 255) of the originals: 0.10..0.30 (the dim `moon` photo: 0.052);
   squeezed to 0.5 +- 0.06 of the range: 0.012..0.036. Reject below 0.045, review below 0.07.
-- clipped share: the photos clip at most 0.13 (astronaut's black suit) and 0.22 (retina's black
-  surround). Review above 0.3, reject above 0.6: product shots on pure white are legitimate and
-  should reach a person rather than the bin.
+- the subject: sharpness, contrast and white clipping leave out a plain light backdrop
+  (`checks.subject_mask`): products cut out onto pure white (`benchmarks/packshots.py`) read as
+  blurred (a third of the frame sharp, the rest a Laplacian of zero) and 0.5..0.99 clipped when
+  the backdrop was counted; over the product they measure like the photos they were cut from.
+- clipped share: the photos clip at most 0.13 (astronaut's black suit, dark) and 0.22 (retina's
+  black surround); their products on white 0.01 white over the subject; the photos at 1.3 stops
+  over (x2.5) 0.16..0.71 white, night scenes (rocket, hubble) 0.02..0.03. Review above 0.3,
+  reject above 0.6 (one pair for both sides: a 30% black block must not read as underexposed).
+  A product blown out to white merges with its backdrop: not measurable.
 - blank: std of luma / 255 below 0.008 (2 grey levels); the squeezed photos stay at 0.012 or
   more, a grey field with faint noise (std 1 level) measures 0.003.
 
@@ -28,9 +34,12 @@ negative concepts (`clip.py`), near-duplicates (`duplicates.py`) and style (`sty
 `check_image` stays the pixel-only subset (sharpness, contrast, exposure, blank, nonfinite).
 Precision and recall of every check on the photographs: `python -m benchmarks.qc_eval`.
 
-- color cast: CIELab chroma of the brightest 5% of the frame. Balanced photos 0..19 (a warm
-  sunset 19, coffee 14..15); under a 30% channel gain or a 40% colour tint mostly 20..75 (a blue
-  gain on the warm sunset neutralises it: 11). Reject above 20, review above 16.
+- color cast: the smaller of the CIELab chroma of the brightest 5% of the frame and 3x that of
+  its 10% most neutral cells (see `checks.color_cast`). Balanced photos 0..15 (coffee 14..15, the
+  warm sunset 20 in its highlights alone, 9 now); scenes where one natural colour dominates (a red
+  motorcycle, an orange suit, green and blue hue-rotated copies) 1..13, their highlights alone up
+  to 80; under a 30% channel gain or a 40% colour tint mostly 20..75 (a blue gain on the warm
+  sunset neutralises it: 11). Reject above 20, review above 16.
 - black / green block: the largest rectangle of flat black / green cells, as a share of the
   frame. Real photos stay under 0.06; a pasted block of 30% reads 0.28. Reject above 0.2, review
   above 0.1.
@@ -84,7 +93,8 @@ RUNTIME_FIELDS = frozenset({"clip_device", "clip_threads", "clip_batch_size", "c
 
 # Bump when a measurement changes meaning (not when a threshold changes: thresholds are
 # hashed into `qc_version`).
-_ALGORITHM_VERSION = "qc1"
+_ALGORITHM_VERSION = "qc2"  # qc2: a plain light backdrop left out of sharpness, contrast, clipping;
+# colour cast also read from the most neutral cells
 
 
 class QcSettings(BaseModel):
@@ -99,6 +109,8 @@ class QcSettings(BaseModel):
     min_contrast: float = Field(0.045, ge=0.0, le=0.5)
     review_contrast: float = Field(0.07, ge=0.0, le=0.5)
     # Share of pixels clipped to black (luma <= 2) or white (luma >= 253), dark and bright apart.
+    # Bright clipping counts the subject only (a plain light backdrop is left out, see
+    # `checks.subject_mask`).
     max_clipped: float = Field(0.6, ge=0.0, le=1.0)
     review_clipped: float = Field(0.3, ge=0.0, le=1.0)
     # Std of luma / 255 under which the image is a near-uniform field.
@@ -254,7 +266,7 @@ class QcSettings(BaseModel):
 
     @property
     def qc_version(self) -> str:
-        """Stable id of these settings, e.g. "qc1-3f2a9c0d1b7e", for the catalog and MLflow.
+        """Stable id of these settings, e.g. "qc2-3f2a9c0d1b7e", for the catalog and MLflow.
 
         Covers every field that can change a verdict (thresholds, enabled checks, the CLIP model
         and tag, concepts, reference folders by path), not `RUNTIME_FIELDS`.
@@ -333,12 +345,17 @@ def _check_nonfinite_fraction(nonfinite_fraction: float) -> None:
 
 def _pixel_findings(luma: np.ndarray, settings: QcSettings, nonfinite_fraction: float) -> _Findings:
     """The checks of `check_image` on a measurable luma plane."""
-    # 1. Measure
-    dark, bright = checks.clipped_shares(luma)
+    # 1. Measure; sharpness, contrast and clipping over the subject, without a plain light
+    #    backdrop (a packshot's white holds no detail to be sharp or to lose)
+    #    Dark clipping is counted over the frame: a backdrop is never dark, and a black product in
+    #    a bright frame is exposed as it should be.
+    subject = checks.subject_mask(luma)
+    dark, _ = checks.clipped_shares(luma)
+    _, bright = checks.clipped_shares(luma, subject)
     found = _Findings(
         scores={
-            "sharpness": checks.sharpness(luma),
-            "contrast": checks.contrast(luma),
+            "sharpness": checks.sharpness(luma, subject=subject),
+            "contrast": checks.contrast(luma, subject),
             "exposure": max(dark, bright),
             "mean_luma": checks.mean_luma(luma),
         }
