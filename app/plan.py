@@ -97,6 +97,11 @@ def resolve_models(spec: JobSpec, catalog: ModelCatalog, row_lora_names: set[str
             raise SpecError(f"{at}.base: {e}") from None
         except ModelFileError as e:
             raise ModelFileError(f"{at}.base: {e}") from None
+        if base.pipeline != "txt2img":
+            raise SpecError(
+                f"{at}.base: '{combo.base}' is an inpainting checkpoint (pipeline {base.pipeline!r}); "
+                f"text-to-image renders need a txt2img base model"
+            )
         bases[combo.base] = base
         for i, ref in enumerate(combo.loras):
             try:

@@ -33,6 +33,10 @@ from app.models.digest import (
 TINY_BUILD_VERSION = "3"  # 3: library versions dropped from the configs
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl")
 MODEL_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# What a base model's checkpoint is for: "txt2img" (SDXL base: its components also serve img2img
+# and inpainting through diffusers' `from_pipe`) or "inpaint" (an inpainting checkpoint, whose UNet
+# reads the mask and the masked image: 9 input channels).
+BASE_PIPELINES = ("txt2img", "inpaint")
 
 
 class UnknownModelError(KeyError):
@@ -55,7 +59,14 @@ class ModelEntry:
     dtype: str = "auto"
     seed: int = 0
     rank: int = 4
+    pipeline: str = "txt2img"  # bases: one of BASE_PIPELINES
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in BASE_PIPELINES:
+            raise ModelFileError(
+                f"model '{self.name}': `pipeline` is {self.pipeline!r}; valid values are {list(BASE_PIPELINES)}"
+            )
 
     @property
     def source_kind(self) -> str:
@@ -82,6 +93,7 @@ class ResolvedModel:
     dtype: str = "auto"
     config: str | None = None
     weight_name: str | None = None  # LoRA file inside a folder
+    pipeline: str = "txt2img"  # bases: what the checkpoint is for (see BASE_PIPELINES)
 
     def lineage(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256, "source": self.source}
@@ -139,6 +151,7 @@ class ModelCatalog:
             arch=arch,
             dtype=e.dtype,
             config=e.config,
+            pipeline=e.pipeline,
         )
 
     def resolve_lora(self, name: str, base: ResolvedModel | None = None) -> ResolvedModel:
@@ -204,6 +217,8 @@ class ModelCatalog:
         try:
             if e.source == "builtin:tiny-sdxl":
                 tiny.build_tiny_sdxl(tmp, seed=e.seed)
+            elif e.source == "builtin:tiny-sdxl-inpaint":
+                tiny.build_tiny_sdxl_inpaint(tmp, seed=e.seed)
             elif e.source == "builtin:tiny-lora":
                 base_dir = Path(self.resolve_base(e.base or "").path)
                 tiny.build_tiny_lora(tmp, base_dir, tiny.TinyLoraRecipe(rank=e.rank, seed=e.seed))

@@ -53,23 +53,27 @@ def quiet_libraries() -> None:
     tlog.disable_progress_bar()
 
 
+def pipeline_class(base: ResolvedModel):
+    """The diffusers pipeline class a base's checkpoint is loaded as (its catalog `pipeline`)."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLInpaintPipeline if base.pipeline == "inpaint" else StableDiffusionXLPipeline
+
+
 def load_pipeline(base: ResolvedModel, device: torch.device, dtype: torch.dtype):
-    """A StableDiffusionXLPipeline for `base` on `device`, progress bars off."""
-    from diffusers import StableDiffusionXLPipeline
+    """The pipeline for `base` on `device` (`pipeline_class`: SDXL, or SDXL inpainting for an
+    inpainting checkpoint), progress bars off."""
+    pipeline_cls = pipeline_class(base)
 
     quiet_libraries()
     try:
         if base.source.startswith("file:") or base.path.endswith(".safetensors"):
             if not base.config:
                 raise ModelFileError(f"{base.path}: single-file base '{base.name}' needs `config` (a diffusers folder)")
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                base.path, config=base.config, local_files_only=True, dtype=dtype
-            )
+            pipe = pipeline_cls.from_single_file(base.path, config=base.config, local_files_only=True, dtype=dtype)
             _require_all_weights(pipe, base)
         else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                base.path, dtype=dtype, use_safetensors=True, local_files_only=True
-            )
+            pipe = pipeline_cls.from_pretrained(base.path, dtype=dtype, use_safetensors=True, local_files_only=True)
     except ModelFileError:
         raise
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, safetensors errors…

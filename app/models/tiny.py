@@ -196,3 +196,43 @@ def build_tiny_lora(dest: Path, base_dir: Path, recipe: TinyLoraRecipe) -> Path:
     StableDiffusionXLPipeline.save_lora_weights(dest, unet_lora_layers=layers, safe_serialization=True)
     (dest / "imagefab_lora.json").write_text(json.dumps({"rank": recipe.rank, "targets": list(LORA_TARGETS)}))
     return dest
+
+
+# SDXL inpainting's UNet reads 9 channels: the noisy latents (4), the mask at latent size (1) and
+# the latents of the masked image (4). Everything else is the tiny SDXL's.
+INPAINT_UNET_IN_CHANNELS = 9
+
+
+def build_tiny_sdxl_inpaint(dest: Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL inpainting pipeline folder (model_index.json names
+    `StableDiffusionXLInpaintPipeline`) to `dest`: tiny-sdxl's VAE, text encoders, tokenizers and
+    scheduler for `seed`, and a seeded UNet with `INPAINT_UNET_IN_CHANNELS` input channels.
+
+    A separate base model, like SDXL's own inpainting checkpoint: its UNet cannot serve plain
+    text-to-image (it needs a mask and a masked image at every step). The shared parts are written
+    by `build_tiny_sdxl` itself, so they are byte for byte tiny-sdxl's, and nothing is loaded and
+    saved again (a reload would record its temporary path in the configs).
+    """
+    import torch
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    build_tiny_sdxl(dest, seed=seed)
+    # A seed stream apart from the base UNet's: the two are different models.
+    torch.manual_seed(seed + 1_000_003)
+    unet = UNet2DConditionModel(**{**TINY_UNET, "in_channels": INPAINT_UNET_IN_CHANNELS})
+    unet.save_pretrained(dest / "unet", safe_serialization=True)
+    # The inpainting pipeline's model_index: its class, its extra (empty) optional components and
+    # its config (SDXL inpainting checkpoints take no aesthetic score).
+    index_path = dest / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(
+        {
+            "_class_name": StableDiffusionXLInpaintPipeline.__name__,
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+            "requires_aesthetics_score": False,
+        }
+    )
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    drop_library_versions(dest)
+    return dest
