@@ -220,7 +220,7 @@ def build_tiny_sdxl_inpaint(dest: Path, seed: int = 0) -> Path:
     # A seed stream apart from the base UNet's: the two are different models.
     torch.manual_seed(seed + 1_000_003)
     unet = UNet2DConditionModel(**{**TINY_UNET, "in_channels": INPAINT_UNET_IN_CHANNELS})
-    unet.save_pretrained(dest / "unet", safe_serialization=True)
+    unet.save_pretrained(dest / "unet", safe_serialization=True)  # type: ignore[attr-defined]  # diffusers mixin
     # The inpainting pipeline's model_index: its class, its extra (empty) optional components and
     # its config (SDXL inpainting checkpoints take no aesthetic score).
     index_path = dest / "model_index.json"
