@@ -47,6 +47,8 @@ BACKDROP_BORDER_SHARE = 0.9
 # whole frame is measured (a white page is blank and overexposed, not a tiny subject).
 MIN_SUBJECT_SHARE = 0.005
 
+_LEVEL_TOLERANCE = 1e-3
+
 # Rec. 601 luma weights, the same ones Pillow uses for convert("L").
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -163,8 +165,11 @@ def clipped_shares(luma: np.ndarray, subject: np.ndarray | None = None) -> tuple
     if subject is not None:
         luma = luma[subject]
     size = max(1, luma.size)
-    dark = np.count_nonzero(luma <= CLIP_DARK) / size
-    bright = np.count_nonzero(luma >= CLIP_BRIGHT) / size
+    # The float32 luma weights sum to a hair under 1, so a grey RGB pixel of 253 reads 252.99998:
+    # compare with a thousandth of a level to spare, or an RGB copy of a greyscale image would
+    # clip less than the greyscale image itself.
+    dark = np.count_nonzero(luma <= CLIP_DARK + _LEVEL_TOLERANCE) / size
+    bright = np.count_nonzero(luma >= CLIP_BRIGHT - _LEVEL_TOLERANCE) / size
     return float(dark), float(bright)
 
 
