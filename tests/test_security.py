@@ -115,10 +115,15 @@ GUARDED = [
     ("GET", "/sdapi/v1/loras", None),
     ("GET", "/sdapi/v1/samplers", None),
     ("GET", "/sdapi/v1/progress", None),
+    ("GET", "/sdapi/v1/options", None),
+    ("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "default"}),
+    ("GET", "/sdapi/v1/schedulers", None),
+    ("POST", "/sdapi/v1/interrupt", None),
     ("GET", "/metrics", None),
     ("GET", "/v1/stats", None),
 ]
 PUBLIC = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+# The file route also answers without a key to a signed, unexpired URL (tests/test_serve.py).
 
 
 @pytest.mark.slow

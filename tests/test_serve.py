@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
+import time
 
 import httpx
 import pytest
@@ -19,6 +21,7 @@ from app.spec import SpecError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "other-key-0123456789abcdef"  # a second caller (interrupts are per caller)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def server(ray_local, tmp_path_factory):
         output_uri=str(out),
         port=port,
         steps=3,
-        api_keys=[KEY],
+        api_keys=[KEY, OTHER_KEY],
         combinations={
             "default": {"loras": [{"name": "tiny-style", "weight": 0.8}]},
             "plain": {},
@@ -127,7 +130,12 @@ def test_combinations_are_multiplexed_and_differ(server):
     seen = stats(client)["combinations"]
     assert {"tiny-sdxl|tiny-style@0.8", "tiny-sdxl|"} <= set(seen)
     models = client.get("/v1/models").json()["data"]
-    assert {m["id"] for m in models} == {"default", "plain", "fast"}
+    assert {m["id"]: m["kind"] for m in models} == {
+        "default": "combination",
+        "plain": "combination",
+        "fast": "combination",
+        "tiny-sdxl": "base",
+    }
 
 
 def test_openai_client_gets_b64_and_urls(server):
@@ -235,12 +243,47 @@ def test_backpressure_answers_503_with_retry_after(server):
     assert busy.headers["retry-after"] == "2" and "busy" in busy.json()["error"]["message"]
 
 
-def test_metrics_count_requests_images_and_qc(server):
+def test_metrics_count_every_answer_under_conventional_names(server):
+    """422s from FastAPI's own validation and OpenAI-dialect 400s are counted like any answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     client, _, _ = server
-    text = client.get("/metrics").text
-    assert 'imagefab_http_requests_total{route="/v1/generate",status="200"}' in text
-    assert "imagefab_images_total" in text and "imagefab_qc_outcomes_total" in text
-    assert "imagefab_backpressure_rejections_total" in text and "imagefab_requests_in_flight" in text
+    assert client.post("/v1/generate", json={"prompt": "x", "n": "many"}).status_code == 422
+    assert client.post("/v1/images/generations", json={"prompt": "x", "size": "7x7"}).status_code == 400
+
+    def counted() -> dict:
+        text = client.get("/metrics").text
+        return {
+            (s.labels.get("route"), s.labels.get("status")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "imagefab_requests_total"
+        }
+
+    deadline = time.monotonic() + 20  # replicas report to the hub without waiting: allow it a moment
+    while time.monotonic() < deadline:
+        seen = counted()
+        if seen.get(("/v1/generate", "422")) and seen.get(("/v1/images/generations", "400")):
+            break
+        time.sleep(0.2)
+    assert seen.get(("/v1/generate", "422"), 0) >= 1 and seen.get(("/v1/images/generations", "400"), 0) >= 1, seen
+    assert seen.get(("/v1/generate", "200"), 0) >= 1
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert {
+        "imagefab_requests",
+        "imagefab_request_duration_seconds",
+        "imagefab_images",
+        "imagefab_requests_in_flight",
+        "imagefab_backpressure_rejections",
+    } <= set(families)
+    for family in families.values():
+        assert re.fullmatch(r"imagefab_[a-z_]+", family.name), family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+    statuses = {s.labels["status"] for s in families["imagefab_images"].samples if s.name == "imagefab_images_total"}
+    assert statuses and statuses <= {"accepted", "review", "rejected", "failed"}
 
 
 def test_config_refuses_a_public_address_without_keys(monkeypatch):
@@ -254,3 +297,184 @@ def test_config_refuses_a_public_address_without_keys(monkeypatch):
         load_serve_config(None, api_keys=["short"])
     with pytest.raises(SpecError, match="default_combination: no combination 'x'"):
         load_serve_config(None, default_combination="x")
+
+
+# --- the OpenAI dialect as OpenAI's own client sees it ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    import openai
+
+    _, port, _ = server
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"size": "250x256"}, "size"),
+        ({"size": "huge"}, "size"),
+        ({"background": "transparent"}, "background"),
+        ({"style": "vivid"}, "style"),
+        ({"moderation": "auto"}, "moderation"),
+        ({"output_compression": 50}, "output_compression"),  # png has no compression level
+        ({"quality": "ultra"}, "quality"),
+        ({"n": 0}, "n"),
+        ({"extra_body": {"partial_images": 2}}, "partial_images"),  # a field imagefab does not know
+    ],
+)
+def test_openai_client_gets_bad_request_naming_the_field(openai_client, kwargs, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.generate(model="plain", prompt="a lamp", **kwargs)
+    assert err.value.status_code == 400 and err.value.param == param, err.value.body
+    assert err.value.type == "invalid_request_error" and err.value.message
+
+
+def test_openai_shape_for_framework_errors_and_unknown_models(server, openai_client):
+    import openai
+
+    client, _, _ = server
+    r = client.post("/v1/images/generations", json={"prompt": "x", "n": "many"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["param"] == "n"
+    r = client.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = client.post("/v1/generate", json={"prompt": "x", "n": "many"})  # the native dialect keeps FastAPI's 422
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "n"]
+    with pytest.raises(openai.NotFoundError) as err:
+        openai_client.images.generate(model="no-such-model", prompt="a lamp")
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    assert "default, plain, fast, tiny-sdxl" in err.value.message  # the 404 lists the valid ids
+    assert [m.id for m in openai_client.models.list()] == ["default", "plain", "fast", "tiny-sdxl"]
+
+
+def test_openai_formats_quality_base_models_and_qc_extension(openai_client):
+    res = openai_client.images.generate(
+        model="plain", prompt="a jar", size="128x128", output_format="jpeg", output_compression=40, quality="low"
+    )
+    data = base64.b64decode(res.data[0].b64_json)
+    assert data[:3] == b"\xff\xd8\xff" and res.output_format == "jpeg"
+    info = parse_infotext(read_metadata(data)["parameters"])  # provenance survives the re-encoding
+    assert info["steps"] == 2  # quality low: half the combination's 3 steps, rounded
+    ext = res.data[0].model_extra["imagefab"]
+    assert ext["image_id"] == info["image_id"] and ext["qc_status"] in ("accepted", "review", "rejected")
+    assert isinstance(ext["qc_reasons"], list)
+    smaller = openai_client.images.generate(
+        model="plain", prompt="a jar", size="128x128", output_format="jpeg", output_compression=5, quality="low"
+    )
+    assert len(base64.b64decode(smaller.data[0].b64_json)) < len(data)
+    webp = openai_client.images.generate(model="plain", prompt="a jar", size="128x128", output_format="webp")
+    assert base64.b64decode(webp.data[0].b64_json)[8:12] == b"WEBP"
+    # A base model's name is a model too: rendered with no LoRAs.
+    base = openai_client.images.generate(model="tiny-sdxl", prompt="a jar", size="128x128", background="opaque")
+    assert parse_infotext(read_metadata(base64.b64decode(base.data[0].b64_json))["parameters"])["loras"] == []
+
+
+def test_image_urls_are_signed_expire_and_need_no_key(server, openai_client):
+    from app.serve.urls import UrlSigner, url_secret
+    from app.storage import OutputStore
+
+    _, port, out = server
+    res = openai_client.images.generate(
+        model="plain", prompt="a kettle", size="128x128", response_format="url", output_format="webp"
+    )
+    url = res.data[0].url
+    anon = httpx.Client(timeout=30)  # no API key
+    ok = anon.get(url)
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/webp", ok.text[:200]
+    path, _, query = url.partition("?")
+    image_id = path.rsplit("/", 1)[1].split(".")[0]
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    tampered = [
+        f"{path}?{query[:-1]}{'0' if query[-1] != '0' else '1'}",  # one digit of the signature
+        f"{path.replace('.webp', '.png')}?{query}",  # another encoding
+        f"{path}?expires={int(params['expires']) + 3600}&sig={params['sig']}",  # later
+        f"{path}?expires={params['expires']}",  # no signature
+    ]
+    for bad in tampered:
+        r = anon.get(bad)
+        assert r.status_code == 403 and r.json()["error"]["param"] == "sig", (bad, r.text)
+    signer = UrlSigner(url_secret(OutputStore.at(str(out))), ttl_s=60)  # the server's own secret
+    name = f"{image_id}.png"
+    assert anon.get(f"http://127.0.0.1:{port}/v1/files/images/{name}?{signer.query(name, time.time())}").is_success
+    expired = signer.query(name, time.time() - 120)  # expired a minute ago
+    r = anon.get(f"http://127.0.0.1:{port}/v1/files/images/{name}?{expired}")
+    assert r.status_code == 403 and "expired" in r.json()["error"]["message"]
+    assert anon.get(path).status_code == 401  # unsigned: the key is needed, as before
+
+
+# --- AUTOMATIC1111: options, schedulers, interrupt --------------------------------------------------
+
+
+def test_a1111_options_switch_the_default_checkpoint(server):
+    from app.catalog.store import CatalogStore
+    from app.storage import OutputStore
+
+    client, _, out = server
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == "default" and len(options["sd_checkpoint_hash"]) == 64
+    try:
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "plain"}).json() is None
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "plain"
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a vase", "width": 128, "height": 128, "steps": 2})
+        image_id = json.loads(r.json()["info"])["extra_generation_params"]["imagefab image_ids"][0]
+        rows = {row["image_id"]: row for row in CatalogStore(OutputStore.at(str(out))).read().to_pylist()}
+        assert rows[image_id]["combination"] == "plain" and not rows[image_id]["loras"]
+        title = next(m["title"] for m in client.get("/sdapi/v1/sd-models").json())
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": title}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == title
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "no-such-model"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "sd_model_checkpoint"
+        assert title in r.json()["error"]["message"] and "plain" in r.json()["error"]["message"]
+        r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "CLIP_stop_at_last_layers"
+        assert client.post("/sdapi/v1/options", json={"samples_format": "png"}).status_code == 200  # unchanged
+    finally:
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "default"})
+
+
+def test_a1111_schedulers_and_the_scheduler_field(server):
+    client, _, _ = server
+    schedulers = {s["name"]: s for s in client.get("/sdapi/v1/schedulers").json()}
+    assert {"automatic", "karras", "sgm_uniform"} <= set(schedulers)
+    assert schedulers["karras"]["label"] == "Karras" and schedulers["sgm_uniform"]["aliases"] == ["SGMUniform"]
+    body = {"prompt": "a bowl", "width": 128, "height": 128, "steps": 2, "seed": 3}
+    r = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "DPM++ 2M", "scheduler": "Karras"})
+    info = json.loads(r.json()["info"])
+    assert (info["sampler_name"], info["scheduler"]) == ("DPM++ 2M Karras", "Karras")
+    assert parse_infotext(info["infotexts"][0])["sampler"] == "DPM++ 2M Karras"
+    r = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler", "scheduler": "sgm_uniform"})
+    assert json.loads(r.json()["info"])["scheduler"] == "SGM Uniform"
+    for scheduler in ("Exponential", "Karras"):  # unknown; known but not for Euler
+        r = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler", "scheduler": scheduler})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "scheduler", r.text
+
+
+def test_a1111_interrupt_stops_only_the_callers_request(server):
+    client, port, _ = server
+    other = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=120, headers={"Authorization": f"Bearer {OTHER_KEY}"}
+    )
+    body = {"prompt": "a long render", "width": 128, "height": 128, "steps": 60, "batch_size": 2, "seed": 1}
+    results = {}
+    threads = [
+        threading.Thread(target=lambda: results.update(mine=client.post("/sdapi/v1/txt2img", json=body))),
+        threading.Thread(target=lambda: results.update(theirs=other.post("/sdapi/v1/txt2img", json=body))),
+    ]
+    [t.start() for t in threads]
+    deadline = time.monotonic() + 30
+    while client.get("/sdapi/v1/progress").json()["state"]["job_count"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    threads[0].join()
+    mine_s = time.monotonic() - t0
+    threads[1].join()
+    mine, theirs = results["mine"], results["theirs"]
+    assert mine.status_code == 200 and theirs.status_code == 200, (mine.text[:300], theirs.text[:300])
+    mine_info, theirs_info = json.loads(mine.json()["info"]), json.loads(theirs.json()["info"])
+    assert mine_info["interrupted"] and len(mine.json()["images"]) < 2, (mine_s, mine_info)
+    assert not theirs_info["interrupted"] and len(theirs.json()["images"]) == 2

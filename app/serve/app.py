@@ -14,11 +14,16 @@ at run time, and Serve's ingress wrapping loses the module globals needed to res
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
+import logging
 import time
+import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
@@ -31,15 +36,24 @@ from app.schedulers import SCHEDULERS
 from app.serve.config import ServeConfig, load_serve_config
 from app.serve.core import (
     A1111_SAMPLERS,
+    A1111_SCHEDULES,
     ImageJob,
     RequestError,
     ServeCore,
+    a1111_schedule_label,
+    a1111_scheduler,
     rendered_rows,
     resolve_serve_models,
     split_lora_tags,
 )
 from app.serve.schemas import A1111PngInfo, A1111Txt2Img, GenerateRequest, GenerateResponse, OpenAIImageRequest
+from app.serve.urls import UrlSignatureError, UrlSigner, url_secret
 from app.spec import ComputeSpec, Size
+from app.storage import OutputStore
+
+logger = logging.getLogger("imagefab.serve")
+OPENAI_ROUTES = {"/v1/images/generations", "/v1/models", "/v1/files/images/{name}"}
+IMAGE_MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 api = FastAPI(
     title="imagefab",
@@ -114,131 +128,300 @@ class GeneratorServer:
 
 
 class _Metrics:
-    """Prometheus metrics of one ingress replica."""
+    """The server's Prometheus metrics, in one registry (held by `MetricsHub`)."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "imagefab_http_requests_total", "HTTP requests", ["route", "status"], registry=self.registry
+            "imagefab_requests_total",
+            "HTTP requests answered, by route template and status (4xx and 422 included)",
+            ["route", "status"],
+            registry=self.registry,
         )
-        self.latency = Histogram(
-            "imagefab_http_request_seconds",
-            "HTTP request latency",
+        self.duration = Histogram(
+            "imagefab_request_duration_seconds",
+            "Time from a request's arrival at an ingress replica to its answer",
             ["route"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "imagefab_requests_in_flight", "Requests being served (queue depth)", registry=self.registry
+            "imagefab_requests_in_flight", "Requests being served, summed over ingress replicas", registry=self.registry
         )
-        self.images = Counter("imagefab_images_total", "Images rendered", ["combination"], registry=self.registry)
-        self.qc = Counter("imagefab_qc_outcomes_total", "QC outcomes", ["status"], registry=self.registry)
+        self.images = Counter(
+            "imagefab_images_total",
+            "Images served, by QC outcome (accepted, review, rejected, failed) and combination",
+            ["status", "combination"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
-            "imagefab_backpressure_rejections_total", "Requests refused with 503", registry=self.registry
+            "imagefab_backpressure_rejections_total", "Requests refused with 503 (busy)", registry=self.registry
         )
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+class MetricsHub:
+    """One registry for the whole server: every ingress replica reports here, `/metrics` reads here,
+    so a scrape of any replica sees the totals of all (a replica's own registry would show a share).
+    Reports are sent without waiting for them; a hub restart starts the counters again at zero,
+    which Prometheus' rate() treats as a reset."""
+
+    def __init__(self):
+        self.metrics = _Metrics()
+        self.in_flight_by_replica: dict[str, int] = {}
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.duration.labels(route).observe(seconds)
+
+    def images(self, outcomes: list[tuple[str, str]]) -> None:
+        for status, combination in outcomes:
+            self.metrics.images.labels(status, combination).inc()
+
+    def rejected(self) -> None:
+        self.metrics.rejected.inc()
+
+    def in_flight(self, replica: str, count: int) -> None:
+        self.in_flight_by_replica[replica] = count
+        self.metrics.in_flight.set(sum(self.in_flight_by_replica.values()))
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        return generate_latest(self.registry)
+        return generate_latest(self.metrics.registry)
 
 
-def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+_OPENAI_CODES = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    403: "invalid_signature",
+    404: "not_found",
+    413: "request_too_large",
+    503: "server_busy",
+    504: "timeout",
+}
+
+
+def _error(
+    status: int, message: str, field: str | None = None, headers: dict | None = None, openai: bool = False
+) -> JSONResponse:
+    """`{"error": {message, type, param, code}}`. In the OpenAI dialect as OpenAI answers: a request
+    it cannot serve is a 400 (not 422), and `code` is a string (`invalid_value`, `model_not_found`…);
+    the official client then raises `BadRequestError`, `NotFoundError`… with `param` set."""
+    if openai:
+        status = 400 if status == 422 else status
+        code: int | str | None = "model_not_found" if (status, field) == (404, "model") else _OPENAI_CODES.get(status)
+    else:
+        code = status
     body = {
         "error": {
             "message": message,
             "type": "invalid_request_error" if status < 500 else "server_error",
             "param": field,
-            "code": status,
+            "code": code,
         }
     }
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def _route_of(scope) -> str:
+    """The route template a request matched (bounded label values), or `unmatched`."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    """FastAPI's own body checks: OpenAI's 400 shape on the OpenAI routes, FastAPI's 422 elsewhere."""
+    if _route_of(request.scope) not in OPENAI_ROUTES:
+        return await request_validation_exception_handler(request, exc)
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        message = f"Unknown parameter: '{param}'."
+    elif first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif first.get("type") == "json_invalid":
+        message, param = f"The body is not valid JSON ({first.get('msg', '')}).", None
+    else:
+        value = repr(first.get("input"))[:80]
+        message = f"Invalid value for '{param}': {value}. {first.get('msg', '')}".strip()
+    return _error(400, message, param, openai=True)
+
+
+class _CountRequests:
+    """Every answered HTTP request counted and timed, whatever answered it (a route, FastAPI's
+    validation, a 404 for an unknown path), reported by the ingress replica that served it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            ingress = serve.get_replica_context().servable_object
+            ingress.report("request", _route_of(scope), status, time.perf_counter() - t0)
+
+
+api.add_middleware(_CountRequests)
+
+
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: ServeConfig, models, generators: dict, clip_on_generator: bool = False):
+    def __init__(
+        self, config: ServeConfig, models, generators: dict, metrics_hub=None, clip_on_generator: bool = False
+    ):
         self.config = config
         self.models = models
         self.core = ServeCore(config, models, clip_on_generator=clip_on_generator)
         self.generators = generators  # base model name -> DeploymentHandle
+        self.hub = metrics_hub  # MetricsHub handle (None: metrics are not kept)
         # ServeConfig.keys() is a method (configured + $IMAGEFAB_API_KEYS), not a dict's keys: called
         # apart, so that no linter "simplifies" it into iterating the config.
         api_keys = config.keys()
         self.keys = tuple(k.encode() for k in api_keys)
-        self.metrics = _Metrics()
+        self.signer = UrlSigner(url_secret(self.core.output, config.url_secret), config.url_ttl_s)
+        self.replica = uuid.uuid4().hex[:8]
+        self.reports: set[asyncio.Task] = set()
         self.in_flight = 0
+        # A1111 txt2img requests in flight, by caller: what POST /sdapi/v1/interrupt stops.
+        self.a1111_running: dict[str, set[asyncio.Event]] = {}
         self.started = time.time()
 
+    # --- metrics ----------------------------------------------------------------------------------
+    def report(self, what: str, *args) -> None:
+        """Tell the metrics hub, without making the request wait for it."""
+        if self.hub is None:
+            return
+
+        async def send():
+            try:
+                await getattr(self.hub, what).remote(*args)
+            except Exception as e:  # metrics never fail a request
+                logger.warning("metrics report %s failed: %s", what, e)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self.reports.add(task)
+        task.add_done_callback(self.reports.discard)
+
+    def _set_in_flight(self, count: int) -> None:
+        self.in_flight = count
+        self.report("in_flight", self.replica, count)
+
     # --- guards ---------------------------------------------------------------------------------
+    def _token(self, request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
     def _authorized(self, request: Request) -> bool:
         if not self.keys:
             return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = self._token(request)
+        if token is None:
             return False
-        given = token.strip().encode()
+        given = token.encode()
         # Compare against every key without stopping early: time says nothing about which matched.
         return sum(hmac.compare_digest(given, k) for k in self.keys) > 0
 
-    async def _serve(self, route: str, request: Request, work) -> Response:
-        """Auth, size and backpressure checks, then `work()`, with metrics and errors mapped."""
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            if not self._authorized(request):
-                status = 401
-                return _error(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer <key>)",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            # A chunked upload declares no length: count the bytes FastAPI has already read.
-            length = int(request.headers.get("content-length") or 0) or len(await request.body())
-            if length > self.config.limits.max_body_bytes:
-                status = 413
-                return _error(413, f"body of {length} bytes; at most {self.config.limits.max_body_bytes}")
-            if self.in_flight >= self.config.limits.max_in_flight:
-                status = 503
-                self.metrics.rejected.inc()
-                return _error(503, f"server busy: {self.in_flight} requests in flight", headers={"Retry-After": "2"})
-            self.in_flight += 1
-            self.metrics.in_flight.set(self.in_flight)
-            try:
-                response = await asyncio.wait_for(work(), timeout=self.config.limits.request_timeout_s)
-                status = response.status_code
-                return response
-            except TimeoutError:
-                status = 504
-                return _error(504, f"no result within {self.config.limits.request_timeout_s} s")
-            except RequestError as e:
-                status = e.status
-                return _error(e.status, str(e), e.field)
-            finally:
-                self.in_flight -= 1
-                self.metrics.in_flight.set(self.in_flight)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+    def _caller(self, request: Request) -> str:
+        """Who is asking, for interrupting only one's own work: a digest of the key (never the key)."""
+        return hashlib.sha256((self._token(request) or "").encode()).hexdigest()[:16] if self.keys else "anyone"
 
-    async def _render(self, job: ImageJob):
+    async def _serve(self, request: Request, work, openai: bool = False, public: bool = False) -> Response:
+        """Auth, size and backpressure checks, then `work()`, with errors mapped to the dialect's shape.
+        `public`: the caller proved access another way (a signed URL), no key needed."""
+        if not public and not self._authorized(request):
+            return _error(
+                401,
+                "missing or wrong API key (Authorization: Bearer <key>)",
+                headers={"WWW-Authenticate": "Bearer"},
+                openai=openai,
+            )
+        # A chunked upload declares no length: count the bytes FastAPI has already read.
+        length = int(request.headers.get("content-length") or 0) or len(await request.body())
+        if length > self.config.limits.max_body_bytes:
+            return _error(413, f"body of {length} bytes; at most {self.config.limits.max_body_bytes}", openai=openai)
+        if self.in_flight >= self.config.limits.max_in_flight:
+            self.report("rejected")
+            return _error(
+                503,
+                f"server busy: {self.in_flight} requests in flight",
+                headers={"Retry-After": "2"},
+                openai=openai,
+            )
+        self._set_in_flight(self.in_flight + 1)
+        try:
+            return await asyncio.wait_for(work(), timeout=self.config.limits.request_timeout_s)
+        except TimeoutError:
+            return _error(504, f"no result within {self.config.limits.request_timeout_s} s", openai=openai)
+        except RequestError as e:
+            return _error(e.status, str(e), e.field, openai=openai)
+        finally:
+            self._set_in_flight(self.in_flight - 1)
+
+    async def _render(self, job: ImageJob, interrupt: asyncio.Event | None = None):
+        """Plan, render on the base model's generators, then QC, post-process and catalog.
+
+        With `interrupt`: once it is set, images not yet rendered are cancelled (a generator drops
+        them if its batch has not started; one already rendering finishes there and is discarded),
+        and only the rendered ones are finished and returned."""
         requests = self.core.plan(job)
         base = requests[0].base_model["name"]
         handle = self.generators[base].options(multiplexed_model_id=requests[0].combination_key)
-        results = await asyncio.gather(*(handle.render.remote(q.to_json()) for q in requests))
-        images = await asyncio.to_thread(self.core.finish, requests, results)
-        for im in images:
-            self.metrics.images.labels(im.request.combination).inc()
-            self.metrics.qc.labels(im.status).inc()
+        responses = [handle.render.remote(q.to_json()) for q in requests]
+        if interrupt is None:
+            results = await asyncio.gather(*responses)
+        else:
+            results = await self._until_interrupted(responses, interrupt)
+            requests = [q for q, r in zip(requests, results, strict=True) if r is not None]
+            results = [r for r in results if r is not None]
+        images = await asyncio.to_thread(self.core.finish, requests, results) if requests else []
+        self.report("images", [(im.status, im.request.combination if im.request else "") for im in images])
         return requests, images
 
-    def _url(self, request: Request, image_id: str) -> str:
+    @staticmethod
+    async def _until_interrupted(responses: list, interrupt: asyncio.Event) -> list:
+        """Each response's result, or None for those cancelled when `interrupt` was set first."""
+
+        async def result_of(response):
+            return await response
+
+        tasks = [asyncio.ensure_future(result_of(r)) for r in responses]
+        stop = asyncio.ensure_future(interrupt.wait())
+        try:
+            pending = set(tasks)
+            while pending and not stop.done():
+                _, pending = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stop)
+        finally:  # interrupted, or this request itself cancelled (timeout): nothing left running for it
+            stop.cancel()
+            for response, task in zip(responses, tasks, strict=True):
+                if not task.done():
+                    response.cancel()
+                    task.cancel()
+        return [t.result() if t.done() and not t.cancelled() else None for t in tasks]
+
+    def _url(self, request: Request, image_id: str, fmt: str = "png", quality: int | None = None) -> str:
+        """A signed, expiring URL of an image: fetched without the API key until it expires."""
         root = self.config.public_url or str(request.base_url).rstrip("/")
-        return f"{root.rstrip('/')}/v1/files/images/{image_id}.png"
+        name = f"{image_id}.{fmt}"
+        return f"{root.rstrip('/')}/v1/files/images/{name}?{self.signer.query(name, time.time(), quality)}"
 
     # --- native ---------------------------------------------------------------------------------
     @api.post("/v1/generate", response_model=GenerateResponse, tags=["native"])
@@ -295,16 +478,19 @@ class Ingress:
                 {"images": out, "combination": requests[0].combination, "seconds": round(time.perf_counter() - t0, 4)}
             )
 
-        return await self._serve("/v1/generate", request, work)
+        return await self._serve(request, work)
 
     @api.get("/v1/models", tags=["native", "openai"])
     async def models_list(self, request: Request):
         async def work():
+            created = int(self.started)
             data = [
                 {
                     "id": name,
                     "object": "model",
+                    "created": created,
                     "owned_by": "imagefab",
+                    "kind": "combination",
                     "base": c.base,
                     "loras": [lo.model_dump() for lo in c.loras],
                     "steps": c.steps,
@@ -313,70 +499,146 @@ class Ingress:
                 }
                 for name, c in self.core.combos.items()
             ]
+            default = self.core.combos[self.config.default]
+            data += [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "imagefab",
+                    "kind": "base",
+                    "base": name,
+                    "loras": [],
+                    "steps": default.steps,
+                    "guidance": default.guidance,
+                    "scheduler": default.scheduler,
+                }
+                for name in self.core.model_ids()
+                if name not in self.core.combos
+            ]
             return JSONResponse({"object": "list", "data": data})
 
-        return await self._serve("/v1/models", request, work)
+        return await self._serve(request, work, openai=True)
 
     @api.get("/v1/files/images/{name}", tags=["native", "openai"])
-    async def image_file(self, name: str, request: Request):
-        async def work():
-            data = await asyncio.to_thread(self.core.read_image, name.removesuffix(".png"))
-            return Response(content=data, media_type="image/png")
+    async def image_file(
+        self,
+        name: str,
+        request: Request,
+        expires: str | None = None,
+        sig: str | None = None,
+        quality: int | None = None,
+    ):
+        """An image by id: `<id>.png` is the master; `.jpeg`/`.webp` its re-encoding (`quality`).
+        With `expires` and `sig` (the URLs responses give) no API key is needed."""
+        signed = expires is not None or sig is not None
+        if signed:
+            try:
+                self.signer.check(name, expires, sig, quality, time.time())
+            except UrlSignatureError as e:
+                return _error(403, str(e), "sig", openai=True)
 
-        return await self._serve("/v1/files/images", request, work)
+        async def work():
+            image_id, _, fmt = name.rpartition(".")
+            if fmt not in IMAGE_MEDIA:
+                image_id, fmt = name, "png"
+            if quality is not None and (fmt == "png" or not 1 <= quality <= 100):
+                raise RequestError(400, "quality", "1..100, for .jpeg and .webp only")
+            png = await asyncio.to_thread(self.core.read_image, image_id)
+            data = await asyncio.to_thread(self.core.encoded, png, fmt, quality)
+            return Response(content=data, media_type=IMAGE_MEDIA[fmt])
+
+        return await self._serve(request, work, openai=True, public=signed)
 
     # --- OpenAI Images API --------------------------------------------------------------------------
     @api.post("/v1/images/generations", tags=["openai"])
     async def openai_generations(self, body: OpenAIImageRequest, request: Request):
         async def work():
+            # Fields imagefab cannot honour are refused, naming the field, before any work.
+            if body.background == "transparent":
+                raise RequestError(
+                    400, "background", "'transparent' cannot be rendered: SDXL renders no alpha; use 'opaque' or 'auto'"
+                )
+            if body.style is not None:
+                raise RequestError(
+                    400, "style", "not supported: the look comes from the model (a combination, GET /v1/models)"
+                )
+            if body.moderation == "auto":
+                raise RequestError(
+                    400, "moderation", "this server moderates no content (only QC grades images): send 'low' or omit it"
+                )
+            fmt = body.output_format or "png"
+            if body.output_compression is not None and fmt == "png":
+                raise RequestError(400, "output_compression", "applies to output_format jpeg or webp, not png")
+            encoder_quality = (
+                None if fmt == "png" else max(1, 100 if body.output_compression is None else body.output_compression)
+            )
             width = height = None
             if body.size and body.size != "auto":
                 try:
                     size = Size.parse(body.size)
                 except ValueError as e:
-                    raise RequestError(422, "size", str(e)) from None
+                    raise RequestError(400, "size", str(e)) from None
                 width, height = size.width, size.height
+            choice = self.core.model_choice(body.model)
             job = ImageJob(
                 prompt=body.prompt,
-                combination=body.model,
                 n=body.n,
                 width=width,
                 height=height,
+                steps=self.core.steps_for_quality(choice, body.quality),
                 tags={"user": body.user} if body.user else {},
+                **choice,
             )
-            _, images = await self._render(job)
-            fmt = body.response_format or "b64_json"
+            requests, images = await self._render(job)
             data = []
             for im in images:
-                if fmt == "url":
-                    data.append({"url": self._url(request, im.image_id), "revised_prompt": im.request.prompt})
+                item: dict = {"revised_prompt": im.request.prompt}
+                if not im.png:
+                    item["url" if body.response_format == "url" else "b64_json"] = None
+                elif body.response_format == "url":
+                    item["url"] = self._url(request, im.image_id, fmt, encoder_quality)
                 else:
-                    data.append({"b64_json": base64.b64encode(im.png).decode(), "revised_prompt": im.request.prompt})
-            return JSONResponse({"created": int(time.time()), "data": data})
+                    encoded = await asyncio.to_thread(self.core.encoded, im.png, fmt, encoder_quality)
+                    item["b64_json"] = base64.b64encode(encoded).decode()
+                # imagefab's extension: which catalogued image this is and how QC judged it.
+                item["imagefab"] = {
+                    "image_id": im.image_id,
+                    "qc_status": im.status,
+                    "qc_reasons": im.reasons,
+                    "seed": im.seed,
+                    "error": im.error or None,
+                }
+                data.append(item)
+            return JSONResponse(
+                {
+                    "created": int(time.time()),
+                    "data": data,
+                    "output_format": fmt,
+                    "size": f"{requests[0].width}x{requests[0].height}",
+                    "background": "opaque",
+                    **({"quality": body.quality} if body.quality else {}),
+                }
+            )
 
-        return await self._serve("/v1/images/generations", request, work)
+        return await self._serve(request, work, openai=True)
 
     # --- AUTOMATIC1111 ------------------------------------------------------------------------------
     @api.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def a1111_txt2img(self, body: A1111Txt2Img, request: Request):
         async def work():
             prompt, tag_loras = split_lora_tags(body.prompt)
-            sampler = body.sampler_name or body.sampler_index
-            scheduler = None
-            if sampler:
-                scheduler = A1111_SAMPLERS.get(sampler) or (sampler if sampler in SCHEDULERS else None)
-                if scheduler is None:
-                    raise RequestError(
-                        422, "sampler_name", f"unknown sampler '{sampler}' (GET /sdapi/v1/samplers lists them)"
-                    )
-            checkpoint = body.override_settings.get("sd_model_checkpoint")
-            combination, base = None, None
-            if checkpoint:
-                name = str(checkpoint).split(" [", 1)[0]  # A1111 titles: "name [hash]"
-                if name in self.core.combos:
-                    combination = name
-                else:
-                    base = name
+            # The checkpoint: this request's override, else the server's (POST /sdapi/v1/options).
+            checkpoint = body.override_settings.get("sd_model_checkpoint") or await asyncio.to_thread(
+                self.core.a1111_checkpoint
+            )
+            combination, base = self.core.checkpoint_choice(checkpoint)
+            combo = self.core.combos.get(combination or self.config.default)
+            scheduler = a1111_scheduler(
+                body.sampler_name or body.sampler_index,
+                body.scheduler,
+                combo.scheduler if combo else self.config.scheduler,
+            )
             job = ImageJob(
                 prompt=prompt,
                 negative_prompt=body.negative_prompt,
@@ -391,29 +653,39 @@ class Ingress:
                 width=body.width,
                 height=body.height,
             )
-            _, images = await self._render(job)
+            interrupt = asyncio.Event()
+            running = self.a1111_running.setdefault(self._caller(request), set())
+            running.add(interrupt)
+            try:
+                requests, images = await self._render(job, interrupt)
+            finally:
+                running.discard(interrupt)
             infotexts = [read_metadata(im.png).get("parameters", "") if im.png else "" for im in images]
+            first = requests[0] if requests else None
             info = {
                 "prompt": body.prompt,
                 "all_prompts": [body.prompt] * len(images),
                 "negative_prompt": body.negative_prompt,
-                "seed": images[0].seed,
+                "seed": images[0].seed if images else body.seed,
                 "all_seeds": [im.seed for im in images],
                 "subseed": -1,
                 "all_subseeds": [-1] * len(images),
-                "steps": images[0].request.steps,
-                "cfg_scale": images[0].request.guidance,
-                "sampler_name": SCHEDULERS[images[0].request.scheduler][2],
-                "width": images[0].width,
-                "height": images[0].height,
-                "sd_model_name": images[0].request.base_model["name"],
-                "sd_model_hash": images[0].request.base_model["sha256"][:10],
+                "steps": first.steps if first else body.steps,
+                "cfg_scale": first.guidance if first else body.cfg_scale,
+                "sampler_name": SCHEDULERS[first.scheduler][2] if first else body.sampler_name,
+                "scheduler": a1111_schedule_label(first.scheduler) if first else body.scheduler,
+                "width": body.width,
+                "height": body.height,
+                "sd_model_name": first.base_model["name"] if first else None,
+                "sd_model_hash": first.base_model["sha256"][:10] if first else None,
                 "batch_size": body.batch_size,
                 "infotexts": infotexts,
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+                "interrupted": interrupt.is_set(),
                 "extra_generation_params": {
                     "imagefab image_ids": [im.image_id for im in images],
                     "imagefab qc": [im.status for im in images],
+                    "imagefab qc reasons": [im.reasons for im in images],
                 },
             }
             return JSONResponse(
@@ -424,7 +696,88 @@ class Ingress:
                 }
             )
 
-        return await self._serve("/sdapi/v1/txt2img", request, work)
+        return await self._serve(request, work)
+
+    @api.post("/sdapi/v1/interrupt", tags=["a1111"])
+    async def a1111_interrupt(self, request: Request):
+        """Stops the caller's txt2img requests in flight on this replica (the caller: its API key).
+        Each answers at once with the images already rendered; images a generator has not started
+        are dropped; one it is rendering finishes there and is discarded. Answers `{}`, as A1111."""
+
+        async def work():
+            for interrupt in self.a1111_running.get(self._caller(request), ()):
+                interrupt.set()
+            return JSONResponse({})
+
+        return await self._serve(request, work)
+
+    @api.get("/sdapi/v1/options", tags=["a1111"])
+    async def a1111_options(self, request: Request):
+        async def work():
+            return JSONResponse(await asyncio.to_thread(self._a1111_options))
+
+        return await self._serve(request, work)
+
+    @api.post("/sdapi/v1/options", tags=["a1111"])
+    async def a1111_set_options(self, request: Request):
+        """`sd_model_checkpoint` (a base's title or name, or a combination) sets what the A1111
+        dialect renders with when a request names none, for the whole server. Other keys are
+        accepted only with the value GET reports: this server has no such setting to change."""
+
+        async def work():
+            try:
+                body = json.loads(await request.body() or b"{}")
+            except ValueError:
+                raise RequestError(422, "body", "is not JSON") from None
+            if not isinstance(body, dict):
+                raise RequestError(422, "body", "is a JSON object of options")
+            current = await asyncio.to_thread(self._a1111_options)
+            for key, value in body.items():
+                if key != "sd_model_checkpoint" and current.get(key, object()) != value:
+                    settable = "only sd_model_checkpoint can be set here"
+                    shown = f"it is {current[key]!r}" if key in current else "no such option on this server"
+                    raise RequestError(422, str(key)[:100], f"cannot be set ({shown}; {settable})")
+            if "sd_model_checkpoint" in body:
+                await asyncio.to_thread(self.core.set_a1111_checkpoint, body["sd_model_checkpoint"])
+            return JSONResponse(None)
+
+        return await self._serve(request, work)
+
+    def _a1111_options(self) -> dict:
+        checkpoint = self.core.a1111_checkpoint()
+        combination, base = self.core.checkpoint_choice(checkpoint)
+        combo = self.core.combos.get(combination or self.config.default)
+        base_name = base or (combo.base if combo else None)
+        sha = self.models.bases[base_name].sha256 if base_name in self.models.bases else ""
+        return {
+            "sd_model_checkpoint": checkpoint,
+            "sd_checkpoint_hash": sha,
+            "sd_vae": "Automatic",
+            "samples_format": "png",
+            "CLIP_stop_at_last_layers": 1,
+            "eta_noise_seed_delta": 0,
+            "imagefab_combination": combination,
+        }
+
+    @api.get("/sdapi/v1/schedulers", tags=["a1111"])
+    async def a1111_schedulers(self, request: Request):
+        async def work():
+            return JSONResponse(
+                [
+                    {
+                        "name": s.name,
+                        "label": s.label,
+                        "aliases": list(s.aliases) or None,
+                        "default_rho": -1,
+                        "need_inner_model": False,
+                        # imagefab's extension: the sampler it applies to -> the imagefab scheduler used
+                        "imagefab_schedulers": {a: s.variants[k] for a, k in A1111_SAMPLERS.items() if k in s.variants},
+                    }
+                    for s in A1111_SCHEDULES
+                ]
+            )
+
+        return await self._serve(request, work)
 
     @api.get("/sdapi/v1/sd-models", tags=["a1111"])
     async def a1111_models(self, request: Request):
@@ -443,7 +796,7 @@ class Ingress:
                 ]
             )
 
-        return await self._serve("/sdapi/v1/sd-models", request, work)
+        return await self._serve(request, work)
 
     @api.get("/sdapi/v1/loras", tags=["a1111"])
     async def a1111_loras(self, request: Request):
@@ -460,7 +813,7 @@ class Ingress:
                 ]
             )
 
-        return await self._serve("/sdapi/v1/loras", request, work)
+        return await self._serve(request, work)
 
     @api.get("/sdapi/v1/samplers", tags=["a1111"])
     async def a1111_samplers(self, request: Request):
@@ -470,7 +823,7 @@ class Ingress:
                 names.setdefault(a1111, {"name": a1111, "aliases": [], "options": extra})["aliases"].append(key)
             return JSONResponse(list(names.values()))
 
-        return await self._serve("/sdapi/v1/samplers", request, work)
+        return await self._serve(request, work)
 
     @api.post("/sdapi/v1/png-info", tags=["a1111"])
     async def a1111_png_info(self, body: A1111PngInfo, request: Request):
@@ -485,7 +838,7 @@ class Ingress:
             items = {k: v for k, v in meta.items() if k != "parameters"}
             return JSONResponse({"info": text, "items": items, "parameters": parse_infotext(text) if text else {}})
 
-        return await self._serve("/sdapi/v1/png-info", request, work)
+        return await self._serve(request, work)
 
     @api.get("/sdapi/v1/progress", tags=["a1111"])
     async def a1111_progress(self, request: Request):
@@ -506,7 +859,7 @@ class Ingress:
                 }
             )
 
-        return await self._serve("/sdapi/v1/progress", request, work)
+        return await self._serve(request, work)
 
     # --- operations -----------------------------------------------------------------------------------
     @api.get("/healthz", tags=["ops"])
@@ -520,10 +873,14 @@ class Ingress:
 
     @api.get("/metrics", tags=["ops"])
     async def metrics(self, request: Request):
-        async def work():
-            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        """Prometheus text, the totals of every ingress replica (see MetricsHub)."""
 
-        return await self._serve("/metrics", request, work)
+        async def work():
+            if self.hub is None:
+                raise RequestError(404, "metrics", "this server keeps no metrics")
+            return PlainTextResponse(await self.hub.render.remote(), media_type="text/plain; version=0.0.4")
+
+        return await self._serve(request, work)
 
     @api.get("/v1/stats", tags=["ops"])
     async def stats(self, request: Request):
@@ -531,7 +888,7 @@ class Ingress:
             stats = {base: await h.stats.remote() for base, h in self.generators.items()}
             return JSONResponse({"generators": stats, "run_id": self.core.run_id})
 
-        return await self._serve("/v1/stats", request, work)
+        return await self._serve(request, work)
 
 
 def serve_http_host() -> str | None:
@@ -587,7 +944,12 @@ def build_app(config: ServeConfig):
             config.batching.batch_wait_timeout_s,
             config.qc if clip_on_generator else None,
         )
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(config, models, generators, clip_on_generator)
+    # Made here, once, before any replica starts: replicas then all read the same secret.
+    url_secret(OutputStore.at(config.output_uri), config.url_secret)
+    hub = MetricsHub.options(name="metrics").bind()
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(
+        config, models, generators, hub, clip_on_generator
+    )
 
 
 def app_builder(args: dict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,6 +27,7 @@ from app.spec import (
 )
 
 API_KEYS_ENV = "IMAGEFAB_API_KEYS"  # comma-separated
+OpenAIQuality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 
 
 def is_loopback(host: str) -> bool:
@@ -84,6 +85,14 @@ class ServeConfig(_Frozen):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: tuple[str, ...] = ()
     public_url: str | None = None  # how clients reach this server, for `url` responses
+    # Image URLs in responses are signed (no API key needed to fetch them) and expire after url_ttl_s.
+    # The secret: this, else $IMAGEFAB_URL_SECRET, else one generated into the output store.
+    url_secret: str | None = None
+    url_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # OpenAI `quality` -> a factor on the combination's steps (rounded, at least 1, at most limits.max_steps).
+    quality_steps: dict[OpenAIQuality, float] = Field(
+        default_factory=lambda: {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.5}
+    )
     limits: Limits = Limits()
     batching: Batching = Batching()
     replicas: Replicas = Replicas()
@@ -100,6 +109,10 @@ class ServeConfig(_Frozen):
             )
         if any(len(k) < 16 for k in self.api_keys):
             raise ValueError("api_keys: each key needs at least 16 characters")
+        if self.url_secret is not None and len(self.url_secret) < 16:
+            raise ValueError("url_secret: needs at least 16 characters")
+        if any(not 0 < f <= 10 for f in self.quality_steps.values()):
+            raise ValueError("quality_steps: each factor is in (0, 10]")
         check_compiled_stacks(self.combinations, self.compute, every=True)
         return self
 

@@ -11,6 +11,7 @@ grades them without loading CLIP.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import secrets
@@ -32,6 +33,7 @@ from app.stages import CatalogWrite, Postprocess, QualityControl
 from app.storage import OutputStore
 
 A1111_SAMPLERS = {v[2]: k for k, v in reversed(list(SCHEDULERS.items()))}  # "Euler a" -> euler_a
+A1111_OPTIONS_PATH = "serve/a1111-options.json"  # the A1111 dialect's checkpoint, shared by the server's replicas
 _LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)(?::[^<>]*)?>")
 IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -42,6 +44,77 @@ class RequestError(Exception):
     def __init__(self, status: int, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.status, self.field, self.message = status, field, message
+
+
+@dataclass(frozen=True)
+class A1111Schedule:
+    """An AUTOMATIC1111 (1.9+) `scheduler` (the noise schedule, apart from the sampler) and, for each
+    imagefab scheduler it applies to, the imagefab scheduler that renders with it."""
+
+    name: str
+    label: str
+    aliases: tuple[str, ...]
+    variants: dict[str, str]
+
+    def matches(self, text: str) -> bool:
+        return text.casefold() in {n.casefold() for n in (self.name, self.label, *self.aliases)}
+
+
+A1111_SCHEDULES = (
+    # The sampler's own schedule, as imagefab's scheduler of that A1111 name configures it.
+    A1111Schedule("automatic", "Automatic", (), {k: k for k in SCHEDULERS}),
+    A1111Schedule("karras", "Karras", (), {"dpmpp_2m": "dpmpp_2m_karras", "dpmpp_2m_karras": "dpmpp_2m_karras"}),
+    # Evenly spaced timesteps ending at the last one: diffusers' "trailing" spacing.
+    A1111Schedule(
+        "sgm_uniform",
+        "SGM Uniform",
+        ("SGMUniform",),
+        {
+            "euler": "euler_trailing",
+            "euler_trailing": "euler_trailing",
+            "euler_a": "euler_a_trailing",
+            "euler_a_trailing": "euler_a_trailing",
+        },
+    ),
+)
+
+
+def a1111_scheduler(sampler: str | None, schedule: str | None, combination_scheduler: str) -> str | None:
+    """imagefab's scheduler for an A1111 `sampler_name` + `scheduler`; None: the combination's own.
+
+    A missing `scheduler`, or "Automatic", keeps the sampler's schedule; "Karras" and "SGM Uniform"
+    pick the imagefab scheduler that renders the sampler with that schedule, where one exists."""
+    chosen = None
+    if sampler:
+        chosen = A1111_SAMPLERS.get(sampler) or (sampler if sampler in SCHEDULERS else None)
+        if chosen is None:
+            raise RequestError(422, "sampler_name", f"unknown sampler '{sampler}' (GET /sdapi/v1/samplers lists them)")
+    if not schedule:
+        return chosen
+    found = next((s for s in A1111_SCHEDULES if s.matches(schedule)), None)
+    if found is None:
+        valid = ", ".join(s.label for s in A1111_SCHEDULES)
+        raise RequestError(
+            422, "scheduler", f"unknown scheduler '{schedule}' (valid: {valid}; GET /sdapi/v1/schedulers lists them)"
+        )
+    target = chosen or combination_scheduler
+    if target not in found.variants:
+        samplers = sorted({SCHEDULERS[k][2] for k in found.variants})
+        raise RequestError(
+            422,
+            "scheduler",
+            f"'{found.label}' is not available with sampler '{SCHEDULERS[target][2]}' "
+            f"(it is with: {', '.join(samplers)})",
+        )
+    return found.variants[target]
+
+
+def a1111_schedule_label(scheduler: str) -> str:
+    """The A1111 scheduler label an imagefab scheduler renders with (for `info`)."""
+    for s in A1111_SCHEDULES[1:]:
+        if scheduler in s.variants.values():
+            return s.label
+    return "Automatic"
 
 
 @dataclass
@@ -168,6 +241,67 @@ class ServeCore:
             index.add_catalog(existing)
         return index
 
+    # --- names a request may give -----------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        """What OpenAI's `model` accepts: every combination, then every base model (plain, no LoRAs)
+        whose name no combination takes."""
+        return [*self.combos, *(b for b in self.models.bases if b not in self.combos)]
+
+    def model_choice(self, model: str | None) -> dict:
+        """ImageJob fields for an OpenAI `model`: a combination, or a base model without LoRAs."""
+        if not model or model in self.combos:
+            return {"combination": model}
+        if model in self.models.bases:
+            return {"base": model, "loras": []}
+        raise RequestError(404, "model", f"unknown model '{model}' (valid: {', '.join(self.model_ids())})")
+
+    def steps_for_quality(self, choice: dict, quality: str | None) -> int | None:
+        """Steps for an OpenAI `quality`: the configured factor on the chosen combination's steps,
+        at least 1 and at most `limits.max_steps`; None (the combination's own) without one."""
+        if quality is None:
+            return None
+        factors = self.config.quality_steps
+        if quality not in factors:
+            raise RequestError(
+                400, "quality", f"'{quality}' is not offered by this server (offered: {', '.join(factors)})"
+            )
+        steps = self.combos[choice.get("combination") or self.config.default].steps
+        return min(max(1, round(steps * factors[quality])), self.config.limits.max_steps)
+
+    def checkpoint_choice(self, checkpoint: str) -> tuple[str | None, str | None]:
+        """(combination, base) for an A1111 checkpoint title ("name [hash]" or a name)."""
+        name = str(checkpoint).split(" [", 1)[0]
+        return (name, None) if name in self.combos else (None, name)
+
+    def checkpoint_titles(self) -> list[str]:
+        """What the A1111 dialect's `sd_model_checkpoint` may be set to: base titles, then combinations."""
+        return [*(f"{b.name} [{b.sha256[:10]}]" for b in self.models.bases.values()), *self.combos]
+
+    def a1111_checkpoint(self) -> str:
+        """The A1111 dialect's current checkpoint: a base title or a combination name."""
+        try:
+            chosen = json.loads(self.output.read_bytes(A1111_OPTIONS_PATH)).get("sd_model_checkpoint")
+        except (OSError, ValueError):
+            chosen = None
+        combination, base = self.checkpoint_choice(chosen) if isinstance(chosen, str) else (None, None)
+        if base in self.models.bases:
+            b = self.models.bases[base]
+            return f"{b.name} [{b.sha256[:10]}]"
+        return combination or self.config.default  # unset, or set to what this config no longer serves
+
+    def set_a1111_checkpoint(self, checkpoint: object) -> str:
+        if not isinstance(checkpoint, str):
+            raise RequestError(422, "sd_model_checkpoint", "is a checkpoint title or a combination name")
+        combination, base = self.checkpoint_choice(checkpoint)
+        if combination is None and base not in self.models.bases:
+            raise RequestError(
+                422,
+                "sd_model_checkpoint",
+                f"unknown checkpoint '{checkpoint[:100]}' (valid: {', '.join(self.checkpoint_titles())})",
+            )
+        self.output.write_bytes(A1111_OPTIONS_PATH, json.dumps({"sd_model_checkpoint": checkpoint}).encode())
+        return self.a1111_checkpoint()
+
     # --- requests -> render requests ------------------------------------------------------------
     def plan(self, job: ImageJob) -> list[RenderRequest]:
         lim = self.config.limits
@@ -289,6 +423,20 @@ class ServeCore:
                 )
             )
         return out
+
+    def encoded(self, png: bytes, fmt: str, quality: int | None) -> bytes:
+        """A master PNG as `fmt` ("png": the master itself), its metadata embedded again.
+        Deterministic: the same master, format and quality give the same bytes."""
+        if fmt == "png":
+            return png
+        from PIL import Image
+
+        from app.postprocess import ImageMetadata, encode_image, read_metadata
+
+        meta = read_metadata(png).get("imagefab")
+        metadata = ImageMetadata.from_dict(meta) if isinstance(meta, dict) else None
+        with Image.open(io.BytesIO(png)) as image:
+            return encode_image(image, fmt, metadata, quality=quality or 100)  # type: ignore[arg-type]
 
     def read_image(self, image_id: str) -> bytes:
         """A served image's master file by id (the `url` that OpenAI-style responses point at)."""

@@ -61,15 +61,29 @@ class GenerateResponse(BaseModel):
 # --- OpenAI Images API --------------------------------------------------------------------------------
 
 
-class OpenAIImageRequest(BaseModel):
-    # extra fields (quality, style, background…) are accepted and ignored, as other servers do
-    model_config = ConfigDict(extra="allow")
+class OpenAIImageRequest(_Body):
+    """`images.generate`'s fields. Each is honoured or refused with a 400 naming it (as is any
+    field OpenAI does not define): none is accepted and then ignored."""
 
     prompt: str
-    model: str | None = None
+    model: str | None = Field(None, description="A combination or a base model (GET /v1/models).")
     n: int = Field(1, ge=1, le=64)
-    size: str | None = None
+    size: str | None = Field(None, description="WIDTHxHEIGHT, a size preset, or auto (the server's default).")
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
+        None, description="A factor on the combination's steps (the server's `quality_steps`)."
+    )
     response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="jpeg/webp encoder quality, as OpenAI's: 100 (default) compresses least."
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="opaque or auto; transparent is refused (SDXL renders no alpha)."
+    )
+    moderation: Literal["auto", "low"] | None = Field(None, description="low only: nothing but QC filters images here.")
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="Refused: a combination (model) decides the look."
+    )
     user: str | None = None
 
 
@@ -91,6 +105,9 @@ class A1111Txt2Img(BaseModel):
     n_iter: int = Field(1, ge=1, le=64)
     sampler_name: str | None = None
     sampler_index: str | None = None  # older clients
+    scheduler: str | None = Field(
+        None, description="A1111 1.9+: Automatic, Karras, SGM Uniform (GET /sdapi/v1/schedulers)."
+    )
     override_settings: dict[str, Any] = {}
 
 
