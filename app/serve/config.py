@@ -28,6 +28,14 @@ from app.spec import (
 
 API_KEYS_ENV = "IMAGEFAB_API_KEYS"  # comma-separated
 OpenAIQuality = Literal["low", "medium", "high", "auto", "standard", "hd"]
+QUALITY_STEPS: dict[OpenAIQuality, float] = {
+    "low": 0.5,
+    "medium": 0.75,
+    "high": 1.0,
+    "auto": 1.0,
+    "standard": 1.0,
+    "hd": 1.5,
+}
 
 
 def is_loopback(host: str) -> bool:
@@ -90,9 +98,7 @@ class ServeConfig(_Frozen):
     url_secret: str | None = None
     url_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     # OpenAI `quality` -> a factor on the combination's steps (rounded, at least 1, at most limits.max_steps).
-    quality_steps: dict[OpenAIQuality, float] = Field(
-        default_factory=lambda: {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.5}
-    )
+    quality_steps: dict[OpenAIQuality, float] = Field(default_factory=lambda: dict(QUALITY_STEPS))
     limits: Limits = Limits()
     batching: Batching = Batching()
     replicas: Replicas = Replicas()

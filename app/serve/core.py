@@ -265,7 +265,7 @@ class ServeCore:
             raise RequestError(
                 400, "quality", f"'{quality}' is not offered by this server (offered: {', '.join(factors)})"
             )
-        steps = self.combos[choice.get("combination") or self.config.default].steps
+        steps = self.combos[choice.get("combination") or self.config.default].steps or self.config.steps
         return min(max(1, round(steps * factors[quality])), self.config.limits.max_steps)
 
     def checkpoint_choice(self, checkpoint: str) -> tuple[str | None, str | None]:
