@@ -248,6 +248,8 @@ def test_metrics_count_every_answer_under_conventional_names(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     client, _, _ = server
+    ok = client.post("/v1/generate", json={"prompt": "a cup", "combination": "plain", "width": 128, "height": 128})
+    assert ok.status_code == 200
     assert client.post("/v1/generate", json={"prompt": "x", "n": "many"}).status_code == 422
     assert client.post("/v1/images/generations", json={"prompt": "x", "size": "7x7"}).status_code == 400
 
@@ -263,7 +265,9 @@ def test_metrics_count_every_answer_under_conventional_names(server):
     deadline = time.monotonic() + 20  # replicas report to the hub without waiting: allow it a moment
     while time.monotonic() < deadline:
         seen = counted()
-        if seen.get(("/v1/generate", "422")) and seen.get(("/v1/images/generations", "400")):
+        if all(
+            seen.get(k) for k in [("/v1/generate", "200"), ("/v1/generate", "422"), ("/v1/images/generations", "400")]
+        ):
             break
         time.sleep(0.2)
     assert seen.get(("/v1/generate", "422"), 0) >= 1 and seen.get(("/v1/images/generations", "400"), 0) >= 1, seen
