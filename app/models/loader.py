@@ -62,7 +62,12 @@ def pipeline_class(base: ResolvedModel):
 
 def load_pipeline(base: ResolvedModel, device: torch.device, dtype: torch.dtype):
     """The pipeline for `base` on `device` (`pipeline_class`: SDXL, or SDXL inpainting for an
-    inpainting checkpoint), progress bars off."""
+    inpainting checkpoint), progress bars off.
+
+    diffusers switches on its own invisible watermark whenever the `invisible-watermark` package
+    can be imported; that would make an image's pixels depend on what else is installed (and
+    refuses images under 256 px). imagefab marks its outputs in post-processing, so the
+    pipeline's is always off."""
     pipeline_cls = pipeline_class(base)
 
     quiet_libraries()
@@ -70,10 +75,14 @@ def load_pipeline(base: ResolvedModel, device: torch.device, dtype: torch.dtype)
         if base.source.startswith("file:") or base.path.endswith(".safetensors"):
             if not base.config:
                 raise ModelFileError(f"{base.path}: single-file base '{base.name}' needs `config` (a diffusers folder)")
-            pipe = pipeline_cls.from_single_file(base.path, config=base.config, local_files_only=True, dtype=dtype)
+            pipe = pipeline_cls.from_single_file(
+                base.path, config=base.config, local_files_only=True, dtype=dtype, add_watermarker=False
+            )
             _require_all_weights(pipe, base)
         else:
-            pipe = pipeline_cls.from_pretrained(base.path, dtype=dtype, use_safetensors=True, local_files_only=True)
+            pipe = pipeline_cls.from_pretrained(
+                base.path, dtype=dtype, use_safetensors=True, local_files_only=True, add_watermarker=False
+            )
     except ModelFileError:
         raise
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, safetensors errors…
