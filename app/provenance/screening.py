@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,6 +58,7 @@ class PromptScreen:
     """Blocks prompts that contain any of `terms` as whole words."""
 
     terms: tuple[str, ...] = DEFAULT_PROMPT_TERMS
+    _compiled: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         cleaned = tuple(normalise(term) for term in self.terms)
@@ -68,7 +69,7 @@ class PromptScreen:
 
     def matches(self, *texts: str) -> list[str]:
         """The blocked terms found in `texts` (normalised, in order of appearance, unique)."""
-        pattern = self._pattern
+        pattern = self._compiled
         if pattern is None:
             return []
         found: list[str] = []
