@@ -7,6 +7,7 @@ imagefab spec schema                  the spec's JSON Schema, for editors and CI
 imagefab models list|build|verify     the model catalog
 imagefab regenerate IMAGE_ID          render a catalogued image again and compare the bytes
 imagefab catalog [--output URI]       counts by run and status, straight from the Parquet catalog; --json
+imagefab verify FILE... [--json]      C2PA manifest, invisible watermark (-> catalog row), infotext
 """
 
 from __future__ import annotations
@@ -274,6 +275,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print(f"\n2/4 MLflow registry at {tracking_uri()}: models, LoRAs, templates, QC settings (once)")
     register_builtins(make_client(), report=lambda line: print(f"  {line}"))
+    from app.models.catalog import default_home
+    from app.provenance.devca import NOT_FOR_PUBLISHING, ensure_dev_credentials
+
+    creds = ensure_dev_credentials(default_home())
+    made = "created" if creds.created else "kept"
+    print(f"  C2PA development CA {made}: {creds.root_ca}\n  {NOT_FOR_PUBLISHING}")
     print(f"\n3/4 bulk job: {spec} -> {args.output}, versions resolved through @production aliases")
     import yaml
 
@@ -287,6 +294,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return rc
     print("\n4/4 the catalog, read back with DuckDB  (MLflow UI: make mlflow)")
     return cmd_catalog(argparse.Namespace(output=args.output))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Per file: the C2PA manifest and its validity, the watermark and its catalog row, the infotext."""
+    import json
+
+    from app.catalog.store import CatalogStore
+    from app.provenance.verify import verify_file
+    from app.storage import OutputStore
+
+    trust = Path(args.trust).read_bytes() if args.trust else None
+    rows_cache: list[dict] | None = None
+
+    def lookup(payload: str) -> list[dict]:
+        nonlocal rows_cache
+        if rows_cache is None:
+            table = CatalogStore(OutputStore.at(args.output)).read(["image_id", "status", "uri", "run_id"])
+            rows_cache = table.to_pylist()
+        return [row for row in rows_cache if row["image_id"].startswith(payload)]
+
+    bad = 0
+    for file in args.files:
+        if not Path(file).is_file():
+            print(f"imagefab verify: {file}: no such file", file=sys.stderr)
+            bad += 1
+            continue
+        report = verify_file(file, trust_anchors=trust, lookup=lookup)
+        manifest = report["c2pa"]
+        bad += manifest is not None and not manifest["valid"]
+        if args.json:
+            print(json.dumps({k: report[k] for k in ("file", "c2pa", "watermark", "infotext")}, ensure_ascii=False))
+        else:
+            print(report["file"])
+            for line in report["summary"]:
+                print(f"  {line}")
+            if report["infotext"]:
+                print("  " + report["infotext"].replace("\n", "\n  "))
+    return 1 if bad else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -353,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="outputs")
     d.set_defaults(func=cmd_demo)
 
+    ve = sub.add_parser("verify", help="provenance of image files: C2PA manifest, invisible watermark, infotext")
+    ve.add_argument("files", nargs="+", metavar="FILE")
+    ve.add_argument("--json", action="store_true", help="one JSON object per file: file, c2pa, watermark, infotext")
+    ve.add_argument("--output", default="outputs", help="the output URI whose catalog the watermark is looked up in")
+    ve.add_argument("--trust", help="PEM file of trusted CA certificates (e.g. the development root CA)")
+    ve.set_defaults(func=cmd_verify)
+
     sv = sub.add_parser("serve", help="serve the HTTP API (native, OpenAI, AUTOMATIC1111) with Ray Serve")
     sv.add_argument("--config", help="serve config YAML (default: built-in defaults, tiny models)")
     sv.add_argument("--host", help="bind address (default 127.0.0.1; others need API keys)")
@@ -374,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app.models.digest import ModelFileError
     from app.raycluster import ClusterUnreachable
+    from app.provenance.signing import SigningError
     from app.regenerate import RegenerateError
     from app.registry import RegistryError
     from app.spec import SpecError
@@ -381,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (SpecError, ModelFileError, StorageError, RegenerateError, RegistryError, ClusterUnreachable) as e:
+    except (SpecError, ModelFileError, StorageError, RegenerateError, RegistryError, ClusterUnreachable, SigningError) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -2,7 +2,9 @@
 
 `ExpandRows` is a plain callable over Arrow batches (the first Ray Data stage). A row that cannot
 become a request (empty prompt, a template value missing, a bad size, an unknown LoRA) becomes a
-`failed` request with the reason: it is written to the catalog, and the other rows go on.
+`failed` request with the reason: it is written to the catalog, and the other rows go on. So does a
+prompt with a term of `screening.prompt_terms` (reason `prompt_blocked: <terms>`), before any
+rendering.
 
 Columns a row may carry besides the template's own (all optional):
   prompt / <input.prompt_column>   the prompt, when the spec has no template
@@ -31,6 +33,10 @@ OUTPUT_COLUMNS = ("image_id", "status", "error", "combination", "request")
 
 class RowError(ValueError):
     """Why one input row cannot be rendered."""
+
+
+class PromptBlocked(RowError):
+    """A prompt with a term of `screening.prompt_terms`: the row fails with the terms as its reason."""
 
 
 def template_fields(template: str) -> list[str]:
@@ -187,6 +193,7 @@ class ExpandRows:
         self.models = models
         self.combos: dict[str, Combination] = spec.effective_combinations()
         self.fields = template_fields(spec.input.prompt_template) if spec.input.prompt_template else []
+        self.screen = spec.screening.prompt_screen()  # None: prompts are not screened
 
     def __call__(self, batch: pa.Table) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
@@ -202,7 +209,8 @@ class ExpandRows:
                         emit(req.image_id, "pending", "", req.combination_key, req.to_json())
                 except RowError as e:
                     partial = json.dumps(self._partial(raw, i), ensure_ascii=False)
-                    emit(failed_row_id(raw, i), "failed", f"bad_row: {e}", "", partial)
+                    reason = str(e) if isinstance(e, PromptBlocked) else f"bad_row: {e}"
+                    emit(failed_row_id(raw, i), "failed", reason, "", partial)
         return out
 
     def routes(self, raw: dict) -> list[tuple[str, str]]:
@@ -251,6 +259,8 @@ class ExpandRows:
         prompt = " ".join(prompt.split())
         if not prompt:
             raise RowError("empty prompt")
+        if self.screen is not None and (blocked := self.screen.reason(prompt)):
+            raise PromptBlocked(blocked)  # before rendering: the row fails with the terms found
         negative = spec.negative_prompt
         neg_col = inp.negative_column or "negative_prompt"
         if neg_col in raw and not _missing(raw[neg_col]) and str(raw[neg_col]).strip():

@@ -18,7 +18,7 @@ import io
 import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
@@ -500,6 +500,7 @@ def _xmp_packet(metadata: ImageMetadata | None) -> bytes:
             f"\n   <dc:identifier>{_xml_text(metadata.image_id)}</dc:identifier>"
             f"\n   <imagefab:Metadata>{_xml_text(metadata.to_json())}</imagefab:Metadata>"
         )
+        properties += _xmp_rights(metadata.extra)
     packet = f"""<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
 <x:xmpmeta xmlns:x="adobe:ns:meta/">
  <rdf:RDF xmlns:rdf="{_NS_RDF}">
@@ -508,6 +509,8 @@ def _xmp_packet(metadata: ImageMetadata | None) -> bytes:
     xmlns:xmp="http://ns.adobe.com/xap/1.0/"
     xmlns:Iptc4xmpExt="{_NS_IPTC_EXT}"
     xmlns:imagefab="{_NS_IMAGEFAB}"
+    xmlns:xmpRights="http://ns.adobe.com/xap/1.0/rights/"
+    xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/"
     Iptc4xmpExt:DigitalSourceType="{_xml_attr(DIGITAL_SOURCE_TYPE)}"
     xmp:CreatorTool="imagefab">{properties}
   </rdf:Description>
@@ -515,6 +518,25 @@ def _xmp_packet(metadata: ImageMetadata | None) -> bytes:
 </x:xmpmeta>
 <?xpacket end="w"?>"""
     return packet.encode("utf-8")
+
+
+def _xmp_rights(extra: Mapping[str, str]) -> str:
+    """IPTC rights fields from `extra`'s `rights.licence`, `rights.owner`, `rights.notes`:
+    Copyright Notice (dc:rights), Rights Usage Terms (xmpRights:UsageTerms), Copyright Owner."""
+    licence, owner, notes = (extra.get(f"rights.{key}", "") for key in ("licence", "owner", "notes"))
+    out = ""
+    if owner:
+        out += (
+            f'\n   <dc:rights><rdf:Alt><rdf:li xml:lang="x-default">© {_xml_text(owner)}</rdf:li></rdf:Alt></dc:rights>'
+            f'\n   <plus:CopyrightOwner><rdf:Seq><rdf:li rdf:parseType="Resource">'
+            f"<plus:CopyrightOwnerName>{_xml_text(owner)}</plus:CopyrightOwnerName></rdf:li></rdf:Seq></plus:CopyrightOwner>"
+        )
+    terms = "; ".join(part for part in (licence, notes) if part)
+    if terms:
+        out += f'\n   <xmpRights:UsageTerms><rdf:Alt><rdf:li xml:lang="x-default">{_xml_text(terms)}</rdf:li></rdf:Alt></xmpRights:UsageTerms>'
+    if licence or owner:
+        out += "\n   <xmpRights:Marked>True</xmpRights:Marked>"
+    return out
 
 
 def _parse_xmp(xmp: bytes | str) -> dict[str, Any]:
@@ -677,9 +699,15 @@ class Variant:
 
 
 def render_variants(
-    image: Image.Image, settings: PostprocessSettings, metadata: ImageMetadata | None = None
+    image: Image.Image,
+    settings: PostprocessSettings,
+    metadata: ImageMetadata | None = None,
+    mark: Callable[[Image.Image], Image.Image] | None = None,
 ) -> list[Variant]:
-    """One encoded variant per preset in `settings.presets`, in that order."""
+    """One encoded variant per preset in `settings.presets`, in that order.
+
+    `mark` (the invisible watermark) is applied to each variant's final pixels, before encoding.
+    """
     variants = []
     for name in settings.presets:
         preset = PRESETS[name]
@@ -688,6 +716,8 @@ def render_variants(
         # 2. Watermark after resizing, so its size is relative to what the viewer sees
         if settings.watermark is not None:
             variant = apply_watermark(variant, settings.watermark)
+        if mark is not None:
+            variant = mark(variant)
         # 3. Encode with the metadata
         data = encode_image(variant, settings.format, metadata, settings.quality, settings.png_compress_level)
         variants.append(Variant(name, preset.width, preset.height, settings.format, data))

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.compute import ComputeSpec
 from app.postprocess import PostprocessSettings
+from app.provenance.settings import ProvenanceSettings, RightsSpec, ScreeningSettings
 from app.qc import QcSettings
 
 # SDXL was trained on ~1 megapixel buckets; these are its usual sizes, plus small ones for the
@@ -257,6 +258,9 @@ class JobSpec(_Frozen):
     tags: tuple[str, ...] = ()  # input columns copied into each image's tags
     static_tags: dict[str, str] = {}  # tags set on every image of the run (campaign, brand…)
     compute: ComputeSpec = ComputeSpec()
+    provenance: ProvenanceSettings = ProvenanceSettings()  # C2PA manifests, invisible watermark
+    rights: RightsSpec | None = None  # usage rights: catalog, XMP (IPTC) and the C2PA manifest
+    screening: ScreeningSettings = ScreeningSettings()  # prompts checked before rendering
 
     @field_validator("run_name")
     @classmethod
@@ -408,5 +412,14 @@ def _anchor_paths(data: dict, base_dir: Path) -> dict:
             for k, v in qc["style_references"].items()
         }
         data["qc"] = {**qc, "style_references": refs}
+    signing = (data.get("provenance") or {}).get("signing") if isinstance(data.get("provenance"), dict) else None
+    if isinstance(signing, dict):
+        anchored = {
+            k: str(base_dir / v)
+            if k in ("cert", "key") and isinstance(v, str) and not Path(v).expanduser().is_absolute()
+            else v
+            for k, v in signing.items()
+        }
+        data["provenance"] = {**data["provenance"], "signing": anchored}
     # output.uri stays relative to where the job runs (like any CLI tool's output flag).
     return data

@@ -6,7 +6,8 @@ Serve app wire them. A row whose stage fails becomes `failed` with the reason; t
   Generator            -> pixels, nonfinite, gpu_seconds, accelerator, batch_id, batch_size
   (GeneratorWithClip   -> the same + clip_embedding, clip_model, clip_cosines: app/qc/clip_stage.py)
   QualityControl       -> status, reasons, scores, qc_version, cpu_seconds
-  Postprocess          -> uri, variants, pixel_sha256, cpu_seconds (+), drops pixels
+  Postprocess          -> uri, variants, pixel_sha256, usage_rights, cpu_seconds (+), drops pixels
+                          (invisible watermark and a signed C2PA manifest in every file it writes)
   CatalogWrite         -> appends catalog rows; returns image_id, status, gpu_seconds, cpu_seconds
   Finish               =  QualityControl -> Postprocess -> CatalogWrite, one Ray stage
 """
@@ -25,6 +26,9 @@ from PIL import Image
 from app.catalog.store import CatalogStore
 from app.cost import PriceTable
 from app.postprocess import ImageMetadata, PostprocessSettings, encode_master, render_variants
+from app.provenance import watermark
+from app.provenance.settings import Provenance
+from app.provenance.signing import GenerationRecord, Ingredient, ModelRecord, sign_master, sign_variant
 from app.qc import QcModels, QcSettings
 from app.qc.clip_measures import CLIP_COLUMNS, measure_from_row
 from app.schedulers import sampler_name
@@ -61,9 +65,11 @@ def image_path(image_id: str) -> str:
     return f"images/{image_id[:2]}/{image_id}.png"
 
 
-def metadata_for(req: dict) -> ImageMetadata:
+def metadata_for(req: dict, provenance: Provenance | None = None) -> ImageMetadata:
     """What is embedded in an image's files. No run id: the same image_id gives the same bytes,
-    whichever run wrote it (images are stored by id, and a rerun may write one again)."""
+    whichever run wrote it (images are stored by id, and a rerun may write one again).
+    Usage rights go into `extra` (`rights.*`), which the XMP writer turns into IPTC rights fields."""
+    rights = {} if provenance is None or provenance.rights.is_empty() else provenance.rights.to_dict()
     return ImageMetadata(
         image_id=req["image_id"],
         prompt=req["prompt"],
@@ -77,6 +83,32 @@ def metadata_for(req: dict) -> ImageMetadata:
         model_name=req["base_model"]["name"],
         model_hash=req["base_model"]["sha256"],
         loras=tuple((lo["name"], lo["weight"], lo["sha256"]) for lo in req["loras"]),
+        extra={f"rights.{k}": v for k, v in rights.items() if v},
+    )
+
+
+def generation_record(req: dict, provenance: Provenance, watermarked: bool) -> GenerationRecord:
+    """What an image's C2PA manifest says about how it was made."""
+    base, licences = req["base_model"], provenance.licences
+    return GenerationRecord(
+        image_id=req["image_id"],
+        generator_version=provenance.generator_version,
+        base_model=ModelRecord(base["name"], base["sha256"], base.get("version", ""), licences.get(base["name"], "")),
+        loras=tuple(
+            ModelRecord(
+                lo["name"], lo["sha256"], lo.get("version", ""), licences.get(lo["name"], ""), float(lo["weight"])
+            )
+            for lo in req["loras"]
+        ),
+        rights=provenance.rights,
+        watermark_payload=watermark.payload_for(req["image_id"]) if watermarked else "",
+        extra={
+            "steps": req["steps"],
+            "scheduler": req["scheduler"],
+            "guidance": req["guidance"],
+            "seed": req["seed"],
+            "size": f"{req['width']}x{req['height']}",
+        },
     )
 
 
@@ -156,19 +188,27 @@ class QualityControl:
 
 
 class Postprocess:
-    """Writes the lossless master (always) and the platform variants (for accepted/review)."""
+    """Writes the lossless master (always) and the platform variants (for accepted/review).
+
+    With `provenance`, every file carries the invisible watermark (images of at least 256x256
+    pixels) and a signed C2PA manifest; a variant's manifest names its master as parent.
+    `pixel_sha256` stays the hash of the rendered pixels, before the watermark (what `regenerate`
+    renders again).
+    """
 
     reads = ("status", "request", "pixels")
-    adds = ("uri", "bytes", "variants", "pixel_sha256", "cpu_seconds")
+    adds = ("uri", "bytes", "variants", "pixel_sha256", "usage_rights", "cpu_seconds")
 
-    def __init__(self, settings: PostprocessSettings, output: OutputStore):
+    def __init__(self, settings: PostprocessSettings, output: OutputStore, provenance: Provenance | None = None):
         self.settings = settings
         self.output = output
+        self.provenance = provenance
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
         status, error = list(batch["status"]), list(batch["error"])
         uris, sizes, variants, shas, cpu = [], [], [], [], list(batch["cpu_seconds"])
+        rights: list[dict | None] = []
         for i in range(n):
             t0 = time.process_time()
             uri, size, rows, sha = "", 0, [], ""
@@ -180,6 +220,7 @@ class Postprocess:
                 except Exception as e:
                     status[i], error[i] = "failed", f"postprocess_error: {type(e).__name__}: {e}"
             uris.append(uri)
+            rights.append(self._usage_rights(batch, i) if status[i] != "failed" else None)
             sizes.append(size)
             variants.append(json.dumps(rows))
             shas.append(sha)
@@ -192,34 +233,75 @@ class Postprocess:
             bytes=np.asarray(sizes, dtype=np.int64),
             variants=_obj(variants),
             pixel_sha256=_obj(shas),
+            usage_rights=_obj(rights),
             cpu_seconds=np.asarray(cpu, dtype=np.float64),
         )
         return out
 
+    def _usage_rights(self, batch: dict, i: int) -> dict | None:
+        if self.provenance is None:
+            return None
+        req = json.loads(batch["request"][i])
+        if "base_model" not in req:
+            return None
+        return self.provenance.usage_rights(req["base_model"]["name"], [lo["name"] for lo in req.get("loras", [])])
+
     def write_one(self, batch: dict, i: int, with_variants: bool) -> tuple[str, int, list[dict], str]:
         req = json.loads(batch["request"][i])
-        pixels = image_from_row(batch, i)
+        rendered = image_from_row(batch, i)
+        prov = self.provenance
+        # 1. The invisible watermark goes into the pixels every file is made from
+        marked = prov is not None and prov.watermark and watermark.can_embed(req["width"], req["height"])
+        pixels = watermark.embed(rendered, req["image_id"]) if marked else rendered
         image = Image.fromarray(pixels, "RGB")
-        meta = metadata_for(req)
+        meta = metadata_for(req, prov)
         master = image_path(req["image_id"])
+        # 2. The master, signed
         data = encode_master(image, meta, self.settings.png_compress_level)
+        signer = prov.signer if prov is not None else None
+        if signer is not None and prov is not None:
+            record = generation_record(req, prov, marked)
+            data = sign_master(data, "png", record, signer, master.rsplit("/", 1)[-1])
         uri = self.output.write_bytes(master, data)
-        rows = []
+        rows: list[dict] = []
         if with_variants:
-            for v in render_variants(image, self.settings, meta):
+            # 3. Variants: resized, visibly watermarked when set, invisibly marked again (resizing
+            #    moves the mark's blocks), signed with the master as parent ingredient
+            def mark(variant: Image.Image) -> Image.Image:
+                if not marked or not watermark.can_embed(*variant.size):
+                    return variant
+                return Image.fromarray(watermark.embed(np.asarray(variant.convert("RGB")), req["image_id"]), "RGB")
+
+            for v in render_variants(image, self.settings, meta, mark=mark if marked else None):
                 ext = "jpg" if v.format == "jpeg" else v.format
                 rel = f"{master.removesuffix('.png')}/{v.preset}.{ext}"
+                variant_data = v.data
+                if signer is not None and prov is not None:
+                    variant_data = sign_variant(
+                        v.data,
+                        v.format,
+                        Ingredient(master.rsplit("/", 1)[-1], data, "png"),
+                        signer,
+                        image_id=req["image_id"],
+                        generator_version=prov.generator_version,
+                        title=rel.rsplit("/", 1)[-1],
+                        watermarked=self.settings.watermark is not None,
+                        rights=prov.rights,
+                        watermark_payload=watermark.payload_for(req["image_id"])
+                        if marked and watermark.can_embed(v.width, v.height)
+                        else "",
+                    )
                 rows.append(
                     {
                         "preset": v.preset,
-                        "uri": self.output.write_bytes(rel, v.data),
+                        "uri": self.output.write_bytes(rel, variant_data),
                         "width": v.width,
                         "height": v.height,
                         "format": v.format,
-                        "bytes": len(v.data),
+                        "bytes": len(variant_data),
                     }
                 )
-        return uri, len(data), rows, hashlib.sha256(pixels.data).hexdigest()  # no copy of the buffer
+        return uri, len(data), rows, hashlib.sha256(rendered.data).hexdigest()  # no copy of the buffer
 
 
 def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created_at: datetime) -> dict:
@@ -274,7 +356,7 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "cpu_seconds": cpu_s,
         "cost_usd": prices.image_cost(accelerator, gpu_s, cpu_s) if accelerator else 0.0,
         "accelerator": accelerator,
-        "usage_rights": "",
+        "usage_rights": (batch["usage_rights"][i] or None) if "usage_rights" in batch else None,
         "approval": "pending",
     }
 
@@ -341,9 +423,10 @@ class Finish:
         duplicates=None,
         date: str | None = None,
         clip_on_generator: bool = False,
+        provenance: Provenance | None = None,
     ):
         self.qc = QualityControl(qc, duplicates, clip_on_generator)
-        self.post = Postprocess(postprocess, output)
+        self.post = Postprocess(postprocess, output, provenance)
         self.write = CatalogWrite(output, run_id, source, prices, date)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -33,11 +33,13 @@ import yaml
 from app.catalog.store import CatalogStore
 from app.compute import ComputeSpec
 from app.expand import ExpandRows, ResolvedModels
-from app.models.catalog import ModelCatalog
+from app.models.catalog import ModelCatalog, default_home
 from app.models.digest import ModelFileError
 from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, row_lora_names, split_plan
 from app.progress import RunProgress
 from app.raycluster import ClusterUnreachable, connect_or_start_local, ray_data_logs_to_console
+from app.provenance.settings import Provenance, build_provenance
+from app.provenance.signing import SigningError
 from app.registry.errors import RegistryError
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
@@ -249,6 +251,10 @@ def run(
     catalog = versions.merge_into(ModelCatalog.load(spec.model.catalog))
     models = resolve_models(spec, catalog, row_lora_names(spec, columns))
     versions.check_models(models)
+    # Signing credentials are loaded and checked here: a missing or unusable key fails the run now.
+    provenance = build_provenance(
+        spec.provenance, spec.rights, catalog.licences(), default_home(), report=None if quiet else print
+    )
 
     connect_or_start_local(log_to_driver=not quiet)
     ctx = DataContext.get_current()
@@ -276,7 +282,7 @@ def run(
     if plan.pending.num_rows:
         try:
             progress = None if quiet else RunProgress(plan.pending.num_rows)
-            _render(spec, plan, models, output, run_id, summary, generator_cls, progress)
+            _render(spec, plan, models, output, run_id, summary, generator_cls, progress, provenance)
         except StorageError as e:  # raised in a Ray stage: the output filled up or became read-only
             # Its first line: Ray appends its traceback and a note on retries to the message.
             raise StorageError(str(getattr(e, "cause", None) or e).splitlines()[0]) from e
@@ -344,6 +350,7 @@ def _render(
     summary: RunSummary,
     generator_cls=None,
     progress: RunProgress | None = None,
+    provenance: Provenance | None = None,
 ) -> None:
     """One generator actor pool per base model, all feeding one CPU stage.
 
@@ -425,6 +432,7 @@ def _render(
                 "duplicates": duplicates,
                 "date": summary.date,
                 "clip_on_generator": clip_on_generator,
+                "provenance": provenance,
             },
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute.qc_workers)),
             batch_size=batch,
@@ -532,7 +540,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 track=not args.no_mlflow,
                 verbose=getattr(args, "verbose", False),
             )
-    except (SpecError, ModelFileError, StorageError, RegistryError, ClusterUnreachable) as e:
+    except (SpecError, ModelFileError, StorageError, RegistryError, ClusterUnreachable, SigningError) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         if as_json:
             print(json.dumps({"error": str(e)}))

@@ -33,6 +33,15 @@ VARIANT = pa.struct(
     ]
 )
 STRMAP = pa.map_(pa.string(), pa.string())
+# The spec's `rights` and the model catalog's licence of each model the image was made with.
+USAGE_RIGHTS = pa.struct(
+    [
+        ("licence", pa.string()),
+        ("owner", pa.string()),
+        ("notes", pa.string()),
+        ("model_licences", pa.list_(pa.struct([("name", pa.string()), ("licence", pa.string())]))),
+    ]
+)
 
 CATALOG_SCHEMA = pa.schema(
     [
@@ -86,7 +95,7 @@ CATALOG_SCHEMA = pa.schema(
         ("cost_usd", pa.float64()),
         ("accelerator", pa.string()),
         # governance
-        ("usage_rights", pa.string()),
+        ("usage_rights", USAGE_RIGHTS),  # null for failed rows
         ("approval", pa.string()),  # pending; people's decisions are appended elsewhere and joined
     ]
 )

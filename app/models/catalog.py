@@ -61,6 +61,7 @@ class ModelEntry:
     rank: int = 4
     pipeline: str = "txt2img"  # bases: one of BASE_PIPELINES
     description: str = ""
+    licence: str = ""  # the model's licence, recorded in every image's usage rights and C2PA manifest
 
     def __post_init__(self) -> None:
         if self.pipeline not in BASE_PIPELINES:
@@ -125,6 +126,10 @@ class ModelCatalog:
             entries.update(_parse_catalog(data, str(path), path.parent))
             origin = f"built-in + {path}"
         return cls(entries=entries, home=str(Path(home) if home else default_home()), origin=origin)
+
+    def licences(self) -> dict[str, str]:
+        """Model name -> licence, for every model of the catalog that names one."""
+        return {name: e.licence for name, e in self.entries.items() if e.licence}
 
     def names(self, kind: str) -> list[str]:
         return sorted(n for n, e in self.entries.items() if e.kind == kind)

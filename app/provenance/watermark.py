@@ -1,15 +1,15 @@
 """An invisible watermark in every output: a sync word and a prefix of the image's id.
 
 The method is invisible-watermark's DWT-DCT-SVD (`dwtDctSvd`), the one SDXL's reference
-pipeline uses: one bit per 4x4 block of the luma channel's Haar approximation band, the 64 bits
-repeated over the frame and averaged when read. Measured on photographs (benchmarks/RESULTS.md):
+pipeline uses: one bit per 4x4 block of a channel's Haar approximation band (here luma and U), the
+64 bits repeated over the frame and averaged when read. Measured on photographs (benchmarks/RESULTS.md):
 it survives JPEG re-encoding and, read back at the size it was marked at, resizing; a crop that shifts the block grid breaks it, because
 bits are laid out by block index.
 
 Payload: a 16-bit sync word, then the first 12 hex digits (48 bits) of the image id. A reader
 reports a watermark only when the sync word comes back with at most `MAX_SYNC_ERRORS` wrong bits
-(an unmarked image passes that by chance with probability 137/65536 = 0.2 %); the 48-bit prefix
-then names the catalog row.
+(an unmarked image passes that by chance with probability 137/65536 = 0.2 % per reading, and a
+reading is tried at each of `RESYNC_SCALES`); the 48-bit prefix then names the catalog row.
 """
 
 from __future__ import annotations
@@ -74,12 +74,13 @@ def embed(rgb: np.ndarray, image_id: str) -> np.ndarray:
 
 # invisible-watermark's dwtDctSvd, vectorised over blocks (the library loops over them in Python:
 # ~0.3 s per 1024² image, against a few ms here), bit for bit the same layout, so the library's
-# decoder (and SDXL's) reads our marks. Two departures, both in the inverse transform: detail
-# bands go back in their own places (the library swaps horizontal and vertical), and the channel
-# is rounded and clipped to 0..255 instead of wrapped by a cast.
-_SCALE = 36.0  # quantisation step of the largest singular value (the library's default for U)
+# decoder (and SDXL's) reads our marks when given the same `scales`. The library marks only U
+# (scales [0, 36, 0]); that did not survive JPEG q70 on 256² images (0 of 12 tiny-model renders,
+# 87 % of bits), where luma at 24 as well did (12 of 12, PSNR 41.3 -> 39.6 dB). Two departures in
+# the inverse transform: detail bands go back in their own places (the library swaps horizontal
+# and vertical), and channels are rounded and clipped to 0..255 instead of wrapped by a cast.
+SCALES = (24.0, 36.0, 0.0)  # quantisation step of the largest singular value per Y, U, V channel
 _BLOCK = 4
-_CHANNEL = 1  # U of OpenCV's YUV
 
 
 def _dct_matrix(n: int = _BLOCK) -> np.ndarray:
@@ -105,36 +106,43 @@ def _embed_bits(rgb: np.ndarray, bits: list[int]) -> np.ndarray:
     height, width = rgb.shape[:2]
     h4, w4 = height // 4 * 4, width // 4 * 4
     yuv = cv2.cvtColor(np.ascontiguousarray(rgb[:, :, ::-1]), cv2.COLOR_BGR2YUV)
-    ca, (ch, cv, cd) = pywt.dwt2(yuv[:h4, :w4, _CHANNEL].astype(np.float64), "haar")
-    blocks, rows, cols = _blocks(ca)
-    coeffs = _DCT @ blocks @ _DCT.T
-    u, s, vh = np.linalg.svd(coeffs)
-    wanted = np.resize(np.asarray(bits, dtype=np.float64), len(blocks))
-    s[:, 0] = (s[:, 0] // _SCALE + 0.25 + 0.5 * wanted) * _SCALE
-    marked = _DCT.T @ (u * s[:, None, :]) @ vh @ _DCT
-    ca = ca.copy()
-    ca[: rows * _BLOCK, : cols * _BLOCK] = (
-        marked.reshape(rows, cols, _BLOCK, _BLOCK).swapaxes(1, 2).reshape(rows * _BLOCK, cols * _BLOCK)
-    )
-    channel = pywt.idwt2((ca, (ch, cv, cd)), "haar")
-    yuv[:h4, :w4, _CHANNEL] = np.clip(np.rint(channel), 0, 255).astype(np.uint8)
+    for channel, scale in enumerate(SCALES):
+        if scale <= 0:
+            continue
+        ca, details = pywt.dwt2(yuv[:h4, :w4, channel].astype(np.float64), "haar")
+        blocks, rows, cols = _blocks(ca)  # [N, 4, 4]
+        u, s, vh = np.linalg.svd(_DCT @ blocks @ _DCT.T)
+        wanted = np.resize(np.asarray(bits, dtype=np.float64), len(blocks))
+        s[:, 0] = (s[:, 0] // scale + 0.25 + 0.5 * wanted) * scale
+        marked = _DCT.T @ (u * s[:, None, :]) @ vh @ _DCT
+        ca = ca.copy()
+        ca[: rows * _BLOCK, : cols * _BLOCK] = (
+            marked.reshape(rows, cols, _BLOCK, _BLOCK).swapaxes(1, 2).reshape(rows * _BLOCK, cols * _BLOCK)
+        )
+        yuv[:h4, :w4, channel] = np.clip(np.rint(pywt.idwt2((ca, details), "haar")), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR)[:, :, ::-1])
 
 
 def _read_bits(rgb: np.ndarray) -> np.ndarray:
-    """The share of blocks voting 1 for each of the TOTAL_BITS bits: [TOTAL_BITS] float."""
+    """The share of blocks voting 1 for each of the TOTAL_BITS bits, over the marked channels."""
     import cv2
     import pywt
 
     height, width = rgb.shape[:2]
     h4, w4 = height // 4 * 4, width // 4 * 4
     yuv = cv2.cvtColor(np.ascontiguousarray(rgb[:, :, ::-1]), cv2.COLOR_BGR2YUV)
-    ca, _ = pywt.dwt2(yuv[:h4, :w4, _CHANNEL].astype(np.float64), "haar")
-    blocks, _, _ = _blocks(ca)
-    s0 = np.linalg.svd(_DCT @ blocks @ _DCT.T, compute_uv=False)[:, 0]
-    votes = (s0 % _SCALE) > _SCALE * 0.5
-    index = np.arange(len(votes)) % TOTAL_BITS
-    return np.bincount(index, weights=votes, minlength=TOTAL_BITS) / np.bincount(index, minlength=TOTAL_BITS)
+    ones, counts = np.zeros(TOTAL_BITS), np.zeros(TOTAL_BITS)
+    for channel, scale in enumerate(SCALES):
+        if scale <= 0:
+            continue
+        ca, _ = pywt.dwt2(yuv[:h4, :w4, channel].astype(np.float64), "haar")
+        blocks, _, _ = _blocks(ca)
+        s0 = np.linalg.svd(_DCT @ blocks @ _DCT.T, compute_uv=False)[:, 0]
+        votes = (s0 % scale) > scale * 0.5
+        index = np.arange(len(votes)) % TOTAL_BITS
+        ones += np.bincount(index, weights=votes, minlength=TOTAL_BITS)
+        counts += np.bincount(index, minlength=TOTAL_BITS)
+    return ones / counts
 
 
 # A downscaled copy has fewer blocks per row, so its bits land on other block indices; reading it

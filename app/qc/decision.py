@@ -85,7 +85,7 @@ if TYPE_CHECKING:  # torch stays out of `import app.qc`
 
 PIXEL_CHECKS = ("sharpness", "contrast", "exposure", "blank", "nonfinite")
 ARTEFACT_CHECKS = ("color_cast", "black_block", "green_block", "blockiness", "banding")
-MODEL_CHECKS = ("prompt", "negative_concepts", "duplicates", "style")
+MODEL_CHECKS = ("prompt", "negative_concepts", "duplicates", "style", "nsfw")
 KNOWN_CHECKS = PIXEL_CHECKS + ARTEFACT_CHECKS + MODEL_CHECKS
 
 # How the run is executed, not how images are judged: left out of `qc_version`.
@@ -155,6 +155,11 @@ class QcSettings(BaseModel):
     max_duplicate_distance: int = Field(6, ge=0, le=64)
     review_duplicate_distance: int = Field(10, ge=0, le=64)
 
+    # NSFW (NudeNet's detector, app/provenance/screening.py; applied by `QcModels`): the highest
+    # explicit-class confidence. Ordinary photographs score 0 to low values (benchmarks/RESULTS.md).
+    max_nsfw: float = Field(0.6, ge=0.0, le=1.0)
+    review_nsfw: float = Field(0.4, ge=0.0, le=1.0)
+
     # Style: key (a combination key, or "<tag>=<value>") -> folder of reference images.
     style_references: dict[str, str] = {}
     max_style_distance: float | None = Field(None, ge=0.0, le=2.0)
@@ -216,6 +221,7 @@ class QcSettings(BaseModel):
             ("max_blockiness", "review_blockiness"),
             ("max_banding", "review_banding"),
             ("max_style_distance", "review_style_distance"),
+            ("max_nsfw", "review_nsfw"),
         ]:
             _review_at_most(self, review, reject)
         if (

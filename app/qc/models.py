@@ -1,4 +1,5 @@
-"""What QC loads once per worker: the CLIP scorer, the style references, the duplicate index.
+"""What QC loads once per worker: the CLIP scorer, the style references, the duplicate index, the
+NSFW classifier (when the `nsfw` check is enabled; it adds the `nsfw` score and reason).
 
 A QC stage builds a `QcModels` in its `__init__` (never at import; CLIP pulls in torch) and calls
 `evaluate_batch` per batch:
@@ -28,6 +29,7 @@ from app.qc.duplicates import DuplicateIndex
 from app.qc.style import StyleReference, style_key_for
 
 if TYPE_CHECKING:
+    from app.provenance.screening import NsfwClassifier
     from app.qc.clip import ClipScorer
 
 
@@ -38,6 +40,7 @@ class QcModels:
     styles: dict[str, StyleReference] = field(default_factory=dict)
     duplicates: DuplicateIndex | None = None
     clip_on_generator: bool = False  # CLIP measures come with each batch; `clip` stays None
+    nsfw: NsfwClassifier | None = None
 
     @classmethod
     def load(
@@ -65,7 +68,12 @@ class QcModels:
         styles = {
             key: StyleReference.from_folder(key, folder, clip) for key, folder in settings.style_references.items()
         }
-        return cls(settings, None if clip_on_generator else clip, styles, duplicates, clip_on_generator)
+        nsfw = None
+        if "nsfw" in settings.enabled:
+            from app.provenance.screening import NsfwClassifier
+
+            nsfw = NsfwClassifier()
+        return cls(settings, None if clip_on_generator else clip, styles, duplicates, clip_on_generator, nsfw)
 
     def style_for(self, combination: str | None, tags: Mapping[str, str] | None) -> StyleReference | None:
         key = style_key_for(self.styles, combination, tags)
@@ -95,7 +103,7 @@ class QcModels:
         tags = [None] * count if tags is None else tags
         if len(combinations) != count or len(tags) != count:
             raise ValueError(f"{count} images but {len(combinations)} combinations and {len(tags)} tag maps")
-        return evaluate_batch(
+        verdicts = evaluate_batch(
             images,
             prompts,
             self.settings,
@@ -106,4 +114,24 @@ class QcModels:
             nonfinite_fractions=nonfinite_fractions,
             duplicate_groups=[(t or {}).get("ab_group") for t in tags],
             clip_measures=clip_measures,
+        )
+        if self.nsfw is None:
+            return verdicts
+        return [self._grade_nsfw(image, verdict) for image, verdict in zip(images, verdicts)]
+
+    def _grade_nsfw(self, image: np.ndarray | Image.Image, verdict: QcVerdict) -> QcVerdict:
+        """The verdict with the `nsfw` score, and the reason `nsfw` (reject) or `borderline_nsfw`."""
+        if self.nsfw is None or "too_small" in verdict.reasons:
+            return verdict
+        rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
+        score = self.nsfw.score(rgb).score
+        reasons, status = list(verdict.reasons), verdict.status
+        if score >= self.settings.max_nsfw:
+            reasons.insert(0, "nsfw")
+            status = "rejected"
+        elif score >= self.settings.review_nsfw:
+            reasons.append("borderline_nsfw")
+            status = "review" if status == "accepted" else status
+        return QcVerdict(
+            status, tuple(reasons), {**verdict.scores, "nsfw": score}, verdict.phash, verdict.nearest_duplicate
         )
