@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     _env_defaults()
     args = build_parser().parse_args(argv)
     from app.models.digest import ModelFileError
-    from app.raycluster import ClusterUnreachable
     from app.provenance.signing import SigningError
+    from app.raycluster import ClusterUnreachable
     from app.regenerate import RegenerateError
     from app.registry import RegistryError
     from app.spec import SpecError
@@ -434,7 +434,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (SpecError, ModelFileError, StorageError, RegenerateError, RegistryError, ClusterUnreachable, SigningError) as e:
+    except (
+        SpecError,
+        ModelFileError,
+        StorageError,
+        RegenerateError,
+        RegistryError,
+        ClusterUnreachable,
+        SigningError,
+    ) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

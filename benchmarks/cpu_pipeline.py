@@ -3,7 +3,8 @@
     python -m benchmarks.cpu_pipeline [--images 48] [--size 1024] [--workers 1]
 
 1. Standalone, one core, per 1024² image: QC (the full CPU QC, CLIP excluded: it belongs on the
-   generator's GPU), the master PNG (level 1), the platform variants, the catalog append.
+   generator's GPU), the master PNG (level 1), the platform variants, the invisible watermark and
+   C2PA signing of the master and the variants (on by default), the NSFW check, the catalog append.
    Capacity per core = 1 / (sum of those).
 2. The bulk job through Ray Data with a stand-in generator (benchmarks/standin.py) fast enough
    never to be the bottleneck, returning precomputed 1024² photographs; `--workers` CPU-stage
@@ -81,12 +82,58 @@ def standalone(spec, images: list[np.ndarray], out: Path) -> dict[str, float]:
             lambda im: render_variants(Image.fromarray(im), spec.postprocess), images
         ),
     }
+    costs.update(provenance_costs(spec, images, out))
     batch = [{"image_id": f"{i:032x}", "status": "accepted"} for i in range(16)]
     t0 = time.process_time()
     for k in range(5):
         store.append(batch, run_id=f"bench{k}", date="2026-01-01")
     costs["catalog append (per image, batches of 16)"] = (time.process_time() - t0) / (5 * 16) * 1000
     return costs
+
+
+def provenance_costs(spec, images: list[np.ndarray], out: Path) -> dict[str, float]:
+    """Invisible watermark and C2PA signing of the master and every variant, and the NSFW check
+    (off in this benchmark's QC list, so measured here on its own)."""
+    from PIL import Image
+
+    from app.postprocess import PRESETS, encode_image, encode_master, fit_to_preset
+    from app.provenance import watermark
+    from app.provenance.devca import ensure_dev_credentials
+    from app.provenance.screening import NsfwClassifier
+    from app.provenance.signing import GenerationRecord, Ingredient, ModelRecord, load_signer, sign_master, sign_variant
+
+    creds = ensure_dev_credentials(out / "home")
+    signer = load_signer(creds.chain, creds.key)
+    image_id = "ab" * 32
+    presets = [PRESETS[name] for name in spec.postprocess.presets]
+
+    def mark_all(im: np.ndarray) -> None:
+        watermark.embed(im, image_id)
+        for preset in presets:
+            watermark.embed(np.asarray(fit_to_preset(Image.fromarray(im), preset)), image_id)
+
+    encoded = {
+        id(im): (
+            encode_master(Image.fromarray(im), None, 1),
+            [encode_image(fit_to_preset(Image.fromarray(im), p), "jpeg") for p in presets],
+        )
+        for im in images
+    }
+    record = GenerationRecord(image_id, "bench", ModelRecord("sdxl-base", "0" * 64), watermark_payload=image_id[:12])
+
+    def sign_all(im: np.ndarray) -> None:
+        master, variants = encoded[id(im)]
+        signed = sign_master(master, "png", record, signer, "m.png")
+        for data in variants:
+            sign_variant(data, "jpeg", Ingredient("m.png", signed, "png"), signer, image_id=image_id,
+                         generator_version="bench", title="v.jpg", watermarked=False)  # fmt: skip
+
+    nsfw = NsfwClassifier(threads=1)
+    return {
+        "invisible watermark (master + variants)": per_image_ms(mark_all, images),
+        "C2PA signing (master + variants)": per_image_ms(sign_all, images),
+        "NSFW score (NudeNet, when enabled)": per_image_ms(nsfw.score, images),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,9 +37,9 @@ from app.models.catalog import ModelCatalog, default_home
 from app.models.digest import ModelFileError
 from app.plan import Plan, check_input, csv_string_types, input_columns, resolve_models, row_lora_names, split_plan
 from app.progress import RunProgress
-from app.raycluster import ClusterUnreachable, connect_or_start_local, ray_data_logs_to_console
 from app.provenance.settings import Provenance, build_provenance
 from app.provenance.signing import SigningError
+from app.raycluster import ClusterUnreachable, connect_or_start_local, ray_data_logs_to_console
 from app.registry.errors import RegistryError
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
