@@ -78,10 +78,13 @@ def _screenshot(rgb: np.ndarray) -> np.ndarray:
     import cv2
 
     shifted = np.clip(rgb.astype(np.int16) + 1, 0, 255).astype(np.uint8)
-    _ok, encoded = cv2.imencode(
+    ok, encoded = cv2.imencode(
         ".jpg", shifted[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, 0x221111]
     )
-    return np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1])
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR) if ok else None
+    if decoded is None:
+        raise RuntimeError("OpenCV could not re-encode the image as JPEG")
+    return np.ascontiguousarray(decoded[:, :, ::-1])
 
 
 ATTACKS = {
@@ -202,7 +205,9 @@ def signing_rows(side: int) -> dict:
             )  # fmt: skip
             variant_s.append(time.process_time() - t0)
             grow_variant.append(len(signed_variant) - len(variant))
-            assert read_manifest(signed_variant, "jpeg", creds.root_ca.read_bytes())["trusted"]
+            manifest = read_manifest(signed_variant, "jpeg", creds.root_ca.read_bytes())
+            if manifest is None or not manifest["trusted"]:
+                raise RuntimeError(f"the signed variant does not verify: {manifest}")
     screen = PromptScreen()
     prompt = "studio photo of a leather bag, brown, soft light, white background, Scunthorpe edition"
     t0 = time.process_time()
