@@ -1,31 +1,26 @@
-"""Post-processing: platform-sized variants, watermark, and provenance metadata in every file.
+"""Post-processing: platform-sized variants, watermark, and encoding with provenance metadata.
 
 A render leaves the generator as one full-size master PNG (never watermarked) plus one variant
 per requested preset: resized/cropped to the platform size, optionally watermarked, encoded as
-PNG, WebP or JPEG. Every file carries:
-
-- AUTOMATIC1111's `parameters` infotext (PNG text chunk, or EXIF UserComment in JPEG/WebP), the
-  de-facto format read by A1111, ComfyUI importers, Civitai and most image browsers;
-- the full `ImageMetadata` as JSON (PNG iTXt `imagefab`, and inside the XMP packet);
-- an XMP packet declaring the IPTC digital source type "trainedAlgorithmicMedia", the marker
-  platforms read to label AI-generated images.
+PNG, WebP or JPEG. Every file carries the image's `ImageMetadata` in the formats of
+`app/metadata/` (A1111 infotext, the JSON record, an XMP packet declaring AI provenance).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
-import re
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
-from PIL import ExifTags, Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.metadata.exif import exif_bytes
+from app.metadata.png import png_info
+from app.metadata.record import ImageMetadata
+from app.metadata.xmp import xmp_packet
 
 # ---------------------------------------------------------------------------------------------
 # Presets
@@ -211,365 +206,13 @@ def _fitted_font(
 
 
 # ---------------------------------------------------------------------------------------------
-# Metadata
+# Encoding
 # ---------------------------------------------------------------------------------------------
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-class LoraRef(NamedTuple):
-    name: str
-    weight: float
-    sha256: str
-
-
-@dataclass(frozen=True)
-class ImageMetadata:
-    """What made one image; embedded in every file written for it.
-
-    `model_hash` and each LoRA's `sha256` are the sha256 of the weights file (64 hex), or ""
-    when unknown. `loras` accepts plain `(name, weight, sha256)` tuples.
-    """
-
-    image_id: str
-    prompt: str
-    negative_prompt: str
-    steps: int
-    sampler: str
-    cfg_scale: float
-    seed: int
-    width: int
-    height: int
-    model_name: str
-    model_hash: str
-    loras: tuple[LoraRef, ...] = ()
-    run_id: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # Normalise numbers so that "CFG scale: 5.0" and the JSON do not depend on whether the
-        # caller passed 5 or 5.0 (or a numpy scalar, which json cannot write).
-        for name in ("steps", "seed", "width", "height"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-        object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
-        object.__setattr__(self, "model_hash", _check_sha256("model_hash", self.model_hash))
-        loras = tuple(
-            LoraRef(str(name), float(weight), _check_sha256(f"loras[{i}].sha256", sha256))
-            for i, (name, weight, sha256) in enumerate(self.loras)
-        )
-        object.__setattr__(self, "loras", loras)
-        # A private copy: the caller's dict must not change what is embedded later.
-        object.__setattr__(self, "extra", {str(k): str(v) for k, v in self.extra.items()})
-
-    def infotext(self) -> str:
-        """AUTOMATIC1111's `parameters` text: prompt, optional negative line, parameter line."""
-        prompt = self.prompt
-        # A1111 activates LoRAs with <lora:name:weight> in the prompt and writes the prompt as
-        # typed; readers (Civitai, A1111's "send to txt2img") rely on finding them there.
-        tags = [f"<lora:{lora.name}:{lora.weight:g}>" for lora in self.loras if f"<lora:{lora.name}:" not in prompt]
-        if tags:
-            prompt = " ".join([prompt, *tags]) if prompt else " ".join(tags)
-
-        params: list[tuple[str, Any]] = [
-            ("Steps", self.steps),
-            ("Sampler", self.sampler),
-            ("CFG scale", self.cfg_scale),
-            ("Seed", self.seed),
-            ("Size", f"{self.width}x{self.height}"),
-        ]
-        if self.model_hash:
-            # A1111's model "shorthash": the first 10 hex of the file's sha256 (Civitai "AutoV2").
-            params.append(("Model hash", self.model_hash[:10]))
-        params.append(("Model", self.model_name))
-        if self.loras:
-            # A1111 writes 12 hex of its own "addnet" hash here; we only know the file's sha256,
-            # whose 10-hex prefix is the AutoV2 id that Civitai resolves.
-            lora_hashes = ", ".join(f"{lora.name}: {lora.sha256[:10]}" for lora in self.loras)
-            params.append(("Lora hashes", lora_hashes))
-        params.append(("imagefab image_id", self.image_id))
-
-        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
-        line = ", ".join(f"{key}: {_quote(value)}" for key, value in params)
-        return f"{prompt}{negative}\n{line}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_id": self.image_id,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "steps": self.steps,
-            "sampler": self.sampler,
-            "cfg_scale": self.cfg_scale,
-            "seed": self.seed,
-            "width": self.width,
-            "height": self.height,
-            "model_name": self.model_name,
-            "model_hash": self.model_hash,
-            "loras": [lora._asdict() for lora in self.loras],
-            "run_id": self.run_id,
-            "extra": dict(self.extra),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ImageMetadata:
-        """Inverse of `to_dict` (e.g. on `read_metadata(...)["imagefab"]`)."""
-        fields = dict(data)
-        fields["loras"] = tuple(LoraRef(**lora) for lora in fields.get("loras", ()))
-        return cls(**fields)
-
-
-def _check_sha256(name: str, value: str) -> str:
-    value = value.lower()
-    if value and not _SHA256_HEX.fullmatch(value):
-        raise ValueError(f"`{name}` must be a sha256 hex digest (64 hex characters) or '', but is {value!r}")
-    return value
-
-
-def _quote(value: Any) -> str:
-    """A1111's rule: a value containing ',', ':' or a newline is written as a JSON string."""
-    text = str(value)
-    if any(c in text for c in ",:\n") or text.startswith('"'):
-        return json.dumps(text, ensure_ascii=False)
-    return text
-
-
-# Keys A1111 writes: words with spaces, dashes, slashes ("Hires upscale", "Lora hashes").
-_PARAM_KEY = re.compile(r"\w[\w \-/.+()]*")
-_LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)(?::[^<>]*)?>")
-_SIZE = re.compile(r"(\d+)x(\d+)")
-
-
-def parse_infotext(text: str) -> dict[str, Any]:
-    """Parse A1111 `parameters` text back into a dict.
-
-    Returns "prompt", "negative_prompt" and "loras" (`[(name, weight)]` from the prompt's
-    <lora:...> tags), plus from the parameter line: "steps", "sampler", "cfg_scale", "seed",
-    "size", "width", "height", "model_hash", "model", "lora_hashes" (`{name: hash}`),
-    "image_id", and any other parameter under its A1111 name. Quoted values may contain commas,
-    colons and newlines. A value that does not convert (e.g. "Steps: many") is kept as text.
-    """
-    lines = text.split("\n")
-    params = _parse_param_line(lines[-1])
-    # A1111's own heuristic: a last line with fewer than 3 "key: value" pairs is still prompt.
-    if params is not None and len(params) >= 3:
-        lines = lines[:-1]
-    else:
-        params = []
-
-    prompt_lines: list[str] = []
-    negative_lines: list[str] | None = None
-    for line in lines:
-        if negative_lines is None and line.startswith("Negative prompt:"):
-            negative_lines = [line.removeprefix("Negative prompt:").removeprefix(" ")]
-        elif negative_lines is not None:
-            negative_lines.append(line)
-        else:
-            prompt_lines.append(line)
-    prompt = "\n".join(prompt_lines)
-
-    result: dict[str, Any] = {
-        "prompt": prompt,
-        "negative_prompt": "\n".join(negative_lines or []),
-        "loras": [(name, _convert(weight, float)) for name, weight in _LORA_TAG.findall(prompt)],
-    }
-    for key, value in params:
-        if key == "Steps":
-            result["steps"] = _convert(value, int)
-        elif key == "Sampler":
-            result["sampler"] = value
-        elif key == "CFG scale":
-            result["cfg_scale"] = _convert(value, float)
-        elif key == "Seed":
-            result["seed"] = _convert(value, int)
-        elif key == "Size":
-            result["size"] = value
-            if match := _SIZE.fullmatch(value):
-                result["width"], result["height"] = int(match[1]), int(match[2])
-        elif key == "Model hash":
-            result["model_hash"] = value
-        elif key == "Model":
-            result["model"] = value
-        elif key == "Lora hashes":
-            pairs = (item.rpartition(":") for item in value.split(","))
-            result["lora_hashes"] = {name.strip(): digest.strip() for name, _, digest in pairs if name.strip()}
-        elif key == "imagefab image_id":
-            result["image_id"] = value
-        else:
-            result[key] = value
-    return result
-
-
-def _convert(value: str, kind: type) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        return value
-
-
-def _parse_param_line(line: str) -> list[tuple[str, str]] | None:
-    """Split `Key: value, Key: "quoted, value", ...`; None when the line is not of that shape."""
-    pairs: list[tuple[str, str]] = []
-    i, n = 0, len(line)
-    while i < n:
-        while i < n and line[i] == " ":
-            i += 1
-        if i == n:
-            break
-        colon = line.find(":", i)
-        if colon < 0:
-            return None
-        key = line[i:colon].strip()
-        if not _PARAM_KEY.fullmatch(key):
-            return None
-        i = colon + 1
-        while i < n and line[i] == " ":
-            i += 1
-        if i < n and line[i] == '"':
-            end = _closing_quote(line, i)
-            if end is None:
-                return None
-            try:
-                value = json.loads(line[i : end + 1])
-            except json.JSONDecodeError:
-                return None
-            i = end + 1
-            while i < n and line[i] == " ":
-                i += 1
-            if i < n and line[i] != ",":
-                return None
-            i += 1
-        else:
-            comma = line.find(",", i)
-            comma = n if comma < 0 else comma
-            value = line[i:comma].strip()
-            i = comma + 1
-        pairs.append((key, value))
-    return pairs
-
-
-def _closing_quote(line: str, start: int) -> int | None:
-    i = start + 1
-    while i < len(line):
-        if line[i] == "\\":
-            i += 2
-        elif line[i] == '"':
-            return i
-        else:
-            i += 1
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# XMP
-# ---------------------------------------------------------------------------------------------
-
-DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
-_NS_IPTC_EXT = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
-_NS_RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
-# imagefab publishes no namespace document; the reserved .invalid domain (RFC 2606) says so.
-_NS_IMAGEFAB = "https://imagefab.invalid/ns/xmp/1.0/"
 # JPEG keeps EXIF and XMP each in one APP1 segment of at most 65533 bytes; XMP's share loses
 # the 29-byte namespace header.
 _JPEG_MAX_SEGMENT_BYTES = 65533
 _JPEG_XMP_HEADER_BYTES = 29
-
-# Characters XML 1.0 cannot carry at all; a prompt may contain them, the packet must not.
-_XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def _xml_text(text: str) -> str:
-    text = _XML_INVALID.sub("\ufffd", text)
-    # &#13; keeps a carriage return that an XML parser would otherwise turn into a newline.
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
-
-
-def _xml_attr(text: str) -> str:
-    return _xml_text(text).replace('"', "&quot;").replace("\n", "&#10;").replace("\t", "&#9;")
-
-
-def _xmp_packet(metadata: ImageMetadata | None) -> bytes:
-    """XMP declaring AI provenance; with metadata also the prompt, image id and full JSON."""
-    properties = ""
-    if metadata is not None:
-        properties += (
-            f'\n   <dc:description><rdf:Alt><rdf:li xml:lang="x-default">{_xml_text(metadata.prompt)}'
-            f"</rdf:li></rdf:Alt></dc:description>"
-            f"\n   <dc:identifier>{_xml_text(metadata.image_id)}</dc:identifier>"
-            f"\n   <imagefab:Metadata>{_xml_text(metadata.to_json())}</imagefab:Metadata>"
-        )
-        properties += _xmp_rights(metadata.extra)
-    packet = f"""<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
-<x:xmpmeta xmlns:x="adobe:ns:meta/">
- <rdf:RDF xmlns:rdf="{_NS_RDF}">
-  <rdf:Description rdf:about=""
-    xmlns:dc="http://purl.org/dc/elements/1.1/"
-    xmlns:xmp="http://ns.adobe.com/xap/1.0/"
-    xmlns:Iptc4xmpExt="{_NS_IPTC_EXT}"
-    xmlns:imagefab="{_NS_IMAGEFAB}"
-    xmlns:xmpRights="http://ns.adobe.com/xap/1.0/rights/"
-    xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/"
-    Iptc4xmpExt:DigitalSourceType="{_xml_attr(DIGITAL_SOURCE_TYPE)}"
-    xmp:CreatorTool="imagefab">{properties}
-  </rdf:Description>
- </rdf:RDF>
-</x:xmpmeta>
-<?xpacket end="w"?>"""
-    return packet.encode("utf-8")
-
-
-def _xmp_rights(extra: Mapping[str, str]) -> str:
-    """IPTC rights fields from `extra`'s `rights.licence`, `rights.owner`, `rights.notes`:
-    Copyright Notice (dc:rights), Rights Usage Terms (xmpRights:UsageTerms), Copyright Owner."""
-    licence, owner, notes = (extra.get(f"rights.{key}", "") for key in ("licence", "owner", "notes"))
-    out = ""
-    if owner:
-        out += (
-            f'\n   <dc:rights><rdf:Alt><rdf:li xml:lang="x-default">© {_xml_text(owner)}</rdf:li></rdf:Alt></dc:rights>'
-            f'\n   <plus:CopyrightOwner><rdf:Seq><rdf:li rdf:parseType="Resource">'
-            f"<plus:CopyrightOwnerName>{_xml_text(owner)}</plus:CopyrightOwnerName></rdf:li></rdf:Seq></plus:CopyrightOwner>"
-        )
-    terms = "; ".join(part for part in (licence, notes) if part)
-    if terms:
-        out += f'\n   <xmpRights:UsageTerms><rdf:Alt><rdf:li xml:lang="x-default">{_xml_text(terms)}</rdf:li></rdf:Alt></xmpRights:UsageTerms>'
-    if licence or owner:
-        out += "\n   <xmpRights:Marked>True</xmpRights:Marked>"
-    return out
-
-
-def _parse_xmp(xmp: bytes | str) -> dict[str, Any]:
-    """Digital source type and imagefab JSON from an XMP packet; {} when it does not parse."""
-    try:
-        root = ET.fromstring(xmp)
-    except ET.ParseError:
-        return {}
-    found: dict[str, Any] = {}
-    source_key = f"{{{_NS_IPTC_EXT}}}DigitalSourceType"
-    for description in root.iter(f"{{{_NS_RDF}}}Description"):
-        # XMP allows a simple property as an attribute or as a child element.
-        source = description.get(source_key)
-        if source is None and (element := description.find(source_key)) is not None:
-            source = element.text
-        if source:
-            found["digital_source_type"] = source.strip()
-        element = description.find(f"{{{_NS_IMAGEFAB}}}Metadata")
-        if element is not None and element.text:
-            with contextlib.suppress(json.JSONDecodeError):
-                found["imagefab"] = json.loads(element.text)
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding and reading back
-# ---------------------------------------------------------------------------------------------
-
-# EXIF 2.3 UserComment starts with an 8-byte character-code id. A1111 writes infotext through
-# piexif's UserComment.dump(..., encoding="unicode"): "UNICODE\0" + UTF-16 big-endian, inside
-# a big-endian ("MM") TIFF block, which is also what Pillow's Exif() writes by default.
-_USER_COMMENT_UNICODE = b"UNICODE\x00"
-_USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"
 
 
 def encode_image(
@@ -594,94 +237,37 @@ def encode_image(
         raise ValueError(f"`png_compress_level` must be in 0..9, but is {png_compress_level}")
 
     buffer = io.BytesIO()
-    xmp = _xmp_packet(metadata)
+    xmp = xmp_packet(metadata)
     if fmt == "png":
-        info = PngInfo()
-        if metadata is not None:
-            info.add_text("parameters", metadata.infotext())
-            info.add_itxt("imagefab", metadata.to_json())
-        info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"))
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = _to_rgb(image)
-        image.save(buffer, format="PNG", pnginfo=info, compress_level=png_compress_level)
+        image.save(buffer, format="PNG", pnginfo=png_info(metadata, xmp), compress_level=png_compress_level)
         return buffer.getvalue()
 
-    exif = Image.Exif()
-    exif[ExifTags.Base.Software] = "imagefab"
-    if metadata is not None:
-        user_comment = _USER_COMMENT_UNICODE + metadata.infotext().encode("utf-16-be")
-        exif[ExifTags.IFD.Exif] = {ExifTags.Base.UserComment: user_comment}
-    exif_bytes = exif.tobytes()
+    exif = exif_bytes(metadata)
     if fmt == "jpeg":
-        if len(exif_bytes) > _JPEG_MAX_SEGMENT_BYTES:
+        if len(exif) > _JPEG_MAX_SEGMENT_BYTES:
             # Truncating would embed a prompt that is not the one used; refuse instead.
             raise ValueError(
                 f"the infotext of image {metadata.image_id if metadata else None!r} needs "
-                f"{len(exif_bytes)} bytes of EXIF, more than a JPEG segment holds "
+                f"{len(exif)} bytes of EXIF, more than a JPEG segment holds "
                 f"({_JPEG_MAX_SEGMENT_BYTES}); use 'png' or 'webp' for prompts this long"
             )
         if len(xmp) > _JPEG_MAX_SEGMENT_BYTES - _JPEG_XMP_HEADER_BYTES:
             # The JSON copy does not fit one APP1 segment: keep the provenance declaration; the
             # EXIF infotext still carries the prompt and the image id.
-            xmp = _xmp_packet(None)
-        _to_rgb(image).save(buffer, format="JPEG", quality=quality, exif=exif_bytes, xmp=xmp)
+            xmp = xmp_packet(None)
+        _to_rgb(image).save(buffer, format="JPEG", quality=quality, exif=exif, xmp=xmp)
     else:
         if image.mode not in ("RGB", "RGBA"):
             image = _to_rgb(image)
-        image.save(buffer, format="WEBP", quality=quality, exif=exif_bytes, xmp=xmp)
+        image.save(buffer, format="WEBP", quality=quality, exif=exif, xmp=xmp)
     return buffer.getvalue()
 
 
 def encode_master(image: Image.Image, metadata: ImageMetadata | None, png_compress_level: int = 1) -> bytes:
     """The full-size PNG kept as the master copy; never watermarked."""
     return encode_image(image, "png", metadata, png_compress_level=png_compress_level)
-
-
-def read_metadata(data: bytes) -> dict[str, Any]:
-    """Read back what `encode_image` embeds (also from A1111 files).
-
-    Returns "format" ("PNG", "JPEG" or "WEBP") and, when present: "parameters" (infotext),
-    "imagefab" (metadata JSON as a dict), "digital_source_type" (from XMP).
-    Raises ValueError for bytes that are not a readable PNG/JPEG/WebP.
-    """
-    try:
-        image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP"))
-        image.load()  # PNG text chunks after the pixel data are only read by load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read metadata from {len(data)} bytes: {e}") from e
-
-    result: dict[str, Any] = {"format": image.format}
-    if image.format == "PNG":
-        parameters = image.info.get("parameters")
-        if isinstance(parameters, str):
-            result["parameters"] = parameters
-        if isinstance(image.info.get("imagefab"), str):
-            with contextlib.suppress(json.JSONDecodeError):
-                result["imagefab"] = json.loads(image.info["imagefab"])
-    else:
-        exif = image.getexif()
-        comment = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
-        if isinstance(comment, bytes) and (parameters := _decode_user_comment(comment, exif.endian)):
-            result["parameters"] = parameters
-
-    xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
-    if xmp:
-        for key, value in _parse_xmp(xmp).items():
-            result.setdefault(key, value)
-    return result
-
-
-def _decode_user_comment(comment: bytes, endian: str | None) -> str:
-    prefix, body = comment[:8], comment[8:]
-    if prefix == _USER_COMMENT_UNICODE:
-        # EXIF's UNICODE follows the TIFF block's byte order ("MM" from piexif/A1111 and from
-        # us); a byte-order mark, which some writers add, overrides it.
-        if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            return body.decode("utf-16", errors="replace")
-        return body.decode("utf-16-le" if endian == "<" else "utf-16-be", errors="replace")
-    if prefix == _USER_COMMENT_ASCII:
-        return body.decode("ascii", errors="replace").rstrip("\x00")
-    return comment.decode("utf-8", errors="replace").rstrip("\x00")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from PIL import Image
 
 from app.catalog.store import CatalogStore
 from app.cost import PriceTable
-from app.postprocess import ImageMetadata, PostprocessSettings, encode_master, render_variants
+from app.metadata import ImageMetadata
+from app.postprocess import PostprocessSettings, encode_master, render_variants
 from app.provenance import watermark
 from app.provenance.settings import Provenance
 from app.provenance.signing import GenerationRecord, Ingredient, ModelRecord, sign_master, sign_variant

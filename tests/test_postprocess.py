@@ -1,62 +1,31 @@
-"""Post-processing on real photos: preset geometry, watermark, metadata in PNG/JPEG/WebP."""
+"""Post-processing on real photos: preset geometry, watermark, variants and the master with their metadata."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+from metadata_samples import decode, make_metadata
 from PIL import Image
 from pydantic import ValidationError
 from skimage import data as skdata
 
+from app.metadata import DIGITAL_SOURCE_TYPE, format_infotext, read_metadata
 from app.postprocess import (
-    DIGITAL_SOURCE_TYPE,
     PRESETS,
-    ImageMetadata,
     PostprocessSettings,
     WatermarkSettings,
     apply_watermark,
     encode_image,
     encode_master,
     fit_to_preset,
-    parse_infotext,
-    read_metadata,
     render_variants,
 )
 
 FORMATS = ("png", "jpeg", "webp")
-# Everything that breaks naive XML, A1111 quoting or Latin-1 text chunks.
-NASTY_PROMPT = 'a "cat" <b>&amp; & dog, watercolor: soft\nsecond line\twith tab, 猫と犬 🐱 naïve'
-MODEL_SHA = hashlib.sha256(b"sd_xl_base_1.0.safetensors").hexdigest()
-LORA_SHA = hashlib.sha256(b"watercolor.safetensors").hexdigest()
-
-
-def make_metadata(**overrides) -> ImageMetadata:
-    fields = dict(
-        image_id="img-0001",
-        prompt=NASTY_PROMPT,
-        negative_prompt="blurry, lowres\nextra fingers",
-        steps=30,
-        sampler="Euler a",
-        cfg_scale=5.0,
-        seed=123,
-        width=1024,
-        height=1024,
-        model_name="sd_xl_base_1.0",
-        model_hash=MODEL_SHA,
-        loras=(("watercolor", 0.8, LORA_SHA),),
-        run_id="run-42",
-        extra={"campaign": "spring"},
-    )
-    fields.update(overrides)
-    return ImageMetadata(**fields)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +36,6 @@ def astronaut() -> Image.Image:
 @pytest.fixture(scope="module")
 def coffee() -> Image.Image:
     return Image.fromarray(skdata.coffee())  # 600 x 400, landscape
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
 
 
 # --- geometry -----------------------------------------------------------------------------------------
@@ -193,153 +156,6 @@ def test_long_watermark_text_fits_the_width() -> None:
     assert changed[:2].sum() == 0 and changed[-2:].sum() == 0  # margins on both sides
 
 
-# --- metadata -----------------------------------------------------------------------------------------------
-
-
-def test_infotext_is_automatic1111_parameters() -> None:
-    meta = make_metadata(prompt="a cat, best quality")
-    assert meta.infotext() == (
-        "a cat, best quality <lora:watercolor:0.8>\n"
-        "Negative prompt: blurry, lowres\nextra fingers\n"
-        "Steps: 30, Sampler: Euler a, CFG scale: 5.0, Seed: 123, Size: 1024x1024, "
-        f"Model hash: {MODEL_SHA[:10]}, Model: sd_xl_base_1.0, "
-        f'Lora hashes: "watercolor: {LORA_SHA[:10]}", imagefab image_id: img-0001'
-    )
-
-
-def test_infotext_without_negative_prompt_or_loras() -> None:
-    meta = make_metadata(prompt="a cat", negative_prompt="", loras=(), cfg_scale=7)
-    assert meta.infotext() == (
-        "a cat\nSteps: 30, Sampler: Euler a, CFG scale: 7.0, Seed: 123, Size: 1024x1024, "
-        f"Model hash: {MODEL_SHA[:10]}, Model: sd_xl_base_1.0, imagefab image_id: img-0001"
-    )
-
-
-def test_lora_tag_already_in_the_prompt_is_not_repeated() -> None:
-    meta = make_metadata(prompt="<lora:watercolor:0.5> a cat")
-    assert meta.infotext().split("\n")[0] == "<lora:watercolor:0.5> a cat"
-
-
-def test_infotext_parses_back() -> None:
-    meta = make_metadata()
-    parsed = parse_infotext(meta.infotext())
-    assert parsed["prompt"] == f"{NASTY_PROMPT} <lora:watercolor:0.8>"
-    assert parsed["negative_prompt"] == meta.negative_prompt
-    assert parsed["loras"] == [("watercolor", 0.8)]
-    assert parsed["steps"] == 30 and parsed["seed"] == 123
-    assert parsed["sampler"] == "Euler a"
-    assert parsed["cfg_scale"] == 5.0
-    assert (parsed["size"], parsed["width"], parsed["height"]) == ("1024x1024", 1024, 1024)
-    assert parsed["model_hash"] == MODEL_SHA[:10]
-    assert parsed["model"] == "sd_xl_base_1.0"
-    assert parsed["lora_hashes"] == {"watercolor": LORA_SHA[:10]}
-    assert parsed["image_id"] == "img-0001"
-
-
-def test_parse_foreign_infotext_with_quoted_commas() -> None:
-    text = (
-        "masterpiece, 1girl, <lora:detail:1.2>\n"
-        "Negative prompt: worst quality\n"
-        "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 832x1216, "
-        'Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Lora hashes: "detail: 9f1b, style: 0ab2", '
-        'TI hashes: "neg: 1234", Hires upscaler: "4x-Ultra, sharp", Version: v1.9.4'
-    )
-    parsed = parse_infotext(text)
-    assert parsed["prompt"] == "masterpiece, 1girl, <lora:detail:1.2>"
-    assert parsed["negative_prompt"] == "worst quality"
-    assert parsed["loras"] == [("detail", 1.2)]
-    assert parsed["sampler"] == "DPM++ 2M Karras"
-    assert parsed["cfg_scale"] == 7.0
-    assert (parsed["width"], parsed["height"]) == (832, 1216)
-    assert parsed["lora_hashes"] == {"detail": "9f1b", "style": "0ab2"}
-    assert parsed["TI hashes"] == "neg: 1234"
-    assert parsed["Hires upscaler"] == "4x-Ultra, sharp"
-    assert parsed["Version"] == "v1.9.4"
-
-
-def test_prompt_only_infotext_has_no_parameters() -> None:
-    parsed = parse_infotext("a cat, sitting\non a mat")
-    assert parsed["prompt"] == "a cat, sitting\non a mat"
-    assert "steps" not in parsed
-
-
-def test_metadata_json_round_trips() -> None:
-    meta = make_metadata()
-    assert ImageMetadata.from_dict(json.loads(meta.to_json())) == meta
-
-
-def test_bad_model_hash_names_the_value() -> None:
-    with pytest.raises(ValueError, match="model_hash.*'abc'"):
-        make_metadata(model_hash="abc")
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_metadata_round_trips_through_every_format(astronaut: Image.Image, fmt: str) -> None:
-    meta = make_metadata()
-    data = encode_image(astronaut, fmt, meta, quality=90)
-    assert decode(data).format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
-
-    found = read_metadata(data)
-    assert found["parameters"] == meta.infotext()
-    assert ImageMetadata.from_dict(found["imagefab"]) == meta
-    assert found["digital_source_type"] == DIGITAL_SOURCE_TYPE
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_digital_source_type_is_declared_even_without_metadata(astronaut: Image.Image, fmt: str) -> None:
-    found = read_metadata(encode_image(astronaut, fmt, None))
-    assert found["digital_source_type"] == DIGITAL_SOURCE_TYPE
-    assert "parameters" not in found and "imagefab" not in found
-
-
-def test_xmp_is_well_formed_and_escaped(astronaut: Image.Image) -> None:
-    meta = make_metadata(prompt=NASTY_PROMPT + "\x01 control\r\n")
-    image = decode(encode_image(astronaut, "png", meta))
-    xmp = image.info["xmp"]
-    xmp = xmp.decode("utf-8") if isinstance(xmp, bytes) else xmp
-    assert 'xmp:CreatorTool="imagefab"' in xmp
-    root = ET.fromstring(xmp)
-    ns = {"dc": "http://purl.org/dc/elements/1.1/", "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#"}
-    description = root.find(".//dc:description/rdf:Alt/rdf:li", ns)
-    assert description is not None
-    assert description.text == NASTY_PROMPT + "\ufffd control\r\n"  # XML 1.0 cannot carry \x01
-    assert root.find(".//dc:identifier", ns).text == "img-0001"
-
-
-def test_png_keeps_parameters_and_imagefab_chunks(astronaut: Image.Image) -> None:
-    meta = make_metadata(prompt="plain ascii prompt")
-    image = decode(encode_image(astronaut, "png", meta))
-    assert image.info["parameters"] == meta.infotext()
-    assert ImageMetadata.from_dict(json.loads(image.info["imagefab"])) == meta
-
-
-def test_exif_user_comment_is_a1111_unicode(astronaut: Image.Image) -> None:
-    meta = make_metadata()
-    exif = decode(encode_image(astronaut, "jpeg", meta)).getexif()
-    comment = exif.get_ifd(0x8769)[0x9286]
-    # piexif.helper.UserComment.dump(text, encoding="unicode"), as A1111 writes it.
-    assert comment == b"UNICODE\x00" + meta.infotext().encode("utf-16-be")
-
-
-def test_jpeg_drops_the_xmp_json_copy_when_it_does_not_fit(astronaut: Image.Image) -> None:
-    meta = make_metadata(prompt="猫" * 12000)  # 72 kB of UTF-8 in XMP, 24 kB of UTF-16 in EXIF
-    found = read_metadata(encode_image(astronaut, "jpeg", meta))
-    assert found["parameters"] == meta.infotext()
-    assert found["digital_source_type"] == DIGITAL_SOURCE_TYPE
-    assert "imagefab" not in found
-
-
-def test_jpeg_refuses_an_infotext_longer_than_exif_holds(astronaut: Image.Image) -> None:
-    with pytest.raises(ValueError, match="'img-0001'.*png.*webp"):
-        encode_image(astronaut, "jpeg", make_metadata(prompt="x" * 40000))
-    assert read_metadata(encode_image(astronaut, "webp", make_metadata(prompt="x" * 40000)))["parameters"]
-
-
-def test_unreadable_bytes_raise_value_error() -> None:
-    with pytest.raises(ValueError, match="cannot read metadata"):
-        read_metadata(b"garbage")
-
-
 # --- variants and master ------------------------------------------------------------------------------------
 
 
@@ -366,7 +182,7 @@ def test_render_variants(astronaut: Image.Image, fmt: str) -> None:
         )
         assert variant.format == fmt
         found = read_metadata(variant.data)
-        assert found["parameters"] == meta.infotext()
+        assert found["parameters"] == format_infotext(meta)
         assert found["digital_source_type"] == DIGITAL_SOURCE_TYPE
 
 
@@ -385,7 +201,7 @@ def test_master_is_full_size_lossless_and_unmarked(astronaut: Image.Image) -> No
     image = decode(data)
     assert image.format == "PNG"
     assert np.array_equal(np.asarray(image), np.asarray(astronaut))
-    assert read_metadata(data)["parameters"] == meta.infotext()
+    assert read_metadata(data)["parameters"] == format_infotext(meta)
 
 
 def test_png_compress_level_trades_size_for_speed(astronaut: Image.Image) -> None:
@@ -430,8 +246,8 @@ def test_encode_image_rejects_bad_arguments(astronaut: Image.Image) -> None:
         encode_image(astronaut, "jpeg", None, quality=0)
 
 
-def test_importing_postprocess_pulls_in_no_heavy_dependencies() -> None:
-    code = "import sys, app.postprocess; print(sorted({'ray', 'torch', 'mlflow', 'duckdb'} & set(sys.modules)))"
+def test_importing_postprocess_and_metadata_pulls_in_no_heavy_dependencies() -> None:
+    code = "import sys, app.postprocess, app.metadata; print(sorted({'ray', 'torch', 'mlflow', 'duckdb'} & set(sys.modules)))"
     repo_root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root)
     assert result.stdout.strip() == "[]"

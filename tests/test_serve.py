@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from ports import free_port
 
-from app.postprocess import parse_infotext, read_metadata
+from app.metadata import parse_infotext, read_metadata
 from app.serve.config import ServeConfig, load_serve_config
 from app.spec import SpecError
 

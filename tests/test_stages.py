@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.catalog.store import CatalogStore
 from app.expand import ExpandRows, ResolvedModels
-from app.postprocess import parse_infotext, read_metadata
+from app.metadata import parse_infotext, read_metadata
 from app.request import RenderRequest
 from app.spec import ComputeSpec, parse_spec
 from app.stages import CatalogWrite, Postprocess, QualityControl

@@ -28,8 +28,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from app.generate import Generator
+from app.metadata import parse_infotext, read_metadata
 from app.models.catalog import ResolvedModel
-from app.postprocess import parse_infotext, read_metadata
 from app.qc import QcSettings
 from app.request import RenderRequest
 from app.schedulers import SCHEDULERS
