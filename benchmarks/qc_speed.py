@@ -30,6 +30,7 @@ from skimage import data as skdata  # noqa: E402
 
 from app.qc import (  # noqa: E402
     PhashIndex,
+    QcModels,
     QcSettings,
     check_image,
     checks,
@@ -112,10 +113,11 @@ def check_rows(runs: int, batch: int, architectures: list[str]) -> list[tuple[st
     rows.append(("tiny CLIP: embed image", median_ms(lambda: clip.embed_images(images), max(3, runs // 5)) / batch))
     clip_settings = QcSettings(clip_model=TINY_MODEL, negative_concepts=("text", "watermark"))
     prompts = [f"an astronaut, variation {i}" for i in range(batch)]
+    clip_models = QcModels(clip_settings, clip=clip)  # measures the batch with `clip`, then judges it
     rows.append(
         (
             "evaluate + tiny CLIP",
-            median_ms(lambda: evaluate_batch(images, prompts, clip_settings, clip=clip), max(3, runs // 5)) / batch,
+            median_ms(lambda: clip_models.evaluate_batch(images, prompts), max(3, runs // 5)) / batch,
         )
     )
 

@@ -2,7 +2,7 @@
 
 The shipped tiny config has random (seeded) weights, so its cosines mean nothing; these tests
 check shapes, normalisation, determinism, caching and error handling on the real model, and
-the off-prompt / negative-concept rules with a scorer whose embeddings are chosen by hand.
+the off-prompt / negative-concept rules on cosines chosen by hand.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from skimage import data as skdata
 
 from app.qc import QcModels, QcSettings, evaluate, evaluate_batch
-from app.qc.clip import TINY_MODEL, ClipScorer, ClipWeightsUnavailable, cosine, similarities
+from app.qc.clip import TINY_MODEL, ClipScorer, ClipWeightsUnavailable
+from app.qc.clip_measures import ClipMeasure, cosine, similarities
 
 ASTRONAUT = skdata.astronaut()
 COFFEE = skdata.coffee()
@@ -118,10 +119,11 @@ def test_checkpoint_file_round_trip(scorer: ClipScorer, tmp_path) -> None:
 
 def test_clip_score_is_recorded_without_thresholds(scorer: ClipScorer) -> None:
     settings = QcSettings(clip_model=TINY_MODEL)
-    verdict = evaluate(ASTRONAUT, "an astronaut", settings, clip=scorer)
+    models = QcModels(settings, clip=scorer)
+    verdict, no_prompt = models.evaluate_batch([ASTRONAUT, ASTRONAUT], ["an astronaut", None])
     assert -1.0 <= verdict.scores["clip_score"] <= 1.0
     assert verdict.status == "accepted"  # no thresholds: the score judges nothing
-    assert math.isnan(evaluate(ASTRONAUT, None, settings, clip=scorer).scores["clip_score"])
+    assert math.isnan(no_prompt.scores["clip_score"])
     expected = cosine(scorer.embed_images([ASTRONAUT])[0], scorer.embed_texts(["an astronaut"])[0])
     assert verdict.scores["clip_score"] == pytest.approx(expected, abs=1e-6)
 
@@ -135,29 +137,17 @@ def test_qc_models_load_builds_the_scorer_from_settings() -> None:
     assert QcModels.load(QcSettings()).clip is None
 
 
-# --- thresholds on embeddings chosen by hand ----------------------------------------------------------
+# --- thresholds on cosines chosen by hand -------------------------------------------------------------
 
 
-class HandmadeScorer:
-    """Stands in for `ClipScorer` where the test must choose the cosines: every image embeds to
-    `image`, each text to its entry in `texts` (unit vectors in 3-d)."""
-
-    model_id = "handmade"
-
-    def __init__(self, image: list[float], texts: dict[str, list[float]]):
-        self.image = np.asarray(image, np.float32) / np.linalg.norm(image)
-        self.texts = {k: np.asarray(v, np.float32) / np.linalg.norm(v) for k, v in texts.items()}
-
-    def embed_images(self, images):
-        return np.stack([self.image] * len(images))
-
-    def embed_texts(self, texts):
-        return np.stack([self.texts[t] for t in texts])
-
-
-def at_cosine(value: float) -> list[float]:
-    """A unit vector at cosine `value` to (1, 0, 0)."""
-    return [value, math.sqrt(1 - value**2), 0.0]
+def measured(settings: QcSettings, prompt_cosine: float, **concept_cosines: float) -> ClipMeasure:
+    """One image's CLIP numbers, chosen by hand, as if the model `settings` name had measured them."""
+    return ClipMeasure(
+        model_id=settings.clip_model_id,
+        embedding=np.array([1.0, 0.0, 0.0], np.float32),
+        prompt_cosine=prompt_cosine,
+        concept_cosines={concept.replace("_", " "): cos for concept, cos in concept_cosines.items()},
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,8 +156,7 @@ def at_cosine(value: float) -> list[float]:
 )
 def test_prompt_thresholds(score: float, reasons: tuple[str, ...]) -> None:
     settings = QcSettings(clip_model=TINY_MODEL, min_clip_score=0.18, review_clip_score=0.25)
-    clip = HandmadeScorer([1, 0, 0], {"a prompt": at_cosine(score)})
-    verdict = evaluate(ASTRONAUT, "a prompt", settings, clip=clip)
+    verdict = evaluate(ASTRONAUT, "a prompt", settings, clip_measure=measured(settings, score))
     assert verdict.reasons == reasons
     assert verdict.scores["clip_score"] == pytest.approx(score, abs=1e-6)
 
@@ -179,17 +168,15 @@ def test_negative_concepts() -> None:
         max_negative_similarity=0.25,
         negative_margin=0.02,
     )
-    clip = HandmadeScorer(
-        [1, 0, 0],
-        {
-            "a portrait": at_cosine(0.28),
-            "a poster with text": at_cosine(0.28),
-            "watermark": at_cosine(0.35),  # above the bound and above the prompt + margin
-            "text": at_cosine(0.40),  # as strong, but the second prompt asks for text
-            "extra fingers": at_cosine(0.29),  # above the bound, not above the prompt + margin
-        },
+    concepts = dict(
+        watermark=0.35,  # above the bound and above the prompt + margin
+        text=0.40,  # as strong, but the second prompt asks for text
+        extra_fingers=0.29,  # above the bound, not above the prompt + margin
     )
-    portrait, poster = evaluate_batch([ASTRONAUT, ASTRONAUT], ["a portrait", "a poster with text"], settings, clip=clip)
+    at_prompt = measured(settings, 0.28, **concepts)
+    portrait, poster = evaluate_batch(
+        [ASTRONAUT, ASTRONAUT], ["a portrait", "a poster with text"], settings, clip_measures=[at_prompt, at_prompt]
+    )
     assert portrait.status == "rejected"
     assert portrait.reasons == ("negative_concept:watermark", "negative_concept:text")
     assert portrait.scores["negative_similarity"] == pytest.approx(0.40, abs=1e-6)
@@ -197,11 +184,13 @@ def test_negative_concepts() -> None:
     assert poster.scores["negative_similarity"] == pytest.approx(0.35, abs=1e-6)
 
     # without a prompt only the bound applies
-    (no_prompt,) = evaluate_batch([ASTRONAUT], [None], settings, clip=clip)
+    (no_prompt,) = evaluate_batch(
+        [ASTRONAUT], [None], settings, clip_measures=[measured(settings, math.nan, **concepts)]
+    )
     assert set(no_prompt.reasons) == {f"negative_concept:{c}" for c in settings.negative_concepts}
     # disabled: measured, not judged
     quiet = settings.model_copy(update={"enabled": ("sharpness",)})
-    assert evaluate(ASTRONAUT, "a portrait", quiet, clip=clip).reasons == ()
+    assert evaluate(ASTRONAUT, "a portrait", quiet, clip_measure=measured(quiet, 0.28, **concepts)).reasons == ()
 
 
 # --- settings -------------------------------------------------------------------------------------------

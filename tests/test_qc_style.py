@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from skimage import data as skdata
 
 from app.qc import QcModels, QcSettings, StyleReference, evaluate, evaluate_batch, hamming, style_key_for
-from app.qc.clip import TINY_MODEL, ClipScorer, cosine
+from app.qc.clip import TINY_MODEL, ClipScorer
+from app.qc.clip_measures import ClipMeasure, cosine
 
 PHOTOS = {name: getattr(skdata, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")}
 
@@ -88,26 +89,11 @@ def test_which_reference_applies() -> None:
     assert style_key_for(references, None, None) is None
 
 
-class FixedScorer:
-    """Every image embeds to the same chosen vector; for distances chosen by hand."""
-
-    model_id = "fixed"
-
-    def __init__(self, vector):
-        self.vector = np.asarray(vector, np.float32) / np.linalg.norm(vector)
-
-    def embed_images(self, images):
-        return np.stack([self.vector] * len(images))
-
-    def embed_texts(self, texts):
-        return np.stack([self.vector] * len(texts))
-
-
 @pytest.mark.parametrize(("cos", "reasons"), [(0.95, ()), (0.75, ("borderline_off_style",)), (0.5, ("off_style",))])
 def test_style_thresholds(cos: float, reasons: tuple[str, ...]) -> None:
     reference = StyleReference(
         key="brand=acme",
-        model_id="fixed",
+        model_id=f"{TINY_MODEL}/random-0",
         centroid=np.array([1.0, 0.0, 0.0], np.float32),
         reference_distances=np.zeros(1, np.float32),
         phashes=("0" * 16,),
@@ -115,8 +101,9 @@ def test_style_thresholds(cos: float, reasons: tuple[str, ...]) -> None:
         digest="",
     )
     settings = QcSettings(clip_model=TINY_MODEL, max_style_distance=0.4, review_style_distance=0.2)
-    clip = FixedScorer([cos, math.sqrt(1 - cos**2), 0.0])
-    verdict = evaluate(PHOTOS["astronaut"], None, settings, clip=clip, style=reference)
+    # The image's embedding, chosen at cosine `cos` to the reference's centroid
+    measure = ClipMeasure(settings.clip_model_id, np.array([cos, math.sqrt(1 - cos**2), 0.0], np.float32), math.nan, {})
+    verdict = evaluate(PHOTOS["astronaut"], None, settings, clip_measure=measure, style=reference)
     assert verdict.reasons == reasons
     assert verdict.scores["style_distance"] == pytest.approx(1 - cos, abs=1e-6)
     assert verdict.scores["style_phash_distance"] == hamming(verdict.phash, "0" * 16)

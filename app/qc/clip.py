@@ -1,7 +1,7 @@
 """Prompt adherence: image and text embeddings from an open_clip model.
 
 `ClipScorer` loads once (in a stage's `__init__`, never at import) and embeds batches of images
-and texts into L2-normalised vectors; `cosine` compares them. The catalog stores the raw cosine
+and texts into L2-normalised vectors; `clip_measures.cosine` compares them. The catalog stores the raw cosine
 as `clip_score` (CLIPScore, Hessel et al. 2021, is 2.5 * max(cosine, 0); torchmetrics reports
 max(100 * cosine, 0)).
 
@@ -33,7 +33,7 @@ from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 
 from app.qc.checks import rgb_array
-from app.qc.clip_measures import clip_model_id
+from app.qc.clip_measures import clip_model_id, unit_rows
 
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 TINY_MODEL = "imagefab-tiny-clip"
@@ -199,7 +199,7 @@ class ClipScorer:
             out.append(features.float().cpu().numpy())
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return _unit_rows(np.concatenate(out))
+        return unit_rows(np.concatenate(out))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised embeddings `[N, D]` float32; repeated texts come from an LRU cache."""
@@ -209,7 +209,7 @@ class ClipScorer:
             tokens = self.tokenizer(chunk)  # [B, context_length] int64
             with torch.inference_mode():
                 features = self.model.encode_text(tokens.to(self.device))
-            for text, vector in zip(chunk, _unit_rows(features.float().cpu().numpy())):
+            for text, vector in zip(chunk, unit_rows(features.float().cpu().numpy())):
                 self._text_cache[text] = vector
         vectors = []
         for text in texts:
@@ -224,26 +224,3 @@ class ClipScorer:
     @property
     def cached_texts(self) -> int:
         return len(self._text_cache)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
-    """Cosine similarity of matching rows: `[N, D]` x `[N, D]` -> `[N]`, `[N, D]` x `[D]` -> `[N]`,
-    `[D]` x `[D]` -> float. Inputs need not be normalised."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"embeddings differ in size: {a.shape} and {b.shape}")
-    if a.ndim == 2 and b.ndim == 2 and a.shape[0] != b.shape[0]:
-        raise ValueError(f"row counts differ: {a.shape} and {b.shape}; use `similarities` for all pairs")
-    sims = (_unit_rows(a) * _unit_rows(b)).sum(axis=-1)
-    return float(sims) if np.ndim(sims) == 0 else sims
-
-
-def similarities(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
-    """All-pairs cosine `[N, M]` of image embeddings `[N, D]` and text embeddings `[M, D]`."""
-    return _unit_rows(np.asarray(images, np.float64)) @ _unit_rows(np.asarray(texts, np.float64)).T
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1 (all-zero rows stay zero); keeps the dtype."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1).astype(x.dtype)

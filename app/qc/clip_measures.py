@@ -46,8 +46,6 @@ def measure_clip(
 ) -> list[ClipMeasure]:
     """Embed `images` (uint8 RGB arrays) in one pass with `clip` (a `ClipScorer`), and their
     cosines to their prompts and to every negative concept."""
-    from app.qc.clip import cosine, similarities  # numpy only, but its module loads torch
-
     # image_embeddings: [N, D] unit rows
     image_embeddings = clip.embed_images(images)
     count = len(image_embeddings)
@@ -100,3 +98,26 @@ def measure_from_row(batch: Mapping[str, np.ndarray], i: int) -> ClipMeasure | N
         prompt_cosine=math.nan if cosines["prompt"] is None else float(cosines["prompt"]),
         concept_cosines={str(k): float(v) for k, v in cosines["concepts"].items()},
     )
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
+    """Cosine similarity of matching rows: `[N, D]` x `[N, D]` -> `[N]`, `[N, D]` x `[D]` -> `[N]`,
+    `[D]` x `[D]` -> float. Inputs need not be normalised."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"embeddings differ in size: {a.shape} and {b.shape}")
+    if a.ndim == 2 and b.ndim == 2 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"row counts differ: {a.shape} and {b.shape}; use `similarities` for all pairs")
+    sims = (unit_rows(a) * unit_rows(b)).sum(axis=-1)
+    return float(sims) if np.ndim(sims) == 0 else sims
+
+
+def similarities(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """All-pairs cosine `[N, M]` of image embeddings `[N, D]` and text embeddings `[M, D]`."""
+    return unit_rows(np.asarray(images, np.float64)) @ unit_rows(np.asarray(texts, np.float64)).T
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (all-zero rows stay zero); keeps the dtype."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1).astype(x.dtype)

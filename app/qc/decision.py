@@ -30,7 +30,9 @@ upscaled to 1024 px on the longer side (LANCZOS):
   more, a grey field with faint noise (std 1 level) measures 0.003.
 
 `evaluate_batch` / `evaluate` add the artefact checks of `checks.py`, prompt adherence and
-negative concepts (`clip.py`), near-duplicates (`duplicates.py`) and style (`style.py`).
+negative concepts (CLIP's numbers, `clip_measures.ClipMeasure`), near-duplicates (`duplicates.py`)
+and style (`style.py`). This module only judges: it never runs CLIP. The numbers come measured
+from where CLIP runs, the QC worker (`models.QcModels`) or the generator (`clip_stage.py`).
 `check_image` stays the pixel-only subset (sharpness, contrast, exposure, blank, nonfinite).
 Precision and recall of every check on the photographs: `python -m benchmarks.qc_eval`.
 
@@ -75,12 +77,11 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.qc import checks
-from app.qc.clip_measures import ClipMeasure, clip_model_id, measure_clip
+import app.qc.checks as checks
+from app.qc.clip_measures import ClipMeasure, clip_model_id
 from app.qc.duplicates import DuplicateIndex, perceptual_hash
 
-if TYPE_CHECKING:  # torch stays out of `import app.qc`
-    from app.qc.clip import ClipScorer
+if TYPE_CHECKING:
     from app.qc.style import StyleReference
 
 PIXEL_CHECKS = ("sharpness", "contrast", "exposure", "blank", "nonfinite")
@@ -423,19 +424,17 @@ def evaluate(
     prompt: str | None,
     settings: QcSettings,
     *,
-    clip: ClipScorer | None = None,
+    clip_measure: ClipMeasure | None = None,
     duplicates: DuplicateIndex | None = None,
     style: StyleReference | None = None,
     image_id: str | None = None,
     nonfinite_fraction: float = 0.0,
-    clip_measure: ClipMeasure | None = None,
 ) -> QcVerdict:
     """Judge one image with every enabled check; see `evaluate_batch`."""
     return evaluate_batch(
         [image],
         [prompt],
         settings,
-        clip=clip,
         duplicates=duplicates,
         styles=[style],
         image_ids=None if image_id is None else [image_id],
@@ -449,31 +448,29 @@ def evaluate_batch(
     prompts: Sequence[str | None],
     settings: QcSettings,
     *,
-    clip: ClipScorer | None = None,
+    clip_measures: Sequence[ClipMeasure | None] | None = None,
     duplicates: DuplicateIndex | None = None,
     styles: Sequence[StyleReference | None] | None = None,
     image_ids: Sequence[str] | None = None,
     nonfinite_fractions: Sequence[float] | None = None,
     duplicate_groups: Sequence[str | None] | None = None,
-    clip_measures: Sequence[ClipMeasure | None] | None = None,
 ) -> list[QcVerdict]:
-    """Judge a batch of images: pixel and artefact checks, then one CLIP pass over the batch,
-    then the duplicate index (one `query_and_add_many` call, in batch order).
+    """Judge a batch of images: pixel and artefact checks, then CLIP's numbers, then the
+    duplicate index (one `query_and_add_many` call, in batch order).
 
     Args:
         images: uint8 arrays or PIL images, as for `check_image`.
         prompts: the prompt of each image (None or "": no prompt-adherence check for it).
         settings: thresholds and enabled checks.
-        clip: a loaded `ClipScorer`; None (and no `clip_measures`) skips prompt, negative-concept
-            and style checks.
+        clip_measures: each image's CLIP numbers (`clip_measures.measure_clip`, in the QC worker
+            or on the generator), made by the model and for the concepts `settings` name; None
+            skips the prompt, negative-concept and style checks. An image that is measured
+            (at least 8x8) without one raises `ValueError`.
         duplicates: a `PhashIndex` or an adapter for a shared one; None skips the duplicate
             check (the pHash is still computed while "duplicates" is enabled).
         styles: the `StyleReference` for each image, or None (see `style.style_key_for`).
         image_ids: required with `duplicates`: what a later duplicate points to.
         nonfinite_fractions: per image, as for `check_image`.
-        clip_measures: instead of `clip`, each image's CLIP numbers measured elsewhere (on the
-            generator, `clip_measures.py`), made by the model `settings` name. An image that is
-            measured without one raises `ValueError`.
 
     Every verdict has all of `EVALUATE_SCORE_KEYS` (NaN where not measured). An image that
     was rejected for another reason is not added to the duplicate index.
@@ -486,15 +483,13 @@ def evaluate_batch(
         lengths["image_ids"] = len(image_ids)
     if clip_measures is not None:
         lengths["clip_measures"] = len(clip_measures)
-        if clip is not None:
-            raise ValueError("pass `clip` (measure here) or `clip_measures` (measured elsewhere), not both")
     for name, length in lengths.items():
         if length != count:
             raise ValueError(f"{count} images but {length} {name}")
     if duplicates is not None and image_ids is None:
         raise ValueError("`image_ids` are needed with a duplicate index: a later duplicate points to them")
-    if any(style is not None for style in styles) and clip is None and clip_measures is None:
-        raise ValueError("style references need CLIP embeddings of the images, but `clip` and `clip_measures` are None")
+    if any(style is not None for style in styles) and clip_measures is None:
+        raise ValueError("style references need CLIP embeddings of the images, but `clip_measures` is None")
     for fraction in nonfinite_fractions:
         _check_nonfinite_fraction(fraction)
     enabled = set(settings.enabled)
@@ -502,7 +497,6 @@ def evaluate_batch(
     # 1. Pixels: the pixel checks, artefacts, pHash; `measured` holds the images that have pixels
     verdicts: list[QcVerdict | None] = [None] * count
     found: dict[int, _Findings] = {}
-    rgbs: dict[int, np.ndarray] = {}
     phashes: dict[int, str] = {}
     for i, image in enumerate(images):
         rgb = checks.rgb_array(image)
@@ -514,20 +508,13 @@ def evaluate_batch(
         found[i].scores.update(checks.artefact_scores(rgb, luma))
         found[i].scores.update(dict.fromkeys(MODEL_SCORE_KEYS, math.nan))
         _grade_artefacts(found[i], settings, enabled)
-        rgbs[i] = rgb
         if "duplicates" in enabled or styles[i] is not None:
             phashes[i] = perceptual_hash(rgb)
     measured = list(found)
 
-    # 2. CLIP: one pass over the batch's images (texts from the scorer's cache), or its numbers
-    #    as the generator measured them
-    if measured and (clip is not None or clip_measures is not None):
-        if clip_measures is None:
-            measures = measure_clip(
-                clip, [rgbs[i] for i in measured], [prompts[i] for i in measured], settings.negative_concepts
-            )
-        else:
-            measures = [_checked_measure(clip_measures[i], i, settings) for i in measured]
+    # 2. CLIP's numbers, as the QC worker or the generator measured them
+    if measured and clip_measures is not None:
+        measures = [_checked_measure(clip_measures[i], i, settings) for i in measured]
         _clip_checks(
             measures,
             [prompts[i] for i in measured],

@@ -1,5 +1,6 @@
-"""What QC loads once per worker: the CLIP scorer, the style references, the duplicate index, the
-NSFW classifier (when the `nsfw` check is enabled; it adds the `nsfw` score and reason).
+"""Where QC runs its models: what a QC worker loads once (the CLIP scorer, the style references,
+the duplicate index, the NSFW classifier when the `nsfw` check is enabled), and the measuring of
+each batch before `decision.py` judges it.
 
 A QC stage builds a `QcModels` in its `__init__` (never at import; CLIP pulls in torch) and calls
 `evaluate_batch` per batch:
@@ -8,10 +9,11 @@ A QC stage builds a `QcModels` in its `__init__` (never at import; CLIP pulls in
     verdicts = models.evaluate_batch(images, prompts, image_ids=ids, combinations=combos,
                                      tags=tags, nonfinite_fractions=nonfinite)
 
+With a scorer, each batch's images are measured here (`clip_measures.measure_clip`, one pass).
 When CLIP runs on the generator (`QcSettings.clip_runs_on_generator`), `load(...,
 clip_on_generator=True)` keeps no scorer: each batch brings its images' `ClipMeasure`s
-(`clip_measures.py`) and `evaluate_batch(..., clip_measures=...)` grades those. A scorer is then
-built only to embed the style reference folders, once, and let go.
+and `evaluate_batch(..., clip_measures=...)` grades those. A scorer is then built only to embed
+the style reference folders, once, and let go.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from app.qc.clip_measures import ClipMeasure
+from app.qc.checks import is_too_small, rgb_array
+from app.qc.clip_measures import ClipMeasure, measure_clip
 from app.qc.decision import QcSettings, QcVerdict, evaluate_batch
 from app.qc.duplicates import DuplicateIndex
 from app.qc.style import StyleReference, style_key_for
@@ -90,10 +93,11 @@ class QcModels:
         nonfinite_fractions: Sequence[float] | None = None,
         clip_measures: Sequence[ClipMeasure | None] | None = None,
     ) -> list[QcVerdict]:
-        """`decision.evaluate_batch` with the loaded parts; the style reference of each image is
-        picked from its combination key and tags. `clip_measures` (one per image, from the
-        generator) are required when the models were loaded with `clip_on_generator`, and refused
-        otherwise: an image is never graded on numbers from a model QC did not expect."""
+        """`decision.evaluate_batch` with the loaded parts: the images measured with the scorer
+        (when there is one), the style reference of each image picked from its combination key
+        and tags. `clip_measures` (one per image, from the generator) are required when the
+        models were loaded with `clip_on_generator`, and refused otherwise: an image is never
+        graded on numbers from a model QC did not expect."""
         count = len(images)
         if self.clip_on_generator and clip_measures is None:
             raise ValueError("CLIP runs on the generator, but the batch brings no `clip_measures`")
@@ -103,17 +107,19 @@ class QcModels:
         tags = [None] * count if tags is None else tags
         if len(combinations) != count or len(tags) != count:
             raise ValueError(f"{count} images but {len(combinations)} combinations and {len(tags)} tag maps")
+        rgbs = [rgb_array(image) for image in images]
+        if self.clip is not None:
+            clip_measures = self.measure(rgbs, prompts)
         verdicts = evaluate_batch(
-            images,
+            rgbs,
             prompts,
             self.settings,
-            clip=self.clip,
+            clip_measures=clip_measures,
             duplicates=self.duplicates,
             styles=[self.style_for(c, t) for c, t in zip(combinations, tags)],
             image_ids=image_ids,
             nonfinite_fractions=nonfinite_fractions,
             duplicate_groups=[(t or {}).get("ab_group") for t in tags],
-            clip_measures=clip_measures,
         )
         if self.nsfw is None:
             return verdicts
@@ -135,3 +141,20 @@ class QcModels:
         return QcVerdict(
             status, tuple(reasons), {**verdict.scores, "nsfw": score}, verdict.phash, verdict.nearest_duplicate
         )
+
+    def measure(self, images: Sequence[np.ndarray], prompts: Sequence[str | None]) -> list[ClipMeasure | None]:
+        """CLIP's numbers for RGB uint8 images, in one pass over those QC can judge (None for an
+        image too small to measure: `evaluate_batch` rejects it without them)."""
+        if self.clip is None:
+            raise ValueError(
+                "these QC models hold no CLIP scorer: `clip_model` is not set, or CLIP runs on the generator"
+            )
+        judged = [i for i, image in enumerate(images) if not is_too_small(image)]
+        measures: list[ClipMeasure | None] = [None] * len(images)
+        if judged:
+            measured = measure_clip(
+                self.clip, [images[i] for i in judged], [prompts[i] for i in judged], self.settings.negative_concepts
+            )
+            for i, measure in zip(judged, measured):
+                measures[i] = measure
+        return measures
