@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import string
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from app.models.catalog import ResolvedModel
 from app.request import LoraUse, RenderRequest, compute_image_id, failed_row_id
-from app.spec import Combination, JobSpec, size_problem
+from app.spec import Combination, JobSpec, size_problem, template_fields
 
 OUTPUT_COLUMNS = ("image_id", "status", "error", "combination", "request")
 
@@ -37,24 +36,6 @@ class RowError(ValueError):
 
 class PromptBlocked(RowError):
     """A prompt with a term of `screening.prompt_terms`: the row fails with the terms as its reason."""
-
-
-def template_fields(template: str) -> list[str]:
-    """The column names a `{column}` template uses; raises ValueError when it is malformed."""
-    names = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"malformed prompt template {template!r}: {e}") from None
-    for _, name, spec, conv in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() and not name.replace("-", "_").replace(" ", "_").isidentifier():
-            raise ValueError(f"template placeholder {{{name}}} is not a column name (in {template!r})")
-        if spec or conv:
-            raise ValueError(f"template placeholder {{{name}}} may not carry a format spec (in {template!r})")
-        names.append(name)
-    return names
 
 
 def parse_lora_list(text: str) -> list[tuple[str, float]]:

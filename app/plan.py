@@ -17,10 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from app.expand import ResolvedModels, template_fields
+from app.expand import ResolvedModels
 from app.models.catalog import ModelCatalog, UnknownModelError
 from app.models.digest import ModelFileError
-from app.spec import JobSpec, SpecError
+from app.spec import JobSpec, SpecError, template_fields
 
 
 def _input_dataset(spec: JobSpec, columns: list[str] | None = None) -> pads.Dataset:

@@ -8,6 +8,7 @@ resolved against the spec file's folder, so a spec runs the same from any workin
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +60,24 @@ def size_problem(width: int, height: int) -> str | None:
     if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
         return f"size {width}x{height} is outside {MIN_SIDE}..{MAX_SIDE} pixels per side"
     return None
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a `{column}` template uses; raises ValueError when it is malformed."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"malformed prompt template {template!r}: {e}") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() and not name.replace("-", "_").replace(" ", "_").isidentifier():
+            raise ValueError(f"template placeholder {{{name}}} is not a column name (in {template!r})")
+        if spec or conv:
+            raise ValueError(f"template placeholder {{{name}}} may not carry a format spec (in {template!r})")
+        names.append(name)
+    return names
 
 
 class Size(_Frozen):
@@ -119,8 +138,6 @@ class InputSpec(_Frozen):
     @classmethod
     def _balanced(cls, t: str | None) -> str | None:
         if t is not None:
-            from app.expand import template_fields  # local: expand imports this module
-
             template_fields(t)  # raises ValueError on a malformed placeholder
             if not t.strip():
                 raise ValueError("prompt_template is empty")

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from app.catalog.schema import to_table
-from app.expand import template_fields
 from app.models.catalog import ModelCatalog, ModelEntry
 from app.models.digest import ModelFileError
 from app.plan import check_input, resolve_models
@@ -45,7 +44,7 @@ from app.registry import (
     to_mlflow_template,
     track_run,
 )
-from app.spec import JobSpec, SpecError, load_spec
+from app.spec import JobSpec, SpecError, load_spec, template_fields
 from app.storage import OutputStore
 
 REPO = Path(__file__).resolve().parents[1]

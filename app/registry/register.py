@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from app.expand import template_fields
 from app.models.catalog import ModelCatalog, ModelEntry, ResolvedModel, UnknownModelError
 from app.models.digest import ModelFileError
 from app.qc import QcSettings
@@ -39,6 +38,7 @@ from app.registry.store import (
     find_entry,
     promote,
 )
+from app.spec import template_fields
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
