@@ -887,7 +887,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from app.models.loader import quiet_libraries
+    from app.models.library_logging import quiet_libraries
 
     quiet_libraries()
     bench = Bench(args)

@@ -18,6 +18,7 @@ import torch
 
 from app.models.catalog import ResolvedModel
 from app.models.digest import ModelFileError
+from app.models.library_logging import quiet_libraries
 from app.schedulers import SCHEDULERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,21 +37,6 @@ def pick_dtype(model_dtype: str, device: torch.device) -> torch.dtype:
         return DTYPES[model_dtype]
     # bf16 is SDXL's usual GPU precision; CPUs are exact and fast enough in float32 for the tiny model.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def quiet_libraries() -> None:
-    """Loading bars and "no text-encoder LoRA keys" notices would flood every actor's log."""
-    import warnings
-
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    # peft warns on every second adapter loaded into one model: intended here (a LoRA cache).
-    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
 
 
 def pipeline_class(base: ResolvedModel):

@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from app.models.library_logging import quiet_libraries
+
 # The tiny UNet: the shapes of diffusers' own SDXL tests (two levels, text_time conditioning).
 # cross_attention_dim = hidden(text_encoder) + hidden(text_encoder_2) = 32 + 48,
 # projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + projection_dim(te2) = 48 + 32.
@@ -117,8 +119,6 @@ def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from app.models.loader import quiet_libraries
 
     quiet_libraries()
     vocab, merges = clip_vocab_and_merges()
