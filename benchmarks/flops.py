@@ -26,6 +26,8 @@ from collections import Counter
 
 import torch
 
+from benchmarks.pipelines import build_pipeline
+
 KINDS = ("FP8 Linear", "other Linear", "conv 3x3", "conv 1x1", "attention", "VAE decode")
 
 
@@ -84,7 +86,6 @@ def trace_unet(config: str, size: int, latents: int, fuse_qkv: bool = False):
     from torch.utils.flop_counter import FlopCounterMode
 
     from app.fp8 import DEFAULT_INCLUDE
-    from benchmarks.gpu_bench import build_pipeline
 
     pipe = build_pipeline(config, torch.device("meta"), torch.bfloat16)
     unet = pipe.unet

@@ -13,7 +13,7 @@ from benchmarks.flops import KINDS, image_flops, main, parse_rates, table
 def test_the_kinds_add_up_to_torch_s_own_count_on_the_tiny_model():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.gpu_bench import build_pipeline
+    from benchmarks.pipelines import build_pipeline
 
     flops = image_flops("tiny", size=64, steps=3)
     assert set(flops) == set(KINDS) and all(v > 0 for v in flops.values())
