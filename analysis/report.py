@@ -125,7 +125,7 @@ def build_report(
     """The report's HTML."""
     if max_thumbs < 0:
         raise AnalysisError(f"--max-thumbs must be 0 or more, not {max_thumbs}")
-    output = output if isinstance(output, OutputStore) else OutputStore.at(output)
+    output = OutputStore.of(output)
     prices = prices or PriceTable()
     con = connect(output, file_sizes=True)
     run = resolve_run(con, run)

@@ -211,7 +211,7 @@ class ReviewServer(ThreadingHTTPServer):
 
 
 def make_server(output: OutputStore | str, port: int = 0, reviewer: str = "", quiet: bool = False) -> ReviewServer:
-    output = output if isinstance(output, OutputStore) else OutputStore.at(output)
+    output = OutputStore.of(output)
     return ReviewServer(output, port, reviewer, quiet)
 
 

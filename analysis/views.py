@@ -40,10 +40,6 @@ def views_sql() -> str:
     return text[text.index(VIEWS_MARKER) :]
 
 
-def _output(output: OutputStore | str) -> OutputStore:
-    return output if isinstance(output, OutputStore) else OutputStore.at(output)
-
-
 def master_sizes(output: OutputStore) -> pa.Table:
     """image_id and size of every master PNG (images/<id[:2]>/<id>.png), from one listing."""
     fs, root = output.fs_and_root
@@ -70,7 +66,7 @@ def connect(
     file_sizes: list the master PNGs so `images.master_bytes` is filled (one listing of
     images/; the catalog records variant sizes but not the master's).
     """
-    output = _output(output)
+    output = OutputStore.of(output)
     catalog = CatalogStore(output).dataset()
     if catalog is None or not catalog.files:
         raise AnalysisError(

@@ -54,10 +54,6 @@ class Decision:
     note: str = ""
 
 
-def _output(output: OutputStore | str) -> OutputStore:
-    return output if isinstance(output, OutputStore) else OutputStore.at(output)
-
-
 @dataclass(frozen=True)
 class ReviewStore:
     output: OutputStore
@@ -114,7 +110,7 @@ def decide(
     now: datetime | None = None,
 ) -> list[Decision]:
     """Record one person's decision on some images; all are checked before anything is written."""
-    output = _output(output)
+    output = OutputStore.of(output)
     if decision not in DECISIONS:
         raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
     reviewer = (reviewer or "").strip()
@@ -146,7 +142,7 @@ def decide(
 
 def pending_review(output: OutputStore | str, run: str | None = None) -> list[dict]:
     """Catalog rows in `review` with no decision yet, oldest first (optionally of one run)."""
-    output = _output(output)
+    output = OutputStore.of(output)
     filt = pads.field("status") == "review"
     if run:
         filt = filt & (pads.field("run_id") == run)

@@ -19,6 +19,7 @@ from app.compute import ComputeSpec
 from app.postprocess import PostprocessSettings
 from app.provenance.settings import ProvenanceSettings, RightsSpec, ScreeningSettings
 from app.qc import QcSettings
+from app.storage import is_uri
 
 # SDXL was trained on ~1 megapixel buckets; these are its usual sizes, plus small ones for the
 # offline tiny model on CPU.
@@ -405,10 +406,6 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
     return spec.with_overrides(**overrides) if overrides else spec
 
 
-def _is_uri(p: str) -> bool:
-    return "://" in p
-
-
 def _anchor_paths(data: dict, base_dir: Path) -> dict:
     """Make relative local paths in a spec relative to the spec file's folder."""
     data = dict(data)
@@ -417,7 +414,7 @@ def _anchor_paths(data: dict, base_dir: Path) -> dict:
         body = data.get(section)
         if isinstance(body, dict) and isinstance(body.get(key), str):
             value = body[key]
-            if not _is_uri(value) and not Path(value).expanduser().is_absolute():
+            if not is_uri(value) and not Path(value).expanduser().is_absolute():
                 data[section] = {**body, key: str(base_dir / value)}
 
     anchor("input", "path")
@@ -425,7 +422,7 @@ def _anchor_paths(data: dict, base_dir: Path) -> dict:
     qc = data.get("qc")
     if isinstance(qc, dict) and isinstance(qc.get("style_references"), dict):
         refs = {
-            k: v if _is_uri(str(v)) or Path(str(v)).expanduser().is_absolute() else str(base_dir / str(v))
+            k: v if is_uri(str(v)) or Path(str(v)).expanduser().is_absolute() else str(base_dir / str(v))
             for k, v in qc["style_references"].items()
         }
         data["qc"] = {**qc, "style_references": refs}

@@ -26,8 +26,9 @@ class StorageError(OSError):
     """The output location cannot be written or read; the message names it."""
 
 
-def _is_uri(s: str) -> bool:
-    return "://" in s
+def is_uri(location: str) -> bool:
+    """Whether `location` is a URI (`s3://…`, `file://…`) rather than a local path."""
+    return "://" in location
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,17 @@ class OutputStore:
 
     @classmethod
     def at(cls, uri: str) -> OutputStore:
-        if not _is_uri(uri) or uri.startswith("file://"):
+        if not is_uri(uri) or uri.startswith("file://"):
             return cls(str(Path(uri.removeprefix("file://")).expanduser().resolve()))
         # Paths derived from the location must not carry the query inside them
         # (`s3://b/p?scheme=http/images/…`), so it is kept apart.
         location, _, query = uri.partition("?")
         return cls(location, query)
+
+    @classmethod
+    def of(cls, output: OutputStore | str) -> OutputStore:
+        """`output` itself when it is a store, else the store `at` that location."""
+        return output if isinstance(output, OutputStore) else cls.at(output)
 
     def __getstate__(self):
         return {"uri": self.uri, "fs_options": self.fs_options}
@@ -56,7 +62,7 @@ class OutputStore:
 
     @property
     def is_local(self) -> bool:
-        return not _is_uri(self.uri)
+        return not is_uri(self.uri)
 
     @property
     def fs_and_root(self) -> tuple[pafs.FileSystem, str]:

@@ -38,7 +38,7 @@ from app.registry.errors import RegistryError
 from app.registry.resolve import ResolvedVersions
 from app.registry.store import experiment_id, make_client
 from app.spec import JobSpec, SpecError, parse_spec
-from app.storage import OutputStore, StorageError
+from app.storage import OutputStore, StorageError, is_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -72,7 +72,7 @@ def track_run(
     from mlflow.entities import Metric, Param
 
     client = client or make_client()
-    output = OutputStore.at(output) if isinstance(output, str) else output
+    output = OutputStore.of(output)
     summary_d = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary or {})
     versions = versions or ResolvedVersions.from_dict(run_record.get("registry"))
     rows = catalog_rows.to_pylist()
@@ -379,7 +379,7 @@ def _thumbnail(row: Mapping, output: OutputStore, tile: int) -> Image.Image:
         try:
             data = output.read_bytes(output.rel_of(uri))
         except StorageError:  # not under this output (a copied catalog): read the URI itself
-            data = OutputStore.at(str(Path(uri).parent) if "://" not in uri else uri.rsplit("/", 1)[0]).read_bytes(
+            data = OutputStore.at(uri.rsplit("/", 1)[0] if is_uri(uri) else str(Path(uri).parent)).read_bytes(
                 uri.rsplit("/", 1)[1]
             )
         with Image.open(io.BytesIO(data)) as opened:
