@@ -157,6 +157,7 @@ def gaussian_blur(pixels: np.ndarray, sigma: float = 3.0) -> np.ndarray:
 
 
 def squeeze_contrast(pixels: np.ndarray, half_range: float = 0.06) -> np.ndarray:
+    """Map 0..255 onto (0.5 +- half_range) of the range: a washed-out, flat render."""
     return (127.5 + (pixels.astype(np.float32) - 127.5) * (2 * half_range)).round().astype(np.uint8)
 
 

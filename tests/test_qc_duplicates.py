@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 import re
 import time
@@ -16,27 +15,10 @@ from PIL import Image
 
 from app.qc import DuplicateMatch, PhashIndex, QcSettings, evaluate_batch, hamming, perceptual_hash
 from app.qc.duplicates import hash_to_int
+from benchmarks.qc_eval import crop, half_size, jpeg  # the variants the precision/recall table uses
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 SETTINGS = QcSettings()
-
-
-def jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def half(pixels: np.ndarray) -> np.ndarray:
-    height, width = pixels.shape[:2]
-    return np.asarray(Image.fromarray(pixels).resize((width // 2, height // 2), Image.Resampling.LANCZOS))
-
-
-def crop(pixels: np.ndarray, per_side: float = 0.02) -> np.ndarray:
-    height, width = pixels.shape[:2]
-    dy, dx = round(height * per_side), round(width * per_side)
-    cut = Image.fromarray(pixels[dy : height - dy, dx : width - dx])
-    return np.asarray(cut.resize((width, height), Image.Resampling.LANCZOS))
 
 
 # --- hashes -------------------------------------------------------------------------------------
@@ -71,9 +53,9 @@ def test_bad_hashes_name_the_value(bad) -> None:
 @pytest.mark.parametrize("name", PHOTOS)
 def test_copies_are_close_and_other_photos_far(name: str) -> None:
     original = perceptual_hash(photo(name))
-    for copy in (jpeg(photo(name), 70), half(photo(name))):
+    for copy in (jpeg(photo(name), 70), half_size(photo(name))):
         assert hamming(original, perceptual_hash(copy)) <= SETTINGS.max_duplicate_distance
-    assert hamming(original, perceptual_hash(crop(photo(name)))) <= SETTINGS.review_duplicate_distance
+    assert hamming(original, perceptual_hash(crop(photo(name), 0.02))) <= SETTINGS.review_duplicate_distance
     for other in PHOTOS:
         if other != name:
             assert hamming(original, perceptual_hash(photo(other))) > SETTINGS.review_duplicate_distance + 6
@@ -85,7 +67,7 @@ def test_copies_are_close_and_other_photos_far(name: str) -> None:
 def test_within_a_batch_the_first_is_kept_and_later_copies_are_duplicates() -> None:
     index = PhashIndex()
     astronaut, coffee = photo("astronaut"), photo("coffee")
-    images = [astronaut, coffee, jpeg(astronaut, 70), half(coffee), crop(astronaut)]
+    images = [astronaut, coffee, jpeg(astronaut, 70), half_size(coffee), crop(astronaut, 0.02)]
     ids = ["a", "c", "a-jpeg", "c-half", "a-crop"]
     verdicts = evaluate_batch(images, [None] * 5, SETTINGS, duplicates=index, image_ids=ids)
 

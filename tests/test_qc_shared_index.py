@@ -8,23 +8,14 @@ different workers exactly one is kept.
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 from skimage import data as skdata
 
 from app.qc import DuplicateMatch, PhashIndex, QcSettings, evaluate_batch, perceptual_hash
+from benchmarks.qc_eval import jpeg
 
 pytestmark = pytest.mark.ray
-
-
-def jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def test_workers_share_one_index(ray_local) -> None:
