@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from typing import Any
 
 from PIL import Image
 
@@ -16,7 +17,7 @@ LORA_SHA = hashlib.sha256(b"watercolor.safetensors").hexdigest()
 
 
 def make_metadata(**overrides) -> ImageMetadata:
-    fields = dict(
+    fields: dict[str, Any] = dict(
         image_id="img-0001",
         prompt=NASTY_PROMPT,
         negative_prompt="blurry, lowres\nextra fingers",

@@ -63,14 +63,17 @@ def import_graph(root: Path, packages: Iterable[str] = FIRST_PARTY) -> dict[str,
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         own = set(enclosing_packages(module))
         edges: dict[str, Edge] = {}
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        imports = [
+            n for n in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(n, ast.Import | ast.ImportFrom)
+        ]
+        for node in imports:
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     target = known(alias.name)
                     if target:
                         targets += [p for p in enclosing_packages(target) if p not in own] + [target]
-            elif isinstance(node, ast.ImportFrom):
+            else:
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     source = ".".join(base + ([node.module] if node.module else []))

@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from app.metadata import DIGITAL_SOURCE_TYPE, ImageMetadata, format_infotext, parse_infotext, read_metadata
-from app.postprocess import encode_image
+from app.postprocess import ImageFormat, encode_image
 
 FORMATS = ("png", "jpeg", "webp")
 
@@ -100,7 +100,7 @@ def test_bad_model_hash_names_the_value() -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_metadata_round_trips_through_every_format(astronaut: Image.Image, fmt: str) -> None:
+def test_metadata_round_trips_through_every_format(astronaut: Image.Image, fmt: ImageFormat) -> None:
     meta = make_metadata()
     data = encode_image(astronaut, fmt, meta, quality=90)
     assert decode(data).format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
@@ -112,7 +112,7 @@ def test_metadata_round_trips_through_every_format(astronaut: Image.Image, fmt: 
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_digital_source_type_is_declared_even_without_metadata(astronaut: Image.Image, fmt: str) -> None:
+def test_digital_source_type_is_declared_even_without_metadata(astronaut: Image.Image, fmt: ImageFormat) -> None:
     found = read_metadata(encode_image(astronaut, fmt, None))
     assert found["digital_source_type"] == DIGITAL_SOURCE_TYPE
     assert "parameters" not in found and "imagefab" not in found
@@ -129,7 +129,8 @@ def test_xmp_is_well_formed_and_escaped(astronaut: Image.Image) -> None:
     description = root.find(".//dc:description/rdf:Alt/rdf:li", ns)
     assert description is not None
     assert description.text == NASTY_PROMPT + "\ufffd control\r\n"  # XML 1.0 cannot carry \x01
-    assert root.find(".//dc:identifier", ns).text == "img-0001"
+    identifier = root.find(".//dc:identifier", ns)
+    assert identifier is not None and identifier.text == "img-0001"
 
 
 def test_png_keeps_parameters_and_imagefab_chunks(astronaut: Image.Image) -> None:
