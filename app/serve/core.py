@@ -431,7 +431,8 @@ class ServeCore:
             return png
         from PIL import Image
 
-        from app.postprocess import ImageMetadata, encode_image, read_metadata
+        from app.metadata import ImageMetadata, read_metadata
+        from app.postprocess import encode_image
 
         meta = read_metadata(png).get("imagefab")
         metadata = ImageMetadata.from_dict(meta) if isinstance(meta, dict) else None
