@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.postprocess import ImageMetadata, encode_image
+from app.metadata import ImageMetadata
+from app.postprocess import encode_image
 from app.provenance import watermark
 from app.provenance.devca import NOT_FOR_PUBLISHING, ensure_dev_credentials, issue_dev_certificates
 from app.provenance.screening import NsfwClassifier, PromptScreen, normalise

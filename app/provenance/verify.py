@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.postprocess import read_metadata
+from app.metadata import read_metadata
 from app.provenance import watermark
 from app.provenance.signing import read_manifest
 
