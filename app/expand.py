@@ -12,22 +12,33 @@ Columns a row may carry besides the template's own (all optional):
   seed                              first seed of this row's variations
   width, height                     a size other than the spec's
   loras                             "name:weight, name:weight" replacing the spec's LoRA stack
+
+Its output is the plan's columns (`OUTPUT_SCHEMA`): the request is a typed struct
+(`app.request.REQUEST_TYPE`), not text each later stage parses again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from app.models.catalog import ResolvedModel
-from app.request import LoraUse, RenderRequest, compute_image_id, failed_row_id
+from app.request import REQUEST_TYPE, LoraRef, RenderRequest, compute_image_id, failed_row_id, requests_to_arrow
 from app.spec import Combination, JobSpec, size_problem, template_fields
 
-OUTPUT_COLUMNS = ("image_id", "status", "error", "combination", "request")
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("status", pa.string()),  # pending | failed
+        ("error", pa.string()),
+        ("combination", pa.string()),  # the combination key: rows with the same one share a LoRA stack
+        ("request", REQUEST_TYPE),
+    ]
+)
+OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
 
 class RowError(ValueError):
@@ -84,7 +95,7 @@ def _as_int(v: object, what: str) -> int:
     return int(f)
 
 
-def lora_stack(wanted: list[tuple[str, float]], models: ResolvedModels, base: ResolvedModel) -> tuple[LoraUse, ...]:
+def lora_stack(wanted: list[tuple[str, float]], models: ResolvedModels, base: ResolvedModel) -> tuple[LoraRef, ...]:
     """Names and weights -> the LoRA lineage of a request; RowError for a name that cannot be used."""
     names = [n for n, _ in wanted]
     if len(set(names)) != len(names):
@@ -100,7 +111,7 @@ def lora_stack(wanted: list[tuple[str, float]], models: ResolvedModels, base: Re
             raise RowError(f"LoRA '{name}' was made for architecture {lo.arch}, but base '{base.name}' is {base.arch}")
         if not -4.0 <= weight <= 4.0 or math.isnan(weight):
             raise RowError(f"LoRA weight {weight} of '{name}' is outside -4..4")
-        out.append(LoraUse(name=lo.name, version=lo.version, weight=float(weight), sha256=lo.sha256, source=lo.source))
+        out.append(LoraRef(name=lo.name, version=lo.version, weight=float(weight), sha256=lo.sha256, source=lo.source))
     return tuple(out)
 
 
@@ -109,7 +120,7 @@ def build_request(
     prompt: str,
     negative_prompt: str,
     base: ResolvedModel,
-    loras: tuple[LoraUse, ...],
+    loras: tuple[LoraRef, ...],
     combo: Combination,
     combination: str,
     width: int,
@@ -166,8 +177,9 @@ class _KeepPlaceholders(dict):
 
 
 class ExpandRows:
-    """Input rows (Arrow) -> request rows: image_id, status ('pending'|'failed'), error,
-    combination (rows with the same one share a loaded LoRA stack), request (JSON)."""
+    """Input rows (Arrow) -> request rows in `OUTPUT_SCHEMA`: image_id, status ('pending'|'failed'),
+    error, combination (rows with the same one share a loaded LoRA stack), request (a struct; a
+    failed row's holds what can still be said about it)."""
 
     def __init__(self, spec: JobSpec, models: ResolvedModels):
         self.spec = spec
@@ -176,7 +188,7 @@ class ExpandRows:
         self.fields = template_fields(spec.input.prompt_template) if spec.input.prompt_template else []
         self.screen = spec.screening.prompt_screen()  # None: prompts are not screened
 
-    def __call__(self, batch: pa.Table) -> dict[str, list]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
 
         def emit(*row):
@@ -187,12 +199,11 @@ class ExpandRows:
             for i in range(self.spec.variations.seeds_per_row):
                 try:
                     for req in self.requests(raw, i):
-                        emit(req.image_id, "pending", "", req.combination_key, req.to_json())
+                        emit(req.image_id, "pending", "", req.combination_key, req)
                 except RowError as e:
-                    partial = json.dumps(self._partial(raw, i), ensure_ascii=False)
                     reason = str(e) if isinstance(e, PromptBlocked) else f"bad_row: {e}"
-                    emit(failed_row_id(raw, i), "failed", reason, "", partial)
-        return out
+                    emit(failed_row_id(raw, i), "failed", reason, "", self._partial(raw, i))
+        return pa.table({**out, "request": requests_to_arrow(out["request"])}, schema=OUTPUT_SCHEMA)
 
     def routes(self, raw: dict) -> list[tuple[str, str]]:
         """(combination, tier) pairs a row is rendered through."""
@@ -280,7 +291,7 @@ class ExpandRows:
             variation=variation,
         )
 
-    def _loras(self, raw: dict, combo: Combination, base: ResolvedModel) -> tuple[LoraUse, ...]:
+    def _loras(self, raw: dict, combo: Combination, base: ResolvedModel) -> tuple[LoraRef, ...]:
         if "loras" in raw and not _missing(raw["loras"]) and str(raw["loras"]).strip():
             wanted = parse_lora_list(str(raw["loras"]))
         else:
@@ -313,8 +324,8 @@ class ExpandRows:
             return str(raw[key_col])
         return prompt[:80]
 
-    def _partial(self, raw: dict, variation: int) -> dict:
-        """What a failed row's catalog entry can still say about it."""
+    def _partial(self, raw: dict, variation: int) -> RenderRequest:
+        """What a failed row's catalog entry can still say about it (no LoRAs, seed 0)."""
         tags = dict(self.spec.static_tags)
         tags.update({c: str(raw[c]) for c in self.spec.tags if c in raw and not _missing(raw[c])})
         template = self.spec.input.prompt_template
@@ -324,20 +335,21 @@ class ExpandRows:
             prompt = template.format_map(_KeepPlaceholders(values))
         else:
             prompt = raw.get(self.spec.input.prompt_column)
-        return {
-            "prompt": "" if _missing(prompt) else str(prompt),
-            "negative_prompt": self.spec.negative_prompt,
-            "template": self._template(),
-            "variables": {k: ("" if _missing(v) else str(v)) for k, v in raw.items() if k in self.fields},
-            "tags": tags,
-            "base_model": next(iter(self.models.bases.values())).lineage(),
-            "loras": [],
-            "scheduler": self.spec.scheduler,
-            "steps": self.spec.steps,
-            "guidance": self.spec.guidance,
-            "width": self.spec.size.width,
-            "height": self.spec.size.height,
-            "seed": 0,
-            "row_key": self._row_key(raw, "" if _missing(prompt) else str(prompt)),
-            "variation": variation,
-        }
+        return RenderRequest(
+            image_id=failed_row_id(raw, variation),
+            prompt="" if _missing(prompt) else str(prompt),
+            negative_prompt=self.spec.negative_prompt,
+            template=self._template(),
+            variables={k: ("" if _missing(v) else str(v)) for k, v in raw.items() if k in self.fields},
+            tags=tags,
+            base_model=next(iter(self.models.bases.values())).lineage(),
+            loras=(),
+            scheduler=self.spec.scheduler,
+            steps=self.spec.steps,
+            guidance=self.spec.guidance,
+            width=self.spec.size.width,
+            height=self.spec.size.height,
+            seed=0,
+            row_key=self._row_key(raw, "" if _missing(prompt) else str(prompt)),
+            variation=variation,
+        )

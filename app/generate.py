@@ -24,12 +24,13 @@ from itertools import groupby
 import numpy as np
 import torch
 
+from app.accelerator import AcceleratorSettings
 from app.attention import attention_kernels, attention_unsupported_reason, cache_folder
 from app.compute import ComputeSpec
 from app.models.catalog import ResolvedModel, default_home
 from app.models.digest import ModelFileError
 from app.models.loader import LoraStackSwitcher, load_pipeline, make_scheduler, pick_device, pick_dtype
-from app.request import RenderRequest
+from app.request import RenderRequest, requests_from_batch
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Generator:
         "nonfinite",
         "gpu_seconds",
         "accelerator",
+        "accelerator_settings",
         "batch_id",
         "batch_size",
         "generator_id",
@@ -110,7 +112,7 @@ class Generator:
         self.decode_stream = torch.cuda.Stream(self.device) if on_gpu and self.overlap_decode else None
         self._last_done = 0.0  # when the last batch's pixels reached the host (shares device time out)
         self._optimise()
-        self.accelerator = self._describe_device()
+        self.accelerator_settings = self._describe_device()
         self.generator_id = uuid.uuid4().hex[:12]
         self.warmup_seconds = self._warm_up()
 
@@ -202,34 +204,36 @@ class Generator:
             self._collect(last)
         return time.perf_counter() - t0
 
-    def _describe_device(self) -> str:
+    def _describe_device(self) -> AcceleratorSettings:
         """The device and every setting that can change an image's last bits (see regenerate)."""
         c = self.compute
-        settings = (
-            ("fused_qkv", self.fuse_qkv),
-            ("channels_last", self.channels_last),
-            ("compiled", c.compile),
-            ("fp8", c.fp8),
-            ("fp8_fp32_accum", c.fp8 and not c.fp8_fast_accum),
+        on_cuda = self.device.type == "cuda"
+        return AcceleratorSettings(
+            device="cuda" if on_cuda else "cpu",
+            device_name=self._device_name() if on_cuda else "",
+            threads=0 if on_cuda else torch.get_num_threads(),
+            dtype=str(self.dtype).removeprefix("torch."),
+            fused_qkv=self.fuse_qkv,
+            channels_last=self.channels_last,
+            compiled=c.compile,
+            compile_mode=c.compile_mode,
+            fp8=c.fp8,
+            fp8_fast_accum=c.fp8_fast_accum,
+            attention=c.attention,
+            batch_bucket=self.batch_bucket,
+            vae_tiling_above=c.vae_tiling_above,
         )
-        flags = "".join(f"+{name}" for name, on in settings if on)
-        if c.compile and c.compile_mode != ComputeSpec.model_fields["compile_mode"].default:
-            flags += f"+compile_mode={c.compile_mode}"
-        if self.batch_bucket:
-            flags += f"+batch_bucket={self.batch_bucket}"
-        if self.compute.vae_tiling_above != ComputeSpec.model_fields["vae_tiling_above"].default:
-            flags += f"+vae_tiling_above={self.compute.vae_tiling_above}"
-        if c.attention != "auto":
-            flags += f"+attention={c.attention}"
-        if self.device.type == "cuda":
-            return f"cuda:{self._device_name()}{flags}"
-        return f"cpu:threads={torch.get_num_threads()}{flags}"
+
+    @property
+    def accelerator(self) -> str:
+        """`accelerator_settings` in words (the catalog's `accelerator`)."""
+        return self.accelerator_settings.label()
 
     # --- Ray Data entry -------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
         pending = [i for i in range(n) if batch["status"][i] == "pending"]
-        results = {r.image_id: r for r in self.render([RenderRequest.from_json(batch["request"][i]) for i in pending])}
+        results = {r.image_id: r for r in self.render(requests_from_batch(batch, pending))}
         pixels, nonfinite, gpu_s, batch_ids, sizes = [], [], [], [], []
         status, error = list(batch["status"]), list(batch["error"])
         for i in range(n):
@@ -249,6 +253,7 @@ class Generator:
             "nonfinite": np.array(nonfinite, dtype=np.float64),
             "gpu_seconds": np.array(gpu_s, dtype=np.float64),
             "accelerator": np.array([self.accelerator] * n, dtype=object),
+            "accelerator_settings": _objects([self.accelerator_settings.to_value()] * n),
             "batch_id": np.array(batch_ids, dtype=object),
             "batch_size": np.array(sizes, dtype=np.int32),
             # Cumulative per actor, so the driver can report switches per generator.
@@ -321,7 +326,7 @@ class Generator:
                     self.batch_limit = max(1, len(chunk) // 2)
                     if self.batch_bucket:
                         self.batch_bucket = self.batch_limit  # a new compiled shape, once
-                    self.accelerator = self._describe_device()
+                    self.accelerator_settings = self._describe_device()
                     queue = _chunks([r for c in [chunk, *queue] for r in c], self.batch_limit)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -534,3 +539,9 @@ def use_compile_cache(where: str | None, attention: str = "auto") -> str:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _objects(values: list) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column

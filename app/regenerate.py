@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.accelerator import AcceleratorSettings
 from app.catalog.store import CatalogStore
 from app.models.catalog import ModelCatalog, ResolvedModel
 from app.models.digest import ModelFileError
-from app.request import LoraUse, RenderRequest, compute_image_id
+from app.request import LoraRef, RenderRequest, compute_image_id
 from app.spec import ComputeSpec
 from app.storage import OutputStore
 
@@ -40,30 +41,9 @@ class RegenerateReport:
 
 
 def request_from_row(row: dict) -> RenderRequest:
-    loras = tuple(
-        LoraUse(**{k: lo[k] for k in ("name", "version", "weight", "sha256", "source")}) for lo in row["loras"] or []
-    )
-    req = RenderRequest(
-        image_id=row["image_id"],
-        prompt=row["prompt"],
-        negative_prompt=row["negative_prompt"],
-        base_model=dict(row["base_model"]),
-        loras=loras,
-        scheduler=row["scheduler"],
-        steps=row["steps"],
-        guidance=row["guidance"],
-        width=row["width"],
-        height=row["height"],
-        seed=row["seed"],
-        template=dict(row["template"] or {}),
-        variables=dict(row["variables"] or []),
-        tags=dict(row["tags"] or []),
-        tier=row["tier"] or "default",
-        row_key=row["row_key"] or "",
-        variation=row["variation"] or 0,
-        combination=row["combination"] or "default",
-        fuse_loras=bool(row["lora_fused"]),
-    )
+    """The request a catalog row was rendered from: the row has every request field under the
+    same name and type (`lora_fused` is the request's `fuse_loras`)."""
+    req = RenderRequest.from_arrow_value({**row, "fuse_loras": bool(row["lora_fused"])})
     again = compute_image_id(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -82,7 +62,7 @@ def request_from_row(row: dict) -> RenderRequest:
     return req
 
 
-def _same_model(resolved: ResolvedModel, wanted: dict | LoraUse) -> ResolvedModel:
+def _same_model(resolved: ResolvedModel, wanted: dict | LoraRef) -> ResolvedModel:
     sha = wanted["sha256"] if isinstance(wanted, dict) else wanted.sha256
     if resolved.sha256 != sha:
         raise RegenerateError(
@@ -126,7 +106,8 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
     except (ModelFileError, KeyError) as e:
         raise RegenerateError(f"cannot load the models of {image_id}: {e}") from e
 
-    compute = recorded_compute(row["accelerator"] or "", len(requests))
+    settings = AcceleratorSettings.from_catalog(row.get("accelerator_settings"), row["accelerator"])
+    compute = recorded_compute(settings, len(requests))
     generator = Generator(base, loras, compute)
     results = {r.image_id: r for r in generator.render_batch_exactly(requests)}
     result = results[image_id]
@@ -155,26 +136,10 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
     )
 
 
-def recorded_compute(accelerator: str, n: int) -> ComputeSpec:
-    """The generator settings an image was rendered with, from its catalog `accelerator` and the
-    size of its batch: the speed settings can change the last bits, so they are applied again."""
-
-    def value(key: str) -> str:  # value("+batch_bucket") of "cuda:…+batch_bucket=4+…" is "4"; "" when absent
-        return accelerator.partition(f"{key}=")[2].split("+", 1)[0]
-
-    threads, bucket = value("threads"), value("+batch_bucket")
-    tiling, mode, attention = value("+vae_tiling_above"), value("+compile_mode"), value("+attention")
-    return ComputeSpec(
-        device="cuda" if accelerator.startswith("cuda") else "cpu",
-        cpu_threads=int(threads) if threads.isdigit() else 1,
-        batch_invariant=n == 1 and not bucket.isdigit(),
-        batch_size=int(bucket) if bucket.isdigit() else n,
-        fuse_qkv="+fused_qkv" in accelerator,
-        channels_last="+channels_last" in accelerator,
-        compile="+compiled" in accelerator,
-        fp8="+fp8" in accelerator,
-        fp8_fast_accum="+fp8_fp32_accum" not in accelerator,
-        **({"vae_tiling_above": int(tiling)} if tiling.isdigit() else {}),
-        **({"compile_mode": mode} if mode else {}),
-        **({"attention": attention} if attention else {}),
-    )
+def recorded_compute(settings: AcceleratorSettings | str, n: int) -> ComputeSpec:
+    """The generator settings an image was rendered with, from its catalog `accelerator_settings`
+    (or, in an older catalog, its `accelerator` text) and the size of its batch: the speed
+    settings can change the last bits, so they are applied again."""
+    if isinstance(settings, str):
+        settings = AcceleratorSettings.from_label(settings)
+    return settings.compute_spec(n)

@@ -3,48 +3,122 @@
 `image_id` is a hash of exactly those fields (model bytes by sha256, not by name), so the same
 request always has the same id: a rerun skips ids already in the catalog, and `imagefab
 regenerate ID` can rebuild the request from the catalog row and check the pixels.
+
+Between Ray stages a request travels as one typed Arrow struct column, `request`, of
+`REQUEST_TYPE`. The struct is derived from the dataclass: each field names its Arrow type (and,
+where it is not a plain scalar, how a value read back from Arrow becomes the Python one), so a new
+request field is one line here. Readers call `requests_from_column` (an Arrow column),
+`request_at(batch, i)` (a row of a Ray Data batch, numpy or Arrow) or `requests_from_batch`.
+
+`LoraRef` is the one reference to a LoRA: a spec names it (name, weight), expansion resolves it
+(version, sha256, source), the catalog and the image metadata record it. `format_lora_tag` and
+`parse_lora_tags` are the one place for the A1111 prompt syntax `<lora:name:weight>`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated, Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import ConfigDict, Field
 
 # Bumped when the rendering recipe changes in a way that changes pixels for the same fields.
 RECIPE = "sdxl-txt2img-2"  # 2: no negative prompt means zeroed negative embeddings
 
 
 @dataclass(frozen=True)
-class LoraUse:
-    name: str
-    version: str
-    weight: float
-    sha256: str
+class LoraRef:
+    """A LoRA in a stack. A spec gives name and weight; the resolved model fills in the rest."""
+
+    # Specs validate these through pydantic (app/spec.py): the bounds hold for spec files and HTTP.
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1)]
+    version: str = ""
+    weight: Annotated[float, Field(ge=-4.0, le=4.0)] = 1.0
+    sha256: str = ""
     source: str = ""
+
+
+# Arrow types of the request's parts; the catalog schema (app/catalog/schema.py) uses the same.
+MODEL_TYPE = pa.struct(
+    [("name", pa.string()), ("version", pa.string()), ("sha256", pa.string()), ("source", pa.string())]
+)
+LORA_TYPE = pa.struct([(f.name, pa.float64() if f.name == "weight" else pa.string()) for f in fields(LoraRef)])
+TEMPLATE_TYPE = pa.struct([("name", pa.string()), ("version", pa.string()), ("text", pa.string())])
+STRMAP_TYPE = pa.map_(pa.string(), pa.string())
+
+
+def _as_dict(value: Any) -> dict:
+    """A struct or map as Arrow hands it back: a dict, a list of (key, value) pairs (`to_pylist`),
+    or an array of 2-element arrays (Ray Data's numpy batches); None is empty."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return {k: v for k, v in value}
+
+
+def _as_loras(value: Any) -> tuple[LoraRef, ...]:
+    if value is None:
+        return ()
+    return tuple(lo if isinstance(lo, LoraRef) else LoraRef(**_as_dict(lo)) for lo in value)
+
+
+def _loras_value(loras: Sequence[LoraRef]) -> list[dict]:
+    return [asdict(lo) for lo in loras]
+
+
+def _map_value(d: Mapping) -> list[tuple[str, str]]:
+    return [(str(k), str(v)) for k, v in d.items()]
+
+
+def _struct_value(d: Mapping) -> dict | None:
+    return dict(d) if d else None  # an empty template is a null struct
+
+
+def _arrow(
+    type_: pa.DataType, read: Callable[[Any], Any] | None = None, write: Callable[[Any], Any] | None = None
+) -> dict:
+    """A request field's Arrow type (its `field` metadata); `read` turns a value read back from
+    Arrow (or from a Ray Data numpy batch) into the Python value, `write` the Python value into
+    what Arrow takes."""
+    return {"arrow": type_, "read": read, "write": write}
 
 
 @dataclass(frozen=True)
 class RenderRequest:
-    image_id: str
-    prompt: str
-    negative_prompt: str
-    base_model: dict  # {name, version, sha256, source}
-    loras: tuple[LoraUse, ...]
-    scheduler: str
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    seed: int
-    template: dict = field(default_factory=dict)  # {name, version, text}
-    variables: dict = field(default_factory=dict)  # template variable -> value
-    tags: dict = field(default_factory=dict)
-    tier: str = "default"
-    row_key: str = ""
-    variation: int = 0
-    combination: str = "default"
-    fuse_loras: bool = False
+    """One image to render. Each field carries its Arrow type (`_arrow`): `REQUEST_TYPE` is made
+    from them, so a new field is this one line (plus `compute_image_id` when it decides pixels)."""
+
+    image_id: str = field(metadata=_arrow(pa.string()))
+    prompt: str = field(metadata=_arrow(pa.string()))
+    negative_prompt: str = field(metadata=_arrow(pa.string()))
+    # {name, version, sha256, source}
+    base_model: dict = field(metadata=_arrow(MODEL_TYPE, read=_as_dict))
+    loras: tuple[LoraRef, ...] = field(metadata=_arrow(pa.list_(LORA_TYPE), read=_as_loras, write=_loras_value))
+    scheduler: str = field(metadata=_arrow(pa.string()))
+    steps: int = field(metadata=_arrow(pa.int32(), read=int))
+    guidance: float = field(metadata=_arrow(pa.float64(), read=float))
+    width: int = field(metadata=_arrow(pa.int32(), read=int))
+    height: int = field(metadata=_arrow(pa.int32(), read=int))
+    seed: int = field(metadata=_arrow(pa.int64(), read=int))
+    # {name, version, text}; {} (a null struct) without a template
+    template: dict = field(default_factory=dict, metadata=_arrow(TEMPLATE_TYPE, read=_as_dict, write=_struct_value))
+    # template variable -> value
+    variables: dict = field(default_factory=dict, metadata=_arrow(STRMAP_TYPE, read=_as_dict, write=_map_value))
+    tags: dict = field(default_factory=dict, metadata=_arrow(STRMAP_TYPE, read=_as_dict, write=_map_value))
+    tier: str = field(default="default", metadata=_arrow(pa.string()))
+    row_key: str = field(default="", metadata=_arrow(pa.string()))
+    variation: int = field(default=0, metadata=_arrow(pa.int32(), read=int))
+    combination: str = field(default="default", metadata=_arrow(pa.string()))
+    fuse_loras: bool = field(default=False, metadata=_arrow(pa.bool_(), read=bool))
 
     @property
     def combination_key(self) -> str:
@@ -52,22 +126,87 @@ class RenderRequest:
         stack = ",".join(f"{lo.name}@{lo.weight:g}" for lo in self.loras)
         return f"{self.base_model['name']}|{stack}" + ("|fused" if self.fuse_loras and self.loras else "")
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+    def to_arrow_value(self) -> dict:
+        """This request as one value of `REQUEST_TYPE` (what `pa.array(..., REQUEST_TYPE)` takes)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = f.metadata["write"](value) if f.metadata["write"] else value
+        return out
 
     @classmethod
-    def from_json(cls, text: str) -> RenderRequest:
-        d = json.loads(text)
-        d["loras"] = tuple(LoraUse(**lo) for lo in d["loras"])
-        return cls(**d)
+    def from_arrow_value(cls, value: Mapping | RenderRequest) -> RenderRequest:
+        """Inverse of `to_arrow_value`, also for a row as Ray Data's numpy batches give it (a dict
+        whose lists and maps are numpy arrays). A field the value lacks takes its default."""
+        if isinstance(value, RenderRequest):
+            return value
+        kw = {}
+        for f in fields(cls):
+            if f.name in value and value[f.name] is not None:
+                kw[f.name] = f.metadata["read"](value[f.name]) if f.metadata["read"] else value[f.name]
+        return cls(**kw)
 
 
+# The one declaration of the `request` column's type.
+REQUEST_TYPE = pa.struct([(f.name, f.metadata["arrow"]) for f in fields(RenderRequest)])
+
+
+def requests_to_arrow(requests: Iterable[RenderRequest]) -> pa.StructArray:
+    """A `request` column of `REQUEST_TYPE`."""
+    return pa.array([r.to_arrow_value() for r in requests], type=REQUEST_TYPE)
+
+
+def requests_to_numpy(requests: Iterable[RenderRequest]) -> np.ndarray:
+    """A `request` column as Ray Data's numpy batches carry it: an object array of struct dicts."""
+    values = [r.to_arrow_value() for r in requests]
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def requests_from_column(column: pa.Array | pa.ChunkedArray) -> list[RenderRequest]:
+    """Every request of an Arrow `request` column."""
+    return [RenderRequest.from_arrow_value(v) for v in column.to_pylist()]
+
+
+def request_at(batch: Mapping | pa.Table | pa.RecordBatch, i: int) -> RenderRequest:
+    """Row i's request in a Ray Data batch: numpy (`batch_format="numpy"`: an object array of
+    dicts) or Arrow (`"pyarrow"`)."""
+    column = batch["request"] if isinstance(batch, Mapping) else batch.column("request")
+    value = column[i]
+    if isinstance(value, pa.Scalar):
+        value = value.as_py()
+    return RenderRequest.from_arrow_value(value)
+
+
+def requests_from_batch(batch: Mapping | pa.Table | pa.RecordBatch, rows: Iterable[int]) -> list[RenderRequest]:
+    """The requests of `rows` (indices into the batch)."""
+    return [request_at(batch, i) for i in rows]
+
+
+# --- the A1111 prompt syntax for LoRAs ---------------------------------------------------------
+# <lora:name:weight>, optionally with a third part (A1111's text-encoder weight), which is ignored.
+LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)(?::[^<>]*)?>")
+
+
+def format_lora_tag(name: str, weight: float) -> str:
+    return f"<lora:{name}:{weight:g}>"
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
+    """'a cat <lora:style:0.8>' -> ('a cat', [('style', '0.8')]): the prompt without its tags
+    (whitespace collapsed) and each tag's name and weight as written, for the caller to check."""
+    tags = [(name.strip(), weight.strip()) for name, weight in LORA_TAG.findall(prompt)]
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), tags
+
+
+# --- identity ----------------------------------------------------------------------------------
 def compute_image_id(
     *,
     prompt: str,
     negative_prompt: str,
     base_sha256: str,
-    loras: tuple[LoraUse, ...] | list[LoraUse],
+    loras: Sequence[LoraRef],
     scheduler: str,
     steps: int,
     guidance: float,

@@ -19,6 +19,7 @@ from app.compute import ComputeSpec
 from app.postprocess import PostprocessSettings
 from app.provenance.settings import ProvenanceSettings, RightsSpec, ScreeningSettings
 from app.qc import QcSettings
+from app.request import LoraRef
 from app.storage import is_uri
 
 # SDXL was trained on ~1 megapixel buckets; these are its usual sizes, plus small ones for the
@@ -166,11 +167,6 @@ class Variations(_Frozen):
         return self
 
 
-class LoraRef(_Frozen):
-    name: str = Field(min_length=1)
-    weight: float = Field(1.0, ge=-4.0, le=4.0)
-
-
 class ModelSpec(_Frozen):
     base: str = "tiny-sdxl"
     loras: tuple[LoraRef, ...] = ()
@@ -182,6 +178,13 @@ class ModelSpec(_Frozen):
         names = [lo.name for lo in loras]
         if len(set(names)) != len(names):
             raise ValueError(f"a LoRA is listed twice in {names}")
+        for lo in loras:
+            pinned = [k for k in ("version", "sha256", "source") if getattr(lo, k)]
+            if pinned:
+                raise ValueError(
+                    f"LoRA '{lo.name}' sets {', '.join(pinned)}: a spec names a LoRA and its weight; "
+                    "the model catalog (or a models:/ reference) decides its version and file"
+                )
         return loras
 
 

@@ -3,10 +3,10 @@
 Each stage names the columns it reads and adds. They import no Ray: `jobs/generate.py` and the
 Serve app wire them. A row whose stage fails becomes `failed` with the reason; the others go on.
 
-  Generator            -> pixels, nonfinite, gpu_seconds, accelerator, batch_id, batch_size
+  Generator            -> pixels, nonfinite, gpu_seconds, accelerator (+ _settings), batch_id, batch_size
   (GeneratorWithClip   -> the same + clip_embedding, clip_model, clip_cosines: app/qc/clip_stage.py)
   QualityControl       -> status, reasons, scores, qc_version, cpu_seconds
-  Postprocess          -> uri, variants, pixel_sha256, usage_rights, cpu_seconds (+), drops pixels
+  Postprocess          -> uri, variants, pixel_sha256, rights, cpu_seconds (+), drops pixels
                           (invisible watermark and a signed C2PA manifest in every file it writes)
   CatalogWrite         -> appends catalog rows; returns image_id, status, gpu_seconds, cpu_seconds
   Finish               =  QualityControl -> Postprocess -> CatalogWrite, one Ray stage
@@ -18,11 +18,13 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import numpy as np
 from PIL import Image
 
+from app.accelerator import AcceleratorSettings
 from app.catalog.store import CatalogStore
 from app.cost import PriceTable
 from app.metadata import ImageMetadata
@@ -32,6 +34,7 @@ from app.provenance.settings import Provenance
 from app.provenance.signing import GenerationRecord, Ingredient, ModelRecord, sign_master, sign_variant
 from app.qc import QcModels, QcSettings
 from app.qc.clip_measures import CLIP_COLUMNS, measure_from_row
+from app.request import RenderRequest, request_at
 from app.schedulers import sampler_name
 from app.storage import OutputStore, StorageError
 
@@ -57,8 +60,8 @@ def _obj(values) -> np.ndarray:
 
 def image_from_row(batch: dict, i: int) -> np.ndarray:
     """The [H, W, 3] uint8 image of row i, from the raw bytes the generator put in `pixels`."""
-    req = json.loads(batch["request"][i])
-    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(req["height"], req["width"], 3)
+    req = request_at(batch, i)
+    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(req.height, req.width, 3)
 
 
 def image_path(image_id: str) -> str:
@@ -66,49 +69,46 @@ def image_path(image_id: str) -> str:
     return f"images/{image_id[:2]}/{image_id}.png"
 
 
-def metadata_for(req: dict, provenance: Provenance | None = None) -> ImageMetadata:
+def metadata_for(req: RenderRequest, provenance: Provenance | None = None) -> ImageMetadata:
     """What is embedded in an image's files. No run id: the same image_id gives the same bytes,
     whichever run wrote it (images are stored by id, and a rerun may write one again).
     Usage rights go into `extra` (`rights.*`), which the XMP writer turns into IPTC rights fields."""
     rights = {} if provenance is None or provenance.rights.is_empty() else provenance.rights.to_dict()
     return ImageMetadata(
-        image_id=req["image_id"],
-        prompt=req["prompt"],
-        negative_prompt=req["negative_prompt"],
-        steps=req["steps"],
-        sampler=sampler_name(req["scheduler"]),
-        cfg_scale=req["guidance"],
-        seed=req["seed"],
-        width=req["width"],
-        height=req["height"],
-        model_name=req["base_model"]["name"],
-        model_hash=req["base_model"]["sha256"],
-        loras=tuple((lo["name"], lo["weight"], lo["sha256"]) for lo in req["loras"]),
+        image_id=req.image_id,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        steps=req.steps,
+        sampler=sampler_name(req.scheduler),
+        cfg_scale=req.guidance,
+        seed=req.seed,
+        width=req.width,
+        height=req.height,
+        model_name=req.base_model["name"],
+        model_hash=req.base_model["sha256"],
+        loras=req.loras,
         extra={f"rights.{k}": v for k, v in rights.items() if v},
     )
 
 
-def generation_record(req: dict, provenance: Provenance, watermarked: bool) -> GenerationRecord:
+def generation_record(req: RenderRequest, provenance: Provenance, watermarked: bool) -> GenerationRecord:
     """What an image's C2PA manifest says about how it was made."""
-    base, licences = req["base_model"], provenance.licences
+    base, licences = req.base_model, provenance.licences
     return GenerationRecord(
-        image_id=req["image_id"],
+        image_id=req.image_id,
         generator_version=provenance.generator_version,
         base_model=ModelRecord(base["name"], base["sha256"], base.get("version", ""), licences.get(base["name"], "")),
         loras=tuple(
-            ModelRecord(
-                lo["name"], lo["sha256"], lo.get("version", ""), licences.get(lo["name"], ""), float(lo["weight"])
-            )
-            for lo in req["loras"]
+            ModelRecord(lo.name, lo.sha256, lo.version, licences.get(lo.name, ""), float(lo.weight)) for lo in req.loras
         ),
         rights=provenance.rights,
-        watermark_payload=watermark.payload_for(req["image_id"]) if watermarked else "",
+        watermark_payload=watermark.payload_for(req.image_id) if watermarked else "",
         extra={
-            "steps": req["steps"],
-            "scheduler": req["scheduler"],
-            "guidance": req["guidance"],
-            "seed": req["seed"],
-            "size": f"{req['width']}x{req['height']}",
+            "steps": req.steps,
+            "scheduler": req.scheduler,
+            "guidance": req.guidance,
+            "seed": req.seed,
+            "size": f"{req.width}x{req.height}",
         },
     )
 
@@ -176,13 +176,13 @@ class QualityControl:
             return out
 
     def _evaluate(self, batch: dict, rows: list[int]) -> list:
-        reqs = [json.loads(batch["request"][i]) for i in rows]
+        reqs = [request_at(batch, i) for i in rows]
         return self.models.evaluate_batch(
             [image_from_row(batch, i) for i in rows],
-            [r["prompt"] for r in reqs],
+            [r.prompt for r in reqs],
             image_ids=[str(batch["image_id"][i]) for i in rows],
-            combinations=[r.get("combination") for r in reqs],
-            tags=[r.get("tags") or {} for r in reqs],
+            combinations=[r.combination for r in reqs],
+            tags=[r.tags for r in reqs],
             nonfinite_fractions=[float(batch["nonfinite"][i]) for i in rows],
             clip_measures=[measure_from_row(batch, i) for i in rows] if self.models.clip_on_generator else None,
         )
@@ -198,7 +198,7 @@ class Postprocess:
     """
 
     reads = ("status", "request", "pixels")
-    adds = ("uri", "bytes", "variants", "pixel_sha256", "usage_rights", "cpu_seconds")
+    adds = ("uri", "bytes", "variants", "pixel_sha256", "rights", "cpu_seconds")
 
     def __init__(self, settings: PostprocessSettings, output: OutputStore, provenance: Provenance | None = None):
         self.settings = settings
@@ -234,7 +234,7 @@ class Postprocess:
             bytes=np.asarray(sizes, dtype=np.int64),
             variants=_obj(variants),
             pixel_sha256=_obj(shas),
-            usage_rights=_obj(rights),
+            rights=_obj(rights),
             cpu_seconds=np.asarray(cpu, dtype=np.float64),
         )
         return out
@@ -242,21 +242,19 @@ class Postprocess:
     def _usage_rights(self, batch: dict, i: int) -> dict | None:
         if self.provenance is None:
             return None
-        req = json.loads(batch["request"][i])
-        if "base_model" not in req:
-            return None
-        return self.provenance.usage_rights(req["base_model"]["name"], [lo["name"] for lo in req.get("loras", [])])
+        req = request_at(batch, i)
+        return self.provenance.usage_rights(req.base_model["name"], [lo.name for lo in req.loras])
 
     def write_one(self, batch: dict, i: int, with_variants: bool) -> tuple[str, int, list[dict], str]:
-        req = json.loads(batch["request"][i])
+        req = request_at(batch, i)
         rendered = image_from_row(batch, i)
         prov = self.provenance
         # 1. The invisible watermark goes into the pixels every file is made from
-        marked = prov is not None and prov.watermark and watermark.can_embed(req["width"], req["height"])
-        pixels = watermark.embed(rendered, req["image_id"]) if marked else rendered
+        marked = prov is not None and prov.watermark and watermark.can_embed(req.width, req.height)
+        pixels = watermark.embed(rendered, req.image_id) if marked else rendered
         image = Image.fromarray(pixels, "RGB")
         meta = metadata_for(req, prov)
-        master = image_path(req["image_id"])
+        master = image_path(req.image_id)
         # 2. The master, signed
         data = encode_master(image, meta, self.settings.png_compress_level)
         signer = prov.signer if prov is not None else None
@@ -271,7 +269,7 @@ class Postprocess:
             def mark(variant: Image.Image) -> Image.Image:
                 if not marked or not watermark.can_embed(*variant.size):
                     return variant
-                return Image.fromarray(watermark.embed(np.asarray(variant.convert("RGB")), req["image_id"]), "RGB")
+                return Image.fromarray(watermark.embed(np.asarray(variant.convert("RGB")), req.image_id), "RGB")
 
             for v in render_variants(image, self.settings, meta, mark=mark if marked else None):
                 ext = "jpg" if v.format == "jpeg" else v.format
@@ -283,12 +281,12 @@ class Postprocess:
                         v.format,
                         Ingredient(master.rsplit("/", 1)[-1], data, "png"),
                         signer,
-                        image_id=req["image_id"],
+                        image_id=req.image_id,
                         generator_version=prov.generator_version,
                         title=rel.rsplit("/", 1)[-1],
                         watermarked=self.settings.watermark is not None,
                         rights=prov.rights,
-                        watermark_payload=watermark.payload_for(req["image_id"])
+                        watermark_payload=watermark.payload_for(req.image_id)
                         if marked and watermark.can_embed(v.width, v.height)
                         else "",
                     )
@@ -307,7 +305,8 @@ class Postprocess:
 
 def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created_at: datetime) -> dict:
     """One catalog row from the request and what each stage added."""
-    req = json.loads(batch["request"][i])
+    req = request_at(batch, i)
+    rights = (batch["rights"][i] or None) if "rights" in batch else None
     scores = json.loads(batch["scores"][i]) if "scores" in batch else {}
     accelerator = str(batch["accelerator"][i]) if "accelerator" in batch else ""
     gpu_s = float(batch["gpu_seconds"][i]) if "gpu_seconds" in batch else 0.0
@@ -320,24 +319,24 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "status": status,
         "reasons": json.loads(batch["reasons"][i]) if "reasons" in batch else [],
         "error": str(batch["error"][i]),
-        "prompt": req.get("prompt", ""),
-        "negative_prompt": req.get("negative_prompt", ""),
-        "template": req.get("template") or None,
-        "variables": req.get("variables", {}),
-        "tags": req.get("tags", {}),
-        "row_key": req.get("row_key", ""),
-        "variation": req.get("variation", 0),
-        "base_model": req.get("base_model"),
-        "loras": list(req.get("loras", [])),
-        "scheduler": req.get("scheduler"),
-        "steps": req.get("steps"),
-        "guidance": req.get("guidance"),
-        "width": req.get("width"),
-        "height": req.get("height"),
-        "seed": req.get("seed"),
-        "tier": req.get("tier", "default"),
-        "combination": req.get("combination", "default"),
-        "lora_fused": bool(req.get("fuse_loras", False)),
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "template": req.template or None,
+        "variables": req.variables,
+        "tags": req.tags,
+        "row_key": req.row_key,
+        "variation": req.variation,
+        "base_model": req.base_model,
+        "loras": [asdict(lo) for lo in req.loras],
+        "scheduler": req.scheduler,
+        "steps": req.steps,
+        "guidance": req.guidance,
+        "width": req.width,
+        "height": req.height,
+        "seed": req.seed,
+        "tier": req.tier,
+        "combination": req.combination,
+        "lora_fused": req.fuse_loras,
         "batch_id": str(batch["batch_id"][i]) if "batch_id" in batch else "",
         "batch_size": int(batch["batch_size"][i]) if "batch_size" in batch else 0,
         "pixel_sha256": str(batch["pixel_sha256"][i]) if "pixel_sha256" in batch else "",
@@ -357,9 +356,32 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "cpu_seconds": cpu_s,
         "cost_usd": prices.image_cost(accelerator, gpu_s, cpu_s) if accelerator else 0.0,
         "accelerator": accelerator,
-        "usage_rights": (batch["usage_rights"][i] or None) if "usage_rights" in batch else None,
+        "accelerator_settings": _settings(batch, i),
+        "usage_rights": usage_rights_text(rights),
+        "rights": rights,
         "approval": "pending",
     }
+
+
+def usage_rights_text(rights: dict | None) -> str:
+    """The `usage_rights` column in words: licence, owner, notes and each model's licence."""
+    if not rights:
+        return ""
+    parts = [
+        rights.get("licence") or "",
+        f"© {rights['owner']}" if rights.get("owner") else "",
+        rights.get("notes") or "",
+    ]
+    models = "; ".join(f"{m['name']}: {m['licence']}" for m in rights.get("model_licences") or [] if m.get("licence"))
+    if models:
+        parts.append(f"models: {models}")
+    return " | ".join(p for p in parts if p)
+
+
+def _settings(batch: dict, i: int) -> dict | None:
+    """Row i's `accelerator_settings` as one struct value; None when the generator recorded none."""
+    value = batch["accelerator_settings"][i] if "accelerator_settings" in batch else None
+    return AcceleratorSettings.from_value(value).to_value() if value else None
 
 
 class CatalogWrite:

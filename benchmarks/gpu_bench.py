@@ -376,10 +376,10 @@ class Bench:
         return render
 
     def generator_renderer(self, gen):
-        from app.request import LoraUse, RenderRequest
+        from app.request import LoraRef, RenderRequest
 
         a = self.args
-        loras = (LoraUse("bench-lora", "1", 0.8, "0" * 64),) if self.lora else ()
+        loras = (LoraRef("bench-lora", "1", 0.8, "0" * 64),) if self.lora else ()
 
         def render(batch: int, steps: int, calls: int = 1) -> np.ndarray:
             reqs = [

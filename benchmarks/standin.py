@@ -12,11 +12,12 @@ catalog exactly as a real run does. Imports no torch: an actor starts in well un
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import uuid
 
 import numpy as np
+
+from app.request import request_at
 
 VARIANTS = 8  # distinct images per size; a request gets one by its seed
 
@@ -31,6 +32,7 @@ class StandInGenerator:
         "nonfinite",
         "gpu_seconds",
         "accelerator",
+        "accelerator_settings",
         "batch_id",
         "batch_size",
         "generator_id",
@@ -70,8 +72,8 @@ class StandInGenerator:
         per_image = 1.0 / self.images_per_second
         pixels, gpu_s = [b""] * n, [0.0] * n
         for i in pending:
-            req = json.loads(batch["request"][i])
-            pixels[i] = self._image(req["width"], req["height"], req["seed"]).tobytes()
+            req = request_at(batch, i)
+            pixels[i] = self._image(req.width, req.height, req.seed).tobytes()
             gpu_s[i] = per_image
         batch_id = hashlib.sha256("".join(str(batch["image_id"][i]) for i in pending).encode()).hexdigest()[:32]
         # The batch takes as long as the emulated device would, whatever the preparing cost.
@@ -84,6 +86,7 @@ class StandInGenerator:
             "nonfinite": np.zeros(n, dtype=np.float64),
             "gpu_seconds": np.asarray(gpu_s, dtype=np.float64),
             "accelerator": np.array([self.accelerator] * n, dtype=object),
+            "accelerator_settings": np.full(n, None, dtype=object),  # a stand-in has no device settings
             # One emulated pipeline call per batch, named as the Generator names a batch.
             "batch_id": np.array([batch_id if gpu_s[i] else "" for i in range(n)], dtype=object),
             "batch_size": np.full(n, len(pending), dtype=np.int32),

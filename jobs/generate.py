@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import numpy as np
@@ -31,7 +31,6 @@ import pyarrow.csv as pacsv
 import yaml
 
 from app.catalog.store import CatalogStore
-from app.compute import ComputeSpec
 from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog, default_home
 from app.models.digest import ModelFileError
@@ -45,105 +44,8 @@ from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
 from app.storage import OutputStore, StorageError
 from jobs.options import add_run_arguments
-
-log = logging.getLogger("imagefab.job")
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    run_name: str
-    output: str
-    input_rows: int = 0
-    requests: int = 0
-    skipped_existing: int = 0
-    duplicates: int = 0
-    rendered: int = 0
-    counts: dict = field(default_factory=lambda: {"accepted": 0, "review": 0, "rejected": 0, "failed": 0})
-    gpu_seconds: float = 0.0
-    cpu_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    generators: int = 0
-    accelerator: str = ""
-    # The run's catalog partition: the day it started (a batch retried after midnight stays in it).
-    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d"))
-    by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
-    by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
-
-    first_result_at: float = 0.0  # perf_counter of the first and last finished batch
-    last_result_at: float = 0.0
-
-    @property
-    def streaming_images_per_second(self) -> float:
-        """Throughput while images flow: from the first finished batch to the last, so the run's
-        fixed start-up (reading, planning, actors loading models) does not count as a rate."""
-        span = self.last_result_at - self.first_result_at
-        return (self.rendered - self._first_batch) / span if span > 0 else 0.0
-
-    def add_batch(self, out: dict) -> None:
-        """Fold one batch of the CPU stage's per-image results into the totals."""
-        n = len(out["status"])
-        now = time.perf_counter()
-        if not self.first_result_at:
-            self.first_result_at, self._first_batch = now, n
-        self.last_result_at = now
-        self.rendered += n
-        self.gpu_seconds += float(np.sum(out["gpu_seconds"]))
-        self.cpu_seconds += float(np.sum(out["cpu_seconds"]))
-        for i in range(n):
-            status = str(out["status"][i])
-            self.counts[status] = self.counts.get(status, 0) + 1
-            combo = self.by_combination.setdefault(str(out["combination"][i]), {"images": 0, "gpu_seconds": 0.0})
-            combo["images"] += 1
-            combo[status] = combo.get(status, 0) + 1
-            combo["gpu_seconds"] += float(out["gpu_seconds"][i])
-            gen = str(out["generator_id"][i])
-            if gen:
-                g = self.by_generator.setdefault(gen, {"base": str(out["base_model"][i]), "images": 0})
-                g["images"] += 1
-                # Cumulative counters from the actor: the largest seen is its total.
-                g["lora_switches"] = max(g.get("lora_switches", 0), int(out["lora_switches"][i]))
-                g["switch_seconds"] = max(g.get("switch_seconds", 0.0), float(out["lora_switch_seconds"][i]))
-
-    @property
-    def images_per_second(self) -> float:
-        return self.rendered / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    _first_batch: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "images_per_second": self.images_per_second,
-            "streaming_images_per_second": self.streaming_images_per_second,
-        }
-
-    def render(self) -> str:
-        c = self.counts
-        return "\n".join(
-            [
-                f"run {self.run_id}  ({self.run_name})",
-                f"  requests      {self.requests}  (skipped, already in catalog: {self.skipped_existing}; "
-                f"duplicates in input: {self.duplicates})",
-                f"  rendered      {self.rendered} on {self.generators} generator(s) [{self.accelerator}]",
-                f"  outcome       accepted {c['accepted']}  review {c['review']}  rejected {c['rejected']}  failed {c['failed']}",
-                f"  throughput    {self.images_per_second:.2f} images/s over {self.wall_seconds:.1f} s",
-                f"  device time   {self.gpu_seconds:.1f} s   CPU (QC, post) {self.cpu_seconds:.1f} s",
-                *[
-                    f"  combination   {name}: {c['images']} images, accepted {c.get('accepted', 0)}, "
-                    f"{c['gpu_seconds'] / max(1, c['images']):.3f} device s/image"
-                    for name, c in sorted(self.by_combination.items())
-                ],
-                *[
-                    f"  generator     {gid[:8]} ({g['base']}): {g['images']} images, {g['lora_switches']} LoRA switches "
-                    f"in {g['switch_seconds']:.2f} s"
-                    for gid, g in sorted(self.by_generator.items())
-                ],
-                f"  images        {self.output}/images/",
-                f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
-                f"  summary       {self.output}/runs/{self.run_id}/summary.json",
-            ]
-        )
+from jobs.pools import base_of, generator_call_rows, pool_sizes, with_warmup_sizes
+from jobs.summary import RunSummary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,7 +97,7 @@ def read_input(spec: JobSpec, columns: list[str]):
 def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -> tuple[pa.Table, int]:
     import ray
 
-    from app.expand import OUTPUT_COLUMNS
+    from app.expand import OUTPUT_SCHEMA
 
     ds = read_input(spec, columns)
     expanded = ds.map_batches(
@@ -206,8 +108,7 @@ def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -
         zero_copy_batch=True,
     ).materialize()
     tables = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
-    schema = pa.schema([(c, pa.string()) for c in OUTPUT_COLUMNS])
-    table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+    table = pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables]) if tables else OUTPUT_SCHEMA.empty_table()
     return table, table.num_rows // spec.variations.seeds_per_row
 
 
@@ -289,7 +190,9 @@ def run(
     summary.wall_seconds = time.perf_counter() - t0
     output.write_bytes(f"runs/{run_id}/summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     if track:
-        _track(output, run_id, versions)
+        from app.registry import track_job_output_or_warn
+
+        track_job_output_or_warn(output.uri, run_id, versions)
     return summary
 
 
@@ -302,43 +205,6 @@ def resolve_registry(spec: JobSpec):
     from app.registry import make_client, resolve_spec_references
 
     return resolve_spec_references(spec, make_client(), verify=False)  # resolve_models hashes the files next
-
-
-def _track(output: OutputStore, run_id: str, versions) -> None:
-    from app.registry import track_job_output
-
-    try:
-        mlflow_run = track_job_output(output.uri, run_id, versions=versions)
-        log.info("run %s: logged to MLflow as run %s", run_id, mlflow_run)
-    except Exception as e:  # images and catalog are written; tracking can be redone
-        log.warning(
-            "run %s: MLflow tracking failed (%s); retry with: imagefab registry track %s %s",
-            run_id,
-            e,
-            output.uri,
-            run_id,
-        )
-
-
-def _base_of(combination_key: str) -> str:
-    return combination_key.split("|", 1)[0]
-
-
-def with_warmup_sizes(compute, requests: list[str]):
-    """Compiled generators warm up (compile) at actor start for every size their rows use, unless
-    the spec lists sizes itself: the first real batch of each size would otherwise wait minutes."""
-    if not compute.compile or compute.warmup_sizes:
-        return compute
-    sizes = sorted({(q["width"], q["height"]) for q in map(json.loads, filter(None, requests))})
-    return compute.model_copy(update={"warmup_sizes": tuple(f"{w}x{h}" for w, h in sizes)})
-
-
-def generator_call_rows(compute: ComputeSpec, use_gpu: bool) -> int:
-    """Rows per generator call. A generator overlaps one batch's decode with the next batch's
-    denoising only within a call, so whole batches (not batch-invariant) come two to a call on
-    GPUs; a batch-invariant call of `batch_size` rows is already that many one-image batches."""
-    two = use_gpu and not compute.batch_invariant and compute.overlaps_decode(on_cuda=True)
-    return compute.batch_size * (2 if two else 1)
 
 
 def _render(
@@ -380,9 +246,9 @@ def _render(
     batch = compute.batch_size
     call_rows = generator_call_rows(compute, use_gpu)
     pending = plan.pending
-    bases = [_base_of(k) for k in pc.unique(pending.column("combination")).to_pylist()]
+    bases = [base_of(k) for k in pc.unique(pending.column("combination")).to_pylist()]
     bases = sorted(set(bases))
-    pools = _pool_sizes(bases, pending, compute.generators, gpus)
+    pools = pool_sizes(bases, pending, compute.generators, gpus)
     # With fewer GPUs than base models, pools run one after another, each with every GPU.
     together = not use_gpu or sum(pools.values()) <= gpus
     # Generators must leave CPU for the QC/post stage, or the dataset can stall.
@@ -402,7 +268,7 @@ def _render(
         )
         ds = ray.data.from_arrow([rows.slice(i, call_rows) for i in range(0, rows.num_rows, call_rows)])
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == models.bases[base].arch}
-        base_compute = with_warmup_sizes(compute, rows.column("request").to_pylist())
+        base_compute = with_warmup_sizes(compute, rows.column("request"))
         return ds.map_batches(
             stage,
             fn_constructor_kwargs={
@@ -489,22 +355,6 @@ def shared_duplicate_index(spec: JobSpec, output: OutputStore, run_id: str) -> R
     if existing.num_rows:
         ray.get(actor.add_catalog.remote(existing))
     return RemotePhashIndex(actor)
-
-
-def _pool_sizes(bases: list[str], pending: pa.Table, requested: int | None, gpus: int) -> dict[str, int]:
-    """Generators per base model: as asked, else GPUs shared by the work each base has (>= 1)."""
-    if requested:
-        return {b: requested for b in bases}
-    if gpus <= len(bases):
-        return {b: 1 for b in bases}
-    keys = pending.column("combination").to_pylist()
-    work = {b: sum(1 for k in keys if _base_of(k) == b) for b in bases}
-    total = sum(work.values())
-    sizes = {b: max(1, int(gpus * work[b] / total)) for b in bases}
-    while sum(sizes.values()) > gpus:
-        biggest = max(sizes, key=sizes.get)
-        sizes[biggest] -= 1
-    return sizes
 
 
 def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: ResolvedModels, versions) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -79,3 +81,72 @@ def test_output_location_that_is_a_file_is_a_clear_error(tmp_path):
     f.write_text("x")
     with pytest.raises(StorageError, match="cannot write"):
         OutputStore.at(str(f)).check_writable()
+
+
+# A catalog written by an imagefab that recorded `accelerator` only as text (no
+# `accelerator_settings` column): two rows, made once with that version's schema.
+OLDER_CATALOG = Path(__file__).parent / "data" / "older-catalog"
+
+
+def test_a_catalog_from_before_accelerator_settings_still_reads_beside_new_rows(tmp_path):
+    import analysis
+    from app.accelerator import AcceleratorSettings
+    from app.regenerate import recorded_compute
+
+    shutil.copytree(OLDER_CATALOG, tmp_path, dirs_exist_ok=True)
+    settings = AcceleratorSettings(device="cpu", threads=1, dtype="float32", attention="math")
+    store = CatalogStore(OutputStore.at(str(tmp_path)))
+    new = {
+        **row("aaaa", "accepted"),
+        "accelerator": settings.label(),
+        "accelerator_settings": settings.to_value(),
+        "batch_size": 1,
+    }
+    store.append([new], run_id="newer-run", date="2026-12-01")
+    got = {r["image_id"]: r for r in store.read().to_pylist()}
+    assert len(got) == 3
+    older = got["0123456789abcdef0123456789abcdef"]
+    assert older["accelerator_settings"] is None and older["accelerator"] == "cpu:threads=2+attention=math"
+    assert AcceleratorSettings.from_value(got["aaaa"]["accelerator_settings"]) == settings
+    # Either form gives the settings `regenerate` renders with.
+    old_settings = AcceleratorSettings.from_catalog(older["accelerator_settings"], older["accelerator"])
+    assert (old_settings.threads, old_settings.attention) == (2, "math")
+    cuda = got["fedcba9876543210fedcba9876543210"]
+    compute = recorded_compute(AcceleratorSettings.from_catalog(None, cuda["accelerator"]), cuda["batch_size"])
+    assert (compute.device, compute.compile, compute.fp8, compute.batch_size, compute.batch_invariant) == (
+        "cuda",
+        True,
+        True,
+        4,
+        False,
+    )
+    assert AcceleratorSettings.from_catalog(got["aaaa"]["accelerator_settings"], "ignored") == settings
+    # The analysis views read both files (pyarrow datasets), and so does DuckDB's own reader.
+    con = analysis.connect(str(tmp_path))
+    assert con.execute("SELECT count(*) FROM images").fetchone() == (3,)
+    assert con.execute("SELECT accelerator_settings.attention FROM images WHERE image_id = 'aaaa'").fetchone() == (
+        "math",
+    )
+    n, with_settings = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*), count(accelerator_settings) FROM read_parquet('{tmp_path}/catalog/**/*.parquet', "
+            "hive_partitioning = true, union_by_name = true)"
+        )
+        .fetchone()
+    )
+    assert (n, with_settings) == (3, 1)
+
+
+def test_accelerator_settings_in_words_are_the_text_older_catalogs_hold():
+    from app.accelerator import ACCELERATOR_SETTINGS_TYPE, AcceleratorSettings
+
+    for text in (
+        "cpu:threads=1",
+        "cpu:threads=2+attention=math",
+        "cuda:NVIDIA H100 80GB HBM3+fused_qkv+channels_last+compiled+fp8+fp8_fp32_accum"
+        "+compile_mode=max-autotune+batch_bucket=4+vae_tiling_above=1048576+attention=cudnn",
+    ):
+        assert AcceleratorSettings.from_label(text).label() == text
+    assert ACCELERATOR_SETTINGS_TYPE.names == list(AcceleratorSettings.__dataclass_fields__)
+    assert AcceleratorSettings.from_value({"device": "cpu", "threads": 3, "a_later_setting": 1}).threads == 3

@@ -78,7 +78,7 @@ def rendered(measuring, models):
         }
     )
     expanded = ExpandRows(spec, models)(pa.Table.from_pylist([{"prompt": p} for p in PROMPTS]))
-    batch = {k: np.asarray(v, dtype=object) for k, v in expanded.items()}
+    batch = {k: np.asarray(v, dtype=object) for k, v in expanded.to_pydict().items()}
     plain = stage.generator(batch)
     return plain, stage.clip(plain)
 
@@ -214,7 +214,7 @@ def test_serve_replica_measures_and_the_ingress_grades_the_same(measuring, model
     }
     requests = cores["qc"].plan(ImageJob(prompt="a red leather boot", n=3, seed=11))
     results = stage.generator.render(requests)
-    accelerator = stage.generator.accelerator
+    accelerator = stage.generator.accelerator_settings
     served = {
         "generator": cores["generator"].finish(requests, rendered_rows(requests, results, accelerator, replica_clip)),
         "qc": cores["qc"].finish(requests, rendered_rows(requests, results, accelerator)),

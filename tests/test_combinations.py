@@ -49,8 +49,10 @@ def spec_with(**over):
 
 
 def expand(spec, models, rows):
-    out = ExpandRows(spec, models)(pa.Table.from_pylist(rows))
-    return out, [RenderRequest.from_json(r) if s == "pending" else None for r, s in zip(out["request"], out["status"])]
+    out = ExpandRows(spec, models)(pa.Table.from_pylist(rows)).to_pydict()
+    return out, [
+        RenderRequest.from_arrow_value(r) if s == "pending" else None for r, s in zip(out["request"], out["status"])
+    ]
 
 
 def test_tiers_route_rows_to_combinations_with_their_own_settings(models):

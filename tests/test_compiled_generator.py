@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from app.compute import ComputeSpec
-from app.request import LoraUse, RenderRequest
+from app.request import LoraRef, RenderRequest, requests_to_arrow
 from app.spec import SpecError, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def request(base, loras, i: int, stack=(), fuse: bool = True, seed: int | None = None) -> RenderRequest:
-    uses = tuple(LoraUse(name=n, version=loras[n].version, weight=w, sha256=loras[n].sha256) for n, w in stack)
+    uses = tuple(LoraRef(name=n, version=loras[n].version, weight=w, sha256=loras[n].sha256) for n, w in stack)
     return RenderRequest(
         image_id=f"img{i:03d}",
         prompt="a red shoe",
@@ -325,14 +325,12 @@ def test_vae_tiles_only_above_the_threshold_and_regenerate_knows(tiny_base):
 
 
 def test_the_bulk_job_warms_compiled_generators_up_for_the_sizes_its_rows_use():
-    from jobs.generate import with_warmup_sizes
+    from jobs.pools import with_warmup_sizes
 
-    rows = [
-        json.dumps({"width": 1024, "height": 1024}),
-        json.dumps({"width": 832, "height": 1216}),
-        json.dumps({"width": 1024, "height": 1024}),
-        "",
-    ]  # "" : a failed row has no request
+    def sized(i: int, width: int, height: int) -> RenderRequest:
+        return RenderRequest(f"{i}", "p", "", {"name": "b"}, (), "euler", 2, 5.0, width, height, i)
+
+    rows = requests_to_arrow([sized(0, 1024, 1024), sized(1, 832, 1216), sized(2, 1024, 1024)])
     compiled = with_warmup_sizes(ComputeSpec(compile=True), rows)
     assert compiled.warmup_sizes == ("832x1216", "1024x1024")
     listed = ComputeSpec(compile=True, warmup_sizes=("512x512",))

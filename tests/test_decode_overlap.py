@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from app.compute import ComputeSpec
-from app.request import LoraUse, RenderRequest
+from app.request import LoraRef, RenderRequest
 
 
 def request(base, loras, i: int, stack=(), seed: int | None = None, size: int = 64) -> RenderRequest:
-    uses = tuple(LoraUse(name=n, version=loras[n].version, weight=w, sha256=loras[n].sha256) for n, w in stack)
+    uses = tuple(LoraRef(name=n, version=loras[n].version, weight=w, sha256=loras[n].sha256) for n, w in stack)
     return RenderRequest(
         image_id=f"img{i:03d}",
         prompt=f"a red shoe {i}",
@@ -148,7 +148,7 @@ def test_out_of_memory_beside_a_batch_in_flight_stops_overlapping_not_the_batch_
 
 
 def test_decodes_overlap_by_default_on_cuda_only_and_whole_batches_come_two_to_a_call():
-    from jobs.generate import generator_call_rows
+    from jobs.pools import generator_call_rows
 
     assert ComputeSpec().overlaps_decode(on_cuda=True) and not ComputeSpec().overlaps_decode(on_cuda=False)
     assert ComputeSpec(decode_overlap=True).overlaps_decode(on_cuda=False)

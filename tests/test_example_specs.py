@@ -62,7 +62,7 @@ def expand(spec: JobSpec) -> list[dict]:
     check_input(spec, columns)
     table = read_rows(spec, columns)
     models = resolve_models(spec, ModelCatalog.load(spec.model.catalog), row_lora_names(table))
-    out = ExpandRows(spec, models)(table)
+    out = ExpandRows(spec, models)(table).to_pydict()
     return [dict(zip(out, values)) for values in zip(*out.values())]
 
 
@@ -70,7 +70,7 @@ def requests_of(spec: JobSpec) -> list[RenderRequest]:
     rows = expand(spec)
     failed = sorted({r["error"] for r in rows if r["status"] != "pending"})
     assert not failed, f"{spec.run_name}: rows failed to expand: {failed}"
-    return [RenderRequest.from_json(r["request"]) for r in rows]
+    return [RenderRequest.from_arrow_value(r["request"]) for r in rows]
 
 
 def test_every_example_has_an_expected_count():
@@ -92,7 +92,7 @@ def test_example_expands_without_failed_rows(path: Path):
     ids = [r["image_id"] for r in rows]
     assert len(set(ids)) == len(ids), f"{path.name}: image ids repeat"
     for r in rows:
-        req = RenderRequest.from_json(r["request"])
+        req = RenderRequest.from_arrow_value(r["request"])
         assert (req.width, req.height) == (spec.size.width, spec.size.height)
         assert set(spec.static_tags.items()) <= set(req.tags.items())
         assert set(spec.tags) <= set(req.tags), f"{path.name}: a tag column is missing from {req.tags}"

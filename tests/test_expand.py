@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 import pytest
 
@@ -34,13 +32,13 @@ def make_spec(**over):
 
 
 def expand(spec, models, rows):
-    return ExpandRows(spec, models)(pa.Table.from_pylist(rows))
+    return ExpandRows(spec, models)(pa.Table.from_pylist(rows)).to_pydict()
 
 
 def test_template_rows_become_requests_with_tags_and_lineage(models):
     out = expand(make_spec(), models, [{"pid": "P1", "name": "boot", "color": "tan"}])
     assert out["status"] == ["pending", "pending"]
-    req = RenderRequest.from_json(out["request"][0])
+    req = RenderRequest.from_arrow_value(out["request"][0])
     assert req.prompt == "photo of boot, tan"
     assert req.variables == {"name": "boot", "color": "tan"}
     assert req.tags == {"campaign": "c1", "pid": "P1"}
@@ -52,7 +50,7 @@ def test_template_rows_become_requests_with_tags_and_lineage(models):
     ]
     assert (req.width, req.height, req.steps) == (256, 256, 4)
     # Two variations: two different seeds, two different ids.
-    r2 = RenderRequest.from_json(out["request"][1])
+    r2 = RenderRequest.from_arrow_value(out["request"][1])
     assert r2.seed != req.seed and out["image_id"][0] != out["image_id"][1]
 
 
@@ -62,7 +60,7 @@ def test_image_id_is_the_hash_of_what_decides_the_pixels(models):
     a = expand(spec, models, rows)
     # Same request again, from another batch: same ids and seeds.
     assert expand(spec, models, rows)["image_id"] == a["image_id"]
-    req = RenderRequest.from_json(a["request"][0])
+    req = RenderRequest.from_arrow_value(a["request"][0])
     assert req.image_id == compute_image_id(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -96,9 +94,9 @@ def test_derived_seeds_do_not_depend_on_other_rows(models):
 def test_fixed_seeds_and_row_seed_column(models):
     spec = make_spec(variations={"seeds_per_row": 3, "seed_mode": "fixed", "seeds": [7, 8, 9]})
     out = expand(spec, models, [{"pid": "P1", "name": "a", "color": "b"}])
-    assert [RenderRequest.from_json(r).seed for r in out["request"]] == [7, 8, 9]
+    assert [RenderRequest.from_arrow_value(r).seed for r in out["request"]] == [7, 8, 9]
     out = expand(spec, models, [{"pid": "P1", "name": "a", "color": "b", "seed": "100"}])
-    assert [RenderRequest.from_json(r).seed for r in out["request"]] == [100, 101, 102]
+    assert [RenderRequest.from_arrow_value(r).seed for r in out["request"]] == [100, 101, 102]
 
 
 @pytest.mark.parametrize(
@@ -120,12 +118,12 @@ def test_bad_rows_fail_with_a_reason_and_others_go_on(models, row, reason):
     out = expand(make_spec(), models, [{"pid": "bad", **row}, good])
     assert out["status"] == ["failed", "failed", "pending", "pending"]
     assert out["error"][0].startswith("bad_row: ") and reason in out["error"][0], out["error"][0]
-    partial = json.loads(out["request"][0])
-    assert partial["tags"]["pid"] == "bad" and partial["row_key"] == "bad"
+    partial = RenderRequest.from_arrow_value(out["request"][0])
+    assert partial.tags["pid"] == "bad" and partial.row_key == "bad" and partial.image_id == out["image_id"][0]
     if row["name"] is None or row["name"] == "":
-        assert partial["prompt"] == "photo of {name}, tan"  # the failed row still says what it was
+        assert partial.prompt == "photo of {name}, tan"  # the failed row still says what it was
     else:
-        assert partial["prompt"] == f"photo of {row['name']}, tan"
+        assert partial.prompt == f"photo of {row['name']}, tan"
     assert out["image_id"][0] != out["image_id"][1]  # each variation has its own failed row
 
 
@@ -144,15 +142,15 @@ def test_prompt_column_and_empty_prompt(models):
         ],
     )
     assert out["status"] == ["pending", "failed", "failed", "pending"]
-    assert RenderRequest.from_json(out["request"][0]).prompt == "a red shoe"
-    assert RenderRequest.from_json(out["request"][0]).negative_prompt == "blurry"
-    assert RenderRequest.from_json(out["request"][3]).negative_prompt == "dog"
+    assert RenderRequest.from_arrow_value(out["request"][0]).prompt == "a red shoe"
+    assert RenderRequest.from_arrow_value(out["request"][0]).negative_prompt == "blurry"
+    assert RenderRequest.from_arrow_value(out["request"][3]).negative_prompt == "dog"
     assert "empty prompt" in out["error"][1]
 
 
 def test_row_lora_column_replaces_the_spec_stack(models):
     out = expand(make_spec(), models, [{"pid": "x", "name": "a", "color": "b", "loras": "tiny-detail:0.5, tiny-style"}])
-    req = RenderRequest.from_json(out["request"][0])
+    req = RenderRequest.from_arrow_value(out["request"][0])
     assert [(lo.name, lo.weight) for lo in req.loras] == [("tiny-detail", 0.5), ("tiny-style", 1.0)]
     assert out["combination"][0] == "tiny-sdxl|tiny-detail@0.5,tiny-style@1"
 

@@ -77,12 +77,12 @@ def _requests(spec_path: Path) -> list:
     from app.expand import ExpandRows
     from app.models.catalog import ModelCatalog
     from app.plan import csv_string_types, resolve_models
-    from app.request import RenderRequest
+    from app.request import requests_from_column
 
     spec = load_spec(spec_path)
     models = resolve_models(spec, ModelCatalog.load())
     table = pacsv.read_csv(spec.input.path, convert_options=csv_string_types(["pid", "name"]))
-    return [RenderRequest.from_json(r) for r in ExpandRows(spec, models)(table)["request"]]
+    return requests_from_column(ExpandRows(spec, models)(table)["request"])
 
 
 @pytest.fixture(scope="module")

@@ -573,14 +573,14 @@ def test_any_rows_expand_without_raising_bad_ones_fail_with_a_reason(models, spe
     @settings(max_examples=300, deadline=None)
     @given(input_tables())
     def check(table):
-        out = expand(table)
+        out = expand(table).to_pydict()
         assert len(out["image_id"]) == table.num_rows * spec.variations.seeds_per_row
         for status, error, request in zip(out["status"], out["error"], out["request"]):
             assert status in ("pending", "failed")
             if status == "failed":
                 assert error.startswith("bad_row: ") and len(error) > len("bad_row: ")
                 continue
-            req = RenderRequest.from_json(request)
+            req = RenderRequest.from_arrow_value(request)
             assert req.prompt.strip() and req.width % 8 == 0 and req.height % 8 == 0
             assert min(req.width, req.height) >= MIN_SIDE and max(req.width, req.height) <= MAX_SIDE
             assert 0 <= req.seed < 2**63

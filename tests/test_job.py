@@ -135,6 +135,34 @@ def test_regenerate_reproduces_a_catalogued_image(runs):
     assert report.identical and report.max_abs_diff == 0
 
 
+def test_the_catalog_records_typed_requests_and_accelerator_settings(runs):
+    rows = [r for r in catalog(runs["b"]) if r["status"] != "failed"]
+    assert rows and all(r["accelerator_settings"]["device"] == "cpu" for r in rows)
+    assert {r["accelerator_settings"]["threads"] for r in rows} == {1}
+    assert all(r["accelerator"] == "cpu:threads=1" for r in rows)
+    # Lists and maps arrive whole through the Ray stages: tags, template, the LoRA stack.
+    boot = next(r for r in rows if dict(r["tags"])["pid"] == "P1")
+    assert [(lo["name"], lo["weight"]) for lo in boot["loras"]] == [("tiny-style", 0.4)]
+    assert boot["template"]["text"] == "studio photo of a {name}, {color}"
+    assert dict(boot["variables"]) == {"name": "leather boot", "color": "tan"}
+
+
+def test_regenerate_reads_a_catalog_written_before_accelerator_settings(runs, tmp_path):
+    """An older imagefab wrote the same rows without the `accelerator_settings` column."""
+    import pyarrow.parquet as pq
+
+    from app.regenerate import regenerate
+
+    out = tmp_path / "older"
+    shutil.copytree(runs["b"], out)
+    for part in (out / "catalog").rglob("*.parquet"):
+        pq.write_table(pq.read_table(part, partitioning=None).drop_columns(["accelerator_settings"]), part)
+    row = next(r for r in catalog(out) if r["status"] != "failed" and r["loras"])
+    assert row["accelerator_settings"] is None and row["accelerator"] == "cpu:threads=1"
+    report = regenerate(row["image_id"], str(out))
+    assert report.identical and report.max_abs_diff == 0
+
+
 def test_corrupt_model_fails_before_any_work(ray_local, spec_path, tmp_path, tiny_base):
 
     copy = tmp_path / "base"

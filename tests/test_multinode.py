@@ -210,12 +210,15 @@ def test_standin_generator_adds_the_generators_columns():
     assert StandInGenerator.reads == Generator.reads and StandInGenerator.adds == Generator.adds
     cls = StandInGenerator.at_rate(50.0)
     gen = cls(base=None, loras={}, compute=None)
-    req = {"image_id": "a" * 32, "width": 64, "height": 48, "seed": 3}
+    from app.request import RenderRequest, requests_to_numpy
+
+    req = RenderRequest("a" * 32, "p", "", {"name": "b"}, (), "euler", 2, 5.0, 64, 48, 3)
+    failed = RenderRequest("b" * 32, "", "", {"name": "b"}, (), "euler", 2, 5.0, 64, 48, 0)
     batch = {
         "image_id": np.array(["a" * 32, "b" * 32], dtype=object),
         "status": np.array(["pending", "failed"], dtype=object),
         "error": np.array(["", "bad_row: x"], dtype=object),
-        "request": np.array([json.dumps(req), ""], dtype=object),
+        "request": requests_to_numpy([req, failed]),
     }
     t0 = time.perf_counter()
     out = gen(batch)

@@ -80,8 +80,9 @@ def test_qc_scores_nsfw(written):
 
 def test_catalog_usage_rights_from_spec_and_model_catalog(written):
     for row in written["rows"]:
-        rights = row["usage_rights"]
+        rights = row["rights"]
         assert {k: rights[k] for k in RIGHTS} == RIGHTS
+        assert all(v in row["usage_rights"] for v in RIGHTS.values() if v)
         assert [m["name"] for m in rights["model_licences"]] == ["tiny-sdxl", "tiny-style"]
         assert all(m["licence"].startswith("imagefab test") for m in rights["model_licences"])
 

@@ -14,7 +14,7 @@ from PIL import Image
 from app.catalog.store import CatalogStore
 from app.expand import ExpandRows, ResolvedModels
 from app.metadata import parse_infotext, read_metadata
-from app.request import RenderRequest
+from app.request import RenderRequest, requests_from_column
 from app.spec import ComputeSpec, parse_spec
 from app.stages import CatalogWrite, Postprocess, QualityControl
 from app.storage import OutputStore
@@ -47,7 +47,7 @@ def spec_for(**over):
 
 def requests(models, prompts, **over):
     out = ExpandRows(spec_for(**over), models)(pa.Table.from_pylist([{"prompt": p} for p in prompts]))
-    return [RenderRequest.from_json(r) for r in out["request"]], out
+    return requests_from_column(out["request"]), out.to_pydict()
 
 
 def test_generator_is_deterministic_and_batch_invariant(generator, models):

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from app.accelerator import ACCELERATOR_SETTINGS_TYPE
+from app.request import LORA_TYPE, MODEL_TYPE, STRMAP_TYPE, TEMPLATE_TYPE
+
 STATUSES = ("accepted", "review", "rejected", "failed")
 
-TEMPLATE = pa.struct([("name", pa.string()), ("version", pa.string()), ("text", pa.string())])
-MODEL = pa.struct([("name", pa.string()), ("version", pa.string()), ("sha256", pa.string()), ("source", pa.string())])
-LORA = pa.struct(
-    [
-        ("name", pa.string()),
-        ("version", pa.string()),
-        ("weight", pa.float64()),
-        ("sha256", pa.string()),
-        ("source", pa.string()),
-    ]
-)
+# The request's parts keep their types here (app/request.py declares them once).
+TEMPLATE, MODEL, LORA, STRMAP = TEMPLATE_TYPE, MODEL_TYPE, LORA_TYPE, STRMAP_TYPE
 VARIANT = pa.struct(
     [
         ("preset", pa.string()),
@@ -93,9 +87,11 @@ CATALOG_SCHEMA = pa.schema(
         ("gpu_seconds", pa.float64()),
         ("cpu_seconds", pa.float64()),
         ("cost_usd", pa.float64()),
-        ("accelerator", pa.string()),
+        ("accelerator", pa.string()),  # the device and its settings in words (and for price tables)
+        ("accelerator_settings", ACCELERATOR_SETTINGS_TYPE),  # the same as values: what `regenerate` applies
         # governance
-        ("usage_rights", USAGE_RIGHTS),  # null for failed rows
+        ("usage_rights", pa.string()),  # in words: licence, owner, notes, the models' licences
+        ("rights", USAGE_RIGHTS),  # the same as values; null for failed rows and older catalogs
         ("approval", pa.string()),  # pending; people's decisions are appended elsewhere and joined
     ]
 )

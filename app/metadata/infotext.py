@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from app.metadata.record import ImageMetadata
+from app.request import format_lora_tag, parse_lora_tags
 
 
 def format_infotext(metadata: ImageMetadata) -> str:
@@ -20,7 +21,11 @@ def format_infotext(metadata: ImageMetadata) -> str:
     prompt = metadata.prompt
     # A1111 activates LoRAs with <lora:name:weight> in the prompt and writes the prompt as
     # typed; readers (Civitai, A1111's "send to txt2img") rely on finding them there.
-    tags = [f"<lora:{lora.name}:{lora.weight:g}>" for lora in metadata.loras if f"<lora:{lora.name}:" not in prompt]
+    tags = [
+        format_lora_tag(lora.name, lora.weight)
+        for lora in metadata.loras
+        if lora.name not in {name for name, _ in parse_lora_tags(prompt)[1]}
+    ]
     if tags:
         prompt = " ".join([prompt, *tags]) if prompt else " ".join(tags)
 
@@ -57,7 +62,6 @@ def _quote(value: Any) -> str:
 
 # Keys A1111 writes: words with spaces, dashes, slashes ("Hires upscale", "Lora hashes").
 _PARAM_KEY = re.compile(r"\w[\w \-/.+()]*")
-_LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)(?::[^<>]*)?>")
 _SIZE = re.compile(r"(\d+)x(\d+)")
 
 
@@ -92,7 +96,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "prompt": prompt,
         "negative_prompt": "\n".join(negative_lines or []),
-        "loras": [(name, _convert(weight, float)) for name, weight in _LORA_TAG.findall(prompt)],
+        "loras": [(name, _convert(weight, float)) for name, weight in parse_lora_tags(prompt)[1]],
     }
     for key, value in params:
         if key == "Steps":

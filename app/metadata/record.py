@@ -6,15 +6,11 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
+
+from app.request import LoraRef
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-class LoraRef(NamedTuple):
-    name: str
-    weight: float
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -22,7 +18,8 @@ class ImageMetadata:
     """What made one image; embedded in every file written for it.
 
     `model_hash` and each LoRA's `sha256` are the sha256 of the weights file (64 hex), or ""
-    when unknown. `loras` accepts plain `(name, weight, sha256)` tuples.
+    when unknown. `loras` accepts `LoraRef`s or plain `(name, weight, sha256)` tuples; what is
+    embedded of each is its name, weight and sha256.
     """
 
     image_id: str
@@ -48,8 +45,10 @@ class ImageMetadata:
         object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
         object.__setattr__(self, "model_hash", _check_sha256("model_hash", self.model_hash))
         loras = tuple(
-            LoraRef(str(name), float(weight), _check_sha256(f"loras[{i}].sha256", sha256))
-            for i, (name, weight, sha256) in enumerate(self.loras)
+            LoraRef(name=str(name), weight=float(weight), sha256=_check_sha256(f"loras[{i}].sha256", sha256))
+            for i, (name, weight, sha256) in enumerate(
+                (lo.name, lo.weight, lo.sha256) if isinstance(lo, LoraRef) else lo for lo in self.loras
+            )
         )
         object.__setattr__(self, "loras", loras)
         # A private copy: the caller's dict must not change what is embedded later.
@@ -68,7 +67,7 @@ class ImageMetadata:
             "height": self.height,
             "model_name": self.model_name,
             "model_hash": self.model_hash,
-            "loras": [lora._asdict() for lora in self.loras],
+            "loras": [{"name": lo.name, "weight": lo.weight, "sha256": lo.sha256} for lo in self.loras],
             "run_id": self.run_id,
             "extra": dict(self.extra),
         }

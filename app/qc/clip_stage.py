@@ -17,7 +17,6 @@ lives on. Imports torch (through `clip.py`): only generator processes import thi
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 
@@ -26,6 +25,7 @@ import numpy as np
 from app.qc.clip import ClipScorer
 from app.qc.clip_measures import CLIP_COLUMNS, measure_clip, measure_columns
 from app.qc.decision import QcSettings
+from app.request import requests_from_batch
 from app.stages import image_from_row
 
 
@@ -62,7 +62,7 @@ class ClipMeasurer:
         out = [measure_columns(None)] * n
         if rows:
             images = [image_from_row(batch, i) for i in rows]
-            prompts = [json.loads(batch["request"][i])["prompt"] for i in rows]
+            prompts = [r.prompt for r in requests_from_batch(batch, rows)]
             try:
                 measured, seconds = self.columns(images, prompts)
             except Exception as e:  # OOM, a kernel error: these rows fail, the actor lives on

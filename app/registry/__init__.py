@@ -46,6 +46,7 @@ _EXPORTS = {
     "verify_models": "resolve",
     "track_run": "tracking",
     "track_job_output": "tracking",
+    "track_job_output_or_warn": "tracking",
     "record_serving": "tracking",
     "add_registry_cli": "cli",
 }

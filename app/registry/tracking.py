@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import time
@@ -42,6 +43,8 @@ from app.storage import OutputStore, StorageError, is_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+log = logging.getLogger("imagefab.job")
 
 JOB_EXPERIMENT = "imagefab-bulk"
 SERVING_EXPERIMENT = "imagefab-serving"
@@ -148,6 +151,24 @@ def track_job_output(
     spec = _recorded_spec(record["spec"], f"{output.uri}/runs/{run_id}/run.json")
     rows = CatalogStore(output).read(filter=pads.field("run_id") == run_id)
     return track_run(spec, summary, record, rows, output, client=client, versions=versions, experiment=experiment)
+
+
+def track_job_output_or_warn(output_uri: str, run_id: str, versions: ResolvedVersions | None = None) -> str | None:
+    """`track_job_output` at the end of a job: a failure is logged with the command that redoes
+    it, not raised (the images and the catalog are written by then). The MLflow run id, or None."""
+    try:
+        mlflow_run = track_job_output(output_uri, run_id, versions=versions)
+    except Exception as e:
+        log.warning(
+            "run %s: MLflow tracking failed (%s); retry with: imagefab registry track %s %s",
+            run_id,
+            e,
+            output_uri,
+            run_id,
+        )
+        return None
+    log.info("run %s: logged to MLflow as run %s", run_id, mlflow_run)
+    return mlflow_run
 
 
 def _recorded_spec(data: dict, where: str) -> JobSpec:

@@ -96,17 +96,16 @@ class GeneratorServer:
         # tells the router which replica has which stack warm.
         return combination_key
 
-    async def render(self, request_json: str) -> dict:
+    async def render(self, request: RenderRequest) -> dict:
         await self.get_model(serve.get_multiplexed_model_id())
-        return await self.render_batch(request_json)
+        return await self.render_batch(request)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def render_batch(self, requests: list[str]) -> list[dict]:
-        reqs = [RenderRequest.from_json(r) for r in requests]
+    async def render_batch(self, reqs: list[RenderRequest]) -> list[dict]:
         # The pipeline call (and CLIP's, when it runs here) blocks: run it off the event loop so health
         # checks keep answering.
         out = await asyncio.to_thread(
-            lambda: rendered_rows(reqs, self.generator.render(reqs), self.generator.accelerator, self.clip)
+            lambda: rendered_rows(reqs, self.generator.render(reqs), self.generator.accelerator_settings, self.clip)
         )
         self.calls += 1
         self.images += len(reqs)
@@ -384,7 +383,7 @@ class Ingress:
         requests = self.core.plan(job)
         base = requests[0].base_model["name"]
         handle = self.generators[base].options(multiplexed_model_id=requests[0].combination_key)
-        responses = [handle.render.remote(q.to_json()) for q in requests]
+        responses = [handle.render.remote(q) for q in requests]
         if interrupt is None:
             results = await asyncio.gather(*responses)
         else:

@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from app.accelerator import AcceleratorSettings
 from app.expand import ResolvedModels, RowError, build_request, lora_stack
 from app.models.catalog import ModelCatalog
 from app.models.digest import ModelFileError
 from app.qc.clip_measures import measure_columns
-from app.request import RenderRequest
+from app.request import RenderRequest, parse_lora_tags, requests_to_numpy
 from app.schedulers import SCHEDULERS
 from app.serve.config import ServeConfig
 from app.spec import Size, size_problem
@@ -34,7 +35,6 @@ from app.storage import OutputStore
 
 A1111_SAMPLERS = {v[2]: k for k, v in reversed(list(SCHEDULERS.items()))}  # "Euler a" -> euler_a
 A1111_OPTIONS_PATH = "serve/a1111-options.json"  # the A1111 dialect's checkpoint, shared by the server's replicas
-_LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)(?::[^<>]*)?>")
 IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -153,13 +153,14 @@ class ServedImage:
 
 def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """A1111 prompt syntax: 'a cat <lora:style:0.8>' -> ('a cat', [('style', 0.8)])."""
+    text, tags = parse_lora_tags(prompt)
     loras = []
-    for name, weight in _LORA_TAG.findall(prompt):
+    for name, weight in tags:
         try:
-            loras.append((name.strip(), float(weight)))
+            loras.append((name, float(weight)))
         except ValueError:
             raise RequestError(422, "prompt", f"LoRA tag weight {weight!r} of '{name}' is not a number") from None
-    return " ".join(_LORA_TAG.sub(" ", prompt).split()), loras
+    return text, loras
 
 
 def resolve_serve_models(config: ServeConfig) -> ResolvedModels:
@@ -187,7 +188,9 @@ def resolve_serve_models(config: ServeConfig) -> ResolvedModels:
     return ResolvedModels(bases=bases, loras=loras, known_loras=tuple(sorted(loras)), lora_problems=problems)
 
 
-def rendered_rows(requests: list[RenderRequest], results: list, accelerator: str, clip=None) -> list[dict]:
+def rendered_rows(
+    requests: list[RenderRequest], results: list, accelerator: AcceleratorSettings, clip=None
+) -> list[dict]:
     """What a generator replica returns for each request, in order (`ServeCore.finish` reads it).
 
     `results` are the `Generator.render` results; `clip` is a `ClipMeasurer` (app/qc/clip_stage.py)
@@ -205,7 +208,8 @@ def rendered_rows(requests: list[RenderRequest], results: list, accelerator: str
                 "gpu_seconds": r.gpu_seconds,
                 "batch_id": r.batch_id,
                 "batch_size": r.batch_size,
-                "accelerator": accelerator,
+                "accelerator": accelerator.label(),
+                "accelerator_settings": accelerator.to_value(),
                 "pixels": b"" if r.pixels is None else r.pixels.tobytes(),
             }
         )
@@ -391,12 +395,13 @@ class ServeCore:
             "image_id": np.asarray([q.image_id for q in requests], dtype=object),
             "status": np.asarray(["failed" if e else "pending" for e in errors], dtype=object),
             "error": np.asarray(errors, dtype=object),
-            "request": np.asarray([q.to_json() for q in requests], dtype=object),
+            "request": requests_to_numpy(requests),
             "combination": np.asarray([q.combination_key for q in requests], dtype=object),
             "pixels": col("pixels", b""),
             "nonfinite": col("nonfinite_fraction", 0.0, np.float64),
             "gpu_seconds": col("gpu_seconds", 0.0, np.float64),
             "accelerator": col("accelerator", ""),
+            "accelerator_settings": col("accelerator_settings", None),
             "batch_id": col("batch_id", ""),
             "batch_size": col("batch_size", 0, np.int32),
             **{name: col(name, empty) for name, empty in measure_columns(None).items()},

@@ -1,0 +1,107 @@
+"""The bulk job's run summary: counts, device and CPU time, throughput, per combination and per
+generator, folded batch by batch from the CPU stage's per-image results (no Ray here)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_name: str
+    output: str
+    input_rows: int = 0
+    requests: int = 0
+    skipped_existing: int = 0
+    duplicates: int = 0
+    rendered: int = 0
+    counts: dict = field(default_factory=lambda: {"accepted": 0, "review": 0, "rejected": 0, "failed": 0})
+    gpu_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    generators: int = 0
+    accelerator: str = ""
+    # The run's catalog partition: the day it started (a batch retried after midnight stays in it).
+    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d"))
+    by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
+    by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
+
+    first_result_at: float = 0.0  # perf_counter of the first and last finished batch
+    last_result_at: float = 0.0
+
+    @property
+    def streaming_images_per_second(self) -> float:
+        """Throughput while images flow: from the first finished batch to the last, so the run's
+        fixed start-up (reading, planning, actors loading models) does not count as a rate."""
+        span = self.last_result_at - self.first_result_at
+        return (self.rendered - self._first_batch) / span if span > 0 else 0.0
+
+    def add_batch(self, out: dict) -> None:
+        """Fold one batch of the CPU stage's per-image results into the totals."""
+        n = len(out["status"])
+        now = time.perf_counter()
+        if not self.first_result_at:
+            self.first_result_at, self._first_batch = now, n
+        self.last_result_at = now
+        self.rendered += n
+        self.gpu_seconds += float(np.sum(out["gpu_seconds"]))
+        self.cpu_seconds += float(np.sum(out["cpu_seconds"]))
+        for i in range(n):
+            status = str(out["status"][i])
+            self.counts[status] = self.counts.get(status, 0) + 1
+            combo = self.by_combination.setdefault(str(out["combination"][i]), {"images": 0, "gpu_seconds": 0.0})
+            combo["images"] += 1
+            combo[status] = combo.get(status, 0) + 1
+            combo["gpu_seconds"] += float(out["gpu_seconds"][i])
+            gen = str(out["generator_id"][i])
+            if gen:
+                g = self.by_generator.setdefault(gen, {"base": str(out["base_model"][i]), "images": 0})
+                g["images"] += 1
+                # Cumulative counters from the actor: the largest seen is its total.
+                g["lora_switches"] = max(g.get("lora_switches", 0), int(out["lora_switches"][i]))
+                g["switch_seconds"] = max(g.get("switch_seconds", 0.0), float(out["lora_switch_seconds"][i]))
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    _first_batch: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "images_per_second": self.images_per_second,
+            "streaming_images_per_second": self.streaming_images_per_second,
+        }
+
+    def render(self) -> str:
+        c = self.counts
+        return "\n".join(
+            [
+                f"run {self.run_id}  ({self.run_name})",
+                f"  requests      {self.requests}  (skipped, already in catalog: {self.skipped_existing}; "
+                f"duplicates in input: {self.duplicates})",
+                f"  rendered      {self.rendered} on {self.generators} generator(s) [{self.accelerator}]",
+                f"  outcome       accepted {c['accepted']}  review {c['review']}  rejected {c['rejected']}  failed {c['failed']}",
+                f"  throughput    {self.images_per_second:.2f} images/s over {self.wall_seconds:.1f} s",
+                f"  device time   {self.gpu_seconds:.1f} s   CPU (QC, post) {self.cpu_seconds:.1f} s",
+                *[
+                    f"  combination   {name}: {c['images']} images, accepted {c.get('accepted', 0)}, "
+                    f"{c['gpu_seconds'] / max(1, c['images']):.3f} device s/image"
+                    for name, c in sorted(self.by_combination.items())
+                ],
+                *[
+                    f"  generator     {gid[:8]} ({g['base']}): {g['images']} images, {g['lora_switches']} LoRA switches "
+                    f"in {g['switch_seconds']:.2f} s"
+                    for gid, g in sorted(self.by_generator.items())
+                ],
+                f"  images        {self.output}/images/",
+                f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
+                f"  summary       {self.output}/runs/{self.run_id}/summary.json",
+            ]
+        )
