@@ -26,6 +26,7 @@ import torch
 
 from app.accelerator import AcceleratorSettings
 from app.attention import attention_kernels, attention_unsupported_reason, cache_folder
+from app.columns import object_column
 from app.compute import ComputeSpec
 from app.models.catalog import ResolvedModel, default_home
 from app.models.digest import ModelFileError
@@ -253,7 +254,7 @@ class Generator:
             "nonfinite": np.array(nonfinite, dtype=np.float64),
             "gpu_seconds": np.array(gpu_s, dtype=np.float64),
             "accelerator": np.array([self.accelerator] * n, dtype=object),
-            "accelerator_settings": _objects([self.accelerator_settings.to_value()] * n),
+            "accelerator_settings": object_column([self.accelerator_settings.to_value()] * n),
             "batch_id": np.array(batch_ids, dtype=object),
             "batch_size": np.array(sizes, dtype=np.int32),
             # Cumulative per actor, so the driver can report switches per generator.
@@ -539,9 +540,3 @@ def use_compile_cache(where: str | None, attention: str = "auto") -> str:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _objects(values: list) -> np.ndarray:
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column

@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ConfigDict, Field
 
+from app.columns import object_column
+
 # Bumped when the rendering recipe changes in a way that changes pixels for the same fields.
 RECIPE = "sdxl-txt2img-2"  # 2: no negative prompt means zeroed negative embeddings
 
@@ -158,10 +160,7 @@ def requests_to_arrow(requests: Iterable[RenderRequest]) -> pa.StructArray:
 
 def requests_to_numpy(requests: Iterable[RenderRequest]) -> np.ndarray:
     """A `request` column as Ray Data's numpy batches carry it: an object array of struct dicts."""
-    values = [r.to_arrow_value() for r in requests]
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column
+    return object_column([r.to_arrow_value() for r in requests])
 
 
 def requests_from_column(column: pa.Array | pa.ChunkedArray) -> list[RenderRequest]:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from app.accelerator import AcceleratorSettings
 from app.catalog.store import CatalogStore
+from app.columns import object_column
 from app.cost import PriceTable
 from app.metadata import ImageMetadata
 from app.postprocess import PostprocessSettings, encode_master, render_variants
@@ -50,12 +51,6 @@ SUMMARY_COLUMNS = (
     "lora_switches",
     "lora_switch_seconds",
 )
-
-
-def _obj(values) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
 
 
 def image_from_row(batch: dict, i: int) -> np.ndarray:
@@ -149,13 +144,13 @@ class QualityControl:
         per_image = (time.process_time() - t0) / max(1, len(pending))
         return {
             **batch,
-            "status": _obj(status),
-            "error": _obj(error),
-            "reasons": _obj(reasons),
-            "scores": _obj(scores),
-            "phash": _obj(phash),
-            "nearest_duplicate": _obj(nearest),
-            "qc_version": _obj([self.settings.qc_version] * n),
+            "status": object_column(status),
+            "error": object_column(error),
+            "reasons": object_column(reasons),
+            "scores": object_column(scores),
+            "phash": object_column(phash),
+            "nearest_duplicate": object_column(nearest),
+            "qc_version": object_column([self.settings.qc_version] * n),
             "cpu_seconds": np.asarray([per_image if i in pending else 0.0 for i in range(n)], dtype=np.float64),
         }
 
@@ -228,13 +223,13 @@ class Postprocess:
             cpu[i] += time.process_time() - t0
         out = {k: v for k, v in batch.items() if k != "pixels"}  # the bytes stop here
         out.update(
-            status=_obj(status),
-            error=_obj(error),
-            uri=_obj(uris),
+            status=object_column(status),
+            error=object_column(error),
+            uri=object_column(uris),
             bytes=np.asarray(sizes, dtype=np.int64),
-            variants=_obj(variants),
-            pixel_sha256=_obj(shas),
-            rights=_obj(rights),
+            variants=object_column(variants),
+            pixel_sha256=object_column(shas),
+            rights=object_column(rights),
             cpu_seconds=np.asarray(cpu, dtype=np.float64),
         )
         return out
@@ -414,13 +409,13 @@ class CatalogWrite:
             return np.asarray(batch[col], dtype=dtype) if col in batch else np.full(n, default, dtype=dtype)
 
         return {
-            "image_id": _obj([r["image_id"] for r in rows]),
-            "status": _obj([r["status"] for r in rows]),
+            "image_id": object_column([r["image_id"] for r in rows]),
+            "status": object_column([r["status"] for r in rows]),
             "gpu_seconds": np.asarray([r["gpu_seconds"] for r in rows], dtype=np.float64),
             "cpu_seconds": np.asarray([r["cpu_seconds"] for r in rows], dtype=np.float64),
             "cost_usd": np.asarray([r["cost_usd"] for r in rows], dtype=np.float64),
-            "combination": _obj([r["combination"] for r in rows]),
-            "base_model": _obj([(r["base_model"] or {}).get("name", "") for r in rows]),
+            "combination": object_column([r["combination"] for r in rows]),
+            "base_model": object_column([(r["base_model"] or {}).get("name", "") for r in rows]),
             # Generator counters pass through to the driver's summary (not catalog columns).
             "generator_id": passed("generator_id", "", object),
             "lora_switches": passed("lora_switches", 0, np.int64),

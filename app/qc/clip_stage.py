@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from app.columns import object_column
 from app.qc.clip import ClipScorer
 from app.qc.clip_measures import CLIP_COLUMNS, measure_clip, measure_columns
 from app.qc.decision import QcSettings
@@ -74,10 +75,10 @@ class ClipMeasurer:
                     gpu_seconds[i] += seconds / len(rows)
         return {
             **batch,
-            "status": _obj(status),
-            "error": _obj(error),
+            "status": object_column(status),
+            "error": object_column(error),
             "gpu_seconds": gpu_seconds,
-            **{name: _obj([row[name] for row in out]) for name in CLIP_COLUMNS},
+            **{name: object_column([row[name] for row in out]) for name in CLIP_COLUMNS},
         }
 
     def add_to_results(self, results: list[dict], images: Sequence[np.ndarray | None], prompts: Sequence[str]) -> None:
@@ -118,9 +119,3 @@ class GeneratorWithClip:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.clip(self.generator(batch))
-
-
-def _obj(values) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
