@@ -491,7 +491,7 @@ class Ingress:
                     "owned_by": "imagefab",
                     "kind": "combination",
                     "base": c.base,
-                    "loras": [lo.model_dump() for lo in c.loras],
+                    "loras": [{"name": lo.name, "weight": lo.weight} for lo in c.loras],
                     "steps": c.steps,
                     "guidance": c.guidance,
                     "scheduler": c.scheduler,
