@@ -3,7 +3,7 @@
 Each stage names the columns it reads and adds. They import no Ray: `jobs/generate.py` and the
 Serve app wire them. A row whose stage fails becomes `failed` with the reason; the others go on.
 
-  Generator            -> pixels, nonfinite, gpu_seconds, accelerator (+ _settings), batch_id, batch_size
+  Generator            -> pixels, nonfinite, gpu_seconds, accelerator, accelerator_settings, batch_id, batch_size
   (GeneratorWithClip   -> the same + clip_embedding, clip_model, clip_cosines: app/qc/clip_stage.py)
   QualityControl       -> status, reasons, scores, qc_version, cpu_seconds
   Postprocess          -> uri, variants, pixel_sha256, rights, cpu_seconds (+), drops pixels
