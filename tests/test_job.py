@@ -160,7 +160,7 @@ def test_regenerate_reads_a_catalog_written_before_accelerator_settings(runs, tm
     row = next(r for r in catalog(out) if r["status"] != "failed" and r["loras"])
     assert row["accelerator_settings"] is None and row["accelerator"] == "cpu:threads=1"
     report = regenerate(row["image_id"], str(out))
-    assert report.identical and report.max_abs_diff == 0
+    assert report.identical  # the pixels' sha256 (the copy's `uri`s still name the first folder)
 
 
 def test_corrupt_model_fails_before_any_work(ray_local, spec_path, tmp_path, tiny_base):
