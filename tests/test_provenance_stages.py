@@ -52,7 +52,7 @@ def spec_for(**over):
 
 
 def expand(models, prompts, **over):
-    return ExpandRows(spec_for(**over), models)(pa.Table.from_pylist([{"prompt": p} for p in prompts]))
+    return ExpandRows(spec_for(**over), models)(pa.Table.from_pylist([{"prompt": p} for p in prompts])).to_pydict()
 
 
 @pytest.fixture(scope="module")
