@@ -73,7 +73,7 @@ def _same_model(resolved: ResolvedModel, wanted: dict | LoraRef) -> ResolvedMode
 
 
 def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) -> RegenerateReport:
-    from app.generate import Generator  # torch: only when rendering
+    from app.generator import Generator  # torch: only when rendering
 
     output = OutputStore.at(output_uri)
     store = CatalogStore(output)

@@ -409,7 +409,7 @@ class Bench:
 
     def generator(self, pipe, **compute):
         from app.compute import ComputeSpec
-        from app.generate import Generator
+        from app.generator import Generator
 
         spec = ComputeSpec(
             device=self.device.type,
@@ -522,7 +522,7 @@ class Bench:
         serial = f"{impl}, no decode overlap"
         if not fp8 and gen.overlap_decode and calls > 1 and self.fits(serial, batch, compiled=False, calls=calls):
             # What the overlap buys: the same graphs, each batch collected before the next starts.
-            gen.overlap_decode = False
+            gen.overlap.stop()
             self.measure(serial, "imagefab", batch, render, calls=calls, accelerator=gen.accelerator)
 
     def compile_mode(self) -> str:
@@ -600,7 +600,7 @@ class Bench:
     def stock_compiled(self, batch: int) -> None:
         """Stock diffusers compiled the usual way: LoRA fused and unloaded, fused QKV, channels_last,
         torch.compile of the UNet in the imagefab compiled rows' mode; compiled in the first call."""
-        from app.generate import use_compile_cache
+        from app.generator.pipeline import use_compile_cache
 
         impl = "diffusers compiled"
         if not self.fits(impl, batch, compiled=True):

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from app.generate import Generator
+    from app.generator import Generator
     from app.serve.app import build_app
     from app.serve.config import load_serve_config
     from app.serve.core import ImageJob, ServeCore, resolve_serve_models

@@ -229,7 +229,7 @@ def _render(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from app.generate import Generator
+    from app.generator import Generator
 
     compute = spec.compute
     gpus = cluster_gpus() if compute.device != "cpu" else 0

@@ -81,7 +81,7 @@ def test_kernels_this_device_lacks_are_named_with_the_device():
 
 
 def test_a_generator_refuses_a_kernel_its_device_lacks(tiny_base):
-    from app.generate import Generator
+    from app.generator import Generator
 
     with pytest.raises(
         RuntimeError, match=r'compute.attention=cudnn: the cudnn attention kernel cannot run on cpu.*"auto"'
@@ -90,7 +90,7 @@ def test_a_generator_refuses_a_kernel_its_device_lacks(tiny_base):
 
 
 def test_the_choice_reaches_every_attention_call_and_the_catalog(tiny_base):
-    from app.generate import Generator
+    from app.generator import Generator
     from app.regenerate import recorded_compute
 
     auto = Generator(tiny_base, {}, ComputeSpec(device="cpu"))
@@ -118,7 +118,7 @@ def test_a_compiled_generator_keeps_its_choice_in_its_graphs_and_its_own_cache(t
     between runs: the second run loads both generators' graphs, each from its own folder.)"""
     import os
 
-    from app.generate import Generator
+    from app.generator import Generator
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))  # put back after
     spec = dict(device="cpu", compile=True, warmup_sizes=("64x64",))

@@ -121,7 +121,7 @@ def test_row_lora_for_another_architecture_fails_that_row(models):
 
 
 def test_fused_stack_matches_unfused_and_leaves_the_base_exact(models):
-    from app.generate import Generator
+    from app.generator import Generator
 
     spec = spec_with(
         combinations={
@@ -150,7 +150,7 @@ def test_fused_stack_matches_unfused_and_leaves_the_base_exact(models):
 
 
 def test_few_step_tier_costs_a_fraction_of_the_hero_tier(models):
-    from app.generate import Generator
+    from app.generator import Generator
 
     spec = spec_with(ab_test={"combinations": ["hero", "fast"]}, tiers={})
     _, (hero, fast) = expand(spec, models, [{"prompt": "a red shoe"}])
@@ -204,7 +204,7 @@ def test_game_assets_runs_two_bases_and_three_stacks_in_one_job(ray_local, tmp_p
 
 def test_fused_qkv_gives_the_same_images_with_and_without_lora_stacks(models):
     """Fused QKV projections skip unfused LoRA adapters; the switcher must split them for those."""
-    from app.generate import Generator
+    from app.generator import Generator
 
     spec = spec_with(
         combinations={

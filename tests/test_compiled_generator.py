@@ -84,7 +84,7 @@ def test_regenerate_rebuilds_the_recorded_batch_bucket():
 
 
 def test_a_compile_mode_other_than_default_is_recorded_and_regenerated(tiny_base):
-    from app.generate import Generator
+    from app.generator import Generator
     from app.regenerate import recorded_compute
 
     # No warm-up sizes: torch.compile only wraps here, the first render would compile.
@@ -116,7 +116,7 @@ COMPILED = dict(
 def compiled(tiny_base, tiny_loras):
     from torch._dynamo.utils import counters
 
-    from app.generate import Generator
+    from app.generator import Generator
 
     misses = counters["inductor"]["fxgraph_cache_miss"]
     gen = Generator(tiny_base, tiny_loras, ComputeSpec(**COMPILED))
@@ -168,7 +168,7 @@ WARM_START = """
 import json, sys
 from torch._dynamo.utils import counters
 from app.compute import ComputeSpec
-from app.generate import Generator
+from app.generator import Generator
 from app.models.catalog import ModelCatalog
 catalog = ModelCatalog.load()
 gen = Generator(catalog.resolve_base("tiny-sdxl"), {}, ComputeSpec.model_validate_json(sys.argv[1]))
@@ -199,7 +199,7 @@ def test_another_generator_loads_every_graph_from_the_compile_cache(compiled):
 
 # --- FP8 ---------------------------------------------------------------------------------------------
 def test_fp8_generator_checks_its_error_and_follows_lora_switches(tiny_base, tiny_loras):
-    from app.generate import Generator
+    from app.generator import Generator
 
     exact = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", fuse_qkv=True))
     fp8 = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", fuse_qkv=True, fp8=True))
@@ -222,7 +222,7 @@ def test_fp8_generator_checks_its_error_and_follows_lora_switches(tiny_base, tin
 
 def test_fp8_accumulation_setting_reaches_every_layer_and_the_catalog(tiny_base, tiny_loras):
     from app.fp8 import Float8Linear
-    from app.generate import Generator
+    from app.generator import Generator
     from app.regenerate import recorded_compute
 
     gen = Generator(tiny_base, tiny_loras, ComputeSpec(device="cpu", fuse_qkv=True, fp8=True, fp8_fast_accum=False))
@@ -241,7 +241,7 @@ def test_fp8_accumulation_setting_reaches_every_layer_and_the_catalog(tiny_base,
 
 
 def test_fp8_above_its_error_limit_refuses_to_start(tiny_base):
-    from app.generate import Generator
+    from app.generator import Generator
 
     with pytest.raises(RuntimeError, match=r"fp8_max_error 1e-06.*fp8: false"):
         Generator(tiny_base, {}, ComputeSpec(device="cpu", fp8=True, fp8_max_error=1e-6))
@@ -251,7 +251,7 @@ def test_fp8_above_its_error_limit_refuses_to_start(tiny_base):
 def test_uint8_on_device_matches_the_float_arithmetic_and_counts_nonfinite_values():
     import torch
 
-    from app.generate import uint8_on_device
+    from app.generator.overlap import uint8_on_device
 
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     images[1, 0, 0, :4] = float("nan")
@@ -287,7 +287,7 @@ def tight_memory(pipe, max_images: int):
 def test_a_batch_that_runs_out_of_memory_is_halved_for_good(tiny_base, tiny_loras):
     import torch
 
-    from app.generate import Generator
+    from app.generator import Generator
     from app.models.loader import load_pipeline, pick_dtype
 
     pipe = load_pipeline(tiny_base, torch.device("cpu"), pick_dtype(tiny_base.dtype, torch.device("cpu")))
@@ -310,7 +310,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_for_good(tiny_base, tiny_lora
 
 
 def test_vae_tiles_only_above_the_threshold_and_regenerate_knows(tiny_base):
-    from app.generate import Generator
+    from app.generator import Generator
     from app.regenerate import recorded_compute
 
     plain = Generator(tiny_base, {}, ComputeSpec(device="cpu"))
@@ -384,7 +384,7 @@ def text_encoder_loras(tiny_base, tmp_path_factory):
 
 
 def test_text_encoder_parts_of_a_lora_apply_fused_unfused_and_beside_a_compiled_unet(tiny_base, text_encoder_loras):
-    from app.generate import Generator
+    from app.generator import Generator
 
     loras = text_encoder_loras
 

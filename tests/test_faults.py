@@ -88,7 +88,7 @@ def _requests(spec_path: Path) -> list:
 @pytest.fixture(scope="module")
 def reference(spec_path, model_catalog) -> dict[str, str]:
     """image_id -> pixel sha256 of a clean render: the job's requests rendered in this process."""
-    from app.generate import Generator
+    from app.generator import Generator
     from app.plan import resolve_models
 
     spec = load_spec(spec_path)

@@ -204,7 +204,7 @@ def test_generators_spread_over_two_nodes(two_nodes, tmp_path):
 def test_standin_generator_adds_the_generators_columns():
     import numpy as np
 
-    from app.generate import Generator
+    from app.generator import Generator
     from benchmarks.standin import StandInGenerator
 
     assert StandInGenerator.reads == Generator.reads and StandInGenerator.adds == Generator.adds

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +30,7 @@ def models(tiny_base, tiny_loras, model_catalog):
 
 @pytest.fixture(scope="module")
 def generator(models):
-    from app.generate import Generator
+    from app.generator import Generator
 
     return Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", cpu_threads=1, batch_size=4))
 
@@ -75,7 +78,7 @@ def test_lora_weight_zero_is_the_base_image_and_weight_changes_pixels(generator,
 
 
 def test_batched_mode_is_reproduced_by_rendering_the_recorded_batch(models):
-    from app.generate import Generator
+    from app.generator import Generator
 
     gen = Generator(
         models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", batch_invariant=False, batch_size=3)
@@ -86,6 +89,14 @@ def test_batched_mode_is_reproduced_by_rendering_the_recorded_batch(models):
     again = {r.image_id: r for r in gen.render_batch_exactly(list(reversed(reqs)))}
     for image_id, r in first.items():
         assert np.array_equal(r.pixels, again[image_id].pixels)
+
+
+def test_importing_the_generator_pulls_in_no_ray_mlflow_or_duckdb():
+    # It also runs alone on a GPU machine for benchmarks, and Ray workers import it afresh.
+    code = "import sys, app.generator; print(sorted({'ray', 'mlflow', 'duckdb'} & set(sys.modules)))"
+    repo_root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root)
+    assert result.stdout.strip() == "[]"
 
 
 def test_unknown_lora_on_generator_fails_rows_not_the_actor(generator, models):

@@ -109,7 +109,7 @@ class GeneratorWithClip:
     """
 
     def __init__(self, base, loras, compute, qc: QcSettings, generator_cls=None):
-        from app.generate import Generator
+        from app.generator import Generator
 
         self.generator = (generator_cls or Generator)(base=base, loras=loras, compute=compute)
         device = getattr(self.generator, "device", None)

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
-from app.generate import Generator
+from app.generator import Generator
 from app.metadata import parse_infotext, read_metadata
 from app.models.catalog import ResolvedModel
 from app.qc import QcSettings
