@@ -1,6 +1,6 @@
 """Compute settings of the generators: the part of the spec the GPU stage reads.
 
-Its own module, importing only pydantic, so that `app.generate` runs on a bare GPU machine
+Its own module, importing only pydantic, so that `app.generator` runs on a bare GPU machine
 (benchmarks/gpu_bench.py) without the QC and post-processing dependencies of the full spec.
 """
 
@@ -28,7 +28,7 @@ class ComputeSpec(BaseModel):
     # `accelerator_resource` (e.g. gpu_bulk, gpu_hero), each QC/post worker one of `qc_resource`.
     accelerator_resource: str | None = None
     qc_resource: str | None = None
-    # Speed (app/generate.py). None: on for CUDA, off for CPU. Each is recorded in the catalog's
+    # Speed (app/generator/pipeline.py). None: on for CUDA, off for CPU. Each is recorded in the catalog's
     # `accelerator` (they can change the last bits) and `regenerate` applies the same.
     fuse_qkv: bool | None = None  # one QKV matmul per attention; LoRA stacks then render fused
     channels_last: bool | None = None  # NHWC convolutions

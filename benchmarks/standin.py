@@ -1,9 +1,10 @@
 """A generator that renders nothing, at a fixed rate: for measuring everything around the GPU.
 
 `StandInGenerator.at_rate(4.0)` is a class with the Generator's constructor `(base, loras,
-compute)` and batch interface (`app/generate.py::Generator.__call__`): it reads the same columns,
-adds the same ones (`pixels` as raw RGB bytes of the request's size, `gpu_seconds`, …), and takes
-`len(pending) / rate` seconds per batch, sleeping off whatever preparing the batch did not use.
+compute)` and batch interface (`app/generator/generator.py::Generator.__call__`): it reads the
+same columns, adds the same ones (`pixels` as raw RGB bytes of the request's size,
+`gpu_seconds`, …), and takes `len(pending) / rate` seconds per batch, sleeping off whatever
+preparing the batch did not use.
 The pixels are a few precomputed noise images per size (noise passes the basic QC checks), so a
 run through `jobs.generate.run(spec, generator_cls=...)` exercises Ray Data, the CPU stage and the
 catalog exactly as a real run does. Imports no torch: an actor starts in well under a second.
