@@ -102,7 +102,7 @@ def tiny_renders(count: int) -> list[tuple[str, np.ndarray]]:
     import pyarrow as pa
 
     from app.expand import ExpandRows, ResolvedModels
-    from app.generate import Generator
+    from app.generator import Generator
     from app.models.catalog import ModelCatalog
     from app.request import RenderRequest
     from app.spec import ComputeSpec, parse_spec

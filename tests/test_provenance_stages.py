@@ -31,7 +31,7 @@ def models(tiny_base, tiny_loras, model_catalog):
 
 @pytest.fixture(scope="module")
 def generator(models):
-    from app.generate import Generator
+    from app.generator import Generator
 
     return Generator(models.bases["tiny-sdxl"], models.loras, ComputeSpec(device="cpu", cpu_threads=1, batch_size=2))
 
