@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = standalone(spec, images, tmp / "standalone")
     capacity = 1000 / sum(costs.values())
 
-    ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     summary = run(spec, quiet=True, generator_cls=PhotoStandIn.at_rate(1000.0))
     wall = time.perf_counter() - t0

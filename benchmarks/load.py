@@ -76,7 +76,7 @@ def start_server(
     from app.serve.config import load_serve_config
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = port or free_port()
     width, _, height = size.partition("x")
     config = load_serve_config(

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Logical CPUs: each GPU generator reserves one (they sleep), plus the CPU stage and reads.
         ray.init(
+            address="local",  # a fresh Ray of its own, never a head recorded by an earlier `ray start`
             num_cpus=max(args.actors) + 4,
             num_gpus=8,
             object_store_memory=300 * 2**20,

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             direct_plus.append(t2 - t0)
     del gen
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="latency", route_prefix="/")
     http = []
