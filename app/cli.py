@@ -206,6 +206,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
+    if args.action == "compact":
+        from app.catalog.compact import cli_compact
+
+        return cli_compact(args.output, args.older_than)
     import duckdb
 
     from app.storage import OutputStore
@@ -388,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="write the regenerated image to this PNG path")
     g.set_defaults(func=cmd_regenerate)
 
-    c = sub.add_parser("catalog", help="counts by run and status")
+    c = sub.add_parser("catalog", help="counts by run and status; `catalog compact` merges batch files")
+    c.add_argument("action", nargs="?", choices=("compact",), help="compact: merge each partition's files into one")
+    c.add_argument("--older-than", default="1h", help="compact: only partitions with no file newer than this (0: all)")
     c.add_argument("--output", default="outputs")
     c.add_argument("--json", action="store_true", help="the counts as one JSON object on stdout")
     c.set_defaults(func=cmd_catalog)

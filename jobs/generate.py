@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import yaml
 
+from app.catalog.compact import compact_run
 from app.catalog.store import CatalogStore
 from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog, default_home
@@ -187,6 +188,7 @@ def run(
         except StorageError as e:  # raised in a Ray stage: the output filled up or became read-only
             # Its first line: Ray appends its traceback and a note on retries to the message.
             raise StorageError(str(getattr(e, "cause", None) or e).splitlines()[0]) from e
+    compact_run(output, summary.date, run_id)  # the run's batch files become one (app/catalog/compact.py)
     summary.wall_seconds = time.perf_counter() - t0
     output.write_bytes(f"runs/{run_id}/summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     if track:

@@ -116,3 +116,55 @@ def to_table(rows: list[dict]) -> pa.Table:
                 r[m] = list(r[m].items())
         fixed.append(r)
     return pa.Table.from_pylist(fixed, schema=CATALOG_SCHEMA)
+
+
+class CatalogSchemaError(ValueError):
+    """A catalog file holds a column whose type cannot become the declared one; the message names it."""
+
+
+def conform(table: pa.Table, where: str = "") -> pa.Table:
+    """A table read from any catalog file, in today's schema: every declared column, in the
+    declared order and type (a column a file predates becomes nulls, a widened type is cast);
+    columns a newer writer added and this one does not know stay, after the declared ones.
+    A struct column where text is declared (or the reverse) is carried across as JSON text /
+    parsed JSON, so files of both forms can live in one compacted file."""
+    import json
+
+    out, fields = [], []
+    for field in CATALOG_SCHEMA:
+        if field.name not in table.column_names:
+            col = pa.nulls(table.num_rows, field.type)
+        else:
+            col = table.column(field.name)
+            if not col.type.equals(field.type):
+                if pa.types.is_string(field.type) and pa.types.is_struct(col.type):
+                    col = pa.array(
+                        [None if v is None else json.dumps(v, sort_keys=True) for v in col.to_pylist()], pa.string()
+                    )
+                elif pa.types.is_struct(field.type) and pa.types.is_string(col.type):
+                    col = pa.array([_json_object(v) for v in col.to_pylist()], field.type)
+                else:
+                    try:
+                        col = col.cast(field.type)
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                        raise CatalogSchemaError(
+                            f"{where or 'catalog file'}: column {field.name!r} is {col.type}, "
+                            f"the catalog declares {field.type} ({e})"
+                        ) from e
+        out.append(col)
+        fields.append(field)
+    for name in table.column_names:
+        if name not in COLUMNS:
+            out.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(out, schema=pa.schema(fields))
+
+
+def _json_object(text: str | None) -> dict | None:
+    import json
+
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,23 +1,33 @@
 """Appending catalog rows and looking them up (resume, regenerate).
 
 Each append writes one new Parquet file; nothing is ever rewritten, so a crash loses at most the
-batch in flight and readers never see half a file (see app/storage.py).
+batch in flight and readers never see half a file (see app/storage.py). Compaction
+(app/catalog/compact.py) later merges a partition's files into one; readers here see exactly the
+live files (`live_files`): a compacted file once its manifest is written, its inputs until then.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from app.catalog.schema import CATALOG_SCHEMA, to_table
 from app.storage import OutputStore, StorageError
 
 CATALOG_DIR = "catalog"
+COMPACTED_PREFIX = "compacted-"  # compacted-<hash of the inputs>.parquet
+MANIFEST_PREFIX = "_compaction-"  # _compaction-<same hash>.json: the commit of that file
+
+
+def manifest_name(compacted: str) -> str:
+    return MANIFEST_PREFIX + compacted.removeprefix(COMPACTED_PREFIX).removesuffix(".parquet") + ".json"
 
 
 @dataclass(frozen=True)
@@ -37,21 +47,68 @@ class CatalogStore:
         rel = f"{CATALOG_DIR}/date={date}/run_id={run_id}/part-{key}.parquet"
         return self.output.write_bytes(rel, buf.getvalue())
 
-    def dataset(self) -> pads.Dataset | None:
-        fs, root = self.output.fs_and_root
-        base = f"{root.rstrip('/')}/{CATALOG_DIR}"
+    @property
+    def base(self) -> str:
+        return self.output.path(CATALOG_DIR)
+
+    def listing(self) -> list[pafs.FileInfo] | None:
+        """Every file under catalog/ (one recursive listing), or None when there is no catalog."""
+        fs, _ = self.output.fs_and_root
         try:
-            info = fs.get_file_info(base)
+            if fs.get_file_info(self.base).type == pafs.FileType.NotFound:
+                return None
+            return [
+                i
+                for i in fs.get_file_info(pafs.FileSelector(self.base, recursive=True, allow_not_found=True))
+                if i.type == pafs.FileType.File
+            ]
         except OSError as e:
             raise StorageError(f"{self.output.uri_of(CATALOG_DIR)}: cannot list catalog ({e})") from e
-        if info.type == pa.fs.FileType.NotFound:
+
+    def live_files(self, listing: list[pafs.FileInfo] | None = None) -> list[str]:
+        """The data files a reader must read, each row once (see app/catalog/compact.py):
+        batch files and committed compacted files, less the inputs of committed compactions and
+        any compacted file whose manifest was never written. A partition that holds only its
+        compacted file costs no read beyond the listing."""
+        listing = self.listing() if listing is None else listing
+        if not listing:
+            return []
+        by_dir: dict[str, dict[str, pafs.FileInfo]] = {}
+        for info in listing:
+            by_dir.setdefault(info.path.rsplit("/", 1)[0], {})[info.base_name] = info
+        live: list[str] = []
+        for folder, files in sorted(by_dir.items()):
+            committed = {n for n in files if n.startswith(COMPACTED_PREFIX) and manifest_name(n) in files}
+            data = [n for n in files if n.endswith(".parquet") and not n.startswith((".", "_"))]
+            data = [n for n in data if not n.startswith(COMPACTED_PREFIX) or n in committed]
+            if (committed and len(data) > len(committed)) or len(committed) > 1:
+                replaced: set[str] = set()
+                for name in committed:
+                    replaced.update(self.read_manifest(f"{folder}/{manifest_name(name)}")["inputs"])
+                data = [n for n in data if n not in replaced]
+            live.extend(f"{folder}/{n}" for n in sorted(data))
+        return live
+
+    def read_manifest(self, path: str) -> dict:
+        fs, _ = self.output.fs_and_root
+        try:
+            with fs.open_input_stream(path) as f:
+                return json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise StorageError(f"{path}: cannot read compaction manifest ({e})") from e
+
+    def dataset(self) -> pads.Dataset | None:
+        listing = self.listing()
+        if listing is None:
             return None
+        fs, _ = self.output.fs_and_root
         part = pads.partitioning(pa.schema([("date", pa.string()), ("run_id", pa.string())]), flavor="hive")
         return pads.dataset(
-            base,
+            self.live_files(listing),
             filesystem=fs,
             format="parquet",
             partitioning=part,
+            partition_base_dir=self.base,
             schema=CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string())),
             exclude_invalid_files=False,
         )
@@ -81,4 +138,6 @@ class CatalogStore:
         return rows[-1] if rows else None
 
     def batch_rows(self, batch_id: str) -> list[dict]:
-        return self.read(filter=pads.field("batch_id") == batch_id).to_pylist()
+        rows = self.read(filter=pads.field("batch_id") == batch_id).to_pylist()
+        # A row that a crashed compaction left in two files is the same row: keep it once.
+        return list({(r["image_id"], r["created_at"]): r for r in rows}.values())
