@@ -59,12 +59,18 @@ def master_sizes(output: OutputStore) -> pa.Table:
 
 
 def connect(
-    output: OutputStore | str, *, file_sizes: bool = False, con: duckdb.DuckDBPyConnection | None = None
+    output: OutputStore | str,
+    *,
+    file_sizes: bool = False,
+    con: duckdb.DuckDBPyConnection | None = None,
+    search_index: bool = True,
 ) -> duckdb.DuckDBPyConnection:
     """A connection whose views read the catalog at `output`.
 
     file_sizes: list the master PNGs so `images.master_bytes` is filled (one listing of
     images/; the catalog records variant sizes but not the master's).
+    search_index: `search_images` reads the persistent index (analysis/search_index.py), first
+    brought up to date with the catalog; False keeps the plain macro, which tokenizes per query.
     """
     output = OutputStore.of(output)
     catalog = CatalogStore(output).dataset()
@@ -80,6 +86,10 @@ def connect(
     con.register("decisions_source", decisions if decisions is not None else DECISION_SCHEMA.empty_table())
     con.register("image_files", master_sizes(output) if file_sizes else IMAGE_FILES_SCHEMA.empty_table())
     con.execute(views_sql())
+    if search_index:
+        from analysis.search_index import SearchIndex
+
+        SearchIndex(output).attach(con, list(catalog.files))
     return con
 
 
