@@ -1,0 +1,255 @@
+"""The catalog at scale: a year of runs written as batch files, timed before and after compaction.
+
+    python -m benchmarks.catalog_scale --images 1000000 [--batch 4] [--runs-per-day 1] [--s3] [--json out.json]
+
+Writes `--images` synthetic catalog rows (every column of app/catalog/schema.py; prompts, tags
+and QC values drawn so that queries and search find something) as one Parquet file per batch of
+`--batch` rows, in one `date=/run_id=` partition per run, `--per-run` images a run, one run a
+day — the layout a team's bulk runs leave. Rows are built column-wise with pyarrow, so the time
+goes to writing files, as it does in production. Then it times, on local disk and (`--s3`) on
+an S3 API served by moto on loopback: every named query, a search, the HTML report and the
+review list; compacts the catalog (`app.catalog.compact`), records its throughput, and times
+them all again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app.catalog.schema import CATALOG_SCHEMA, conform
+from app.storage import OutputStore
+
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "leather",
+    "wool",
+    "cotton",
+    "ceramic",
+    "brass",
+    "studio",
+    "outdoor",
+    "soft",
+    "light",
+    "shadow",
+    "boot",
+    "scarf",
+    "tote",
+    "bag",
+    "belt",
+    "mug",
+    "chair",
+    "lamp",
+    "watch",
+    "ring",
+    "jacket",
+    "sneaker",
+]
+CATEGORIES = ("footwear", "accessory", "bag", "kitchen", "furniture", "apparel")
+STATUSES = np.array(["accepted", "review", "rejected", "failed"])
+PARAMS = {  # values for the named queries' parameters
+    "lora": "tiny-style",
+    "reason": "blur",
+    "category": "footwear",
+    "key": "category",
+    "value": "footwear",
+    "month": None,
+    "run": None,
+}
+
+
+def synthetic_rows(n: int, start: int, day: date, run_id: str, rng: np.random.Generator) -> pa.Table:
+    """`n` catalog rows of one run, in today's schema."""
+    ids = [f"{start + i:016x}{rng.integers(0, 2**63):016x}" for i in range(n)]
+    words = np.array(WORDS)
+    picks = rng.integers(0, len(WORDS), size=(n, 5))
+    prompts = [" ".join(words[p]) for p in picks]
+    status = STATUSES[rng.choice(4, size=n, p=[0.7, 0.15, 0.1, 0.05])]
+    created = [datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(seconds=int(s)) for s in range(n)]
+    cats = [CATEGORIES[c] for c in rng.integers(0, len(CATEGORIES), n)]
+    tags = [[("category", c), ("product_id", f"P-{start + i}")] for i, c in enumerate(cats)]
+    has_lora = rng.random(n) < 0.5
+    lora = {"name": "tiny-style", "version": "1", "weight": 0.8, "sha256": "1" * 64, "source": "builtin"}
+    table = pa.table(
+        {
+            "image_id": ids,
+            "source": pa.array(["bulk"] * n),
+            "created_at": pa.array(created, pa.timestamp("us", tz="UTC")),
+            "status": status,
+            "reasons": [["blur"] if s == "rejected" else [] for s in status],
+            "error": ["oom: out of memory" if s == "failed" else "" for s in status],
+            "prompt": prompts,
+            "negative_prompt": pa.array(["blurry, text, watermark"] * n),
+            "tags": pa.array(tags, CATALOG_SCHEMA.field("tags").type),
+            "template": pa.array([{"name": "product", "version": "1", "text": "{item}"}] * n),
+            "base_model": pa.array([{"name": "tiny-sdxl", "version": "1", "sha256": "0" * 64, "source": "b"}] * n),
+            "loras": [[lora] if h else [] for h in has_lora],
+            "combination": np.where(has_lora, "styled", "base"),
+            "steps": pa.array(np.full(n, 30, np.int32)),
+            "width": pa.array(np.full(n, 1024, np.int32)),
+            "height": pa.array(np.full(n, 1024, np.int32)),
+            "seed": pa.array(rng.integers(0, 2**31, n)),
+            "sharpness": rng.normal(150, 40, n),
+            "contrast": rng.random(n),
+            "exposure": rng.random(n),
+            "clip_score": rng.random(n),
+            "gpu_seconds": rng.random(n) * 4,
+            "cpu_seconds": rng.random(n),
+            "cost_usd": rng.random(n) * 0.002,
+            "accelerator": pa.array(["h100"] * n),
+            "uri": [f"images/{i[:2]}/{i}.png" for i in ids],
+            "approval": pa.array(["pending"] * n),
+            "batch_id": [f"{run_id}-{(start + i) // 4}" for i in range(n)],
+        }
+    )
+    return conform(table)
+
+
+def write_catalog(output: OutputStore, images: int, batch: int, per_run: int, seed: int = 0) -> tuple[dict, float]:
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    files = written = runs = 0
+    day = date(2026, 1, 1)
+    while written < images:
+        n = min(per_run, images - written)
+        run_id = f"bench-{day:%Y%m%d}-{written:08x}"
+        table = synthetic_rows(n, written, day, run_id, rng)
+        for off in range(0, n, batch):
+            buf = io.BytesIO()
+            pq.write_table(table.slice(off, batch), buf, compression="zstd")
+            output.write_bytes(f"catalog/date={day:%Y-%m-%d}/run_id={run_id}/part-{off:08d}.parquet", buf.getvalue())
+            files += 1
+        written += n
+        runs += 1
+        day += timedelta(days=1)
+    return {"images": written, "files": files, "runs": runs}, time.perf_counter() - t0
+
+
+def _time(fn: Callable[[], object], label: str = "") -> float:
+    t0 = time.perf_counter()
+    fn()
+    took = time.perf_counter() - t0
+    if label:
+        print(f"  {label}: {took:.3f} s", file=sys.stderr, flush=True)
+    return took
+
+
+def time_all(output: OutputStore) -> dict[str, float]:
+    import analysis
+    from analysis.queries import QUERIES
+    from app.review import pending_review
+
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    con = analysis.connect(output)
+    out["connect"] = time.perf_counter() - t0
+    for name, q in QUERIES.items():
+        params = {p.name: PARAMS[p.name] for p in q.params if p.required and PARAMS.get(p.name)}
+        out[f"query {name}"] = _time(partial(analysis.run_query, con, name, params), f"query {name}")
+    out["search"] = _time(lambda: analysis.search(con, "red leather boot", limit=20), "search")
+    out["search (2nd)"] = _time(lambda: analysis.search(con, "ceramic mug studio", limit=20), "search (2nd)")
+    out["report"] = _time(lambda: analysis.build_report(output, max_thumbs=0), "report")
+    out["review list"] = _time(lambda: pending_review(output), "review list")
+    return out
+
+
+def bench(output: OutputStore, images: int, batch: int, per_run: int) -> dict:
+    from app.catalog.compact import compact
+
+    shape, write_s = write_catalog(output, images, batch, per_run)
+    print(f"wrote {shape} in {write_s:.1f} s", file=sys.stderr, flush=True)
+    result: dict = {**shape, "write_s": round(write_s, 1)}
+    result["before"] = time_all(output)
+    c = compact(output)
+    result["compaction"] = {
+        "seconds": round(c.seconds, 2),
+        "files_in": c.files_in,
+        "rows": c.rows,
+        "rows_per_s": round(c.rows / c.seconds) if c.seconds else None,
+        "files_per_s": round(c.files_in / c.seconds) if c.seconds else None,
+        "mb_in": round(c.bytes_in / 2**20, 1),
+        "mb_out": round(c.bytes_out / 2**20, 1),
+    }
+    result["after"] = time_all(output)
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(
+            f"\n{r['where']}: {r['images']:,} images in {r['files']:,} batch files, {r['runs']} runs "
+            f"(written in {r['write_s']} s); compaction {r['compaction']['seconds']} s "
+            f"({r['compaction']['rows_per_s']:,} rows/s, {r['compaction']['files_per_s']:,} files/s, "
+            f"{r['compaction']['mb_in']} MB -> {r['compaction']['mb_out']} MB)\n"
+        )
+        lines.append("| step | before compaction (s) | after (s) |")
+        lines.append("|---|---:|---:|")
+        for k, v in r["before"].items():
+            lines.append(f"| {k} | {v:.3f} | {r['after'][k]:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=4, help="rows per batch file (a run's batch size)")
+    p.add_argument("--per-run", type=int, default=10_000, help="images per run (one run a day)")
+    p.add_argument("--s3", action="store_true", help="also on an S3 API served by moto on loopback")
+    p.add_argument("--local", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args(argv)
+    if args.images < 1 or args.batch < 1 or args.per_run < 1:
+        p.error("--images, --batch and --per-run must be at least 1")
+    results = []
+    if args.local:
+        tmp = tempfile.mkdtemp(prefix="catalog-scale-")
+        try:
+            r = bench(OutputStore.at(tmp), args.images, args.batch, args.per_run)
+            results.append({"where": "local disk", **r})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.s3:
+        import os
+
+        import pyarrow.fs as pafs
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+        try:
+            pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True).create_dir(
+                "bench"
+            )
+            out = OutputStore.at(f"s3://bench/catalog-scale?endpoint_override={host}:{port}&scheme=http")
+            r = bench(out, args.images, args.batch, args.per_run)
+            results.append({"where": "S3 (moto on loopback)", **r})
+        finally:
+            server.stop()
+    print(markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
