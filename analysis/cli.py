@@ -228,16 +228,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_review(args: argparse.Namespace) -> int:
-    from app.review import decide, pending_review
+    from app.review import decide, pending_page
 
     if args.action == "list":
         con = _connect(args)  # fails clearly where there is no catalog
         from analysis.views import resolve_run
 
         run = resolve_run(con, args.run)
-        rows = pending_review(args.output, run=run)
+        total, rows = pending_page(args.output, run=run, limit=args.limit, offset=args.offset)
         if not rows:
-            print("no images waiting for review" + (f" in {run}" if run else ""))
+            print("no images waiting for review" + (f" in {run}" if run else "") + (" at this offset" if total else ""))
             return 0
         print_result(
             ["image_id", "run_id", "created_at", "reasons", "sharpness", "prompt"],
@@ -254,6 +254,12 @@ def cmd_review(args: argparse.Namespace) -> int:
             ],
             args.format,
         )
+        if args.offset + len(rows) < total:
+            print(
+                f"{args.offset + 1}-{args.offset + len(rows)} of {total} waiting; "
+                f"next: --offset {args.offset + len(rows)}",
+                file=sys.stderr,
+            )
         return 0
     if args.action == "serve":
         from analysis.review_page import serve
@@ -325,6 +331,8 @@ def add_review_cli(subparsers) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     ls = sub.add_parser("list", help="images in review with no decision yet")
     ls.add_argument("--run")
+    ls.add_argument("--limit", type=int, default=100, help="images per page (oldest first)")
+    ls.add_argument("--offset", type=int, default=0, help="skip this many (the next page)")
     _output_arg(ls)
     _format_arg(ls)
     for action in ("approve", "reject"):

@@ -26,10 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from analysis.thumbs import thumbnail
 from analysis.views import AnalysisError
 from app.catalog.store import CatalogStore
-from app.review import ReviewError, decide, pending_review
+from app.review import ReviewError, decide, pending_page
 from app.storage import OutputStore, StorageError
 
 IMAGE_ID = re.compile(r"^[0-9a-f]{8,64}$")
+PAGE_SIZE = 60  # cards per page: the queue of a large catalog is read a page at a time
 LOOPBACK = "127.0.0.1"
 MAX_BODY = 64 * 1024
 
@@ -54,6 +55,7 @@ input{{padding:5px;border:1px solid #bbb;border-radius:4px}} .note{{width:100%;b
 <span id="status" role="status"></span></header>
 <p>Output {output}</p>
 <div class="grid" id="queue">{cards}</div>
+<p>{nav}</p>
 <p id="empty" {empty_hidden}>Nothing is waiting for review.</p>
 <script>
 const TOKEN = {token};
@@ -131,11 +133,23 @@ class ReviewHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         if not self._host_ok():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "loopback only"})
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        try:
+            offset = max(0, int(dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("offset", 0)))
+        except ValueError:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "offset must be a whole number"})
         if path == "/":
-            rows = pending_review(self.server.output)
+            total, rows = pending_page(self.server.output, limit=PAGE_SIZE, offset=offset)
+            self.server.remember(rows)
+            nav = " ".join(
+                f'<a href="/?offset={o}">{label}</a>'
+                for o, label in ((offset - PAGE_SIZE, "previous"), (offset + PAGE_SIZE, "next"))
+                if 0 <= o < total and o != offset
+            )
+            shown = f"{offset + 1}-{offset + len(rows)} of {total}" if rows else "none of {total}"
             html = PAGE.format(
-                count=len(rows),
+                count=total,
+                nav=f"Showing {shown}. {nav}",
                 reviewer=escape(self.server.reviewer),
                 output=escape(self.server.output.uri),
                 cards="".join(_card(r) for r in rows),
@@ -148,12 +162,14 @@ class ReviewHandler(BaseHTTPRequestHandler):
                 HTTPStatus.OK,
                 [
                     {k: r[k] for k in ("image_id", "run_id", "created_at", "reasons", "sharpness", "prompt")}
-                    for r in pending_review(self.server.output)
+                    for r in pending_page(self.server.output, limit=PAGE_SIZE, offset=offset)[1]
                 ],
             )
         if path.startswith("/thumb/"):
             image_id = path.removeprefix("/thumb/")
-            row = CatalogStore(self.server.output).find(image_id) if IMAGE_ID.match(image_id) else None
+            row = self.server.shown.get(image_id)  # the rows of the pages served: no catalog scan
+            if row is None and IMAGE_ID.match(image_id):
+                row = CatalogStore(self.server.output).find(image_id)
             data = thumbnail(self.server.output, row, size=256) if row else None
             if data is None:
                 return self._json(HTTPStatus.NOT_FOUND, {"error": f"no image {image_id}"})
@@ -200,6 +216,14 @@ class ReviewServer(ThreadingHTTPServer):
         self.reviewer = reviewer
         self.token = secrets.token_urlsafe(24)
         self.quiet = quiet
+        self.shown: dict[str, dict] = {}  # rows of the pages served, for their thumbnails
+        self._shown_lock = threading.Lock()
+
+    def remember(self, rows: list[dict]) -> None:
+        with self._shown_lock:
+            if len(self.shown) > 10 * PAGE_SIZE:
+                self.shown.clear()
+            self.shown.update((r["image_id"], r) for r in rows)
 
     @property
     def url(self) -> str:
@@ -221,7 +245,7 @@ def serve(output: OutputStore | str, port: int = 8765, reviewer: str = "", timeo
         server = make_server(output, port, reviewer)
     except OSError as e:
         raise AnalysisError(f"cannot listen on {LOOPBACK}:{port} ({e.strerror or e}); try another --port") from e
-    print(f"review page: {server.url}  ({len(pending_review(server.output))} waiting; Ctrl-C to stop)", flush=True)
+    print(f"review page: {server.url}  ({pending_page(server.output, limit=1)[0]} waiting; Ctrl-C to stop)", flush=True)
     timer = threading.Timer(timeout_s, server.shutdown) if timeout_s else None
     if timer:
         timer.daemon = True

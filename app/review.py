@@ -142,19 +142,41 @@ def decide(
 
 def pending_review(output: OutputStore | str, run: str | None = None) -> list[dict]:
     """Catalog rows in `review` with no decision yet, oldest first (optionally of one run)."""
+    return pending_page(output, run)[1]
+
+
+def pending_page(
+    output: OutputStore | str, run: str | None = None, limit: int | None = None, offset: int = 0
+) -> tuple[int, list[dict]]:
+    """(how many images wait for review, the rows of `limit` of them from `offset`), oldest first.
+
+    The queue is chosen from four columns; whole rows are read for the page only, so a page of
+    a million-image catalog costs about what the queue's ids do."""
     output = OutputStore.of(output)
+    if (limit is not None and limit < 1) or offset < 0:
+        raise ReviewError(f"a page needs --limit of at least 1 and --offset of 0 or more, not {limit}, {offset}")
+    catalog = CatalogStore(output)
+    key = ["image_id", "status", "created_at", "run_id"]
     filt = pads.field("status") == "review"
     if run:
         filt = filt & (pads.field("run_id") == run)
-    rows = _latest_rows(CatalogStore(output).read(filter=filt))
+    rows = _latest_rows(catalog.read(key, filter=filt))
     if rows:
         # An id in review in one run may have a later row elsewhere (not review): the latest wins.
-        latest = _latest_rows(
-            CatalogStore(output).read(
-                ["image_id", "status", "created_at", "run_id"], filter=pads.field("image_id").isin(list(rows))
-            )
-        )
-        rows = {i: r for i, r in rows.items() if latest[i]["status"] == "review"}
+        others = catalog.read(key, filter=pads.field("image_id").isin(list(rows)) & (pads.field("status") != "review"))
+        later = _latest_rows(others)
+        rows = {i: r for i, r in rows.items() if i not in later or _newer(r, later[i])}
     decided = ReviewStore(output).latest()
-    pending = [r for i, r in rows.items() if i not in decided]
-    return sorted(pending, key=lambda r: (r["created_at"], r["image_id"]))
+    queue = sorted((r for i, r in rows.items() if i not in decided), key=lambda r: (r["created_at"], r["image_id"]))
+    page = queue[offset : None if limit is None else offset + limit]
+    if not page:
+        return len(queue), []
+    wanted = {(r["image_id"], r["created_at"], r["run_id"]) for r in page}
+    full = catalog.read(filter=pads.field("image_id").isin([r["image_id"] for r in page]) & filt).to_pylist()
+    by_key = {(r["image_id"], r["created_at"], r["run_id"]): r for r in full}
+    return len(queue), [by_key[k] for k in sorted(wanted, key=lambda k: (k[1], k[0]))]
+
+
+def _newer(a: dict, b: dict) -> bool:
+    """Row a is the latest of the two, by the order the views use (created_at, then run_id)."""
+    return (a["created_at"], a.get("run_id") or "") >= (b["created_at"], b.get("run_id") or "")

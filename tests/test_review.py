@@ -107,3 +107,40 @@ def test_cli_errors_are_one_line_not_a_traceback(output, tmp_path, capsys):
         cli("review", "approve", image_id(5), "--output", str(output))
     assert cli("review", "list", "--output", str(tmp_path / "empty")) == 2
     assert f"no catalog under {tmp_path / 'empty'}/catalog" in capsys.readouterr().err
+
+
+def test_the_queue_is_read_a_page_at_a_time(output, capsys):
+    from app.review import pending_page
+
+    assert pending_page(str(output), limit=1) == (2, pending_review(str(output))[:1])
+    total, second = pending_page(str(output), limit=1, offset=1)
+    assert total == 2 and [r["image_id"] for r in second] == [image_id(7)] and second[0]["prompt"]
+    assert pending_page(str(output), limit=5, offset=2) == (2, [])
+    with pytest.raises(ReviewError, match="--limit"):
+        pending_page(str(output), limit=0)
+    assert cli("review", "list", "--limit", "1", "--output", str(output)) == 0
+    captured = capsys.readouterr()
+    assert image_id(5) in captured.out and image_id(7) not in captured.out
+    assert "1-1 of 2 waiting; next: --offset 1" in captured.err
+    assert cli("review", "list", "--limit", "1", "--offset", "1", "--output", str(output)) == 0
+    assert image_id(7) in capsys.readouterr().out
+
+
+def test_review_page_pages_and_serves_thumbnails_of_its_rows(output, monkeypatch):
+    import threading
+    import urllib.request
+
+    import analysis.review_page as review_page
+
+    monkeypatch.setattr(review_page, "PAGE_SIZE", 1)
+    server = review_page.make_server(str(output), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        first = urllib.request.urlopen(server.url).read().decode()
+        assert image_id(5) in first and image_id(7) not in first and 'href="/?offset=1">next' in first
+        second = urllib.request.urlopen(server.url + "?offset=1").read().decode()
+        assert image_id(7) in second and 'href="/?offset=0">previous' in second
+        assert set(server.shown) == {image_id(5), image_id(7)}  # thumbnails come from these rows
+    finally:
+        server.shutdown()
+        server.server_close()
