@@ -7,6 +7,7 @@ imagefab spec schema                  the spec's JSON Schema, for editors and CI
 imagefab models list|build|verify     the model catalog
 imagefab regenerate IMAGE_ID          render a catalogued image again and compare the bytes
 imagefab catalog [--output URI]       counts by run and status, straight from the Parquet catalog; --json
+imagefab catalog compact [--older-than 1h]   merge each partition's batch files into one
 imagefab verify FILE... [--json]      C2PA manifest, invisible watermark (-> catalog row), infotext
 """
 
