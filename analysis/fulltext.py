@@ -41,10 +41,22 @@ def search(
     (terms,) = one_row(con.execute("SELECT imagefab_tokens($text)", {"text": text}))
     if not terms:
         raise AnalysisError(f"{text!r} has no searchable words (letters or digits)")
-    select = ", ".join("round(score, 4) AS score" if c == "score" else c for c in columns)
-    result = con.execute(
-        f"SELECT {select} FROM search_images($text, fields := $fields, conjunctive := $all) LIMIT $limit",
+    # The best `limit` ids first (the index answers from postings alone), then their rows: a filter
+    # on image_id reaches the catalog scan, so only the row groups holding them are read.
+    top = con.execute(
+        "SELECT image_id, score FROM search_scores($text, fields := $fields, conjunctive := $all) "
+        "ORDER BY score DESC, image_id LIMIT $limit",
         {"text": text, "fields": ",".join(fields) if fields else None, "all": all_terms, "limit": limit},
-    )
-    rows = result.fetchall()
-    return [d[0] for d in result.description], rows
+    ).fetchall()
+    if not top:
+        return list(columns), []
+    ids = ", ".join("'" + i.replace("'", "''") + "'" for i, _ in top)
+    shown = [c for c in columns if c != "score"]
+    result = con.execute(f"SELECT image_id AS _id, {', '.join(shown) or 'NULL'} FROM images WHERE image_id IN ({ids})")
+    by_id = {r[0]: r[1:] for r in result.fetchall()}
+    names = [d[0] for d in result.description][1:]
+    rows = []
+    for image_id, score in top:
+        values = dict(zip(names, by_id[image_id], strict=True))
+        rows.append(tuple(round(score, 4) if c == "score" else values[c] for c in columns))
+    return list(columns), rows

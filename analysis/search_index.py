@@ -83,6 +83,13 @@ scores AS (
 SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)
 ORDER BY s.score DESC, i.image_id;
 """
+# The same scores without the `images` columns: the ranking needs none of the catalog's rows.
+SCORES_SQL = SEARCH_SQL.replace(
+    "CREATE OR REPLACE MACRO search_images(", "CREATE OR REPLACE MACRO search_scores("
+).replace(
+    "SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)\nORDER BY s.score DESC, i.image_id;",
+    "SELECT image_id, score FROM scores ORDER BY score DESC, image_id;",
+)
 
 # Tokens of one batch of catalog rows (the macros of views.sql must be defined on `con`).
 _TOKENIZE_SQL = """
@@ -210,6 +217,7 @@ class SearchIndex:
         )
         con.execute(f"CREATE OR REPLACE TEMP VIEW search_postings AS {post_src}")
         con.execute(SEARCH_SQL)
+        con.execute(SCORES_SQL)
 
     def _persist(
         self,

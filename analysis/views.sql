@@ -159,3 +159,8 @@ scores AS (
     GROUP BY tf.image_id)
 SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)
 ORDER BY s.score DESC, i.image_id;
+
+-- search_scores('red leather boot' [, fields := …] [, conjunctive := …]): image_id and score only
+-- (the persistent index, analysis/search_index.py, answers it without reading the catalog rows).
+CREATE OR REPLACE MACRO search_scores(query_string, fields := NULL, conjunctive := false) AS TABLE
+SELECT image_id, score FROM search_images(query_string, fields := fields, conjunctive := conjunctive);
