@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from app.catalog.schema import CATALOG_SCHEMA
+from app.catalog.schema import CATALOG_SCHEMA, conform
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore, StorageError
 
@@ -135,9 +135,14 @@ class SearchIndex:
         tables = []
         for fragment in ds.get_fragments():
             fid = paths[fragment.path]
-            t = fragment.to_table(
-                schema=ds.schema, columns=["image_id", "created_at", "run_id", "prompt", "negative_prompt", "tags"]
-            )
+            wanted = ["image_id", "created_at", "run_id", "prompt", "negative_prompt", "tags"]
+            try:
+                t = fragment.to_table(schema=ds.schema, columns=wanted)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # an older release's types
+                whole = conform(pq.read_table(fragment.path, filesystem=fs, partitioning=None), fragment.path)
+                run_id = fragment.path[len(self.store.base) + 1 :].split("/")[1].split("=", 1)[1]
+                whole = whole.append_column("run_id", pa.array([run_id] * whole.num_rows, pa.string()))
+                t = whole.select(wanted)
             keys = pa.array([(fid << KEY_BITS) + i for i in range(t.num_rows)], pa.int64())
             tables.append(
                 t.append_column("doc_key", keys).append_column("file_id", pa.array([fid] * t.num_rows, pa.int64()))

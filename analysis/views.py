@@ -73,8 +73,10 @@ def connect(
     brought up to date with the catalog; False keeps the plain macro, which tokenizes per query.
     """
     output = OutputStore.of(output)
-    catalog = CatalogStore(output).dataset()
-    if catalog is None or not catalog.files:
+    store = CatalogStore(output)
+    catalog = store.dataset()
+    live = store.live_files() if catalog is not None else []
+    if catalog is None or not live:
         raise AnalysisError(
             f"no catalog under {output.uri_of(CATALOG_DIR)}: "
             f"run a job into it first (imagefab run SPEC --output {output.uri})"
@@ -89,7 +91,7 @@ def connect(
     if search_index:
         from analysis.search_index import SearchIndex
 
-        SearchIndex(output).attach(con, list(catalog.files))
+        SearchIndex(output).attach(con, live)
     return con
 
 

@@ -142,7 +142,7 @@ def conform(table: pa.Table, where: str = "") -> pa.Table:
                         [None if v is None else json.dumps(v, sort_keys=True) for v in col.to_pylist()], pa.string()
                     )
                 elif pa.types.is_struct(field.type) and pa.types.is_string(col.type):
-                    col = pa.array([_json_object(v) for v in col.to_pylist()], field.type)
+                    col = pa.array([_json_object(v, field.type) for v in col.to_pylist()], field.type)
                 else:
                     try:
                         col = col.cast(field.type)
@@ -160,11 +160,18 @@ def conform(table: pa.Table, where: str = "") -> pa.Table:
     return pa.Table.from_arrays(out, schema=pa.schema(fields))
 
 
-def _json_object(text: str | None) -> dict | None:
+def _json_object(text: str | None, struct: pa.StructType) -> dict | None:
+    """A struct value from a text column: JSON of an object, else the text in the struct's first
+    text field (`usage_rights: "internal"` -> {licence: "internal"}), so no text is lost."""
     import json
 
-    try:
-        value = json.loads(text) if text else None
-    except ValueError:
+    if not text:
         return None
-    return value if isinstance(value, dict) else None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        return value
+    first = next((f.name for f in struct if pa.types.is_string(f.type)), None)
+    return {first: text} if first else None

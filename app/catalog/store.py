@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app.catalog.schema import CATALOG_SCHEMA, to_table
+from app.catalog.schema import CATALOG_SCHEMA, conform, to_table
 from app.storage import OutputStore, StorageError
 
 CATALOG_DIR = "catalog"
@@ -103,15 +103,50 @@ class CatalogStore:
             return None
         fs, _ = self.output.fs_and_root
         part = pads.partitioning(pa.schema([("date", pa.string()), ("run_id", pa.string())]), flavor="hive")
-        return pads.dataset(
-            self.live_files(listing),
+        schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string()))
+        files = self.live_files(listing)
+        old = self._files_needing_conversion(files)
+        scanned = pads.dataset(
+            [f for f in files if f not in old],
             filesystem=fs,
             format="parquet",
             partitioning=part,
             partition_base_dir=self.base,
-            schema=CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string())),
+            schema=schema,
             exclude_invalid_files=False,
         )
+        if not old:
+            return scanned
+        # Files of a release whose column had another kind of type (text where a struct is now
+        # declared): converted in memory (schema.conform) until compaction rewrites them.
+        tables = []
+        for path in sorted(old):
+            t = conform(pq.read_table(path, filesystem=fs, partitioning=None), path).select(CATALOG_SCHEMA.names)
+            date, run_id = (seg.split("=", 1)[1] for seg in path[len(self.base) + 1 :].split("/")[:2])
+            t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
+            tables.append(t.append_column("run_id", pa.array([run_id] * t.num_rows, pa.string())))
+        return pads.dataset([scanned, pads.dataset(pa.concat_tables(tables), schema=schema)])
+
+    def _files_needing_conversion(self, files: list[str]) -> set[str]:
+        """Files whose columns cannot be cast to the declared types while scanning. Files of one
+        partition come from one run of one release, so one footer per partition decides."""
+        fs, _ = self.output.fs_and_root
+        by_dir: dict[str, list[str]] = {}
+        for f in files:
+            by_dir.setdefault(f.rsplit("/", 1)[0], []).append(f)
+        old: set[str] = set()
+        for group in by_dir.values():
+            try:
+                physical = pq.read_schema(group[0], filesystem=fs)
+            except OSError as e:
+                raise StorageError(f"{group[0]}: cannot read catalog file ({e})") from e
+            for field in physical:
+                if field.name in CATALOG_SCHEMA.names:
+                    want = CATALOG_SCHEMA.field(field.name).type
+                    if pa.types.is_struct(want) != pa.types.is_struct(field.type):
+                        old.update(group)
+                        break
+        return old
 
     def read(self, columns: list[str] | None = None, filter=None) -> pa.Table:
         ds = self.dataset()
