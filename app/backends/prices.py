@@ -1,0 +1,31 @@
+"""Per-image list prices of hosted image APIs (USD, late 2026), the default when a spec sets none.
+
+A self-hosted A1111 farm charges nothing per image: its cost is the farm's GPU time, which the
+price table's `gpu_hourly` covers when the farm's hours are known.
+"""
+
+from __future__ import annotations
+
+from app.backends.base import BackendConfig
+
+# Stability bills credits at $0.01 each: core 3, ultra 8, sd3.5-large 6.5, -large-turbo 4, -medium 3.5.
+STABILITY_USD = {
+    "core": 0.03,
+    "ultra": 0.08,
+    "sd3": 0.065,
+    "sd3.5-large": 0.065,
+    "sd3.5-large-turbo": 0.04,
+    "sd3.5-medium": 0.035,
+}
+OPENAI_USD = {"dall-e-2": 0.02, "dall-e-3": 0.04, "gpt-image-1": 0.042}
+OPENAI_DEFAULT_USD = 0.04  # a compatible server whose model is not listed
+
+
+def api_price_usd(config: BackendConfig) -> float:
+    if config.price_usd_per_image is not None:
+        return config.price_usd_per_image
+    if config.backend == "stability":
+        return STABILITY_USD.get(config.model or "core", STABILITY_USD["core"])
+    if config.backend == "openai":
+        return OPENAI_USD.get(config.model or "", OPENAI_DEFAULT_USD)
+    return 0.0
