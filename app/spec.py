@@ -167,7 +167,47 @@ class Variations(_Frozen):
         return self
 
 
-class ModelSpec(_Frozen):
+class BackendFields(_Frozen):
+    """Where a combination's pixels come from: imagefab's diffusers generator (the default) or a
+    remote backend. The key is named by where it is (`env:VAR` / `file:/path`), never given."""
+
+    backend: Literal["diffusers", "a1111", "stability", "openai"] = "diffusers"
+    endpoints: tuple[str, ...] = ()
+    provider_model: str | None = None  # a1111 checkpoint, stability core|ultra|sd3|sd3.5-…, openai model
+    max_concurrency: int = Field(4, ge=1, le=256)  # requests in flight per remote actor
+    remote_actors: int = Field(1, ge=1, le=64)  # CPU actors for the backend
+    credentials: str | None = None
+    price_usd_per_image: float | None = Field(None, ge=0.0)  # unset: the price table's default
+
+    @model_validator(mode="after")
+    def _backend_config(self):
+        if self.backend != "diffusers":
+            self.backend_config()  # raises ValueError naming the field
+            if self.backend == "stability":
+                from app.backends.stability import engine_and_model
+
+                engine_and_model(self.provider_model)
+        elif self.endpoints or self.credentials:
+            raise ValueError("endpoints/credentials need a remote backend (a1111, stability, openai)")
+        return self
+
+    def backend_config(self):
+        from app.backends.base import BackendConfig
+
+        return BackendConfig(
+            backend=self.backend,
+            endpoints=self.endpoints,
+            model=self.provider_model,
+            max_concurrency=self.max_concurrency,
+            credentials=self.credentials,
+            price_usd_per_image=self.price_usd_per_image,
+        )
+
+    def backend_fields(self) -> dict:
+        return {name: getattr(self, name) for name in BackendFields.model_fields}
+
+
+class ModelSpec(BackendFields):
     base: str = "tiny-sdxl"
     loras: tuple[LoraRef, ...] = ()
     catalog: str | None = None  # a user model catalog YAML merged over the built-in one
@@ -193,7 +233,7 @@ SchedulerName = Literal[
 ]
 
 
-class Combination(_Frozen):
+class Combination(BackendFields):
     """A base model + ordered LoRA stack, with its own rendering defaults.
 
     Unset steps / guidance / scheduler fall back to the spec's top-level values. `fuse_loras`
@@ -346,7 +386,9 @@ class JobSpec(_Frozen):
 
     def effective_combinations(self) -> dict[str, Combination]:
         """Every combination with steps/guidance/scheduler filled in from the top level."""
-        combos = dict(self.combinations) or {"default": Combination(base=self.model.base, loras=self.model.loras)}
+        combos = dict(self.combinations) or {
+            "default": Combination(base=self.model.base, loras=self.model.loras, **self.model.backend_fields())
+        }
         return with_defaults(combos, self.steps, self.guidance, self.scheduler)
 
     def with_overrides(self, **changes: Any) -> JobSpec:

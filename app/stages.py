@@ -307,6 +307,7 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
     gpu_s = float(batch["gpu_seconds"][i]) if "gpu_seconds" in batch else 0.0
     cpu_s = float(batch["cpu_seconds"][i]) if "cpu_seconds" in batch else 0.0
     status = str(batch["status"][i])
+    backend = json.loads(batch["backend"][i]) if "backend" in batch and batch["backend"][i] else None
     return {
         "image_id": str(batch["image_id"][i]),
         "source": source,
@@ -349,7 +350,9 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "variants": json.loads(batch["variants"][i]) if "variants" in batch else [],
         "gpu_seconds": gpu_s,
         "cpu_seconds": cpu_s,
-        "cost_usd": prices.image_cost(accelerator, gpu_s, cpu_s) if accelerator else 0.0,
+        "backend": backend,
+        "cost_usd": (prices.image_cost(accelerator, gpu_s, cpu_s) if accelerator else 0.0)
+        + (backend["api_cost_usd"] if backend else 0.0),
         "accelerator": accelerator,
         "accelerator_settings": _settings(batch, i),
         "usage_rights": usage_rights_text(rights),

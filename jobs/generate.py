@@ -41,6 +41,7 @@ from app.provenance.settings import Provenance, build_provenance
 from app.provenance.signing import SigningError
 from app.raycluster import ClusterUnreachable, connect_or_start_local, ray_data_logs_to_console
 from app.registry.errors import RegistryError
+from app.request import requests_from_column
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
 from app.storage import OutputStore, StorageError
@@ -247,14 +248,17 @@ def _render(
     cpus = ray.cluster_resources().get("CPU", 1)
     batch = compute.batch_size
     call_rows = generator_call_rows(compute, use_gpu)
-    pending = plan.pending
+    # Combinations on a remote backend render in their own CPU actor pools; the rest here.
+    remote = remote_combinations(spec)
+    preflight_remote(remote)  # a rejected key stops the run before any image is rendered
+    pending, remote_rows = split_remote(plan.pending, remote)
     bases = [base_of(k) for k in pc.unique(pending.column("combination")).to_pylist()]
     bases = sorted(set(bases))
     pools = pool_sizes(bases, pending, compute.generators, gpus)
     # With fewer GPUs than base models, pools run one after another, each with every GPU.
     together = not use_gpu or sum(pools.values()) <= gpus
     # Generators must leave CPU for the QC/post stage, or the dataset can stall.
-    gen_cpus = 1.0 if use_gpu else min(float(compute.cpu_threads), max(0.25, cpus - 0.5) / sum(pools.values()))
+    gen_cpus = 1.0 if use_gpu else min(float(compute.cpu_threads), max(0.25, cpus - 0.5) / max(1, sum(pools.values())))
     # CLIP on the generator's GPU, right after rendering, or in the QC workers: decided once, told to both.
     clip_on_generator = spec.qc.clip_runs_on_generator(generator_on_cuda=use_gpu)
     if clip_on_generator:
@@ -309,11 +313,29 @@ def _render(
             resources={compute.qc_resource: 1} if compute.qc_resource else None,
         )
 
-    if together:
-        streams = [generators_for(b) for b in bases]
-        stages = [finish(streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0])]
-    else:
-        stages = [finish(generators_for(b)) for b in bases]
+    def remote_for(name: str, rows: pa.Table):
+        from app.backends.stage import RemoteGenerator
+
+        combo = remote[name]
+        ds = ray.data.from_arrow([rows.slice(i, batch) for i in range(0, rows.num_rows, batch)])
+        return ds.map_batches(
+            RemoteGenerator,
+            fn_constructor_kwargs={"config": combo.backend_config()},
+            compute=ActorPoolStrategy(size=combo.remote_actors),
+            batch_size=batch,
+            batch_format="numpy",
+            num_gpus=0,  # an HTTP client: no GPU reserved
+            num_cpus=0.25,
+        )
+
+    stages = []
+    if bases and pending.num_rows:
+        if together:
+            streams = [generators_for(b) for b in bases]
+            stages = [finish(streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0])]
+        else:
+            stages = [finish(generators_for(b)) for b in bases]
+    stages += [finish(remote_for(name, rows)) for name, rows in remote_rows.items()]
     summary.generators = sum(pools.values()) if together else max(1, gpus)
     for stage in stages:
         for out in stage.iter_batches(batch_size=None, batch_format="numpy"):
@@ -323,6 +345,44 @@ def _render(
     if progress is not None:
         progress.close()
     summary.accelerator = "GPU" if use_gpu else f"CPU ({compute.cpu_threads} thread(s) per generator)"
+
+
+def remote_combinations(spec: JobSpec) -> dict:
+    """The spec's combinations whose pixels come from a remote backend, by name."""
+    return {name: c for name, c in spec.effective_combinations().items() if c.backend != "diffusers"}
+
+
+def preflight_remote(remote: dict) -> None:
+    """One cheap authenticated call per remote combination: a wrong key stops the run here."""
+    from app.backends import BackendError, build_backend
+    from app.backends.credentials import CredentialError
+
+    for name, combo in remote.items():
+        try:
+            backend = build_backend(combo.backend_config())
+        except (CredentialError, ValueError) as e:
+            raise SpecError(f"combinations.{name}: {e}") from None
+        try:
+            backend.preflight()
+        except BackendError as e:
+            if e.kind == "auth":
+                raise SpecError(
+                    f"combinations.{name}: the {combo.backend} backend refused the credentials "
+                    f"({combo.credentials or 'none given'}): {e.message}. Nothing was rendered."
+                ) from None
+            raise SpecError(f"combinations.{name}: the {combo.backend} backend is not usable: {e}") from None
+        finally:
+            backend.close()
+
+
+def split_remote(pending: pa.Table, remote: dict) -> tuple[pa.Table, dict[str, pa.Table]]:
+    """Pending rows for the diffusers pools, and each remote combination's rows."""
+    if not remote:
+        return pending, {}
+    names = [r.combination for r in requests_from_column(pending.column("request"))]
+    local = pending.filter(pa.array([n not in remote for n in names]))
+    rows = {name: pending.filter(pa.array([n == name for n in names])) for name in remote}
+    return local, {name: t for name, t in rows.items() if t.num_rows}
 
 
 class RemotePhashIndex:

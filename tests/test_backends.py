@@ -234,3 +234,22 @@ def test_aspect_ratio_and_lora_fields_unhonoured(stability_key):
     with StabilityStub(KEY) as stub:
         [r] = StabilityBackend(fast(stub.url)).render([request(loras=(lora,))])
         assert "loras" in r.lineage.unhonoured
+
+
+def test_spec_backend_fields_are_validated_where_they_are_set():
+    from app.spec import SpecError, load_spec
+
+    spec = load_spec("specs/ecommerce.yaml", {"model.backend": "a1111", "model.endpoints": ["http://127.0.0.1:8000"]})
+    config = spec.effective_combinations()["default"].backend_config()
+    assert (config.backend, config.endpoints) == ("a1111", ("http://127.0.0.1:8000",))
+    assert load_spec("specs/ecommerce.yaml").effective_combinations()["default"].backend == "diffusers"
+    for overrides, message in [
+        ({"model.backend": "a1111"}, "a1111 needs endpoints"),
+        ({"model.backend": "stability", "model.credentials": KEY}, "never the key itself"),
+        ({"model.endpoints": ["http://127.0.0.1:1"]}, "need a remote backend"),
+        ({"model.backend": "stability", "model.provider_model": "sdxl-9"}, "stability model must be one of"),
+        ({"model.backend": "dalle"}, "model.backend"),
+    ]:
+        with pytest.raises(SpecError, match=message) as e:
+            load_spec("specs/ecommerce.yaml", overrides)
+        assert KEY not in str(e.value)

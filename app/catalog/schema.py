@@ -27,6 +27,19 @@ VARIANT = pa.struct(
     ]
 )
 STRMAP = pa.map_(pa.string(), pa.string())
+# Where the pixels came from, for a remote generator backend (null: imagefab's own diffusers generator).
+BACKEND = pa.struct(
+    [
+        ("name", pa.string()),  # a1111 | stability | openai
+        ("endpoint_host", pa.string()),  # host[:port] only
+        ("provider_model", pa.string()),  # the provider's model / engine id
+        ("request_id", pa.string()),  # the provider's id for the call, when it sends one
+        ("seed", pa.int64()),  # the seed the provider says it used (null: it has none)
+        ("reproducible", pa.bool_()),  # False: the same request need not give the same bytes
+        ("unhonoured", pa.list_(pa.string())),  # request fields the provider could not apply
+        ("api_cost_usd", pa.float64()),  # the provider's price for this image
+    ]
+)
 # The spec's `rights` and the model catalog's licence of each model the image was made with.
 USAGE_RIGHTS = pa.struct(
     [
@@ -69,6 +82,7 @@ CATALOG_SCHEMA = pa.schema(
         ("batch_id", pa.string()),  # the pipeline call it was rendered in (== image_id when alone)
         ("batch_size", pa.int32()),
         ("pixel_sha256", pa.string()),  # sha256 of the raw RGB bytes, checked by `regenerate`
+        ("backend", BACKEND),  # null for the diffusers generator; older catalogs read it as null
         # quality control
         ("sharpness", pa.float64()),
         ("contrast", pa.float64()),
