@@ -80,6 +80,14 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
     row = store.find(image_id)
     if row is None:
         raise RegenerateError(f"image {image_id} is not in the catalog at {output.uri}")
+    remote = row.get("backend")
+    if remote and not remote.get("reproducible", True):
+        raise RegenerateError(
+            f"image {image_id} is not reproducible: it was rendered by the {remote['name']} backend at "
+            f"{remote.get('endpoint_host') or 'its provider'} (model {remote.get('provider_model') or 'unknown'}, "
+            f"request {remote.get('request_id') or 'unknown'}, seed {remote.get('seed')}), which does not promise "
+            "the same bytes for the same request; there is nothing to compare against"
+        )
     if row["status"] == "failed" or not row["pixel_sha256"]:
         raise RegenerateError(f"image {image_id} has no pixels to compare (status {row['status']}: {row['error']})")
     members = [row]
