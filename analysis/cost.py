@@ -65,6 +65,8 @@ class CostReport:
     by_combination: list[dict] = field(default_factory=list)
     by_template: list[dict] = field(default_factory=list)
     api: list[ApiComparison] = field(default_factory=list)
+    api_usd: float = 0.0  # what remote generator backends charged
+    by_backend: list[dict] = field(default_factory=list)  # diffusers | a1111 | stability | openai
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +90,10 @@ class CostReport:
             f"variants {_size(self.variant_bytes)}) = {money(self.storage_usd_month)} a month, "
             f"{money(self.storage_usd_month_per_accepted)} per accepted image",
         ]
+        if self.api_usd:
+            lines.append(f"  remote APIs   {money(self.api_usd)} charged by remote generator backends")
         for title, rows, key in (
+            ("per backend", self.by_backend, "backend"),
             ("per combination", self.by_combination, "model_stack"),
             ("per template", self.by_template, "template"),
         ):
@@ -189,7 +194,9 @@ def cost_report(
         SELECT i.*, p.hourly_usd,
                coalesce(gpu_seconds, 0) * p.hourly_usd / 3600 AS gpu_usd,
                coalesce(cpu_seconds, 0) * {prices.cpu_core_hourly!r} / 3600 AS cpu_usd,
-               coalesce(gpu_seconds, 0) * p.hourly_usd / 3600 + coalesce(cpu_seconds, 0) * {prices.cpu_core_hourly!r} / 3600 AS usd,
+               coalesce(i.backend.api_cost_usd, 0) AS api_usd,
+               coalesce(gpu_seconds, 0) * p.hourly_usd / 3600 + coalesce(cpu_seconds, 0) * {prices.cpu_core_hourly!r} / 3600
+                   + coalesce(i.backend.api_cost_usd, 0) AS usd,
                coalesce(master_bytes, 0) + variant_bytes AS stored_bytes
         FROM images i JOIN device_prices p ON coalesce(i.accelerator, '') = p.accelerator""")
     params = {"run": run}
@@ -200,13 +207,14 @@ def cost_report(
                count(*) FILTER (outcome = 'accepted') AS accepted,
                coalesce(sum(gpu_seconds), 0) AS gpu_seconds, coalesce(sum(cpu_seconds), 0) AS cpu_seconds,
                coalesce(sum(gpu_usd), 0) AS gpu_usd, coalesce(sum(cpu_usd), 0) AS cpu_usd,
+               coalesce(sum(api_usd), 0) AS api_usd,
                coalesce(sum(master_bytes), 0)::BIGINT AS master_bytes, coalesce(sum(variant_bytes), 0)::BIGINT AS variant_bytes
         FROM image_costs WHERE $run IS NULL OR run_id = $run""",
         params,
     )
     if not total["images"]:
         raise AnalysisError(f"run {run!r} has no images in this catalog")
-    compute = total["gpu_usd"] + total["cpu_usd"]
+    compute = total["gpu_usd"] + total["cpu_usd"] + total["api_usd"]
     storage = (total["master_bytes"] + total["variant_bytes"]) / GIB * prices.storage_gb_month
     accepted, rendered = total["accepted"], total["rendered"]
     per_accepted = compute / accepted if accepted else None
@@ -279,5 +287,7 @@ def cost_report(
         ],
         by_combination=_group_costs(con, "coalesce(combination, '') AS combination, model_stack", params),
         by_template=_group_costs(con, "coalesce(template.name, '(no template)') AS template", params),
+        api_usd=total["api_usd"],
+        by_backend=_group_costs(con, "coalesce(backend.name, 'diffusers') AS backend", params),
         api=api,
     )

@@ -15,7 +15,11 @@ CREATE OR REPLACE VIEW catalog_source AS
 SELECT * FROM read_parquet(getvariable('imagefab_output') || '/catalog/**/*.parquet',
                            hive_partitioning = true, union_by_name = true,
                            hive_types = {'date': DATE, 'run_id': VARCHAR})
-UNION ALL BY NAME SELECT NULL::VARCHAR AS combination WHERE false;
+-- Columns newer than some catalogs: present (null) even when no file has them yet.
+UNION ALL BY NAME SELECT NULL::VARCHAR AS combination,
+    NULL::STRUCT(name VARCHAR, endpoint_host VARCHAR, provider_model VARCHAR, request_id VARCHAR, seed BIGINT,
+                 reproducible BOOLEAN, unhonoured VARCHAR[], api_cost_usd DOUBLE) AS backend
+WHERE false;
 SET VARIABLE imagefab_decisions_sql = CASE
     WHEN (SELECT count(*) FROM glob(getvariable('imagefab_output') || '/reviews/decisions/**/*.parquet')) > 0
     THEN 'SELECT * FROM read_parquet(''' || replace(getvariable('imagefab_output'), '''', '''''')
