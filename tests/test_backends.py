@@ -253,3 +253,29 @@ def test_spec_backend_fields_are_validated_where_they_are_set():
         with pytest.raises(SpecError, match=message) as e:
             load_spec("specs/ecommerce.yaml", overrides)
         assert KEY not in str(e.value)
+
+
+def test_remote_generator_stage_adds_the_generators_columns_and_lineage(stability_key):
+    """The Ray Data callable, called directly: pixels at the requested size, a refused row failed
+    with the provider's reason, rows not pending passed through."""
+    import json
+
+    from app.backends.stage import RemoteGenerator
+
+    reqs = [request(0, width=96, height=64), request(1, prompt="a forbidden thing"), request(2)]
+    batch = {
+        "image_id": np.array([r.image_id for r in reqs], dtype=object),
+        "status": np.array(["pending", "pending", "failed"], dtype=object),
+        "error": np.array(["", "", "bad_row: earlier"], dtype=object),
+        "request": np.array([r.to_json() for r in reqs], dtype=object),
+    }
+    with StabilityStub(KEY) as stub:
+        out = RemoteGenerator(fast(stub.url))(batch)
+    assert list(out["status"]) == ["pending", "failed", "failed"]
+    assert "CONTENT_FILTERED" in out["error"][1] and out["error"][2] == "bad_row: earlier"
+    assert len(out["pixels"][0]) == 64 * 96 * 3 and out["pixels"][1] == b"" and out["pixels"][2] == b""
+    for column in ("nonfinite", "gpu_seconds", "accelerator", "batch_id", "batch_size", "generator_id"):
+        assert len(out[column]) == 3
+    lineage = json.loads(out["backend"][0])
+    assert lineage["name"] == "stability" and lineage["seed"] == 1234 and lineage["api_cost_usd"] == 0.03
+    assert out["backend"][2] == ""

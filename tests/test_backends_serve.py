@@ -92,3 +92,63 @@ def test_wrong_key_stops_before_rendering(serve_url, monkeypatch, kind):
     with pytest.raises(BackendError) as e:
         backend.preflight()
     assert e.value.kind == "auth" and e.value.status == 401 and "wrong-key" not in str(e.value)
+
+
+def test_bulk_run_on_a1111_catalogs_lineage_and_qc(serve_url, tmp_path):
+    """The example spec, one line changed: rendered by `imagefab serve`'s A1111 dialect, then the same
+    QC, post-processing and catalog; regenerate says plainly it cannot promise the bytes."""
+    from app.catalog.store import CatalogStore
+    from app.regenerate import RegenerateError, regenerate
+    from app.spec import load_spec
+    from app.storage import OutputStore
+    from jobs.generate import run
+
+    key_file = tmp_path / "serve.key"
+    key_file.write_text(KEY + "\n")
+    spec = load_spec(
+        "specs/ecommerce.yaml",
+        {
+            "output.uri": str(tmp_path / "out"),
+            "input.limit": 2,
+            "steps": 2,
+            "model.backend": "a1111",
+            "model.endpoints": [serve_url],
+            # A secret file: Ray's actors read it where they run (this Ray started before the variable was set).
+            "model.credentials": f"file:{key_file}",
+        },
+    )
+    summary = run(spec, quiet=True)
+    rows = CatalogStore(OutputStore.at(str(tmp_path / "out"))).read().to_pylist()
+    assert len(rows) == 4 and summary.rendered == 4
+    for row in rows:
+        assert row["status"] in ("accepted", "review", "rejected"), row["error"]
+        assert row["sharpness"] is not None and row["phash"] and row["uri"]  # QC and the master file
+        b = row["backend"]
+        assert b["name"] == "a1111" and b["endpoint_host"] == serve_url.removeprefix("http://")
+        assert b["provider_model"] == "tiny-sdxl" and b["seed"] == row["seed"] and b["reproducible"] is False
+        assert b["unhonoured"] == ["loras"]  # the spec's LoRA is not sent to an A1111 server
+        assert row["accelerator"] == "api:a1111" and row["gpu_seconds"] == 0.0
+        assert KEY not in str(row)
+    with pytest.raises(RegenerateError, match="is not reproducible: it was rendered by the a1111 backend"):
+        regenerate(rows[0]["image_id"], str(tmp_path / "out"))
+
+
+def test_bulk_run_with_a_wrong_key_stops_before_rendering(serve_url, monkeypatch, tmp_path):
+    from app.spec import SpecError, load_spec
+    from jobs.generate import run
+
+    monkeypatch.setenv("IMAGEFAB_TEST_SERVE_KEY", "wrong-key-0123456789abcdef")
+    spec = load_spec(
+        "specs/ecommerce.yaml",
+        {
+            "output.uri": str(tmp_path / "out"),
+            "input.limit": 1,
+            "model.backend": "a1111",
+            "model.endpoints": [serve_url],
+            "model.credentials": "env:IMAGEFAB_TEST_SERVE_KEY",
+        },
+    )
+    with pytest.raises(SpecError, match="refused the credentials .*HTTP 401.*Nothing was rendered") as e:
+        run(spec, quiet=True)
+    assert "wrong-key" not in str(e.value)
+    assert not list((tmp_path / "out").glob("images/*/*.png"))

@@ -41,7 +41,7 @@ class RemoteGenerator:
             image = None if r is None or r.image is None else fit(r, by_id[r.image_id])
             pixels.append(b"" if image is None else image.tobytes())
             wall.append(0.0 if r is None else r.wall_s)
-            lineage.append("" if r is None else json.dumps({**r.lineage.as_dict(), "api_cost_usd": r.cost_usd}))
+            lineage.append("" if r is None else json.dumps(catalog_backend(r)))
         return {
             **batch,
             "status": np.array(status, dtype=object),
@@ -58,6 +58,12 @@ class RemoteGenerator:
             "backend_wall_seconds": np.array(wall, dtype=np.float64),
             "backend": np.array(lineage, dtype=object),
         }
+
+
+def catalog_backend(result: BackendResult) -> dict:
+    """The catalog's `backend` struct (app/catalog/schema.py BACKEND) of one result."""
+    lineage = result.lineage.as_dict()
+    return {"name": lineage.pop("backend"), **lineage, "api_cost_usd": result.cost_usd}
 
 
 def fit(result: BackendResult, request: RenderRequest) -> np.ndarray:
