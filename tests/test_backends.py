@@ -19,7 +19,7 @@ from app.backends import BackendConfig, BackendError, build_backend
 from app.backends.a1111 import A1111Backend, EndpointPool
 from app.backends.credentials import CredentialError, load_secret, redact
 from app.backends.stability import StabilityBackend, nearest_aspect_ratio
-from app.request import LoraUse, RenderRequest
+from app.request import LoraRef, RenderRequest, requests_to_numpy
 
 KEY = "sk-test-0123456789abcdef0123456789"
 
@@ -230,7 +230,7 @@ def test_config_validation_names_the_field():
 def test_aspect_ratio_and_lora_fields_unhonoured(stability_key):
     assert nearest_aspect_ratio(1024, 1024) == "1:1" and nearest_aspect_ratio(1344, 768) == "16:9"
     assert nearest_aspect_ratio(640, 1536) == "9:21"
-    lora = LoraUse(name="tiny-style", version="1", weight=0.8, sha256="1" * 64)
+    lora = LoraRef(name="tiny-style", version="1", weight=0.8, sha256="1" * 64)
     with StabilityStub(KEY) as stub:
         [r] = StabilityBackend(fast(stub.url)).render([request(loras=(lora,))])
         assert "loras" in r.lineage.unhonoured
@@ -267,7 +267,7 @@ def test_remote_generator_stage_adds_the_generators_columns_and_lineage(stabilit
         "image_id": np.array([r.image_id for r in reqs], dtype=object),
         "status": np.array(["pending", "pending", "failed"], dtype=object),
         "error": np.array(["", "", "bad_row: earlier"], dtype=object),
-        "request": np.array([r.to_json() for r in reqs], dtype=object),
+        "request": requests_to_numpy(reqs),
     }
     with StabilityStub(KEY) as stub:
         out = RemoteGenerator(fast(stub.url))(batch)
