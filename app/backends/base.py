@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from app.backends.prices import api_price_usd
 from app.request import RenderRequest
 
 BACKENDS = ("diffusers", "a1111", "stability", "openai")
@@ -169,9 +170,7 @@ class RemoteBackend:
         return Lineage(backend=self.name, provider_model=self.config.model, reproducible=False)
 
     def price(self) -> float:
-        from app.backends.prices import api_price_usd
-
-        return api_price_usd(self.config)
+        return api_price_usd(self.config.backend, self.config.model, self.config.price_usd_per_image)
 
     def preflight(self) -> None:
         raise NotImplementedError

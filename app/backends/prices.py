@@ -6,8 +6,6 @@ price table's `gpu_hourly` covers when the farm's hours are known.
 
 from __future__ import annotations
 
-from app.backends.base import BackendConfig
-
 # Stability bills credits at $0.01 each: core 3, ultra 8, sd3.5-large 6.5, -large-turbo 4, -medium 3.5.
 STABILITY_USD = {
     "core": 0.03,
@@ -21,11 +19,12 @@ OPENAI_USD = {"dall-e-2": 0.02, "dall-e-3": 0.04, "gpt-image-1": 0.042}
 OPENAI_DEFAULT_USD = 0.04  # a compatible server whose model is not listed
 
 
-def api_price_usd(config: BackendConfig) -> float:
-    if config.price_usd_per_image is not None:
-        return config.price_usd_per_image
-    if config.backend == "stability":
-        return STABILITY_USD.get(config.model or "core", STABILITY_USD["core"])
-    if config.backend == "openai":
-        return OPENAI_USD.get(config.model or "", OPENAI_DEFAULT_USD)
+def api_price_usd(backend: str, model: str | None, price_usd_per_image: float | None = None) -> float:
+    """What one image costs at `backend` with `model`; a spec's own price wins."""
+    if price_usd_per_image is not None:
+        return price_usd_per_image
+    if backend == "stability":
+        return STABILITY_USD.get(model or "core", STABILITY_USD["core"])
+    if backend == "openai":
+        return OPENAI_USD.get(model or "", OPENAI_DEFAULT_USD)
     return 0.0
