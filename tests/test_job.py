@@ -3,13 +3,17 @@ determinism across runs, regenerate, and failing fast on bad models."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import textwrap
 
 import duckdb
+import numpy as np
 import pytest
+from PIL import Image
 
 from app.catalog.store import CatalogStore
+from app.metadata import read_metadata
 from app.models.digest import ModelFileError
 from app.spec import SpecError, load_spec
 from app.storage import OutputStore
@@ -102,16 +106,20 @@ def test_row_lora_weights_are_recorded_with_lineage(runs):
     assert rows["P1"]["width"] == 192 and rows["P1"]["height"] == 256
 
 
-def test_same_spec_twice_gives_byte_identical_images(runs):
+def test_same_spec_twice_gives_identical_pixels_and_metadata(runs):
+    """The files differ only in their C2PA manifests: each signature is made anew (its own time
+    and nonce); the pixels (watermark included) and every other metadata field are the same."""
     a = {r["image_id"]: r for r in catalog(runs["a"]) if r["status"] != "failed"}
     b = {r["image_id"]: r for r in catalog(runs["b"]) if r["status"] != "failed"}
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and a
     store_a, store_b = OutputStore.at(str(runs["a"])), OutputStore.at(str(runs["b"]))
     for image_id in a:
         assert a[image_id]["pixel_sha256"] == b[image_id]["pixel_sha256"]
-        assert store_a.read_bytes(store_a.rel_of(a[image_id]["uri"])) == store_b.read_bytes(
-            store_b.rel_of(b[image_id]["uri"])
-        )
+        file_a = store_a.read_bytes(store_a.rel_of(a[image_id]["uri"]))
+        file_b = store_b.read_bytes(store_b.rel_of(b[image_id]["uri"]))
+        with Image.open(io.BytesIO(file_a)) as image_a, Image.open(io.BytesIO(file_b)) as image_b:
+            assert np.array_equal(np.asarray(image_a), np.asarray(image_b))
+        assert read_metadata(file_a) == read_metadata(file_b)
 
 
 def test_summary_counts_match_the_catalog_and_duckdb_reads_it(runs):
