@@ -148,14 +148,23 @@ class RayJobs:
         store.event(rec.id, "submitted", submission_id=sub_id)
         return store.transition(rec.id, "running", submissions=[*rec.submissions, sub_id])
 
-    def stop(self, store: JobStore, rec: JobRecord) -> JobRecord:
-        """Cancel: a queued job never starts; a running one's Ray job is stopped (what is
-        catalogued stays)."""
+    def stop(self, store: JobStore, rec: JobRecord, *, wait_s: float = 30.0) -> JobRecord:
+        """Cancel: a queued job never starts; a running one's Ray job is stopped and waited for
+        (up to `wait_s`), so a resume never runs beside it. What is catalogued stays."""
         if rec.state == "running" and rec.submissions:
+            sub_id = rec.submissions[-1]
             try:
-                self._client().stop_job(rec.submissions[-1])
+                client = self._client()
+                client.stop_job(sub_id)
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline:
+                    if str(client.get_job_status(sub_id)).rsplit(".", 1)[-1] in ("STOPPED", "SUCCEEDED", "FAILED"):
+                        break
+                    time.sleep(0.5)
+                else:
+                    store.event(rec.id, "stop_pending", submission_id=sub_id, waited_s=wait_s)
             except Exception as e:  # the cluster is gone: nothing is running to stop
-                store.event(rec.id, "stop_failed", error=str(e))
+                store.event(rec.id, "stop_failed", submission_id=sub_id, error=str(e))
         return store.transition(rec.id, "cancelled")
 
     def sync(self, store: JobStore, rec: JobRecord) -> JobRecord:
