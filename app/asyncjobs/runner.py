@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from app.asyncjobs.queue import QueuePolicy, next_to_start
-from app.asyncjobs.records import TERMINAL, JobRecord, JobStore
+from app.asyncjobs.records import TERMINAL, JobError, JobRecord, JobStore
 from app.asyncjobs.submit import RayJobs, progress
 from app.asyncjobs.webhooks import WebhookDispatcher
 
@@ -30,7 +30,10 @@ class JobRunner:
     def tick(self) -> None:
         for rec in self.store.all():
             if rec.state == "running":
-                self._follow(rec)
+                try:
+                    self._follow(rec)
+                except JobError as e:  # the cluster is unreachable, or another runner moved it first
+                    log.warning("job %s: cannot follow (%s)", rec.id, e)
         for rec in next_to_start(self.store.all(), self.policy):
             try:
                 started = self.ray_jobs.start(self.store, rec)
