@@ -420,11 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     from analysis.cli import add_analysis_cli, add_review_cli
+    from app.jobs_cli import add_jobs_cli
     from app.registry import add_registry_cli
 
     add_registry_cli(sub)
     add_analysis_cli(sub)
     add_review_cli(sub)
+    add_jobs_cli(sub)
     return p
 
 

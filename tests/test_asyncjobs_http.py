@@ -139,3 +139,35 @@ def test_openai_client_uploads_a_batch_file_creates_cancels_and_reads_the_result
     big = ("\n".join(_line(f"r{i}") for i in range(200))).encode()
     r = client.post("/v1/files", files={"file": ("big.jsonl", big)}, data={"purpose": "batch"}, headers=auth(KEY_A))
     assert r.status_code == 413 and "max_upload_bytes=4000" in r.json()["error"]["message"]
+
+
+def test_cli_submits_lists_shows_cancels_resumes_and_watches(client, svc, tmp_path):
+    import io
+
+    import yaml
+
+    from app.cli import build_parser
+    from app.jobs_cli import run_jobs_command
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"prompt": "a boot"}, {"prompt": "a tote"}]))
+    client.headers["authorization"] = f"Bearer {KEY_A}"
+
+    def run(*argv):
+        out = io.StringIO()
+        rc = run_jobs_command(build_parser().parse_args(["jobs", *argv]), client, out, sleep=lambda s: None)
+        return rc, out.getvalue()
+
+    rc, text = run("submit", str(spec), "--rows", str(rows), "--priority", "4")
+    job = json.loads(text)
+    assert rc == 0 and job["state"] == "queued" and job["priority"] == 4
+    assert f"{job['id']}  queued #1  prio 4  0 images" in run("list")[1]
+    assert json.loads(run("show", job["id"])[1])["id"] == job["id"]
+    rec = svc.store.load(job["id"])
+    _catalogue(svc.store, rec.run_id, ["accepted"])
+    assert run("cancel", job["id"]) == (0, f"{job['id']}  cancelled\n")
+    rc, text = run("watch", job["id"])
+    assert rc == 1 and text.startswith("cancelled [############............] 1/2")
+    assert run("resume", job["id"])[1] == f"{job['id']}  queued\n"

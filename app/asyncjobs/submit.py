@@ -139,12 +139,18 @@ class RayJobs:
             raise JobError(f"job {rec.id} has no spec written yet")
         spec_path = rec.spec_uri if not store.output.is_local else store.output.path(store.output.rel_of(rec.spec_uri))
         sub_id = f"imagefab-{rec.id}-{len(rec.submissions) + 1}"
-        self._client().submit_job(
-            entrypoint=entrypoint(spec_path, rec.run_id, python=self.python),
-            submission_id=sub_id,
-            runtime_env=self.runtime_env,
-            metadata={"imagefab_job": rec.id},
-        )
+        try:
+            self._client().submit_job(
+                entrypoint=entrypoint(spec_path, rec.run_id, python=self.python),
+                submission_id=sub_id,
+                runtime_env=self.runtime_env,
+                metadata={"imagefab_job": rec.id},
+            )
+        except RuntimeError as e:
+            # Submission ids are fixed per job and start, so an answer lost on the way back (or a
+            # second runner) finds the job already submitted: that start has happened.
+            if "already exists" not in str(e):
+                raise
         store.event(rec.id, "submitted", submission_id=sub_id)
         return store.transition(rec.id, "running", submissions=[*rec.submissions, sub_id])
 
