@@ -88,7 +88,7 @@ def run_jobs_command(args, client, out: TextIO = sys.stdout, sleep=time.sleep) -
     if cmd == "list":
         params = {"limit": args.limit, **({"state": args.state} if args.state else {})}
         for j in _call(client, "GET", "/v1/jobs", params=params)["data"]:
-            pos = f" #{j['queue_position']}" if j.get("queue_position") else ""
+            pos = f" (position {j['queue_position']})" if j.get("queue_position") else ""
             print(
                 f"{j['id']}  {j['state']}{pos}  prio {j['priority']}  {j['progress']['images_done']} images", file=out
             )

@@ -163,7 +163,7 @@ def test_cli_submits_lists_shows_cancels_resumes_and_watches(client, svc, tmp_pa
     rc, text = run("submit", str(spec), "--rows", str(rows), "--priority", "4")
     job = json.loads(text)
     assert rc == 0 and job["state"] == "queued" and job["priority"] == 4
-    assert f"{job['id']}  queued #1  prio 4  0 images" in run("list")[1]
+    assert f"{job['id']}  queued (position 1)  prio 4  0 images" in run("list")[1]
     assert json.loads(run("show", job["id"])[1])["id"] == job["id"]
     rec = svc.store.load(job["id"])
     _catalogue(svc.store, rec.run_id, ["accepted"])
