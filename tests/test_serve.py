@@ -482,3 +482,21 @@ def test_a1111_interrupt_stops_only_the_callers_request(server):
     mine_info, theirs_info = json.loads(mine.json()["info"]), json.loads(theirs.json()["info"])
     assert mine_info["interrupted"] and len(mine.json()["images"]) < 2, (mine_s, mine_info)
     assert not theirs_info["interrupted"] and len(theirs.json()["images"]) == 2
+
+
+def test_jobs_routes_are_served_and_a_key_sees_only_its_own_jobs(server):
+    client, _, _ = server
+    body = {
+        "spec": {"run_name": "via-serve", "model": {"base": "tiny-sdxl"}, "steps": 2},
+        "rows": [{"prompt": "a boot"}],
+    }
+    r = client.post("/v1/jobs", json=body, headers={"idempotency-key": "serve-1"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "queued" and job["queue_position"] == 1
+    assert client.post("/v1/jobs", json=body, headers={"idempotency-key": "serve-1"}).json()["id"] == job["id"]
+    assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["images_total"] == 1
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    assert client.get(f"/v1/jobs/{job['id']}", headers=other).status_code == 404
+    assert client.get("/v1/jobs", headers=other).json()["data"] == []
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"

@@ -18,8 +18,10 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
@@ -27,6 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
+from app.asyncjobs.http import JobsService, jobs_service
+from app.asyncjobs.http import router as jobs_router
+from app.asyncjobs.records import JobStore
+from app.asyncjobs.submit import RayJobs
+from app.asyncjobs.webhooks import allow_private_from_env
 from app.generator import Generator
 from app.metadata import parse_infotext, read_metadata
 from app.models.catalog import ResolvedModel
@@ -278,6 +285,16 @@ class _CountRequests:
 
 
 api.add_middleware(_CountRequests)
+# Asynchronous jobs and OpenAI's Batch API (app/asyncjobs): the routes reach this replica's service.
+api.include_router(jobs_router)
+
+
+def _replica_jobs() -> JobsService:
+    ingress: Any = serve.get_replica_context().servable_object
+    return ingress.jobs
+
+
+api.dependency_overrides[jobs_service] = _replica_jobs
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -296,6 +313,15 @@ class Ingress:
         api_keys = config.keys()
         self.keys = tuple(k.encode() for k in api_keys)
         self.signer = UrlSigner(url_secret(self.core.output, config.url_secret), config.url_ttl_s)
+        default = config.effective_combinations()[config.default]
+        self.jobs = JobsService(
+            JobStore(self.core.output),
+            keys=api_keys,
+            allow_private_webhooks=allow_private_from_env(),
+            ray_jobs=RayJobs(os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")),
+            batch_spec={"run_name": "batch", "combinations": {config.default: default.model_dump(mode="json")}},
+            image_url=lambda row: self._image_url(f"{row['image_id']}.png"),
+        )
         self.replica = uuid.uuid4().hex[:8]
         self.reports: set[asyncio.Task] = set()
         self.in_flight = 0
@@ -415,6 +441,11 @@ class Ingress:
                     response.cancel()
                     task.cancel()
         return [t.result() if t.done() and not t.cancelled() else None for t in tasks]
+
+    def _image_url(self, name: str) -> str:
+        """A signed URL of an image file, under `public_url` (relative without it)."""
+        root = (self.config.public_url or "").rstrip("/")
+        return f"{root}/v1/files/images/{name}?{self.signer.query(name, time.time(), None)}"
 
     def _url(self, request: Request, image_id: str, fmt: str = "png", quality: int | None = None) -> str:
         """A signed, expiring URL of an image: fetched without the API key until it expires."""
