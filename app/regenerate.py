@@ -16,7 +16,7 @@ from app.accelerator import AcceleratorSettings
 from app.catalog.store import CatalogStore
 from app.models.catalog import ModelCatalog, ResolvedModel
 from app.models.digest import ModelFileError
-from app.request import LoraRef, RenderRequest, compute_image_id
+from app.request import LoraRef, RenderRequest
 from app.spec import ComputeSpec
 from app.storage import OutputStore
 
@@ -44,19 +44,7 @@ def request_from_row(row: dict) -> RenderRequest:
     """The request a catalog row was rendered from: the row has every request field under the
     same name and type (`lora_fused` is the request's `fuse_loras`)."""
     req = RenderRequest.from_arrow_value({**row, "fuse_loras": bool(row["lora_fused"])})
-    again = compute_image_id(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        base_sha256=req.base_model["sha256"],
-        loras=req.loras,
-        scheduler=req.scheduler,
-        steps=req.steps,
-        guidance=req.guidance,
-        width=req.width,
-        height=req.height,
-        seed=req.seed,
-        fuse_loras=req.fuse_loras,
-    )
+    again = req.pixel_id()
     if again != req.image_id:
         raise RegenerateError(f"catalog row of {req.image_id} does not hash to its id ({again}): the row was altered")
     return req

@@ -122,6 +122,22 @@ class RenderRequest:
     combination: str = field(default="default", metadata=_arrow(pa.string()))
     fuse_loras: bool = field(default=False, metadata=_arrow(pa.bool_(), read=bool))
 
+    def pixel_id(self) -> str:
+        """The id its pixel-deciding fields hash to: `image_id`, unless a field was changed since."""
+        return compute_image_id(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            base_sha256=self.base_model["sha256"],
+            loras=self.loras,
+            scheduler=self.scheduler,
+            steps=self.steps,
+            guidance=self.guidance,
+            width=self.width,
+            height=self.height,
+            seed=self.seed,
+            fuse_loras=self.fuse_loras,
+        )
+
     @property
     def combination_key(self) -> str:
         """Requests with the same key share one loaded model + LoRA stack."""

@@ -7,7 +7,7 @@ import pytest
 
 from app.expand import ExpandRows, ResolvedModels, RowError, parse_lora_list
 from app.plan import check_input, split_plan
-from app.request import RenderRequest, compute_image_id
+from app.request import RenderRequest
 from app.spec import SpecError, parse_spec
 
 
@@ -61,18 +61,7 @@ def test_image_id_is_the_hash_of_what_decides_the_pixels(models):
     # Same request again, from another batch: same ids and seeds.
     assert expand(spec, models, rows)["image_id"] == a["image_id"]
     req = RenderRequest.from_arrow_value(a["request"][0])
-    assert req.image_id == compute_image_id(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        base_sha256=req.base_model["sha256"],
-        loras=req.loras,
-        scheduler=req.scheduler,
-        steps=req.steps,
-        guidance=req.guidance,
-        width=req.width,
-        height=req.height,
-        seed=req.seed,
-    )
+    assert req.image_id == req.pixel_id()
     # Tags do not decide pixels; the LoRA weight, steps and prompt do.
     assert expand(make_spec(static_tags={"campaign": "other"}), models, rows)["image_id"] == a["image_id"]
     assert expand(make_spec(steps=5), models, rows)["image_id"] != a["image_id"]
