@@ -110,6 +110,8 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
     if result.error:
         raise RegenerateError(f"rendering {image_id} failed: {result.error}")
     pixels = result.pixels
+    if pixels is None:
+        raise RegenerateError(f"rendering {image_id} gave no pixels and no error")
     diff = -1
     try:
         from io import BytesIO

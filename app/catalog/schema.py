@@ -115,7 +115,7 @@ COLUMNS = tuple(CATALOG_SCHEMA.names)
 
 def empty_row() -> dict:
     """A row with every column present: nulls, empty lists/maps, for writers to fill in."""
-    row = {name: None for name in COLUMNS}
+    row: dict[str, object] = {name: None for name in COLUMNS}
     row.update(reasons=[], loras=[], variants=[], variables=[], tags=[], qc_scores=[], error="", approval="pending")
     return row
 

@@ -86,11 +86,12 @@ class ClipMeasurer:
         `rendered_rows`), for those with pixels and no error."""
         for result in results:
             result.update(measure_columns(None))
-        rows = [k for k, image in enumerate(images) if image is not None and not results[k]["error"]]
+        kept = {k: image for k, image in enumerate(images) if image is not None and not results[k]["error"]}
+        rows = list(kept)
         if not rows:
             return
         try:
-            measured, seconds = self.columns([images[k] for k in rows], [prompts[k] for k in rows])
+            measured, seconds = self.columns(list(kept.values()), [prompts[k] for k in rows])
         except Exception as e:  # as in __call__: these images fail, the replica lives on
             for k in rows:
                 results[k]["error"] = f"clip_error: {type(e).__name__}: {e}"

@@ -341,7 +341,9 @@ class _Findings:
             self.reviews.append(f"borderline_{reason}")
 
     def verdict(self, phash: str | None = None, nearest_duplicate: str | None = None) -> QcVerdict:
-        status = "rejected" if self.rejects else "review" if self.reviews else "accepted"
+        status: Literal["accepted", "review", "rejected"] = (
+            "rejected" if self.rejects else "review" if self.reviews else "accepted"
+        )
         return QcVerdict(status, tuple(self.rejects + self.reviews), self.scores, phash, nearest_duplicate)
 
 
@@ -527,7 +529,7 @@ def evaluate_batch(
 
     # 3. Duplicates, last: whether an image may be indexed depends on every other check
     nearest: dict[int, str] = {}
-    if duplicates is not None and "duplicates" in enabled:
+    if duplicates is not None and image_ids is not None and "duplicates" in enabled:
         hashed = [i for i in measured if i in phashes]
         matches = duplicates.query_and_add_many(
             [image_ids[i] for i in hashed],
@@ -552,7 +554,10 @@ def evaluate_batch(
     # 4. Verdicts
     for i in measured:
         verdicts[i] = found[i].verdict(phashes.get(i), nearest.get(i))
-    return verdicts
+    done = [verdict for verdict in verdicts if verdict is not None]
+    if len(done) != count:
+        raise RuntimeError(f"{count - len(done)} of {count} images got no QC verdict")
+    return done
 
 
 def _grade_artefacts(found: _Findings, settings: QcSettings, enabled: set[str]) -> None:
@@ -629,8 +634,9 @@ def _clip_checks(
             continue
         distance = float(style.distances(measures[k].embedding[None, :], measures[k].model_id)[0])
         found[k].scores["style_distance"] = distance
-        if phashes[k] is not None:
-            found[k].scores["style_phash_distance"] = style.median_phash_distance(phashes[k])
+        phash = phashes[k]
+        if phash is not None:
+            found[k].scores["style_phash_distance"] = style.median_phash_distance(phash)
         if "style" in enabled:
             far = settings.max_style_distance is not None and distance > settings.max_style_distance
             borderline = settings.review_style_distance is not None and distance > settings.review_style_distance
