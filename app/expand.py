@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import SupportsFloat, SupportsIndex
 
 import pyarrow as pa
 
@@ -85,7 +86,9 @@ def _missing(v: object) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _as_int(v: object, what: str) -> int:
+def _as_int(v: str | SupportsFloat | SupportsIndex | None, what: str) -> int:
+    if v is None:
+        raise RowError(f"{what} {v!r} is not a number")
     try:
         f = float(v)  # CSV gives strings; Parquet may give floats
     except (TypeError, ValueError, OverflowError):
@@ -134,6 +137,8 @@ def build_request(
     variation: int = 0,
 ) -> RenderRequest:
     """One RenderRequest with its image_id: the one place both entrances (bulk, Serve) make them."""
+    if combo.scheduler is None or combo.steps is None or combo.guidance is None:
+        raise ValueError(f"combination '{combination}' has unset steps, guidance or scheduler: fill them in first")
     fuse = combo.fuse_loras and bool(loras)
     image_id = compute_image_id(
         prompt=prompt,
@@ -246,8 +251,8 @@ class ExpandRows:
                 variables[name] = str(raw[name]).strip()
             prompt = inp.prompt_template.format(**variables)
         else:
-            prompt = raw.get(inp.prompt_column)
-            prompt = "" if _missing(prompt) else str(prompt)
+            value = raw.get(inp.prompt_column)
+            prompt = "" if _missing(value) else str(value)
         prompt = " ".join(prompt.split())
         if not prompt:
             raise RowError("empty prompt")
@@ -334,10 +339,11 @@ class ExpandRows:
             values = {k: str(v).strip() for k, v in raw.items() if not _missing(v) and str(v).strip()}
             prompt = template.format_map(_KeepPlaceholders(values))
         else:
-            prompt = raw.get(self.spec.input.prompt_column)
+            value = raw.get(self.spec.input.prompt_column)
+            prompt = "" if _missing(value) else str(value)
         return RenderRequest(
             image_id=failed_row_id(raw, variation),
-            prompt="" if _missing(prompt) else str(prompt),
+            prompt=prompt,
             negative_prompt=self.spec.negative_prompt,
             template=self._template(),
             variables={k: ("" if _missing(v) else str(v)) for k, v in raw.items() if k in self.fields},

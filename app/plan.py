@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
 from app.expand import ResolvedModels
-from app.models.catalog import ModelCatalog, UnknownModelError
+from app.models.catalog import ModelCatalog, ResolvedModel, UnknownModelError
 from app.models.digest import ModelFileError
 from app.spec import JobSpec, SpecError, template_fields
 
@@ -80,14 +81,18 @@ def check_input(spec: JobSpec, columns: list[str]) -> None:
         )
 
 
-def resolve_models(spec: JobSpec, catalog: ModelCatalog, row_lora_names: set[str] = frozenset()) -> ResolvedModels:
+def resolve_models(
+    spec: JobSpec, catalog: ModelCatalog, row_lora_names: AbstractSet[str] = frozenset()
+) -> ResolvedModels:
     """Resolve and sha256-check every base and LoRA the run may use.
 
     A bad base or LoRA named by the spec stops the job (SpecError / ModelFileError naming the
     field). A bad LoRA named only by some rows is recorded in `lora_problems`: those rows fail,
     the others run.
     """
-    bases, loras, problems = {}, {}, {}
+    bases: dict[str, ResolvedModel] = {}
+    loras: dict[str, ResolvedModel] = {}
+    problems: dict[str, str] = {}
     where = "combinations.{name}" if spec.combinations else "model"
     for name, combo in spec.effective_combinations().items():
         at = where.format(name=name)

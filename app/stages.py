@@ -118,7 +118,7 @@ class QualityControl:
     row without them, or measured by another model than the settings name, fails.
     """
 
-    reads = ("status", "request", "pixels", "nonfinite")  # + CLIP_COLUMNS with clip_on_generator
+    reads: tuple[str, ...] = ("status", "request", "pixels", "nonfinite")  # + CLIP_COLUMNS with clip_on_generator
     adds = ("status", "reasons", "scores", "phash", "nearest_duplicate", "qc_version", "cpu_seconds")
 
     def __init__(self, settings: QcSettings, duplicates=None, clip_on_generator: bool = False):
@@ -207,7 +207,8 @@ class Postprocess:
         rights: list[dict | None] = []
         for i in range(n):
             t0 = time.process_time()
-            uri, size, rows, sha = "", 0, [], ""
+            uri, size, sha = "", 0, ""
+            rows: list[dict] = []
             if status[i] not in ("failed", "pending") and len(batch["pixels"][i]):
                 try:
                     uri, size, rows, sha = self.write_one(batch, i, with_variants=status[i] != "rejected")

@@ -12,7 +12,9 @@ import math
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -143,7 +145,7 @@ class LoraStackSwitcher:
     max_loaded: int = 6
     fuse_qkv: bool = False  # the pipeline's QKV projections are fused whenever that is correct
     unet_adapters: bool = True  # keep peft layers in the UNet (needed for unfused stacks)
-    after_change: object = None  # called with the pipe after each switch (FP8 re-quantisation)
+    after_change: Callable[[Any], object] | None = None  # called with the pipe after each switch (FP8 re-quantisation)
     switches: int = 0
     switch_seconds: float = 0.0
     loaded: OrderedDict = field(default_factory=OrderedDict)  # adapter name -> ResolvedModel
@@ -272,7 +274,7 @@ class LoraStackSwitcher:
         with torch.no_grad():
             for parent in parents:
                 attn = modules.get(parent)
-                if not getattr(attn, "fused_projections", False):
+                if attn is None or not getattr(attn, "fused_projections", False):
                     continue
                 q, k, v = (_base_layer(getattr(attn, n)).weight for n in ("to_q", "to_k", "to_v"))
                 if getattr(attn, "to_qkv", None) is not None and not attn.is_cross_attention:
@@ -297,13 +299,14 @@ def _read_factors(unet, name: str, lora: ResolvedModel) -> dict[str, LoraFactor]
             raise ModelFileError(
                 f"{lora.path}: LoRA '{lora.name}' uses DoRA or LoRA biases, which imagefab cannot merge"
             )
-        down, up = m.lora_A[name].weight, m.lora_B[name].weight
+        # peft types BaseTunerLayer without the per-adapter attributes its LoRA layers all have
+        down, up = m.lora_A[name].weight, m.lora_B[name].weight  # type: ignore[attr-defined]
         if up.dim() == 4 and up.shape[2:] != (1, 1):
             raise ModelFileError(
                 f"{lora.path}: LoRA '{lora.name}' layer {path} has an up-projection kernel {tuple(up.shape[2:])}"
             )
-        r, alpha = m.r[name], m.lora_alpha[name]
-        scale = alpha / math.sqrt(r) if m.use_rslora.get(name, False) else alpha / r
+        r, alpha = m.r[name], m.lora_alpha[name]  # type: ignore[attr-defined]
+        scale = alpha / math.sqrt(r) if m.use_rslora.get(name, False) else alpha / r  # type: ignore[attr-defined]
         found[path] = LoraFactor(down.detach().clone(), up.detach().clone(), float(scale))
     return found
 

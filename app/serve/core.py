@@ -23,7 +23,7 @@ import numpy as np
 
 from app.accelerator import AcceleratorSettings
 from app.expand import ResolvedModels, RowError, build_request, lora_stack
-from app.models.catalog import ModelCatalog
+from app.models.catalog import ModelCatalog, ResolvedModel
 from app.models.digest import ModelFileError
 from app.qc.clip_measures import measure_columns
 from app.request import RenderRequest, parse_lora_tags, requests_to_numpy
@@ -170,7 +170,9 @@ def resolve_serve_models(config: ServeConfig) -> ResolvedModels:
     one that cannot be used is recorded and requests for it get a 4xx naming why.
     """
     catalog = ModelCatalog.load(config.models_catalog)
-    bases, loras, problems = {}, {}, {}
+    bases: dict[str, ResolvedModel] = {}
+    loras: dict[str, ResolvedModel] = {}
+    problems: dict[str, str] = {}
     for combo in config.effective_combinations().values():
         bases.setdefault(combo.base, catalog.resolve_base(combo.base))
         for lo in combo.loras:  # the configured stacks must work: fail at start-up
@@ -334,9 +336,9 @@ class ServeCore:
             for k, v in (("steps", job.steps), ("guidance", job.guidance), ("scheduler", job.scheduler))
             if v is not None
         }
-        if "steps" in updates and not 1 <= updates["steps"] <= lim.max_steps:
+        if job.steps is not None and not 1 <= job.steps <= lim.max_steps:
             raise RequestError(422, "steps", f"{updates['steps']} is outside 1..{lim.max_steps}")
-        if "guidance" in updates and not 0 <= updates["guidance"] <= 50:
+        if job.guidance is not None and not 0 <= job.guidance <= 50:
             raise RequestError(422, "guidance", f"{updates['guidance']} is outside 0..50")
         if "scheduler" in updates and updates["scheduler"] not in SCHEDULERS:
             raise RequestError(
