@@ -260,11 +260,12 @@ def _render(
     # Generators must leave CPU for the QC/post stage, or the dataset can stall.
     gen_cpus = 1.0 if use_gpu else min(float(compute.cpu_threads), max(0.25, cpus - 0.5) / max(1, sum(pools.values())))
     # CLIP on the generator's GPU, right after rendering, or in the QC workers: decided once, told to both.
-    clip_on_generator = spec.qc.clip_runs_on_generator(generator_on_cuda=use_gpu)
+    clip_on_generator = spec.qc_settings.clip_runs_on_generator(generator_on_cuda=use_gpu)
+    stage: type
     if clip_on_generator:
         from app.qc.clip_stage import GeneratorWithClip
 
-        stage, stage_kwargs = GeneratorWithClip, {"qc": spec.qc, "generator_cls": generator_cls}
+        stage, stage_kwargs = GeneratorWithClip, {"qc": spec.qc_settings, "generator_cls": generator_cls}
     else:
         stage, stage_kwargs = generator_cls or Generator, {}
 
@@ -337,8 +338,8 @@ def _render(
             stages = [finish(generators_for(b)) for b in bases]
     stages += [finish(remote_for(name, rows)) for name, rows in remote_rows.items()]
     summary.generators = sum(pools.values()) if together else max(1, gpus)
-    for stage in stages:
-        for out in stage.iter_batches(batch_size=None, batch_format="numpy"):
+    for finished in stages:
+        for out in finished.iter_batches(batch_size=None, batch_format="numpy"):
             summary.add_batch(out)
             if progress is not None:
                 progress.add_batch(out)
@@ -410,12 +411,13 @@ def shared_duplicate_index(spec: JobSpec, output: OutputStore, run_id: str) -> R
 
     from app.qc.duplicates import PhashIndex
 
-    if "duplicates" not in spec.qc.enabled:
+    if "duplicates" not in spec.qc_settings.enabled:
         return None
     actor = ray.remote(num_cpus=0)(PhashIndex).options(name=f"phash-{run_id}").remote()
     existing = CatalogStore(output).read(["image_id", "phash", "status", "created_at"])
     if existing.num_rows:
-        ray.get(actor.add_catalog.remote(existing))
+        # Ray's typing of an actor handle does not give its methods `.remote`
+        ray.get(actor.add_catalog.remote(existing))  # type: ignore[attr-defined]
     return RemotePhashIndex(actor)
 
 

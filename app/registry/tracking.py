@@ -308,8 +308,8 @@ def _model_tags(rows: list[dict], record: Mapping) -> dict[str, str]:
 
 
 def _log_dataset(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
-    import mlflow.data
     import pyarrow.dataset as pads
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -334,7 +334,7 @@ def _log_dataset(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
     name = inp.template_name or Path(inp.path).stem
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local file is one
         warnings.filterwarnings("ignore", message="The specified dataset source")
-        dataset = mlflow.data.from_pandas(table.to_pandas(), source=inp.path, name=name)
+        dataset = from_pandas(table.to_pandas(), source=inp.path, name=name)
     # The run's input as MLflow's Dataset entity, built from the dataset's public to_dict().
     d = dataset.to_dict()
     entity = Dataset(

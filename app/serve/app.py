@@ -91,8 +91,9 @@ class GeneratorServer:
             from app.qc.clip_stage import ClipMeasurer
 
             self.clip = ClipMeasurer(clip, self.generator.device.type)
-        self.render_batch.set_max_batch_size(max_batch_size)
-        self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # @serve.batch adds these setters to the method, but its typing keeps the plain signature
+        self.render_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.calls = 0
         self.images = 0
         self.combinations_seen: dict[str, int] = {}
@@ -949,7 +950,8 @@ def build_app(config: ServeConfig):
     generators = {}
     for name, base in models.bases.items():
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == base.arch}
-        generators[name] = GeneratorServer.options(
+        # @serve.deployment makes the class a Deployment; its typing still says the class
+        generators[name] = GeneratorServer.options(  # type: ignore[attr-defined]
             name=f"generator-{name}",
             ray_actor_options={
                 "num_gpus": 1 if use_gpu else 0,
@@ -976,8 +978,9 @@ def build_app(config: ServeConfig):
         )
     # Made here, once, before any replica starts: replicas then all read the same secret.
     url_secret(OutputStore.at(config.output_uri), config.url_secret)
-    hub = MetricsHub.options(name="metrics").bind()
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(
+    # Deployments (see above): Ray Serve's typing leaves the decorated classes as plain classes
+    hub = MetricsHub.options(name="metrics").bind()  # type: ignore[attr-defined]
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(  # type: ignore[attr-defined]
         config, models, generators, hub, clip_on_generator
     )
 
