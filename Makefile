@@ -39,6 +39,7 @@ XDIST ?= -n 2 --dist loadfile
 lint: setup
 	$(BIN)/ruff check app jobs analysis benchmarks tests
 	$(BIN)/ruff format --check app jobs analysis benchmarks tests
+	$(BIN)/mypy
 
 test: setup lint
 	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
