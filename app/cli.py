@@ -298,7 +298,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if rc:
         return rc
     print("\n4/4 the catalog, read back with DuckDB  (MLflow UI: make mlflow)")
-    return cmd_catalog(argparse.Namespace(output=args.output))
+    return cmd_catalog(argparse.Namespace(output=args.output, action=None, json=False))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
