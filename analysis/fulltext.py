@@ -45,7 +45,7 @@ def search(
     # on image_id reaches the catalog scan, so only the row groups holding them are read.
     top = con.execute(
         "SELECT image_id, score FROM search_scores($text, fields := $fields, conjunctive := $all) "
-        "ORDER BY score DESC, image_id LIMIT $limit",
+        "ORDER BY round(score, 9) DESC, image_id LIMIT $limit",
         {"text": text, "fields": ",".join(fields) if fields else None, "all": all_terms, "limit": limit},
     ).fetchall()
     if not top:

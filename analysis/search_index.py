@@ -81,14 +81,14 @@ scores AS (
     FROM tf JOIN matched USING (image_id) JOIN df USING (term), stats
     GROUP BY tf.image_id)
 SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)
-ORDER BY s.score DESC, i.image_id;
+ORDER BY round(s.score, 9) DESC, i.image_id;
 """
 # The same scores without the `images` columns: the ranking needs none of the catalog's rows.
 SCORES_SQL = SEARCH_SQL.replace(
     "CREATE OR REPLACE MACRO search_images(", "CREATE OR REPLACE MACRO search_scores("
 ).replace(
-    "SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)\nORDER BY s.score DESC, i.image_id;",
-    "SELECT image_id, score FROM scores ORDER BY score DESC, image_id;",
+    "SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)\nORDER BY round(s.score, 9) DESC, i.image_id;",
+    "SELECT image_id, score FROM scores ORDER BY round(score, 9) DESC, image_id;",
 )
 
 # Tokens of one batch of catalog rows (the macros of views.sql must be defined on `con`).

@@ -162,7 +162,7 @@ scores AS (
     FROM tf JOIN matched USING (image_id) JOIN df USING (term) JOIN doc_len USING (image_id), stats
     GROUP BY tf.image_id)
 SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)
-ORDER BY s.score DESC, i.image_id;
+ORDER BY round(s.score, 9) DESC, i.image_id;
 
 -- search_scores('red leather boot' [, fields := …] [, conjunctive := …]): image_id and score only
 -- (the persistent index, analysis/search_index.py, answers it without reading the catalog rows).

@@ -380,7 +380,8 @@ def usage_rights_text(rights: dict | None) -> str:
 def _settings(batch: dict, i: int) -> dict | None:
     """Row i's `accelerator_settings` as one struct value; None when the generator recorded none."""
     value = batch["accelerator_settings"][i] if "accelerator_settings" in batch else None
-    return AcceleratorSettings.from_value(value).to_value() if value else None
+    # A column of nulls (a stand-in generator's) can reach a numpy batch as NaN floats.
+    return AcceleratorSettings.from_value(value).to_value() if isinstance(value, dict) else None
 
 
 class CatalogWrite:

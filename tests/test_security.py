@@ -121,6 +121,18 @@ GUARDED = [
     ("POST", "/sdapi/v1/interrupt", None),
     ("GET", "/metrics", None),
     ("GET", "/v1/stats", None),
+    ("POST", "/v1/jobs", {"spec": {}}),
+    ("GET", "/v1/jobs", None),
+    ("GET", "/v1/jobs/{job_id}", None),
+    ("GET", "/v1/jobs/{job_id}/images", None),
+    ("POST", "/v1/jobs/{job_id}/cancel", None),
+    ("POST", "/v1/jobs/{job_id}/resume", None),
+    ("POST", "/v1/files", None),
+    ("GET", "/v1/files/{file_id}", None),
+    ("GET", "/v1/files/{file_id}/content", None),
+    ("POST", "/v1/batches", {"input_file_id": "file-x"}),
+    ("GET", "/v1/batches/{batch_id}", None),
+    ("POST", "/v1/batches/{batch_id}/cancel", None),
 ]
 PUBLIC = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 # The file route also answers without a key to a signed, unexpired URL (tests/test_serve.py).
@@ -260,8 +272,8 @@ def test_traversal_names_in_a_loras_column_fail_their_rows(tiny_base, model_cata
     spec = parse_spec({"run_name": "t", "input": {"path": "/x.csv"}, "size": "tiny-square", "steps": 2})
     models = resolve_models(spec, model_catalog, {name})
     out = ExpandRows(spec, models)(pa.table({"prompt": ["a cat", "a dog"], "loras": [f"{name}:0.5", None]}))
-    assert list(out["status"]) == ["failed", "pending"]
-    assert out["error"][0].startswith("bad_row: unknown LoRA")
+    assert out["status"].to_pylist() == ["failed", "pending"]
+    assert out["error"][0].as_py().startswith("bad_row: unknown LoRA")
 
 
 # --- only safetensors ------------------------------------------------------------------------------------
