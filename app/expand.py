@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import SupportsFloat, SupportsIndex
 
 import pyarrow as pa
 
 from app.models.catalog import ResolvedModel
-from app.request import REQUEST_TYPE, LoraRef, RenderRequest, compute_image_id, failed_row_id, requests_to_arrow
+from app.request import REQUEST_TYPE, LoraRef, RenderRequest, failed_row_id, requests_to_arrow
 from app.spec import Combination, JobSpec, size_problem, template_fields
 
 OUTPUT_SCHEMA = pa.schema(
@@ -140,21 +140,8 @@ def build_request(
     if combo.scheduler is None or combo.steps is None or combo.guidance is None:
         raise ValueError(f"combination '{combination}' has unset steps, guidance or scheduler: fill them in first")
     fuse = combo.fuse_loras and bool(loras)
-    image_id = compute_image_id(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        base_sha256=base.sha256,
-        loras=loras,
-        scheduler=combo.scheduler,
-        steps=combo.steps,
-        guidance=combo.guidance,
-        width=width,
-        height=height,
-        seed=seed,
-        fuse_loras=fuse,
-    )
-    return RenderRequest(
-        image_id=image_id,
+    request = RenderRequest(
+        image_id="",
         prompt=prompt,
         negative_prompt=negative_prompt,
         base_model=base.lineage(),
@@ -174,6 +161,7 @@ def build_request(
         combination=combination,
         fuse_loras=fuse,
     )
+    return replace(request, image_id=request.pixel_id())  # the id is the hash of the fields above
 
 
 class _KeepPlaceholders(dict):
