@@ -12,6 +12,16 @@ Columns a row may carry besides the template's own (all optional):
   seed                              first seed of this row's variations
   width, height                     a size other than the spec's
   loras                             "name:weight, name:weight" replacing the spec's LoRA stack
+  image, mask, mode, strength, target
+                                    image-conditioned generation (the spec's `image` section names
+                                    these columns): the input image's path or URI, its mask, the
+                                    row's mode, strength and outpainting target
+
+An image-conditioned row reads its input here (within `image.max_bytes` / `max_pixels`) and is
+planned (app/conditioning/plan.py): its sha256 goes into the image_id, and an input that cannot be
+used (missing, unreadable, a mask of another size, a mask that keeps all or nothing, too large…)
+fails the row with `bad_input: <reason>: …` before anything renders. A row fans out into one
+request per outpainting target x strength.
 
 Its output is the plan's columns (`OUTPUT_SCHEMA`): the request is a typed struct
 (`app.request.REQUEST_TYPE`), not text each later stage parses again.
@@ -26,9 +36,12 @@ from typing import SupportsFloat, SupportsIndex
 
 import pyarrow as pa
 
+from app.conditioning.errors import ConditioningError
+from app.conditioning.loading import InputImage, InputLimits
+from app.conditioning.plan import ModeSettings, Planned, load_inputs, plan_request
 from app.models.catalog import ResolvedModel
-from app.request import REQUEST_TYPE, LoraRef, RenderRequest, failed_row_id, requests_to_arrow
-from app.spec import Combination, JobSpec, size_problem, template_fields
+from app.request import MODES, REQUEST_TYPE, Conditioning, LoraRef, RenderRequest, failed_row_id, requests_to_arrow
+from app.spec import Combination, ImageSpec, JobSpec, size_problem, template_fields
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -135,11 +148,16 @@ def build_request(
     tier: str = "default",
     row_key: str = "",
     variation: int = 0,
+    conditioning: Conditioning | None = None,
 ) -> RenderRequest:
     """One RenderRequest with its image_id: the one place both entrances (bulk, Serve) make them."""
     if combo.scheduler is None or combo.steps is None or combo.guidance is None:
         raise ValueError(f"combination '{combination}' has unset steps, guidance or scheduler: fill them in first")
     fuse = combo.fuse_loras and bool(loras)
+    if conditioning is not None and int(combo.steps * conditioning.strength) < 1:
+        raise RowError(
+            f"strength {conditioning.strength:g} x {combo.steps} steps leaves no denoising step: raise either"
+        )
     request = RenderRequest(
         image_id="",
         prompt=prompt,
@@ -160,8 +178,100 @@ def build_request(
         variation=variation,
         combination=combination,
         fuse_loras=fuse,
+        conditioning=conditioning,
     )
     return replace(request, image_id=request.pixel_id())  # the id is the hash of the fields above
+
+
+class ImageInputs:
+    """Input images of image-conditioned rows: read, checked and planned, with the last few kept
+    (a row's variations and combinations read its image once)."""
+
+    def __init__(self, image: ImageSpec, keep: int = 8):
+        self.spec = image
+        self.limits = InputLimits(max_bytes=image.max_bytes, max_pixels=image.max_pixels)
+        self.keep = keep
+        self._loaded: dict[tuple[str, str], tuple[InputImage, InputImage | None]] = {}
+
+    def mode(self, raw: dict) -> str:
+        value = raw.get(self.spec.mode_column)
+        if _missing(value) or not str(value).strip():
+            return self.spec.mode
+        mode = str(value).strip().lower()
+        if mode not in MODES:
+            raise RowError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        return mode
+
+    def plans(self, raw: dict, mode: str, width: int, height: int) -> list[Planned]:
+        """One plan per target x strength of this row (RowError when an input cannot be used)."""
+        image_uri = self._text(raw, self.spec.column)
+        if not image_uri:
+            raise RowError(f"mode {mode} needs an input image: column '{self.spec.column}' is empty or missing")
+        mask_uri = self._text(raw, self.spec.mask_column)
+        strengths: tuple[float | None, ...] = self.spec.strengths
+        if not _missing(raw.get(self.spec.strength_column)) and str(raw.get(self.spec.strength_column)).strip():
+            strengths = (_as_float(raw[self.spec.strength_column], "strength"),)
+        targets: tuple[str, ...] = ("",)
+        if mode == "outpaint":
+            targets = (self._text(raw, self.spec.target_column),) if self._text(raw, self.spec.target_column) else ()
+            targets = targets or self.spec.targets
+            if not targets:
+                raise RowError(f"mode outpaint needs a target: column '{self.spec.target_column}' or image.targets")
+        s = self.spec
+        try:
+            image, mask = self._load(image_uri, mask_uri)
+            return [
+                plan_request(
+                    ModeSettings(
+                        mode=mode,
+                        strength=strength,
+                        mask_blur=s.mask_blur,
+                        blend_px=s.blend_px,
+                        target=target,
+                        anchor=s.anchor,
+                        fill=s.fill,
+                        resize_mode=s.resize_mode,
+                        scale=s.scale,
+                        tile=s.tile,
+                        tile_overlap=s.tile_overlap,
+                    ),
+                    image,
+                    mask,
+                    width,
+                    height,
+                )
+                for target in targets
+                for strength in strengths
+            ]
+        except ConditioningError as e:
+            raise BadInput(str(e)) from None
+
+    def _load(self, image_uri: str, mask_uri: str) -> tuple[InputImage, InputImage | None]:
+        key = (image_uri, mask_uri)
+        if key not in self._loaded:
+            if len(self._loaded) >= self.keep:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[key] = load_inputs(image_uri, mask_uri, self.spec.base_dir, self.limits)
+        return self._loaded[key]
+
+    @staticmethod
+    def _text(raw: dict, column: str) -> str:
+        value = raw.get(column)
+        return "" if _missing(value) else str(value).strip()
+
+
+class BadInput(RowError):
+    """An input image or mask that cannot be used: the row fails with `bad_input: <reason>: …`."""
+
+
+def _as_float(v: object, what: str) -> float:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise RowError(f"{what} {v!r} is not a number") from None
+    if not math.isfinite(f):
+        raise RowError(f"{what} {v!r} is not a finite number")
+    return f
 
 
 class _KeepPlaceholders(dict):
@@ -180,6 +290,7 @@ class ExpandRows:
         self.combos: dict[str, Combination] = spec.effective_combinations()
         self.fields = template_fields(spec.input.prompt_template) if spec.input.prompt_template else []
         self.screen = spec.screening.prompt_screen()  # None: prompts are not screened
+        self.inputs = ImageInputs(spec.image)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
@@ -194,7 +305,8 @@ class ExpandRows:
                     for req in self.requests(raw, i):
                         emit(req.image_id, "pending", "", req.combination_key, req)
                 except RowError as e:
-                    reason = str(e) if isinstance(e, PromptBlocked) else f"bad_row: {e}"
+                    kind = "bad_input" if isinstance(e, BadInput) else "bad_row"
+                    reason = str(e) if isinstance(e, PromptBlocked) else f"{kind}: {e}"
                     emit(failed_row_id(raw, i), "failed", reason, "", self._partial(raw, i))
         return pa.table({**out, "request": requests_to_arrow(out["request"])}, schema=OUTPUT_SCHEMA)
 
@@ -217,7 +329,7 @@ class ExpandRows:
 
     def requests(self, raw: dict, variation: int) -> list[RenderRequest]:
         """Every request of one row's variation: one, or one per combination of an A/B test."""
-        reqs = [self.request(raw, variation, name, tier) for name, tier in self.routes(raw)]
+        reqs = [r for name, tier in self.routes(raw) for r in self.request(raw, variation, name, tier)]
         if self.spec.ab_test:
             # Same prompt and seed in every combination; the tag links them for comparison.
             group = hashlib.sha256(f"{reqs[0].prompt}\0{reqs[0].seed}\0{reqs[0].row_key}".encode()).hexdigest()[:16]
@@ -225,7 +337,11 @@ class ExpandRows:
         return reqs
 
     # ---------------------------------------------------------------------------------------------
-    def request(self, raw: dict, variation: int, combination: str = "default", tier: str = "default") -> RenderRequest:
+    def request(
+        self, raw: dict, variation: int, combination: str = "default", tier: str = "default"
+    ) -> list[RenderRequest]:
+        """The row's request in one combination: one, or one per target x strength of an
+        image-conditioned row."""
         spec, inp = self.spec, self.spec.input
         combo = self.combos[combination]
         base = self.models.bases[combo.base]
@@ -259,6 +375,10 @@ class ExpandRows:
         problem = size_problem(width, height)
         if problem:
             raise RowError(problem)
+        mode = self.inputs.mode(raw)
+        plans: list[Planned | None] = [None]
+        if mode != "txt2img":
+            plans = list(self.inputs.plans(raw, mode, width, height))
 
         loras = self._loras(raw, combo, base)
         seed = self._seed(raw, prompt, negative, variation)
@@ -266,23 +386,27 @@ class ExpandRows:
         for col in spec.tags:
             if col in raw and not _missing(raw[col]):
                 tags[col] = str(raw[col])
-        return build_request(
-            prompt=prompt,
-            negative_prompt=negative,
-            base=base,
-            loras=loras,
-            combo=combo,
-            combination=combination,
-            width=width,
-            height=height,
-            seed=seed,
-            template=self._template(),
-            variables=variables,
-            tags=tags,
-            tier=tier,
-            row_key=self._row_key(raw, prompt),
-            variation=variation,
-        )
+        return [
+            build_request(
+                prompt=prompt,
+                negative_prompt=negative,
+                base=base,
+                loras=loras,
+                combo=combo,
+                combination=combination,
+                width=width if plan is None else plan.width,
+                height=height if plan is None else plan.height,
+                seed=seed,
+                template=self._template(),
+                variables=variables,
+                tags=tags,
+                tier=tier,
+                row_key=self._row_key(raw, prompt),
+                variation=variation,
+                conditioning=None if plan is None else plan.conditioning,
+            )
+            for plan in plans
+        ]
 
     def _loras(self, raw: dict, combo: Combination, base: ResolvedModel) -> tuple[LoraRef, ...]:
         if "loras" in raw and not _missing(raw["loras"]) and str(raw["loras"]).strip():
@@ -346,4 +470,21 @@ class ExpandRows:
             seed=0,
             row_key=self._row_key(raw, "" if _missing(prompt) else str(prompt)),
             variation=variation,
+            conditioning=self._partial_conditioning(raw),
+        )
+
+    def _partial_conditioning(self, raw: dict) -> Conditioning | None:
+        """A failed image-conditioned row's input as the row named it (nothing was read)."""
+        try:
+            mode = self.inputs.mode(raw)
+        except RowError:
+            mode = str(raw.get(self.spec.image.mode_column))
+        image_uri = ImageInputs._text(raw, self.spec.image.column)
+        if mode == "txt2img" or not image_uri:
+            return None
+        return Conditioning(
+            mode=mode,
+            image_uri=image_uri,
+            image_sha256="",
+            mask_uri=ImageInputs._text(raw, self.spec.image.mask_column),
         )

@@ -32,6 +32,10 @@ from app.columns import object_column
 
 # Bumped when the rendering recipe changes in a way that changes pixels for the same fields.
 RECIPE = "sdxl-txt2img-2"  # 2: no negative prompt means zeroed negative embeddings
+# The same for image-conditioned modes (img2img, inpaint, outpaint, upscale): in their ids only.
+CONDITIONED_RECIPE = "sdxl-conditioned-1"
+
+MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,57 @@ MODEL_TYPE = pa.struct(
 LORA_TYPE = pa.struct([(f.name, pa.float64() if f.name == "weight" else pa.string()) for f in fields(LoraRef)])
 TEMPLATE_TYPE = pa.struct([("name", pa.string()), ("version", pa.string()), ("text", pa.string())])
 STRMAP_TYPE = pa.map_(pa.string(), pa.string())
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What an image-conditioned request starts from, and how (app/conditioning/plan.py makes it).
+
+    The input image and mask are named by a resolved URI (an absolute path or `s3://…`) and their
+    bytes' sha256: `image_id` covers the sha256s, so the same bytes render the same image wherever
+    they are read from, and a changed file is noticed (`regenerate`, a resumed run)."""
+
+    mode: str  # img2img | inpaint | outpaint | upscale
+    image_uri: str
+    image_sha256: str
+    mask_uri: str = ""  # "" when the mask is the image's alpha or an outpainting canvas
+    mask_sha256: str = ""
+    mask_source: str = ""  # mask | alpha | canvas; "" for img2img and upscale
+    strength: float = 0.0  # the denoising strength (A1111's `denoising_strength`)
+    mask_blur: int = 0  # px of Gaussian blur on the mask the model sees (A1111's `Mask blur`)
+    blend_px: int = 0  # the feathered band inside the kept region along the seam
+    target: str = ""  # outpaint: the ratio, size or platform as given
+    anchor: str = ""  # outpaint: where the original sits on the canvas
+    fill: str = ""  # outpaint: the new area's initial fill (edge | reflect | mean)
+    resize_mode: str = ""  # img2img: how the input meets the render size (crop | fill | stretch)
+    scale: float = 0.0  # upscale: the factor
+    tile: int = 0  # upscale: tile side in pixels
+    tile_overlap: int = 0
+    source_width: int = 0  # the input image's size
+    source_height: int = 0
+
+    def pixel_fields(self) -> dict:
+        """Everything that decides the pixels: all but the URIs."""
+        return {k: v for k, v in asdict(self).items() if not k.endswith("_uri")}
+
+
+CONDITIONING_TYPE = pa.struct(
+    [(f.name, {"float": pa.float64(), "int": pa.int32()}.get(str(f.type), pa.string())) for f in fields(Conditioning)]
+)
+
+
+def _as_conditioning(value: Any) -> Conditioning | None:
+    if value is None or isinstance(value, Conditioning):
+        return value
+    d = _as_dict(value)
+    if not d:
+        return None
+    cast = {f.name: {"float": float, "int": int}.get(str(f.type), str) for f in fields(Conditioning)}
+    return Conditioning(**{k: cast[k](v) for k, v in d.items() if v is not None and k in cast})
+
+
+def _conditioning_value(value: Conditioning | None) -> dict | None:
+    return None if value is None else asdict(value)
 
 
 def _as_dict(value: Any) -> dict:
@@ -121,6 +176,14 @@ class RenderRequest:
     variation: int = field(default=0, metadata=_arrow(pa.int32(), read=int))
     combination: str = field(default="default", metadata=_arrow(pa.string()))
     fuse_loras: bool = field(default=False, metadata=_arrow(pa.bool_(), read=bool))
+    # null for txt2img
+    conditioning: Conditioning | None = field(
+        default=None, metadata=_arrow(CONDITIONING_TYPE, read=_as_conditioning, write=_conditioning_value)
+    )
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.conditioning is None else self.conditioning.mode
 
     def pixel_id(self) -> str:
         """The id its pixel-deciding fields hash to: `image_id`, unless a field was changed since."""
@@ -136,6 +199,7 @@ class RenderRequest:
             height=self.height,
             seed=self.seed,
             fuse_loras=self.fuse_loras,
+            conditioning=self.conditioning,
         )
 
     @property
@@ -229,6 +293,7 @@ def compute_image_id(
     height: int,
     seed: int,
     fuse_loras: bool = False,
+    conditioning: Conditioning | None = None,
 ) -> str:
     """32 hex chars of sha256 over the fields that decide the pixels."""
     material = {
@@ -246,6 +311,9 @@ def compute_image_id(
     }
     if fuse_loras and loras:  # fused weights round differently; absent when off, so old ids hold
         material["fuse_loras"] = True
+    if conditioning is not None:  # absent for txt2img, so its ids hold
+        material["recipe"] = CONDITIONED_RECIPE
+        material["conditioning"] = conditioning.pixel_fields()
     return _digest(material)
 
 

@@ -167,6 +167,74 @@ class Variations(_Frozen):
         return self
 
 
+Mode = Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale"]
+
+
+class ImageSpec(_Frozen):
+    """Image-conditioned generation: each row's input image (and mask), and how it is used.
+
+    `mode` is the run's mode; a row's `mode_column` value overrides it. `targets` (outpaint) and a
+    list of `strength`s fan a row out: one image per target x strength. Paths in the image and
+    mask columns are relative to the spec file's folder (`base_dir`, set when the spec is loaded)
+    unless absolute or a URI (`s3://…`)."""
+
+    mode: Mode = "txt2img"
+    column: str = "image"
+    mask_column: str = "mask"
+    mode_column: str = "mode"
+    strength_column: str = "strength"
+    target_column: str = "target"
+    # None: the mode's default (img2img 0.6, inpaint and outpaint 1.0, upscale 0.3); a list: one image each
+    strength: float | tuple[float, ...] | None = None
+    mask_blur: int = Field(4, ge=0, le=64)  # px of blur on the mask the model sees (A1111's Mask blur)
+    blend_px: int = Field(4, ge=0, le=64)  # the feathered band inside the kept region along the seam
+    targets: tuple[str, ...] = ()  # outpaint: ratios (9:16), sizes (1080x1920) or platforms (tiktok)
+    anchor: str = "center"  # outpaint: where the original sits on the canvas
+    fill: Literal["edge", "reflect", "mean"] = "edge"  # outpaint: the new area's initial fill
+    resize_mode: Literal["crop", "fill", "stretch"] = "crop"  # img2img: the input meets the render size
+    scale: float = Field(2.0, ge=1.0, le=8.0)  # upscale factor
+    tile: int = Field(1024, ge=64, le=4096)  # upscale: tile side
+    tile_overlap: int = Field(128, ge=0, le=2048)
+    max_bytes: int = Field(50 * 2**20, ge=1)  # per input file
+    max_pixels: int = Field(40_000_000, ge=1)  # per input image, from its header before decoding
+    base_dir: str | None = None  # the folder relative image paths start from
+
+    @field_validator("strength")
+    @classmethod
+    def _strengths(cls, v: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
+        for s in () if v is None else v if isinstance(v, tuple) else (v,):
+            if not 0.0 < s <= 1.0:
+                raise ValueError(f"strength {s} is outside (0, 1]")
+        if isinstance(v, tuple) and not v:
+            raise ValueError("strength: an empty list; give one or more strengths, or none for the default")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> ImageSpec:
+        if self.mode == "outpaint" and not self.targets:
+            raise ValueError("mode outpaint needs `targets` (e.g. ['9:16', '4:5', '1.91:1'])")
+        from app.conditioning.errors import ConditioningError
+        from app.conditioning.outpaint import ANCHORS, parse_target
+
+        for t in self.targets:
+            try:
+                parse_target(t)
+            except ConditioningError as e:
+                raise ValueError(f"targets: {e.detail}") from None
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor {self.anchor!r} is not one of {', '.join(ANCHORS)}")
+        if self.tile % 8 or self.tile_overlap % 8 or self.tile_overlap > self.tile // 2:
+            raise ValueError(
+                f"tile ({self.tile}) and tile_overlap ({self.tile_overlap}) must be multiples of 8, overlap at most tile/2"
+            )
+        return self
+
+    @property
+    def strengths(self) -> tuple[float | None, ...]:
+        """One image per strength; (None,) for the mode's default."""
+        return self.strength if isinstance(self.strength, tuple) else (self.strength,)
+
+
 class BackendFields(_Frozen):
     """Where a combination's pixels come from: imagefab's diffusers generator (the default) or a
     remote backend. The key is named by where it is (`env:VAR` / `file:/path`), never given."""
@@ -322,6 +390,7 @@ class JobSpec(_Frozen):
     provenance: ProvenanceSettings = ProvenanceSettings()  # C2PA manifests, invisible watermark
     rights: RightsSpec | None = None  # usage rights: catalog, XMP (IPTC) and the C2PA manifest
     screening: ScreeningSettings = ScreeningSettings()  # prompts checked before rendering
+    image: ImageSpec = ImageSpec()  # img2img, inpaint, outpaint, upscale: the input images
 
     @field_validator("run_name")
     @classmethod
@@ -464,6 +533,11 @@ def _anchor_paths(data: dict, base_dir: Path) -> dict:
 
     anchor("input", "path")
     anchor("model", "catalog")
+    image = data.get("image")
+    if image is None or (isinstance(image, dict) and not image.get("base_dir")):
+        data["image"] = {**(image or {}), "base_dir": str(base_dir)}  # image paths start from the spec's folder
+    else:
+        anchor("image", "base_dir")
     qc = data.get("qc")
     if isinstance(qc, dict) and isinstance(qc.get("style_references"), dict):
         refs = {

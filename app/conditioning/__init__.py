@@ -8,6 +8,7 @@ can all call it:
 - `keep`: paste the kept pixels back exactly; measure kept-region differences;
 - `tiles`: Lanczos upscale, tile plans and feathered tile blending;
 - `seams`: seam scores for QC;
+- `plan`: a request's conditioning and output size, the pipeline's inputs, and the output's measures;
 - `errors`: `ConditioningError` with a reason code (a failed row in bulk, a 4xx over HTTP).
 """
 

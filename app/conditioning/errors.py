@@ -22,6 +22,10 @@ REASONS: dict[str, int] = {
     "mask_band": 422,  # the kept region is thinner than the paste-back band
     "outpaint_target": 422,  # unknown preset, bad ratio or size, nothing to add
     "upscale_settings": 422,  # bad scale, tile size or overlap
+    "mode": 422,  # not a known mode
+    "strength": 422,  # outside (0, 1]
+    "resize_mode": 422,  # not crop, fill or stretch
+    "input_changed": 409,  # the input's bytes are not the ones the request was made from
 }
 
 

@@ -114,6 +114,16 @@ def read_bounded(uri: str, base_dir: str | Path | None, max_bytes: int) -> bytes
     return data
 
 
+def resolve_uri(uri: str, base_dir: str | Path | None) -> str:
+    """`uri` as the catalog records it: a filesystem URI unchanged, a path made absolute (a
+    relative one from `base_dir`), so any worker can read it again."""
+    if not uri or not uri.strip():
+        raise ConditioningError("image_uri", "the input image location is empty")
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return _filesystem(uri, base_dir)[1]
+
+
 def _filesystem(uri: str, base_dir: str | Path | None) -> tuple[pafs.FileSystem, str]:
     if "://" in uri and not uri.startswith("file://"):
         return pafs.FileSystem.from_uri(uri)

@@ -26,7 +26,8 @@ def group_key(r: RenderRequest) -> tuple:
     """Requests with equal keys can share one pipeline call."""
     # One LoRA stack (fused or not), scheduler, step count, guidance and size, and either no
     # negative prompts or all (see Generator._denoise).
-    return (r.combination_key, r.scheduler, r.steps, r.guidance, r.width, r.height, not r.negative_prompt)
+    # Image-conditioned requests render one by one (app/generator/conditioned.py): their own group.
+    return (r.combination_key, r.scheduler, r.steps, r.guidance, r.width, r.height, not r.negative_prompt, r.mode)
 
 
 def chunks(items: list, size: int) -> list[list]:

@@ -27,7 +27,10 @@ from app.accelerator import AcceleratorSettings
 from app.attention import attention_kernels
 from app.columns import object_column
 from app.compute import ComputeSpec
+from app.conditioning.errors import ConditioningError
+from app.conditioning.plan import MEASURE_COLUMNS, Measures
 from app.generator.batching import BatchSizes, batch_id, group_key, out_of_memory_error
+from app.generator.conditioned import ConditionedRenderer
 from app.generator.overlap import DecodeOverlap, InFlight
 from app.generator.pipeline import check_attention, optimise, speed_setting, use_compile_cache, warmup_batches
 from app.generator.vae_decode import decode_latents
@@ -46,6 +49,7 @@ class RenderResult:
     gpu_seconds: float = 0.0  # seconds of the generator's device, a batch's time shared by its images
     batch_id: str = ""
     batch_size: int = 1
+    measures: Measures | None = None  # image-conditioned requests: kept-region and seam measures
 
 
 class Generator:
@@ -63,6 +67,7 @@ class Generator:
         "generator_id",
         "lora_switches",
         "lora_switch_seconds",
+        *MEASURE_COLUMNS,
     )
 
     def __init__(self, base: ResolvedModel, loras: dict[str, ResolvedModel], compute: ComputeSpec, pipe=None):
@@ -88,6 +93,7 @@ class Generator:
         self.batch_sizes = BatchSizes.for_compute(compute)
         self.compile_cache = use_compile_cache(compute.compile_cache, compute.attention) if compute.compile else None
         self.overlap = DecodeOverlap(self.device, compute.overlaps_decode(self.device.type == "cuda"))
+        self.conditioned = ConditionedRenderer(self.pipe)
         fp8 = optimise(
             self.pipe,
             compute,
@@ -168,11 +174,14 @@ class Generator:
         pending = [i for i in range(n) if batch["status"][i] == "pending"]
         results = {r.image_id: r for r in self.render(requests_from_batch(batch, pending))}
         pixels, nonfinite, gpu_s, batch_ids, sizes = [], [], [], [], []
+        measures: dict[str, list[float]] = {c: [] for c in MEASURE_COLUMNS}
         status, error = list(batch["status"]), list(batch["error"])
         for i in range(n):
             r = results.get(batch["image_id"][i])
             if r is not None and r.error:
                 status[i], error[i] = "failed", r.error
+            for column, value in (r.measures if r is not None and r.measures else Measures()).as_columns().items():
+                measures[column].append(value)
             pixels.append(b"" if r is None or r.pixels is None else r.pixels.tobytes())
             nonfinite.append(0.0 if r is None else r.nonfinite_fraction)
             gpu_s.append(0.0 if r is None else r.gpu_seconds)
@@ -193,6 +202,7 @@ class Generator:
             "generator_id": np.array([self.generator_id] * n, dtype=object),
             "lora_switches": np.full(n, self.switcher.switches, dtype=np.int64),
             "lora_switch_seconds": np.full(n, self.switcher.switch_seconds, dtype=np.float64),
+            **{column: np.array(values, dtype=np.float64) for column, values in measures.items()},
         }
 
     # --- core -----------------------------------------------------------------------------------
@@ -206,6 +216,10 @@ class Generator:
                 self._prepare(group[0])
             except (ModelFileError, KeyError) as e:
                 results += [RenderResult(r.image_id, None, error=f"model_error: {e}") for r in group]
+                continue
+            if group[0].conditioning is not None:
+                results += self._collect(inflight) + [self._render_conditioned(r) for r in group]
+                inflight = None
                 continue
             done, inflight = self._render_chunks(self.batch_sizes.split(group), inflight, exact=False)
             results += done
@@ -223,6 +237,10 @@ class Generator:
         for batch in batches:
             ordered = sorted(batch, key=lambda r: r.image_id)
             self._prepare(ordered[0])
+            if ordered[0].conditioning is not None:  # rendered alone, as always
+                results += self._collect(inflight) + [self._render_conditioned(r) for r in ordered]
+                inflight = None
+                continue
             done, inflight = self._render_chunks([ordered], inflight, exact=True)
             results += done
         return results + self._collect(inflight)
@@ -277,6 +295,27 @@ class Generator:
             stack.append((lo, use.weight))
         self.switcher.apply(self.pipe, stack, fuse=first.fuse_loras)
         self.pipe.scheduler = make_scheduler(first.scheduler, self._scheduler_config)
+
+    def _render_conditioned(self, r: RenderRequest) -> RenderResult:
+        """One image-conditioned request (app/generator/conditioned.py); its inputs' problems and
+        kernel errors fail this request only."""
+        t0 = time.perf_counter()
+        self._set_vae_tiling(r)
+        try:
+            with torch.inference_mode(), attention_kernels(self.compute.attention):
+                pixels, bad, measures = self.conditioned.render(r)
+        except ConditioningError as e:
+            return RenderResult(r.image_id, None, error=f"bad_input: {e}")
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return RenderResult(r.image_id, None, error=out_of_memory_error([r]))
+        except Exception as e:  # a kernel error: this row fails, the actor lives on
+            return RenderResult(r.image_id, None, error=f"generate_error: {type(e).__name__}: {e}")
+        seconds = time.perf_counter() - t0
+        return RenderResult(
+            r.image_id, pixels, nonfinite_fraction=bad, gpu_seconds=seconds, batch_id=r.image_id, measures=measures
+        )
 
     def _start(self, chunk: list[RenderRequest], raise_oom: bool) -> InFlight:
         """Denoise a chunk, then queue its decode and the copy of its pixels to the host: on the

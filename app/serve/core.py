@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from app.accelerator import AcceleratorSettings
+from app.conditioning.plan import MEASURE_COLUMNS
 from app.expand import ResolvedModels, RowError, build_request, lora_stack
 from app.models.catalog import ModelCatalog, ResolvedModel
 from app.models.digest import ModelFileError
@@ -213,6 +214,7 @@ def rendered_rows(
                 "accelerator": accelerator.label(),
                 "accelerator_settings": accelerator.to_value(),
                 "pixels": b"" if r.pixels is None else r.pixels.tobytes(),
+                **(r.measures.as_columns() if getattr(r, "measures", None) else {}),
             }
         )
     if clip is not None:
@@ -407,6 +409,7 @@ class ServeCore:
             "batch_id": col("batch_id", ""),
             "batch_size": col("batch_size", 0, np.int32),
             **{name: col(name, empty) for name, empty in measure_columns(None).items()},
+            **{name: col(name, np.nan, np.float64) for name in MEASURE_COLUMNS},
         }
         post = self.post(self.qc(batch))
         self.write(post)
