@@ -1,10 +1,13 @@
-"""The example packshots in specs/data/packshots/ are what `benchmarks/make_packshots.py` makes."""
+"""The example packshots in specs/data/packshots/ are what `benchmarks/make_packshots.py` makes, and
+packshots.csv lists each with its product and, where a mask file decides what is kept, that mask."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.csv as pacsv
 from PIL import Image
 
+from app.plan import csv_string_types
 from benchmarks.make_packshots import MASKED, OUT, write_packshots
 from benchmarks.packshots import CUTOUTS
 
@@ -33,3 +36,23 @@ def test_assets_are_small_rgba_cutouts_with_one_mask():
     alpha = np.asarray(Image.open(OUT / f"{MASKED}.png"))[..., 3]
     assert mask.shape == alpha.shape and set(np.unique(mask)) == {0, 255}
     assert np.array_equal(mask == 0, alpha >= 128)
+
+
+def test_csv_lists_every_packshot_once_with_its_mask():
+    # as a job reads an input CSV: every cell text, empty cells null
+    columns = ["sku", "image", "product", "mask"]
+    table = pacsv.read_csv(OUT / "packshots.csv", convert_options=csv_string_types(columns))
+    assert table.column_names == columns
+    rows = table.to_pylist()
+    specs = OUT.parents[1]  # image and mask paths are relative to the specs' folder
+    assert sorted(row["image"] for row in rows) == sorted(f"data/packshots/{name}.png" for name in CUTOUTS)
+    assert len({row["sku"] for row in rows}) == len(rows) and all(row["product"] for row in rows)
+    for row in rows:
+        image = Image.open(specs / row["image"])
+        if row["image"] == f"data/packshots/{MASKED}.png":
+            # the mask file decides what is kept; it covers the image pixel for pixel
+            assert row["mask"] == f"data/packshots/{MASKED}_mask.png"
+            assert Image.open(specs / row["mask"]).size == image.size
+        else:
+            # no mask column: the image's alpha channel is the mask (transparent = generate)
+            assert row["mask"] is None and image.mode == "RGBA", row
