@@ -1,5 +1,6 @@
 """The Serve app over real HTTP on a local Ray with the tiny models: every endpoint, batching,
-multiplexing, API keys, limits, backpressure, the official `openai` client."""
+multiplexing, API keys, limits, backpressure, the official `openai` client and AUTOMATIC1111's
+`webuiapi` client."""
 
 from __future__ import annotations
 
@@ -192,6 +193,27 @@ def test_a1111_txt2img_and_friends(server):
     assert {"tiny-style", "tiny-detail"} <= {lo["name"] for lo in client.get("/sdapi/v1/loras").json()}
     assert {"Euler", "Euler a", "DPM++ 2M Karras"} <= {s["name"] for s in client.get("/sdapi/v1/samplers").json()}
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_webuiapi_client_gets_images_from_a1111_txt2img(server):
+    import webuiapi
+
+    _, port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, use_https=False, steps=2)
+    # The client's own auth is HTTP Basic (A1111's --api-auth); imagefab's keys are Bearer tokens.
+    api.session.headers["Authorization"] = f"Bearer {KEY}"
+    # The client's defaults: 512x512, sampler "Euler a", scheduler "automatic", a random seed.
+    result = api.txt2img(prompt="a lighthouse on a cliff")
+    assert len(result.images) == 1 and result.image.size == (512, 512)
+    assert result.info["sampler_name"] == "Euler a" and result.info["scheduler"] == "Automatic"
+    assert parse_infotext(result.image.info["parameters"])["seed"] == result.info["seed"]
+    result = api.txt2img(
+        prompt="a lighthouse on a cliff", negative_prompt="fog", seed=5, cfg_scale=5, width=128, height=96, batch_size=2
+    )
+    assert [im.size for im in result.images] == [(128, 96)] * 2 and result.info["all_seeds"] == [5, 6]
+    parsed = parse_infotext(result.info["infotexts"][1])
+    assert (parsed["seed"], parsed["negative_prompt"], parsed["cfg_scale"]) == (6, "fog", 5.0)
+    assert result.parameters["prompt"] == "a lighthouse on a cliff"
 
 
 @pytest.mark.parametrize(
