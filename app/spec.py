@@ -167,6 +167,18 @@ class Variations(_Frozen):
         return self
 
 
+class BudgetSpec(_Frozen):
+    """Caps on one run (app/budget.py): it stops starting new batches when the next would cross
+    one, finishes what is in flight, and says so in its summary and catalog."""
+
+    max_cost_usd: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    max_device_seconds: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+
+    @property
+    def active(self) -> bool:
+        return self.max_cost_usd is not None or self.max_device_seconds is not None
+
+
 Mode = Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale"]
 
 
@@ -391,6 +403,7 @@ class JobSpec(_Frozen):
     rights: RightsSpec | None = None  # usage rights: catalog, XMP (IPTC) and the C2PA manifest
     screening: ScreeningSettings = ScreeningSettings()  # prompts checked before rendering
     image: ImageSpec = ImageSpec()  # img2img, inpaint, outpaint, upscale: the input images
+    budget: BudgetSpec = BudgetSpec()  # cost and device-time caps on the run
 
     @field_validator("run_name")
     @classmethod

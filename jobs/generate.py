@@ -269,6 +269,16 @@ def _render(
     else:
         stage, stage_kwargs = generator_cls or Generator, {}
 
+    budget = run_budget(spec, run_id)
+
+    def budgeted(stage_cls, kwargs: dict, usd_per_image: float | None = None) -> tuple[type, dict]:
+        """The stage, or the stage asking the run's budget before each batch (app/budget.py)."""
+        if budget is None:
+            return stage_cls, kwargs
+        from app.budget import Budgeted
+
+        return Budgeted, {"budget": budget, "stage": stage_cls, "stage_kwargs": kwargs, "usd_per_image": usd_per_image}
+
     def generators_for(base: str):
         rows = pending.filter(
             pc.equal(pc.utf8_slice_codeunits(pending.column("combination"), 0, len(base) + 1), base + "|")
@@ -276,14 +286,12 @@ def _render(
         ds = ray.data.from_arrow([rows.slice(i, call_rows) for i in range(0, rows.num_rows, call_rows)])
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == models.bases[base].arch}
         base_compute = with_warmup_sizes(compute, rows.column("request"))
+        cls, kwargs = budgeted(
+            stage, {"base": models.bases[base], "loras": usable, "compute": base_compute, **stage_kwargs}
+        )
         return ds.map_batches(
-            stage,
-            fn_constructor_kwargs={
-                "base": models.bases[base],
-                "loras": usable,
-                "compute": base_compute,
-                **stage_kwargs,
-            },
+            cls,
+            fn_constructor_kwargs=kwargs,
             compute=ActorPoolStrategy(size=pools[base] if together else max(1, gpus)),
             batch_size=call_rows,
             batch_format="numpy",
@@ -319,9 +327,17 @@ def _render(
 
         combo = remote[name]
         ds = ray.data.from_arrow([rows.slice(i, batch) for i in range(0, rows.num_rows, batch)])
-        return ds.map_batches(
+        config = combo.backend_config()
+        from app.backends.prices import api_price_usd
+
+        cls, kwargs = budgeted(
             RemoteGenerator,
-            fn_constructor_kwargs={"config": combo.backend_config()},
+            {"config": config},
+            usd_per_image=api_price_usd(config.backend, config.model, config.price_usd_per_image),
+        )
+        return ds.map_batches(
+            cls,
+            fn_constructor_kwargs=kwargs,
             compute=ActorPoolStrategy(size=combo.remote_actors),
             batch_size=batch,
             batch_format="numpy",
@@ -345,7 +361,21 @@ def _render(
                 progress.add_batch(out)
     if progress is not None:
         progress.close()
+    if budget is not None:
+        summary.budget = ray.get(budget.snapshot.remote())
     summary.accelerator = "GPU" if use_gpu else f"CPU ({compute.cpu_threads} thread(s) per generator)"
+
+
+def run_budget(spec: JobSpec, run_id: str):
+    """The run's budget ledger (app/budget.py) as one Ray actor, or None without caps."""
+    if not spec.budget.active:
+        return None
+    import ray
+
+    from app.budget import RunBudget
+
+    actor = ray.remote(num_cpus=0)(RunBudget).options(name=f"budget-{run_id}")
+    return actor.remote(spec.budget.max_cost_usd, spec.budget.max_device_seconds)
 
 
 def remote_combinations(spec: JobSpec) -> dict:

@@ -30,6 +30,7 @@ class RunSummary:
     date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d"))
     by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
     by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
+    budget: dict = field(default_factory=dict)  # the run's budget ledger at the end (app/budget.py); {} without caps
 
     first_result_at: float = 0.0  # perf_counter of the first and last finished batch
     last_result_at: float = 0.0
@@ -72,11 +73,30 @@ class RunSummary:
 
     _first_batch: int = 0
 
+    @property
+    def stopped_on_budget(self) -> bool:
+        return bool(self.budget.get("stopped"))
+
+    def _budget_lines(self) -> list[str]:
+        b = self.budget
+        if not b:
+            return []
+        caps = ", ".join(
+            f"{what} {b[key]:g}"
+            for key, what in (("max_cost_usd", "cost $"), ("max_device_seconds", "device s"))
+            if b.get(key) is not None
+        )
+        line = f"  budget        {caps}: spent ${b['spent_usd']:.4f}, {b['spent_device_seconds']:.1f} device s"
+        if b.get("stopped"):
+            line += f"; STOPPED on budget ({b['stopped_because']}): {b['refused_images']} image(s) not started"
+        return [line]
+
     def to_dict(self) -> dict:
         return {
             **asdict(self),
             "images_per_second": self.images_per_second,
             "streaming_images_per_second": self.streaming_images_per_second,
+            "stopped_on_budget": self.stopped_on_budget,
         }
 
     def render(self) -> str:
@@ -100,6 +120,7 @@ class RunSummary:
                     f"in {g['switch_seconds']:.2f} s"
                     for gid, g in sorted(self.by_generator.items())
                 ],
+                *self._budget_lines(),
                 f"  images        {self.output}/images/",
                 f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
                 f"  summary       {self.output}/runs/{self.run_id}/summary.json",

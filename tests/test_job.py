@@ -86,6 +86,21 @@ def test_partial_then_resumed_run_covers_every_row_exactly_once(runs):
     assert {r["run_id"] for r in rows} == {runs["partial"].run_id, resumed.run_id}
 
 
+def test_a_budget_stops_the_run_after_one_batch_and_a_rerun_renders_the_rest(ray_local, spec_path, tmp_path):
+    # Nothing is known of the cost before the first batch: it runs alone, and its device time
+    # already crosses the cap, so no second batch starts.
+    capped = run_job(spec_path, tmp_path, **{"input.limit": 2, "budget.max_device_seconds": 0.001})
+    assert capped.stopped_on_budget and capped.budget["admitted_images"] == 2
+    assert capped.counts["failed"] == 2 and capped.budget["refused_images"] == 2
+    stopped = [r for r in catalog(tmp_path) if r["status"] == "failed"]
+    assert all(r["error"].startswith("budget_exhausted: the run stopped on budget (device cap") for r in stopped)
+    assert "STOPPED on budget" in capped.render()
+    rest = run_job(spec_path, tmp_path, **{"input.limit": 2})  # no cap: the refused images render now
+    assert rest.rendered == 2 and rest.counts["failed"] == 0 and not rest.stopped_on_budget
+    rendered = {r["image_id"] for r in catalog(tmp_path) if r["status"] != "failed"}
+    assert len(rendered) == 4
+
+
 def test_bad_rows_become_failed_catalog_rows_with_reasons(runs):
     rows = catalog(runs["a"])
     failed = {r["tags"] and dict(r["tags"])["pid"]: r["error"] for r in rows if r["status"] == "failed"}

@@ -159,12 +159,13 @@ class CatalogStore:
     def done_ids(self) -> set[str]:
         """Ids a rerun must not render again: every id in the catalog except those that only
         failed for a passing reason (an out-of-memory error, a lost worker). A row that failed
-        because the input is bad (`bad_row: …`) or its prompt was blocked (`prompt_blocked: …`)
-        stays done: it would fail the same way again."""
+        because the input is bad (`bad_row: …`, `bad_input: …`) or its prompt was blocked
+        (`prompt_blocked: …`) stays done: it would fail the same way again (a fixed input image has
+        another sha256, so another image_id). One stopped on budget is not done."""
         t = self.read(["image_id", "status", "error"])
         done = set()
         for image_id, status, error in zip(*(t.column(c).to_pylist() for c in ("image_id", "status", "error"))):
-            if status != "failed" or (error or "").startswith(("bad_row", "prompt_blocked")):
+            if status != "failed" or (error or "").startswith(("bad_row", "bad_input", "prompt_blocked")):
                 done.add(image_id)
         return done
 
