@@ -11,7 +11,16 @@ Documented behaviour it keeps:
 - Errors are JSON {"id", "name", "errors": [...]}: 400 bad fields, 401 a wrong key, 402 no credits
   left, 429 too many requests.
 - GET /v1/user/balance answers {"credits": n}.
+- Image inputs (files in the multipart body): `generate/sd3` with `mode: image-to-image` needs
+  `image` and `strength` (0..1) and takes no aspect_ratio; `generate/ultra` takes an optional
+  `image` with `strength`; core takes none. POST /v2beta/stable-image/edit/inpaint: `image`,
+  `prompt`, optional `mask` (else the image's alpha), `grow_mask` (0..100), answers at the image's
+  size. POST /v2beta/stable-image/edit/outpaint: `image`, at least one of `left`, `right`, `up`,
+  `down` (0..2000), optional `prompt`, `creativity` (0..1), answers the extended size.
+  POST /v2beta/stable-image/upscale/conservative: `image`, `prompt`, `creativity` (0.2..0.5),
+  answers up to 4 megapixels (here 4x per side at most).
 The images are small deterministic noise from the seed; sizes keep the requested aspect ratio.
+An image answer to an edit keeps the input's pixels where its mask keeps them.
 """
 
 from __future__ import annotations
@@ -32,7 +41,15 @@ from PIL import Image
 ASPECT_RATIOS = {"21:9", "16:9", "3:2", "5:4", "1:1", "4:5", "2:3", "9:16", "9:21"}
 ENGINES = {"core", "ultra", "sd3"}
 SD3_MODELS = {"sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium"}
-CREDITS = {"core": 3.0, "ultra": 8.0, "sd3": 6.5}
+CREDITS = {
+    "core": 3.0,
+    "ultra": 8.0,
+    "sd3": 6.5,
+    "edit/inpaint": 3.0,
+    "edit/outpaint": 4.0,
+    "upscale/conservative": 25.0,
+}
+EDITS = {"edit/inpaint", "edit/outpaint", "upscale/conservative"}
 
 
 @dataclass
@@ -110,10 +127,10 @@ def _handler(state: StubState):
         def do_POST(self):
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length)
-            prefix = "/v2beta/stable-image/generate/"
-            if not self.path.startswith(prefix) or self.path[len(prefix) :] not in ENGINES:
+            prefix = "/v2beta/stable-image/"
+            engine = self.path[len(prefix) :].removeprefix("generate/")
+            if not self.path.startswith(prefix) or engine not in ENGINES | EDITS:
                 return self._error(404, "not_found", f"{self.path} not found")
-            engine = self.path[len(prefix) :]
             with state.lock:
                 state.posts += 1
             if not self._authorized():
@@ -123,12 +140,19 @@ def _handler(state: StubState):
                 return self._error(400, "bad_request", "content-type: must be multipart/form-data")
             msg = BytesParser(policy=HTTP).parsebytes(f"content-type: {ctype}\r\n\r\n".encode() + raw)
             fields: dict[str, str] = {}
+            files: dict[str, bytes] = {}
             for part in msg.iter_parts():
                 name = part.get_param("name", header="content-disposition")
-                fields[str(name)] = part.get_payload(decode=True).decode()
+                payload = part.get_payload(decode=True)
+                if part.get_filename() is not None:
+                    files[str(name)] = payload
+                else:
+                    fields[str(name)] = payload.decode()
             accept = self.headers.get("accept", "image/*")
             with state.lock:
-                state.requests.append({"engine": engine, "fields": fields, "accept": accept, "t": time.monotonic()})
+                state.requests.append(
+                    {"engine": engine, "fields": fields, "files": files, "accept": accept, "t": time.monotonic()}
+                )
             if state.delay_s:
                 time.sleep(state.delay_s)
             if state.take("rate_limited"):
@@ -142,6 +166,10 @@ def _handler(state: StubState):
                 return self._error(500, "internal_error", "An unexpected server error has occurred")
             # 1. Check inputs, as the documentation lists them.
             prompt = fields.get("prompt", "")
+            if engine in EDITS or "image" in files:
+                return self._image_input(engine, fields, files, accept)
+            if engine == "sd3" and fields.get("mode") == "image-to-image":
+                return self._error(400, "bad_request", "image: is required for mode image-to-image")
             if not 1 <= len(prompt) <= 10000:
                 return self._error(400, "bad_request", "prompt: is required and must be 1 to 10000 characters")
             ratio = fields.get("aspect_ratio", "1:1")
@@ -184,6 +212,81 @@ def _handler(state: StubState):
             self.send_header("content-type", mime)
             self.send_header("content-length", str(len(data)))
             self.send_header("finish-reason", finish)
+            self.send_header("seed", str(seed))
+            self.send_header("x-request-id", uuid.uuid4().hex)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _image_input(self, engine: str, fields: dict, files: dict, accept: str) -> None:
+            """The edit and upscale endpoints, and generate with an input image."""
+            if "image" not in files:
+                return self._error(400, "bad_request", "image: is required")
+            try:
+                with Image.open(io.BytesIO(files["image"])) as im:
+                    source = np.asarray(im.convert("RGBA"))  # [h, w, 4]
+            except Exception:
+                return self._error(400, "bad_request", "image: is not a readable image")
+            h, w = source.shape[:2]
+            prompt = fields.get("prompt", "")
+            if engine != "edit/outpaint" and not 1 <= len(prompt) <= 10000:
+                return self._error(400, "bad_request", "prompt: is required and must be 1 to 10000 characters")
+            if "aspect_ratio" in fields:
+                return self._error(400, "bad_request", "aspect_ratio: not allowed with an input image")
+            seed = int(fields.get("seed", "0") or 0) or 42
+            rng = np.random.default_rng(seed)
+            if engine in ("core",):
+                return self._error(400, "bad_request", "image: core takes no input image")
+            if engine in ("sd3", "ultra"):
+                try:
+                    strength = float(fields["strength"])
+                except (KeyError, ValueError):
+                    return self._error(400, "bad_request", "strength: is required with an image, 0..1")
+                if engine == "sd3" and fields.get("mode") != "image-to-image":
+                    return self._error(400, "bad_request", "mode: must be image-to-image with an image")
+                noise = rng.integers(0, 256, size=(h, w, 3))
+                out = np.rint((1 - strength) * source[..., :3] + strength * noise).astype(np.uint8)
+            elif engine == "edit/inpaint":
+                if "mask" in files:
+                    with Image.open(io.BytesIO(files["mask"])) as m:
+                        generate = np.asarray(m.convert("L")) >= 128
+                    if generate.shape != (h, w):
+                        return self._error(400, "bad_request", "mask: must be the image's size")
+                else:
+                    generate = source[..., 3] < 128
+                grow = int(fields.get("grow_mask", "5"))
+                if not 0 <= grow <= 100:
+                    return self._error(400, "bad_request", "grow_mask: must be 0..100")
+                out = np.where(generate[..., None], rng.integers(0, 256, size=(h, w, 3)), source[..., :3])
+                out = out.astype(np.uint8)
+            elif engine == "edit/outpaint":
+                sides = {k: int(fields.get(k, "0")) for k in ("left", "right", "up", "down")}
+                if not all(0 <= v <= 2000 for v in sides.values()) or not any(sides.values()):
+                    return self._error(400, "bad_request", "left/right/up/down: 0..2000, at least one above 0")
+                if not 0 <= float(fields.get("creativity", "0.5")) <= 1:
+                    return self._error(400, "bad_request", "creativity: must be 0..1")
+                H, W = h + sides["up"] + sides["down"], w + sides["left"] + sides["right"]
+                out = rng.integers(0, 256, size=(H, W, 3)).astype(np.uint8)
+                out[sides["up"] : sides["up"] + h, sides["left"] : sides["left"] + w] = source[..., :3]
+            else:  # upscale/conservative
+                if not 0.2 <= float(fields.get("creativity", "0.35")) <= 0.5:
+                    return self._error(400, "bad_request", "creativity: must be 0.2..0.5")
+                factor = max(1.0, min(4.0, (4 * 2**20 / (w * h)) ** 0.5))
+                out = np.asarray(Image.fromarray(source[..., :3]).resize((round(w * factor), round(h * factor))))
+            with state.lock:
+                state.credits -= CREDITS[engine]
+            buf = io.BytesIO()
+            Image.fromarray(out).save(buf, format="PNG")
+            data = buf.getvalue()
+            if accept == "application/json":
+                import base64
+
+                return self._json(
+                    200, {"image": base64.b64encode(data).decode(), "finish_reason": "SUCCESS", "seed": seed}
+                )
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(data)))
+            self.send_header("finish-reason", "SUCCESS")
             self.send_header("seed", str(seed))
             self.send_header("x-request-id", uuid.uuid4().hex)
             self.end_headers()

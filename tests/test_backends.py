@@ -279,3 +279,79 @@ def test_remote_generator_stage_adds_the_generators_columns_and_lineage(stabilit
     lineage = json.loads(out["backend"][0])
     assert lineage["name"] == "stability" and lineage["seed"] == 1234 and lineage["api_cost_usd"] == 0.03
     assert out["backend"][2] == ""
+
+
+def conditioned_requests(rows: list[dict], steps: int = 20) -> list[RenderRequest]:
+    """Image-conditioned requests as a spec's rows make them (app/expand.py), from the packshots."""
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from app.expand import ExpandRows, ResolvedModels
+    from app.models.catalog import ResolvedModel
+    from app.request import requests_from_column
+    from app.spec import parse_spec
+
+    specs = Path(__file__).resolve().parents[1] / "specs"
+    base = ResolvedModel(name="tiny-sdxl", kind="base", arch="sdxl", version="1", sha256="0" * 64, path="", source="")
+    spec = parse_spec(
+        {
+            "run_name": "remote-modes",
+            "input": {"path": "/rows.csv", "prompt_template": "{product} on a marble table"},
+            "steps": steps,
+            "size": "small-square",
+            "image": {"mode": "inpaint", "base_dir": str(specs)},
+        }
+    )
+    columns = ("product", "image", "mask", "mode", "strength", "target")
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    out = ExpandRows(spec, ResolvedModels.single(base))(table)
+    assert out.column("status").to_pylist() == ["pending"] * len(rows), out.column("error").to_pylist()
+    return requests_from_column(out["request"])
+
+
+def test_stability_maps_every_image_mode_to_its_endpoint_and_keeps_the_product(stability_key):
+    reqs = conditioned_requests(
+        [
+            {"product": "a coin", "image": "data/packshots/coin.png"},  # alpha mask → edit/inpaint
+            {
+                "product": "a cup",
+                "image": "data/packshots/coffee_cup.png",
+                "mask": "data/packshots/coffee_cup_mask.png",
+            },
+            {"product": "a cup", "image": "data/packshots/coffee_cup_mask.png", "mode": "outpaint", "target": "9:16"},
+            {"product": "a coin", "image": "data/packshots/coin.png", "mode": "img2img", "strength": 0.5},
+            {"product": "a coin", "image": "data/packshots/coin.png", "mode": "upscale"},
+        ]
+    )
+    with StabilityStub(KEY) as stub:
+        results = StabilityBackend(fast(stub.url, model="sd3", max_concurrency=1)).render(reqs)
+        sent = {r["engine"]: r for r in stub.state.requests}
+    assert [r.error for r in results] == [None] * 5
+    assert sorted(sent) == ["edit/inpaint", "edit/outpaint", "sd3", "upscale/conservative"]
+    assert (
+        set(sent["edit/inpaint"]["files"]) == {"image", "mask"} and sent["edit/inpaint"]["fields"]["grow_mask"] == "4"
+    )
+    sides = {k: int(sent["edit/outpaint"]["fields"][k]) for k in ("left", "right", "up", "down")}
+    assert sides["up"] + sides["down"] > 150 and sides["left"] + sides["right"] == 224 - 218  # 9:16, multiples of 8
+    assert sent["sd3"]["fields"]["mode"] == "image-to-image" and sent["sd3"]["fields"]["strength"] == "0.5"
+    assert sent["upscale/conservative"]["fields"]["creativity"] == "0.3"
+    for req, res in zip(reqs, results):
+        assert res.image.shape == (req.height, req.width, 3)
+        assert res.lineage.provider_model in ("edit/inpaint", "edit/outpaint", "sd3", "upscale/conservative")
+    for res in results[:3]:  # the kept region is the input's, whatever the provider sent back
+        assert res.measures.kept_mean_abs <= 1.0 and res.measures.kept_pixels > 100
+    assert "width" in results[4].lineage.unhonoured  # the provider chose the upscale's size
+    assert results[4].cost_usd == 0.25 and results[0].cost_usd == 0.03
+
+
+def test_image_inputs_the_backend_cannot_take_fail_their_rows(stability_key, tmp_path):
+    [img2img] = conditioned_requests([{"product": "a coin", "image": "data/packshots/coin.png", "mode": "img2img"}])
+    with StabilityStub(KEY) as stub:
+        [core] = StabilityBackend(fast(stub.url, model="core")).render([img2img])
+        assert core.error.kind == "invalid" and "core takes no input image" in core.error.message
+        assert stub.state.posts == 0  # refused before anything was sent
+    changed = replace(img2img, conditioning=replace(img2img.conditioning, image_sha256="f" * 64))
+    with StabilityStub(KEY) as stub:
+        [result] = StabilityBackend(fast(stub.url, model="sd3")).render([changed])
+        assert "bad_input: input_changed" in result.error.message and stub.state.posts == 0

@@ -6,10 +6,17 @@ steps, cfg_scale (guidance), width, height, sampler_name (the scheduler's A1111 
 spec names one, the checkpoint (`override_settings.sd_model_checkpoint`). LoRAs are not sent (an
 A1111 server loads them from `<lora:name:weight>` tags on its own files); they are recorded as
 unhonoured. Not reproducible: farm members may differ in card, attention kernels and versions.
+
+Image-conditioned requests go to POST /sdapi/v1/img2img with the prepared init image (the canvas
+of an outpaint, the Lanczos-upscaled image of an upscale) in `init_images`, `denoising_strength`,
+`resize_mode` 0 at the render size, and for inpaint and outpaint the `mask` (white = generate),
+`mask_blur`, `inpainting_fill` 1 ("original") and `inpaint_full_res` false. An upscale is one
+img2img pass at the full size (A1111 has no tiled img2img over the API): `tile` is unhonoured.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -18,9 +25,11 @@ from dataclasses import dataclass, field
 import httpx
 
 from app.backends.base import BackendConfig, BackendError, BackendResult, Lineage, RemoteBackend, endpoint_host
+from app.backends.conditioned import mask_png, png
 from app.backends.credentials import Secret, load_secret, redact
 from app.backends.images import decode_b64_image
 from app.backends.retry import http_error, status_error, with_retries
+from app.conditioning.plan import Prepared
 from app.request import RenderRequest
 from app.schedulers import SCHEDULERS
 
@@ -61,6 +70,29 @@ class EndpointPool:
         return [e for e in self.endpoints if self._down_until.get(e, 0.0) <= now]
 
 
+def img2img_payload(request: RenderRequest, prepared: Prepared, model: str | None) -> dict:
+    cond = request.conditioning
+    assert cond is not None
+    width, height = prepared.render_size
+    payload = {
+        **txt2img_payload(request, model),
+        "init_images": [base64.b64encode(png(prepared.image)).decode()],
+        "denoising_strength": float(cond.strength),
+        "resize_mode": 0,
+        "width": width,
+        "height": height,
+    }
+    if prepared.generate is not None:
+        payload.update(
+            mask=base64.b64encode(mask_png(prepared)).decode(),
+            mask_blur=int(cond.mask_blur),
+            inpainting_fill=1,
+            inpaint_full_res=False,
+            inpainting_mask_invert=0,
+        )
+    return payload
+
+
 def txt2img_payload(request: RenderRequest, model: str | None) -> dict:
     payload = {
         "prompt": request.prompt,
@@ -91,8 +123,8 @@ class A1111Backend(RemoteBackend):
         self.client = httpx.Client(timeout=config.timeout_s, headers=headers)
         self.pool = EndpointPool(config.endpoints, config.cooldown_s)
 
-    def _post(self, endpoint: str, payload: dict) -> httpx.Response:
-        url = f"{endpoint}/sdapi/v1/txt2img"
+    def _post(self, endpoint: str, payload: dict, route: str = "txt2img") -> httpx.Response:
+        url = f"{endpoint}/sdapi/v1/{route}"
         where = f"a1111 {endpoint_host(endpoint)}"
         try:
             response = self.client.post(url, json=payload)
@@ -107,7 +139,13 @@ class A1111Backend(RemoteBackend):
         return response
 
     def render_one(self, request: RenderRequest) -> BackendResult:
-        payload = txt2img_payload(request, self.config.model)
+        return self._call(request, txt2img_payload(request, self.config.model), "txt2img")
+
+    def render_conditioned(self, request: RenderRequest, prepared: Prepared) -> BackendResult:
+        mode = request.conditioning.mode if request.conditioning else ""
+        return self._call(request, img2img_payload(request, prepared, self.config.model), "img2img", mode)
+
+    def _call(self, request: RenderRequest, payload: dict, route: str, mode: str = "") -> BackendResult:
         used: list[str] = []
         attempts = 0
 
@@ -116,7 +154,7 @@ class A1111Backend(RemoteBackend):
             attempts += 1
             endpoint = self.pool.pick()
             used.append(endpoint)
-            return self._post(endpoint, payload)
+            return self._post(endpoint, payload, route)
 
         response = with_retries(self.config, attempt)
         endpoint = used[-1]
@@ -138,7 +176,7 @@ class A1111Backend(RemoteBackend):
             request_id=response.headers.get("x-request-id"),
             seed=int(seed) if isinstance(seed, int) else None,
             reproducible=False,
-            unhonoured=("loras",) if request.loras else (),
+            unhonoured=(*(("loras",) if request.loras else ()), *(("tile",) if mode == "upscale" else ())),
         )
         return BackendResult(request.image_id, pixels, lineage, cost_usd=self.price(), attempts=attempts)
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from app.backends.prices import api_price_usd
+from app.conditioning.plan import Measures, Prepared
 from app.request import RenderRequest
 
 BACKENDS = ("diffusers", "a1111", "stability", "openai")
@@ -117,6 +118,7 @@ class BackendResult:
     cost_usd: float = 0.0  # the provider's price for this image (0 for a failed one unless charged)
     attempts: int = 1
     error: BackendError | None = None
+    measures: Measures | None = None  # image-conditioned requests: kept-region and seam measures
 
     @property
     def ok(self) -> bool:
@@ -155,7 +157,13 @@ class RemoteBackend:
     def _render_timed(self, request: RenderRequest) -> BackendResult:
         start = time.perf_counter()
         try:
-            result = self.render_one(request)
+            if request.conditioning is None:
+                result = self.render_one(request)
+            else:
+                from app.backends.conditioned import completed, prepared_inputs
+
+                prepared = prepared_inputs(request, self.name)
+                result = completed(self.render_conditioned(request, prepared), prepared)
         except BackendError as e:
             if e.kind == "auth":
                 raise
@@ -165,6 +173,12 @@ class RemoteBackend:
 
     def render_one(self, request: RenderRequest) -> BackendResult:
         raise NotImplementedError
+
+    def render_conditioned(self, request: RenderRequest, prepared: Prepared) -> BackendResult:
+        """An image-conditioned request (app/backends/conditioned.py): the provider's answer at
+        any size; the caller finishes it. A backend without image inputs refuses the row."""
+        mode = request.conditioning.mode if request.conditioning else "txt2img"
+        raise BackendError("invalid", f"{self.name}: the {self.name} backend takes no input image (mode {mode})")
 
     def failed_lineage(self, request: RenderRequest) -> Lineage:
         return Lineage(backend=self.name, provider_model=self.config.model, reproducible=False)

@@ -3,6 +3,11 @@
 Field mapping: prompt, size ("WxH"), model. The API has no seed, steps, guidance, negative prompt
 or sampler: those are recorded as unhonoured and the image as not reproducible. A content-policy
 refusal (400 with `error.code: content_policy_violation`) becomes a failed row with its message.
+
+Image-conditioned requests go to POST /v1/images/edits (multipart: `image`, `mask` with OpenAI's
+convention, transparent = edit, `prompt`, `n`, `size`, `response_format`, `model`): inpaint and
+outpaint (the canvas and its mask), img2img (the image without a mask); the strength and mask blur
+cannot be sent (unhonoured). An upscale has no OpenAI endpoint: the row fails saying so.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import httpx
 
 from app.backends.base import BackendConfig, BackendError, BackendResult, Lineage, RemoteBackend, endpoint_host
+from app.backends.conditioned import mask_png, png
 from app.backends.credentials import Secret, load_secret, redact
 from app.backends.images import decode_b64_image
 from app.backends.retry import http_error, status_error, with_retries
+from app.conditioning.plan import Prepared
 from app.request import RenderRequest
 
 DEFAULT_ENDPOINT = "https://api.openai.com"
@@ -50,9 +57,13 @@ class OpenAIImagesBackend(RemoteBackend):
         self.client = httpx.Client(base_url=self.endpoint, timeout=config.timeout_s, headers=headers)
         self.where = f"openai {endpoint_host(self.endpoint)}"
 
-    def _post(self, payload: dict) -> httpx.Response:
+    def _post(self, payload: dict, files: dict | None = None) -> httpx.Response:
         try:
-            response = self.client.post("/v1/images/generations", json=payload)
+            if files:  # the edits endpoint: multipart, the fields as form parts
+                data = {k: str(v) for k, v in payload.items()}
+                response = self.client.post("/v1/images/edits", data=data, files=files)
+            else:
+                response = self.client.post("/v1/images/generations", json=payload)
         except httpx.HTTPError as e:
             raise http_error(e, self.where) from None
         if response.status_code != 200:
@@ -64,13 +75,30 @@ class OpenAIImagesBackend(RemoteBackend):
         return response
 
     def render_one(self, request: RenderRequest) -> BackendResult:
-        payload = generations_payload(request, self.config.model)
+        return self._call(request, generations_payload(request, self.config.model), None, unhonoured_fields(request))
+
+    def render_conditioned(self, request: RenderRequest, prepared: Prepared) -> BackendResult:
+        cond = request.conditioning
+        assert cond is not None
+        if cond.mode == "upscale":
+            raise BackendError("invalid", f"{self.where}: the OpenAI images API has no upscale endpoint")
+        width, height = prepared.render_size
+        payload = {**generations_payload(request, self.config.model), "size": f"{width}x{height}"}
+        files = {"image": ("image.png", png(prepared.image), "image/png")}
+        if prepared.generate is not None:
+            files["mask"] = ("mask.png", mask_png(prepared, transparent_edits=True), "image/png")
+        unhonoured = (*unhonoured_fields(request), "strength", *(("mask_blur",) if cond.mask_blur else ()))
+        return self._call(request, payload, files, unhonoured)
+
+    def _call(
+        self, request: RenderRequest, payload: dict, files: dict | None, unhonoured: tuple[str, ...]
+    ) -> BackendResult:
         attempts = 0
 
         def attempt() -> httpx.Response:
             nonlocal attempts
             attempts += 1
-            return self._post(payload)
+            return self._post(payload, files)
 
         response = with_retries(self.config, attempt)
         try:
@@ -88,7 +116,7 @@ class OpenAIImagesBackend(RemoteBackend):
             request_id=response.headers.get("x-request-id"),
             seed=None,  # the API neither takes nor returns one
             reproducible=False,
-            unhonoured=unhonoured_fields(request),
+            unhonoured=unhonoured,
         )
         return BackendResult(request.image_id, pixels, lineage, cost_usd=self.price(), attempts=attempts)
 

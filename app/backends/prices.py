@@ -15,6 +15,9 @@ STABILITY_USD = {
     "sd3.5-large-turbo": 0.04,
     "sd3.5-medium": 0.035,
 }
+# The edit and upscale endpoints image-conditioned requests use (credits: inpaint 3, outpaint 4,
+# conservative upscale 25); img2img goes to the generate endpoint at its engine's price.
+STABILITY_EDIT_USD = {"inpaint": 0.03, "outpaint": 0.04, "upscale": 0.25}
 OPENAI_USD = {"dall-e-2": 0.02, "dall-e-3": 0.04, "gpt-image-1": 0.042}
 OPENAI_DEFAULT_USD = 0.04  # a compatible server whose model is not listed
 

@@ -1,4 +1,5 @@
-"""Stability AI's REST v2beta stable-image generate endpoints: core, ultra, sd3.
+"""Stability AI's REST v2beta stable-image generate endpoints: core, ultra, sd3; and its edit and
+upscale endpoints for image-conditioned requests.
 
 POST {endpoint}/v2beta/stable-image/generate/{core|ultra|sd3} as multipart/form-data, with
 `Authorization: Bearer <key>` and `Accept: image/*` (the image bytes; `finish-reason`, `seed` and
@@ -10,6 +11,17 @@ Field mapping: prompt, negative_prompt, seed (0 asks Stability to pick one, so s
 pixel size), cfg_scale (sd3 only), model (sd3's sd3.5-large/-medium/-large-turbo). Steps, sampler
 and LoRAs cannot be set: recorded as unhonoured. Not reproducible: the hosted model can change
 under the same engine name.
+
+Image-conditioned requests (app/backends/conditioned.py prepares and finishes them):
+- inpaint, and outpaint with a mask inside the original (a packshot's transparent background):
+  `edit/inpaint` with the prepared image (the canvas, for an outpaint) and the mask (white =
+  generate); `grow_mask` is the request's `mask_blur`;
+- outpaint that only extends the canvas: `edit/outpaint` with the original and the pixels to add
+  on each side (`left`, `right`, `up`, `down`), `creativity` = the strength;
+- img2img: `generate/sd3` (`mode: image-to-image`) or `generate/ultra` with `image` and `strength`;
+  core takes no input image and the row fails saying so;
+- upscale: `upscale/conservative` with the input, `creativity` = the strength within 0.2–0.5 (the
+  provider picks the output size, resized to the request's: width/height unhonoured).
 """
 
 from __future__ import annotations
@@ -18,11 +30,15 @@ import base64
 import binascii
 
 import httpx
+import numpy as np
 
 from app.backends.base import BackendConfig, BackendError, BackendResult, Lineage, RemoteBackend, endpoint_host
+from app.backends.conditioned import mask_png, png
 from app.backends.credentials import Secret, load_secret, redact
 from app.backends.images import decode_image
+from app.backends.prices import STABILITY_EDIT_USD
 from app.backends.retry import http_error, status_error, with_retries
+from app.conditioning.plan import Prepared
 from app.request import RenderRequest
 
 DEFAULT_ENDPOINT = "https://api.stability.ai"
@@ -97,12 +113,13 @@ class StabilityBackend(RemoteBackend):
         )
         self.where = f"stability {endpoint_host(self.endpoint)}"
 
-    def _post(self, fields: dict[str, str]) -> httpx.Response:
+    def _post(self, fields: dict[str, str], path: str = "", images: dict[str, bytes] | None = None) -> httpx.Response:
         # Every field as a multipart part without a filename: the API takes multipart/form-data only.
-        files = {name: (None, value) for name, value in fields.items()}
+        files: dict[str, tuple] = {name: (None, value) for name, value in fields.items()}
+        files.update({name: (f"{name}.png", data, "image/png") for name, data in (images or {}).items()})
         try:
             response = self.client.post(
-                f"/v2beta/stable-image/generate/{self.engine}", files=files, headers={"Accept": self.accept}
+                path or f"/v2beta/stable-image/generate/{self.engine}", files=files, headers={"Accept": self.accept}
             )
         except httpx.HTTPError as e:
             raise http_error(e, self.where) from None
@@ -115,12 +132,55 @@ class StabilityBackend(RemoteBackend):
 
     def render_one(self, request: RenderRequest) -> BackendResult:
         fields = form_fields(request, self.engine, self.sd3_model)
+        return self._call(request, fields, "", {}, self.sd3_model or self.engine, self.price())
+
+    def render_conditioned(self, request: RenderRequest, prepared: Prepared) -> BackendResult:
+        cond = request.conditioning
+        assert cond is not None
+        fields = {"prompt": request.prompt, "seed": str(request.seed % MAX_SEED or MAX_SEED), "output_format": "png"}
+        if request.negative_prompt:
+            fields["negative_prompt"] = request.negative_prompt
+        if cond.mode == "img2img":
+            if self.engine == "core":
+                raise BackendError("invalid", f"{self.where}: core takes no input image: use sd3 or ultra for img2img")
+            fields["strength"] = f"{cond.strength:g}"
+            if self.engine == "sd3":
+                fields["mode"] = "image-to-image"
+                fields["cfg_scale"] = f"{request.guidance:g}"
+                if self.sd3_model:
+                    fields["model"] = self.sd3_model
+            images = {"image": png(prepared.image)}
+            return self._call(request, fields, "", images, self.sd3_model or self.engine, self.price())
+        if cond.mode == "upscale":
+            assert prepared.source is not None
+            fields["creativity"] = f"{min(0.5, max(0.2, cond.strength)):g}"
+            images = {"image": png(prepared.source)}
+            path = "/v2beta/stable-image/upscale/conservative"
+            return self._call(request, fields, path, images, "upscale/conservative", STABILITY_EDIT_USD["upscale"])
+        box = _kept_box(prepared) if cond.mask_source == "canvas" else None
+        if box is not None:  # the canvas only extends the original: the outpaint endpoint
+            fields.pop("negative_prompt", None)  # the outpaint endpoint takes none
+            x, y, w, h = box
+            width, height = prepared.render_size
+            sides = {"left": x, "right": width - x - w, "up": y, "down": height - y - h}
+            fields.update({k: str(v) for k, v in sides.items()}, creativity=f"{cond.strength:g}")
+            images = {"image": png(prepared.image[y : y + h, x : x + w])}
+            path = "/v2beta/stable-image/edit/outpaint"
+            return self._call(request, fields, path, images, "edit/outpaint", STABILITY_EDIT_USD["outpaint"])
+        fields["grow_mask"] = str(min(100, cond.mask_blur))
+        images = {"image": png(prepared.image), "mask": mask_png(prepared)}
+        path = "/v2beta/stable-image/edit/inpaint"
+        return self._call(request, fields, path, images, "edit/inpaint", STABILITY_EDIT_USD["inpaint"])
+
+    def _call(
+        self, request: RenderRequest, fields: dict, path: str, images: dict, provider_model: str, price: float
+    ) -> BackendResult:
         attempts = 0
 
         def attempt() -> httpx.Response:
             nonlocal attempts
             attempts += 1
-            return self._post(fields)
+            return self._post(fields, path, images)
 
         response = with_retries(self.config, attempt)
         content_type = response.headers.get("content-type", "")
@@ -151,13 +211,13 @@ class StabilityBackend(RemoteBackend):
         lineage = Lineage(
             backend=self.name,
             endpoint_host=endpoint_host(self.endpoint),
-            provider_model=self.sd3_model or self.engine,
+            provider_model=provider_model,
             request_id=response.headers.get("x-request-id"),
             seed=_int(seed),
             reproducible=False,
             unhonoured=unhonoured_fields(request, self.engine),
         )
-        return BackendResult(request.image_id, pixels, lineage, cost_usd=self.price(), attempts=attempts)
+        return BackendResult(request.image_id, pixels, lineage, cost_usd=price, attempts=attempts)
 
     def preflight(self) -> None:
         """GET /v1/user/balance: a wrong key (401) stops the run; no credits left (0) too."""
@@ -176,6 +236,19 @@ class StabilityBackend(RemoteBackend):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _kept_box(prepared: Prepared) -> tuple[int, int, int, int] | None:
+    """(x, y, width, height) of the kept region when it is exactly a rectangle, else None."""
+    if prepared.generate is None:
+        return None
+    keep = ~prepared.generate
+    rows, cols = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+    if not len(rows):
+        return None
+    y, x = int(rows[0]), int(cols[0])
+    h, w = int(rows[-1]) - y + 1, int(cols[-1]) - x + 1
+    return (x, y, w, h) if keep[y : y + h, x : x + w].all() and int(keep.sum()) == w * h else None
 
 
 def _int(value: object) -> int | None:

@@ -2,8 +2,9 @@
 Generator's output columns, so Finish, QC and the catalog are the same code path.
 
 Reads: image_id, status, error, request. Adds: pixels, nonfinite, gpu_seconds, accelerator,
-batch_id, batch_size, generator_id, lora_switches, lora_switch_seconds, and `backend` (the lineage,
-one JSON object per row; empty for rows not rendered here).
+batch_id, batch_size, generator_id, lora_switches, lora_switch_seconds, the `cond_*` measures of
+image-conditioned rows (app/backends/conditioned.py), and `backend` (the lineage, one JSON object
+per row; empty for rows not rendered here).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from app.backends import BackendConfig, BackendResult, build_backend
+from app.conditioning.plan import MEASURE_COLUMNS, Measures
 from app.request import RenderRequest, requests_from_batch
 
 
@@ -34,6 +36,7 @@ class RemoteGenerator:
         by_id = {r.image_id: r for r in requests}
         status, error = list(batch["status"]), list(batch["error"])
         pixels, wall, lineage = [], [], []
+        measures: dict[str, list[float]] = {c: [] for c in MEASURE_COLUMNS}
         for i in range(n):
             r = results.get(batch["image_id"][i])
             if r is not None and r.error is not None:
@@ -42,6 +45,8 @@ class RemoteGenerator:
             pixels.append(b"" if image is None else image.tobytes())
             wall.append(0.0 if r is None else r.wall_s)
             lineage.append("" if r is None else json.dumps(catalog_backend(r)))
+            for column, value in (r.measures if r is not None and r.measures else Measures()).as_columns().items():
+                measures[column].append(value)
         return {
             **batch,
             "status": np.array(status, dtype=object),
@@ -57,6 +62,7 @@ class RemoteGenerator:
             "lora_switch_seconds": np.zeros(n, dtype=np.float64),
             "backend_wall_seconds": np.array(wall, dtype=np.float64),
             "backend": np.array(lineage, dtype=object),
+            **{column: np.array(values, dtype=np.float64) for column, values in measures.items()},
         }
 
 
