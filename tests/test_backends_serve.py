@@ -152,3 +152,33 @@ def test_bulk_run_with_a_wrong_key_stops_before_rendering(serve_url, monkeypatch
         run(spec, quiet=True)
     assert "wrong-key" not in str(e.value)
     assert not list((tmp_path / "out").glob("images/*/*.png"))
+
+
+def test_a_cost_cap_stops_submitting_to_a_backend_at_the_image_that_would_cross_it(serve_url, tmp_path):
+    from app.catalog.store import CatalogStore
+    from app.spec import load_spec
+    from app.storage import OutputStore
+    from jobs.generate import run
+
+    key_file = tmp_path / "serve.key"
+    key_file.write_text(KEY + "\n")
+    overrides = {
+        "output.uri": str(tmp_path / "out"),
+        "input.limit": 2,
+        "steps": 2,
+        "model.backend": "a1111",
+        "model.endpoints": [serve_url],
+        "model.credentials": f"file:{key_file}",
+        "model.price_usd_per_image": 0.01,
+        "budget.max_cost_usd": 0.025,  # two images fit, a third would cross it
+    }
+    summary = run(load_spec("specs/ecommerce.yaml", overrides), quiet=True)
+    assert summary.stopped_on_budget and summary.budget["admitted_images"] == 2
+    rows = CatalogStore(OutputStore.at(str(tmp_path / "out"))).read().to_pylist()
+    rendered = [r for r in rows if r["status"] != "failed"]
+    assert len(rendered) == 2 and sum(r["cost_usd"] for r in rendered) == pytest.approx(
+        0.02, abs=0.001
+    )  # + QC CPU time
+    stopped = [r for r in rows if r["status"] == "failed"]
+    assert len(stopped) == 2 and all(r["error"].startswith("budget_exhausted: ") for r in stopped)
+    assert "cost cap $0.025" in summary.render()
