@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
 from ray import serve
 
 from app.asyncjobs.http import JobsService, jobs_service
@@ -44,23 +45,36 @@ from app.serve.config import ServeConfig, load_serve_config
 from app.serve.core import (
     A1111_SAMPLERS,
     A1111_SCHEDULES,
+    ImageInput,
     ImageJob,
     RequestError,
     ServeCore,
     a1111_schedule_label,
     a1111_scheduler,
+    mode_settings,
     rendered_rows,
     resolve_serve_models,
     split_lora_tags,
 )
-from app.serve.schemas import A1111PngInfo, A1111Txt2Img, GenerateRequest, GenerateResponse, OpenAIImageRequest
+from app.serve.schemas import (
+    A1111Img2Img,
+    A1111PngInfo,
+    A1111Txt2Img,
+    GenerateRequest,
+    GenerateResponse,
+    OpenAIEditRequest,
+    OpenAIImageRequest,
+)
+from app.serve.uploads import FormPart, parse_form
 from app.serve.urls import UrlSignatureError, UrlSigner, url_secret
 from app.spec import ComputeSpec, Size
 from app.storage import OutputStore
 
 logger = logging.getLogger("imagefab.serve")
-OPENAI_ROUTES = {"/v1/images/generations", "/v1/models", "/v1/files/images/{name}"}
+OPENAI_ROUTES = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/files/images/{name}"}
 IMAGE_MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+A1111_RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fill"}  # just resize, crop and resize, resize and fill
+A1111_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 api = FastAPI(
     title="imagefab",
@@ -205,7 +219,9 @@ _OPENAI_CODES = {
     401: "invalid_api_key",
     403: "invalid_signature",
     404: "not_found",
+    409: "input_changed",
     413: "request_too_large",
+    415: "unsupported_image_format",
     503: "server_busy",
     504: "timeout",
 }
@@ -231,6 +247,42 @@ def _error(
         }
     }
     return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def _openai_output(body) -> tuple[str, int | None]:
+    """(format, encoder quality) of an Images API request; what cannot be honoured is a 400."""
+    if body.background == "transparent":
+        raise RequestError(
+            400, "background", "'transparent' cannot be rendered: SDXL renders no alpha; use 'opaque' or 'auto'"
+        )
+    fmt = body.output_format or "png"
+    if body.output_compression is not None and fmt == "png":
+        raise RequestError(400, "output_compression", "applies to output_format jpeg or webp, not png")
+    return fmt, None if fmt == "png" else max(1, 100 if body.output_compression is None else body.output_compression)
+
+
+def _openai_size(size: str) -> tuple[int, int]:
+    try:
+        parsed = Size.parse(size)
+    except ValueError as e:
+        raise RequestError(400, "size", str(e)) from None
+    return parsed.width, parsed.height
+
+
+def _edit_form_schema() -> dict:
+    """The OpenAPI schema of `/v1/images/edits`' multipart form (read by hand, see the route)."""
+    schema = OpenAIEditRequest.model_json_schema()
+    schema["properties"] = {
+        "image": {"type": "string", "format": "binary", "description": "The image to edit: PNG, JPEG or WebP."},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "Optional; its transparent pixels mark what to edit (same size as the image).",
+        },
+        **schema["properties"],
+    }
+    schema["required"] = ["image", "prompt"]
+    return schema
 
 
 def _route_of(scope) -> str:
@@ -408,6 +460,8 @@ class Ingress:
         them if its batch has not started; one already rendering finishes there and is discarded),
         and only the rendered ones are finished and returned."""
         requests = self.core.plan(job)
+        if job.image_input is not None:  # planned and accepted: only now are its uploads written
+            await asyncio.to_thread(self.core.store_inputs, job.image_input)
         base = requests[0].base_model["name"]
         handle = self.generators[base].options(multiplexed_model_id=requests[0].combination_key)
         responses = [handle.render.remote(q) for q in requests]
@@ -472,6 +526,7 @@ class Ingress:
                     loras = [(str(lo["name"]), float(lo.get("weight", 1.0))) for lo in body.loras]
                 except (KeyError, TypeError, ValueError, OverflowError):  # float(10**400): OverflowError
                     raise RequestError(422, "loras", "each entry is {name, weight}") from None
+            image_input = await self._native_input(body)
             job = ImageJob(
                 prompt=body.prompt,
                 negative_prompt=body.negative_prompt,
@@ -485,6 +540,7 @@ class Ingress:
                 width=width,
                 height=height,
                 tags=body.tags,
+                image_input=image_input,
             )
             requests, images = await self._render(job)
             out = []
@@ -510,6 +566,34 @@ class Ingress:
             )
 
         return await self._serve(request, work)
+
+    async def _native_input(self, body: GenerateRequest) -> ImageInput | None:
+        """`image` (+ `mask`) and the mode's settings of a native request; None for txt2img."""
+        if body.image is None:
+            if body.mode is not None or body.mask is not None:
+                what = f"mode {body.mode}" if body.mode else "a mask"
+                raise RequestError(422, "image", f"{what} needs an input image (base64 in `image`)")
+            return None
+        if body.mode is None:
+            raise RequestError(422, "mode", "an input image needs a mode: img2img, inpaint, outpaint or upscale")
+        settings = mode_settings(
+            mode=body.mode,
+            strength=body.strength,
+            mask_blur=body.mask_blur,
+            blend_px=body.blend_px,
+            target=body.target or "",
+            anchor=body.anchor,
+            fill=body.fill,
+            resize_mode=body.resize_mode,
+            scale=body.scale,
+            tile=body.tile,
+            tile_overlap=body.tile_overlap,
+        )
+        image = await asyncio.to_thread(self.core.uploads.accept_base64, body.image, "image")
+        mask = None
+        if body.mask is not None:
+            mask = await asyncio.to_thread(self.core.uploads.accept_base64, body.mask, "mask")
+        return ImageInput(settings, image, mask)
 
     @api.get("/v1/models", tags=["native", "openai"])
     async def models_list(self, request: Request):
@@ -586,10 +670,6 @@ class Ingress:
     async def openai_generations(self, body: OpenAIImageRequest, request: Request):
         async def work():
             # Fields imagefab cannot honour are refused, naming the field, before any work.
-            if body.background == "transparent":
-                raise RequestError(
-                    400, "background", "'transparent' cannot be rendered: SDXL renders no alpha; use 'opaque' or 'auto'"
-                )
             if body.style is not None:
                 raise RequestError(
                     400, "style", "not supported: the look comes from the model (a combination, GET /v1/models)"
@@ -598,19 +678,10 @@ class Ingress:
                 raise RequestError(
                     400, "moderation", "this server moderates no content (only QC grades images): send 'low' or omit it"
                 )
-            fmt = body.output_format or "png"
-            if body.output_compression is not None and fmt == "png":
-                raise RequestError(400, "output_compression", "applies to output_format jpeg or webp, not png")
-            encoder_quality = (
-                None if fmt == "png" else max(1, 100 if body.output_compression is None else body.output_compression)
-            )
+            fmt, encoder_quality = _openai_output(body)
             width = height = None
             if body.size and body.size != "auto":
-                try:
-                    size = Size.parse(body.size)
-                except ValueError as e:
-                    raise RequestError(400, "size", str(e)) from None
-                width, height = size.width, size.height
+                width, height = _openai_size(body.size)
             choice = self.core.model_choice(body.model)
             job = ImageJob(
                 prompt=body.prompt,
@@ -622,110 +693,301 @@ class Ingress:
                 **choice,
             )
             requests, images = await self._render(job)
-            data = []
-            for im in images:
-                item: dict = {"revised_prompt": im.request.prompt}
-                if not im.png:
-                    item["url" if body.response_format == "url" else "b64_json"] = None
-                elif body.response_format == "url":
-                    item["url"] = self._url(request, im.image_id, fmt, encoder_quality)
-                else:
-                    encoded = await asyncio.to_thread(self.core.encoded, im.png, fmt, encoder_quality)
-                    item["b64_json"] = base64.b64encode(encoded).decode()
-                # imagefab's extension: which catalogued image this is and how QC judged it.
-                item["imagefab"] = {
-                    "image_id": im.image_id,
-                    "qc_status": im.status,
-                    "qc_reasons": im.reasons,
-                    "seed": im.seed,
-                    "error": im.error or None,
-                }
-                data.append(item)
-            return JSONResponse(
-                {
-                    "created": int(time.time()),
-                    "data": data,
-                    "output_format": fmt,
-                    "size": f"{requests[0].width}x{requests[0].height}",
-                    "background": "opaque",
-                    **({"quality": body.quality} if body.quality else {}),
-                }
-            )
+            return await self._openai_images(request, body, requests, images, fmt, encoder_quality)
 
         return await self._serve(request, work, openai=True)
+
+    @api.post(
+        "/v1/images/edits",
+        tags=["openai"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": _edit_form_schema()}},
+            }
+        },
+    )
+    async def openai_edits(self, request: Request):
+        """OpenAI's `images.edit`: one `image` file (PNG, JPEG or WebP), an optional `mask` whose
+        transparent pixels mark what to edit, and the generations' fields. With a mask, or an image
+        with transparency, the edit is an inpaint (everything else kept byte for byte, at the
+        image's own size); an opaque image without a mask is redrawn whole, guided by it (img2img
+        at the server's `edit_strength`)."""
+
+        async def work():
+            parts = parse_form(request.headers.get("content-type", ""), await request.body())
+            files: dict[str, list[FormPart]] = {"image": [], "mask": []}
+            values: dict[str, str] = {}
+            for part in parts:
+                name = "image" if part.name == "image[]" else part.name
+                if name in files:
+                    files[name].append(part)
+                elif name in values:
+                    raise RequestError(400, name, "is given more than once")
+                else:
+                    values[name] = part.text
+            try:
+                body = OpenAIEditRequest.model_validate(values)
+            except ValidationError as e:
+                first = e.errors()[0]
+                param = ".".join(str(p) for p in first["loc"]) or None
+                if first["type"] == "extra_forbidden":
+                    raise RequestError(400, param or "body", f"Unknown parameter: '{param}'.") from None
+                if first["type"] == "missing":
+                    raise RequestError(400, param or "body", f"Missing required parameter: '{param}'.") from None
+                raise RequestError(
+                    400, param or "body", f"{first['msg']} (got {str(first.get('input'))[:80]!r})"
+                ) from None
+            if not files["image"]:
+                raise RequestError(400, "image", "Missing required parameter: 'image' (the image file to edit).")
+            if len(files["image"]) > 1:
+                raise RequestError(
+                    400, "image", f"this server edits one image per request; {len(files['image'])} were sent"
+                )
+            if len(files["mask"]) > 1:
+                raise RequestError(400, "mask", "is given more than once")
+            if body.stream:
+                raise RequestError(400, "stream", "not supported: images are sent when finished; send false or omit it")
+            fmt, encoder_quality = _openai_output(body)
+            image = await asyncio.to_thread(self.core.uploads.accept, files["image"][0].data, "image")
+            mask = None
+            if files["mask"]:
+                upload = await asyncio.to_thread(self.core.uploads.accept, files["mask"][0].data, "mask")
+                mask = await asyncio.to_thread(self.core.uploads.alpha_mask, upload)
+            alpha = image.image.alpha
+            inpaint = mask is not None or (alpha is not None and bool((alpha < 128).any()))
+            width = height = None
+            if body.size and body.size != "auto":
+                width, height = _openai_size(body.size)
+                if inpaint and (width, height) != (image.image.width, image.image.height):
+                    raise RequestError(
+                        400,
+                        "size",
+                        f"an edit with a mask or transparency keeps the image's own size, "
+                        f"{image.image.width}x{image.image.height}: send that or 'auto'",
+                    )
+                if inpaint:
+                    width = height = None
+            settings = (
+                mode_settings(mode="inpaint")
+                if inpaint
+                else mode_settings(mode="img2img", strength=self.config.edit_strength, resize_mode="crop")
+            )
+            choice = self.core.model_choice(body.model)
+            job = ImageJob(
+                prompt=body.prompt,
+                n=body.n,
+                width=width,
+                height=height,
+                steps=self.core.steps_for_quality(choice, body.quality),
+                tags={"user": body.user} if body.user else {},
+                image_input=ImageInput(settings, image, mask),
+                **choice,
+            )
+            requests, images = await self._render(job)
+            return await self._openai_images(request, body, requests, images, fmt, encoder_quality)
+
+        return await self._serve(request, work, openai=True)
+
+    async def _openai_images(self, request: Request, body, requests, images, fmt: str, encoder_quality) -> Response:
+        """The Images API's answer: `data` as b64_json or signed URLs, with imagefab's QC extension."""
+        data = []
+        for im in images:
+            item: dict = {"revised_prompt": im.request.prompt}
+            if not im.png:
+                item["url" if body.response_format == "url" else "b64_json"] = None
+            elif body.response_format == "url":
+                item["url"] = self._url(request, im.image_id, fmt, encoder_quality)
+            else:
+                encoded = await asyncio.to_thread(self.core.encoded, im.png, fmt, encoder_quality)
+                item["b64_json"] = base64.b64encode(encoded).decode()
+            # imagefab's extension: which catalogued image this is and how QC judged it.
+            item["imagefab"] = {
+                "image_id": im.image_id,
+                "qc_status": im.status,
+                "qc_reasons": im.reasons,
+                "seed": im.seed,
+                "error": im.error or None,
+            }
+            data.append(item)
+        return JSONResponse(
+            {
+                "created": int(time.time()),
+                "data": data,
+                "output_format": fmt,
+                "size": f"{requests[0].width}x{requests[0].height}",
+                "background": "opaque",
+                **({"quality": body.quality} if body.quality else {}),
+            }
+        )
 
     # --- AUTOMATIC1111 ------------------------------------------------------------------------------
     @api.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def a1111_txt2img(self, body: A1111Txt2Img, request: Request):
+        return await self._serve(request, lambda: self._a1111(body, request))
+
+    @api.post("/sdapi/v1/img2img", tags=["a1111"])
+    async def a1111_img2img(self, body: A1111Img2Img, request: Request):
+        """A1111's img2img. Without `mask`: img2img at width x height, the init image brought there
+        by `resize_mode` (0 just resize = stretch, 1 crop and resize = crop, 2 resize and fill =
+        fill; 3 latent upscale is refused). With `mask`: inpaint (white repaints;
+        `inpainting_mask_invert` 1 repaints black) at the init image's own size, every kept pixel
+        the init image's. What this server renders differently from A1111 is said in `info`'s
+        `extra_generation_params`: `inpainting_fill` other than 1 (original), `inpaint_full_res`
+        (only masked), and width x height with a mask."""
+
         async def work():
-            prompt, tag_loras = split_lora_tags(body.prompt)
-            # The checkpoint: this request's override, else the server's (POST /sdapi/v1/options).
-            checkpoint = body.override_settings.get("sd_model_checkpoint") or await asyncio.to_thread(
-                self.core.a1111_checkpoint
+            image_input, notes = await self._a1111_input(body)
+            return await self._a1111(body, request, image_input, notes)
+
+        return await self._serve(request, work)
+
+    async def _a1111_input(self, body: A1111Img2Img) -> tuple[ImageInput, dict[str, str]]:
+        fields = {"image": "init_images", "strength": "denoising_strength"}
+        if not body.init_images:
+            raise RequestError(422, "init_images", "needs one init image (base64 or a data:image/…;base64, URL)")
+        if len(body.init_images) > 1:
+            raise RequestError(
+                422, "init_images", f"this server renders from one init image per request; {len(body.init_images)} sent"
             )
-            combination, base = self.core.checkpoint_choice(checkpoint)
-            combo = self.core.combos.get(combination or self.config.default)
-            scheduler = a1111_scheduler(
-                body.sampler_name or body.sampler_index,
-                body.scheduler,
-                combo.scheduler if combo else self.config.scheduler,
+        if body.resize_mode == 3:
+            raise RequestError(
+                422,
+                "resize_mode",
+                "3 (latent upscale) is not supported: send 0 (just resize), 1 (crop and resize) or 2 (resize and "
+                "fill); for a second pass at a higher resolution, POST /v1/generate with mode upscale",
             )
-            job = ImageJob(
-                prompt=prompt,
-                negative_prompt=body.negative_prompt,
-                combination=combination,
-                base=base,
-                loras=tag_loras or None,
-                seed=body.seed,
-                n=body.batch_size * body.n_iter,
-                steps=body.steps,
-                guidance=body.cfg_scale,
-                scheduler=scheduler,
-                width=body.width,
-                height=body.height,
+        settings = mode_settings(
+            fields,
+            mode="inpaint" if body.mask else "img2img",
+            strength=body.denoising_strength,
+            mask_blur=body.mask_blur,
+            resize_mode=A1111_RESIZE_MODES[body.resize_mode],
+        )
+        image = await asyncio.to_thread(self.core.uploads.accept_base64, body.init_images[0], "init_images")
+        if not body.mask:
+            return ImageInput(settings, image, None, fields), {}
+        upload = await asyncio.to_thread(self.core.uploads.accept_base64, body.mask, "mask")
+        mask = await asyncio.to_thread(self.core.uploads.a1111_mask, upload, bool(body.inpainting_mask_invert))
+        notes = {}
+        if body.inpainting_fill != 1:
+            notes["imagefab inpainting_fill"] = (
+                f"{A1111_FILLS[body.inpainting_fill]} is not rendered here: the masked area starts from the "
+                "init image's own pixels (original), denoised at denoising_strength"
             )
-            interrupt = asyncio.Event()
-            running = self.a1111_running.setdefault(self._caller(request), set())
-            running.add(interrupt)
-            try:
-                requests, images = await self._render(job, interrupt)
-            finally:
-                running.discard(interrupt)
-            infotexts = [read_metadata(im.png).get("parameters", "") if im.png else "" for im in images]
-            first = requests[0] if requests else None
-            info = {
-                "prompt": body.prompt,
-                "all_prompts": [body.prompt] * len(images),
-                "negative_prompt": body.negative_prompt,
-                "seed": images[0].seed if images else body.seed,
-                "all_seeds": [im.seed for im in images],
-                "subseed": -1,
-                "all_subseeds": [-1] * len(images),
-                "steps": first.steps if first else body.steps,
-                "cfg_scale": first.guidance if first else body.cfg_scale,
-                "sampler_name": SCHEDULERS[first.scheduler][2] if first else body.sampler_name,
-                "scheduler": a1111_schedule_label(first.scheduler) if first else body.scheduler,
-                "width": body.width,
-                "height": body.height,
-                "sd_model_name": first.base_model["name"] if first else None,
-                "sd_model_hash": first.base_model["sha256"][:10] if first else None,
-                "batch_size": body.batch_size,
-                "infotexts": infotexts,
-                "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-                "interrupted": interrupt.is_set(),
-                "extra_generation_params": {
-                    "imagefab image_ids": [im.image_id for im in images],
-                    "imagefab qc": [im.status for im in images],
-                    "imagefab qc reasons": [im.reasons for im in images],
-                },
+        if body.inpaint_full_res:
+            notes["imagefab inpaint_full_res"] = (
+                "not supported: the whole image was inpainted at its own size, not only the masked area "
+                "at width x height"
+            )
+        size = (image.image.width, image.image.height)
+        if (body.width, body.height) != size:
+            notes["imagefab size"] = (
+                f"inpainting keeps the init image's size, {size[0]}x{size[1]}, so kept pixels stay where they "
+                f"were; {body.width}x{body.height} was not applied"
+            )
+        return ImageInput(settings, image, mask, fields), notes
+
+    async def _a1111(
+        self,
+        body: A1111Txt2Img,
+        request: Request,
+        image_input: ImageInput | None = None,
+        notes: dict[str, str] | None = None,
+    ) -> Response:
+        """txt2img, or img2img with `image_input`: rendered, and answered as A1111 answers."""
+        prompt, tag_loras = split_lora_tags(body.prompt)
+        # The checkpoint: this request's override, else the server's (POST /sdapi/v1/options).
+        checkpoint = body.override_settings.get("sd_model_checkpoint") or await asyncio.to_thread(
+            self.core.a1111_checkpoint
+        )
+        combination, base = self.core.checkpoint_choice(str(checkpoint))
+        combo = self.core.combos.get(combination or self.config.default)
+        scheduler = a1111_scheduler(
+            body.sampler_name or body.sampler_index,
+            body.scheduler,
+            (combo.scheduler if combo else None) or self.config.scheduler,
+        )
+        sized = image_input is None or image_input.settings.mode == "img2img"  # inpaint keeps its input's size
+        job = ImageJob(
+            prompt=prompt,
+            negative_prompt=body.negative_prompt,
+            combination=combination,
+            base=base,
+            loras=tag_loras or None,
+            seed=body.seed,
+            n=body.batch_size * body.n_iter,
+            steps=body.steps,
+            guidance=body.cfg_scale,
+            scheduler=scheduler,
+            width=body.width if sized else None,
+            height=body.height if sized else None,
+            image_input=image_input,
+        )
+        interrupt = asyncio.Event()
+        running = self.a1111_running.setdefault(self._caller(request), set())
+        running.add(interrupt)
+        try:
+            requests, images = await self._render(job, interrupt)
+        finally:
+            running.discard(interrupt)
+        infotexts = [read_metadata(im.png).get("parameters", "") if im.png else "" for im in images]
+        first = requests[0] if requests else None
+        info = {
+            "prompt": body.prompt,
+            "all_prompts": [body.prompt] * len(images),
+            "negative_prompt": body.negative_prompt,
+            "seed": images[0].seed if images else body.seed,
+            "all_seeds": [im.seed for im in images],
+            "subseed": -1,
+            "all_subseeds": [-1] * len(images),
+            "steps": first.steps if first else body.steps,
+            "cfg_scale": first.guidance if first else body.cfg_scale,
+            "sampler_name": SCHEDULERS[first.scheduler][2] if first else body.sampler_name,
+            "scheduler": a1111_schedule_label(first.scheduler) if first else body.scheduler,
+            "width": first.width if first else body.width,
+            "height": first.height if first else body.height,
+            "sd_model_name": first.base_model["name"] if first else None,
+            "sd_model_hash": first.base_model["sha256"][:10] if first else None,
+            "batch_size": body.batch_size,
+            "infotexts": infotexts,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "interrupted": interrupt.is_set(),
+            "extra_generation_params": {
+                "imagefab image_ids": [im.image_id for im in images],
+                "imagefab qc": [im.status for im in images],
+                "imagefab qc reasons": [im.reasons for im in images],
+                **(notes or {}),
+            },
+        }
+        parameters = body.model_dump()
+        if isinstance(body, A1111Img2Img):
+            cond = first.conditioning if first else None
+            info.update(
+                denoising_strength=cond.strength if cond else body.denoising_strength,
+                mask_blur=body.mask_blur if body.mask else None,
+                inpainting_fill=body.inpainting_fill,
+                inpaint_full_res=body.inpaint_full_res,
+                inpainting_mask_invert=body.inpainting_mask_invert,
+                resize_mode=body.resize_mode,
+                imagefab_mode=cond.mode if cond else None,
+            )
+            if not body.include_init_images:  # as A1111: the inputs are not sent back unless asked for
+                parameters.update(init_images=None, mask=None)
+        return JSONResponse(
+            {
+                "images": [base64.b64encode(im.png).decode() for im in images],
+                "parameters": parameters,
+                "info": json.dumps(info),
             }
-            return JSONResponse(
-                {
-                    "images": [base64.b64encode(im.png).decode() for im in images],
-                    "parameters": body.model_dump(),
-                    "info": json.dumps(info),
-                }
-            )
+        )
+
+    @api.get("/sdapi/v1/scripts", tags=["a1111"])
+    async def a1111_scripts(self, request: Request):
+        """No A1111 scripts here (AUTOMATIC1111 clients ask at start-up which ones exist)."""
+
+        async def work():
+            return JSONResponse({"txt2img": [], "img2img": []})
 
         return await self._serve(request, work)
 

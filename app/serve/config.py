@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.conditioning.loading import InputLimits
 from app.postprocess import PostprocessSettings
 from app.qc import QcSettings
 from app.spec import (
@@ -59,9 +60,26 @@ class Limits(_Frozen):
     max_side: int = Field(2048, ge=64, le=4096)
     max_pixels: int = Field(2048 * 2048, ge=64 * 64)
     max_steps: int = Field(100, ge=1, le=500)
-    max_body_bytes: int = Field(1 << 20, ge=1024)  # also bounds png-info uploads
+    # A whole request body: JSON with base64 images, a multipart upload, a png-info image.
+    max_body_bytes: int = Field(32 << 20, ge=1024)
+    # Each input image (img2img, inpaint, outpaint, upscale; OpenAI edits, A1111 img2img): its file's
+    # bytes, its pixels (from the header, before decoding) and its format.
+    max_upload_bytes: int = Field(10 << 20, ge=1024)
+    max_upload_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    upload_formats: tuple[Literal["PNG", "JPEG", "WEBP"], ...] = ("PNG", "JPEG", "WEBP")
     max_in_flight: int = Field(32, ge=1)  # per ingress replica; past it: 503 + Retry-After
     request_timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _uploads(self) -> Limits:
+        if not self.upload_formats:
+            raise ValueError("upload_formats: at least one of PNG, JPEG, WEBP")
+        return self
+
+    def input_limits(self) -> InputLimits:
+        return InputLimits(
+            max_bytes=self.max_upload_bytes, max_pixels=self.max_upload_pixels, formats=tuple(self.upload_formats)
+        )
 
 
 class Batching(_Frozen):
@@ -99,6 +117,9 @@ class ServeConfig(_Frozen):
     url_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     # OpenAI `quality` -> a factor on the combination's steps (rounded, at least 1, at most limits.max_steps).
     quality_steps: dict[OpenAIQuality, float] = Field(default_factory=lambda: dict(QUALITY_STEPS))
+    # OpenAI edits of an opaque image without a mask: the whole image is redrawn, guided by it
+    # (img2img at this strength; a mask or transparency makes it an inpaint instead).
+    edit_strength: float = Field(0.85, gt=0.0, le=1.0)
     limits: Limits = Limits()
     batching: Batching = Batching()
     replicas: Replicas = Replicas()

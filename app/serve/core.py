@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import secrets
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import numpy as np
 
 from app.accelerator import AcceleratorSettings
-from app.conditioning.plan import MEASURE_COLUMNS
+from app.conditioning.errors import ConditioningError
+from app.conditioning.plan import MEASURE_COLUMNS, ModeSettings, Planned, plan_request
 from app.expand import ResolvedModels, RowError, build_request, lora_stack
 from app.models.catalog import ModelCatalog, ResolvedModel
 from app.models.digest import ModelFileError
@@ -30,6 +32,8 @@ from app.qc.clip_measures import measure_columns
 from app.request import RenderRequest, parse_lora_tags, requests_to_numpy
 from app.schedulers import SCHEDULERS
 from app.serve.config import ServeConfig
+from app.serve.errors import RequestError
+from app.serve.uploads import Upload, Uploads
 from app.spec import Size, size_problem
 from app.stages import CatalogWrite, Postprocess, QualityControl
 from app.storage import OutputStore
@@ -37,14 +41,19 @@ from app.storage import OutputStore
 A1111_SAMPLERS = {v[2]: k for k, v in reversed(list(SCHEDULERS.items()))}  # "Euler a" -> euler_a
 A1111_OPTIONS_PATH = "serve/a1111-options.json"  # the A1111 dialect's checkpoint, shared by the server's replicas
 IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class RequestError(Exception):
-    """A request that cannot be served: HTTP status, the field at fault and why."""
-
-    def __init__(self, status: int, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.status, self.field, self.message = status, field, message
+# The generic field a conditioning refusal is about (`ConditioningError.reason`); `ImageInput.fields`
+# renames them into a dialect's own (A1111: init_images, denoising_strength).
+REASON_FIELDS = {
+    "mask_size": "mask",
+    "mask_keeps_all": "mask",
+    "mask_keeps_none": "mask",
+    "mask_band": "mask",
+    "outpaint_target": "target",
+    "upscale_settings": "scale",
+    "mode": "mode",
+    "strength": "strength",
+    "resize_mode": "resize_mode",
+}
 
 
 @dataclass(frozen=True)
@@ -118,9 +127,46 @@ def a1111_schedule_label(scheduler: str) -> str:
     return "Automatic"
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """An image-conditioned job's inputs: the accepted uploads and the mode's settings. `fields`
+    renames the generic field names (image, mask, strength, …) into the dialect's for 4xx answers."""
+
+    settings: ModeSettings
+    image: Upload
+    mask: Upload | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def field(self, generic: str) -> str:
+        return self.fields.get(generic, generic)
+
+    @property
+    def uploads(self) -> list[Upload]:
+        return [self.image] if self.mask is None else [self.image, self.mask]
+
+
+def mode_settings(fields: dict[str, str] | None = None, **settings) -> ModeSettings:
+    """`ModeSettings(**settings)`, a refusal as a 422 naming the request's own field."""
+    try:
+        return ModeSettings(**settings)
+    except ConditioningError as e:
+        generic = REASON_FIELDS.get(e.reason, "image")
+        if e.reason == "mask_band":  # out-of-range numbers, not a mask's shape
+            generic = "mask_blur" if not 0 <= settings.get("mask_blur", 4) <= 64 else "blend_px"
+        raise RequestError(422, (fields or {}).get(generic, generic), e.detail) from None
+
+
+def fitted_size(width: int, height: int, max_side: int, max_pixels: int) -> tuple[int, int]:
+    """An input's own size as a render size: scaled down (never up) within `max_side` and
+    `max_pixels`, each side then rounded down to a multiple of 8, at least 64."""
+    scale = min(1.0, max_side / max(width, height), math.sqrt(max_pixels / (width * height)))
+    return max(64, int(width * scale) // 8 * 8), max(64, int(height * scale) // 8 * 8)
+
+
 @dataclass
 class ImageJob:
-    """One HTTP request, whatever its dialect: n images of one prompt."""
+    """One HTTP request, whatever its dialect: n images of one prompt (and an input image, when
+    `image_input` is set: the request is then planned like a bulk row of that mode)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -135,6 +181,7 @@ class ImageJob:
     width: int | None = None
     height: int | None = None
     tags: dict = field(default_factory=dict)
+    image_input: ImageInput | None = None
 
 
 @dataclass
@@ -235,6 +282,7 @@ class ServeCore:
         self.qc = QualityControl(config.qc, self._duplicate_index(config), clip_on_generator)
         self.post = Postprocess(config.postprocess, self.output)
         self.write = CatalogWrite(self.output, self.run_id, source="serve")
+        self.uploads = Uploads(self.output, config.limits.input_limits())
 
     def _duplicate_index(self, config: ServeConfig):
         """This replica's near-duplicate index, loaded with the catalog (bulk and served images)."""
@@ -347,17 +395,8 @@ class ServeCore:
                 422, "scheduler", f"unknown scheduler '{updates['scheduler']}' (valid: {', '.join(SCHEDULERS)})"
             )
         combo = combo.model_copy(update=updates) if updates else combo
-        default = Size.parse(self.config.default_size)
-        width, height = job.width or default.width, job.height or default.height
-        problem = size_problem(width, height)
-        if problem or max(width, height) > lim.max_side or width * height > lim.max_pixels:
-            raise RequestError(
-                422,
-                "size",
-                problem
-                or f"{width}x{height} is larger than this server allows "
-                f"({lim.max_side} per side, {lim.max_pixels} pixels)",
-            )
+        width, height = self._size(job)
+        planned = self._planned(job.image_input, width, height) if job.image_input else None
         base = self.models.bases[combo.base]
         wanted = job.loras if job.loras is not None else [(lo.name, lo.weight) for lo in combo.loras]
         try:
@@ -368,24 +407,91 @@ class ServeCore:
         if first >= 2**63 - job.n:
             raise RequestError(422, "seed", f"{first} is outside 0..2^63-{job.n + 1}")
         tags = {str(k): str(v) for k, v in (job.tags or {}).items()}
-        return [
-            build_request(
-                prompt=prompt,
-                negative_prompt=job.negative_prompt or "",
-                base=base,
-                loras=loras,
-                combo=combo,
-                combination=name,
-                width=width,
-                height=height,
-                seed=first + k,
-                tags=tags,
-                tier="serve",
-                row_key=prompt[:80],
-                variation=k,
+        try:
+            return [
+                build_request(
+                    prompt=prompt,
+                    negative_prompt=job.negative_prompt or "",
+                    base=base,
+                    loras=loras,
+                    combo=combo,
+                    combination=name,
+                    width=width if planned is None else planned.width,
+                    height=height if planned is None else planned.height,
+                    seed=first + k,
+                    tags=tags,
+                    tier="serve",
+                    row_key=prompt[:80],
+                    variation=k,
+                    conditioning=None if planned is None else planned.conditioning,
+                )
+                for k in range(job.n)
+            ]
+        except RowError as e:  # strength x steps leaves no denoising step
+            field = job.image_input.field("strength") if job.image_input else "steps"
+            raise RequestError(422, field, str(e)) from None
+
+    def _size(self, job: ImageJob) -> tuple[int, int]:
+        """The render size asked for: txt2img's and img2img's (an img2img without one renders at its
+        input's own size, fitted within the limits); other modes decide their own and take none."""
+        lim = self.config.limits
+        given = job.image_input
+        if given is not None and given.settings.mode != "img2img":
+            if job.width or job.height:
+                raise RequestError(
+                    422,
+                    "size",
+                    f"{given.settings.mode} decides its own output size (from the input image"
+                    f"{', the target' if given.settings.mode == 'outpaint' else ''}"
+                    f"{', the scale' if given.settings.mode == 'upscale' else ''}): leave width, height and size out",
+                )
+            return 0, 0
+        if given is not None and not (job.width or job.height):
+            width, height = fitted_size(given.image.image.width, given.image.image.height, lim.max_side, lim.max_pixels)
+        else:
+            default = Size.parse(self.config.default_size)
+            width, height = job.width or default.width, job.height or default.height
+        problem = size_problem(width, height)
+        if problem or max(width, height) > lim.max_side or width * height > lim.max_pixels:
+            raise RequestError(
+                422,
+                "size",
+                problem
+                or f"{width}x{height} is larger than this server allows "
+                f"({lim.max_side} per side, {lim.max_pixels} pixels)",
             )
-            for k in range(job.n)
-        ]
+        return width, height
+
+    def _planned(self, given: ImageInput, width: int, height: int) -> Planned:
+        """The input planned like a bulk row (app/conditioning/plan.py), its output within the
+        server's size limits; the Conditioning names where the uploads are stored."""
+        lim = self.config.limits
+        try:
+            planned = plan_request(
+                given.settings, given.image.image, None if given.mask is None else given.mask.image, width, height
+            )
+        except ConditioningError as e:
+            raise RequestError(e.http_status, given.field(REASON_FIELDS.get(e.reason, "image")), e.detail) from None
+        w, h = planned.width, planned.height
+        if max(w, h) > lim.max_side or w * h > lim.max_pixels:
+            mode = given.settings.mode
+            what = {"upscale": "scale", "outpaint": "target"}.get(mode, "image")
+            raise RequestError(
+                422,
+                given.field(what),
+                f"{mode} of this input renders {w}x{h}, larger than this server allows "
+                f"({lim.max_side} per side, {lim.max_pixels} pixels)",
+            )
+        cond = replace(
+            planned.conditioning,
+            image_uri=given.image.uri,
+            mask_uri="" if given.mask is None else given.mask.uri,
+        )
+        return replace(planned, conditioning=cond)
+
+    def store_inputs(self, given: ImageInput) -> None:
+        """Write a planned job's uploads where its requests say they are (content-addressed)."""
+        self.uploads.store(given.uploads)
 
     # --- rendered pixels -> catalogued images ---------------------------------------------------
     def finish(self, requests: list[RenderRequest], results: list[dict]) -> list[ServedImage]:

@@ -36,6 +36,30 @@ class GenerateRequest(_Body):
     size: str | None = Field(None, description="WIDTHxHEIGHT or a size preset, instead of width/height.")
     tags: dict[str, str] = {}
     response_format: Literal["b64_json", "url"] = "b64_json"
+    # Image-conditioned generation: an input image (and mask) as base64 or data:image/…;base64, URLs,
+    # and the mode's settings, the same as a spec's `image` section (docs/SPEC.md).
+    image: str | None = Field(None, description="The input image, base64 (PNG, JPEG or WebP). Needs `mode`.")
+    mask: str | None = Field(
+        None, description="inpaint/outpaint: a mask image of the input's size, white = generate, black = keep."
+    )
+    mode: Literal["img2img", "inpaint", "outpaint", "upscale"] | None = Field(
+        None,
+        description="What to do with `image`; inpaint without `mask` takes the image's alpha (transparent = generate).",
+    )
+    strength: float | None = Field(
+        None, description="(0, 1]; default per mode: img2img 0.6, inpaint and outpaint 1.0, upscale 0.3."
+    )
+    mask_blur: int = Field(4, description="inpaint/outpaint: blur (px) of the mask the model sees, 0..64.")
+    blend_px: int = Field(4, description="inpaint/outpaint: the feathered band inside the kept region, 0..64.")
+    target: str | None = Field(None, description="outpaint: a ratio (9:16), a size (1080x1920) or a platform preset.")
+    anchor: str = Field("center", description="outpaint: where the original sits on the canvas.")
+    fill: Literal["edge", "reflect", "mean"] = Field("edge", description="outpaint: the new area's initial fill.")
+    resize_mode: Literal["crop", "fill", "stretch"] = Field(
+        "crop", description="img2img: how the input meets width x height."
+    )
+    scale: float = Field(2.0, description="upscale: the factor, 1..8.")
+    tile: int = Field(1024, description="upscale: tile side (multiple of 8, ≥ 64).")
+    tile_overlap: int = Field(128, description="upscale: overlap of neighbouring tiles (multiple of 8).")
 
 
 class GeneratedImage(BaseModel):
@@ -87,6 +111,23 @@ class OpenAIImageRequest(_Body):
     user: str | None = None
 
 
+class OpenAIEditRequest(_Body):
+    """`images.edit`'s fields other than the files (`image`, `mask`), as its multipart form sends
+    them. Like generations: each is honoured or refused with a 400 naming it."""
+
+    prompt: str
+    model: str | None = None
+    n: int = Field(1, ge=1, le=64)
+    size: str | None = Field(None, description="auto (the input's own size) or WIDTHxHEIGHT.")
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    stream: bool | None = Field(None, description="false only: images are sent when finished.")
+    user: str | None = None
+
+
 # --- AUTOMATIC1111 --api --------------------------------------------------------------------------------
 
 
@@ -109,6 +150,24 @@ class A1111Txt2Img(BaseModel):
         None, description="A1111 1.9+: Automatic, Karras, SGM Uniform (GET /sdapi/v1/schedulers)."
     )
     override_settings: dict[str, Any] = {}
+
+
+class A1111Img2Img(A1111Txt2Img):
+    """`/sdapi/v1/img2img`: txt2img's fields and the init image's. How each maps is in
+    `Ingress.a1111_img2img`; fields A1111 has and this server does not use are ignored, as in
+    txt2img, except those that change what is rendered, which are refused or reported in `info`."""
+
+    init_images: list[str] = Field(default_factory=list, description="base64 images (data URLs too); one is used.")
+    mask: str | None = Field(None, description="white = repaint (inpainting_mask_invert=1: black).")
+    denoising_strength: float = Field(0.75, description="(0, 1]")
+    mask_blur: int = Field(4, description="0..64")
+    # A1111's own defaults; what is rendered otherwise than asked is said in `info`.
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original (what is rendered), 2, 3 latent")
+    inpaint_full_res: bool = Field(True, description="'Only masked': not supported, reported in info.")
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill")
+    include_init_images: bool = False
 
 
 class A1111PngInfo(BaseModel):
