@@ -1,17 +1,20 @@
 """The Serve app over real HTTP on a local Ray with the tiny models: every endpoint, batching,
 multiplexing, API keys, limits, backpressure, the official `openai` client and AUTOMATIC1111's
-`webuiapi` client."""
+`webuiapi` client, and image-conditioned generation from uploads in every dialect."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from ports import free_port
@@ -522,3 +525,274 @@ def test_jobs_routes_are_served_and_a_key_sees_only_its_own_jobs(server):
     assert client.get(f"/v1/jobs/{job['id']}", headers=other).status_code == 404
     assert client.get("/v1/jobs", headers=other).json()["data"] == []
     assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+
+
+# --- image-conditioned generation: uploads through every dialect -----------------------------------
+
+PACKSHOTS = Path(__file__).resolve().parents[1] / "specs" / "data" / "packshots"
+SKETCHES = Path(__file__).resolve().parents[1] / "specs" / "data" / "sketches"
+
+
+def b64_file(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def kept_max_difference(output: Image.Image, original: Image.Image, keep: np.ndarray, band_px: int = 4) -> int:
+    """The largest RGB difference over the kept pixels farther than the blend band from the generated ones."""
+    from app.conditioning.masks import distance_inside
+
+    far = keep & (distance_inside(keep) > band_px)
+    assert far.sum() > 100
+    out = np.asarray(output.convert("RGB"), dtype=np.int16)[far]
+    return int(np.abs(out - np.asarray(original, dtype=np.int16)[:, :, :3][far]).max())
+
+
+def catalog_conditioning(out, image_id: str) -> dict | None:
+    """The catalog's record of what an image started from (its `conditioning` column: mode, input
+    and mask URIs and sha256s, settings); None while the catalog keeps no such column."""
+    from app.catalog.store import CatalogStore
+    from app.storage import OutputStore
+
+    row = CatalogStore(OutputStore.at(str(out))).find(image_id)
+    assert row is not None and row["source"] == "serve"
+    return row.get("conditioning")
+
+
+def stored_input(out, data: bytes, ext: str = "png") -> Path:
+    """Where the server keeps an upload: named by its content's sha256, holding its bytes."""
+    path = out / "inputs" / f"{hashlib.sha256(data).hexdigest()}.{ext}"
+    assert path.read_bytes() == data
+    return path
+
+
+def test_native_generate_inpaints_an_uploaded_packshot_keeping_it_and_regenerates_it(server):
+    from app.regenerate import regenerate
+
+    client, _, out = server
+    cup, mask = Image.open(PACKSHOTS / "coffee_cup.png"), Image.open(PACKSHOTS / "coffee_cup_mask.png")
+    body = {
+        "prompt": "a cup on a marble table",
+        "combination": "plain",
+        "seed": 3,
+        "n": 2,
+        "mode": "inpaint",
+        "image": b64_file(PACKSHOTS / "coffee_cup.png"),
+        "mask": "data:image/png;base64," + b64_file(PACKSHOTS / "coffee_cup_mask.png"),
+    }
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    keep = np.asarray(mask) < 128  # the mask: white = generate
+    for im in images:
+        assert (im["width"], im["height"]) == cup.size and not im["error"]
+        assert kept_max_difference(png_of(im["b64_json"]), cup, keep) == 0  # the product, byte for byte
+    stored = stored_input(out, (PACKSHOTS / "coffee_cup.png").read_bytes())
+    stored_input(out, (PACKSHOTS / "coffee_cup_mask.png").read_bytes())
+    cond = catalog_conditioning(out, images[0]["image_id"])
+    if cond is not None:  # the catalog's lineage: the stored upload, which `regenerate` reads again
+        assert (cond["mode"], cond["image_uri"], cond["mask_source"]) == ("inpaint", str(stored), "mask")
+        assert regenerate(images[0]["image_id"], str(out)).identical
+
+
+@pytest.mark.parametrize(
+    "extra, size",
+    [
+        # A packshot's transparent background is what is generated.
+        ({"mode": "inpaint", "image": "coin.png"}, (150, 143)),
+        # Outpainted to a 9:16 canvas holding the original at its own resolution.
+        ({"mode": "outpaint", "image": "coin.png", "target": "9:16"}, None),
+        ({"mode": "img2img", "image": "sketch", "strength": 0.7, "width": 128, "height": 96}, (128, 96)),
+        ({"mode": "upscale", "image": "small", "strength": 0.5, "scale": 2, "tile": 64, "tile_overlap": 16}, (128, 96)),
+    ],
+)
+def test_native_generate_renders_each_mode_from_an_upload(server, extra, size):
+    client, _, out = server
+    sources = {
+        "coin.png": (PACKSHOTS / "coin.png").read_bytes(),
+        "sketch": (SKETCHES / "horse.png").read_bytes(),
+        "small": png_bytes(Image.open(SKETCHES / "cat.png").convert("RGB").resize((64, 48))),
+    }
+    body = {"prompt": "a coin on velvet", "combination": "plain", "seed": 1, **extra}
+    body["image"] = base64.b64encode(sources[extra["image"]]).decode()
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    im = r.json()["images"][0]
+    output = png_of(im["b64_json"])
+    assert not im["error"] and output.size == (im["width"], im["height"])
+    if size:
+        assert output.size == size
+    else:  # outpaint: 9:16 within the rounding to multiples of 8
+        assert abs(output.size[0] / output.size[1] - 9 / 16) < 0.05 and output.size[0] >= 150
+    stored = stored_input(out, sources[extra["image"]])
+    cond = catalog_conditioning(out, im["image_id"])
+    if cond is not None:
+        assert (cond["mode"], cond["image_uri"]) == (extra["mode"], str(stored))
+    if extra["mode"] == "inpaint":
+        coin = Image.open(PACKSHOTS / "coin.png")
+        assert kept_max_difference(output, coin, np.asarray(coin)[:, :, 3] >= 128) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, status, field",
+    [
+        ({"mode": "inpaint"}, 422, "mask"),  # an opaque image and no mask: nothing to generate
+        ({"mode": "img2img", "strength": 1.5}, 422, "strength"),
+        ({"mode": "outpaint"}, 422, "target"),
+        ({"mode": "inpaint", "width": 256, "height": 256, "mask": "half"}, 422, "size"),
+        ({}, 422, "mode"),  # an image without a mode
+        ({"image": None, "mode": "img2img"}, 422, "image"),
+        ({"image": "R0lGODlhAQABAAAAACw="}, 422, "mode"),  # checked before the image is read
+        ({"image": base64.b64encode(b"GIF89a" + b"\0" * 64).decode(), "mode": "img2img"}, 415, "image"),
+        ({"image": "not base64!", "mode": "img2img"}, 422, "image"),
+    ],
+)
+def test_native_uploads_that_cannot_be_used_are_4xx_and_store_nothing(server, extra, status, field):
+    client, _, out = server
+    before = sorted((out / "inputs").glob("*")) if (out / "inputs").exists() else []
+    sketch = Image.open(SKETCHES / "cat.png").convert("RGB").resize((64, 64))
+    half = np.zeros((64, 64), dtype=np.uint8)
+    half[:, :32] = 255
+    body = {"prompt": "x", "image": base64.b64encode(png_bytes(sketch)).decode(), **extra}
+    if body.get("mask") == "half":
+        body["mask"] = base64.b64encode(png_bytes(Image.fromarray(half))).decode()
+    r = client.post("/v1/generate", json={k: v for k, v in body.items() if v is not None})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == field, r.text
+    after = sorted((out / "inputs").glob("*")) if (out / "inputs").exists() else []
+    assert after == before
+
+
+def test_openai_client_edits_with_a_mask_transparency_or_neither(server, openai_client):
+    import openai
+
+    _client, _port, out = server
+    cup = Image.open(PACKSHOTS / "coffee_cup.png")
+    generate = np.asarray(Image.open(PACKSHOTS / "coffee_cup_mask.png")) >= 128
+    # OpenAI's mask convention: transparent pixels are edited.
+    openai_mask = Image.fromarray(
+        np.dstack([np.zeros((*generate.shape, 3), np.uint8), np.where(generate, 0, 255)]).astype(np.uint8)
+    )
+    res = openai_client.images.edit(
+        model="plain",
+        image=("cup.png", (PACKSHOTS / "coffee_cup.png").read_bytes(), "image/png"),
+        mask=("mask.png", png_bytes(openai_mask), "image/png"),
+        prompt="a cup on a picnic blanket",
+        n=2,
+        size="auto",
+        response_format="b64_json",
+    )
+    assert len(res.data) == 2 and res.size == "218x201"
+    for item in res.data:
+        assert kept_max_difference(png_of(item.b64_json), cup, ~generate) == 0
+    ext = res.data[0].model_extra["imagefab"]
+    cup_bytes = (PACKSHOTS / "coffee_cup.png").read_bytes()
+    assert ext["mode"] == "inpaint" and ext["input_sha256"] == hashlib.sha256(cup_bytes).hexdigest()
+    cond = catalog_conditioning(out, ext["image_id"])
+    if cond is not None:
+        assert cond["mask_source"] == "mask"
+    # A packshot with a transparent background and no mask: its background is edited.
+    res = openai_client.images.edit(
+        model="plain", image=open(PACKSHOTS / "helmet.png", "rb"), prompt="a helmet in a garage", response_format="url"
+    )
+    fetched = Image.open(io.BytesIO(httpx.get(res.data[0].url, timeout=30).content))
+    assert fetched.size == Image.open(PACKSHOTS / "helmet.png").size
+    # An opaque image without a mask: redrawn whole, guided by it (img2img), at the size asked for.
+    res = openai_client.images.edit(
+        model="plain",
+        image=("horse.png", (SKETCHES / "horse.png").read_bytes(), "image/png"),
+        prompt="a horse",
+        size="128x128",
+    )
+    assert png_of(res.data[0].b64_json).size == (128, 128)
+    ext = res.data[0].model_extra["imagefab"]
+    assert (ext["mode"], ext["strength"]) == ("img2img", 0.85)
+    # Refusals, in OpenAI's shape.
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.edit(
+            image=("cup.png", (PACKSHOTS / "coffee_cup.png").read_bytes(), "image/png"),
+            mask=("m.png", png_bytes(Image.new("RGBA", (64, 64))), "image/png"),
+            prompt="x",
+        )
+    assert err.value.param == "mask" and "is 64x64 but image" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.edit(
+            image=[open(PACKSHOTS / "coin.png", "rb"), open(PACKSHOTS / "helmet.png", "rb")], prompt="x"
+        )
+    assert err.value.param == "image" and "one image per request" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.edit(image=open(PACKSHOTS / "coin.png", "rb"), prompt="x", size="256x256")
+    assert err.value.param == "size" and "150x143" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.edit(image=open(PACKSHOTS / "coin.png", "rb"), prompt="x", input_fidelity="high")
+    assert err.value.param == "input_fidelity"
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, "GIF")
+    with pytest.raises(openai.APIStatusError) as err:
+        openai_client.images.edit(image=("a.gif", gif.getvalue(), "image/gif"), prompt="x")
+    assert err.value.status_code == 415 and "format GIF is not allowed" in err.value.message
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))
+    with pytest.raises(openai.APIStatusError) as err:
+        openai_client.images.edit(image=("big.png", png_bytes(big), "image/png"), prompt="x")
+    assert err.value.status_code == 413 and "limits.max_body_bytes" in err.value.message
+
+
+def test_webuiapi_client_inpaints_and_img2imgs_through_a1111_img2img(server):
+    import webuiapi
+
+    client, port, out = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, use_https=False, steps=2)
+    api.session.headers["Authorization"] = f"Bearer {KEY}"
+    cup = Image.open(PACKSHOTS / "coffee_cup.png")
+    mask = Image.open(PACKSHOTS / "coffee_cup_mask.png")
+    keep = np.asarray(mask) < 128
+    # The client's defaults: 512x512, inpaint_full_res on, inpainting_fill 0 (fill).
+    result = api.img2img(
+        images=[cup], mask_image=mask, prompt="a cup on a wooden table", denoising_strength=0.9, seed=8
+    )
+    assert result.image.size == cup.size and kept_max_difference(result.image, cup, keep) == 0
+    assert result.info["width"] == 218 and result.info["denoising_strength"] == 0.9
+    notes = result.info["extra_generation_params"]
+    assert {"imagefab inpaint_full_res", "imagefab inpainting_fill", "imagefab size"} <= set(notes)
+    assert parse_infotext(result.image.info["parameters"])["seed"] == 8
+    assert result.parameters["init_images"] is None  # not sent back, as A1111
+    # inpainting_mask_invert=1: the mask's black is repainted, its white kept.
+    result = api.img2img(
+        images=[cup],
+        mask_image=mask,
+        prompt="a cup",
+        inpainting_mask_invert=1,
+        inpainting_fill=1,
+        inpaint_full_res=False,
+        seed=8,
+    )
+    assert kept_max_difference(result.image, cup, ~keep) == 0
+    # Without a mask: img2img at width x height, the sketch cropped to fit (resize_mode 1).
+    sketch = Image.open(SKETCHES / "coffee_cup.png")
+    result = api.img2img(
+        images=[sketch], prompt="a cup", denoising_strength=0.6, width=128, height=96, resize_mode=1, batch_size=2
+    )
+    assert [im.size for im in result.images] == [(128, 96)] * 2 and result.info["all_seeds"][1] == result.info[
+        "all_seeds"
+    ][0] + 1
+    image_id = result.info["extra_generation_params"]["imagefab image_ids"][0]
+    assert (result.info["imagefab_mode"], result.info["denoising_strength"]) == ("img2img", 0.6)
+    cond = catalog_conditioning(out, image_id)
+    if cond is not None:
+        assert (cond["mode"], cond["resize_mode"], cond["strength"]) == ("img2img", "crop", 0.6)
+    # What A1111 would do that this server does not: a 422 naming the field.
+    body = {"init_images": [b64_file(SKETCHES / "horse.png")], "prompt": "x", "width": 128, "height": 128}
+    for extra, field in [
+        ({"resize_mode": 3}, "resize_mode"),
+        ({"init_images": [b64_file(SKETCHES / "horse.png")] * 2}, "init_images"),
+        ({"denoising_strength": 0}, "denoising_strength"),
+        ({"init_images": []}, "init_images"),
+    ]:
+        r = client.post("/sdapi/v1/img2img", json={**body, **extra})
+        assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}

@@ -261,6 +261,15 @@ def _openai_output(body) -> tuple[str, int | None]:
     return fmt, None if fmt == "png" else max(1, 100 if body.output_compression is None else body.output_compression)
 
 
+def _conditioning_summary(request: RenderRequest | None) -> dict:
+    """What an image started from, for imagefab's extension of an answer: the mode, its strength
+    and the stored input's sha256 (the catalog holds the rest)."""
+    cond = request.conditioning if request is not None else None
+    if cond is None:
+        return {"mode": "txt2img"}
+    return {"mode": cond.mode, "strength": cond.strength, "input_sha256": cond.image_sha256}
+
+
 def _openai_size(size: str) -> tuple[int, int]:
     try:
         parsed = Size.parse(size)
@@ -434,7 +443,13 @@ class Ingress:
         # A chunked upload declares no length: count the bytes FastAPI has already read.
         length = int(request.headers.get("content-length") or 0) or len(await request.body())
         if length > self.config.limits.max_body_bytes:
-            return _error(413, f"body of {length} bytes; at most {self.config.limits.max_body_bytes}", openai=openai)
+            lim = self.config.limits
+            return _error(
+                413,
+                f"body of {length} bytes; at most {lim.max_body_bytes} (this server's limits.max_body_bytes; "
+                f"each input image may have {lim.max_upload_bytes} bytes, limits.max_upload_bytes)",
+                openai=openai,
+            )
         if self.in_flight >= self.config.limits.max_in_flight:
             self.report("rejected")
             return _error(
@@ -555,6 +570,7 @@ class Ingress:
                     "height": im.height,
                     "uri": im.uri,
                     "error": im.error,
+                    **_conditioning_summary(im.request),
                 }
                 if body.response_format == "url":
                     item["url"] = self._url(request, im.image_id) if im.png else None
@@ -757,17 +773,15 @@ class Ingress:
             alpha = image.image.alpha
             inpaint = mask is not None or (alpha is not None and bool((alpha < 128).any()))
             width = height = None
-            if body.size and body.size != "auto":
+            own = f"{image.image.width}x{image.image.height}"
+            if inpaint and body.size not in (None, "auto", own):
+                raise RequestError(
+                    400,
+                    "size",
+                    f"an edit with a mask or transparency keeps the image's own size, {own}: send that or 'auto'",
+                )
+            if not inpaint and body.size not in (None, "auto"):
                 width, height = _openai_size(body.size)
-                if inpaint and (width, height) != (image.image.width, image.image.height):
-                    raise RequestError(
-                        400,
-                        "size",
-                        f"an edit with a mask or transparency keeps the image's own size, "
-                        f"{image.image.width}x{image.image.height}: send that or 'auto'",
-                    )
-                if inpaint:
-                    width = height = None
             settings = (
                 mode_settings(mode="inpaint")
                 if inpaint
@@ -808,6 +822,7 @@ class Ingress:
                 "qc_reasons": im.reasons,
                 "seed": im.seed,
                 "error": im.error or None,
+                **_conditioning_summary(im.request),
             }
             data.append(item)
         return JSONResponse(

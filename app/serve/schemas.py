@@ -74,6 +74,9 @@ class GeneratedImage(BaseModel):
     url: str | None = None
     b64_json: str | None = None
     error: str = ""
+    mode: str = "txt2img"
+    strength: float | None = None  # image-conditioned modes
+    input_sha256: str | None = None  # the input image's, as stored under inputs/ in the output
 
 
 class GenerateResponse(BaseModel):
