@@ -168,6 +168,8 @@ def test_a_planned_inpaint_names_the_stored_upload_and_is_written_only_when_stor
         ({"mode": "inpaint"}, 422, "mask", "no mask image and no alpha channel"),  # an opaque JPEG alone
         ({"mode": "img2img", "mask": "black"}, 422, "mask", "img2img takes no mask"),
         ({"mode": "outpaint", "target": "7:0"}, 422, "target", ""),
+        ({"mode": "outpaint", "target": "9:16", "anchor": "middle"}, 422, "anchor", "anchor 'middle' is not one of"),
+        ({"mode": "upscale", "scale": 2.0, "tile": 60}, 422, "tile", "multiple of 8"),
         ({"mode": "upscale", "scale": 6.0}, 422, "scale", "larger than this server allows"),
         (
             {"mode": "inpaint", "mask": "half", "width": 256, "height": 256},
@@ -188,7 +190,7 @@ def test_inputs_a_mode_cannot_use_are_4xx_naming_the_field(core, job, status, fi
         "half": Image.fromarray(np.tile(np.where(np.arange(w) < w // 2, 255, 0).astype(np.uint8), (h, 1))),
     }
     mask = core.uploads.accept(encode(masks[job["mask"]], "PNG"), "mask") if "mask" in job else None
-    settings = {k: v for k, v in job.items() if k in ("mode", "target", "scale")}
+    settings = {k: v for k, v in job.items() if k in ("mode", "target", "scale", "anchor", "tile")}
     with pytest.raises(RequestError) as err:
         given = ImageInput(mode_settings(**settings), photo_jpeg, mask)
         core.plan(ImageJob(prompt="x", width=job.get("width"), height=job.get("height"), image_input=given))
@@ -259,3 +261,21 @@ def test_an_img2img_without_a_size_renders_at_its_inputs_size_fitted_in_the_limi
     assert fitted_size(4000, 3000, 1024, 2048 * 2048) == (1024, 768)
     assert fitted_size(3000, 3000, 4096, 1024 * 1024) == (1024, 1024)
     assert fitted_size(30, 218, 2048, 2048 * 2048) == (64, 216)
+
+
+def test_malformed_multipart_bodies_are_400s_naming_the_body():
+    rng = np.random.default_rng(7)
+    bodies = [
+        b"",
+        b"--b\r\nContent-Disposition: form-data\r\n\r\nno name\r\n--b--\r\n",
+        b"--b\r\nContent-Disposition: form-data; name*=utf-8''%FF%FE\r\n\r\nx\r\n--b--\r\n",
+        b"--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\nnested\r\n--c--\r\n--b--\r\n",
+        *(bytes(rng.integers(0, 256, 300, dtype=np.uint8)) for _ in range(20)),
+    ]
+    for body in bodies:
+        try:
+            parts = parse_form("multipart/form-data; boundary=b", body)
+        except RequestError as e:
+            assert e.status == 400 and e.field == "body", e
+        else:
+            assert all(isinstance(p.data, bytes) and p.name for p in parts)

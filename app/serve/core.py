@@ -145,12 +145,21 @@ class ImageInput:
         return [self.image] if self.mask is None else [self.image, self.mask]
 
 
+def refused_field(e: ConditioningError) -> str:
+    """The generic field a conditioning refusal is about."""
+    if e.reason == "upscale_settings" and e.detail.startswith(("tile size", "overlap")):
+        return "tile" if e.detail.startswith("tile size") else "tile_overlap"
+    if e.reason == "outpaint_target" and e.detail.startswith(("anchor", "fill")):
+        return e.detail.split(" ", 1)[0]
+    return REASON_FIELDS.get(e.reason, "image")
+
+
 def mode_settings(fields: dict[str, str] | None = None, **settings) -> ModeSettings:
     """`ModeSettings(**settings)`, a refusal as a 422 naming the request's own field."""
     try:
         return ModeSettings(**settings)
     except ConditioningError as e:
-        generic = REASON_FIELDS.get(e.reason, "image")
+        generic = refused_field(e)
         if e.reason == "mask_band":  # out-of-range numbers, not a mask's shape
             generic = "mask_blur" if not 0 <= settings.get("mask_blur", 4) <= 64 else "blend_px"
         raise RequestError(422, (fields or {}).get(generic, generic), e.detail) from None
@@ -471,7 +480,7 @@ class ServeCore:
                 given.settings, given.image.image, None if given.mask is None else given.mask.image, width, height
             )
         except ConditioningError as e:
-            raise RequestError(e.http_status, given.field(REASON_FIELDS.get(e.reason, "image")), e.detail) from None
+            raise RequestError(e.http_status, given.field(refused_field(e)), e.detail) from None
         w, h = planned.width, planned.height
         if max(w, h) > lim.max_side or w * h > lim.max_pixels:
             mode = given.settings.mode

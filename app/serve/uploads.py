@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.errors
 import email.parser
 import email.policy
 import io
@@ -171,16 +172,19 @@ def parse_form(content_type: str, body: bytes) -> list[FormPart]:
     if "boundary=" not in content_type:
         raise RequestError(400, "content-type", "multipart/form-data without a boundary")
     header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", errors="replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
-    if not message.is_multipart():
-        raise RequestError(400, "body", "is not a readable multipart/form-data body")
-    parts = []
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or not name:
-            raise RequestError(400, "body", "a multipart part has no name (Content-Disposition: form-data; name=…)")
-        payload = part.get_payload(decode=True)
-        parts.append(FormPart(name, part.get_filename(), payload if isinstance(payload, bytes) else b""))
-        if len(parts) > MAX_FORM_PARTS:
-            raise RequestError(400, "body", f"more than {MAX_FORM_PARTS} multipart parts")
+    try:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+        if not message.is_multipart():
+            raise RequestError(400, "body", "is not a readable multipart/form-data body")
+        parts = []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if not isinstance(name, str) or not name:
+                raise RequestError(400, "body", "a multipart part has no name (Content-Disposition: form-data; name=…)")
+            payload = part.get_payload(decode=True)
+            parts.append(FormPart(name, part.get_filename(), payload if isinstance(payload, bytes) else b""))
+            if len(parts) > MAX_FORM_PARTS:
+                raise RequestError(400, "body", f"more than {MAX_FORM_PARTS} multipart parts")
+    except (email.errors.MessageError, ValueError, LookupError, TypeError) as e:  # headers the parser cannot read
+        raise RequestError(400, "body", f"is not a readable multipart/form-data body ({e})") from None
     return parts
