@@ -387,7 +387,7 @@ class Ingress:
         self.replica = uuid.uuid4().hex[:8]
         self.reports: set[asyncio.Task] = set()
         self.in_flight = 0
-        # A1111 txt2img requests in flight, by caller: what POST /sdapi/v1/interrupt stops.
+        # A1111 txt2img and img2img requests in flight, by caller: what POST /sdapi/v1/interrupt stops.
         self.a1111_running: dict[str, set[asyncio.Event]] = {}
         self.started = time.time()
 
@@ -1008,8 +1008,8 @@ class Ingress:
 
     @api.post("/sdapi/v1/interrupt", tags=["a1111"])
     async def a1111_interrupt(self, request: Request):
-        """Stops the caller's txt2img requests in flight on this replica (the caller: its API key).
-        Each answers at once with the images already rendered; images a generator has not started
+        """Stops the caller's txt2img and img2img requests in flight on this replica (the caller: its
+        API key). Each answers at once with the images already rendered; images a generator has not started
         are dropped; one it is rendering finishes there and is discarded. Answers `{}`, as A1111."""
 
         async def work():
