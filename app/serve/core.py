@@ -137,7 +137,7 @@ class ImageInput:
     mask: Upload | None = None
     fields: dict[str, str] = field(default_factory=dict)
 
-    def field(self, generic: str) -> str:
+    def name_of(self, generic: str) -> str:
         return self.fields.get(generic, generic)
 
     @property
@@ -437,8 +437,8 @@ class ServeCore:
                 for k in range(job.n)
             ]
         except RowError as e:  # strength x steps leaves no denoising step
-            field = job.image_input.field("strength") if job.image_input else "steps"
-            raise RequestError(422, field, str(e)) from None
+            name = job.image_input.name_of("strength") if job.image_input else "steps"
+            raise RequestError(422, name, str(e)) from None
 
     def _size(self, job: ImageJob) -> tuple[int, int]:
         """The render size asked for: txt2img's and img2img's (an img2img without one renders at its
@@ -480,14 +480,14 @@ class ServeCore:
                 given.settings, given.image.image, None if given.mask is None else given.mask.image, width, height
             )
         except ConditioningError as e:
-            raise RequestError(e.http_status, given.field(refused_field(e)), e.detail) from None
+            raise RequestError(e.http_status, given.name_of(refused_field(e)), e.detail) from None
         w, h = planned.width, planned.height
         if max(w, h) > lim.max_side or w * h > lim.max_pixels:
             mode = given.settings.mode
             what = {"upscale": "scale", "outpaint": "target"}.get(mode, "image")
             raise RequestError(
                 422,
-                given.field(what),
+                given.name_of(what),
                 f"{mode} of this input renders {w}x{h}, larger than this server allows "
                 f"({lim.max_side} per side, {lim.max_pixels} pixels)",
             )
