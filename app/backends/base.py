@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
+from PIL import Image
 
 from app.backends.prices import api_price_usd
-from app.conditioning.plan import Measures, Prepared
+from app.conditioning.errors import ConditioningError
+from app.conditioning.plan import Measures, Prepared, finish, prepare, reload_inputs
 from app.request import RenderRequest
 
 BACKENDS = ("diffusers", "a1111", "stability", "openai")
@@ -137,6 +139,31 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def prepared_inputs(request: RenderRequest, where: str) -> Prepared:
+    """The request's inputs read again (sha256 checked) and prepared; a bad one fails the row."""
+    assert request.conditioning is not None
+    try:
+        image, mask = reload_inputs(request.conditioning)
+        return prepare(request.conditioning, image, mask, request.width, request.height)
+    except ConditioningError as e:
+        raise BackendError("invalid", f"{where}: bad_input: {e}") from None
+
+
+def completed(result: BackendResult, prepared: Prepared) -> BackendResult:
+    """The provider's answer finished like the diffusers generator's: at the render size, kept
+    pixels pasted back, measured."""
+    if result.image is None:
+        return result
+    pixels = result.image
+    width, height = prepared.render_size
+    if pixels.shape[:2] != (height, width):
+        pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
+        if "width" not in result.lineage.unhonoured:
+            result.lineage = replace(result.lineage, unhonoured=(*result.lineage.unhonoured, "width", "height"))
+    result.image, result.measures = finish(prepared, np.ascontiguousarray(pixels))
+    return result
+
+
 def endpoint_host(url: str) -> str:
     parts = urlsplit(url)
     return parts.netloc.rpartition("@")[2]  # never user:password@
@@ -160,8 +187,6 @@ class RemoteBackend:
             if request.conditioning is None:
                 result = self.render_one(request)
             else:
-                from app.backends.conditioned import completed, prepared_inputs
-
                 prepared = prepared_inputs(request, self.name)
                 result = completed(self.render_conditioned(request, prepared), prepared)
         except BackendError as e:

@@ -6,31 +6,18 @@ finished the same way (`finish`: the kept region pasted back byte for byte outsi
 the canvas's padding cropped, the kept-region and seam measures taken). So a provider that redraws
 the product anyway cannot change it in the output, and QC and the catalog see the same measures
 whichever backend rendered. An answer at another size than the render size is resized to it
-first, and `width`/`height` are recorded as unhonoured.
+first, and `width`/`height` are recorded as unhonoured (`RemoteBackend` in base.py does both ends;
+here are the encodings the providers are sent).
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
-from app.backends.base import BackendError, BackendResult
-from app.conditioning.errors import ConditioningError
-from app.conditioning.plan import Prepared, finish, prepare, reload_inputs
-from app.request import RenderRequest
-
-
-def prepared_inputs(request: RenderRequest, where: str) -> Prepared:
-    """The request's inputs read again (sha256 checked) and prepared; a bad one fails the row."""
-    assert request.conditioning is not None
-    try:
-        image, mask = reload_inputs(request.conditioning)
-        return prepare(request.conditioning, image, mask, request.width, request.height)
-    except ConditioningError as e:
-        raise BackendError("invalid", f"{where}: bad_input: {e}") from None
+from app.conditioning.plan import Prepared
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -49,18 +36,3 @@ def mask_png(prepared: Prepared, transparent_edits: bool = False) -> bytes:
         rgba[..., 3] = np.where(prepared.generate, 0, 255)
         return png(rgba)
     return png(np.where(prepared.generate, 255, 0).astype(np.uint8))
-
-
-def completed(result: BackendResult, prepared: Prepared) -> BackendResult:
-    """The provider's answer finished like the diffusers generator's: at the render size, kept
-    pixels pasted back, measured."""
-    if result.image is None:
-        return result
-    pixels = result.image
-    width, height = prepared.render_size
-    if pixels.shape[:2] != (height, width):
-        pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
-        if "width" not in result.lineage.unhonoured:
-            result.lineage = replace(result.lineage, unhonoured=(*result.lineage.unhonoured, "width", "height"))
-    result.image, result.measures = finish(prepared, np.ascontiguousarray(pixels))
-    return result
