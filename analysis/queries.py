@@ -110,6 +110,22 @@ FROM (SELECT outcome, unnest(reasons) AS reason FROM images)
 GROUP BY ALL ORDER BY images DESC, reason, outcome""",
         ),
         _q(
+            "conditioned",
+            "image-conditioned images: mode, input, kept-region difference (0-255) and seam scores",
+            """
+SELECT image_id, run_id, conditioning.mode AS mode, outcome, reasons,
+       round(conditioning.kept_mean_abs, 4) AS kept_mean_abs, conditioning.kept_max_abs AS kept_max_abs,
+       round(conditioning.seam, 3) AS seam, round(conditioning.seam_input, 3) AS seam_input,
+       round(conditioning.tile_seam, 3) AS tile_seam, round(conditioning.source_difference, 3) AS source_difference,
+       conditioning.strength AS strength, conditioning.image_uri AS image_uri,
+       conditioning.image_sha256 AS image_sha256, conditioning.mask_uri AS mask_uri, error
+FROM images
+WHERE conditioning IS NOT NULL AND ($run IS NULL OR run_id = $run) AND ($mode IS NULL OR conditioning.mode = $mode)
+ORDER BY created_at, image_id""",
+            _RUN,
+            Param("mode", "text", "img2img, inpaint, outpaint or upscale"),
+        ),
+        _q(
             "products_by_category",
             "product images (tags.category) for a category, optionally in one month",
             """

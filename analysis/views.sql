@@ -18,7 +18,13 @@ SELECT * FROM read_parquet(getvariable('imagefab_output') || '/catalog/**/*.parq
 -- Columns newer than some catalogs: present (null) even when no file has them yet.
 UNION ALL BY NAME SELECT NULL::VARCHAR AS combination,
     NULL::STRUCT(name VARCHAR, endpoint_host VARCHAR, provider_model VARCHAR, request_id VARCHAR, seed BIGINT,
-                 reproducible BOOLEAN, unhonoured VARCHAR[], api_cost_usd DOUBLE) AS backend
+                 reproducible BOOLEAN, unhonoured VARCHAR[], api_cost_usd DOUBLE) AS backend,
+    NULL::STRUCT(mode VARCHAR, image_uri VARCHAR, image_sha256 VARCHAR, mask_uri VARCHAR, mask_sha256 VARCHAR,
+                 mask_source VARCHAR, strength DOUBLE, mask_blur INTEGER, blend_px INTEGER, target VARCHAR,
+                 anchor VARCHAR, fill VARCHAR, resize_mode VARCHAR, scale DOUBLE, tile INTEGER,
+                 tile_overlap INTEGER, source_width INTEGER, source_height INTEGER, kept_mean_abs DOUBLE,
+                 kept_max_abs DOUBLE, kept_pixels BIGINT, seam DOUBLE, seam_input DOUBLE, tile_seam DOUBLE,
+                 source_difference DOUBLE) AS conditioning
 WHERE false;
 SET VARIABLE imagefab_decisions_sql = CASE
     WHEN (SELECT count(*) FROM glob(getvariable('imagefab_output') || '/reviews/decisions/**/*.parquet')) > 0

@@ -1,8 +1,10 @@
 """Render a catalogued image again from its catalog row and check it bit for bit.
 
 The row holds every field that decides the pixels (and `image_id` is their hash), the model
-versions by sha256, and the batch it was rendered in. The same hardware and software give the same
-bytes; anything else is reported with the size of the difference.
+versions by sha256, and the batch it was rendered in; an image-conditioned image's `conditioning`
+names its input image and mask by URI and sha256, and they are read again: a changed input is
+refused, naming the file (reason `input_changed`), before anything renders. The same hardware and
+software give the same bytes; anything else is reported with the size of the difference.
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ def request_from_row(row: dict) -> RenderRequest:
     return req
 
 
+def check_inputs(request: RenderRequest) -> None:
+    """An image-conditioned request's input image and mask, read again: they must still be the
+    bytes its image_id was made from (the catalog's `conditioning` names them by URI and sha256)."""
+    if request.conditioning is None:
+        return
+    from app.conditioning.errors import ConditioningError
+    from app.conditioning.plan import reload_inputs
+
+    try:
+        reload_inputs(request.conditioning)
+    except ConditioningError as e:
+        raise RegenerateError(f"cannot render {request.image_id} again: {e}") from e
+
+
 def _same_model(resolved: ResolvedModel, wanted: dict | LoraRef) -> ResolvedModel:
     sha = wanted["sha256"] if isinstance(wanted, dict) else wanted.sha256
     if resolved.sha256 != sha:
@@ -84,6 +100,8 @@ def regenerate(image_id: str, output_uri: str, user_catalog: str | None = None) 
         if len({m["image_id"] for m in members}) != row["batch_size"]:
             raise RegenerateError(f"batch {row['batch_id']} of {image_id} is incomplete in the catalog")
     requests = [request_from_row(m) for m in {m["image_id"]: m for m in members}.values()]
+    for r in requests:
+        check_inputs(r)
 
     catalog = ModelCatalog.load(user_catalog)
     # Models that came through the MLflow registry are named in the run's record.

@@ -3,12 +3,15 @@
 Each stage names the columns it reads and adds. They import no Ray: `jobs/generate.py` and the
 Serve app wire them. A row whose stage fails becomes `failed` with the reason; the others go on.
 
-  Generator            -> pixels, nonfinite, gpu_seconds, accelerator, accelerator_settings, batch_id, batch_size
+  Generator            -> pixels, nonfinite, gpu_seconds, accelerator, accelerator_settings, batch_id, batch_size,
+                          cond_* (an image-conditioned output's measures: app/conditioning/plan.py MEASURE_COLUMNS)
   (GeneratorWithClip   -> the same + clip_embedding, clip_model, clip_cosines: app/qc/clip_stage.py)
   QualityControl       -> status, reasons, scores, qc_version, cpu_seconds
+                          (reads cond_* for the kept-region, seam and upscale checks: app/qc/conditioned.py)
   Postprocess          -> uri, variants, pixel_sha256, rights, cpu_seconds (+), drops pixels
                           (invisible watermark and a signed C2PA manifest in every file it writes)
-  CatalogWrite         -> appends catalog rows; returns image_id, status, gpu_seconds, cpu_seconds
+  CatalogWrite         -> appends catalog rows (`conditioning`: the request's + cond_*); returns
+                          image_id, status, gpu_seconds, cpu_seconds, mode, kept_mean_abs, …
   Finish               =  QualityControl -> Postprocess -> CatalogWrite, one Ray stage
 """
 
@@ -27,6 +30,7 @@ from PIL import Image
 from app.accelerator import AcceleratorSettings
 from app.catalog.store import CatalogStore
 from app.columns import object_column
+from app.conditioning.plan import MEASURE_COLUMNS, Measures
 from app.cost import PriceTable
 from app.metadata import ImageMetadata
 from app.postprocess import PostprocessSettings, encode_master, render_variants
@@ -35,6 +39,7 @@ from app.provenance.settings import Provenance
 from app.provenance.signing import GenerationRecord, Ingredient, ModelRecord, sign_master, sign_variant
 from app.qc import QcModels, QcSettings
 from app.qc.clip_measures import CLIP_COLUMNS, measure_from_row
+from app.qc.conditioned import measures_from_columns
 from app.request import RenderRequest, request_at
 from app.schedulers import sampler_name
 from app.storage import OutputStore, StorageError
@@ -50,6 +55,8 @@ SUMMARY_COLUMNS = (
     "generator_id",
     "lora_switches",
     "lora_switch_seconds",
+    "mode",  # txt2img | img2img | inpaint | outpaint | upscale
+    "kept_mean_abs",  # inpaint/outpaint: the kept region's mean absolute difference, 0-255 (NaN: none)
 )
 
 
@@ -67,7 +74,9 @@ def image_path(image_id: str) -> str:
 def metadata_for(req: RenderRequest, provenance: Provenance | None = None) -> ImageMetadata:
     """What is embedded in an image's files. No run id: the same image_id gives the same bytes,
     whichever run wrote it (images are stored by id, and a rerun may write one again).
-    Usage rights go into `extra` (`rights.*`), which the XMP writer turns into IPTC rights fields."""
+    Usage rights go into `extra` (`rights.*`), which the XMP writer turns into IPTC rights fields.
+    An image-conditioned request's input (URIs, sha256s, strength, mask blur) goes into
+    `conditioning`: the infotext's `Denoising strength` / `Mask blur` and imagefab's own record."""
     rights = {} if provenance is None or provenance.rights.is_empty() else provenance.rights.to_dict()
     return ImageMetadata(
         image_id=req.image_id,
@@ -83,6 +92,7 @@ def metadata_for(req: RenderRequest, provenance: Provenance | None = None) -> Im
         model_hash=req.base_model["sha256"],
         loras=req.loras,
         extra={f"rights.{k}": v for k, v in rights.items() if v},
+        conditioning={} if req.conditioning is None else asdict(req.conditioning),
     )
 
 
@@ -118,7 +128,8 @@ class QualityControl:
     row without them, or measured by another model than the settings name, fails.
     """
 
-    reads: tuple[str, ...] = ("status", "request", "pixels", "nonfinite")  # + CLIP_COLUMNS with clip_on_generator
+    # + CLIP_COLUMNS with clip_on_generator; the generator's MEASURE_COLUMNS when present
+    reads: tuple[str, ...] = ("status", "request", "pixels", "nonfinite")
     adds = ("status", "reasons", "scores", "phash", "nearest_duplicate", "qc_version", "cpu_seconds")
 
     def __init__(self, settings: QcSettings, duplicates=None, clip_on_generator: bool = False):
@@ -180,6 +191,9 @@ class QualityControl:
             tags=[r.tags for r in reqs],
             nonfinite_fractions=[float(batch["nonfinite"][i]) for i in rows],
             clip_measures=[measure_from_row(batch, i) for i in rows] if self.models.clip_on_generator else None,
+            conditioning=[
+                None if r.conditioning is None else (r.mode, measures_at(batch, i)) for r, i in zip(reqs, rows)
+            ],
         )
 
 
@@ -352,6 +366,7 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "gpu_seconds": gpu_s,
         "cpu_seconds": cpu_s,
         "backend": backend,
+        "conditioning": conditioning_value(req, batch, i),
         "cost_usd": (prices.image_cost(accelerator, gpu_s, cpu_s) if accelerator else 0.0)
         + (backend["api_cost_usd"] if backend else 0.0),
         "accelerator": accelerator,
@@ -360,6 +375,24 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "rights": rights,
         "approval": "pending",
     }
+
+
+def conditioning_value(req: RenderRequest, batch: dict, i: int) -> dict | None:
+    """Row i's catalog `conditioning` struct: the request's `Conditioning` and the generator's
+    `cond_*` measures (NaN, or a batch without the columns, is null). None for txt2img. A failed
+    row's request holds what the row named (its input's URI), and no measures."""
+    if req.conditioning is None:
+        return None
+    return {**asdict(req.conditioning), **measures_at(batch, i).__dict__}
+
+
+def measures_at(batch: dict, i: int) -> Measures:
+    """Row i's `Measures` from the generator's `cond_*` columns (a batch without them: none measured)."""
+    return measures_from_columns({c: batch[c][i] for c in MEASURE_COLUMNS if c in batch})
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def usage_rights_text(rights: dict | None) -> str:
@@ -425,6 +458,10 @@ class CatalogWrite:
             "generator_id": passed("generator_id", "", object),
             "lora_switches": passed("lora_switches", 0, np.int64),
             "lora_switch_seconds": passed("lora_switch_seconds", 0.0, np.float64),
+            "mode": object_column([(r["conditioning"] or {}).get("mode") or "txt2img" for r in rows]),
+            "kept_mean_abs": np.asarray(
+                [_or_nan((r["conditioning"] or {}).get("kept_mean_abs")) for r in rows], dtype=np.float64
+            ),
         }
 
 

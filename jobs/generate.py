@@ -178,8 +178,7 @@ def run(
     _write_run_record(output, run_id, spec, models, versions)
     if plan.failed.num_rows:
         failed = {c: np.asarray(plan.failed.column(c).to_pylist(), dtype=object) for c in plan.failed.column_names}
-        CatalogWrite(output, run_id, date=summary.date)(failed)
-        summary.counts["failed"] += plan.failed.num_rows
+        summary.add_failed(CatalogWrite(output, run_id, date=summary.date)(failed))
 
     # 4. Render, QC, post-process, write.
     if plan.pending.num_rows:

@@ -1,8 +1,11 @@
-"""The bulk job's run summary: counts, device and CPU time, throughput, per combination and per
-generator, folded batch by batch from the CPU stage's per-image results (no Ray here)."""
+"""The bulk job's run summary: counts, device and CPU time, throughput, per combination, per
+generator and per mode, and for image-conditioned runs the kept-region figure (how far the kept
+pixels of inpainted and outpainted images are from their input), folded batch by batch from the CPU
+stage's per-image results (no Ray here)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +34,11 @@ class RunSummary:
     by_combination: dict = field(default_factory=dict)  # name -> {images, accepted, …, gpu_seconds}
     by_generator: dict = field(default_factory=dict)  # actor -> {base, images, lora_switches, switch_seconds}
     budget: dict = field(default_factory=dict)  # the run's budget ledger at the end (app/budget.py); {} without caps
+    by_mode: dict = field(default_factory=dict)  # txt2img | img2img | … | upscale -> {images, accepted, …}
+    # Inpainted and outpainted images: their kept_mean_abs (0-255) folded as count, sum and max.
+    kept_images: int = 0
+    kept_sum: float = 0.0
+    kept_max: float = 0.0
 
     first_result_at: float = 0.0  # perf_counter of the first and last finished batch
     last_result_at: float = 0.0
@@ -41,6 +49,39 @@ class RunSummary:
         fixed start-up (reading, planning, actors loading models) does not count as a rate."""
         span = self.last_result_at - self.first_result_at
         return (self.rendered - self._first_batch) / span if span > 0 else 0.0
+
+    def add_failed(self, out: dict) -> None:
+        """Rows that failed before rendering (bad inputs and rows), as `CatalogWrite` returned them."""
+        n = len(out["status"])
+        self.counts["failed"] = self.counts.get("failed", 0) + n
+        for i in range(n):
+            self._add_mode(out, i, "failed")
+
+    def _add_mode(self, out: dict, i: int, status: str) -> None:
+        mode = str(out["mode"][i]) if "mode" in out else "txt2img"
+        by_mode = self.by_mode.setdefault(mode, {"images": 0})
+        by_mode["images"] += 1
+        by_mode[status] = by_mode.get(status, 0) + 1
+        kept = float(out["kept_mean_abs"][i]) if "kept_mean_abs" in out else math.nan
+        if not math.isnan(kept):
+            self.kept_images += 1
+            self.kept_sum += kept
+            self.kept_max = max(self.kept_max, kept)
+
+    @property
+    def kept_region(self) -> dict | None:
+        """The run's kept-region figure: max and mean of kept_mean_abs over its inpainted and
+        outpainted images, 0-255 and /255; None when it has none."""
+        if not self.kept_images:
+            return None
+        mean = self.kept_sum / self.kept_images
+        return {
+            "images": self.kept_images,
+            "max_mean_abs": self.kept_max,
+            "mean_mean_abs": mean,
+            "max_mean_abs_unit": self.kept_max / 255.0,
+            "mean_mean_abs_unit": mean / 255.0,
+        }
 
     def add_batch(self, out: dict) -> None:
         """Fold one batch of the CPU stage's per-image results into the totals."""
@@ -59,6 +100,7 @@ class RunSummary:
             combo["images"] += 1
             combo[status] = combo.get(status, 0) + 1
             combo["gpu_seconds"] += float(out["gpu_seconds"][i])
+            self._add_mode(out, i, status)
             gen = str(out["generator_id"][i])
             if gen:
                 g = self.by_generator.setdefault(gen, {"base": str(out["base_model"][i]), "images": 0})
@@ -97,7 +139,27 @@ class RunSummary:
             "images_per_second": self.images_per_second,
             "streaming_images_per_second": self.streaming_images_per_second,
             "stopped_on_budget": self.stopped_on_budget,
+            "kept_region": self.kept_region,
         }
+
+    def _conditioned_lines(self) -> list[str]:
+        """Per mode, and the kept-region figure, when the run had image-conditioned rows."""
+        if set(self.by_mode) <= {"txt2img"}:
+            return []
+        lines = [
+            f"  mode          {mode}: {m['images']} images, accepted {m.get('accepted', 0)}, "
+            f"review {m.get('review', 0)}, rejected {m.get('rejected', 0)}, failed {m.get('failed', 0)}"
+            for mode, m in sorted(self.by_mode.items())
+        ]
+        kept = self.kept_region
+        if kept is not None:
+            lines.append(
+                f"  kept region   mean |output - input| outside the blend band over {kept['images']} "
+                f"inpainted/outpainted images: max {kept['max_mean_abs']:.3f}/255 "
+                f"({kept['max_mean_abs_unit']:.5f}), mean {kept['mean_mean_abs']:.3f}/255 "
+                f"({kept['mean_mean_abs_unit']:.5f})"
+            )
+        return lines
 
     def render(self) -> str:
         c = self.counts
@@ -121,6 +183,7 @@ class RunSummary:
                     for gid, g in sorted(self.by_generator.items())
                 ],
                 *self._budget_lines(),
+                *self._conditioned_lines(),
                 f"  images        {self.output}/images/",
                 f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
                 f"  summary       {self.output}/runs/{self.run_id}/summary.json",

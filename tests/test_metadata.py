@@ -4,6 +4,7 @@ from PNG, JPEG and WebP files as the encoder writes them."""
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -165,3 +166,66 @@ def test_jpeg_refuses_an_infotext_longer_than_exif_holds(astronaut: Image.Image)
 def test_unreadable_bytes_raise_value_error() -> None:
     with pytest.raises(ValueError, match="cannot read metadata"):
         read_metadata(b"garbage")
+
+
+# --- image-conditioned images -----------------------------------------------------------------------
+CUP_SHA, MASK_SHA = "c" * 64, "d" * 64
+INPAINT = {
+    "mode": "inpaint",
+    "image_uri": "s3://shop/packshots/cup.png",
+    "image_sha256": CUP_SHA,
+    "mask_uri": "/data/cup_mask.png",
+    "mask_sha256": MASK_SHA,
+    "mask_source": "mask",
+    "strength": 0.75,
+    "mask_blur": 4,
+    "blend_px": 4,
+}
+# AUTOMATIC1111's own reading of the parameter line (modules/infotext_utils.py: parse_generation_parameters).
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_parameters(text: str) -> dict[str, str]:
+    *_, lastline = text.strip().split("\n")
+    found = A1111_PARAM.findall(lastline)
+    assert len(found) >= 3, "A1111 would read this parameter line as prompt"
+    return {k: json.loads(v) if v[:1] == '"' == v[-1:] else v for k, v in found}
+
+
+def test_an_inpainted_image_says_its_denoising_strength_and_mask_blur_as_a1111_does() -> None:
+    meta = make_metadata(prompt="a cup on marble", loras=(), conditioning=INPAINT)
+    text = format_infotext(meta)
+    assert text.endswith("Model: sd_xl_base_1.0, Denoising strength: 0.75, Mask blur: 4, imagefab image_id: img-0001")
+    parsed = parse_infotext(text)
+    assert parsed["denoising_strength"] == 0.75 and parsed["mask_blur"] == 4
+    a1111 = a1111_parameters(text)
+    assert a1111["Denoising strength"] == "0.75" and a1111["Mask blur"] == "4" and a1111["Steps"] == "30"
+    assert a1111["imagefab image_id"] == "img-0001"
+
+
+def test_img2img_and_upscale_infotext() -> None:
+    img2img = make_metadata(loras=(), conditioning={"mode": "img2img", "image_uri": "/a.png", "strength": 0.6})
+    assert "Denoising strength: 0.6, imagefab" in format_infotext(img2img)
+    assert "Mask blur" not in format_infotext(img2img)
+    up = make_metadata(loras=(), conditioning={"mode": "upscale", "strength": 0.3, "tile_overlap": 64})
+    params = a1111_parameters(format_infotext(up))
+    assert params["Denoising strength"] == "0.3" and params["SD upscale overlap"] == "64"
+    assert params["SD upscale upscaler"] == "Lanczos"
+    txt2img = make_metadata()
+    assert "Denoising" not in format_infotext(txt2img) and "conditioning" not in txt2img.to_dict()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_inputs_uri_and_sha256_are_read_back_from_every_format(astronaut: Image.Image, fmt: ImageFormat) -> None:
+    meta = make_metadata(conditioning=INPAINT)
+    found = read_metadata(encode_image(astronaut, fmt, meta, quality=90))
+    record = found["imagefab"]["conditioning"]
+    assert (record["image_uri"], record["image_sha256"]) == ("s3://shop/packshots/cup.png", CUP_SHA)
+    assert (record["mask_uri"], record["mask_sha256"]) == ("/data/cup_mask.png", MASK_SHA)
+    assert ImageMetadata.from_dict(found["imagefab"]) == meta
+    assert parse_infotext(found["parameters"])["denoising_strength"] == 0.75
+
+
+def test_conditioning_values_must_be_text_or_numbers() -> None:
+    with pytest.raises(ValueError, match="conditioning.mask"):
+        make_metadata(conditioning={"mode": "inpaint", "mask": [1, 2]})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from app.accelerator import ACCELERATOR_SETTINGS_TYPE
-from app.request import LORA_TYPE, MODEL_TYPE, STRMAP_TYPE, TEMPLATE_TYPE
+from app.request import CONDITIONING_TYPE, LORA_TYPE, MODEL_TYPE, STRMAP_TYPE, TEMPLATE_TYPE
 
 STATUSES = ("accepted", "review", "rejected", "failed")
 
@@ -40,6 +40,19 @@ BACKEND = pa.struct(
         ("api_cost_usd", pa.float64()),  # the provider's price for this image
     ]
 )
+# What an image-conditioned image started from (the request's `Conditioning`: mode, input and mask by
+# URI and sha256, the mode's settings), and what the output says about its input (app/conditioning/
+# plan.py `Measures`; null where the mode does not measure it). Null for txt2img.
+CONDITIONING_MEASURES = (
+    ("kept_mean_abs", pa.float64()),  # 0-255: mean |output - input| over kept pixels outside the blend band
+    ("kept_max_abs", pa.float64()),  # 0-255
+    ("kept_pixels", pa.int64()),  # kept pixels measured (outside the band)
+    ("seam", pa.float64()),  # seam score along the mask's border (about 1: no visible edge)
+    ("seam_input", pa.float64()),  # the input's own score along the same ring
+    ("tile_seam", pa.float64()),  # upscale: steps across tile edges over steps elsewhere
+    ("source_difference", pa.float64()),  # upscale: 0-255, the output shrunk back vs the input
+)
+CONDITIONING = pa.struct([*CONDITIONING_TYPE, *(pa.field(n, t) for n, t in CONDITIONING_MEASURES)])
 # The spec's `rights` and the model catalog's licence of each model the image was made with.
 USAGE_RIGHTS = pa.struct(
     [
@@ -83,6 +96,7 @@ CATALOG_SCHEMA = pa.schema(
         ("batch_size", pa.int32()),
         ("pixel_sha256", pa.string()),  # sha256 of the raw RGB bytes, checked by `regenerate`
         ("backend", BACKEND),  # null for the diffusers generator; older catalogs read it as null
+        ("conditioning", CONDITIONING),  # null for txt2img; older catalogs read it as null
         # quality control
         ("sharpness", pa.float64()),
         ("contrast", pa.float64()),

@@ -40,6 +40,7 @@ def format_infotext(metadata: ImageMetadata) -> str:
         # A1111's model "shorthash": the first 10 hex of the file's sha256 (Civitai "AutoV2").
         params.append(("Model hash", metadata.model_hash[:10]))
     params.append(("Model", metadata.model_name))
+    params += _conditioning_params(metadata)
     if metadata.loras:
         # A1111 writes 12 hex of its own "addnet" hash here; we only know the file's sha256,
         # whose 10-hex prefix is the AutoV2 id that Civitai resolves.
@@ -50,6 +51,27 @@ def format_infotext(metadata: ImageMetadata) -> str:
     negative = f"\nNegative prompt: {metadata.negative_prompt}" if metadata.negative_prompt else ""
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in params)
     return f"{prompt}{negative}\n{line}"
+
+
+def _conditioning_params(metadata: ImageMetadata) -> list[tuple[str, Any]]:
+    """What A1111 writes for its img2img tab: `Denoising strength` always, `Mask blur` with a mask
+    (inpaint; our outpaint is an inpaint of the extended canvas), and for an upscale what its "SD
+    upscale" script writes (a Lanczos resize, then img2img over overlapping tiles)."""
+    cond = metadata.conditioning
+    if not cond:
+        return []
+    params: list[tuple[str, Any]] = [("Denoising strength", _number(cond.get("strength", 0.0)))]
+    mode = metadata.mode
+    if mode in ("inpaint", "outpaint"):
+        params.append(("Mask blur", int(cond.get("mask_blur", 0))))
+    elif mode == "upscale":
+        params += [("SD upscale overlap", int(cond.get("tile_overlap", 0))), ("SD upscale upscaler", "Lanczos")]
+    return params
+
+
+def _number(value: float) -> str:
+    """A float as A1111 prints it (`0.75`, `1.0`): Python's shortest repr."""
+    return repr(float(value))
 
 
 def _quote(value: Any) -> str:
@@ -71,7 +93,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     Returns "prompt", "negative_prompt" and "loras" (`[(name, weight)]` from the prompt's
     <lora:...> tags), plus from the parameter line: "steps", "sampler", "cfg_scale", "seed",
     "size", "width", "height", "model_hash", "model", "lora_hashes" (`{name: hash}`),
-    "image_id", and any other parameter under its A1111 name. Quoted values may contain commas,
+    "image_id", "denoising_strength", "mask_blur", and any other parameter under its A1111 name. Quoted values may contain commas,
     colons and newlines. A value that does not convert (e.g. "Steps: many") is kept as text.
     """
     lines = text.split("\n")
@@ -120,6 +142,10 @@ def parse_infotext(text: str) -> dict[str, Any]:
             result["lora_hashes"] = {name.strip(): digest.strip() for name, _, digest in pairs if name.strip()}
         elif key == "imagefab image_id":
             result["image_id"] = value
+        elif key == "Denoising strength":
+            result["denoising_strength"] = _convert(value, float)
+        elif key == "Mask blur":
+            result["mask_blur"] = _convert(value, int)
         else:
             result[key] = value
     return result

@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 from app.request import LoraRef
@@ -20,6 +21,10 @@ class ImageMetadata:
     `model_hash` and each LoRA's `sha256` are the sha256 of the weights file (64 hex), or ""
     when unknown. `loras` accepts `LoraRef`s or plain `(name, weight, sha256)` tuples; what is
     embedded of each is its name, weight and sha256.
+
+    `conditioning` is an image-conditioned image's input (the request's `Conditioning` as a dict:
+    mode, image_uri, image_sha256, mask_uri, mask_sha256, strength, mask_blur, …); empty for
+    txt2img, and then left out of the JSON, so a txt2img file's bytes do not change with it.
     """
 
     image_id: str
@@ -36,6 +41,7 @@ class ImageMetadata:
     loras: tuple[LoraRef, ...] = ()
     run_id: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    conditioning: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Normalise numbers so that "CFG scale: 5.0" and the JSON do not depend on whether the
@@ -53,6 +59,11 @@ class ImageMetadata:
         object.__setattr__(self, "loras", loras)
         # A private copy: the caller's dict must not change what is embedded later.
         object.__setattr__(self, "extra", {str(k): str(v) for k, v in self.extra.items()})
+        object.__setattr__(self, "conditioning", _plain(self.conditioning))
+
+    @property
+    def mode(self) -> str:
+        return str(self.conditioning.get("mode") or "txt2img")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +81,7 @@ class ImageMetadata:
             "loras": [{"name": lo.name, "weight": lo.weight, "sha256": lo.sha256} for lo in self.loras],
             "run_id": self.run_id,
             "extra": dict(self.extra),
+            **({"conditioning": dict(self.conditioning)} if self.conditioning else {}),
         }
 
     def to_json(self) -> str:
@@ -81,6 +93,21 @@ class ImageMetadata:
         fields = dict(data)
         fields["loras"] = tuple(LoraRef(**lora) for lora in fields.get("loras", ()))
         return cls(**fields)
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A private copy with JSON's own scalars (numpy numbers become int / float)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            out[str(key)] = value
+        elif isinstance(value, Integral):
+            out[str(key)] = int(value)
+        elif isinstance(value, Real):
+            out[str(key)] = float(value)
+        else:
+            raise ValueError(f"`conditioning.{key}` must be text or a number, but is {value!r}")
+    return out
 
 
 def _check_sha256(name: str, value: str) -> str:

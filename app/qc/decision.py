@@ -78,7 +78,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import app.qc.checks as checks
+from app.conditioning.plan import Measures
+from app.conditioning.seams import SEAM_SCORE_LIMIT
 from app.qc.clip_measures import ClipMeasure, clip_model_id
+from app.qc.conditioned import CONDITIONED_CHECKS, judge_conditioned
 from app.qc.duplicates import DuplicateIndex, perceptual_hash
 
 if TYPE_CHECKING:
@@ -87,7 +90,7 @@ if TYPE_CHECKING:
 PIXEL_CHECKS = ("sharpness", "contrast", "exposure", "blank", "nonfinite")
 ARTEFACT_CHECKS = ("color_cast", "black_block", "green_block", "blockiness", "banding")
 MODEL_CHECKS = ("prompt", "negative_concepts", "duplicates", "style", "nsfw")
-KNOWN_CHECKS = PIXEL_CHECKS + ARTEFACT_CHECKS + MODEL_CHECKS
+KNOWN_CHECKS = PIXEL_CHECKS + ARTEFACT_CHECKS + MODEL_CHECKS + CONDITIONED_CHECKS
 
 # How the run is executed, not how images are judged: left out of `qc_version`.
 RUNTIME_FIELDS = frozenset({"clip_device", "clip_threads", "clip_batch_size", "clip_on_generator"})
@@ -160,6 +163,16 @@ class QcSettings(BaseModel):
     # explicit-class confidence. Ordinary photographs score 0 to low values (benchmarks/RESULTS.md).
     max_nsfw: float = Field(0.6, ge=0.0, le=1.0)
     review_nsfw: float = Field(0.4, ge=0.0, le=1.0)
+
+    # Image-conditioned outputs (app/qc/conditioned.py, where the numbers were calibrated).
+    # Inpaint/outpaint: mean |output - input| over the kept pixels outside the blend band, 0-255.
+    max_kept_difference: float = Field(1.0, ge=0.0, le=255.0)
+    # Seam score along the mask's border: `seam` above max(max_seam, the input's own score x factor).
+    max_seam: float = Field(SEAM_SCORE_LIMIT, ge=0.0)
+    seam_input_factor: float = Field(2.0, ge=0.0)
+    # Upscale: steps across tile edges over steps elsewhere; the output shrunk back vs its source, 0-255.
+    max_tile_seam: float = Field(1.5, ge=0.0)
+    max_upscale_drift: float = Field(10.0, ge=0.0, le=255.0)
 
     # Style: key (a combination key, or "<tag>=<value>") -> folder of reference images.
     style_references: dict[str, str] = {}
@@ -300,6 +313,10 @@ class QcVerdict:
     "borderline_underexposed"). A rejected image lists its review reasons too.
     `scores` has "sharpness", "contrast", "exposure" (larger clipped share) and "mean_luma";
     NaN where the image could not be measured.
+
+    Image-conditioned outputs (`conditioning=` of `evaluate_batch`) add the reject reasons
+    "subject_changed", "seam" and "upscale_drift" and their measures' scores
+    (app/qc/conditioned.py).
 
     From `evaluate` also: reject reasons "color_cast", "black_block", "green_block",
     "blockiness", "banding", "off_prompt", "negative_concept:<concept>", "off_style",
@@ -456,6 +473,7 @@ def evaluate_batch(
     image_ids: Sequence[str] | None = None,
     nonfinite_fractions: Sequence[float] | None = None,
     duplicate_groups: Sequence[str | None] | None = None,
+    conditioning: Sequence[tuple[str, Measures] | None] | None = None,
 ) -> list[QcVerdict]:
     """Judge a batch of images: pixel and artefact checks, then CLIP's numbers, then the
     duplicate index (one `query_and_add_many` call, in batch order).
@@ -473,6 +491,8 @@ def evaluate_batch(
         styles: the `StyleReference` for each image, or None (see `style.style_key_for`).
         image_ids: required with `duplicates`: what a later duplicate points to.
         nonfinite_fractions: per image, as for `check_image`.
+        conditioning: per image, its mode and the generator's `Measures` for an image-conditioned
+            output (None for txt2img): kept region, seam and upscale checks (app/qc/conditioned.py).
 
     Every verdict has all of `EVALUATE_SCORE_KEYS` (NaN where not measured). An image that
     was rejected for another reason is not added to the duplicate index.
@@ -485,6 +505,8 @@ def evaluate_batch(
         lengths["image_ids"] = len(image_ids)
     if clip_measures is not None:
         lengths["clip_measures"] = len(clip_measures)
+    if conditioning is not None:
+        lengths["conditioning"] = len(conditioning)
     for name, length in lengths.items():
         if length != count:
             raise ValueError(f"{count} images but {length} {name}")
@@ -510,6 +532,11 @@ def evaluate_batch(
         found[i].scores.update(checks.artefact_scores(rgb, luma))
         found[i].scores.update(dict.fromkeys(MODEL_SCORE_KEYS, math.nan))
         _grade_artefacts(found[i], settings, enabled)
+        conditioned = None if conditioning is None else conditioning[i]
+        if conditioned is not None:
+            scores, rejects = judge_conditioned(conditioned[0], conditioned[1], settings)
+            found[i].scores.update(scores)
+            found[i].rejects += rejects
         if "duplicates" in enabled or styles[i] is not None:
             phashes[i] = perceptual_hash(rgb)
     measured = list(found)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from app.conditioning.plan import Measures
 from app.qc.checks import is_too_small, rgb_array
 from app.qc.clip_measures import ClipMeasure, measure_clip
 from app.qc.decision import QcSettings, QcVerdict, evaluate_batch
@@ -92,12 +93,14 @@ class QcModels:
         tags: Sequence[Mapping[str, str] | None] | None = None,
         nonfinite_fractions: Sequence[float] | None = None,
         clip_measures: Sequence[ClipMeasure | None] | None = None,
+        conditioning: Sequence[tuple[str, Measures] | None] | None = None,
     ) -> list[QcVerdict]:
         """`decision.evaluate_batch` with the loaded parts: the images measured with the scorer
         (when there is one), the style reference of each image picked from its combination key
         and tags. `clip_measures` (one per image, from the generator) are required when the
         models were loaded with `clip_on_generator`, and refused otherwise: an image is never
-        graded on numbers from a model QC did not expect."""
+        graded on numbers from a model QC did not expect. `conditioning`: each image's mode and
+        the generator's measures (None for txt2img), as for `decision.evaluate_batch`."""
         count = len(images)
         if self.clip_on_generator and clip_measures is None:
             raise ValueError("CLIP runs on the generator, but the batch brings no `clip_measures`")
@@ -120,6 +123,7 @@ class QcModels:
             image_ids=image_ids,
             nonfinite_fractions=nonfinite_fractions,
             duplicate_groups=[(t or {}).get("ab_group") for t in tags],
+            conditioning=conditioning,
         )
         if self.nsfw is None:
             return verdicts
