@@ -96,8 +96,39 @@ def metadata_for(req: RenderRequest, provenance: Provenance | None = None) -> Im
     )
 
 
+def keep_exact(req: RenderRequest, rendered: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    """`marked` with the request's exact kept region (app/conditioning/plan.py `exact_region`)
+    put back from `rendered`, so the watermark never touches a kept product pixel."""
+    from app.conditioning.plan import exact_region, prepare, reload_inputs
+
+    assert req.conditioning is not None
+    image, mask = reload_inputs(req.conditioning)
+    exact = exact_region(prepare(req.conditioning, image, mask, req.width, req.height))
+    return marked if exact is None else np.where(exact[:, :, None], rendered, marked)
+
+
+def input_ingredients(req: RenderRequest) -> tuple[Ingredient, ...]:
+    """The input image (and mask image) of an image-conditioned request, as C2PA ingredients."""
+    from app.conditioning.loading import InputLimits, read_bounded
+
+    cond = req.conditioning
+    if cond is None:
+        return ()
+    out = []
+    for uri, want in ((cond.image_uri, cond.image_sha256), (cond.mask_uri, cond.mask_sha256)):
+        if not uri:
+            continue
+        data = read_bounded(uri, None, InputLimits().max_bytes)
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise ValueError(f"input {uri} changed since it was rendered from (sha256 {want[:12]}…)")
+        fmt = {b"\x89PNG": "png", b"RIFF": "webp"}.get(data[:4], "jpeg")
+        out.append(Ingredient(uri.rsplit("/", 1)[-1], data, fmt, "inputTo"))
+    return tuple(out)
+
+
 def generation_record(req: RenderRequest, provenance: Provenance, watermarked: bool) -> GenerationRecord:
-    """What an image's C2PA manifest says about how it was made."""
+    """What an image's C2PA manifest says about how it was made; an image-conditioned one's input
+    (and mask) are its ingredients (`c2pa.created` names them by ingredient id)."""
     base, licences = req.base_model, provenance.licences
     return GenerationRecord(
         image_id=req.image_id,
@@ -107,6 +138,7 @@ def generation_record(req: RenderRequest, provenance: Provenance, watermarked: b
             ModelRecord(lo.name, lo.sha256, lo.version, licences.get(lo.name, ""), float(lo.weight)) for lo in req.loras
         ),
         rights=provenance.rights,
+        inputs=input_ingredients(req),
         watermark_payload=watermark.payload_for(req.image_id) if watermarked else "",
         extra={
             "steps": req.steps,
@@ -259,9 +291,12 @@ class Postprocess:
         req = request_at(batch, i)
         rendered = image_from_row(batch, i)
         prov = self.provenance
-        # 1. The invisible watermark goes into the pixels every file is made from
+        # 1. The invisible watermark goes into the pixels every file is made from, except the
+        #    kept region of an inpaint or outpaint: the product stays the input's, byte for byte
         marked = prov is not None and prov.watermark and watermark.can_embed(req.width, req.height)
         pixels = watermark.embed(rendered, req.image_id) if marked else rendered
+        if marked and req.conditioning is not None and req.conditioning.mode in ("inpaint", "outpaint"):
+            pixels = keep_exact(req, rendered, pixels)
         image = Image.fromarray(pixels, "RGB")
         meta = metadata_for(req, prov)
         master = image_path(req.image_id)

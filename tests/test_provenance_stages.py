@@ -157,3 +157,42 @@ def test_signing_settings_errors_name_the_problem(tmp_path, model_catalog):
     off = spec_for(provenance={"c2pa": False, "watermark": False})
     assert build_provenance(off.provenance, off.rights, {}, tmp_path).signer is None
     assert not (tmp_path / "c2pa").exists()  # nothing created when signing is off
+
+
+def test_an_outpainted_packshot_keeps_its_pixels_under_the_watermark_and_names_its_input(
+    generator, models, model_catalog, tmp_path
+):
+    """The invisible watermark marks the generated pixels only; the product stays the input's,
+    and the C2PA manifest carries the input file as an ingredient."""
+    from pathlib import Path
+
+    from app.conditioning.plan import exact_region, load_inputs, prepare
+    from app.provenance import watermark
+
+    specs = Path(__file__).resolve().parents[1] / "specs"
+    spec = spec_for(image={"mode": "outpaint", "targets": ["256x448"], "base_dir": str(specs)}, rights=None)
+    provenance = build_provenance(spec.provenance, spec.rights, model_catalog.licences(), tmp_path / "home")
+    rows = pa.Table.from_pylist([{"prompt": "a gold coin on a marble table", "image": "data/packshots/coin.png"}])
+    out = ExpandRows(spec, models)(rows).to_pydict()
+    batch = generator({k: np.asarray(v, dtype=object) for k, v in out.items()})
+    post = Postprocess(spec.postprocess, OutputStore.at(str(tmp_path / "out")), provenance)(
+        QualityControl(spec.qc)(batch)
+    )
+    data = (tmp_path / "out" / post["uri"][0].split("/out/", 1)[1]).read_bytes()
+    saved = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    [req] = [r for r in ExpandRows(spec, models)(rows)["request"].to_pylist()]
+    image, _ = load_inputs(str(specs / "data/packshots/coin.png"))
+    from app.request import RenderRequest
+
+    request = RenderRequest.from_arrow_value(req)
+    exact = exact_region(prepare(request.conditioning, image, None, request.width, request.height))
+    rendered = np.frombuffer(batch["pixels"][0], dtype=np.uint8).reshape(saved.shape)
+    assert np.array_equal(saved[exact], rendered[exact])  # the product's pixels: untouched by the mark
+    assert not np.array_equal(saved, rendered)  # the rest is marked
+    assert watermark.detect(saved).payload == watermark.payload_for(request.image_id)
+    manifest = verify_bytes(
+        data, "master.png", trust_anchors=ensure_dev_credentials(tmp_path / "home").root_ca.read_bytes()
+    )
+    assert manifest["c2pa"]["valid"]
+    assert manifest["c2pa"]["claims"]["ingredients"] == [{"title": "coin.png", "relationship": "inputTo"}]

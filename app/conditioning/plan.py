@@ -267,6 +267,16 @@ def finish(prepared: Prepared, generated: np.ndarray) -> tuple[np.ndarray, Measu
     return np.ascontiguousarray(pixels), measures
 
 
+def exact_region(prepared: Prepared) -> np.ndarray | None:
+    """[h, w] bool at the output size: the kept pixels promised byte for byte (farther than the
+    blend band from the generated region), or None for modes that keep nothing."""
+    if prepared.generate is None:
+        return None
+    width, height = prepared.output_size
+    keep = ~prepared.generate[:height, :width]
+    return keep & (distance_inside(keep) > prepared.blend_px)
+
+
 def tile_seed(seed: int, index: int) -> int:
     """The seed of an upscale's tile `index`: distinct per tile, fixed by the request's seed."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
