@@ -199,3 +199,152 @@ class Budgeted:
                 value = json.loads(lineage[i]) if isinstance(lineage[i], str) else dict(lineage[i])
                 usd += float(value.get("api_cost_usd") or 0.0)
         return usd, device
+
+
+# --- monthly budgets per team or campaign tag ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MonthlyBudget:
+    """USD a calendar month (UTC) for the images tagged `tag=value`."""
+
+    tag: str
+    value: str
+    usd: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.tag}={self.value}"
+
+    def matches(self, tags: dict) -> bool:
+        return str(tags.get(self.tag, "")) == self.value
+
+
+@dataclass(frozen=True)
+class MonthlySpend:
+    budget: MonthlyBudget
+    month: str  # YYYY-MM
+    spent_usd: float
+    images: int
+    runs: int
+
+    @property
+    def left_usd(self) -> float:
+        return self.budget.usd - self.spent_usd
+
+    def to_dict(self) -> dict:
+        return {
+            "budget": self.budget.key,
+            "month": self.month,
+            "budget_usd": self.budget.usd,
+            "spent_usd": self.spent_usd,
+            "left_usd": self.left_usd,
+            "images": self.images,
+            "runs": self.runs,
+        }
+
+
+class MonthlyBudgetExceeded(ValueError):
+    """A run that would cross a monthly budget; the message names the budget, spend and estimate."""
+
+
+@dataclass(frozen=True)
+class MonthlyBudgets:
+    """The price table's `monthly_budgets` (app/cost.py): spend per month from the catalog's
+    `cost_usd` (what each image cost when it was written), and the check before a run starts."""
+
+    budgets: tuple[MonthlyBudget, ...] = ()
+
+    @classmethod
+    def parse(cls, data: dict | None) -> MonthlyBudgets:
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ValueError(f"monthly_budgets must map 'TAG=VALUE' to USD, not {data!r}")
+        out = []
+        for key, usd in data.items():
+            tag, sep, value = str(key).partition("=")
+            if not sep or not tag.strip() or not value.strip():
+                raise ValueError(f"monthly_budgets: {key!r} is not TAG=VALUE (e.g. campaign=spring)")
+            try:
+                amount = float(usd)
+            except (TypeError, ValueError):
+                raise ValueError(f"monthly_budgets.{key}: {usd!r} is not an amount in USD") from None
+            if not (math.isfinite(amount) and amount >= 0):
+                raise ValueError(f"monthly_budgets.{key}: {usd!r} must be a finite amount ≥ 0")
+            out.append(MonthlyBudget(tag.strip(), value.strip(), amount))
+        return cls(tuple(out))
+
+    def matching(self, tags: dict) -> list[MonthlyBudget]:
+        return [b for b in self.budgets if b.matches(tags)]
+
+    def spend(self, catalog, month: str) -> list[MonthlySpend]:
+        """Each budget's spend in `month` (YYYY-MM) over catalog columns tags, created_at, cost_usd, run_id."""
+        check_month(month)
+        cols = {c: catalog.column(c).to_pylist() for c in catalog.column_names}
+        usd = {b.key: 0.0 for b in self.budgets}
+        images = {b.key: 0 for b in self.budgets}
+        runs: dict[str, set] = {b.key: set() for b in self.budgets}
+        run_ids = cols.get("run_id") or [""] * catalog.num_rows
+        for tags, created, cost, run in zip(cols["tags"], cols["created_at"], cols["cost_usd"], run_ids):
+            if created is None or f"{created:%Y-%m}" != month:
+                continue
+            tag_map = dict(tags or [])
+            for b in self.budgets:
+                if b.matches(tag_map):
+                    usd[b.key] += float(cost or 0.0)
+                    images[b.key] += 1
+                    runs[b.key].add(run)
+        return [MonthlySpend(b, month, usd[b.key], images[b.key], len(runs[b.key])) for b in self.budgets]
+
+    def check_run(
+        self, tags: dict, spend: list[MonthlySpend], estimate_usd: float, force: bool = False
+    ) -> float | None:
+        """What the run may spend under its tags' budgets (None: no budget applies, or forced).
+
+        A run refuses to start (MonthlyBudgetExceeded) when a matching budget is already spent or
+        its estimate would cross one, unless `force`."""
+        applies = [s for s in spend if s.budget.matches(tags)]
+        if not applies or force:
+            return None
+        for s in applies:
+            if s.left_usd <= 0 or estimate_usd > s.left_usd + 1e-12:
+                state = (
+                    "is spent"
+                    if s.left_usd <= 0
+                    else f"has ${s.left_usd:.4f} left, less than this run's estimate of ${estimate_usd:.4f}"
+                )
+                raise MonthlyBudgetExceeded(
+                    f"monthly budget {s.budget.key} (${s.budget.usd:g} in {s.month}) {state}: "
+                    f"${s.spent_usd:.4f} spent on {s.images} image(s) in {s.runs} run(s). "
+                    "Nothing was rendered; raise the budget in the price table, or pass --force to run anyway"
+                )
+        return min(s.left_usd for s in applies)
+
+
+def check_month(month: str) -> str:
+    import re
+
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+        raise ValueError(f"month {month!r} is not YYYY-MM")
+    return month
+
+
+def current_month() -> str:
+    from datetime import UTC, datetime
+
+    return f"{datetime.now(UTC):%Y-%m}"
+
+
+def render_spend(spend: list[MonthlySpend], prices_from: str) -> str:
+    if not spend:
+        return f"no monthly budgets in the price table ({prices_from}): add monthly_budgets: {{TAG=VALUE: USD}}"
+    lines = [f"monthly budgets in {spend[0].month} (prices: {prices_from})"]
+    for s in spend:
+        share = f"{s.spent_usd / s.budget.usd:.1%}" if s.budget.usd else "-"
+        flag = "  OVER" if s.left_usd < 0 else ("  SPENT" if s.left_usd == 0 and s.budget.usd else "")
+        lines.append(
+            f"  {s.budget.key:32s} ${s.spent_usd:10.4f} of ${s.budget.usd:g} ({share}), ${s.left_usd:.4f} left; "
+            f"{s.images} image(s) in {s.runs} run(s){flag}"
+        )
+    return "\n".join(lines)

@@ -10,6 +10,9 @@ a YAML file with the same keys (`imagefab cost --prices prices.yaml`, or the spe
     usd_per_gbp: 1.27                      # exchange rate: USD for one GBP
     gpu_node: H100                         # the always-on node self-hosting is compared as
     gpu_node_monthly_usd: 1800             # its fixed monthly cost (unset: gpu_hourly × hours_per_month)
+    monthly_budgets:                       # USD a calendar month (UTC) per team/campaign tag (app/budget.py)
+      campaign=spring: 500.0               #   images whose tags say campaign=spring
+      team=studio: 1200
 """
 
 from __future__ import annotations
@@ -41,8 +44,14 @@ class PriceTable:
     gpu_node: str = "H100"
     gpu_node_monthly_usd: float | None = None
     hours_per_month: float = 730.0
+    # "TAG=VALUE" -> USD a calendar month: `imagefab cost --month`, and a run refuses to start
+    # when its static tags match a budget it would cross (app/budget.py `MonthlyBudgets`).
+    monthly_budgets: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        from app.budget import MonthlyBudgets
+
+        MonthlyBudgets.parse(self.monthly_budgets)  # raises ValueError naming a bad key or amount
         api = self.hosted_api_gbp_per_image
         object.__setattr__(
             self,

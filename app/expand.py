@@ -180,7 +180,8 @@ def build_request(
         fuse_loras=fuse,
         conditioning=conditioning,
     )
-    return replace(request, image_id=request.pixel_id())  # the id is the hash of the fields above
+    # The id is the hash of the fields above; the row group the same without the seed.
+    return replace(request, image_id=request.pixel_id(), row_group=request.row_group_id())
 
 
 class ImageInputs:
@@ -299,12 +300,18 @@ class ExpandRows:
             for col, value in zip(OUTPUT_COLUMNS, row):
                 out[col].append(value)
 
+        v = self.spec.variations
+        # A quota's attempts are all expanded (their ids are fixed); a row that cannot become a
+        # request fails once per image it was asked for, not once per possible attempt.
+        failed_rows = v.accepted_per_row or v.seeds_per_row
         for raw in batch.to_pylist():
-            for i in range(self.spec.variations.seeds_per_row):
+            for i in range(v.attempts_per_row):
                 try:
                     for req in self.requests(raw, i):
                         emit(req.image_id, "pending", "", req.combination_key, req)
                 except RowError as e:
+                    if i >= failed_rows:
+                        continue
                     kind = "bad_input" if isinstance(e, BadInput) else "bad_row"
                     reason = str(e) if isinstance(e, PromptBlocked) else f"{kind}: {e}"
                     emit(failed_row_id(raw, i), "failed", reason, "", self._partial(raw, i))
@@ -419,7 +426,7 @@ class ExpandRows:
         v = self.spec.variations
         if "seed" in raw and not _missing(raw["seed"]):
             first = _as_int(raw["seed"], "seed")
-            if not 0 <= first < 2**63 - v.seeds_per_row:
+            if not 0 <= first < 2**63 - v.attempts_per_row:
                 raise RowError(f"seed {first} is outside 0..2^63-1")
             return first + variation
         if v.seed_mode == "fixed":

@@ -174,6 +174,9 @@ class RenderRequest:
     tier: str = field(default="default", metadata=_arrow(pa.string()))
     row_key: str = field(default="", metadata=_arrow(pa.string()))
     variation: int = field(default=0, metadata=_arrow(pa.int32(), read=int))
+    # The attempts of one row in one combination: every pixel-deciding field but the seed
+    # (`row_group_id`); a quota (app/quota.py) counts accepted images per group. Not in image_id.
+    row_group: str = field(default="", metadata=_arrow(pa.string()))
     combination: str = field(default="default", metadata=_arrow(pa.string()))
     fuse_loras: bool = field(default=False, metadata=_arrow(pa.bool_(), read=bool))
     # null for txt2img
@@ -198,6 +201,22 @@ class RenderRequest:
             width=self.width,
             height=self.height,
             seed=self.seed,
+            fuse_loras=self.fuse_loras,
+            conditioning=self.conditioning,
+        )
+
+    def row_group_id(self) -> str:
+        """The id its attempts share: `image_id`'s fields without the seed."""
+        return row_group_id(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            base_sha256=self.base_model["sha256"],
+            loras=self.loras,
+            scheduler=self.scheduler,
+            steps=self.steps,
+            guidance=self.guidance,
+            width=self.width,
+            height=self.height,
             fuse_loras=self.fuse_loras,
             conditioning=self.conditioning,
         )
@@ -296,7 +315,49 @@ def compute_image_id(
     conditioning: Conditioning | None = None,
 ) -> str:
     """32 hex chars of sha256 over the fields that decide the pixels."""
-    material = {
+    return _digest(
+        _pixel_material(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            base_sha256=base_sha256,
+            loras=loras,
+            scheduler=scheduler,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            seed=seed,
+            fuse_loras=fuse_loras,
+            conditioning=conditioning,
+        )
+    )
+
+
+def row_group_id(*, seed: int | None = None, **fields: Any) -> str:
+    """32 hex chars of sha256 over the pixel-deciding fields but the seed: a row's attempts in one
+    combination share it (two input rows that ask for the same pixels share it too, as they share
+    image ids)."""
+    material = _pixel_material(seed=0, **fields)
+    del material["seed"]
+    return _digest({"row_group": material})
+
+
+def _pixel_material(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    base_sha256: str,
+    loras: Sequence[LoraRef],
+    scheduler: str,
+    steps: int,
+    guidance: float,
+    width: int,
+    height: int,
+    seed: int,
+    fuse_loras: bool = False,
+    conditioning: Conditioning | None = None,
+) -> dict:
+    material: dict[str, Any] = {
         "recipe": RECIPE,
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -314,7 +375,7 @@ def compute_image_id(
     if conditioning is not None:  # absent for txt2img, so its ids hold
         material["recipe"] = CONDITIONED_RECIPE
         material["conditioning"] = conditioning.pixel_fields()
-    return _digest(material)
+    return material
 
 
 def failed_row_id(raw: dict, variation: int) -> str:

@@ -155,16 +155,44 @@ class Variations(_Frozen):
     seed_mode: Literal["derived", "fixed"] = "derived"
     base_seed: int = Field(0, ge=0, lt=2**63)
     seeds: tuple[int, ...] = ()
+    # A quota instead of a count (app/quota.py): render until each row has this many accepted
+    # images or `max_attempts_per_row` attempts are spent. Attempt i has variation i's seed.
+    accepted_per_row: int | None = Field(None, ge=1, le=1_000)
+    max_attempts_per_row: int | None = Field(None, ge=1, le=10_000)  # default: 3 x accepted_per_row
+    review_counts_as_accepted: bool = False  # images waiting for review count towards the quota
 
     @model_validator(mode="after")
     def _seeds_fit(self) -> Variations:
+        if self.accepted_per_row is None:
+            for name in ("max_attempts_per_row", "review_counts_as_accepted"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"`{name}` needs `accepted_per_row` (how many accepted images each row wants)")
+        else:
+            if self.seeds_per_row != 1:
+                raise ValueError(
+                    f"give `seeds_per_row` ({self.seeds_per_row}) or `accepted_per_row` "
+                    f"({self.accepted_per_row}), not both: a quota renders as many seeds as it needs"
+                )
+            if self.attempts_per_row < self.accepted_per_row:
+                raise ValueError(
+                    f"max_attempts_per_row ({self.attempts_per_row}) is below accepted_per_row "
+                    f"({self.accepted_per_row}): the quota could never be met"
+                )
         if self.seeds and self.seed_mode != "fixed":
             raise ValueError("`seeds` is only used with seed_mode: fixed")
-        if self.seeds and len(self.seeds) != self.seeds_per_row:
-            raise ValueError(f"`seeds` lists {len(self.seeds)} seeds but seeds_per_row is {self.seeds_per_row}")
+        if self.seeds and len(self.seeds) != self.attempts_per_row:
+            what = "max_attempts_per_row" if self.accepted_per_row else "seeds_per_row"
+            raise ValueError(f"`seeds` lists {len(self.seeds)} seeds but {what} is {self.attempts_per_row}")
         if any(s < 0 or s >= 2**63 for s in self.seeds):
             raise ValueError("seeds must be in 0..2^63-1")
         return self
+
+    @property
+    def attempts_per_row(self) -> int:
+        """Requests expanded per row: every attempt a quota may make, or `seeds_per_row`."""
+        if self.accepted_per_row is None:
+            return self.seeds_per_row
+        return self.max_attempts_per_row or min(10_000, 3 * self.accepted_per_row)
 
 
 class BudgetSpec(_Frozen):

@@ -372,6 +372,7 @@ def catalog_row(batch: dict, i: int, *, source: str, prices: PriceTable, created
         "tags": req.tags,
         "row_key": req.row_key,
         "variation": req.variation,
+        "row_group": req.row_group or None,
         "base_model": req.base_model,
         "loras": [asdict(lo) for lo in req.loras],
         "scheduler": req.scheduler,

@@ -10,6 +10,9 @@ Flow (docs/ARCHITECTURE.md):
   4. Ray Data: Generator actor pool (1 GPU each when there are GPUs; CLIP measured there too when
      qc.clip_on_generator says so) -> Finish (QC, post-processing, catalog append) on CPU actors;
      the driver streams the small per-image results into a summary
+  5. with a quota (`variations.accepted_per_row`), step 4 runs in rounds in the same Ray session:
+     each round renders the next attempts of the rows still short of accepted images, counted
+     from the catalog (app/quota.py); one budget ledger and one duplicate index for all rounds
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import yaml
 
+from app.budget import MonthlyBudgetExceeded
 from app.catalog.compact import compact_run
 from app.catalog.store import CatalogStore
+from app.cost import PriceTable
 from app.expand import ExpandRows, ResolvedModels
 from app.models.catalog import ModelCatalog, default_home
 from app.models.digest import ModelFileError
@@ -111,7 +116,7 @@ def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -
     ).materialize()
     tables = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
     table = pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables]) if tables else OUTPUT_SCHEMA.empty_table()
-    return table, table.num_rows // spec.variations.seeds_per_row
+    return table, table.num_rows // spec.variations.attempts_per_row
 
 
 def cluster_gpus() -> int:
@@ -127,8 +132,13 @@ def run(
     generator_cls=None,
     track: bool = False,
     verbose: bool = False,
+    prices: PriceTable | None = None,
+    force: bool = False,
 ) -> RunSummary:
     """Run the bulk job; `track` logs it as an MLflow run (the CLI does, unless --no-mlflow).
+
+    `prices`: the price table whose `monthly_budgets` the run is checked against before it starts
+    (MonthlyBudgetExceeded, unless `force`); what is left of a matching budget caps the run.
 
     Progress (images done, outcomes, images/s, ETA, cost) goes to stderr unless `quiet`; Ray
     Data's own progress bars and operator logs go to its log file, or the console when `verbose`.
@@ -147,6 +157,10 @@ def run(
     #    first: the template may come from the registry, and a later alias move never changes
     #    what this run records.
     spec, versions = resolve_registry(spec)
+    for warning in versions.warnings():  # a template version deprecated in the registry
+        logging.getLogger(__name__).warning("%s: %s", run_id, warning)
+        if not quiet:
+            print(f"imagefab: warning: {warning}", file=sys.stderr)
     columns = input_columns(spec)
     check_input(spec, columns)
     output.check_writable()
@@ -173,21 +187,63 @@ def run(
     # 2-3. Expand, then decide what to render.
     requests, summary.input_rows = expand_requests(spec, models, columns)
     store = CatalogStore(output)
-    plan: Plan = split_plan(requests, store.done_ids())
+    done = store.done_ids()
+    plan: Plan = split_plan(requests, done)
     summary.requests, summary.skipped_existing, summary.duplicates = plan.total, plan.skipped, plan.duplicates
+    quota = quota_plan(spec, requests, store, output, done) if spec.variations.accepted_per_row else None
+    first = quota.next_round() if quota is not None else plan.pending
+    monthly = monthly_cap(spec, store, prices, first, force) if prices is not None else None
     _write_run_record(output, run_id, spec, models, versions)
     if plan.failed.num_rows:
         failed = {c: np.asarray(plan.failed.column(c).to_pylist(), dtype=object) for c in plan.failed.column_names}
         summary.add_failed(CatalogWrite(output, run_id, date=summary.date)(failed))
 
-    # 4. Render, QC, post-process, write.
-    if plan.pending.num_rows:
+    # 4. Render, QC, post-process, write; with a quota, round after round until it is met.
+    budget = None
+    if first.num_rows:
+        preflight_remote(remote_combinations(spec))  # a rejected key stops the run before any image is rendered
+        budget = run_budget(spec, run_id, monthly[0] if monthly else None)
+        duplicates = shared_duplicate_index(spec, output, run_id)
+        progress = None if quiet else RunProgress(first.num_rows)
+        pending = by_combination(first)
         try:
-            progress = None if quiet else RunProgress(plan.pending.num_rows)
-            _render(spec, plan, models, output, run_id, summary, generator_cls, progress, provenance)
+            while pending.num_rows:
+                _render(
+                    spec,
+                    pending,
+                    models,
+                    output,
+                    run_id,
+                    summary,
+                    generator_cls,
+                    progress,
+                    provenance,
+                    budget,
+                    duplicates,
+                )
+                if quota is None or (budget is not None and _stopped(budget)):
+                    break
+                quota.record(this_run_outcomes(store, run_id))
+                pending = by_combination(quota.next_round())
+                if progress is not None:
+                    progress.total += pending.num_rows
         except StorageError as e:  # raised in a Ray stage: the output filled up or became read-only
             # Its first line: Ray appends its traceback and a note on retries to the message.
             raise StorageError(str(getattr(e, "cause", None) or e).splitlines()[0]) from e
+        if progress is not None:
+            progress.close()
+    if budget is not None:
+        import ray
+
+        summary.budget = ray.get(budget.snapshot.remote())
+    if monthly:
+        summary.monthly_budgets = monthly[1]
+    if quota is not None:
+        if first.num_rows and quota.rounds:
+            quota.record(this_run_outcomes(store, run_id))
+        summary.quota = quota.report(stopped_on_budget=summary.stopped_on_budget)
+        bad = requests.filter(pc.equal(requests.column("status"), "failed"))
+        summary.quota["failed_rows"] = failed_rows(bad, spec.variations.accepted_per_row or 0)
     compact_run(output, summary.date, run_id)  # the run's batch files become one (app/catalog/compact.py)
     summary.wall_seconds = time.perf_counter() - t0
     output.write_bytes(f"runs/{run_id}/summary.json", json.dumps(summary.to_dict(), indent=1).encode())
@@ -209,9 +265,81 @@ def resolve_registry(spec: JobSpec):
     return resolve_spec_references(spec, make_client(), verify=False)  # resolve_models hashes the files next
 
 
+def quota_plan(spec: JobSpec, requests: pa.Table, store: CatalogStore, output: OutputStore, done: set[str]):
+    """The quota's rounds (app/quota.py) over every attempt that can render, with what the
+    catalog holds already (people's review decisions applied)."""
+    from app.quota import QuotaPlan, apply_decisions, outcomes_from_catalog
+    from app.review import ReviewStore
+
+    attempts = requests.filter(pc.equal(requests.column("status"), "pending"))
+    outcomes = outcomes_from_catalog(store.read(["image_id", "status", "reasons", "error"]))
+    decisions = {i: d.decision for i, d in ReviewStore(output).latest().items()}
+    return QuotaPlan(attempts, spec.variations, apply_decisions(outcomes, decisions), done)
+
+
+def this_run_outcomes(store: CatalogStore, run_id: str):
+    """What the catalog says of this run's images so far."""
+    import pyarrow.dataset as pads
+
+    from app.quota import outcomes_from_catalog
+
+    rows = store.read(["image_id", "status", "reasons", "error"], filter=pads.field("run_id") == run_id)
+    return outcomes_from_catalog(rows).items()
+
+
+def failed_rows(failed: pa.Table, wanted: int) -> list[dict]:
+    """Input rows that could not become requests (once per row), for the quota's report."""
+    out: dict[str, dict] = {}
+    for req, error in zip(failed.column("request").to_pylist(), failed.column("error").to_pylist()):
+        out.setdefault(req["row_key"], {"row_key": req["row_key"], "accepted": 0, "wanted": wanted, "error": error})
+    return list(out.values())
+
+
+def by_combination(pending: pa.Table) -> pa.Table:
+    """Stable sort: within a combination, input order is kept (generators switch stacks rarely)."""
+    if not pending.num_rows:
+        return pending
+    return pending.take(pc.sort_indices(pending, sort_keys=[("combination", "ascending")]))
+
+
+def monthly_cap(spec: JobSpec, store: CatalogStore, prices: PriceTable, first: pa.Table, force: bool):
+    """(what the run may spend, the matching budgets' spend) under the price table's monthly
+    budgets for the spec's static tags; None when none applies. MonthlyBudgetExceeded when one is
+    spent or the run's estimate would cross it (unless `force`).
+
+    The estimate: the images the run renders first × the catalog's mean cost per rendered image
+    (of the same combinations where there are any), capped by the run's own max_cost_usd."""
+    from app.budget import MonthlyBudgets, current_month
+
+    budgets = MonthlyBudgets.parse(prices.monthly_budgets)
+    if not budgets.matching(spec.static_tags):
+        return None
+    history = store.read(["tags", "created_at", "cost_usd", "run_id", "status", "combination"])
+    spend = budgets.spend(history, current_month())
+    rendered = history.filter(pc.not_equal(history.column("status"), "failed"))
+    names = sorted({r["combination"] for r in first.column("request").to_pylist()})
+    same = rendered.filter(pc.is_in(rendered.column("combination"), pa.array(names, pa.string())))
+    basis = same if same.num_rows else rendered
+    mean = pc.mean(basis.column("cost_usd")).as_py() if basis.num_rows else 0.0
+    estimate = first.num_rows * float(mean or 0.0)
+    if spec.budget.max_cost_usd is not None:
+        estimate = min(estimate, spec.budget.max_cost_usd)
+    left = budgets.check_run(spec.static_tags, spend, estimate, force)
+    matching = [s.to_dict() for s in spend if s.budget.matches(spec.static_tags)]
+    for m in matching:
+        m["estimate_usd"], m["forced"] = estimate, force
+    return (left, matching) if left is not None or force else None
+
+
+def _stopped(budget) -> bool:
+    import ray
+
+    return bool(ray.get(budget.snapshot.remote())["stopped"])
+
+
 def _render(
     spec: JobSpec,
-    plan: Plan,
+    pending: pa.Table,
     models: ResolvedModels,
     output: OutputStore,
     run_id: str,
@@ -219,8 +347,10 @@ def _render(
     generator_cls=None,
     progress: RunProgress | None = None,
     provenance: Provenance | None = None,
+    budget=None,
+    duplicates: RemotePhashIndex | None = None,
 ) -> None:
-    """One generator actor pool per base model, all feeding one CPU stage.
+    """One generator actor pool per base model, all feeding one CPU stage (one round of a quota).
 
     A generator or finisher actor that dies (OOM killer, lost node) is restarted and its batch
     retried on the new actor: Ray Data's actor-pool defaults (max_restarts=-1, max_task_retries=-1;
@@ -249,8 +379,7 @@ def _render(
     call_rows = generator_call_rows(compute, use_gpu)
     # Combinations on a remote backend render in their own CPU actor pools; the rest here.
     remote = remote_combinations(spec)
-    preflight_remote(remote)  # a rejected key stops the run before any image is rendered
-    pending, remote_rows = split_remote(plan.pending, remote)
+    pending, remote_rows = split_remote(pending, remote)
     bases = [base_of(k) for k in pc.unique(pending.column("combination")).to_pylist()]
     bases = sorted(set(bases))
     pools = pool_sizes(bases, pending, compute.generators, gpus)
@@ -267,8 +396,6 @@ def _render(
         stage, stage_kwargs = GeneratorWithClip, {"qc": spec.qc_settings, "generator_cls": generator_cls}
     else:
         stage, stage_kwargs = generator_cls or Generator, {}
-
-    budget = run_budget(spec, run_id)
 
     def budgeted(stage_cls, kwargs: dict, usd_per_image: float | None = None) -> tuple[type, dict]:
         """The stage, or the stage asking the run's budget before each batch (app/budget.py)."""
@@ -298,8 +425,6 @@ def _render(
             num_cpus=gen_cpus,
             resources={compute.accelerator_resource: 1} if compute.accelerator_resource else None,
         )
-
-    duplicates = shared_duplicate_index(spec, output, run_id)
 
     def finish(ds):
         return ds.map_batches(
@@ -358,23 +483,23 @@ def _render(
             summary.add_batch(out)
             if progress is not None:
                 progress.add_batch(out)
-    if progress is not None:
-        progress.close()
-    if budget is not None:
-        summary.budget = ray.get(budget.snapshot.remote())
     summary.accelerator = "GPU" if use_gpu else f"CPU ({compute.cpu_threads} thread(s) per generator)"
 
 
-def run_budget(spec: JobSpec, run_id: str):
-    """The run's budget ledger (app/budget.py) as one Ray actor, or None without caps."""
-    if not spec.budget.active:
+def run_budget(spec: JobSpec, run_id: str, monthly_left_usd: float | None = None):
+    """The run's budget ledger (app/budget.py) as one Ray actor, or None without caps.
+    `monthly_left_usd`: what a monthly budget has left, a cost cap of its own."""
+    cost_cap = spec.budget.max_cost_usd
+    if monthly_left_usd is not None:
+        cost_cap = max(0.0, monthly_left_usd) if cost_cap is None else min(cost_cap, max(0.0, monthly_left_usd))
+    if cost_cap is None and spec.budget.max_device_seconds is None:
         return None
     import ray
 
     from app.budget import RunBudget
 
     actor = ray.remote(num_cpus=0)(RunBudget).options(name=f"budget-{run_id}")
-    return actor.remote(spec.budget.max_cost_usd, spec.budget.max_device_seconds)
+    return actor.remote(cost_cap, spec.budget.max_device_seconds)
 
 
 def remote_combinations(spec: JobSpec) -> dict:
@@ -463,6 +588,17 @@ def _write_run_record(output: OutputStore, run_id: str, spec: JobSpec, models: R
     output.write_bytes(f"runs/{run_id}/run.json", json.dumps(record, indent=1).encode())
 
 
+def prices_from_args(args: argparse.Namespace) -> PriceTable | None:
+    """The price table of `--prices` (its monthly budgets are checked before the run), or None."""
+    path = getattr(args, "prices", None)
+    if not path:
+        return None
+    try:
+        return PriceTable.from_yaml(path)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"--prices: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_from_args(parse_args(argv))
 
@@ -482,8 +618,18 @@ def run_from_args(args: argparse.Namespace) -> int:
                 quiet=args.quiet,
                 track=not args.no_mlflow,
                 verbose=getattr(args, "verbose", False),
+                prices=prices_from_args(args),
+                force=getattr(args, "force", False),
             )
-    except (SpecError, ModelFileError, StorageError, RegistryError, ClusterUnreachable, SigningError) as e:
+    except (
+        SpecError,
+        ModelFileError,
+        StorageError,
+        RegistryError,
+        ClusterUnreachable,
+        SigningError,
+        MonthlyBudgetExceeded,
+    ) as e:
         print(f"imagefab: error: {e}", file=sys.stderr)
         if as_json:
             print(json.dumps({"error": str(e)}))

@@ -30,3 +30,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strict", action="store_true", help="exit 1 when any image failed (default: only when every one did)"
     )
+    p.add_argument(
+        "--prices",
+        help="a prices YAML (app/cost.py): a run whose static tags match one of its monthly_budgets "
+        "refuses to start when that budget is spent or the run would cross it",
+    )
+    p.add_argument("--force", action="store_true", help="start even when a monthly budget is spent")

@@ -39,6 +39,8 @@ class RunSummary:
     kept_images: int = 0
     kept_sum: float = 0.0
     kept_max: float = 0.0
+    monthly_budgets: list = field(default_factory=list)  # the price table's budgets the run's tags matched
+    quota: dict = field(default_factory=dict)  # accepted_per_row: rounds, rows met, rows short and why (app/quota.py)
 
     first_result_at: float = 0.0  # perf_counter of the first and last finished batch
     last_result_at: float = 0.0
@@ -184,8 +186,34 @@ class RunSummary:
                 ],
                 *self._budget_lines(),
                 *self._conditioned_lines(),
+                *quota_lines(self.quota),
+                *[
+                    f"  monthly       {m['budget']} in {m['month']}: ${m['spent_usd']:.4f} of ${m['budget_usd']:g} "
+                    f"spent before this run" + (" (--force)" if m["forced"] else "")
+                    for m in self.monthly_budgets
+                ],
                 f"  images        {self.output}/images/",
                 f"  catalog       {self.output}/catalog/  (date=…/run_id={self.run_id}/)",
                 f"  summary       {self.output}/runs/{self.run_id}/summary.json",
             ]
         )
+
+
+def quota_lines(quota: dict) -> list[str]:
+    """The quota's outcome in words: rows met, and each row that ended short with its QC reasons."""
+    if not quota:
+        return []
+    lines = [
+        f"  quota         {quota['accepted_per_row']} accepted per row in at most {quota['max_attempts_per_row']} "
+        f"attempts: {quota['met']} of {quota['groups']} row(s) met, {quota['attempts_this_run']} attempt(s) "
+        f"in {quota['rounds']} round(s)"
+    ]
+    for s in quota["short"]:
+        reasons = ", ".join(f"{why} x{n}" for why, n in s["reasons"].items()) or "-"
+        lines.append(
+            f"    short       {s['row_key']} [{s['combination']}/{s['tier']}]: {s['accepted']} accepted in "
+            f"{s['attempts']} attempt(s), {s['why']}; {reasons}"
+        )
+    for r in quota.get("failed_rows", []):
+        lines.append(f"    short       {r['row_key']}: 0 accepted, the row cannot render: {r['error']}")
+    return lines

@@ -80,6 +80,7 @@ CATALOG_SCHEMA = pa.schema(
         ("tags", STRMAP),
         ("row_key", pa.string()),
         ("variation", pa.int32()),
+        ("row_group", pa.string()),  # one row's attempts in one combination (app/quota.py); null before
         # how it was rendered: with image_id, enough to render it again
         ("base_model", MODEL),
         ("loras", pa.list_(LORA)),
