@@ -5,6 +5,7 @@
   imagefab sql "SELECT … FROM images" [--output URI] [--format …]
   imagefab search "red leather boot" [--limit N] [--field prompt]... [--all-terms]
   imagefab cost [RUN] [--output URI] [--prices prices.yaml] [--format text|json]
+  imagefab cost --month [YYYY-MM] [--output URI] --prices prices.yaml    (spend against monthly budgets)
   imagefab report [RUN] [--output URI] [--out report.html]
   imagefab review list [--output URI] [--run RUN]
   imagefab review approve|reject IMAGE_ID... --by NAME [--note TEXT]
@@ -199,12 +200,37 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from analysis.views import resolve_run
 
     prices, where = _prices(args.prices)
+    if args.month is not None:
+        return _monthly(args, prices, where)
     con = _connect(args, file_sizes=True)
     report = cost_report(con, prices, resolve_run(con, args.run), prices_from=where)
     if args.format == "json":
         print(json.dumps(_json_value(report.to_dict()), indent=1))
     else:
         print(report.render())
+    return 0
+
+
+def _monthly(args: argparse.Namespace, prices, where: str) -> int:
+    """Spend in one month against each of the price table's monthly budgets (app/budget.py)."""
+    from analysis.views import AnalysisError
+    from app.budget import MonthlyBudgets, current_month, render_spend
+    from app.catalog.store import CatalogStore
+    from app.storage import OutputStore
+
+    month = args.month or current_month()
+    if args.run:
+        raise AnalysisError("cost --month covers every run of the month: give no RUN")
+    try:
+        budgets = MonthlyBudgets.parse(prices.monthly_budgets)
+        history = CatalogStore(OutputStore.at(args.output)).read(["tags", "created_at", "cost_usd", "run_id"])
+        spend = budgets.spend(history, month)
+    except ValueError as e:
+        raise AnalysisError(str(e)) from None
+    if args.format == "json":
+        print(json.dumps({"month": month, "prices": where, "budgets": [s.to_dict() for s in spend]}, indent=1))
+    else:
+        print(render_spend(spend, where))
     return 0
 
 
@@ -312,6 +338,13 @@ def add_analysis_cli(subparsers) -> None:
     c = subparsers.add_parser("cost", help="cost per image, per accepted image, per combination and template")
     c.add_argument("run", nargs="?", help="a run_id (or a unique part of one); default: every run")
     c.add_argument("--prices", help="a prices YAML (keys of app/cost.py PriceTable)")
+    c.add_argument(
+        "--month",
+        nargs="?",
+        const="",
+        metavar="YYYY-MM",
+        help="spend in a month (default: this one) against the price table's monthly_budgets",
+    )
     _output_arg(c)
     _format_arg(c, ("text", "json"))
     c.set_defaults(func=cmd_cost)

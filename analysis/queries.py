@@ -170,13 +170,24 @@ SELECT * FROM acceptance_by_combination ORDER BY acceptance_rate NULLS LAST, com
         ),
         _q(
             "failing_templates",
-            "templates whose acceptance rate is below a threshold",
+            "templates whose attempts per accepted image are high (acceptance below a threshold)",
             """
 SELECT * FROM acceptance_by_template
-WHERE acceptance_rate < $threshold AND images - failed >= $min_images
-ORDER BY acceptance_rate, template""",
+WHERE coalesce(attempts_per_accepted, 'infinity'::DOUBLE) > coalesce($max_attempts, 1.0 / $threshold)
+  AND images - failed >= $min_images
+ORDER BY attempts_per_accepted DESC NULLS FIRST, template""",
             Param("threshold", "number", "flag below this acceptance rate", default=0.5),
+            Param("max_attempts", "number", "flag above this many attempts per accepted image (default 1/threshold)"),
             Param("min_images", "integer", "ignore templates with fewer rendered images", default=5),
+        ),
+        _q(
+            "attempts_per_accepted",
+            "attempts per accepted image per template version, combination and tier",
+            """
+SELECT * FROM attempts_per_accepted
+WHERE $template IS NULL OR template = $template
+ORDER BY attempts_per_accepted DESC NULLS FIRST, template, combination, tier""",
+            Param("template", "text", "template name"),
         ),
         _q(
             "cost_by_combination",

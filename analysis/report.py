@@ -238,6 +238,17 @@ def build_report(
     c_cols, combo_perf = _query(
         con, perf_sql.format(key="coalesce(combination, '') AS combination, model_stack", source="scope", order="")
     )
+    # What a quota pays: rendered images per accepted one, per template version, combination and tier.
+    a_cols, attempts = _query(
+        con,
+        """
+        SELECT coalesce(template.name, '(no template)') AS template, template.version AS version,
+               coalesce(combination, '') AS combination, coalesce(tier, '') AS tier,
+               count(*) FILTER (outcome <> 'failed') AS rendered, count(*) FILTER (outcome = 'accepted') AS accepted,
+               round(count(*) FILTER (outcome <> 'failed') / nullif(count(*) FILTER (outcome = 'accepted'), 0), 2)
+                   AS attempts_per_accepted
+        FROM scope GROUP BY ALL ORDER BY attempts_per_accepted DESC NULLS FIRST, template, combination, tier""",
+    )
     flag_html = (
         (
             f'<p class="flag" id="flagged">Templates accepted less than {threshold:.0%} of the time: '
@@ -316,6 +327,9 @@ month; break-even is the number of accepted images a month at which it costs the
 {_table(t_cols, templates, "templates")}
 <h3>By combination</h3>
 {_table(c_cols, combo_perf, "combinations")}
+<h3>Attempts per accepted image</h3>
+<p>Images rendered for each accepted one (a quota renders this many on average; none accepted: blank).</p>
+{_table(a_cols, attempts, "attempts")}
 <h3>By template variable value</h3>
 {_table(v_cols, variables, "variables")}
 <h2>Contact sheets</h2>

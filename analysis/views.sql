@@ -16,7 +16,7 @@ SELECT * FROM read_parquet(getvariable('imagefab_output') || '/catalog/**/*.parq
                            hive_partitioning = true, union_by_name = true,
                            hive_types = {'date': DATE, 'run_id': VARCHAR})
 -- Columns newer than some catalogs: present (null) even when no file has them yet.
-UNION ALL BY NAME SELECT NULL::VARCHAR AS combination,
+UNION ALL BY NAME SELECT NULL::VARCHAR AS combination, NULL::VARCHAR AS row_group,
     NULL::STRUCT(name VARCHAR, endpoint_host VARCHAR, provider_model VARCHAR, request_id VARCHAR, seed BIGINT,
                  reproducible BOOLEAN, unhonoured VARCHAR[], api_cost_usd DOUBLE) AS backend,
     NULL::STRUCT(mode VARCHAR, image_uri VARCHAR, image_sha256 VARCHAR, mask_uri VARCHAR, mask_sha256 VARCHAR,
@@ -86,7 +86,8 @@ LEFT JOIN (SELECT image_id, max(bytes) AS bytes FROM image_files GROUP BY image_
 
 -- Acceptance and mean QC scores per template / template variable value / combination.
 -- acceptance_rate = accepted / rendered (failed rows rendered nothing; images waiting for review
--- count as not accepted yet).
+-- count as not accepted yet); attempts_per_accepted = rendered / accepted, what a quota
+-- (`variations.accepted_per_row`) pays per accepted image (null: nothing accepted yet).
 CREATE OR REPLACE VIEW acceptance_by_template AS
 SELECT coalesce(template.name, '(no template)') AS template, template.version AS version,
        count(*) AS images,
@@ -95,8 +96,20 @@ SELECT coalesce(template.name, '(no template)') AS template, template.version AS
        count(*) FILTER (outcome = 'rejected') AS rejected,
        count(*) FILTER (outcome = 'failed') AS failed,
        round(count(*) FILTER (outcome = 'accepted') / nullif(count(*) FILTER (outcome <> 'failed'), 0), 4) AS acceptance_rate,
+       round(count(*) FILTER (outcome <> 'failed') / nullif(count(*) FILTER (outcome = 'accepted'), 0), 2) AS attempts_per_accepted,
        round(avg(sharpness), 2) AS mean_sharpness, round(avg(contrast), 4) AS mean_contrast,
        round(avg(exposure), 4) AS mean_exposure, round(avg(clip_score), 4) AS mean_clip_score
+FROM images GROUP BY ALL;
+
+-- Attempts per accepted image per template version, combination and tier.
+CREATE OR REPLACE VIEW attempts_per_accepted AS
+SELECT coalesce(template.name, '(no template)') AS template, template.version AS version,
+       coalesce(combination, '') AS combination, coalesce(tier, '') AS tier,
+       count(*) FILTER (outcome <> 'failed') AS rendered,
+       count(*) FILTER (outcome = 'accepted') AS accepted,
+       round(count(*) FILTER (outcome <> 'failed') / nullif(count(*) FILTER (outcome = 'accepted'), 0), 2) AS attempts_per_accepted,
+       count(DISTINCT row_group) AS row_groups,
+       round(sum(cost_usd) / nullif(count(*) FILTER (outcome = 'accepted'), 0), 8) AS usd_per_accepted
 FROM images GROUP BY ALL;
 
 CREATE OR REPLACE VIEW acceptance_by_variable AS
@@ -119,6 +132,7 @@ SELECT coalesce(combination, '') AS combination, model_stack,
        count(*) FILTER (outcome = 'rejected') AS rejected,
        count(*) FILTER (outcome = 'failed') AS failed,
        round(count(*) FILTER (outcome = 'accepted') / nullif(count(*) FILTER (outcome <> 'failed'), 0), 4) AS acceptance_rate,
+       round(count(*) FILTER (outcome <> 'failed') / nullif(count(*) FILTER (outcome = 'accepted'), 0), 2) AS attempts_per_accepted,
        round(avg(sharpness), 2) AS mean_sharpness, round(avg(contrast), 4) AS mean_contrast,
        round(avg(exposure), 4) AS mean_exposure, round(avg(clip_score), 4) AS mean_clip_score
 FROM images GROUP BY ALL;

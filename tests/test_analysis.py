@@ -150,6 +150,19 @@ def test_failing_templates_threshold(con):
     ]
 
 
+def test_failing_templates_by_attempts_per_accepted_image(con):
+    studio = {r["template"]: r for r in rows(con, "acceptance_by_template")}["studio"]
+    assert studio["attempts_per_accepted"] == round(7 / 5, 2)  # 7 rendered, 5 accepted
+    assert [r["template"] for r in rows(con, "failing_templates", max_attempts=1.3, min_images=2)] == [
+        "lifestyle",  # nothing accepted: first
+        "studio",
+    ]
+    assert [r["template"] for r in rows(con, "failing_templates", max_attempts=1.5, min_images=2)] == ["lifestyle"]
+    per = rows(con, "attempts_per_accepted", template="studio")
+    assert per and sum(r["rendered"] for r in per) == 7 and sum(r["accepted"] for r in per) == 5
+    assert {"template", "version", "combination", "tier", "attempts_per_accepted"} <= set(per[0])
+
+
 def test_cost_per_accepted_image_per_template(con):
     per_image = (2 * 2.99 + 0.5 * 0.048) / 3600  # every studio render: 2 H100-seconds + 0.5 CPU-seconds
     studio = {r["template"]: r for r in rows(con, "cost_by_template")}["studio"]
@@ -230,3 +243,11 @@ def test_no_catalog_is_a_clear_error(tmp_path, capsys):
         assert f"no catalog under {tmp_path / 'nothing'}/catalog" in err and "Traceback" not in err, argv
     with pytest.raises(analysis.AnalysisError, match="no catalog under"):
         analysis.connect(str(tmp_path))
+
+
+def test_report_shows_attempts_per_accepted_image(output, tmp_path):
+    from analysis.report import write_report
+
+    page = write_report(str(output), tmp_path / "report.html").read_text()
+    section = page.split("<h3>Attempts per accepted image</h3>", 1)[1].split("<h3>", 1)[0]
+    assert 'id="attempts"' in section and "attempts_per_accepted" in section and "studio" in section

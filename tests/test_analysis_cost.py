@@ -111,3 +111,24 @@ def test_price_files_old_and_bad(tmp_path, output, capsys):
     assert "hosted_api_gbp_per_image must be one or more prices above 0" in capsys.readouterr().err
     assert cli("cost", "--prices", str(tmp_path / "missing.yaml"), "--output", str(output)) == 2
     assert "imagefab: error: prices: " in capsys.readouterr().err
+
+
+def test_cost_month_shows_spend_against_each_monthly_budget(tmp_path, output, capsys):
+    prices = tmp_path / "budgets.yaml"
+    prices.write_text(yaml.safe_dump({"monthly_budgets": {"campaign=autumn": 0.001, "team=none": 5}}))
+    assert cli("cost", "--month", "2026-12", "--prices", str(prices), "--output", str(output), "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    autumn, none = data["budgets"]
+    con = analysis.connect(str(output))
+    (expected, images) = con.execute(
+        "SELECT sum(cost_usd), count(*) FROM catalog "
+        "WHERE tags['campaign'] = 'autumn' AND strftime(created_at, '%Y-%m') = '2026-12'"
+    ).fetchone()
+    assert images and autumn["images"] == images and autumn["spent_usd"] == pytest.approx(expected)
+    assert autumn["runs"] == 1 and autumn["left_usd"] == pytest.approx(0.001 - expected)
+    assert none["images"] == 0 and none["spent_usd"] == 0.0
+    assert cli("cost", "--month", "2026-11", "--prices", str(prices), "--output", str(output)) == 0
+    text = capsys.readouterr().out
+    assert "monthly budgets in 2026-11" in text and "campaign=autumn" in text
+    assert cli("cost", "--month", "2026-13", "--prices", str(prices), "--output", str(output)) == 2
+    assert "month '2026-13' is not YYYY-MM" in capsys.readouterr().err
