@@ -99,9 +99,12 @@ def validation_report(spec_path: str, overrides: list[str]) -> dict:
             "width": spec.size.width,
             "height": spec.size.height,
             "images_per_row": spec.variations.seeds_per_row,
+            "accepted_per_row": spec.variations.accepted_per_row,
+            "max_attempts_per_row": spec.variations.attempts_per_row if spec.variations.accepted_per_row else None,
         },
         "output": spec.output.uri,
-        "warnings": [f"rows asking for LoRA '{name}' will fail: {why}" for name, why in sorted(bad.items())],
+        "warnings": [f"rows asking for LoRA '{name}' will fail: {why}" for name, why in sorted(bad.items())]
+        + versions.warnings(),  # template versions deprecated in the registry
     }
 
 

@@ -301,6 +301,35 @@ def test_prompt_references_resolve_to_imagefab_templates_and_roll_back(client):
         )
 
 
+def test_a_deprecated_template_version_warns_the_specs_that_use_it(client, store_uri, capsys):
+    from app.registry.cli import add_registry_cli
+
+    spec = load_spec(ECOMMERCE)
+    register_prompt(client, "ecommerce_studio", spec.input.prompt_template, aliases=["production"])
+    register_prompt(client, "ecommerce_studio", "catalogue shot of a {product_name}, {color}")
+    ref_spec = load_spec(
+        ECOMMERCE, {"input.prompt_template": "prompts:/ecommerce_studio@production", "input.template_name": None}
+    )
+    assert resolve_spec_references(ref_spec, client)[1].warnings() == []
+
+    parser = argparse.ArgumentParser()
+    add_registry_cli(parser.add_subparsers())
+    args = parser.parse_args(
+        ["registry", "--tracking-uri", store_uri, "deprecate", "ecommerce_studio", "1", "--reason", "use version 2"]
+    )
+    assert args.func(args) == 0 and "deprecated (use version 2)" in capsys.readouterr().out
+    (warning,) = resolve_spec_references(ref_spec, client)[1].warnings()
+    assert warning == (
+        "input.prompt_template: prompts:/ecommerce_studio@production resolves to ecommerce_studio version 1, "
+        "which is deprecated (use version 2)"
+    )
+    bad = parser.parse_args(["registry", "--tracking-uri", store_uri, "deprecate", "ecommerce_studio", "9"])
+    assert bad.func(bad) == 2 and "has no version 9 (versions: 1, 2)" in capsys.readouterr().err
+    undo = parser.parse_args(["registry", "--tracking-uri", store_uri, "deprecate", "ecommerce_studio", "1", "--undo"])
+    assert undo.func(undo) == 0
+    assert resolve_spec_references(ref_spec, client)[1].warnings() == []
+
+
 @pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # a str in `qc` until the spec takes one
 def test_qc_settings_are_versioned_and_resolve_to_qc_settings(client):
     strict = QcSettings(min_sharpness=50, review_sharpness=150)

@@ -36,6 +36,7 @@ _EXPORTS = {
     "register_qc": "register",
     "register_catalog": "register",
     "register_builtins": "register",
+    "deprecate_prompt": "register",
     "ResolvedRef": "resolve",
     "ResolvedVersions": "resolve",
     "resolve_model": "resolve",

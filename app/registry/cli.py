@@ -75,6 +75,13 @@ def add_registry_cli(subparsers) -> None:
     t.add_argument("--alias", action="append", default=[])
     t.set_defaults(func=cmd_register_prompt)
 
+    d = sub.add_parser("deprecate", help="mark a template version deprecated: specs that use it warn")
+    d.add_argument("name")
+    d.add_argument("version")
+    d.add_argument("--reason", default="", help="why, and what to use instead")
+    d.add_argument("--undo", action="store_true", help="no longer deprecated")
+    d.set_defaults(func=cmd_deprecate)
+
     v = sub.add_parser("resolve", help="what a reference points at now")
     v.add_argument("reference")
     v.set_defaults(func=cmd_resolve)
@@ -243,6 +250,17 @@ def cmd_register_prompt(args: argparse.Namespace) -> int:
 
 
 @_guarded
+@_guarded
+def cmd_deprecate(args: argparse.Namespace) -> int:
+    from app.registry.register import deprecate_prompt
+
+    name = _name(args.name)
+    deprecate_prompt(_client(args), name, args.version, args.reason, undo=args.undo)
+    state = "no longer deprecated" if args.undo else f"deprecated ({args.reason.strip() or 'deprecated'})"
+    print(f"prompt {name} version {args.version}: {state}")
+    return 0
+
+
 def cmd_resolve(args: argparse.Namespace) -> int:
     from app.registry.refs import parse_reference
     from app.registry.resolve import resolve_model, resolve_prompt, resolve_qc
@@ -258,7 +276,9 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         print(f"{rec.describe()}\n  kind {entry.kind}  source {entry.source}  sha256 {entry.sha256}")
     elif ref.scheme == "prompts":
         text, rec = resolve_prompt(client, ref)
-        print(f"{rec.describe()}\n  template {text!r}")
+        print(
+            f"{rec.describe()}\n  template {text!r}" + (f"\n  DEPRECATED: {rec.deprecated}" if rec.deprecated else "")
+        )
     else:
         settings, rec = resolve_qc(client, ref)
         print(f"{rec.describe()}\n  {settings.model_dump(mode='json')}")

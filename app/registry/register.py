@@ -214,6 +214,28 @@ def register_prompt(
     return RegisteredVersion(name, version, created, digest, "template")
 
 
+DEPRECATED_TAG = "imagefab.deprecated"  # a prompt version's tag: why it should no longer be used
+
+
+def deprecate_prompt(client: MlflowClient, name: str, version: str, reason: str = "", undo: bool = False) -> None:
+    """Mark a template version deprecated (or no longer): a spec that resolves to it warns
+    (`app/registry/resolve.py`), and the reason says what to use instead."""
+    from mlflow.exceptions import MlflowException
+
+    entry = find_entry(client, name)
+    if entry is None or entry.kind != "prompt":
+        raise RegistryError(f"there is no prompt '{name}'" + (" (it is a registered model)" if entry else ""))
+    if str(version) not in entry.versions():
+        raise RegistryError(f"prompt '{name}' has no version {version} (versions: {', '.join(entry.versions())})")
+    try:
+        if undo:
+            client.delete_prompt_version_tag(name, str(version), DEPRECATED_TAG)
+        else:
+            client.set_prompt_version_tag(name, str(version), DEPRECATED_TAG, reason.strip() or "deprecated")
+    except MlflowException as e:
+        raise RegistryError(f"cannot mark prompt '{name}' version {version}: {e.message}") from e
+
+
 def spec_templates(specs_dir: str | Path) -> dict[str, str]:
     """`template_name -> prompt_template` of the spec files in a folder (their `input` section)."""
     found: dict[str, str] = {}

@@ -27,7 +27,7 @@ from app.models.digest import ModelFileError, path_sha256
 from app.qc import QcSettings
 from app.registry.errors import RegistryError, UnresolvedReference, VersionMismatch
 from app.registry.refs import Reference, from_mlflow_template, is_reference, parse_reference
-from app.registry.register import QC_FILE, REFERENCE_FILE
+from app.registry.register import DEPRECATED_TAG, QC_FILE, REFERENCE_FILE
 from app.registry.store import find_entry
 from app.spec import JobSpec
 
@@ -50,9 +50,16 @@ class ResolvedRef:
     digest: str  # model: files' sha256; prompt: sha256 of the template text; qc: qc_version
     value: str = ""  # what the spec holds now: the model's name in the run (`brand-style`), the
     # template name, or the qc_version
+    deprecated: str = ""  # a prompt version marked deprecated in the registry: the reason given
 
     def describe(self) -> str:
         return f"{self.reference} -> {self.name} version {self.version} ({self.digest[:16]})"
+
+    def warning(self) -> str:
+        """A deprecated version's warning ("" when it is not deprecated)."""
+        if not self.deprecated:
+            return ""
+        return f"{self.field}: {self.reference} resolves to {self.name} version {self.version}, which is deprecated ({self.deprecated})"
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,10 @@ class ResolvedVersions:
                     f"{ref.field}: {ref.reference} is {ref.name} version {ref.version}, registered with sha256 "
                     f"{ref.digest}, but its files at {r.path} have sha256 {r.sha256}"
                 )
+
+    def warnings(self) -> list[str]:
+        """One line per deprecated version the spec uses."""
+        return [r.warning() for r in self.refs if r.deprecated]
 
     def tags(self) -> dict[str, str]:
         """MLflow run tags: `imagefab.ref.model.loras.0.name` -> 'models:/… -> brand-style version 2 (…)'."""
@@ -175,7 +186,10 @@ def resolve_prompt(client: MlflowClient, ref: Reference | str, field_name: str =
         raise UnresolvedReference(_missing(ref, entry, field_name))
     text = from_mlflow_template(pv.template)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return text, ResolvedRef(field_name, str(ref), "prompt", ref.name, str(pv.version), ref.alias, digest)
+    deprecated = (getattr(pv, "tags", None) or {}).get(DEPRECATED_TAG, "")
+    return text, ResolvedRef(
+        field_name, str(ref), "prompt", ref.name, str(pv.version), ref.alias, digest, deprecated=deprecated
+    )
 
 
 def resolve_qc(client: MlflowClient, ref: Reference | str, field_name: str = "qc") -> tuple[QcSettings, ResolvedRef]:
