@@ -183,6 +183,24 @@ def test_prepare_writes_the_spec_and_rows_and_validates_like_the_cli(store):
         submit.prepare(store, bad, SPEC, [{"prompt": "a"}] * 3, QueuePolicy(max_rows_per_job=2))
 
 
+def test_a_job_body_asks_for_accepted_images_per_row_and_a_cost_cap(store):
+    body = {"spec": {**SPEC, "variations": {"seeds_per_row": 2}}, "accepted_per_row": 3, "max_cost_usd": 1.5}
+    spec_data, rows = submit.parse_submission({**body, "rows": [{"prompt": "a"}, {"prompt": "b"}]})
+    assert spec_data["variations"] == {"accepted_per_row": 3} and spec_data["budget"] == {"max_cost_usd": 1.5}
+    job, _ = store.create("t", {})
+    spec = submit.prepare(store, job, spec_data, rows, QueuePolicy(cluster_gpus=2, serve_gpus=1))
+    assert spec.variations.attempts_per_row == 9 and spec.budget.max_cost_usd == 1.5
+    assert store.load(job.id).expected_images == 2 * 3  # what was asked for: accepted images
+    bad, _ = store.create("t", {"y": 1})
+    with pytest.raises(JobError, match="max_attempts_per_row .* is below accepted_per_row"):
+        body = {"spec": SPEC, "accepted_per_row": 3, "max_attempts_per_row": 2}
+        submit.prepare(store, bad, submit.parse_submission(body)[0], [{"prompt": "a"}], QueuePolicy())
+    with pytest.raises(JobError, match="max_cost_usd"):
+        submit.prepare(
+            store, bad, submit.parse_submission({"spec": SPEC, "max_cost_usd": -1})[0], [{"prompt": "a"}], QueuePolicy()
+        )
+
+
 def test_entrypoint_is_the_ray_job_submit_command_with_a_fixed_run_id():
     cmd = submit.entrypoint("/data/jobs/job_1/spec.yaml", "abc")
     assert cmd == "python -m jobs.generate /data/jobs/job_1/spec.yaml --run-id abc --quiet --no-mlflow"

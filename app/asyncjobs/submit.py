@@ -37,10 +37,11 @@ def parse_submission(body: Any) -> tuple[dict, list[dict] | None]:
     and the rows, with errors naming the field."""
     if not isinstance(body, dict):
         raise JobError(f"the request body is a JSON object, got {type(body).__name__}")
-    unknown = set(body) - {"spec", "spec_yaml", "rows", "priority", "webhook", "metadata"}
+    unknown = set(body) - {"spec", "spec_yaml", "rows", "priority", "webhook", "metadata", *QUOTA_FIELDS}
     if unknown:
         raise JobError(
-            f"unknown field(s) {', '.join(sorted(unknown))} (fields: spec, spec_yaml, rows, priority, webhook)"
+            f"unknown field(s) {', '.join(sorted(unknown))} (fields: spec, spec_yaml, rows, priority, webhook, "
+            f"{', '.join(QUOTA_FIELDS)})"
         )
     if ("spec" in body) == ("spec_yaml" in body):
         raise JobError("give exactly one of `spec` (a mapping) or `spec_yaml` (YAML text)")
@@ -65,7 +66,31 @@ def parse_submission(body: Any) -> tuple[dict, list[dict] | None]:
     prio = body.get("priority", 0)
     if not isinstance(prio, int) or isinstance(prio, bool) or not -100 <= prio <= 100:
         raise JobError(f"priority: expected an integer from -100 to 100, got {prio!r}")
-    return spec, rows
+    return with_quota(spec, body), rows
+
+
+# Shorthands of the body for spec fields: a quota per row and a cost cap on the job.
+QUOTA_FIELDS = ("accepted_per_row", "max_attempts_per_row", "max_cost_usd")
+
+
+def with_quota(spec: dict, body: dict) -> dict:
+    """The spec with the body's `accepted_per_row` / `max_attempts_per_row` (variations) and
+    `max_cost_usd` (budget) set; validated with the spec."""
+    given = {k: body[k] for k in QUOTA_FIELDS if body.get(k) is not None}
+    if not given:
+        return spec
+    spec = dict(spec)
+    variations = dict(spec.get("variations") or {})
+    for key in ("accepted_per_row", "max_attempts_per_row"):
+        if key in given:
+            variations[key] = given[key]
+    if "accepted_per_row" in given:
+        variations.pop("seeds_per_row", None)  # the quota replaces a count of seeds
+    if variations:
+        spec["variations"] = variations
+    if "max_cost_usd" in given:
+        spec["budget"] = {**(spec.get("budget") or {}), "max_cost_usd": given["max_cost_usd"]}
+    return spec
 
 
 def rows_table(rows: list[dict]) -> pa.Table:
@@ -107,7 +132,7 @@ def prepare(store: JobStore, rec: JobRecord, spec_data: dict, rows: list[dict] |
     rec.rows = len(rows) if rows is not None else None
     if rec.rows is not None:
         n = min(rec.rows, spec.input.limit) if spec.input.limit else rec.rows
-        rec.expected_images = n * spec.variations.seeds_per_row
+        rec.expected_images = n * (spec.variations.accepted_per_row or spec.variations.seeds_per_row)
     store.update(rec)
     return spec
 

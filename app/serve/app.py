@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,6 +40,7 @@ from app.generator import Generator
 from app.metadata import parse_infotext, read_metadata
 from app.models.catalog import ResolvedModel
 from app.qc import QcSettings
+from app.quota import RequestQuota
 from app.request import RenderRequest
 from app.schedulers import SCHEDULERS
 from app.serve.config import ServeConfig, load_serve_config
@@ -557,7 +559,19 @@ class Ingress:
                 tags=body.tags,
                 image_input=image_input,
             )
-            requests, images = await self._render(job)
+            try:
+                quota = RequestQuota.of(
+                    body.accepted_per_row, body.max_attempts, body.max_cost_usd, body.review_counts_as_accepted
+                )
+            except ValueError as e:
+                raise RequestError(422, "max_attempts", str(e)) from None
+            report = None
+            if quota is None:
+                requests, images = await self._render(job)
+            else:  # rounds of images until the quota is met, the attempts are spent or the cap is reached
+                requests, images, report = await quota.render(
+                    lambda seed, n: self._render(replace(job, seed=seed, n=n)), body.seed, body.n
+                )
             out = []
             for im in images:
                 item = {
@@ -577,8 +591,11 @@ class Ingress:
                 else:
                     item["b64_json"] = base64.b64encode(im.png).decode() if im.png else None
                 out.append(item)
+            combination = requests[0].combination if requests else job.combination or self.config.default
+            seconds = round(time.perf_counter() - t0, 4)
             return JSONResponse(
-                {"images": out, "combination": requests[0].combination, "seconds": round(time.perf_counter() - t0, 4)}
+                {"images": out, "combination": combination, "seconds": seconds}
+                | ({"quota": report} if report is not None else {})
             )
 
         return await self._serve(request, work)

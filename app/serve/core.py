@@ -206,6 +206,7 @@ class ServedImage:
     height: int
     png: bytes  # the master file, metadata embedded
     request: RenderRequest | None = None
+    cost_usd: float = 0.0  # as catalogued: device and CPU time at list prices, plus an API's price
 
 
 def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
@@ -527,7 +528,7 @@ class ServeCore:
             **{name: col(name, np.nan, np.float64) for name in MEASURE_COLUMNS},
         }
         post = self.post(self.qc(batch))
-        self.write(post)
+        written = self.write(post)
         out = []
         for i, q in enumerate(requests):
             uri = str(post["uri"][i])
@@ -545,6 +546,7 @@ class ServeCore:
                     height=q.height,
                     png=png,
                     request=q,
+                    cost_usd=float(written["cost_usd"][i]),
                 )
             )
         return out

@@ -60,6 +60,15 @@ class GenerateRequest(_Body):
     scale: float = Field(2.0, description="upscale: the factor, 1..8.")
     tile: int = Field(1024, description="upscale: tile side (multiple of 8, ≥ 64).")
     tile_overlap: int = Field(128, description="upscale: overlap of neighbouring tiles (multiple of 8).")
+    # A quota instead of `n` (app/quota.py `RequestQuota`): render until this many are accepted.
+    accepted_per_row: int | None = Field(
+        None, ge=1, le=64, description="Render until this many images are accepted (QC), instead of n."
+    )
+    max_attempts: int | None = Field(None, ge=1, le=256, description="With accepted_per_row: at most this many images.")
+    review_counts_as_accepted: bool = False
+    max_cost_usd: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="No new round of images once the next would cross this cost."
+    )
 
 
 class GeneratedImage(BaseModel):
@@ -83,6 +92,7 @@ class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     combination: str
     seconds: float
+    quota: dict[str, Any] | None = None  # with accepted_per_row or max_cost_usd: accepted, attempts, why short
 
 
 # --- OpenAI Images API --------------------------------------------------------------------------------
