@@ -99,8 +99,14 @@ def validation_report(spec_path: str, overrides: list[str]) -> dict:
             "width": spec.size.width,
             "height": spec.size.height,
             "images_per_row": spec.variations.seeds_per_row,
-            "accepted_per_row": spec.variations.accepted_per_row,
-            "max_attempts_per_row": spec.variations.attempts_per_row if spec.variations.accepted_per_row else None,
+            **(
+                {
+                    "accepted_per_row": spec.variations.accepted_per_row,
+                    "max_attempts_per_row": spec.variations.attempts_per_row,
+                }
+                if spec.variations.accepted_per_row
+                else {}
+            ),
         },
         "output": spec.output.uri,
         "warnings": [f"rows asking for LoRA '{name}' will fail: {why}" for name, why in sorted(bad.items())]
@@ -157,7 +163,10 @@ def print_validation(report: dict) -> int:
             print(f"    lora  {lo['name']} v{lo['version']} @ {lo['weight']:g} sha256 {lo['sha256'][:16]}…")
     render = report["render"]
     print(f"  routing {report['routing']}")
-    print(f"  render  {render['width']}x{render['height']}, {render['images_per_row']} image(s) per row")
+    per_row = f"{render['images_per_row']} image(s) per row"
+    if render.get("accepted_per_row"):
+        per_row = f"{render['accepted_per_row']} accepted image(s) per row in at most {render['max_attempts_per_row']} attempts"
+    print(f"  render  {render['width']}x{render['height']}, {per_row}")
     print(f"  output  {report['output']}")
     for warning in report["warnings"]:
         print(f"  warning {warning}")

@@ -7,6 +7,7 @@ none is lost, and each product ends with exactly 2 accepted images or 4 attempts
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import pyarrow.csv as pacsv
@@ -59,6 +60,8 @@ def test_the_first_round_renders_the_first_attempts_of_every_row(quota_runs):
     first = quota_runs["first"]
     assert first.quota["rounds"] == 1 and first.quota["attempts_this_run"] == 6 and first.rendered == 6
     assert first.quota["groups"] == 3
+    # Out of its 2 attempts, a short row says why: the QC reasons of its rejected attempts.
+    assert all(s["why"] == "out of attempts" and s["attempts"] == 2 and s["reasons"] for s in first.quota["short"])
 
 
 def test_a_rerun_makes_no_attempt_twice_and_meets_the_quota_where_it_can(quota_runs):
@@ -116,3 +119,27 @@ def test_a_cost_cap_stops_the_rounds_after_one_batch(ray_local, tmp_path):
     assert capped.quota["attempts"] == 2 and capped.quota["short"]
     assert all(s["why"] == "stopped on budget" for s in capped.quota["short"])
     assert "STOPPED on budget" in capped.render()
+
+
+def test_a_monthly_budget_caps_a_run_and_refuses_the_next_once_spent(ray_local, tmp_path, capsys):
+    from app.budget import MonthlyBudgetExceeded
+    from app.cost import PriceTable
+    from jobs.generate import main, run
+
+    prices = PriceTable(monthly_budgets={"campaign=autumn-launch": 1e-9})  # the spec's static tag
+    spec = ecommerce(tmp_path, **{"input.limit": 1})
+    first = run(spec, quiet=True, prices=prices)  # nothing spent yet: it starts, capped at what is left
+    (autumn,) = first.monthly_budgets
+    assert autumn["budget"] == "campaign=autumn-launch" and autumn["spent_usd"] == 0.0
+    assert first.budget["max_cost_usd"] == pytest.approx(1e-9) and first.rendered == 2
+    with pytest.raises(MonthlyBudgetExceeded, match=r"monthly budget campaign=autumn-launch .* is spent"):
+        run(spec.with_overrides(**{"variations.max_attempts_per_row": 8}), quiet=True, prices=prices)
+
+    path = tmp_path / "prices.yaml"
+    path.write_text("monthly_budgets: {campaign=autumn-launch: 0.000000001}\n")
+    argv = ["specs/ecommerce.yaml", "--output", str(tmp_path), "--quiet", "--no-mlflow", "--prices", str(path)]
+    argv += [f"--set={k}={json.dumps(v)}" for k, v in {**QUOTA, "input.limit": 1}.items()]
+    assert main(argv) == 2
+    assert "imagefab: error: monthly budget campaign=autumn-launch" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0  # forced: it starts (and finds the quota met already)
+    assert "(--force)" in capsys.readouterr().out
