@@ -105,6 +105,21 @@ def test_native_generate_returns_catalogued_images_with_metadata(server):
     assert regenerate(row["image_id"], str(out)).identical
 
 
+def test_native_generate_renders_until_the_quota_is_met(server):
+    client, _, _ = server
+    body = {"prompt": "a blue vase", "seed": 5, "combination": "plain", "accepted_per_row": 2, "max_attempts": 4}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    images, quota = r.json()["images"], r.json()["quota"]
+    statuses = [im["status"] for im in images]
+    assert [im["seed"] for im in images] == list(range(5, 5 + len(images))) and quota["attempts"] == len(images) <= 4
+    assert quota["accepted"] == statuses.count("accepted") and quota["spent_usd"] > 0
+    assert (quota["met"] and statuses.count("accepted") == 2 and statuses[-1] == "accepted") or len(images) == 4
+    r = client.post("/v1/generate", json={**body, "max_attempts": 1})
+    assert r.status_code == 422 and "max_attempts (1) is below accepted_per_row (2)" in r.text
+    assert "quota" not in client.post("/v1/generate", json={"prompt": "a vase", "combination": "plain"}).json()
+
+
 def test_concurrent_requests_share_generator_calls(server):
     client, _, _ = server
     before = stats(client)
