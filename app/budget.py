@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.cost import PriceTable
+from app.cost import PriceTable, parse_monthly_budgets
 
 BUDGET_ERROR = "budget_exhausted"
 
@@ -257,23 +257,8 @@ class MonthlyBudgets:
 
     @classmethod
     def parse(cls, data: dict | None) -> MonthlyBudgets:
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ValueError(f"monthly_budgets must map 'TAG=VALUE' to USD, not {data!r}")
-        out = []
-        for key, usd in data.items():
-            tag, sep, value = str(key).partition("=")
-            if not sep or not tag.strip() or not value.strip():
-                raise ValueError(f"monthly_budgets: {key!r} is not TAG=VALUE (e.g. campaign=spring)")
-            try:
-                amount = float(usd)
-            except (TypeError, ValueError):
-                raise ValueError(f"monthly_budgets.{key}: {usd!r} is not an amount in USD") from None
-            if not (math.isfinite(amount) and amount >= 0):
-                raise ValueError(f"monthly_budgets.{key}: {usd!r} must be a finite amount ≥ 0")
-            out.append(MonthlyBudget(tag.strip(), value.strip(), amount))
-        return cls(tuple(out))
+        """The price table's `monthly_budgets`; ValueError naming a bad key or amount."""
+        return cls(tuple(MonthlyBudget(tag, value, usd) for tag, value, usd in parse_monthly_budgets(data)))
 
     def matching(self, tags: dict) -> list[MonthlyBudget]:
         return [b for b in self.budgets if b.matches(tags)]

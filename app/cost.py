@@ -17,9 +17,32 @@ a YAML file with the same keys (`imagefab cost --prices prices.yaml`, or the spe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import yaml
+
+
+def parse_monthly_budgets(data: object) -> list[tuple[str, str, float]]:
+    """`monthly_budgets` as (tag, value, USD): "campaign=spring: 500" -> ("campaign", "spring", 500.0)."""
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ValueError(f"monthly_budgets must map 'TAG=VALUE' to USD, not {data!r}")
+    out = []
+    for key, usd in data.items():
+        tag, sep, value = str(key).partition("=")
+        if not sep or not tag.strip() or not value.strip():
+            raise ValueError(f"monthly_budgets: {key!r} is not TAG=VALUE (e.g. campaign=spring)")
+        try:
+            amount = float(usd)
+        except (TypeError, ValueError):
+            raise ValueError(f"monthly_budgets.{key}: {usd!r} is not an amount in USD") from None
+        if not (math.isfinite(amount) and amount >= 0):
+            raise ValueError(f"monthly_budgets.{key}: {usd!r} must be a finite amount ≥ 0")
+        out.append((tag.strip(), value.strip(), amount))
+    return out
+
 
 DEFAULT_GPU_HOURLY = {
     "H200": 3.80,
@@ -49,9 +72,7 @@ class PriceTable:
     monthly_budgets: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        from app.budget import MonthlyBudgets
-
-        MonthlyBudgets.parse(self.monthly_budgets)  # raises ValueError naming a bad key or amount
+        parse_monthly_budgets(self.monthly_budgets)  # raises ValueError naming a bad key or amount
         api = self.hosted_api_gbp_per_image
         object.__setattr__(
             self,
