@@ -12,6 +12,8 @@ render in each round and tells it what came out.
 3. What counts comes from the catalog: images of earlier runs (a killed run, a partial one) count
    towards the quota, and an id already in the catalog is never rendered again; within the run,
    every id is tried once (a failed render is not retried in the same run: a rerun retries it).
+
+`RequestQuota` is the same loop for one prompt of the native HTTP API (`/v1/generate`).
 """
 
 from __future__ import annotations
