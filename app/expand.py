@@ -1,4 +1,4 @@
-"""Expand input rows into render requests: template x variations x seeds.
+"""Expand input rows into render requests: rows x matrix x variations (seeds).
 
 `ExpandRows` is a plain callable over Arrow batches (the first Ray Data stage). A row that cannot
 become a request (empty prompt, a template value missing, a bad size, an unknown LoRA) becomes a
@@ -22,6 +22,10 @@ planned (app/conditioning/plan.py): its sha256 goes into the image_id, and an in
 used (missing, unreadable, a mask of another size, a mask that keeps all or nothing, too large…)
 fails the row with `bad_input: <reason>: …` before anything renders. A row fans out into one
 request per outpainting target x strength.
+
+`input.matrix` crosses each row with lists of values: the row expands once per combination, the
+values joining it as template variables and tags (so, with derived seeds, each combination's prompt
+and seeds differ).
 
 Its output is the plan's columns (`OUTPUT_SCHEMA`): the request is a typed struct
 (`app.request.REQUEST_TYPE`), not text each later stage parses again.
@@ -304,17 +308,19 @@ class ExpandRows:
         # A quota's attempts are all expanded (their ids are fixed); a row that cannot become a
         # request fails once per image it was asked for, not once per possible attempt.
         failed_rows = v.accepted_per_row or v.seeds_per_row
-        for raw in batch.to_pylist():
-            for i in range(v.attempts_per_row):
-                try:
-                    for req in self.requests(raw, i):
-                        emit(req.image_id, "pending", "", req.combination_key, req)
-                except RowError as e:
-                    if i >= failed_rows:
-                        continue
-                    kind = "bad_input" if isinstance(e, BadInput) else "bad_row"
-                    reason = str(e) if isinstance(e, PromptBlocked) else f"{kind}: {e}"
-                    emit(failed_row_id(raw, i), "failed", reason, "", self._partial(raw, i))
+        matrix = self.spec.input.matrix_rows
+        for row in batch.to_pylist():
+            for raw in ({**row, **values} for values in matrix):
+                for i in range(v.attempts_per_row):
+                    try:
+                        for req in self.requests(raw, i):
+                            emit(req.image_id, "pending", "", req.combination_key, req)
+                    except RowError as e:
+                        if i >= failed_rows:
+                            continue
+                        kind = "bad_input" if isinstance(e, BadInput) else "bad_row"
+                        reason = str(e) if isinstance(e, PromptBlocked) else f"{kind}: {e}"
+                        emit(failed_row_id(raw, i), "failed", reason, "", self._partial(raw, i))
         return pa.table({**out, "request": requests_to_arrow(out["request"])}, schema=OUTPUT_SCHEMA)
 
     def routes(self, raw: dict) -> list[tuple[str, str]]:
@@ -390,7 +396,7 @@ class ExpandRows:
         loras = self._loras(raw, combo, base)
         seed = self._seed(raw, prompt, negative, variation)
         tags = dict(spec.static_tags)
-        for col in spec.tags:
+        for col in (*spec.tags, *inp.matrix):
             if col in raw and not _missing(raw[col]):
                 tags[col] = str(raw[col])
         return [
@@ -451,7 +457,8 @@ class ExpandRows:
     def _partial(self, raw: dict, variation: int) -> RenderRequest:
         """What a failed row's catalog entry can still say about it (no LoRAs, seed 0)."""
         tags = dict(self.spec.static_tags)
-        tags.update({c: str(raw[c]) for c in self.spec.tags if c in raw and not _missing(raw[c])})
+        tagged = (*self.spec.tags, *self.spec.input.matrix)
+        tags.update({c: str(raw[c]) for c in tagged if c in raw and not _missing(raw[c])})
         template = self.spec.input.prompt_template
         if template is not None:
             # What the prompt would have been, with the unusable placeholders left in.

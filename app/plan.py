@@ -64,6 +64,12 @@ def csv_string_types(columns: list[str]) -> pacsv.ConvertOptions:
 def check_input(spec: JobSpec, columns: list[str]) -> None:
     inp, have = spec.input, set(columns)
     shown = ", ".join(columns)
+    for name in inp.matrix:
+        if name in have:  # refused rather than one silently hiding the other
+            raise SpecError(
+                f"input.matrix.{name}: {inp.path} has a column '{name}' too; rename the matrix name or the column"
+            )
+    have |= set(inp.matrix)  # matrix values join every row like columns
     if inp.prompt_template is not None:
         for name in template_fields(inp.prompt_template):
             if name not in have:

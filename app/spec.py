@@ -7,6 +7,7 @@ resolved against the spec file's folder, so a spec runs the same from any workin
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from pathlib import Path
@@ -112,7 +113,12 @@ class Size(_Frozen):
 
 
 class InputSpec(_Frozen):
-    """Where the prompts come from. CSV rows are expanded through `prompt_template`."""
+    """Where the prompts come from. CSV rows are expanded through `prompt_template`.
+
+    `matrix` crosses every row with named lists of values (`{scene: [kitchen, café, beach]}`):
+    a row expands once per combination, each value a template variable and a tag of its images.
+    Every matrix name must be a placeholder of the template (otherwise its combinations would be
+    the same image), and no input column may share its name (checked with the input's columns)."""
 
     path: str
     format: Literal["auto", "csv", "parquet"] = "auto"
@@ -122,6 +128,7 @@ class InputSpec(_Frozen):
     negative_column: str | None = None
     key_column: str | None = None  # names rows in errors and the catalog (e.g. product_id)
     limit: int | None = Field(None, ge=1)
+    matrix: dict[str, tuple[str, ...]] = {}  # name -> values; every row x every combination
 
     @property
     def resolved_format(self) -> str:
@@ -144,6 +151,48 @@ class InputSpec(_Frozen):
             if not t.strip():
                 raise ValueError("prompt_template is empty")
         return t
+
+    @field_validator("matrix", mode="before", json_schema_input_type=dict[str, list[str | int | float]])
+    @classmethod
+    def _matrix_values_as_text(cls, matrix: Any) -> Any:
+        # `size: [1, 2]` in YAML gives numbers; template variables and tags are text.
+        if isinstance(matrix, dict):
+            return {
+                k: [str(x) if isinstance(x, (int, float)) else x for x in v] if isinstance(v, list) else v
+                for k, v in matrix.items()
+            }
+        return matrix
+
+    @model_validator(mode="after")
+    def _matrix_fits_template(self) -> InputSpec:
+        if not self.matrix:
+            return self
+        if self.prompt_template is None:
+            raise ValueError("matrix: its values are template variables; give `prompt_template` that uses them")
+        used = set(template_fields(self.prompt_template))
+        for name, values in self.matrix.items():
+            if not name.isidentifier():
+                raise ValueError(f"matrix: {name!r} is not a name a template placeholder can use")
+            if not values:
+                raise ValueError(f"matrix.{name}: an empty list; give one or more values, or drop '{name}'")
+            blank = [v for v in values if not v.strip()]
+            if blank:
+                raise ValueError(f"matrix.{name}: an empty value in {list(values)}")
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"matrix.{name}: {repeated} listed twice (each value gives its own images)")
+            if name not in used:
+                raise ValueError(
+                    f"matrix.{name}: not a placeholder of prompt_template {self.prompt_template!r}; "
+                    f"without {{{name}}} in the prompt its {len(values)} values would render the same image"
+                )
+        return self
+
+    @property
+    def matrix_rows(self) -> list[dict[str, str]]:
+        """Every combination of the matrix values, in the order given ([{}] without a matrix)."""
+        names = list(self.matrix)
+        return [dict(zip(names, values)) for values in itertools.product(*self.matrix.values())]
 
 
 class Variations(_Frozen):
@@ -481,6 +530,24 @@ class JobSpec(_Frozen):
             if name not in names:
                 raise ValueError(f"ab_test.combinations: no combination '{name}' (combinations: {shown})")
         check_compiled_stacks(self.effective_combinations(), self.compute)
+        return self
+
+    @model_validator(mode="after")
+    def _matrix_names_are_not_row_settings(self) -> JobSpec:
+        # A matrix value joins each row like a column: under a name the expansion reads as a
+        # setting (seed, mode, image…) it would change that instead of the prompt.
+        inp, img = self.input, self.image
+        settings = {
+            *("seed", "width", "height", "loras", "negative_prompt", inp.prompt_column),
+            *(inp.negative_column, inp.key_column, self.tiers.column),
+            *(img.column, img.mask_column, img.mode_column, img.strength_column, img.target_column),
+        }
+        for name in inp.matrix:
+            if name in settings:
+                raise ValueError(
+                    f"input.matrix.{name}: '{name}' is a column the expansion reads as a row setting; "
+                    "give the matrix another name"
+                )
         return self
 
     @property

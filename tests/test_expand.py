@@ -189,3 +189,53 @@ def test_split_plan_dedupes_skips_existing_and_sets_failed_aside(models):
     assert plan.total == 4 and plan.duplicates == 1 and plan.skipped == 1
     assert plan.failed.num_rows == 1 and plan.pending.num_rows == 1
     assert plan.pending.column("image_id").to_pylist() == [out["image_id"][0]]
+
+
+MATRIX_INPUT = {
+    "path": "/x.csv",
+    "prompt_template": "photo of {name}, {color}, {scene}, {light}",
+    "key_column": "pid",
+    "matrix": {"scene": ["on a kitchen counter", "on a beach towel"], "light": ["morning", "dusk", "neon"]},
+}
+
+
+def test_matrix_expands_each_row_once_per_combination_with_its_own_prompt_and_seeds(models):
+    spec = make_spec(input=MATRIX_INPUT)
+    out = expand(
+        spec, models, [{"pid": "P1", "name": "boot", "color": "tan"}, {"pid": "P2", "name": "mug", "color": "red"}]
+    )
+
+    reqs = [RenderRequest.from_arrow_value(r) for r in out["request"]]
+    assert out["status"] == ["pending"] * 2 * 6 * 2  # rows x (2 scenes x 3 lights) x seeds_per_row
+    first = reqs[:12]
+    assert [(r.variables["scene"], r.variables["light"], r.variation) for r in first[:4]] == [
+        ("on a kitchen counter", "morning", 0),
+        ("on a kitchen counter", "morning", 1),
+        ("on a kitchen counter", "dusk", 0),
+        ("on a kitchen counter", "dusk", 1),
+    ]
+    assert first[0].prompt == "photo of boot, tan, on a kitchen counter, morning"
+    assert first[0].tags == {"campaign": "c1", "pid": "P1", "scene": "on a kitchen counter", "light": "morning"}
+    assert {r.row_key for r in first} == {"P1"}
+    # Derived seeds follow the prompt: every combination and variation has its own seed and id.
+    assert len({r.seed for r in reqs}) == len(reqs) and len(set(out["image_id"])) == len(reqs)
+    # A row's requests do not depend on the other rows, nor on the batch they came in.
+    alone = expand(spec, models, [{"pid": "P2", "name": "mug", "color": "red"}])
+    assert alone["image_id"] == out["image_id"][12:]
+
+
+def test_a_bad_row_fails_once_per_matrix_combination(models):
+    spec = make_spec(input=MATRIX_INPUT, variations={"seeds_per_row": 1})
+    out = expand(spec, models, [{"pid": "bad", "name": "", "color": "tan"}])
+
+    assert out["status"] == ["failed"] * 6 and len(set(out["image_id"])) == 6
+    partial = RenderRequest.from_arrow_value(out["request"][5])
+    assert partial.tags["scene"] == "on a beach towel" and partial.tags["light"] == "neon"
+    assert partial.prompt == "photo of {name}, tan, on a beach towel, neon"
+
+
+def test_check_input_refuses_a_matrix_name_that_is_also_a_column():
+    spec = make_spec(input=MATRIX_INPUT, tags=["pid", "scene"])
+    check_input(spec, ["pid", "name", "color"])  # matrix names count as columns for the template and tags
+    with pytest.raises(SpecError, match=r"input.matrix.scene: /x.csv has a column 'scene' too; rename"):
+        check_input(spec, ["pid", "name", "color", "scene"])

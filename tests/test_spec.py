@@ -124,3 +124,46 @@ def test_tsv_inputs_are_tab_separated(tmp_path):
     spec = load_spec(write(tmp_path, "run_name: t\ninput: {path: p.tsv}\n"))
     assert spec.input.resolved_format == "csv" and input_columns(spec) == ["prompt", "color"]
     check_input(spec, input_columns(spec))
+
+
+@pytest.mark.parametrize(
+    "matrix, template, fragment",
+    [
+        ({"scene": []}, "a {scene}", "matrix.scene: an empty list; give one or more values, or drop 'scene'"),
+        ({"scene": ["kitchen", " "]}, "a {scene}", "matrix.scene: an empty value"),
+        ({"scene": ["kitchen", "kitchen"]}, "a {scene}", "['kitchen'] listed twice"),
+        ({"scene": ["kitchen", "beach"]}, "a product", "its 2 values would render the same image"),
+        ({"scene": ["kitchen"]}, None, "give `prompt_template` that uses them"),
+    ],
+)
+def test_bad_matrix_is_refused(matrix, template, fragment):
+    data = {"run_name": "t", "input": {"path": "x.csv", "prompt_template": template, "matrix": matrix}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data, where="s.yaml")
+    assert "  input: " in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+def test_matrix_names_may_not_be_row_settings_and_numbers_become_text():
+    for name in ("seed", "strength", "image"):
+        with pytest.raises(SpecError, match=f"input.matrix.{name}: '{name}' is a column the expansion reads"):
+            parse_spec(
+                {
+                    "run_name": "t",
+                    "input": {"path": "x.csv", "prompt_template": f"a {{{name}}}", "matrix": {name: ["1"]}},
+                }
+            )
+    spec = parse_spec(
+        {
+            "run_name": "t",
+            "input": {"path": "x.csv", "prompt_template": "{n} {c}", "matrix": {"n": [1, 2.5], "c": ["x"]}},
+        }
+    )
+    assert spec.input.matrix == {"n": ("1", "2.5"), "c": ("x",)}
+    assert spec.input.matrix_rows == [{"n": "1", "c": "x"}, {"n": "2.5", "c": "x"}]
+    assert parse_spec({"run_name": "t", "input": {"path": "x.csv"}}).input.matrix_rows == [{}]
+
+
+def test_schema_lists_the_matrix():
+    schema = JobSpec.model_json_schema()
+    matrix = schema["$defs"]["InputSpec"]["properties"]["matrix"]
+    assert matrix["type"] == "object" and matrix["additionalProperties"]["type"] == "array"
