@@ -26,10 +26,12 @@ from app.spec import JobSpec, load_spec
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
 
-# Requests each example expands to: input rows x seeds_per_row. Pinned, so an edit to an example's
+# Requests each example expands to: input rows x matrix x seeds_per_row x targets x strengths. Pinned, so an edit to an example's
 # data or variations shows up here; a new example needs its line.
 EXPECTED_REQUESTS = {
     "ecommerce.yaml": 12,  # 6 products x 2 seeds
+    "ecommerce_packshots.yaml": 36,  # 4 packshots x 3 scenes x 3 outpainting targets
+    "game_sketches.yaml": 8,  # 4 sketches x 2 strengths
     "game_assets.yaml": 60,  # 1 prompt x 3 styles x 20 seeds
     "social.yaml": 4,  # 4 campaign messages x 1 seed
 }
@@ -93,7 +95,8 @@ def test_example_expands_without_failed_rows(path: Path):
     assert len(set(ids)) == len(ids), f"{path.name}: image ids repeat"
     for r in rows:
         req = RenderRequest.from_arrow_value(r["request"])
-        assert (req.width, req.height) == (spec.size.width, spec.size.height)
+        if req.mode != "outpaint":  # an outpainting canvas has its target's ratio
+            assert (req.width, req.height) == (spec.size.width, spec.size.height)
         assert set(spec.static_tags.items()) <= set(req.tags.items())
         assert set(spec.tags) <= set(req.tags), f"{path.name}: a tag column is missing from {req.tags}"
 
@@ -149,3 +152,48 @@ def test_cli_validate_accepts_example(path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert f"{path}: valid" in result.stdout
+
+
+def test_packshots_render_every_product_in_three_scenes_at_three_ratios():
+    spec = load_spec(REPO / "specs" / "ecommerce_packshots.yaml")
+    requests = requests_of(spec)
+
+    scenes = spec.input.matrix["scene"]
+    assert len(scenes) == 3 and spec.image.targets == ("9:16", "4:5", "1.91:1")
+    cells = {(r.tags["sku"], r.tags["scene"], r.conditioning.target) for r in requests if r.conditioning}
+    assert len(cells) == 36  # every sku x scene x target once
+    assert {r.mode for r in requests} == {"outpaint"}
+    for r in requests:
+        assert r.tags["scene"] in r.prompt and r.tags["campaign"] == "summer-scenes"
+        w, h = (float(x) for x in r.conditioning.target.split(":"))
+        assert abs(r.width / r.height - w / h) < 0.2, (r.width, r.height, r.conditioning.target)
+        # The canvas holds the packshot at its own resolution.
+        assert r.width >= r.conditioning.source_width and r.height >= r.conditioning.source_height
+    # The transparent background is generated too; the coffee cup's own mask says what to keep.
+    sources = {r.tags["sku"]: r.conditioning.mask_source for r in requests}
+    assert sources == {
+        "SKU-2001": "canvas+mask",
+        "SKU-2002": "canvas+alpha",
+        "SKU-2003": "canvas+alpha",
+        "SKU-2004": "canvas+alpha",
+    }
+    # Seeds follow the prompt: each scene has its own, the three ratios of a scene share it.
+    seeds: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for r in requests:
+        seeds[(r.tags["sku"], r.tags["scene"])].add(r.seed)
+    assert all(len(s) == 1 for s in seeds.values()) and len({s.pop() for s in seeds.values()}) == 12
+
+
+def test_game_sketches_render_each_sketch_at_two_strengths_from_one_seed():
+    spec = load_spec(REPO / "specs" / "game_sketches.yaml")
+    requests = requests_of(spec)
+
+    by_asset: dict[str, list] = defaultdict(list)
+    for r in requests:
+        by_asset[r.tags["asset"]].append(r)
+    assert set(by_asset) == {"astronaut", "cat", "coffee_cup", "horse"}
+    for asset, reqs in by_asset.items():
+        assert sorted(r.conditioning.strength for r in reqs) == [0.55, 0.8]
+        assert {r.mode for r in reqs} == {"img2img"} and len({r.seed for r in reqs}) == 1
+        assert reqs[0].conditioning.image_uri.endswith(f"data/sketches/{asset}.png")
+        assert (reqs[0].conditioning.source_width, reqs[0].conditioning.source_height) == (512, 512)
