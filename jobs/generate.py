@@ -106,7 +106,8 @@ def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -
 
     from app.expand import OUTPUT_SCHEMA
 
-    ds = read_input(spec, columns)
+    ds = read_input(spec, columns).materialize()  # read once: counted here, expanded next
+    rows = ds.count()  # a row gives many requests (matrix, seeds, targets, strengths)
     expanded = ds.map_batches(
         _expand_batch,
         fn_kwargs={"spec": spec, "models": models},
@@ -116,7 +117,7 @@ def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -
     ).materialize()
     tables = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
     table = pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables]) if tables else OUTPUT_SCHEMA.empty_table()
-    return table, table.num_rows // spec.variations.attempts_per_row
+    return table, rows
 
 
 def cluster_gpus() -> int:
