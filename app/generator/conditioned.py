@@ -41,7 +41,9 @@ class ConditionedRenderer:
             from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
             cls = StableDiffusionXLImg2ImgPipeline if kind == "img2img" else StableDiffusionXLInpaintPipeline
-            self._pipes[kind] = cls.from_pipe(self.pipe)
+            derived = cls.from_pipe(self.pipe)
+            derived.set_progress_bar_config(disable=True)  # from_pipe does not carry it over
+            self._pipes[kind] = derived
         derived = self._pipes[kind]
         derived.scheduler = self.pipe.scheduler  # type: ignore[attr-defined]
         return derived
