@@ -96,9 +96,15 @@ def validation_report(spec_path: str, overrides: list[str]) -> dict:
         "combinations": combinations,
         "routing": routing,
         "render": {
+            "mode": spec.image.mode,  # a row's `mode` column may name another
             "width": spec.size.width,
             "height": spec.size.height,
-            "images_per_row": spec.variations.seeds_per_row,
+            "targets": list(spec.image.targets) if spec.image.mode == "outpaint" else [],
+            # seeds x matrix combinations x outpainting targets x strengths (a row's own columns may differ)
+            "images_per_row": spec.variations.seeds_per_row
+            * len(spec.input.matrix_rows)
+            * (len(spec.image.targets) if spec.image.mode == "outpaint" else 1)
+            * (len(spec.image.strengths) if spec.image.mode != "txt2img" else 1),
             **(
                 {
                     "accepted_per_row": spec.variations.accepted_per_row,
@@ -163,10 +169,17 @@ def print_validation(report: dict) -> int:
             print(f"    lora  {lo['name']} v{lo['version']} @ {lo['weight']:g} sha256 {lo['sha256'][:16]}…")
     render = report["render"]
     print(f"  routing {report['routing']}")
+    size = {
+        "txt2img": f"{render['width']}x{render['height']}",
+        "img2img": f"img2img at {render['width']}x{render['height']}",
+        "inpaint": "inpaint at each input's own size",
+        "outpaint": "outpaint to " + ", ".join(render["targets"]) + " around each input at its own resolution",
+        "upscale": "upscale of each input",
+    }[render["mode"]]
     per_row = f"{render['images_per_row']} image(s) per row"
     if render.get("accepted_per_row"):
         per_row = f"{render['accepted_per_row']} accepted image(s) per row in at most {render['max_attempts_per_row']} attempts"
-    print(f"  render  {render['width']}x{render['height']}, {per_row}")
+    print(f"  render  {size}, {per_row}")
     print(f"  output  {report['output']}")
     for warning in report["warnings"]:
         print(f"  warning {warning}")

@@ -87,7 +87,7 @@ def test_validate_json_reports_the_resolved_spec():
     assert combo["base"]["name"] == "tiny-sdxl" and len(combo["base"]["sha256"]) == 64
     assert [lo["name"] for lo in combo["loras"]] == ["tiny-style"] and combo["loras"][0]["weight"] == 0.8
     assert report["input"]["format"] == "csv" and "product_name" in report["input"]["columns"]
-    assert report["render"] == {"width": 256, "height": 256, "images_per_row": 2}
+    assert report["render"] == {"mode": "txt2img", "width": 256, "height": 256, "targets": [], "images_per_row": 2}
 
 
 def test_validate_json_lists_each_failure_with_its_field_path_and_keeps_exit_code_2():
@@ -112,6 +112,16 @@ def test_validate_text_output_is_unchanged_and_errors_still_exit_2():
     assert ok.returncode == 0 and "specs/ecommerce.yaml: valid" in ok.stdout and "  combination default" in ok.stdout
     bad = imagefab("validate", "specs/ecommerce.yaml", "--set", "steps=0")
     assert bad.returncode == 2 and bad.stderr.startswith("imagefab: error:") and "steps" in bad.stderr
+
+
+def test_validate_counts_the_images_a_row_fans_out_to():
+    ok = imagefab("validate", "specs/ecommerce_packshots.yaml")  # 3 scenes x 3 outpainting targets
+    assert ok.returncode == 0, ok.stderr
+    assert (
+        "render  outpaint to 9:16, 4:5, 1.91:1 around each input at its own resolution, 9 image(s) per row" in ok.stdout
+    )
+    report = json.loads(imagefab("validate", "specs/game_sketches.yaml", "--json").stdout)
+    assert report["render"] == {"mode": "img2img", "width": 256, "height": 256, "targets": [], "images_per_row": 2}
 
 
 def test_catalog_json_counts_runs_and_statuses(tmp_path, capsys):
