@@ -100,11 +100,7 @@ def validation_report(spec_path: str, overrides: list[str]) -> dict:
             "width": spec.size.width,
             "height": spec.size.height,
             "targets": list(spec.image.targets) if spec.image.mode == "outpaint" else [],
-            # seeds x matrix combinations x outpainting targets x strengths (a row's own columns may differ)
-            "images_per_row": spec.variations.seeds_per_row
-            * len(spec.input.matrix_rows)
-            * (len(spec.image.targets) if spec.image.mode == "outpaint" else 1)
-            * (len(spec.image.strengths) if spec.image.mode != "txt2img" else 1),
+            "images_per_row": spec.images_per_row,
             **(
                 {
                     "accepted_per_row": spec.variations.accepted_per_row,
@@ -179,6 +175,8 @@ def print_validation(report: dict) -> int:
     per_row = f"{render['images_per_row']} image(s) per row"
     if render.get("accepted_per_row"):
         per_row = f"{render['accepted_per_row']} accepted image(s) per row in at most {render['max_attempts_per_row']} attempts"
+        if render["images_per_row"] != render["accepted_per_row"]:
+            per_row += f" for each matrix combination, target and strength ({render['images_per_row']} per row)"
     print(f"  render  {size}, {per_row}")
     print(f"  output  {report['output']}")
     for warning in report["warnings"]:

@@ -558,6 +558,20 @@ class JobSpec(_Frozen):
         return self.qc
 
     @property
+    def images_per_row(self) -> int:
+        """Images an input row gives by the spec alone (a row's own mode, strength or target
+        columns may change it): seeds (with a quota: the accepted images it asks for) x matrix
+        combinations x outpainting targets x strengths x A/B combinations."""
+        img, v = self.image, self.variations
+        return (
+            (v.accepted_per_row or v.seeds_per_row)
+            * len(self.input.matrix_rows)
+            * (len(img.targets) if img.mode == "outpaint" else 1)
+            * (len(img.strengths) if img.mode != "txt2img" else 1)
+            * (len(self.ab_test.combinations) if self.ab_test else 1)
+        )
+
+    @property
     def default_tier(self) -> str:
         return self.tiers.default or next(iter(self.combinations), "default")
 

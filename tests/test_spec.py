@@ -167,3 +167,17 @@ def test_schema_lists_the_matrix():
     schema = JobSpec.model_json_schema()
     matrix = schema["$defs"]["InputSpec"]["properties"]["matrix"]
     assert matrix["type"] == "object" and matrix["additionalProperties"]["type"] == "array"
+
+
+def test_images_per_row_counts_every_fan_out():
+    base = {
+        "run_name": "t",
+        "input": {"path": "x.csv", "prompt_template": "{p} {scene}", "matrix": {"scene": ["a", "b"]}},
+    }
+    assert parse_spec({**base, "variations": {"seeds_per_row": 3}}).images_per_row == 6
+    outpaint = {"mode": "outpaint", "targets": ["9:16", "4:5", "1.91:1"], "strength": [0.9, 1.0]}
+    assert parse_spec({**base, "image": outpaint}).images_per_row == 2 * 3 * 2
+    ab = {"combinations": {"a": {}, "b": {}}, "ab_test": {"combinations": ["a", "b"]}}
+    assert parse_spec({**base, **ab}).images_per_row == 4
+    quota = {"accepted_per_row": 2, "max_attempts_per_row": 5}  # counts what it asks for, not its attempts
+    assert parse_spec({**base, "variations": quota}).images_per_row == 4

@@ -132,7 +132,7 @@ def prepare(store: JobStore, rec: JobRecord, spec_data: dict, rows: list[dict] |
     rec.rows = len(rows) if rows is not None else None
     if rec.rows is not None:
         n = min(rec.rows, spec.input.limit) if spec.input.limit else rec.rows
-        rec.expected_images = n * (spec.variations.accepted_per_row or spec.variations.seeds_per_row)
+        rec.expected_images = n * spec.images_per_row  # with a quota: the accepted images asked for
     store.update(rec)
     return spec
 
