@@ -239,3 +239,16 @@ def test_check_input_refuses_a_matrix_name_that_is_also_a_column():
     check_input(spec, ["pid", "name", "color"])  # matrix names count as columns for the template and tags
     with pytest.raises(SpecError, match=r"input.matrix.scene: /x.csv has a column 'scene' too; rename"):
         check_input(spec, ["pid", "name", "color", "scene"])
+
+
+def test_a_quota_counts_each_matrix_combination_of_a_row_apart(models):
+    quota = {"accepted_per_row": 1, "max_attempts_per_row": 2}
+    spec = make_spec(input=MATRIX_INPUT, variations=quota)
+    out = expand(spec, models, [{"pid": "P1", "name": "boot", "color": "tan"}])
+
+    reqs = [RenderRequest.from_arrow_value(r) for r in out["request"]]
+    assert len(reqs) == 6 * 2  # every attempt of every combination is expanded up front
+    groups: dict[str, set] = {}
+    for r in reqs:
+        groups.setdefault(r.row_group, set()).add((r.variables["scene"], r.variables["light"]))
+    assert len(groups) == 6 and all(len(cells) == 1 for cells in groups.values())
