@@ -219,3 +219,23 @@ def test_unwritable_output_fails_before_any_work(ray_local, spec_path):
 
     with pytest.raises(StorageError, match="/proc/imagefab-out"):
         run_job(spec_path, "/proc/imagefab-out")
+
+
+def test_the_summary_counts_input_rows_however_many_requests_each_gives(ray_local, spec_path):
+    from app.models.catalog import ModelCatalog
+    from app.plan import input_columns, resolve_models, row_lora_names
+    from jobs.generate import expand_requests
+
+    spec = load_spec(
+        spec_path,
+        {
+            "input.prompt_template": "studio photo of a {name}, {color}, {scene}",
+            "input.matrix": {"scene": ["on a counter", "on a beach", "in a café"]},
+        },
+    )
+    columns = input_columns(spec)
+    models = resolve_models(spec, ModelCatalog.load(None), row_lora_names(spec, columns))
+
+    table, input_rows = expand_requests(spec, models, columns)
+
+    assert input_rows == 6 and table.num_rows == 6 * 3 * 2  # rows x scenes x seeds
