@@ -226,6 +226,14 @@ class QualityControl:
             conditioning=[
                 None if r.conditioning is None else (r.mode, measures_at(batch, i)) for r, i in zip(reqs, rows)
             ],
+            # Images that keep the same input's pixels (a product in several scenes) share them by
+            # design: their pHashes are close because of the product, not because they repeat.
+            siblings=[
+                f"input:{r.conditioning.image_sha256}"
+                if r.conditioning is not None and r.mode in ("inpaint", "outpaint")
+                else None
+                for r in reqs
+            ],
         )
 
 

@@ -178,3 +178,24 @@ def test_the_summary_reports_the_kept_region_and_modes(written):
     plain = RunSummary("run-2", "t", "/out")
     plain.add_batch({**out, "mode": np.array(["txt2img"] * 4, dtype=object), "kept_mean_abs": np.full(4, math.nan)})
     assert "mode " not in plain.render() and plain.to_dict()["kept_region"] is None
+
+
+def test_images_kept_from_one_input_are_not_duplicates_of_each_other():
+    """Two scenes of one product share its pixels by design; the same pixels from another input,
+    or a txt2img image, are still duplicates."""
+    from app.qc.duplicates import PhashIndex
+
+    qc_settings = QcSettings(enabled=("duplicates",))
+    b = batch()
+    b["request"] = requests_to_numpy(
+        [
+            request(0, INPAINT),
+            request(1, replace(INPAINT, target="")),  # the same input: a sibling
+            request(2, replace(INPAINT, image_sha256="d" * 64)),  # another input, the same pixels
+            request(3, None),
+        ]
+    )
+    out = QualityControl(qc_settings, duplicates=PhashIndex())(b)
+    reasons = [json.loads(r) for r in out["reasons"]]
+    assert not any("duplicate" in x for x in reasons[1])  # the sibling of image 0
+    assert any("duplicate" in x for x in reasons[2]) and any("duplicate" in x for x in reasons[3])

@@ -94,13 +94,16 @@ class QcModels:
         nonfinite_fractions: Sequence[float] | None = None,
         clip_measures: Sequence[ClipMeasure | None] | None = None,
         conditioning: Sequence[tuple[str, Measures] | None] | None = None,
+        siblings: Sequence[str | None] | None = None,
     ) -> list[QcVerdict]:
         """`decision.evaluate_batch` with the loaded parts: the images measured with the scorer
         (when there is one), the style reference of each image picked from its combination key
         and tags. `clip_measures` (one per image, from the generator) are required when the
         models were loaded with `clip_on_generator`, and refused otherwise: an image is never
         graded on numbers from a model QC did not expect. `conditioning`: each image's mode and
-        the generator's measures (None for txt2img), as for `decision.evaluate_batch`."""
+        the generator's measures (None for txt2img), as for `decision.evaluate_batch`.
+        `siblings`: a group per image whose members are meant to share content (the same kept
+        product) and are never duplicates of each other; an A/B test's `ab_group` tag wins."""
         count = len(images)
         if self.clip_on_generator and clip_measures is None:
             raise ValueError("CLIP runs on the generator, but the batch brings no `clip_measures`")
@@ -122,7 +125,9 @@ class QcModels:
             styles=[self.style_for(c, t) for c, t in zip(combinations, tags)],
             image_ids=image_ids,
             nonfinite_fractions=nonfinite_fractions,
-            duplicate_groups=[(t or {}).get("ab_group") for t in tags],
+            duplicate_groups=[
+                (t or {}).get("ab_group") or (siblings[k] if siblings is not None else None) for k, t in enumerate(tags)
+            ],
             conditioning=conditioning,
         )
         if self.nsfw is None:
