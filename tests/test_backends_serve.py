@@ -4,6 +4,8 @@ member against it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from ports import free_port
@@ -182,3 +184,28 @@ def test_a_cost_cap_stops_submitting_to_a_backend_at_the_image_that_would_cross_
     stopped = [r for r in rows if r["status"] == "failed"]
     assert len(stopped) == 2 and all(r["error"].startswith("budget_exhausted: ") for r in stopped)
     assert "cost cap $0.025" in summary.render()
+
+
+def test_image_inputs_through_the_a1111_and_openai_backends_keep_the_product(serve_url, serve_key):
+    """A bulk row's inpaint and img2img sent to `imagefab serve` as a remote A1111 (img2img) and
+    OpenAI (images/edits) server; the answers are finished like the generator's own."""
+    from test_backends import conditioned_requests
+
+    inpaint, img2img = conditioned_requests(
+        [
+            {"product": "a coin", "image": "data/packshots/coin.png"},
+            {"product": "a coin", "image": "data/packshots/coin.png", "mode": "img2img", "strength": 0.5},
+        ],
+        steps=4,
+    )
+    img2img = replace(img2img, width=64, height=64)
+    common = {"credentials": "env:IMAGEFAB_TEST_SERVE_KEY", "backoff_s": 0.05, "max_backoff_s": 0.2}
+    a1111 = build_backend(BackendConfig(backend="a1111", endpoints=(serve_url,), **common))
+    openai = build_backend(BackendConfig(backend="openai", endpoints=(serve_url,), model="tiny-sdxl", **common))
+    for backend in (a1111, openai):
+        done = backend.render([inpaint, img2img])
+        assert [r.error for r in done] == [None, None], [str(r.error) for r in done]
+        kept, plain = done
+        assert kept.image.shape == (inpaint.height, inpaint.width, 3) and plain.image.shape == (64, 64, 3)
+        assert kept.measures.kept_mean_abs == 0.0 and kept.measures.kept_pixels > 1000
+    assert "strength" in done[1].lineage.unhonoured  # OpenAI's edits take no strength
