@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Bodies reach the models through `strict_json` (app/serve/bodies.py); NaN and infinities are
+    # refused here too, for a model used without it.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --- native -----------------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ class OpenAIEditRequest(_Body):
 
 class A1111Txt2Img(BaseModel):
     # A1111 clients send many fields this server does not use (hires fix, restore faces, …): ignored.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
