@@ -63,6 +63,7 @@ from app.serve.schemas import (
     A1111Img2Img,
     A1111PngInfo,
     A1111Txt2Img,
+    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     OpenAIEditRequest,
@@ -84,6 +85,7 @@ api = FastAPI(
     description="SDXL image generation with QC and a catalog: native, OpenAI Images and AUTOMATIC1111 APIs.",
     version="0.1.0",
     dependencies=[Depends(text_parameters)],  # no NUL in a query or path parameter (app/serve/bodies.py)
+    responses={"4XX": {"model": ErrorResponse, "description": "Refused: the field at fault and why"}},
 )
 
 

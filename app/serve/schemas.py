@@ -18,6 +18,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What is wrong, starting with the field it names.")
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx).")
+    param: str | None = Field(description="The field at fault, by its path (loras.0.weight); null: the whole request.")
+    code: int | str | None = Field(description="The HTTP status; in the OpenAI dialect OpenAI's string code.")
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal, in every dialect (the framework's own included)."""
+
+    error: ErrorDetail
+
+
 # --- native -----------------------------------------------------------------------------------------
 
 
