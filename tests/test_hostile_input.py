@@ -240,6 +240,10 @@ def test_framework_errors_use_the_apps_shape(client):
     assert openai.json()["error"]["param"] == "n"
     a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "cfg_scale": 51})
     assert a1111.status_code == 422 and a1111.json()["error"]["param"] == "cfg_scale"
+    for body in (b"[1]", b'"a cat"', b"null", b""):  # not a JSON object: the body as a whole
+        response = client.post("/sdapi/v1/txt2img", content=body, headers=JSON)
+        assert response.status_code == 400 and response.json()["error"]["param"] is None, (body, response.text)
+        assert response.json()["error"]["message"].startswith("body: ")
     for response, status in [(client.get("/v1/nothing-here"), 404), (client.delete("/v1/generate"), 405)]:
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
@@ -411,7 +415,9 @@ def test_the_openapi_negative_mode_gets_only_4xx_in_the_apps_shape(client):
                     error = response.json().get("error")
                 except ValueError:
                     error = None
-                if not (isinstance(error, dict) and error.get("message")) or response.status_code >= 500:
+                shaped = isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+                named = shaped and bool(error["message"]) and (response.status_code != 422 or bool(error["param"]))
+                if not named or response.status_code >= 500:
                     problems.append(
                         f"{case.method} {case.formatted_path} -> {response.status_code} {response.text[:200]}"
                     )

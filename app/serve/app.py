@@ -340,8 +340,9 @@ def _invalid(error: dict, openai: bool) -> tuple[str | None, str]:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     """FastAPI's own checks (types, ranges, unknown fields) in the app's error shape, naming the
-    field: 422, or 400 in the OpenAI dialect as OpenAI answers. A body FastAPI did not read as
-    JSON because of its Content-Type is a 415 saying so."""
+    field: 422, or 400 in the OpenAI dialect as OpenAI answers. A body that is not a JSON object
+    (missing, a list) is a 400, as one that is not JSON; one FastAPI did not read as JSON because
+    of its Content-Type is a 415 saying so."""
     openai = _is_openai(request.scope)
     errors = exc.errors() or [{}]
     param, message = _invalid(errors[0], openai)
@@ -353,6 +354,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
             "content-type",
             openai=openai,
         )
+    if param is None:  # the body as a whole
+        return _error(400, message, None, openai=openai)
     if len(errors) > 1 and not openai:
         message = "; ".join([message, *(_invalid(e, openai)[1] for e in errors[1:5])])
     return _error(400 if openai else 422, message, param, openai=openai)
