@@ -371,6 +371,18 @@ def test_hostile_uploads_are_4xx(client):
     assert wrong.status_code == 400 and "multipart/form-data" in wrong.json()["error"]["message"]
 
 
+def test_hostile_text_in_an_image_edit_form_is_a_400_naming_the_field(client):
+    form = {"content-type": "multipart/form-data; boundary=b0undary"}
+    for field in ("prompt", "model", "size", "user"):
+        for bad in (b"a\x00cat", b"\x00"):
+            values = {"prompt": b"a cat", field: bad}
+            parts = [(name, None, value) for name, value in values.items()]
+            body = multipart([*parts, ("image", b"in.png", b"never decoded: a field is refused first")])
+            response = client.post("/v1/images/edits", content=body, headers=form)
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+            assert "NUL" in response.json()["error"]["message"]
+
+
 # --- the OpenAPI schema's negative mode, in-process ---------------------------------------------------------
 
 NEGATIVE_EXAMPLES = 30  # per operation
