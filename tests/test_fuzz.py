@@ -3,7 +3,9 @@ spec parser and the row expansion fuzzed with hypothesis. Bounded: a fixed numbe
 operation or property, and a wall-clock budget for the HTTP fuzz.
 
 - HTTP: never a 5xx except a deliberate 503/504; a 4xx always says what is wrong (a field, or a
-  message); bodies and prompts over the limits are refused before any generator call.
+  message); bodies and prompts over the limits are refused before any generator call; the
+  hostile values of tests/hostile.py and a stalled upload are refused by the running server too
+  (tests/test_hostile_input.py sends them to every route and field in-process).
 - Spec: specs whose every value is in range parse, keep their values and read back the same from
   what a run records; a value out of range is a `SpecError` naming its field path; and whatever
   the YAML holds, `parse_spec` / `load_spec` raise nothing but a `SpecError` that says where.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import time
 from collections import Counter
 
@@ -22,6 +25,8 @@ import pyarrow as pa
 import pytest
 import schemathesis
 import yaml
+from hostile import HOSTILE_TABLE, encode, is_deep, refusal_problem
+from hostile import with_value as spoiled
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -46,6 +51,7 @@ LIMITS = {
     "max_pixels": 128 * 128,
     "max_steps": 2,
     "request_timeout_s": 60,
+    "body_timeout_s": 2,
 }
 
 
@@ -81,20 +87,16 @@ def server(ray_local, tmp_path_factory):
 
 
 def names_the_problem(response: httpx.Response) -> bool:
-    """Our errors: {"error": {"message", "param"}}; FastAPI's: {"detail": "…" | [{"loc", "msg"}]}."""
+    """Every error, the framework's included, is {"error": {"message", "type", "param", "code"}};
+    a 422 names its field in `param`."""
     try:
         body = response.json()
     except ValueError:
         return False
-    if not isinstance(body, dict):
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict) or set(err) != {"message", "type", "param", "code"}:
         return False
-    if isinstance(body.get("error"), dict):
-        err = body["error"]
-        return bool(err.get("message")) and (response.status_code != 422 or bool(err.get("param")))
-    detail = body.get("detail")
-    if isinstance(detail, list):
-        return bool(detail) and all(isinstance(item, dict) and item.get("loc") and item.get("msg") for item in detail)
-    return isinstance(detail, str) and bool(detail)
+    return bool(err.get("message")) and (response.status_code != 422 or bool(err.get("param")))
 
 
 @pytest.mark.slow
@@ -187,13 +189,68 @@ def test_oversized_bodies_and_prompts_are_refused_before_any_generator_call(serv
         (
             client.post("/v1/generate", json={"prompt": "a cat", "loras": [{"name": "tiny-style", "weight": 10**400}]}),
             422,
-            "loras",
+            "loras.0.weight",
         ),
     ]
     for response, status, field in cases:
         assert response.status_code == status, response.text[:300]
         assert response.json()["error"]["param"] == field
     assert generator_calls(client) == before, "a refused request reached a generator"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_hostile_values_are_refused_by_the_running_server(server):
+    """The refusals of tests/test_hostile_input.py through Ray Serve's proxy and a real ingress
+    replica: NaN, Infinity, 1e400, 2**63, lone surrogates, NUL and deep nesting in a field of each
+    dialect, a wrong Content-Type, an unknown path; none reaches a generator."""
+    client = server
+    before = generator_calls(client)
+    fields = [
+        ("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 128, "height": 128}, "cfg_scale"),
+        ("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 128, "height": 128}, "denoising_strength"),
+        ("/v1/generate", {"prompt": "a cat"}, "guidance"),
+        ("/v1/generate", {"prompt": "a cat"}, "negative_prompt"),
+        ("/v1/images/generations", {"prompt": "a cat", "size": "128x128"}, "prompt"),
+        ("/v1/jobs", {"rows": [{"prompt": "a boot"}]}, "rows.0.prompt"),
+    ]
+    problems = []
+    for path, valid, field in fields:
+        for kind, value in HOSTILE_TABLE.items():
+            body = encode(spoiled(valid, field, value))
+            response = client.post(path, content=body, headers={"content-type": "application/json"})
+            named = field.split(".")[0] if is_deep(value) else field
+            if len(body) > LIMITS["max_body_bytes"] and path != "/v1/jobs":  # jobs: the jobs policy's limit
+                if response.status_code != 413:
+                    problems.append(f"{path} {field}={kind}: {response.status_code}, not 413 for {len(body)} bytes")
+            elif problem := refusal_problem(response, path, named):
+                problems.append(f"{path} {field}={kind}: {problem}")
+    assert not problems, "\n".join(problems[:10])
+    wrong_type = client.post("/v1/generate", content=b'{"prompt": "a cat"}', headers={"content-type": "text/plain"})
+    assert wrong_type.status_code == 415 and wrong_type.json()["error"]["param"] == "content-type"
+    assert names_the_problem(client.get("/v1/no-such-route"))
+    assert generator_calls(client) == before, "a refused request reached a generator"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_stalled_upload_is_a_408_and_frees_the_request(server):
+    """A body that stops arriving (a slow-loris client) is answered 408 after `body_timeout_s`."""
+    host, port = server.base_url.host, server.base_url.port
+    head = (
+        f"POST /v1/generate HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    with socket.create_connection((host, port), timeout=30) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head.encode() + b'{"prompt": "a')
+        answer = sock.recv(65536)
+        waited = time.monotonic() - t0
+        while b"}}" not in answer and (more := sock.recv(65536)):  # the body may come in its own packet
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert LIMITS["body_timeout_s"] <= waited < LIMITS["body_timeout_s"] + 10, waited
+    assert b"not received within" in answer
 
 
 # --- the spec parser -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pyarrow.dataset as pads
 
 from app.asyncjobs.records import JobError, JobNotFound, JobRecord, JobStore
 from app.catalog.store import CatalogStore
+from app.serve.bodies import BodyError, strict_json
 from app.storage import StorageError
 
 ENDPOINT = "/v1/images/generations"
@@ -105,9 +106,9 @@ def parse_lines(content: bytes) -> list[dict]:
             continue
         where = f"line {no}"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BatchLineError(f"{where}: not JSON ({e.msg})") from None
+            obj = strict_json(line)  # as an HTTP body: no NaN, no 2**64, no lone surrogates, no NUL
+        except BodyError as e:
+            raise BatchLineError(f"{where}: {e.field + ': ' if e.field else ''}{e.message}") from None
         if not isinstance(obj, dict):
             raise BatchLineError(f"{where}: expected a JSON object")
         cid = obj.get("custom_id")

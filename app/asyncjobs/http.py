@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from app.asyncjobs import batch, submit, webhooks
 from app.asyncjobs.queue import QueuePolicy, queue_position
 from app.asyncjobs.records import JobError, JobNotFound, JobRecord, JobStore
+from app.serve.bodies import strict_json, text_problem
 
 router = APIRouter(tags=["jobs"])
 
@@ -135,10 +135,19 @@ def _error(e: JobError) -> JSONResponse:
 
 
 async def _json(request: Request) -> Any:
+    """The body as strict JSON, whatever its Content-Type (`BodyError`, a 4xx naming the field)."""
+    return strict_json(await request.body() or b"null")
+
+
+def _form_text(value: bytes | str | None, what: str) -> str:
+    """A multipart field or file name as text: UTF-8, no NUL, no lone surrogates."""
     try:
-        return json.loads(await request.body() or b"null")
-    except json.JSONDecodeError as e:
-        raise JobError(f"the body is not valid JSON ({e.msg})") from None
+        text = value.decode("utf-8") if isinstance(value, bytes) else (value or "")
+    except UnicodeDecodeError:
+        raise JobError(f"{what} is not UTF-8 text") from None
+    if problem := text_problem(text):
+        raise JobError(f"{what} {problem}")
+    return text
 
 
 def _int(value: str | None, name: str, default: int) -> int:
@@ -246,9 +255,9 @@ async def upload_file(request: Request, svc: JobsService = Service):
         parts = {p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()}
         if "file" not in parts or "purpose" not in parts:
             raise JobError("multipart fields `file` and `purpose` are required")
-        purpose = parts["purpose"].get_payload(decode=True).decode().strip()
+        purpose = _form_text(parts["purpose"].get_payload(decode=True), "multipart field `purpose`").strip()
         content = parts["file"].get_payload(decode=True) or b""
-        name = parts["file"].get_filename() or "upload.jsonl"
+        name = _form_text(parts["file"].get_filename(), "the file name") or "upload.jsonl"
         f = svc.files.create(tenant, content, purpose=purpose, filename=name)
         return JSONResponse(f.public())
 

@@ -24,12 +24,12 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from app.asyncjobs.http import JobsService, jobs_service
 from app.asyncjobs.http import router as jobs_router
@@ -43,6 +43,7 @@ from app.qc import QcSettings
 from app.quota import RequestQuota
 from app.request import RenderRequest
 from app.schedulers import SCHEDULERS
+from app.serve.bodies import BodyError, BodyGuard, BodyRules, is_json, strict_json, text_parameters
 from app.serve.config import ServeConfig, load_serve_config
 from app.serve.core import (
     A1111_SAMPLERS,
@@ -62,6 +63,7 @@ from app.serve.schemas import (
     A1111Img2Img,
     A1111PngInfo,
     A1111Txt2Img,
+    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     OpenAIEditRequest,
@@ -82,6 +84,8 @@ api = FastAPI(
     title="imagefab",
     description="SDXL image generation with QC and a catalog: native, OpenAI Images and AUTOMATIC1111 APIs.",
     version="0.1.0",
+    dependencies=[Depends(text_parameters)],  # no NUL in a query or path parameter (app/serve/bodies.py)
+    responses={"4XX": {"model": ErrorResponse, "description": "Refused: the field at fault and why"}},
 )
 
 
@@ -221,12 +225,16 @@ _OPENAI_CODES = {
     401: "invalid_api_key",
     403: "invalid_signature",
     404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
     409: "input_changed",
     413: "request_too_large",
     415: "unsupported_image_format",
     503: "server_busy",
     504: "timeout",
 }
+# Where the field says more than the status: an unknown model; a body of the wrong Content-Type.
+_OPENAI_FIELD_CODES = {(404, "model"): "model_not_found", (415, "content-type"): "unsupported_media_type"}
 
 
 def _error(
@@ -234,10 +242,14 @@ def _error(
 ) -> JSONResponse:
     """`{"error": {message, type, param, code}}`. In the OpenAI dialect as OpenAI answers: a request
     it cannot serve is a 400 (not 422), and `code` is a string (`invalid_value`, `model_not_found`…);
-    the official client then raises `BadRequestError`, `NotFoundError`… with `param` set."""
+    the official client then raises `BadRequestError`, `NotFoundError`… with `param` set.
+    Text from the request (a field name, a value) may hold lone surrogates: escaped, so the answer
+    can always be encoded."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    field = field.encode("utf-8", "backslashreplace").decode("utf-8") if field else field
     if openai:
         status = 400 if status == 422 else status
-        code: int | str | None = "model_not_found" if (status, field) == (404, "model") else _OPENAI_CODES.get(status)
+        code: int | str | None = _OPENAI_FIELD_CODES.get((status, field or ""), _OPENAI_CODES.get(status))
     else:
         code = status
     body = {
@@ -301,24 +313,70 @@ def _route_of(scope) -> str:
     return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
+def _is_openai(scope) -> bool:
+    return _route_of(scope) in OPENAI_ROUTES
+
+
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
+def _invalid(error: dict, openai: bool) -> tuple[str | None, str]:
+    """One of FastAPI's validation errors as (the field, a sentence naming it). Values are shown by
+    repr: a raw value (NaN, a surrogate) could not be rendered as JSON."""
+    loc = [str(part) for part in error.get("loc", ())]
+    param = ".".join(loc[1:] if loc and loc[0] in _LOCATIONS else loc) or None
+    kind, msg, name = error.get("type"), error.get("msg", ""), param or "body"
+    if openai and kind == "extra_forbidden":
+        return param, f"Unknown parameter: '{name}'."
+    if openai and kind == "missing":
+        return param, f"Missing required parameter: '{name}'."
+    if openai:
+        return param, f"Invalid value for '{name}': {repr(error.get('input'))[:80]}. {msg}".strip()
+    if kind in ("extra_forbidden", "missing"):
+        return param, f"{name}: {msg.lower()}"
+    return param, f"{name}: {msg} (got {repr(error.get('input'))[:80]})"
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
-    """FastAPI's own body checks: OpenAI's 400 shape on the OpenAI routes, FastAPI's 422 elsewhere."""
-    if _route_of(request.scope) not in OPENAI_ROUTES:
-        return await request_validation_exception_handler(request, exc)
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "extra_forbidden":
-        message = f"Unknown parameter: '{param}'."
-    elif first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'."
-    elif first.get("type") == "json_invalid":
-        message, param = f"The body is not valid JSON ({first.get('msg', '')}).", None
+    """FastAPI's own checks (types, ranges, unknown fields) in the app's error shape, naming the
+    field: 422, or 400 in the OpenAI dialect as OpenAI answers. A body that is not a JSON object
+    (missing, a list) is a 400, as one that is not JSON; one FastAPI did not read as JSON because
+    of its Content-Type is a 415 saying so."""
+    openai = _is_openai(request.scope)
+    errors = exc.errors() or [{}]
+    param, message = _invalid(errors[0], openai)
+    content_type = request.headers.get("content-type")
+    if param is None and errors[0].get("type") != "missing" and not is_json(content_type):
+        return _error(
+            415,
+            f"Content-Type {content_type or '(none)'}: this route reads a JSON body (application/json)",
+            "content-type",
+            openai=openai,
+        )
+    if param is None:  # the body as a whole
+        return _error(400, message, None, openai=openai)
+    if len(errors) > 1 and not openai:
+        message = "; ".join([message, *(_invalid(e, openai)[1] for e in errors[1:5])])
+    return _error(400 if openai else 422, message, param, openai=openai)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    """Every other refusal in the same shape: a body `BodyGuard` refused (too large, too slow, not
+    strict JSON: `param` names the field), an unknown path (404) or method (405), a body FastAPI
+    could not parse (400)."""
+    scope = request.scope
+    if isinstance(exc, BodyError):
+        message, field = exc.detail, exc.field
+    elif exc.status_code == 404 and "route" not in scope:
+        message, field = f"no route {request.method} {request.url.path} (GET /docs lists them)", None
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message, field = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})", None
     else:
-        value = repr(first.get("input"))[:80]
-        message = f"Invalid value for '{param}': {value}. {first.get('msg', '')}".strip()
-    return _error(400, message, param, openai=True)
+        message, field = str(exc.detail), None
+    return _error(exc.status_code, message, field, headers=dict(exc.headers or {}), openai=_is_openai(scope))
 
 
 class _CountRequests:
@@ -349,6 +407,17 @@ class _CountRequests:
 
 
 api.add_middleware(_CountRequests)
+# Job submissions and batch files are as large as the jobs policy allows; other bodies, max_body_bytes.
+JOB_ROUTES = {route.path for route in jobs_router.routes if hasattr(route, "path")}
+
+
+def _body_rules(scope) -> BodyRules:
+    ingress: Any = serve.get_replica_context().servable_object
+    return ingress.body_rules(_route_of(scope))
+
+
+# Every body is read through BodyGuard: a size and time limit, and strict JSON (app/serve/bodies.py).
+api.add_middleware(BodyGuard, rules=_body_rules)
 # Asynchronous jobs and OpenAI's Batch API (app/asyncjobs): the routes reach this replica's service.
 api.include_router(jobs_router)
 
@@ -412,6 +481,12 @@ class Ingress:
     def _set_in_flight(self, count: int) -> None:
         self.in_flight = count
         self.report("in_flight", self.replica, count)
+
+    def body_rules(self, route: str) -> BodyRules:
+        """How large a route's body may be, and how long its arrival may take (`BodyGuard`)."""
+        limits = self.config.limits
+        most = self.jobs.policy.max_upload_bytes if route in JOB_ROUTES else limits.max_body_bytes
+        return BodyRules(max_bytes=most, timeout_s=limits.body_timeout_s)
 
     # --- guards ---------------------------------------------------------------------------------
     def _token(self, request: Request) -> str | None:
@@ -1050,10 +1125,7 @@ class Ingress:
         accepted only with the value GET reports: this server has no such setting to change."""
 
         async def work():
-            try:
-                body = json.loads(await request.body() or b"{}")
-            except ValueError:
-                raise RequestError(422, "body", "is not JSON") from None
+            body = strict_json(await request.body() or b"{}")  # BodyError: a 4xx naming the field
             if not isinstance(body, dict):
                 raise RequestError(422, "body", "is a JSON object of options")
             current = await asyncio.to_thread(self._a1111_options)

@@ -67,6 +67,7 @@ class Limits(_Frozen):
     max_upload_bytes: int = Field(10 << 20, ge=1024)
     max_upload_pixels: int = Field(4096 * 4096, ge=64 * 64)
     upload_formats: tuple[Literal["PNG", "JPEG", "WEBP"], ...] = ("PNG", "JPEG", "WEBP")
+    body_timeout_s: float = Field(30.0, gt=0)  # a body not complete by then: 408 (slow or stalled uploads)
     max_in_flight: int = Field(32, ge=1)  # per ingress replica; past it: 503 + Retry-After
     request_timeout_s: float = Field(300.0, gt=0)
 

@@ -13,7 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Bodies reach the models through `strict_json` (app/serve/bodies.py); NaN and infinities are
+    # refused here too, for a model used without it.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What is wrong, starting with the field it names.")
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx).")
+    param: str | None = Field(description="The field at fault, by its path (loras.0.weight); null: the whole request.")
+    code: int | str | None = Field(description="The HTTP status; in the OpenAI dialect OpenAI's string code.")
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal, in every dialect (the framework's own included)."""
+
+    error: ErrorDetail
 
 
 # --- native -----------------------------------------------------------------------------------------
@@ -146,7 +161,7 @@ class OpenAIEditRequest(_Body):
 
 class A1111Txt2Img(BaseModel):
     # A1111 clients send many fields this server does not use (hires fix, restore faces, …): ignored.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""

@@ -34,6 +34,7 @@ from PIL import Image
 from app.conditioning.errors import ConditioningError
 from app.conditioning.loading import InputImage, InputLimits, decode_input_image
 from app.conditioning.masks import THRESHOLD
+from app.serve.bodies import text_problem
 from app.serve.errors import RequestError
 from app.storage import OutputStore
 
@@ -159,7 +160,11 @@ class FormPart:
 
     @property
     def text(self) -> str:
-        return self.data.decode("utf-8", errors="replace")
+        """The field's value (bytes that are not UTF-8 read as U+FFFD); a NUL is refused, as in JSON."""
+        text = self.data.decode("utf-8", errors="replace")
+        if problem := text_problem(text):
+            raise RequestError(400, self.name, problem)
+        return text
 
 
 def parse_form(content_type: str, body: bytes) -> list[FormPart]:
