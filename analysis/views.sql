@@ -24,7 +24,7 @@ UNION ALL BY NAME SELECT NULL::VARCHAR AS combination, NULL::VARCHAR AS row_grou
                  anchor VARCHAR, fill VARCHAR, resize_mode VARCHAR, scale DOUBLE, tile INTEGER,
                  tile_overlap INTEGER, source_width INTEGER, source_height INTEGER, kept_mean_abs DOUBLE,
                  kept_max_abs DOUBLE, kept_pixels BIGINT, seam DOUBLE, seam_input DOUBLE, tile_seam DOUBLE,
-                 source_difference DOUBLE) AS conditioning
+                 source_difference DOUBLE, generated_sharpness DOUBLE) AS conditioning
 WHERE false;
 SET VARIABLE imagefab_decisions_sql = CASE
     WHEN (SELECT count(*) FROM glob(getvariable('imagefab_output') || '/reviews/decisions/**/*.parquet')) > 0

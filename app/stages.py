@@ -30,7 +30,7 @@ from PIL import Image
 from app.accelerator import AcceleratorSettings
 from app.catalog.store import CatalogStore
 from app.columns import object_column
-from app.conditioning.plan import MEASURE_COLUMNS, Measures
+from app.conditioning.measures import MEASURE_COLUMNS, Measures
 from app.cost import PriceTable
 from app.metadata import ImageMetadata
 from app.postprocess import PostprocessSettings, encode_master, render_variants

@@ -16,7 +16,7 @@ from photos import photo
 
 from app.catalog.schema import CATALOG_SCHEMA, conform
 from app.catalog.store import CatalogStore
-from app.conditioning.plan import MEASURE_COLUMNS, Measures
+from app.conditioning.measures import MEASURE_COLUMNS, Measures
 from app.metadata import parse_infotext, read_metadata
 from app.postprocess import PostprocessSettings
 from app.qc import QcSettings

@@ -15,7 +15,8 @@ from scipy import ndimage
 
 from app.conditioning.keep import paste_back
 from app.conditioning.loading import load_input_image
-from app.conditioning.plan import Measures, ModeSettings, finish, plan_request, prepare
+from app.conditioning.measures import Measures
+from app.conditioning.plan import ModeSettings, finish, plan_request, prepare
 from app.conditioning.seams import seam_score
 from app.conditioning.tiles import blend_tiles, cut_tiles, plan_tiles, tile_seam_score, upscale
 from app.qc import QcSettings, evaluate_batch
@@ -191,3 +192,30 @@ def test_calibration_upscale_drift_passes_refinements_and_catches_a_shift_or_ano
             assert source_difference(drifted, source) > limit
         verdict = judge(Measures(source_difference=source_difference(lighter, source)), "upscale")
         assert verdict.reasons == ("upscale_drift",) and not math.isnan(verdict.scores["source_difference"])
+
+
+def test_an_inpaint_is_graded_for_blur_on_what_it_generated():
+    """A sharp product around a blurred generated background is `blur`; the frame's own sharpness
+    (the astronaut photo's, well above the bounds) no longer decides."""
+    from dataclasses import replace
+
+    assert "blur" not in judge(None, "txt2img").reasons  # the photo alone is sharp
+    soft = judge(replace(KEPT, generated_sharpness=5.0), "outpaint")
+    assert "blur" in soft.reasons and soft.scores["generated_sharpness"] == 5.0
+    borderline = judge(replace(KEPT, generated_sharpness=60.0), "inpaint")
+    assert "borderline_blur" in borderline.reasons and "blur" not in borderline.reasons
+    assert judge(replace(KEPT, generated_sharpness=500.0), "inpaint").status == "accepted"
+
+
+def test_the_generated_regions_sharpness_is_measured_on_its_pixels():
+    """`finish` measures sharpness over the generated pixels only: a blurred background around a
+    sharp kept photo reads as blurred."""
+    image = load_input_image(str(PACKSHOTS / "coin.png"))
+    planned = plan_request(ModeSettings(mode="outpaint", target="9:16"), image, None, 0, 0)
+    prepared = prepare(planned.conditioning, image, None, planned.width, planned.height)
+    height, width = prepared.image.shape[:2]
+    sharp = photo("astronaut", max(width, height))[:height, :width]
+    blurred = ndimage.gaussian_filter(sharp.astype(float), sigma=(4, 4, 0)).astype(np.uint8)
+    _, on_sharp = finish(prepared, np.ascontiguousarray(sharp))
+    _, on_blurred = finish(prepared, np.ascontiguousarray(blurred))
+    assert on_blurred.generated_sharpness < 30.0 < on_sharp.generated_sharpness

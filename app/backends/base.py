@@ -22,7 +22,8 @@ from PIL import Image
 
 from app.backends.prices import api_price_usd
 from app.conditioning.errors import ConditioningError
-from app.conditioning.plan import Measures, Prepared, finish, prepare, reload_inputs
+from app.conditioning.measures import Measures
+from app.conditioning.plan import Prepared, finish, prepare, reload_inputs
 from app.request import RenderRequest
 
 BACKENDS = ("diffusers", "a1111", "stability", "openai")

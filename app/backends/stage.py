@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from app.backends import BackendConfig, BackendResult, build_backend
-from app.conditioning.plan import MEASURE_COLUMNS, Measures
+from app.conditioning.measures import MEASURE_COLUMNS, Measures
 from app.request import RenderRequest, requests_from_batch
 
 

@@ -51,6 +51,7 @@ CONDITIONING_MEASURES = (
     ("seam_input", pa.float64()),  # the input's own score along the same ring
     ("tile_seam", pa.float64()),  # upscale: steps across tile edges over steps elsewhere
     ("source_difference", pa.float64()),  # upscale: 0-255, the output shrunk back vs the input
+    ("generated_sharpness", pa.float64()),  # inpaint/outpaint: QC's sharpness over the generated pixels
 )
 CONDITIONING = pa.struct([*CONDITIONING_TYPE, *(pa.field(n, t) for n, t in CONDITIONING_MEASURES)])
 # The spec's `rights` and the model catalog's licence of each model the image was made with.

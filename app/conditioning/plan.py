@@ -35,6 +35,7 @@ from app.conditioning.errors import ConditioningError
 from app.conditioning.keep import kept_region_difference, paste_back
 from app.conditioning.loading import InputImage, InputLimits, load_input_image, resolve_uri
 from app.conditioning.masks import distance_inside, mask_from_alpha, mask_from_image, model_mask
+from app.conditioning.measures import Measures
 from app.conditioning.outpaint import _filled, canvas_size, outpaint_canvas, parse_target
 from app.conditioning.seams import seam_score
 from app.conditioning.tiles import TilePlan, plan_tiles, tile_seam_score, upscaled_size
@@ -222,26 +223,6 @@ def prepare(cond: Conditioning, image: InputImage, mask: InputImage | None, widt
     )
 
 
-@dataclass(frozen=True)
-class Measures:
-    """What an output says about its input, for QC and the catalog (None: not measured in this mode)."""
-
-    kept_mean_abs: float | None = None  # 0–255: mean |output − input| over kept pixels outside the band
-    kept_max_abs: float | None = None
-    kept_pixels: int | None = None
-    seam: float | None = None  # seam_score along the mask's border (about 1: no visible edge)
-    seam_input: float | None = None  # the input's own score along the same ring (a product's outline is busy)
-    tile_seam: float | None = None  # upscale: tile_seam_score of the output
-    source_difference: float | None = None  # upscale: 0–255, the output shrunk back vs the input
-
-    def as_columns(self) -> dict[str, float]:
-        """As the float columns a generator adds to its batch (NaN for None)."""
-        return {f"cond_{k}": np.nan if v is None else float(v) for k, v in self.__dict__.items()}
-
-
-MEASURE_COLUMNS = tuple(f"cond_{k}" for k in Measures.__dataclass_fields__)
-
-
 def finish(prepared: Prepared, generated: np.ndarray) -> tuple[np.ndarray, Measures]:
     """The generated pixels [H, W, 3] at the render size → the output [h, w, 3] and its measures."""
     if prepared.mode == "img2img":
@@ -263,6 +244,7 @@ def finish(prepared: Prepared, generated: np.ndarray) -> tuple[np.ndarray, Measu
         kept_pixels=kept.pixels,
         seam=_seam(pixels, keep),
         seam_input=_seam(original, keep),
+        generated_sharpness=_generated_sharpness(pixels, ~keep),
     )
     return np.ascontiguousarray(pixels), measures
 
@@ -355,6 +337,15 @@ def _resized(rgb: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
     out = _filled(scaled, (width, height), (x, y), generate, "edge")
     out[y : y + sh, x : x + sw] = scaled
     return out
+
+
+def _generated_sharpness(pixels: np.ndarray, generated: np.ndarray) -> float | None:
+    """QC's sharpness over the generated pixels (app/qc/checks.py `sharpness`, same scale)."""
+    from app.qc.checks import luminance, sharpness
+
+    if int(generated.sum()) < 64:
+        return None
+    return sharpness(luminance(pixels), subject=generated)
 
 
 def _seam(pixels: np.ndarray, keep: np.ndarray) -> float | None:

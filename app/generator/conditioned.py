@@ -20,7 +20,8 @@ from PIL import Image
 
 from app.conditioning.errors import ConditioningError
 from app.conditioning.loading import InputLimits
-from app.conditioning.plan import Measures, Prepared, finish, prepare, reload_inputs, tile_seed
+from app.conditioning.measures import Measures
+from app.conditioning.plan import Prepared, finish, prepare, reload_inputs, tile_seed
 from app.conditioning.tiles import blend_tiles, cut_tiles
 from app.generator.overlap import uint8_on_device
 from app.generator.vae_decode import decode_latents

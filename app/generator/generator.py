@@ -28,7 +28,7 @@ from app.attention import attention_kernels
 from app.columns import object_column
 from app.compute import ComputeSpec
 from app.conditioning.errors import ConditioningError
-from app.conditioning.plan import MEASURE_COLUMNS, Measures
+from app.conditioning.measures import MEASURE_COLUMNS, Measures
 from app.generator.batching import BatchSizes, batch_id, group_key, out_of_memory_error
 from app.generator.conditioned import ConditionedRenderer
 from app.generator.overlap import DecodeOverlap, InFlight

@@ -41,7 +41,7 @@ import math
 from collections.abc import Mapping
 from typing import Protocol
 
-from app.conditioning.plan import Measures
+from app.conditioning.measures import Measures
 
 KEEPING_MODES = ("inpaint", "outpaint")
 CONDITIONED_CHECKS = ("kept_region", "seam", "upscale_drift")

@@ -78,7 +78,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import app.qc.checks as checks
-from app.conditioning.plan import Measures
+from app.conditioning.measures import Measures
 from app.conditioning.seams import SEAM_SCORE_LIMIT
 from app.qc.clip_measures import ClipMeasure, clip_model_id
 from app.qc.conditioned import CONDITIONED_CHECKS, judge_conditioned
@@ -364,6 +364,16 @@ class _Findings:
         return QcVerdict(status, tuple(self.rejects + self.reviews), self.scores, phash, nearest_duplicate)
 
 
+def _grade_generated_sharpness(found: _Findings, generated: float | None, settings: QcSettings) -> None:
+    """An inpaint or outpaint is blurry when what it generated is: its kept product's sharpness is
+    the input's own, so the whole-frame blur grade gives way to one over the generated pixels."""
+    if generated is None or "sharpness" not in settings.enabled or found.blank:
+        return
+    found.rejects = [r for r in found.rejects if r != "blur"]
+    found.reviews = [r for r in found.reviews if r != "borderline_blur"]
+    found.grade("blur", generated < settings.min_sharpness, generated < settings.review_sharpness)
+
+
 def _check_nonfinite_fraction(nonfinite_fraction: float) -> None:
     if not (0.0 <= nonfinite_fraction <= 1.0):  # also false for NaN
         raise ValueError(f"`nonfinite_fraction` must be in [0, 1], but is {nonfinite_fraction}")
@@ -537,6 +547,7 @@ def evaluate_batch(
             scores, rejects = judge_conditioned(conditioned[0], conditioned[1], settings)
             found[i].scores.update(scores)
             found[i].rejects += rejects
+            _grade_generated_sharpness(found[i], conditioned[1].generated_sharpness, settings)
         if "duplicates" in enabled or styles[i] is not None:
             phashes[i] = perceptual_hash(rgb)
     measured = list(found)

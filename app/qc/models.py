@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from app.conditioning.plan import Measures
+from app.conditioning.measures import Measures
 from app.qc.checks import is_too_small, rgb_array
 from app.qc.clip_measures import ClipMeasure, measure_clip
 from app.qc.decision import QcSettings, QcVerdict, evaluate_batch

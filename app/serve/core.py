@@ -24,7 +24,8 @@ import numpy as np
 
 from app.accelerator import AcceleratorSettings
 from app.conditioning.errors import ConditioningError
-from app.conditioning.plan import MEASURE_COLUMNS, ModeSettings, Planned, plan_request
+from app.conditioning.measures import MEASURE_COLUMNS
+from app.conditioning.plan import ModeSettings, Planned, plan_request
 from app.expand import ResolvedModels, RowError, build_request, lora_stack
 from app.models.catalog import ModelCatalog, ResolvedModel
 from app.models.digest import ModelFileError
