@@ -238,7 +238,12 @@ _OPENAI_FIELD_CODES = {(404, "model"): "model_not_found", (415, "content-type"):
 
 
 def _error(
-    status: int, message: str, field: str | None = None, headers: dict | None = None, openai: bool = False
+    status: int,
+    message: str,
+    field: str | None = None,
+    headers: dict | None = None,
+    openai: bool = False,
+    code: str | None = None,
 ) -> JSONResponse:
     """`{"error": {message, type, param, code}}`. In the OpenAI dialect as OpenAI answers: a request
     it cannot serve is a 400 (not 422), and `code` is a string (`invalid_value`, `model_not_found`…);
@@ -249,15 +254,15 @@ def _error(
     field = field.encode("utf-8", "backslashreplace").decode("utf-8") if field else field
     if openai:
         status = 400 if status == 422 else status
-        code: int | str | None = _OPENAI_FIELD_CODES.get((status, field or ""), _OPENAI_CODES.get(status))
+        shown: int | str | None = code or _OPENAI_FIELD_CODES.get((status, field or ""), _OPENAI_CODES.get(status))
     else:
-        code = status
+        shown = status
     body = {
         "error": {
             "message": message,
             "type": "invalid_request_error" if status < 500 else "server_error",
             "param": field,
-            "code": code,
+            "code": shown,
         }
     }
     return JSONResponse(status_code=status, content=body, headers=headers)
@@ -541,7 +546,7 @@ class Ingress:
         except TimeoutError:
             return _error(504, f"no result within {self.config.limits.request_timeout_s} s", openai=openai)
         except RequestError as e:
-            return _error(e.status, str(e), e.field, openai=openai)
+            return _error(e.status, str(e), e.field, openai=openai, code=e.code)
         finally:
             self._set_in_flight(self.in_flight - 1)
 
@@ -781,10 +786,6 @@ class Ingress:
             if body.style is not None:
                 raise RequestError(
                     400, "style", "not supported: the look comes from the model (a combination, GET /v1/models)"
-                )
-            if body.moderation == "auto":
-                raise RequestError(
-                    400, "moderation", "this server moderates no content (only QC grades images): send 'low' or omit it"
                 )
             fmt, encoder_quality = _openai_output(body)
             width = height = None

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.conditioning.loading import InputLimits
 from app.postprocess import PostprocessSettings
+from app.provenance.settings import ProvenanceSettings, RightsSpec, ScreeningSettings
 from app.qc import QcSettings
 from app.spec import (
     Combination,
@@ -125,6 +126,11 @@ class ServeConfig(_Frozen):
     batching: Batching = Batching()
     replicas: Replicas = Replicas()
     compute: ComputeSpec = ComputeSpec()
+    # Every served master and variant: a signed C2PA manifest and the invisible watermark (as in
+    # bulk runs); usage rights in the catalog, XMP and manifest; prompts screened before rendering.
+    provenance: ProvenanceSettings = ProvenanceSettings()
+    rights: RightsSpec | None = None
+    screening: ScreeningSettings = ScreeningSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

@@ -27,8 +27,9 @@ from app.conditioning.errors import ConditioningError
 from app.conditioning.measures import MEASURE_COLUMNS
 from app.conditioning.plan import ModeSettings, Planned, plan_request
 from app.expand import ResolvedModels, RowError, build_request, lora_stack
-from app.models.catalog import ModelCatalog, ResolvedModel
+from app.models.catalog import ModelCatalog, ResolvedModel, default_home
 from app.models.digest import ModelFileError
+from app.provenance.settings import build_provenance
 from app.qc.clip_measures import measure_columns
 from app.request import RenderRequest, parse_lora_tags, requests_to_numpy
 from app.schedulers import SCHEDULERS
@@ -291,7 +292,15 @@ class ServeCore:
         now = datetime.now(UTC)
         self.run_id = run_id or f"serve-{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
         self.qc = QualityControl(config.qc, self._duplicate_index(config), clip_on_generator)
-        self.post = Postprocess(config.postprocess, self.output)
+        self.provenance = build_provenance(
+            config.provenance,
+            config.rights,
+            ModelCatalog.load(config.models_catalog).licences(),
+            default_home(),
+            report=None,
+        )
+        self.screen = config.screening.prompt_screen()  # None: prompts are not screened
+        self.post = Postprocess(config.postprocess, self.output, self.provenance)
         self.write = CatalogWrite(self.output, self.run_id, source="serve")
         self.uploads = Uploads(self.output, config.limits.input_limits())
 
@@ -375,6 +384,11 @@ class ServeCore:
         prompt = " ".join((job.prompt or "").split())
         if not prompt:
             raise RequestError(422, "prompt", "is empty")
+        if self.screen is not None and (blocked := self.screen.reason(prompt)):
+            # before anything renders, as in bulk runs (`screening.prompt_terms`)
+            raise RequestError(
+                400, "prompt", f"refused by the server's prompt screening ({blocked})", "moderation_blocked"
+            )
         if len(job.prompt) > lim.max_prompt_chars:
             raise RequestError(422, "prompt", f"has {len(job.prompt)} characters; at most {lim.max_prompt_chars}")
         if len(job.negative_prompt or "") > lim.max_prompt_chars:
@@ -553,8 +567,9 @@ class ServeCore:
         return out
 
     def encoded(self, png: bytes, fmt: str, quality: int | None) -> bytes:
-        """A master PNG as `fmt` ("png": the master itself), its metadata embedded again.
-        Deterministic: the same master, format and quality give the same bytes."""
+        """A master PNG as `fmt` ("png": the master itself), its metadata embedded again and, with
+        C2PA on, signed with the master as its parent ingredient (the pixels are the master's:
+        deterministic; the manifest's signature time is not)."""
         if fmt == "png":
             return png
         from PIL import Image
@@ -565,7 +580,30 @@ class ServeCore:
         meta = read_metadata(png).get("imagefab")
         metadata = ImageMetadata.from_dict(meta) if isinstance(meta, dict) else None
         with Image.open(io.BytesIO(png)) as image:
-            return encode_image(image, fmt, metadata, quality=quality or 100)  # type: ignore[arg-type]
+            data = encode_image(image, fmt, metadata, quality=quality or 100)  # type: ignore[arg-type]
+        prov = self.provenance
+        if prov is None or prov.signer is None or metadata is None:
+            return data
+        # Signed like a stored variant: the master is its parent ingredient (C2PA `c2pa.opened`)
+        from app.provenance import watermark
+        from app.provenance.signing import Ingredient, sign_variant
+        from app.stages import image_path
+
+        master = image_path(metadata.image_id).rsplit("/", 1)[-1]
+        return sign_variant(
+            data,
+            fmt,
+            Ingredient(master, png, "png"),
+            prov.signer,
+            image_id=metadata.image_id,
+            generator_version=prov.generator_version,
+            title=f"{master.removesuffix('.png')}.{'jpg' if fmt == 'jpeg' else fmt}",
+            watermarked=False,
+            rights=prov.rights,
+            watermark_payload=watermark.payload_for(metadata.image_id)
+            if prov.watermark and watermark.can_embed(*image.size)
+            else "",
+        )
 
     def read_image(self, image_id: str) -> bytes:
         """A served image's master file by id (the `url` that OpenAI-style responses point at)."""

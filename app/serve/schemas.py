@@ -132,7 +132,11 @@ class OpenAIImageRequest(_Body):
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         None, description="opaque or auto; transparent is refused (SDXL renders no alpha)."
     )
-    moderation: Literal["auto", "low"] | None = Field(None, description="low only: nothing but QC filters images here.")
+    moderation: Literal["auto", "low"] | None = Field(
+        None,
+        description="Accepted; the server's own policy applies either way: prompts screened before rendering "
+        "(a blocked one is a 400 `moderation_blocked`), NSFW graded by QC. A client cannot lower it.",
+    )
     style: Literal["vivid", "natural"] | None = Field(
         None, description="Refused: a combination (model) decides the look."
     )
