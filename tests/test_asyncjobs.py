@@ -206,6 +206,47 @@ def test_entrypoint_is_the_ray_job_submit_command_with_a_fixed_run_id():
     assert cmd == "python -m jobs.generate /data/jobs/job_1/spec.yaml --run-id abc --quiet --no-mlflow"
 
 
+def test_runner_waits_for_a_jobs_spec_and_records_a_start_failure_once_not_every_tick(store):
+    from ports import free_port
+
+    from app.asyncjobs.runner import JobRunner
+
+    unwritten, _ = store.create("t", {"n": 0})  # its spec is still being written
+    job, _ = store.create("t", {"n": 1})
+    submit.prepare(store, job, SPEC, [{"prompt": "a"}], QueuePolicy())
+    nobody = submit.RayJobs(f"http://127.0.0.1:{free_port()}")  # no dashboard answers there
+    runner = JobRunner(store, nobody, QueuePolicy(max_running=1))
+    for _ in range(3):
+        runner.tick()
+    assert [ev["type"] for ev in store.events(job.id)] == ["created", "start_failed"]
+    assert store.load(job.id).state == "queued" and runner.ticks == 3
+    assert [ev["type"] for ev in store.events(unwritten.id)] == ["created"]
+
+    # The loop outlives a tick that fails (the store unreadable a moment) and stops when told.
+    stop = threading.Event()
+    calls = []
+
+    def failing_tick():
+        calls.append(1)
+        if len(calls) == 3:
+            stop.set()
+        raise OSError("the store is away")
+
+    runner.tick = failing_tick  # type: ignore[method-assign]
+    runner.run_forever(stop, every_s=0.01)
+    assert len(calls) == 3 and runner.last_error == "OSError: the store is away"
+
+
+def test_readme_jobs_config_is_the_servers_default():
+    from app.serve.config import JobsSettings, load_serve_config
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(jobs:\n.*?)```", text, re.S).group(1)
+    assert JobsSettings.model_validate(yaml.safe_load(block)["jobs"]) == JobsSettings()
+    deployed = load_serve_config(REPO / "deploy" / "imagefab-serve.yaml").jobs
+    assert deployed.runner and not deployed.allow_private_webhooks
+
+
 def _catalogue(store, run_id, statuses, *, keys=None):
     rows = []
     for i, s in enumerate(statuses):

@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import replace
@@ -34,8 +33,6 @@ from starlette.exceptions import HTTPException
 from app.asyncjobs.http import JobsService, jobs_service
 from app.asyncjobs.http import router as jobs_router
 from app.asyncjobs.records import JobStore
-from app.asyncjobs.submit import RayJobs
-from app.asyncjobs.webhooks import allow_private_from_env
 from app.generator import Generator
 from app.metadata import parse_infotext, read_metadata
 from app.models.catalog import ResolvedModel
@@ -59,6 +56,7 @@ from app.serve.core import (
     resolve_serve_models,
     split_lora_tags,
 )
+from app.serve.jobrunner import JobRunnerServer, allow_private_webhooks, queue_policy, ray_jobs
 from app.serve.schemas import (
     A1111Img2Img,
     A1111PngInfo,
@@ -434,13 +432,20 @@ api.dependency_overrides[jobs_service] = _replica_jobs
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self, config: ServeConfig, models, generators: dict, metrics_hub=None, clip_on_generator: bool = False
+        self,
+        config: ServeConfig,
+        models,
+        generators: dict,
+        metrics_hub=None,
+        clip_on_generator: bool = False,
+        job_runner=None,
     ):
         self.config = config
         self.models = models
         self.core = ServeCore(config, models, clip_on_generator=clip_on_generator)
         self.generators = generators  # base model name -> DeploymentHandle
         self.hub = metrics_hub  # MetricsHub handle (None: metrics are not kept)
+        self.job_runner = job_runner  # JobRunnerServer handle (None: another process runs the jobs)
         # ServeConfig.keys() is a method (configured + $IMAGEFAB_API_KEYS), not a dict's keys: called
         # apart, so that no linter "simplifies" it into iterating the config.
         api_keys = config.keys()
@@ -449,9 +454,10 @@ class Ingress:
         default = config.effective_combinations()[config.default]
         self.jobs = JobsService(
             JobStore(self.core.output),
+            policy=queue_policy(config.jobs),
             keys=api_keys,
-            allow_private_webhooks=allow_private_from_env(),
-            ray_jobs=RayJobs(os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")),
+            allow_private_webhooks=allow_private_webhooks(config.jobs),
+            ray_jobs=ray_jobs(config.jobs),
             batch_spec={"run_name": "batch", "combinations": {config.default: default.model_dump(mode="json")}},
             image_url=lambda row: self._image_url(f"{row['image_id']}.png"),
         )
@@ -1346,8 +1352,13 @@ def build_app(config: ServeConfig):
     url_secret(OutputStore.at(config.output_uri), config.url_secret)
     # Deployments (see above): Ray Serve's typing leaves the decorated classes as plain classes
     hub = MetricsHub.options(name="metrics").bind()  # type: ignore[attr-defined]
+    # One runner starts and follows the queued jobs; the store is its only state (app/serve/jobrunner.py).
+    output = OutputStore.at(config.output_uri).uri  # absolute: replicas need not share the driver's folder
+    runner = None
+    if config.jobs.runner:
+        runner = JobRunnerServer.options(name="job-runner").bind(output, config.jobs)  # type: ignore[attr-defined]
     return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(  # type: ignore[attr-defined]
-        config, models, generators, hub, clip_on_generator
+        config, models, generators, hub, clip_on_generator, runner
     )
 
 
