@@ -17,7 +17,7 @@ import yaml
 
 from app.asyncjobs import batch, submit, webhooks
 from app.asyncjobs.queue import LimitExceeded, QueuePolicy, RequestTooLarge, next_to_start, queue_order, queue_position
-from app.asyncjobs.records import IdempotencyConflict, IllegalTransition, JobError, JobNotFound, JobStore
+from app.asyncjobs.records import IdempotencyConflict, IllegalTransition, JobError, JobNotFound, JobRecord, JobStore
 from app.catalog.schema import empty_row
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore
@@ -235,6 +235,19 @@ def test_runner_waits_for_a_jobs_spec_and_records_a_start_failure_once_not_every
     runner.tick = failing_tick  # type: ignore[method-assign]
     runner.run_forever(stop, every_s=0.01)
     assert len(calls) == 3 and runner.last_error == "OSError: the store is away"
+
+
+def test_jobs_go_to_the_named_dashboard_or_the_clusters_own_never_a_guessed_one(monkeypatch):
+    from app.serve.config import JobsSettings
+    from app.serve.jobrunner import dashboard_address
+
+    monkeypatch.delenv("RAY_DASHBOARD_ADDRESS", raising=False)
+    assert dashboard_address(JobsSettings()) == ""  # no Ray here: nothing is guessed
+    with pytest.raises(JobError, match="no Ray dashboard"):
+        submit.RayJobs("").logs(JobRecord(id="job_x", tenant="t", submissions=["imagefab-job_x-1"]))
+    monkeypatch.setenv("RAY_DASHBOARD_ADDRESS", "http://head:8265")
+    assert dashboard_address(JobsSettings()) == "http://head:8265"
+    assert dashboard_address(JobsSettings(ray_dashboard="http://other:8265")) == "http://other:8265"
 
 
 def test_readme_jobs_config_is_the_servers_default():

@@ -27,12 +27,12 @@ from app.storage import OutputStore
 
 log = logging.getLogger("imagefab.serve")
 DASHBOARD_ENV = "RAY_DASHBOARD_ADDRESS"
-DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
 def dashboard_address(settings: JobsSettings) -> str:
     """Where jobs are submitted: the configured dashboard, else $RAY_DASHBOARD_ADDRESS, else the
-    dashboard of the cluster this process belongs to, else Ray's default address."""
+    dashboard of the cluster this process belongs to. "" when there is none: jobs then wait, and
+    each says why, rather than going to whatever answers on Ray's default port (another cluster)."""
     if settings.ray_dashboard:
         return settings.ray_dashboard
     if os.environ.get(DASHBOARD_ENV):
@@ -44,10 +44,10 @@ def dashboard_address(settings: JobsSettings) -> str:
 
         if ray.is_initialized():
             url = get_webui_url_from_internal_kv()
-    except Exception as e:  # an older or newer Ray: fall back to the default address
-        log.info("cannot read the cluster's dashboard address (%s); using %s", e, DEFAULT_DASHBOARD)
+    except Exception as e:  # an older or newer Ray
+        log.warning("cannot read the cluster's dashboard address (%s); set jobs.ray_dashboard", e)
     if not url:
-        return DEFAULT_DASHBOARD
+        return ""
     return url if "://" in url else f"http://{url}"
 
 
