@@ -45,10 +45,12 @@ from app.serve.config import ServeConfig, load_serve_config
 from app.serve.core import (
     A1111_SAMPLERS,
     A1111_SCHEDULES,
+    A1111Task,
     ImageInput,
     ImageJob,
     RequestError,
     ServeCore,
+    a1111_progress_report,
     a1111_schedule_label,
     a1111_scheduler,
     mode_settings,
@@ -464,8 +466,9 @@ class Ingress:
         self.replica = uuid.uuid4().hex[:8]
         self.reports: set[asyncio.Task] = set()
         self.in_flight = 0
-        # A1111 txt2img and img2img requests in flight, by caller: what POST /sdapi/v1/interrupt stops.
-        self.a1111_running: dict[str, set[asyncio.Event]] = {}
+        # A1111 txt2img and img2img requests in flight, by caller: what POST /sdapi/v1/interrupt stops
+        # and GET /sdapi/v1/progress reports.
+        self.a1111_running: dict[str, list[A1111Task]] = {}
         self.started = time.time()
 
     # --- metrics ----------------------------------------------------------------------------------
@@ -551,13 +554,15 @@ class Ingress:
         finally:
             self._set_in_flight(self.in_flight - 1)
 
-    async def _render(self, job: ImageJob, interrupt: asyncio.Event | None = None):
+    async def _render(self, job: ImageJob, interrupt: asyncio.Event | None = None, task: A1111Task | None = None):
         """Plan, render on the base model's generators, then QC, post-process and catalog.
 
         With `interrupt`: once it is set, images not yet rendered are cancelled (a generator drops
         them if its batch has not started; one already rendering finishes there and is discarded),
-        and only the rendered ones are finished and returned."""
+        and only the rendered ones are finished and returned. `task`: counts the images back so far."""
         requests = self.core.plan(job)
+        if task is not None:
+            task.images, task.steps = len(requests), requests[0].steps
         if job.image_input is not None:  # planned and accepted: only now are its uploads written
             await asyncio.to_thread(self.core.store_inputs, job.image_input)
         base = requests[0].base_model["name"]
@@ -566,7 +571,7 @@ class Ingress:
         if interrupt is None:
             results = await asyncio.gather(*responses)
         else:
-            results = await self._until_interrupted(responses, interrupt)
+            results = await self._until_interrupted(responses, interrupt, task)
             requests = [q for q, r in zip(requests, results, strict=True) if r is not None]
             results = [r for r in results if r is not None]
         images = await asyncio.to_thread(self.core.finish, requests, results) if requests else []
@@ -574,7 +579,7 @@ class Ingress:
         return requests, images
 
     @staticmethod
-    async def _until_interrupted(responses: list, interrupt: asyncio.Event) -> list:
+    async def _until_interrupted(responses: list, interrupt: asyncio.Event, counted: A1111Task | None = None) -> list:
         """Each response's result, or None for those cancelled when `interrupt` was set first."""
 
         async def result_of(response):
@@ -587,6 +592,8 @@ class Ingress:
             while pending and not stop.done():
                 _, pending = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(stop)
+                if counted is not None:
+                    counted.done = len(tasks) - len(pending)
         finally:  # interrupted, or this request itself cancelled (timeout): nothing left running for it
             stop.cancel()
             for response, task in zip(responses, tasks, strict=True):
@@ -1037,13 +1044,14 @@ class Ingress:
             height=body.height if sized else None,
             image_input=image_input,
         )
-        interrupt = asyncio.Event()
-        running = self.a1111_running.setdefault(self._caller(request), set())
-        running.add(interrupt)
+        task = A1111Task(asyncio.Event(), time.time(), kind="img2img" if image_input else "txt2img")
+        interrupt = task.interrupt
+        running = self.a1111_running.setdefault(self._caller(request), [])
+        running.append(task)
         try:
-            requests, images = await self._render(job, interrupt)
+            requests, images = await self._render(job, interrupt, task)
         finally:
-            running.discard(interrupt)
+            running.remove(task)
         infotexts = [read_metadata(im.png).get("parameters", "") if im.png else "" for im in images]
         first = requests[0] if requests else None
         info = {
@@ -1111,8 +1119,8 @@ class Ingress:
         are dropped; one it is rendering finishes there and is discarded. Answers `{}`, as A1111."""
 
         async def work():
-            for interrupt in self.a1111_running.get(self._caller(request), ()):
-                interrupt.set()
+            for task in self.a1111_running.get(self._caller(request), ()):
+                task.interrupt.set()
             return JSONResponse({})
 
         return await self._serve(request, work)
@@ -1245,22 +1253,12 @@ class Ingress:
 
     @api.get("/sdapi/v1/progress", tags=["a1111"])
     async def a1111_progress(self, request: Request):
+        """The caller's txt2img and img2img requests in flight on this replica: images back from the generators
+        over images asked for (see core.a1111_progress_report)."""
+
         async def work():
-            busy = self.in_flight > 1  # this request itself is in flight
-            return JSONResponse(
-                {
-                    "progress": 0.0,
-                    "eta_relative": 0.0,
-                    "current_image": None,
-                    "textinfo": None,
-                    "state": {
-                        "job_count": self.in_flight - 1,
-                        "job": "txt2img" if busy else "",
-                        "interrupted": False,
-                        "skipped": False,
-                    },
-                }
-            )
+            tasks = self.a1111_running.get(self._caller(request), [])
+            return JSONResponse(a1111_progress_report(tasks, time.time()))
 
         return await self._serve(request, work)
 
