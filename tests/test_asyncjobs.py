@@ -372,6 +372,26 @@ def test_webhook_is_signed_retried_with_backoff_and_every_attempt_recorded(store
     assert "secret" not in json.dumps(store.load(job.id).public())
 
 
+def test_runner_hands_webhooks_to_its_delivery_worker_in_order_without_waiting_for_retries(store, receiver):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.asyncjobs.runner import JobRunner
+
+    rx = receiver([500, 500])  # the first event needs two retries
+    hook = webhooks.check_webhook_request({"url": rx.url, "events": ["started", "succeeded"]}, allow_private=True)
+    job, _ = store.create("t", {}, webhook=hook)
+    retried = threading.Event()
+    d = webhooks.WebhookDispatcher(store, allow_private=True, sleep=lambda s: retried.wait(5))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        runner = JobRunner(store, submit.RayJobs(""), QueuePolicy(), d, pool)
+        runner.notify(store.load(job.id), "started", {"state": "running"})
+        runner.notify(store.load(job.id), "succeeded", {"state": "succeeded"})
+        assert len(rx.got) <= 1  # the runner went on while the receiver was failing
+        retried.set()
+    assert [json.loads(body)["type"] for _, body in rx.got] == ["job.started"] * 3 + ["job.succeeded"]
+    assert [e["event"] for e in store.events(job.id, "webhook_delivered")] == ["started", "succeeded"]
+
+
 def test_webhook_gives_up_on_a_client_error_and_records_it(store, receiver):
     rx = receiver([410])
     hook = webhooks.check_webhook_request({"url": rx.url, "events": ["failed"]}, allow_private=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from app.asyncjobs.queue import QueuePolicy, next_to_start
@@ -30,6 +31,9 @@ class JobRunner:
     ray_jobs: RayJobs
     policy: QueuePolicy
     dispatcher: WebhookDispatcher | None = None
+    # Where deliveries run: None, in the tick itself; an executor (one worker keeps each job's events
+    # in order), beside it, so a slow or failing receiver's retries never hold up starting jobs.
+    deliveries: Executor | None = None
     ticks: int = 0
     last_error: str | None = None
     last_tick_at: float | None = None
@@ -81,14 +85,14 @@ class JobRunner:
                 continue
             self._problems.pop(("start", rec.id), None)
             log.info("job %s: started as Ray job %s", rec.id, started.submissions[-1])
-            self._notify(started, "started", {"state": "running", "submission_id": started.submissions[-1]})
+            self.notify(started, "started", {"state": "running", "submission_id": started.submissions[-1]})
 
     def _follow(self, rec: JobRecord) -> None:
         now = self.ray_jobs.sync(self.store, rec)
         p = progress(self.store, now)
         if now.state in TERMINAL:
             log.info("job %s: %s", now.id, now.state)
-            self._notify(now, now.state, {"state": now.state, "progress": p, "error": now.error})
+            self.notify(now, now.state, {"state": now.state, "progress": p, "error": now.error})
             return
         hook = now.webhook or {}
         if "progress" not in hook.get("events", ()):
@@ -100,13 +104,24 @@ class JobRunner:
         if due_n or due_t:
             now.metadata["progress_sent"] = {"at": time.time(), "images": p["images_done"]}
             self.store.update(now)
-            self._notify(now, "progress", {"state": "running", "progress": p})
+            self.notify(now, "progress", {"state": "running", "progress": p})
 
     def _is_new(self, what: tuple[str, str], error: str) -> bool:
         new = self._problems.get(what) != error
         self._problems[what] = error
         return new
 
-    def _notify(self, rec: JobRecord, event: str, data: dict) -> None:
-        if self.dispatcher is not None and rec.webhook:
+    def notify(self, rec: JobRecord, event: str, data: dict) -> None:
+        if self.dispatcher is None or not rec.webhook:
+            return
+        if self.deliveries is None:
             self.dispatcher.deliver(rec.id, event, data)
+        else:
+            self.deliveries.submit(self._deliver, self.dispatcher, rec.id, event, data)
+
+    @staticmethod
+    def _deliver(dispatcher: WebhookDispatcher, job_id: str, event: str, data: dict) -> None:
+        try:
+            dispatcher.deliver(job_id, event, data)
+        except Exception as e:  # the store unwritable: nothing else would ever report it
+            log.warning("job %s: webhook %s not delivered (%s: %s)", job_id, event, type(e).__name__, e)

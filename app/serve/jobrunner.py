@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
@@ -81,7 +82,9 @@ class JobRunnerServer:
     def __init__(self, output_uri: str, settings: JobsSettings):
         store = JobStore(OutputStore.at(output_uri))
         dispatcher = WebhookDispatcher(store, allow_private=allow_private_webhooks(settings))
-        self.runner = JobRunner(store, ray_jobs(settings), queue_policy(settings), dispatcher)
+        # One delivery worker: a job's webhooks go out in the order they happened.
+        self.deliveries = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagefab-webhooks")
+        self.runner = JobRunner(store, ray_jobs(settings), queue_policy(settings), dispatcher, self.deliveries)
         self.stop = threading.Event()
         self.loop = threading.Thread(
             target=self.runner.run_forever, args=(self.stop, settings.tick_s), name="imagefab-job-runner", daemon=True
@@ -99,3 +102,4 @@ class JobRunnerServer:
     def __del__(self) -> None:
         # Serve calls this when the replica is stopped: no tick starts after it.
         self.stop.set()
+        self.deliveries.shutdown(wait=False)
