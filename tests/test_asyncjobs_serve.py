@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,19 @@ from app.storage import OutputStore
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def distinct_ports(n: int) -> list[int]:
+    """`n` free loopback ports, all different: held open together while they are chosen (Ray
+    refuses a head whose components were given the same port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Cluster:
@@ -54,7 +68,7 @@ class Cluster:
 
     def start_head(self) -> None:
         self.starts += 1
-        gcs, dash, agent, agent_grpc, metrics, client = (free_port() for _ in range(6))
+        gcs, dash, agent, agent_grpc, metrics, client = distinct_ports(6)
         temp = Path("/tmp") / f"rj{os.getpid()}-{self.starts}"  # Ray's socket paths must stay short
         self.temps.append(temp)
         log = open(self.tmp / f"head-{self.starts}.log", "w")
