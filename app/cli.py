@@ -371,7 +371,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_serve_config(args.config, host=args.host, port=args.port, output_uri=args.output)
     config.check_bind()  # before starting anything: no keyless server on a public address
-    connect_or_start_local(include_dashboard=False)
+    # A local Ray gets a dashboard (on loopback) when the job runner runs: Ray's job submission
+    # API, which starts asynchronous jobs, is served by it. A cluster brings its own.
+    if config.jobs.runner:
+        connect_or_start_local(include_dashboard=True, dashboard_host="127.0.0.1")
+    else:
+        connect_or_start_local(include_dashboard=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name="imagefab", route_prefix="/")
     print(f"imagefab serving on http://{config.host}:{config.port}  (docs: /docs, health: /healthz; Ctrl-C stops)")

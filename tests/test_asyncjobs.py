@@ -17,7 +17,7 @@ import yaml
 
 from app.asyncjobs import batch, submit, webhooks
 from app.asyncjobs.queue import LimitExceeded, QueuePolicy, RequestTooLarge, next_to_start, queue_order, queue_position
-from app.asyncjobs.records import IdempotencyConflict, IllegalTransition, JobError, JobNotFound, JobStore
+from app.asyncjobs.records import IdempotencyConflict, IllegalTransition, JobError, JobNotFound, JobRecord, JobStore
 from app.catalog.schema import empty_row
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore
@@ -206,6 +206,60 @@ def test_entrypoint_is_the_ray_job_submit_command_with_a_fixed_run_id():
     assert cmd == "python -m jobs.generate /data/jobs/job_1/spec.yaml --run-id abc --quiet --no-mlflow"
 
 
+def test_runner_waits_for_a_jobs_spec_and_records_a_start_failure_once_not_every_tick(store):
+    from ports import free_port
+
+    from app.asyncjobs.runner import JobRunner
+
+    unwritten, _ = store.create("t", {"n": 0})  # its spec is still being written
+    job, _ = store.create("t", {"n": 1})
+    submit.prepare(store, job, SPEC, [{"prompt": "a"}], QueuePolicy())
+    nobody = submit.RayJobs(f"http://127.0.0.1:{free_port()}")  # no dashboard answers there
+    runner = JobRunner(store, nobody, QueuePolicy(max_running=1))
+    for _ in range(3):
+        runner.tick()
+    assert [ev["type"] for ev in store.events(job.id)] == ["created", "start_failed"]
+    assert store.load(job.id).state == "queued" and runner.ticks == 3
+    assert [ev["type"] for ev in store.events(unwritten.id)] == ["created"]
+
+    # The loop outlives a tick that fails (the store unreadable a moment) and stops when told.
+    stop = threading.Event()
+    calls = []
+
+    def failing_tick():
+        calls.append(1)
+        if len(calls) == 3:
+            stop.set()
+        raise OSError("the store is away")
+
+    runner.tick = failing_tick  # type: ignore[method-assign]
+    runner.run_forever(stop, every_s=0.01)
+    assert len(calls) == 3 and runner.last_error == "OSError: the store is away"
+
+
+def test_jobs_go_to_the_named_dashboard_or_the_clusters_own_never_a_guessed_one(monkeypatch):
+    from app.serve.config import JobsSettings
+    from app.serve.jobrunner import dashboard_address
+
+    monkeypatch.delenv("RAY_DASHBOARD_ADDRESS", raising=False)
+    assert dashboard_address(JobsSettings()) == ""  # no Ray here: nothing is guessed
+    with pytest.raises(JobError, match="no Ray dashboard"):
+        submit.RayJobs("").logs(JobRecord(id="job_x", tenant="t", submissions=["imagefab-job_x-1"]))
+    monkeypatch.setenv("RAY_DASHBOARD_ADDRESS", "http://head:8265")
+    assert dashboard_address(JobsSettings()) == "http://head:8265"
+    assert dashboard_address(JobsSettings(ray_dashboard="http://other:8265")) == "http://other:8265"
+
+
+def test_readme_jobs_config_is_the_servers_default():
+    from app.serve.config import JobsSettings, load_serve_config
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(jobs:\n.*?)```", text, re.S).group(1)
+    assert JobsSettings.model_validate(yaml.safe_load(block)["jobs"]) == JobsSettings()
+    deployed = load_serve_config(REPO / "deploy" / "imagefab-serve.yaml").jobs
+    assert deployed.runner and not deployed.allow_private_webhooks
+
+
 def _catalogue(store, run_id, statuses, *, keys=None):
     rows = []
     for i, s in enumerate(statuses):
@@ -316,6 +370,26 @@ def test_webhook_is_signed_retried_with_backoff_and_every_attempt_recorded(store
     assert [a["status_code"] for a in attempts] == [500, 503, 200]
     assert store.events(job.id, "webhook_delivered")[0]["attempts"] == 3
     assert "secret" not in json.dumps(store.load(job.id).public())
+
+
+def test_runner_hands_webhooks_to_its_delivery_worker_in_order_without_waiting_for_retries(store, receiver):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.asyncjobs.runner import JobRunner
+
+    rx = receiver([500, 500])  # the first event needs two retries
+    hook = webhooks.check_webhook_request({"url": rx.url, "events": ["started", "succeeded"]}, allow_private=True)
+    job, _ = store.create("t", {}, webhook=hook)
+    retried = threading.Event()
+    d = webhooks.WebhookDispatcher(store, allow_private=True, sleep=lambda s: retried.wait(5))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        runner = JobRunner(store, submit.RayJobs(""), QueuePolicy(), d, pool)
+        runner.notify(store.load(job.id), "started", {"state": "running"})
+        runner.notify(store.load(job.id), "succeeded", {"state": "succeeded"})
+        assert len(rx.got) <= 1  # the runner went on while the receiver was failing
+        retried.set()
+    assert [json.loads(body)["type"] for _, body in rx.got] == ["job.started"] * 3 + ["job.succeeded"]
+    assert [e["event"] for e in store.events(job.id, "webhook_delivered")] == ["started", "succeeded"]
 
 
 def test_webhook_gives_up_on_a_client_error_and_records_it(store, receiver):

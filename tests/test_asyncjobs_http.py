@@ -4,7 +4,9 @@ Idempotency-Key, tenant isolation, limits, and the official `openai` client's fi
 from __future__ import annotations
 
 import json
+import threading
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -171,3 +173,43 @@ def test_cli_submits_lists_shows_cancels_resumes_and_watches(client, svc, tmp_pa
     rc, text = run("watch", job["id"])
     assert rc == 1 and text.startswith("cancelled [############............] 1/2")
     assert run("resume", job["id"])[1] == f"{job['id']}  queued\n"
+
+
+def test_concurrent_posts_with_one_idempotency_key_make_one_job_across_replicas(svc):
+    """Ingress replicas (each its own app and service over the one output store) answer the same
+    key at the same moment: one job, one 202, the others the same job; another body is a 409."""
+    replicas = []
+    for _ in range(4):
+        app = FastAPI()
+        app.include_router(router)
+        other = JobsService(svc.store, QueuePolicy(max_in_flight_per_key=100), keys=svc.keys)
+        app.dependency_overrides[jobs_service] = lambda other=other: other
+        replicas.append(TestClient(app))
+    body = {"spec": SPEC, "rows": [{"prompt": "a boot"}]}
+    for round in range(5):
+        key = f"pim-{round}"
+        bodies = [body] * 6 + [{**body, "priority": 1}] * 2
+        barrier = threading.Barrier(len(bodies))
+        answers: list[tuple[bool, httpx.Response]] = []
+
+        def post(i, b, key=key, barrier=barrier, answers=answers):
+            barrier.wait()
+            r = replicas[i % len(replicas)].post("/v1/jobs", json=b, headers={**auth(KEY_A), "idempotency-key": key})
+            answers.append((b is body, r))
+
+        threads = [threading.Thread(target=post, args=(i, b)) for i, b in enumerate(bodies)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ids = {r.json()["id"] for _, r in answers if r.status_code in (200, 202)}
+        assert len(ids) == 1, [(r.status_code, r.text) for _, r in answers]
+        (job_id,) = ids
+        first_body_won = svc.store.load(job_id).priority == 0
+        for first_body, r in answers:
+            if first_body != first_body_won:
+                assert r.status_code == 409 and "Idempotency-Key" in r.text, r.text
+        winners = sorted(r.status_code for first_body, r in answers if first_body == first_body_won)
+        assert winners == [200] * (len(winners) - 1) + [202]
+        assert len(svc.store.events(job_id, "created")) == 1
+    assert len(svc.store.all()) == 5

@@ -510,8 +510,15 @@ def test_a1111_interrupt_stops_only_the_callers_request(server):
     ]
     [t.start() for t in threads]
     deadline = time.monotonic() + 30
-    while client.get("/sdapi/v1/progress").json()["state"]["job_count"] < 2 and time.monotonic() < deadline:
+    # Progress is per caller: each sees its own request, planned (2 images of 60 steps), none back yet.
+    while time.monotonic() < deadline:
+        mine_p, theirs_p = client.get("/sdapi/v1/progress").json(), other.get("/sdapi/v1/progress").json()
+        if mine_p["textinfo"] and theirs_p["textinfo"]:
+            break
         time.sleep(0.05)
+    for p in (mine_p, theirs_p):
+        assert p["state"]["job"] == "txt2img" and p["state"]["job_count"] == 1, p
+        assert p["state"]["sampling_steps"] == 60 and p["textinfo"].endswith("/2 images") and p["progress"] < 1, p
     t0 = time.monotonic()
     assert client.post("/sdapi/v1/interrupt").json() == {}
     threads[0].join()

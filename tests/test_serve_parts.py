@@ -1,10 +1,20 @@
-"""The Serve app's Ray-free parts, called directly: URL signing, the A1111 scheduler mapping."""
+"""The Serve app's Ray-free parts, called directly: URL signing, the A1111 scheduler mapping and
+progress report."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from app.serve.core import A1111_SCHEDULES, RequestError, a1111_schedule_label, a1111_scheduler
+from app.serve.core import (
+    A1111_SCHEDULES,
+    A1111Task,
+    RequestError,
+    a1111_progress_report,
+    a1111_schedule_label,
+    a1111_scheduler,
+)
 from app.serve.urls import SECRET_PATH, UrlSignatureError, UrlSigner, url_secret
 from app.storage import OutputStore
 
@@ -76,3 +86,22 @@ def test_a1111_schedules_that_cannot_be_rendered_name_the_field(sampler, schedul
     with pytest.raises(RequestError) as err:
         a1111_scheduler(sampler, schedule, "euler")
     assert err.value.status == 422 and err.value.field == field
+
+
+def test_a1111_progress_counts_the_callers_images_back_and_estimates_as_a1111_does():
+    idle = a1111_progress_report([], now=100.0)
+    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0 and idle["state"]["job"] == ""
+    first = A1111Task(asyncio.Event(), started=100.0, images=4, steps=30, done=1)
+    second = A1111Task(asyncio.Event(), started=104.0, images=2, steps=20)
+    p = a1111_progress_report([second, first], now=110.0)
+    # 1 of 6 images back, 10 s after the oldest request began: 10 / (1/6) - 10 = 50 s left.
+    assert p["progress"] == round(1 / 6, 4) and p["eta_relative"] == 50.0 and p["textinfo"] == "1/6 images"
+    state = p["state"]
+    assert state["job"] == "txt2img" and state["job_count"] == 2 and state["sampling_steps"] == 30
+    assert state["job_timestamp"] == "19700101000140" and not state["interrupted"]
+    first.done, second.done = 4, 2
+    assert a1111_progress_report([first, second], now=130.0)["progress"] == 1.0
+    second.interrupt.set()
+    assert a1111_progress_report([first, second], now=130.0)["state"]["interrupted"]
+    planning = A1111Task(asyncio.Event(), started=100.0)  # not planned yet: no images known
+    assert a1111_progress_report([planning], now=101.0)["progress"] == 0.0

@@ -7,6 +7,7 @@ tested without a server). A tenant is the caller's API key (a digest of it, neve
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -223,7 +224,8 @@ async def job_images(job_id: str, request: Request, svc: JobsService = Service):
 async def cancel_job(job_id: str, request: Request, svc: JobsService = Service):
     async def work():
         rec = svc.store.get(job_id, svc.tenant(request))
-        return JSONResponse(svc.job_view(svc.cancel(rec)))
+        # Stopping a running Ray job waits for it (seconds): off the event loop, other requests go on.
+        return JSONResponse(svc.job_view(await asyncio.to_thread(svc.cancel, rec)))
 
     return await _answer(work)
 
@@ -330,7 +332,7 @@ async def get_batch(batch_id: str, request: Request, svc: JobsService = Service)
 async def cancel_batch(batch_id: str, request: Request, svc: JobsService = Service):
     async def work():
         tenant = svc.tenant(request)
-        rec = svc.cancel(_batch(svc, batch_id, tenant))
+        rec = await asyncio.to_thread(svc.cancel, _batch(svc, batch_id, tenant))
         return JSONResponse(svc.batch_view(tenant, rec))
 
     return await _answer(work)

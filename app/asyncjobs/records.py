@@ -4,6 +4,13 @@
     jobs/<id>/events/<seq>-<rand>.json   one object per event, never rewritten (works on object stores)
     jobs/idempotency/<tenant>/<key>.json the job an Idempotency-Key named, with the body's digest
 
+An Idempotency-Key is claimed before its job exists: the claim is created only if absent (on a local
+disk a hard link, which fails when the name exists), and the job's id is derived from the tenant and
+the key. So concurrent requests with one key, in threads or in separate ingress replicas, make
+one job: the first claim wins, the others answer with its job (or 409 for another body). Object
+stores have no create-if-absent in pyarrow: there the claim is a check then a write, and the derived
+id still makes racing requests name the same job.
+
 A job's state moves only along LEGAL transitions; a resumed job goes back to `queued`.
 """
 
@@ -11,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -53,6 +62,11 @@ class IllegalTransition(JobError):
 def body_digest(body: Any) -> str:
     """The digest of a request body as JSON with sorted keys: the same body in another key order is the same."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def idempotent_job_id(tenant: str, key: str) -> str:
+    """The id of the job a tenant's Idempotency-Key makes: the same for every request with that key."""
+    return "job_" + hashlib.sha256(tenant.encode() + b"\0" + key.encode()).hexdigest()[:32]
 
 
 def _tenant_dir(tenant: str) -> str:
@@ -112,14 +126,20 @@ class JobStore:
         that key made, and False. The same key with a different body is a conflict."""
         digest = body_digest(body)
         if idempotency_key is not None:
-            existing = self._idempotent(tenant, idempotency_key)
-            if existing is not None:
-                if existing["body_sha256"] != digest:
+            job_id = job_id or idempotent_job_id(tenant, idempotency_key)
+            claim = json.dumps({"job_id": job_id, "body_sha256": digest}).encode()
+            if not self._claim(self._idem_rel(tenant, idempotency_key), claim):
+                existing = self._idempotent(tenant, idempotency_key) or {}
+                if existing.get("body_sha256") != digest:
                     raise IdempotencyConflict(
-                        f"Idempotency-Key {idempotency_key!r} was used for job {existing['job_id']} with a "
+                        f"Idempotency-Key {idempotency_key!r} was used for job {existing.get('job_id')} with a "
                         "different body; use a new key for a different request"
                     )
-                return self.get(existing["job_id"], tenant), False
+                found = self._wait_for(existing["job_id"], tenant)
+                if found is not None:
+                    return found, False
+                # The claim's maker never wrote the job (it died in between): the id is derived, so
+                # writing it here makes the same job it would have made.
         rec = JobRecord(
             id=job_id or f"job_{uuid.uuid4().hex}",
             tenant=tenant,
@@ -133,11 +153,6 @@ class JobStore:
         rec.updated_at = rec.created_at
         self.save(rec)
         self.event(rec.id, "created", state="queued", priority=priority)
-        if idempotency_key is not None:
-            self.output.write_bytes(
-                self._idem_rel(tenant, idempotency_key),
-                json.dumps({"job_id": rec.id, "body_sha256": digest}).encode(),
-            )
         return rec, True
 
     def save(self, rec: JobRecord) -> None:
@@ -250,6 +265,40 @@ class JobStore:
 
     def _idem_rel(self, tenant: str, key: str) -> str:
         return f"{JOBS_DIR}/idempotency/{_tenant_dir(tenant)}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+    def _claim(self, rel: str, data: bytes) -> bool:
+        """Create `rel` holding `data` only if it does not exist; whether this call created it."""
+        if not self.output.is_local:
+            try:
+                self.output.read_bytes(rel)
+                return False
+            except StorageError:
+                self.output.write_bytes(rel, data)
+                return True
+        final = Path(self.output.path(rel))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.link(tmp, final)  # atomic, and refuses an existing name: readers never see half a claim
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise StorageError(f"{self.output.uri_of(rel)}: cannot write ({e.strerror or e})") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _wait_for(self, job_id: str, tenant: str, timeout_s: float = 10.0) -> JobRecord | None:
+        """The job a claim names, once its maker has written it (a few milliseconds after the claim)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.get(job_id, tenant)
+            except JobNotFound:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.02)
 
     def _idempotent(self, tenant: str, key: str) -> dict | None:
         try:

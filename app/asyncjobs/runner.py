@@ -1,16 +1,21 @@
 """The loop that moves jobs along: starts queued jobs in queue order when the bulk lane has room,
 brings running jobs' states in line with Ray's, and hands events to the webhook dispatcher.
 
-One runner per output store (a single process or actor calls `tick` every few seconds); everything
-it knows is re-read from the store at each tick, so a restarted runner carries on where the last
-one stopped.
+One runner per output store: `imagefab serve` runs `run_forever` in a single-replica deployment
+(app/serve/jobrunner.py); anything else may call `tick` every few seconds. Everything it knows is
+re-read from the store at each tick, so a restarted runner carries on where the last one stopped.
+Two runners at once (a replica being replaced) start nothing twice: a start's submission id is
+fixed per job and attempt, and a state moves only along legal transitions; a webhook may then be
+sent twice (deliveries are at least once, as Standard Webhooks expects receivers to handle).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
 from app.asyncjobs.queue import QueuePolicy, next_to_start
 from app.asyncjobs.records import TERMINAL, JobError, JobRecord, JobStore
@@ -26,30 +31,68 @@ class JobRunner:
     ray_jobs: RayJobs
     policy: QueuePolicy
     dispatcher: WebhookDispatcher | None = None
+    # Where deliveries run: None, in the tick itself; an executor (one worker keeps each job's events
+    # in order), beside it, so a slow or failing receiver's retries never hold up starting jobs.
+    deliveries: Executor | None = None
+    ticks: int = 0
+    last_error: str | None = None
+    last_tick_at: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _problems: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)  # (what, job id) -> error
+
+    def run_forever(self, stop: threading.Event, every_s: float = 1.0) -> None:
+        """`tick` every `every_s` seconds until `stop` is set. A tick that fails (the store or the
+        cluster unreachable for a while) is logged and the next one tries again."""
+        while not stop.is_set():
+            try:
+                self.tick()
+                self.last_error = None
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+                if error != self.last_error:  # once per distinct failure, not every second
+                    log.warning("job runner: tick failed (%s)", error)
+                self.last_error = error
+            stop.wait(every_s)
+
+    def status(self) -> dict:
+        return {"ticks": self.ticks, "last_tick_at": self.last_tick_at, "last_error": self.last_error}
 
     def tick(self) -> None:
+        with self._lock:  # `tick` from the loop and from a caller never interleave
+            self._tick()
+            self.ticks += 1
+            self.last_tick_at = time.time()
+
+    def _tick(self) -> None:
         for rec in self.store.all():
             if rec.state == "running":
                 try:
                     self._follow(rec)
+                    self._problems.pop(("follow", rec.id), None)
                 except JobError as e:  # the cluster is unreachable, or another runner moved it first
-                    log.warning("job %s: cannot follow (%s)", rec.id, e)
-        for rec in next_to_start(self.store.all(), self.policy):
+                    if self._is_new(("follow", rec.id), str(e)):
+                        log.warning("job %s: cannot follow (%s)", rec.id, e)
+        # A job just created has its spec written a moment later; until then it waits, holding no slot.
+        ready = [r for r in self.store.all() if r.state != "queued" or r.spec_uri]
+        for rec in next_to_start(ready, self.policy):
             try:
                 started = self.ray_jobs.start(self.store, rec)
             except Exception as e:
-                log.warning("job %s: cannot start (%s)", rec.id, e)
-                self.store.event(rec.id, "start_failed", error=str(e))
+                # Recorded once per job and reason: a cluster that is down for an hour is one event, not 3600.
+                if self._is_new(("start", rec.id), str(e)):
+                    log.warning("job %s: cannot start (%s)", rec.id, e)
+                    self.store.event(rec.id, "start_failed", error=str(e))
                 continue
+            self._problems.pop(("start", rec.id), None)
             log.info("job %s: started as Ray job %s", rec.id, started.submissions[-1])
-            self._notify(started, "started", {"state": "running", "submission_id": started.submissions[-1]})
+            self.notify(started, "started", {"state": "running", "submission_id": started.submissions[-1]})
 
     def _follow(self, rec: JobRecord) -> None:
         now = self.ray_jobs.sync(self.store, rec)
         p = progress(self.store, now)
         if now.state in TERMINAL:
             log.info("job %s: %s", now.id, now.state)
-            self._notify(now, now.state, {"state": now.state, "progress": p, "error": now.error})
+            self.notify(now, now.state, {"state": now.state, "progress": p, "error": now.error})
             return
         hook = now.webhook or {}
         if "progress" not in hook.get("events", ()):
@@ -61,8 +104,24 @@ class JobRunner:
         if due_n or due_t:
             now.metadata["progress_sent"] = {"at": time.time(), "images": p["images_done"]}
             self.store.update(now)
-            self._notify(now, "progress", {"state": "running", "progress": p})
+            self.notify(now, "progress", {"state": "running", "progress": p})
 
-    def _notify(self, rec: JobRecord, event: str, data: dict) -> None:
-        if self.dispatcher is not None and rec.webhook:
+    def _is_new(self, what: tuple[str, str], error: str) -> bool:
+        new = self._problems.get(what) != error
+        self._problems[what] = error
+        return new
+
+    def notify(self, rec: JobRecord, event: str, data: dict) -> None:
+        if self.dispatcher is None or not rec.webhook:
+            return
+        if self.deliveries is None:
             self.dispatcher.deliver(rec.id, event, data)
+        else:
+            self.deliveries.submit(self._deliver, self.dispatcher, rec.id, event, data)
+
+    @staticmethod
+    def _deliver(dispatcher: WebhookDispatcher, job_id: str, event: str, data: dict) -> None:
+        try:
+            dispatcher.deliver(job_id, event, data)
+        except Exception as e:  # the store unwritable: nothing else would ever report it
+            log.warning("job %s: webhook %s not delivered (%s: %s)", job_id, event, type(e).__name__, e)

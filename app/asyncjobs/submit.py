@@ -149,11 +149,16 @@ def entrypoint(spec_path: str, run_id: str, *, python: str = "python", mlflow: b
 class RayJobs:
     """Ray's job submission API at `address` (the dashboard, http://HEAD:8265)."""
 
-    address: str
+    address: str  # "" when there is none: every call then raises JobError saying so
     runtime_env: dict | None = None  # e.g. {"working_dir": "."} on a remote cluster
     python: str = "python"
 
     def _client(self):
+        if not self.address:
+            raise JobError(
+                "no Ray dashboard to submit jobs through: the cluster runs none; name one with "
+                "jobs.ray_dashboard in the server's config or $RAY_DASHBOARD_ADDRESS"
+            )
         from ray.job_submission import JobSubmissionClient
 
         return JobSubmissionClient(self.address)

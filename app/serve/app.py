@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import replace
@@ -34,8 +33,6 @@ from starlette.exceptions import HTTPException
 from app.asyncjobs.http import JobsService, jobs_service
 from app.asyncjobs.http import router as jobs_router
 from app.asyncjobs.records import JobStore
-from app.asyncjobs.submit import RayJobs
-from app.asyncjobs.webhooks import allow_private_from_env
 from app.generator import Generator
 from app.metadata import parse_infotext, read_metadata
 from app.models.catalog import ResolvedModel
@@ -48,10 +45,12 @@ from app.serve.config import ServeConfig, load_serve_config
 from app.serve.core import (
     A1111_SAMPLERS,
     A1111_SCHEDULES,
+    A1111Task,
     ImageInput,
     ImageJob,
     RequestError,
     ServeCore,
+    a1111_progress_report,
     a1111_schedule_label,
     a1111_scheduler,
     mode_settings,
@@ -59,6 +58,7 @@ from app.serve.core import (
     resolve_serve_models,
     split_lora_tags,
 )
+from app.serve.jobrunner import JobRunnerServer, allow_private_webhooks, queue_policy, ray_jobs
 from app.serve.schemas import (
     A1111Img2Img,
     A1111PngInfo,
@@ -439,13 +439,20 @@ api.dependency_overrides[jobs_service] = _replica_jobs
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self, config: ServeConfig, models, generators: dict, metrics_hub=None, clip_on_generator: bool = False
+        self,
+        config: ServeConfig,
+        models,
+        generators: dict,
+        metrics_hub=None,
+        clip_on_generator: bool = False,
+        job_runner=None,
     ):
         self.config = config
         self.models = models
         self.core = ServeCore(config, models, clip_on_generator=clip_on_generator)
         self.generators = generators  # base model name -> DeploymentHandle
         self.hub = metrics_hub  # MetricsHub handle (None: metrics are not kept)
+        self.job_runner = job_runner  # JobRunnerServer handle (None: another process runs the jobs)
         # ServeConfig.keys() is a method (configured + $IMAGEFAB_API_KEYS), not a dict's keys: called
         # apart, so that no linter "simplifies" it into iterating the config.
         api_keys = config.keys()
@@ -454,17 +461,19 @@ class Ingress:
         default = config.effective_combinations()[config.default]
         self.jobs = JobsService(
             JobStore(self.core.output),
+            policy=queue_policy(config.jobs),
             keys=api_keys,
-            allow_private_webhooks=allow_private_from_env(),
-            ray_jobs=RayJobs(os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")),
+            allow_private_webhooks=allow_private_webhooks(config.jobs),
+            ray_jobs=ray_jobs(config.jobs),
             batch_spec={"run_name": "batch", "combinations": {config.default: default.model_dump(mode="json")}},
             image_url=lambda row: self._image_url(f"{row['image_id']}.png"),
         )
         self.replica = uuid.uuid4().hex[:8]
         self.reports: set[asyncio.Task] = set()
         self.in_flight = 0
-        # A1111 txt2img and img2img requests in flight, by caller: what POST /sdapi/v1/interrupt stops.
-        self.a1111_running: dict[str, set[asyncio.Event]] = {}
+        # A1111 txt2img and img2img requests in flight, by caller: what POST /sdapi/v1/interrupt stops
+        # and GET /sdapi/v1/progress reports.
+        self.a1111_running: dict[str, list[A1111Task]] = {}
         self.started = time.time()
 
     # --- metrics ----------------------------------------------------------------------------------
@@ -550,13 +559,15 @@ class Ingress:
         finally:
             self._set_in_flight(self.in_flight - 1)
 
-    async def _render(self, job: ImageJob, interrupt: asyncio.Event | None = None):
+    async def _render(self, job: ImageJob, interrupt: asyncio.Event | None = None, task: A1111Task | None = None):
         """Plan, render on the base model's generators, then QC, post-process and catalog.
 
         With `interrupt`: once it is set, images not yet rendered are cancelled (a generator drops
         them if its batch has not started; one already rendering finishes there and is discarded),
-        and only the rendered ones are finished and returned."""
+        and only the rendered ones are finished and returned. `task`: counts the images back so far."""
         requests = self.core.plan(job)
+        if task is not None:
+            task.images, task.steps = len(requests), requests[0].steps
         if job.image_input is not None:  # planned and accepted: only now are its uploads written
             await asyncio.to_thread(self.core.store_inputs, job.image_input)
         base = requests[0].base_model["name"]
@@ -565,7 +576,7 @@ class Ingress:
         if interrupt is None:
             results = await asyncio.gather(*responses)
         else:
-            results = await self._until_interrupted(responses, interrupt)
+            results = await self._until_interrupted(responses, interrupt, task)
             requests = [q for q, r in zip(requests, results, strict=True) if r is not None]
             results = [r for r in results if r is not None]
         images = await asyncio.to_thread(self.core.finish, requests, results) if requests else []
@@ -573,7 +584,7 @@ class Ingress:
         return requests, images
 
     @staticmethod
-    async def _until_interrupted(responses: list, interrupt: asyncio.Event) -> list:
+    async def _until_interrupted(responses: list, interrupt: asyncio.Event, counted: A1111Task | None = None) -> list:
         """Each response's result, or None for those cancelled when `interrupt` was set first."""
 
         async def result_of(response):
@@ -586,6 +597,8 @@ class Ingress:
             while pending and not stop.done():
                 _, pending = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(stop)
+                if counted is not None:
+                    counted.done = len(tasks) - len(pending)
         finally:  # interrupted, or this request itself cancelled (timeout): nothing left running for it
             stop.cancel()
             for response, task in zip(responses, tasks, strict=True):
@@ -1032,13 +1045,14 @@ class Ingress:
             height=body.height if sized else None,
             image_input=image_input,
         )
-        interrupt = asyncio.Event()
-        running = self.a1111_running.setdefault(self._caller(request), set())
-        running.add(interrupt)
+        task = A1111Task(asyncio.Event(), time.time(), kind="img2img" if image_input else "txt2img")
+        interrupt = task.interrupt
+        running = self.a1111_running.setdefault(self._caller(request), [])
+        running.append(task)
         try:
-            requests, images = await self._render(job, interrupt)
+            requests, images = await self._render(job, interrupt, task)
         finally:
-            running.discard(interrupt)
+            running.remove(task)
         infotexts = [read_metadata(im.png).get("parameters", "") if im.png else "" for im in images]
         first = requests[0] if requests else None
         info = {
@@ -1106,8 +1120,8 @@ class Ingress:
         are dropped; one it is rendering finishes there and is discarded. Answers `{}`, as A1111."""
 
         async def work():
-            for interrupt in self.a1111_running.get(self._caller(request), ()):
-                interrupt.set()
+            for task in self.a1111_running.get(self._caller(request), ()):
+                task.interrupt.set()
             return JSONResponse({})
 
         return await self._serve(request, work)
@@ -1240,22 +1254,12 @@ class Ingress:
 
     @api.get("/sdapi/v1/progress", tags=["a1111"])
     async def a1111_progress(self, request: Request):
+        """The caller's txt2img and img2img requests in flight on this replica: images back from the generators
+        over images asked for (see core.a1111_progress_report)."""
+
         async def work():
-            busy = self.in_flight > 1  # this request itself is in flight
-            return JSONResponse(
-                {
-                    "progress": 0.0,
-                    "eta_relative": 0.0,
-                    "current_image": None,
-                    "textinfo": None,
-                    "state": {
-                        "job_count": self.in_flight - 1,
-                        "job": "txt2img" if busy else "",
-                        "interrupted": False,
-                        "skipped": False,
-                    },
-                }
-            )
+            tasks = self.a1111_running.get(self._caller(request), [])
+            return JSONResponse(a1111_progress_report(tasks, time.time()))
 
         return await self._serve(request, work)
 
@@ -1347,8 +1351,13 @@ def build_app(config: ServeConfig):
     url_secret(OutputStore.at(config.output_uri), config.url_secret)
     # Deployments (see above): Ray Serve's typing leaves the decorated classes as plain classes
     hub = MetricsHub.options(name="metrics").bind()  # type: ignore[attr-defined]
+    # One runner starts and follows the queued jobs; the store is its only state (app/serve/jobrunner.py).
+    output = OutputStore.at(config.output_uri).uri  # absolute: replicas need not share the driver's folder
+    runner = None
+    if config.jobs.runner:
+        runner = JobRunnerServer.options(name="job-runner").bind(output, config.jobs)  # type: ignore[attr-defined]
     return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(  # type: ignore[attr-defined]
-        config, models, generators, hub, clip_on_generator
+        config, models, generators, hub, clip_on_generator, runner
     )
 
 

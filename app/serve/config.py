@@ -98,6 +98,24 @@ class Replicas(_Frozen):
     max_models_per_replica: int = Field(4, ge=1)  # LoRA combinations kept loaded per replica
 
 
+class JobsSettings(_Frozen):
+    """Asynchronous jobs (app/asyncjobs): the runner the server starts, and the queue's limits."""
+
+    runner: bool = True  # a single-replica deployment that starts and follows queued jobs
+    tick_s: float = Field(1.0, gt=0, le=60)  # how often the runner looks at the queue
+    # The Ray dashboard jobs are submitted through: this, else $RAY_DASHBOARD_ADDRESS, else the
+    # dashboard of the cluster the server runs on.
+    ray_dashboard: str | None = None
+    python: str | None = None  # the interpreter a job's driver runs: default the server's own
+    runtime_env: dict[str, Any] | None = None  # Ray runtime env of each job, e.g. {"working_dir": "."}
+    # Loopback/private webhook targets (also $IMAGEFAB_WEBHOOK_ALLOW_PRIVATE=1): off, against SSRF.
+    allow_private_webhooks: bool = False
+    max_running: int = Field(1, ge=1)
+    max_in_flight_per_key: int = Field(4, ge=1)
+    max_rows_per_job: int = Field(10_000, ge=1)
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+
+
 class ServeConfig(_Frozen):
     combinations: dict[str, Combination] = {"default": Combination(loras=())}
     default_combination: str | None = None  # None: the first listed
@@ -123,6 +141,7 @@ class ServeConfig(_Frozen):
     # (img2img at this strength; a mask or transparency makes it an inpaint instead).
     edit_strength: float = Field(0.85, gt=0.0, le=1.0)
     limits: Limits = Limits()
+    jobs: JobsSettings = JobsSettings()
     batching: Batching = Batching()
     replicas: Replicas = Replicas()
     compute: ComputeSpec = ComputeSpec()

@@ -11,6 +11,7 @@ grades them without loading CLIP.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -172,6 +173,49 @@ def fitted_size(width: int, height: int, max_side: int, max_pixels: int) -> tupl
     `max_pixels`, each side then rounded down to a multiple of 8, at least 64."""
     scale = min(1.0, max_side / max(width, height), math.sqrt(max_pixels / (width * height)))
     return max(64, int(width * scale) // 8 * 8), max(64, int(height * scale) // 8 * 8)
+
+
+@dataclass
+class A1111Task:
+    """One A1111 txt2img or img2img request in flight: its images, how many have come back from
+    the generators, and its interrupt. `/sdapi/v1/progress` reports these (the caller's own)."""
+
+    interrupt: asyncio.Event  # what POST /sdapi/v1/interrupt sets
+    started: float
+    kind: str = "txt2img"  # or img2img: A1111's `state.job`
+    images: int = 0  # known once the request is planned
+    steps: int = 0
+    done: int = 0
+
+
+def a1111_progress_report(tasks: list[A1111Task], now: float) -> dict:
+    """AUTOMATIC1111's `/sdapi/v1/progress` answer for a caller's requests in flight.
+
+    Progress is images rendered / images asked for, over those requests: a generator renders a
+    batch in one call, so it moves by whole images (never by sampling step, which stays 0). ETA as
+    A1111 computes it: elapsed / progress − elapsed, from the oldest request's start."""
+    total = sum(t.images for t in tasks)
+    done = sum(t.done for t in tasks)
+    progress = min(done / total, 1.0) if total else 0.0
+    first = min(tasks, key=lambda t: t.started) if tasks else None
+    elapsed = now - first.started if first else 0.0
+    eta = elapsed / progress - elapsed if progress > 0 else 0.0
+    return {
+        "progress": round(progress, 4),
+        "eta_relative": round(max(eta, 0.0), 2),
+        "current_image": None,
+        "textinfo": f"{done}/{total} images" if tasks else None,
+        "state": {
+            "skipped": False,
+            "interrupted": any(t.interrupt.is_set() for t in tasks),
+            "job": first.kind if first else "",
+            "job_count": len(tasks),
+            "job_timestamp": datetime.fromtimestamp(first.started, UTC).strftime("%Y%m%d%H%M%S") if first else "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": first.steps if first else 0,
+        },
+    }
 
 
 @dataclass
