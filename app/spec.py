@@ -214,7 +214,7 @@ class Variations(_Frozen):
     def _seeds_fit(self) -> Variations:
         if self.accepted_per_row is None:
             for name in ("max_attempts_per_row", "review_counts_as_accepted"):
-                if name in self.model_fields_set:
+                if getattr(self, name) not in (None, False):  # their defaults, as a dumped spec holds them
                     raise ValueError(f"`{name}` needs `accepted_per_row` (how many accepted images each row wants)")
         else:
             if self.seeds_per_row != 1:

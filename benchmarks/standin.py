@@ -18,6 +18,7 @@ import uuid
 
 import numpy as np
 
+from app.conditioning.measures import MEASURE_COLUMNS
 from app.request import request_at
 
 VARIANTS = 8  # distinct images per size; a request gets one by its seed
@@ -39,6 +40,7 @@ class StandInGenerator:
         "generator_id",
         "lora_switches",
         "lora_switch_seconds",
+        *MEASURE_COLUMNS,
     )
 
     @classmethod
@@ -94,4 +96,6 @@ class StandInGenerator:
             "generator_id": np.array([self.generator_id] * n, dtype=object),
             "lora_switches": np.zeros(n, dtype=np.int64),
             "lora_switch_seconds": np.zeros(n, dtype=np.float64),
+            # txt2img only: nothing measured against an input image
+            **{column: np.full(n, np.nan) for column in MEASURE_COLUMNS},
         }
