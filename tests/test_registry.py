@@ -347,6 +347,21 @@ def test_qc_settings_are_versioned_and_resolve_to_qc_settings(client):
     assert resolve_spec_references(spec, client)[0].qc == QcSettings()
 
 
+def test_qc_settings_registered_by_an_older_imagefab_still_resolve_and_a_changed_file_does_not(client):
+    """A newer imagefab knows more QC settings (their defaults fill in), so the qc_version it
+    computes differs from the tag an older one wrote: the stored file is what was registered
+    (content_sha256), so it resolves. A file changed after registration is refused."""
+    from app.registry.resolve import resolve_qc
+
+    version = register_qc(client, "older", QcSettings(), aliases=["production"]).version
+    client.set_model_version_tag("qc-older", version, "qc_version", "qc2-000000000000")  # as an older one wrote it
+    settings, ref = resolve_qc(client, "qc:/older@production")
+    assert settings == QcSettings() and ref.digest == QcSettings().qc_version
+    client.set_model_version_tag("qc-older", version, "content_sha256", "0" * 64)  # the file no longer matches
+    with pytest.raises(RegistryError, match="does not match its content_sha256 tag"):
+        resolve_qc(client, "qc:/older@production")
+
+
 def test_one_spec_can_compare_two_aliases_of_one_lora(client, model_catalog, tiny_loras):
     if "combinations" not in JobSpec.model_fields:
         pytest.skip("this spec version has no combinations")

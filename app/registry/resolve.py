@@ -27,7 +27,7 @@ from app.models.digest import ModelFileError, path_sha256
 from app.qc import QcSettings
 from app.registry.errors import RegistryError, UnresolvedReference, VersionMismatch
 from app.registry.refs import Reference, from_mlflow_template, is_reference, parse_reference
-from app.registry.register import DEPRECATED_TAG, QC_FILE, REFERENCE_FILE
+from app.registry.register import DEPRECATED_TAG, QC_FILE, REFERENCE_FILE, content_sha256
 from app.registry.store import find_entry
 from app.spec import JobSpec
 
@@ -201,7 +201,15 @@ def resolve_qc(client: MlflowClient, ref: Reference | str, field_name: str = "qc
         settings = QcSettings.model_validate(data)
     except ValueError as e:
         raise RegistryError(f"{_at(field_name)}{ref}: version {mv.version} holds invalid QC settings: {e}") from None
-    if mv.tags.get("qc_version") not in (None, settings.qc_version):
+    stored = mv.tags.get("content_sha256")
+    if stored is not None and stored != content_sha256(data):
+        raise RegistryError(
+            f"{_at(field_name)}{ref}: version {mv.version}'s {QC_FILE} does not match its content_sha256 tag: "
+            "it was changed after it was registered"
+        )
+    # The stored settings are what was registered; a qc_version that differs from its tag then
+    # only means this imagefab knows more settings (their defaults fill in): not a mismatch.
+    if stored is None and mv.tags.get("qc_version") not in (None, settings.qc_version):
         raise RegistryError(
             f"{_at(field_name)}{ref}: version {mv.version} is tagged qc_version "
             f"{mv.tags['qc_version']} but holds settings of {settings.qc_version}"
