@@ -361,7 +361,6 @@ def openai_client(server):
         ({"size": "huge"}, "size"),
         ({"background": "transparent"}, "background"),
         ({"style": "vivid"}, "style"),
-        ({"moderation": "auto"}, "moderation"),
         ({"output_compression": 50}, "output_compression"),  # png has no compression level
         ({"quality": "ultra"}, "quality"),
         ({"n": 0}, "n"),
@@ -375,6 +374,16 @@ def test_openai_client_gets_bad_request_naming_the_field(openai_client, kwargs, 
         openai_client.images.generate(model="plain", prompt="a lamp", **kwargs)
     assert err.value.status_code == 400 and err.value.param == param, err.value.body
     assert err.value.type == "invalid_request_error" and err.value.message
+
+
+def test_openai_client_moderation_is_the_servers_prompt_screening(openai_client):
+    """`moderation` is accepted (auto or low); a prompt with a blocked term is refused before
+    rendering with OpenAI's own code for it."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.generate(model="plain", prompt="a nude portrait", moderation="auto")
+    assert err.value.code == "moderation_blocked" and err.value.param == "prompt", err.value.body
 
 
 def test_openai_shape_for_framework_errors_and_unknown_models(server, openai_client):
