@@ -791,6 +791,20 @@ class Ingress:
 
         return await self._serve(request, work, openai=True, public=signed)
 
+    def _openai_job(self, body, width: int | None, height: int | None, image_input=None) -> ImageJob:
+        """The ImageJob of an Images API request (generations, or edits with its `image_input`)."""
+        choice = self.core.model_choice(body.model)
+        return ImageJob(
+            prompt=body.prompt,
+            n=body.n,
+            width=width,
+            height=height,
+            steps=self.core.steps_for_quality(choice, body.quality),
+            tags={"user": body.user} if body.user else {},
+            image_input=image_input,
+            **choice,
+        )
+
     # --- OpenAI Images API --------------------------------------------------------------------------
     @api.post("/v1/images/generations", tags=["openai"])
     async def openai_generations(self, body: OpenAIImageRequest, request: Request):
@@ -804,16 +818,7 @@ class Ingress:
             width = height = None
             if body.size and body.size != "auto":
                 width, height = _openai_size(body.size)
-            choice = self.core.model_choice(body.model)
-            job = ImageJob(
-                prompt=body.prompt,
-                n=body.n,
-                width=width,
-                height=height,
-                steps=self.core.steps_for_quality(choice, body.quality),
-                tags={"user": body.user} if body.user else {},
-                **choice,
-            )
+            job = self._openai_job(body, width, height)
             requests, images = await self._render(job)
             return await self._openai_images(request, body, requests, images, fmt, encoder_quality)
 
@@ -893,17 +898,7 @@ class Ingress:
                 if inpaint
                 else mode_settings(mode="img2img", strength=self.config.edit_strength, resize_mode="crop")
             )
-            choice = self.core.model_choice(body.model)
-            job = ImageJob(
-                prompt=body.prompt,
-                n=body.n,
-                width=width,
-                height=height,
-                steps=self.core.steps_for_quality(choice, body.quality),
-                tags={"user": body.user} if body.user else {},
-                image_input=ImageInput(settings, image, mask),
-                **choice,
-            )
+            job = self._openai_job(body, width, height, ImageInput(settings, image, mask))
             requests, images = await self._render(job)
             return await self._openai_images(request, body, requests, images, fmt, encoder_quality)
 
