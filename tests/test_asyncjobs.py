@@ -392,6 +392,56 @@ def test_runner_hands_webhooks_to_its_delivery_worker_in_order_without_waiting_f
     assert [e["event"] for e in store.events(job.id, "webhook_delivered")] == ["started", "succeeded"]
 
 
+def test_state_changes_wait_in_the_outbox_until_a_runner_delivers_them_once_with_a_stable_id(store, receiver):
+    from app.asyncjobs.runner import JobRunner
+
+    rx = receiver([])
+    events = ["started", "succeeded", "cancelled"]
+    hook = webhooks.check_webhook_request({"url": rx.url, "events": events}, allow_private=True)
+    job, _ = store.create("t", {}, webhook=hook)
+    quiet, _ = store.create("t", {"n": 2})  # no webhook: nothing owed
+    # A runner dies after starting the job and again after its end, before any webhook went out.
+    store.transition(job.id, "running", submissions=["sub-1"])
+    store.transition(quiet.id, "running", submissions=["sub-q"])
+    store.transition(job.id, "succeeded")
+    box = store.load(job.id).outbox
+    assert [(e["key"], e["event"], e.get("submission_id")) for e in box] == [
+        ("1-started", "started", "sub-1"),
+        ("2-succeeded", "succeeded", None),
+    ]
+    assert store.load(quiet.id).outbox == [] and "outbox" not in store.load(job.id).public()
+
+    def runner() -> JobRunner:  # a fresh process: it knows only what the store says
+        return JobRunner(
+            store, submit.RayJobs(""), QueuePolicy(), webhooks.WebhookDispatcher(store, allow_private=True)
+        )
+
+    runner().flush_outbox()
+    got = [(json.loads(b)["type"], h["webhook-id"]) for h, b in rx.got]
+    assert got == [
+        ("job.started", webhooks.message_id(job.id, "1-started")),
+        ("job.succeeded", webhooks.message_id(job.id, "2-succeeded")),
+    ]
+    assert json.loads(rx.got[0][1])["data"]["submission_id"] == "sub-1"
+    assert json.loads(rx.got[1][1])["data"]["progress"]["images_done"] == 0
+    assert all(readme_verify()(hook["secret"], h, b) for h, b in rx.got)
+
+    again = runner()
+    again.flush_outbox()
+    assert len(rx.got) == 2  # settled entries are not sent again by the next runner
+
+    # A change made by someone else (a cancel through the ingress) reaches the receiver too.
+    other, _ = store.create("t", {"n": 3}, webhook=hook)
+    store.transition(other.id, "cancelled")
+    again.flush_outbox()
+    assert json.loads(rx.got[-1][1])["type"] == "job.cancelled" and len(rx.got) == 3
+    # Entries older than the outbox's window are left alone.
+    late, _ = store.create("t", {"n": 4}, webhook=hook)
+    store.transition(late.id, "cancelled")
+    runner().flush_outbox(now=store.load(late.id).outbox[0]["at"] + 2 * 24 * 3600)
+    assert len(rx.got) == 3
+
+
 def test_webhook_gives_up_on_a_client_error_and_records_it(store, receiver):
     rx = receiver([410])
     hook = webhooks.check_webhook_request({"url": rx.url, "events": ["failed"]}, allow_private=True)

@@ -96,12 +96,14 @@ def test_job_is_cancelled_resumed_and_finishes_with_each_image_once(ray_head, mo
         assert p["images_done"] == 8 and p["images_total"] == 8 and p["cpu_seconds"] > 0
         assert len(final.submissions) == 2
 
-        # The runner delivered `started` and then `succeeded`, each signed.
+        # The runner delivered what the job's outbox owed, in order, each signed: both starts
+        # (the first made before any runner existed) and the end.
         kinds = [json.loads(body)["type"] for _, body in rx.got]
-        assert kinds == ["job.started", "job.succeeded"]
+        assert kinds == ["job.started", "job.started", "job.succeeded"]
+        assert [json.loads(b)["data"]["submission_id"] for _, b in rx.got[:2]] == final.submissions
         for headers, body in rx.got:
             assert readme_verify()(hook["secret"], headers, body)
         assert json.loads(rx.got[-1][1])["data"]["progress"]["images_done"] == 8
-        assert len(store.events(rec.id, "webhook_delivered")) == 2
+        assert len(store.events(rec.id, "webhook_delivered")) == 3
     finally:
         rx.close()

@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -162,13 +164,43 @@ class Cluster:
         for temp in self.temps:
             shutil.rmtree(temp, ignore_errors=True)
 
+    def diagnosis(self) -> str:
+        """What a failure report needs: the error lines of every head's Serve and job logs and the
+        tail of `imagefab serve`'s own output (the cluster's temp folders are removed at the end)."""
+        lines: list[str] = []
+        for temp in self.temps:
+            for log in sorted((temp / "session_latest" / "logs").glob("**/*.log")):
+                if "serve" not in str(log) and "job-driver" not in log.name:
+                    continue
+                try:
+                    text = log.read_text(errors="replace").splitlines()
+                except OSError:
+                    continue
+                hits = [i for i, line in enumerate(text) if "Traceback" in line or " ERROR " in line]
+                for i in hits[-3:]:
+                    lines.append(f"--- {log.name}:{i + 1}")
+                    lines.extend(text[i : i + 25])
+        return "\n".join([*lines[-300:], "--- imagefab serve:", self._log("serve")])
+
+    @contextmanager
+    def explained(self):
+        """Failures inside report what the server and the cluster logged."""
+        try:
+            yield
+        except (AssertionError, pytest.fail.Exception) as e:
+            raise AssertionError(f"{e}\n{self.diagnosis()}") from e
+
     def _log(self, which: str) -> str:
         path = self.tmp / f"{which}-{self.starts}.log"
         return path.read_text()[-3000:] if path.exists() else ""
 
     # --- HTTP --------------------------------------------------------------------------------
     def job(self, job_id: str) -> dict:
-        r = httpx.get(f"{self.url}/v1/jobs/{job_id}", timeout=30)
+        for _ in range(5):  # a client repeats a 503 after its Retry-After (the store busy a moment)
+            r = httpx.get(f"{self.url}/v1/jobs/{job_id}", timeout=30)
+            if r.status_code != 503:
+                break
+            time.sleep(float(r.headers.get("retry-after", "1")))
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -216,72 +248,76 @@ def rows(n: int, tag: str) -> list[dict]:
 
 
 def test_posted_job_is_run_by_the_server_survives_a_serve_restart_and_sends_a_signed_webhook(cluster):
-    rx = Receiver([])
-    try:
-        body = {
-            "spec": SPEC,
-            "rows": rows(4, "S"),
-            "webhook": {"url": rx.url, "events": ["started", "succeeded"]},
-        }
-        r = httpx.post(f"{cluster.url}/v1/jobs", json=body, headers={"idempotency-key": "serve-restart"}, timeout=30)
-        assert r.status_code == 202, r.text
-        job = r.json()
-        secret = job["webhook_secret"]
+    with cluster.explained():
+        rx = Receiver([])
+        try:
+            body = {
+                "spec": SPEC,
+                "rows": rows(4, "S"),
+                "webhook": {"url": rx.url, "events": ["started", "succeeded"]},
+            }
+            r = httpx.post(
+                f"{cluster.url}/v1/jobs", json=body, headers={"idempotency-key": "serve-restart"}, timeout=30
+            )
+            assert r.status_code == 202, r.text
+            job = r.json()
+            secret = job["webhook_secret"]
 
-        # Nobody but the server's runner starts it.
-        running = cluster.wait_first_image(job["id"])
-        assert running["state"] == "running" and len(running["submissions"]) == 1
+            # Nobody but the server's runner starts it.
+            running = cluster.wait_first_image(job["id"])
+            assert running["state"] == "running" and len(running["submissions"]) == 1
 
-        cluster.stop_serve()  # the Ray job is not Serve's: it goes on rendering meanwhile
-        cluster.start_serve()
-        listed = httpx.get(f"{cluster.url}/v1/jobs", timeout=30).json()["data"]
-        assert job["id"] in [j["id"] for j in listed]
-        assert cluster.job(job["id"])["state"] in ("running", "succeeded")
+            cluster.stop_serve()  # the Ray job is not Serve's: it goes on rendering meanwhile
+            cluster.start_serve()
+            listed = httpx.get(f"{cluster.url}/v1/jobs", timeout=30).json()["data"]
+            assert job["id"] in [j["id"] for j in listed]
+            assert cluster.job(job["id"])["state"] in ("running", "succeeded")
 
-        done = cluster.wait_state(job["id"], {"succeeded"}, 400)
-        assert done["progress"]["images_done"] == done["progress"]["images_total"] == 8
-        assert len(done["submissions"]) == 1  # followed to the end, never started again
-        images = cluster.images(job["id"])
-        ids = [i["image_id"] for i in images]
-        assert len(ids) == len(set(ids)) == 8 and all(i["url"] for i in images)
-        assert sorted(cluster.catalogued(done["run_id"])) == sorted(ids)
+            done = cluster.wait_state(job["id"], {"succeeded"}, 400)
+            assert done["progress"]["images_done"] == done["progress"]["images_total"] == 8
+            assert len(done["submissions"]) == 1  # followed to the end, never started again
+            images = cluster.images(job["id"])
+            ids = [i["image_id"] for i in images]
+            assert len(ids) == len(set(ids)) == 8 and all(i["url"] for i in images)
+            assert sorted(cluster.catalogued(done["run_id"])) == sorted(ids)
 
-        # Signed deliveries, sent by the runner of the first server and of the second.
-        wait_for(lambda: any(json.loads(b)["type"] == "job.succeeded" for _, b in rx.got), 60, "the webhook")
-        kinds = [json.loads(body)["type"] for _, body in rx.got]
-        assert kinds[0] == "job.started" and kinds[-1] == "job.succeeded", kinds
-        verify = readme_verify()
-        assert all(verify(secret, headers, body) for headers, body in rx.got)
-        assert json.loads(rx.got[-1][1])["data"]["progress"]["images_done"] == 8
+            # Signed deliveries, sent by the runner of the first server and of the second.
+            wait_for(lambda: any(json.loads(b)["type"] == "job.succeeded" for _, b in rx.got), 60, "the webhook")
+            kinds = [json.loads(body)["type"] for _, body in rx.got]
+            assert kinds[0] == "job.started" and kinds[-1] == "job.succeeded", kinds
+            verify = readme_verify()
+            assert all(verify(secret, headers, body) for headers, body in rx.got)
+            assert json.loads(rx.got[-1][1])["data"]["progress"]["images_done"] == 8
 
-        # A finished job is not started again.
-        r = httpx.post(f"{cluster.url}/v1/jobs/{job['id']}/resume", timeout=30)
-        assert r.status_code == 409, r.text
-    finally:
-        rx.close()
+            # A finished job is not started again.
+            r = httpx.post(f"{cluster.url}/v1/jobs/{job['id']}/resume", timeout=30)
+            assert r.status_code == 409, r.text
+        finally:
+            rx.close()
 
 
 def test_a_head_killed_mid_job_loses_nothing_and_resume_completes_it(cluster):
-    body = {"spec": {**SPEC, "steps": 4}, "rows": rows(6, "H")}
-    job = httpx.post(f"{cluster.url}/v1/jobs", json=body, timeout=30).json()
-    running = cluster.wait_first_image(job["id"])
-    assert running["progress"]["images_done"] < 12, "the job ended before the head was killed"
+    with cluster.explained():
+        body = {"spec": {**SPEC, "steps": 4}, "rows": rows(6, "H")}
+        job = httpx.post(f"{cluster.url}/v1/jobs", json=body, timeout=30).json()
+        running = cluster.wait_first_image(job["id"])
+        assert running["progress"]["images_done"] < 12, "the job ended before the head was killed"
 
-    cluster.kill_head()
-    cluster.start_head()
-    cluster.start_serve()
+        cluster.kill_head()
+        cluster.start_head()
+        cluster.start_serve()
 
-    # Listed, and its state is the truth: the new head has no record of its Ray job.
-    assert job["id"] in [j["id"] for j in httpx.get(f"{cluster.url}/v1/jobs", timeout=30).json()["data"]]
-    failed = cluster.wait_state(job["id"], {"failed"}, 120)
-    assert "resume" in failed["error"]
-    kept = failed["progress"]["images_done"]
-    assert len(set(cluster.catalogued(job["run_id"]))) == kept
+        # Listed, and its state is the truth: the new head has no record of its Ray job.
+        assert job["id"] in [j["id"] for j in httpx.get(f"{cluster.url}/v1/jobs", timeout=30).json()["data"]]
+        failed = cluster.wait_state(job["id"], {"failed"}, 120)
+        assert "resume" in failed["error"]
+        kept = failed["progress"]["images_done"]
+        assert len(set(cluster.catalogued(job["run_id"]))) == kept
 
-    r = httpx.post(f"{cluster.url}/v1/jobs/{job['id']}/resume", timeout=30)
-    assert r.status_code == 200 and r.json()["state"] == "queued", r.text
-    done = cluster.wait_state(job["id"], {"succeeded"}, 400)
-    assert len(done["submissions"]) == 2
-    ids = cluster.catalogued(job["run_id"])
-    assert len(ids) == len(set(ids)) == 12
-    assert sorted(i["image_id"] for i in cluster.images(job["id"])) == sorted(ids)
+        r = httpx.post(f"{cluster.url}/v1/jobs/{job['id']}/resume", timeout=30)
+        assert r.status_code == 200 and r.json()["state"] == "queued", r.text
+        done = cluster.wait_state(job["id"], {"succeeded"}, 400)
+        assert len(done["submissions"]) == 2
+        ids = cluster.catalogued(job["run_id"])
+        assert len(ids) == len(set(ids)) == 12
+        assert sorted(i["image_id"] for i in cluster.images(job["id"])) == sorted(ids)

@@ -23,6 +23,7 @@ from app.asyncjobs import batch, submit, webhooks
 from app.asyncjobs.queue import QueuePolicy, queue_position
 from app.asyncjobs.records import JobError, JobNotFound, JobRecord, JobStore
 from app.serve.bodies import strict_json, text_problem
+from app.storage import StorageError
 
 router = APIRouter(tags=["jobs"])
 
@@ -165,6 +166,14 @@ async def _answer(work) -> Response:
         return await work()
     except JobError as e:
         return _error(e)
+    except StorageError as e:
+        # The output store (job records, the catalog) cannot be read or written right now: the
+        # request may be repeated; the message names the store.
+        return JSONResponse(
+            status_code=503,
+            content={"error": {"message": str(e), "type": "server_error", "param": None, "code": 503}},
+            headers={"Retry-After": "5"},
+        )
 
 
 Service = Depends(jobs_service)

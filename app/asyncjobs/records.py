@@ -95,6 +95,7 @@ class JobRecord:
     webhook: dict | None = None  # {"url", "events", "secret", "progress_every_images", "progress_every_s"}
     error: str | None = None
     metadata: dict = field(default_factory=dict)
+    outbox: list[dict] = field(default_factory=list)  # webhook events owed to the receiver (`_add_to_outbox`)
 
     def public(self) -> dict:
         """What a client may see: everything but the webhook's signing secret."""
@@ -102,7 +103,26 @@ class JobRecord:
         if d["webhook"]:
             d["webhook"] = {k: v for k, v in d["webhook"].items() if k != "secret"}
         d.pop("tenant")
+        d.pop("outbox")
         return d
+
+
+# The webhook event a state change is, for a job whose webhook asked for it.
+STATE_EVENT = {"running": "started", "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+
+
+def _add_to_outbox(rec: JobRecord, state: str, at: float) -> None:
+    """The webhook outbox: each state change the job's webhook asked for is recorded in the same
+    write as the change itself, so a runner that dies before sending it (or a change made by the
+    ingress, such as a cancel) still gets its webhook: the next runner sends what is in the outbox
+    and not yet delivered (app/asyncjobs/runner.py). Entries are only ever appended."""
+    event = STATE_EVENT.get(state)
+    if event is None or not rec.webhook or event not in rec.webhook.get("events", ()):
+        return
+    entry: dict[str, Any] = {"key": f"{len(rec.outbox) + 1}-{event}", "event": event, "at": at}
+    if event == "started" and rec.submissions:
+        entry["submission_id"] = rec.submissions[-1]
+    rec.outbox.append(entry)
 
 
 @dataclass(frozen=True)
@@ -194,6 +214,7 @@ class JobStore:
             if not hasattr(rec, k):
                 raise JobError(f"a job record has no field {k!r}")
             setattr(rec, k, v)
+        _add_to_outbox(rec, state, now)
         self.save(rec)
         self.event(job_id, "state", state=state, **{k: v for k, v in changes.items() if k in ("error",)})
         return rec

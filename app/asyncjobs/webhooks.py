@@ -43,6 +43,11 @@ class WebhookTargetRefused(JobError):
     """The webhook URL is not one the server will send to; the message says why."""
 
 
+def message_id(job_id: str, key: str) -> str:
+    """The `webhook-id` of an outbox entry: the same on every attempt and from every runner."""
+    return "msg_" + hashlib.sha256(f"{job_id}\0{key}".encode()).hexdigest()[:32]
+
+
 def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
@@ -203,16 +208,20 @@ class WebhookDispatcher:
     sleep: Callable[[float], None] = time.sleep
     resolve: Resolver = _resolve
 
-    def deliver(self, job_id: str, event_type: str, data: dict) -> bool:
+    def deliver(self, job_id: str, event_type: str, data: dict, *, key: str | None = None) -> bool:
+        """Send one event. `key` names an outbox entry (app/asyncjobs/records.py): its message id
+        is derived from it, so a resend after a restart carries the same `webhook-id` and a
+        receiver can drop the duplicate, and its outcome events say which entry they settle."""
         rec = self.store.load(job_id)
         hook = rec.webhook
         if not hook or event_type not in hook.get("events", ()):
             return False
-        msg_id = f"msg_{uuid.uuid4().hex}"
+        msg_id = message_id(job_id, key) if key else f"msg_{uuid.uuid4().hex}"
+        keyed = {"key": key} if key else {}
         payload = {"type": f"job.{event_type}", "timestamp": time.time(), "data": {"id": job_id, **data}}
         body = json.dumps(payload, separators=(",", ":")).encode()
         for attempt in range(1, self.attempts + 1):
-            outcome: dict[str, Any] = {"message_id": msg_id, "event": event_type, "attempt": attempt}
+            outcome: dict[str, Any] = {"message_id": msg_id, "event": event_type, "attempt": attempt, **keyed}
             try:
                 # Checked again at every attempt: the name may resolve elsewhere now.
                 target = check_target(hook["url"], allow_private=self.allow_private, resolve=self.resolve)
@@ -233,11 +242,15 @@ class WebhookDispatcher:
                 outcome["error"] = f"{type(e).__name__}: {e}"
             self.store.event(job_id, "webhook_attempt", **outcome)
             if 200 <= status < 300:
-                self.store.event(job_id, "webhook_delivered", message_id=msg_id, event=event_type, attempts=attempt)
+                self.store.event(
+                    job_id, "webhook_delivered", message_id=msg_id, event=event_type, attempts=attempt, **keyed
+                )
                 return True
             if 400 <= status < 500 and status not in (408, 429):
                 break
             if attempt < self.attempts:
                 self.sleep(self.backoff_s * 2 ** (attempt - 1))
-        self.store.event(job_id, "webhook_failed", message_id=msg_id, event=event_type, attempts=attempt, final=True)
+        self.store.event(
+            job_id, "webhook_failed", message_id=msg_id, event=event_type, attempts=attempt, final=True, **keyed
+        )
         return False

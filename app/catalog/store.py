@@ -154,7 +154,10 @@ class CatalogStore:
             schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string()))
             table = schema.empty_table()
             return table.select(columns) if columns else table
-        return ds.to_table(columns=columns, filter=filter)
+        try:
+            return ds.to_table(columns=columns, filter=filter)
+        except (OSError, pa.ArrowInvalid) as e:  # a file unreadable, the store gone mid-read
+            raise StorageError(f"{self.output.uri_of(CATALOG_DIR)}: cannot read catalog ({e})") from e
 
     def done_ids(self) -> set[str]:
         """Ids a rerun must not render again: every id in the catalog except those that only
