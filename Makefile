@@ -34,6 +34,8 @@ mlflow: setup
 # wait on Ray, subprocesses or a compiler, so two overlap well on 2 cores (measured: 15:42 serial,
 # 12:30 with two, warm caches). Every test uses its own ports, folders and Ray.
 XDIST ?= -n 2 --dist loadfile
+# The slowest tests are listed at the end of every run, so a slow one is seen where it is added.
+DURATIONS ?= --durations=15
 
 # ruff (lint and format) over the whole tree; runs before the tests, so a style slip fails fast.
 lint: setup
@@ -42,7 +44,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: setup lint
-	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(DURATIONS) $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q $(XDIST) -m 'not slow' $(PYTEST_ARGS)
