@@ -75,16 +75,18 @@ class JobRunner:
             self.last_tick_at = time.time()
 
     def _tick(self) -> None:
-        for rec in self.store.all():
+        # One read of the store per tick; a record this tick changes replaces its entry.
+        jobs = {rec.id: rec for rec in self.store.all()}
+        for rec in list(jobs.values()):
             if rec.state == "running":
                 try:
-                    self._follow(rec)
+                    jobs[rec.id] = self._follow(rec)
                     self._problems.pop(("follow", rec.id), None)
                 except Exception as e:  # the cluster or the store unreachable, another runner first: next tick
                     if self._is_new(("follow", rec.id), str(e)):
                         log.warning("job %s: cannot follow (%s: %s)", rec.id, type(e).__name__, e)
         # A job just created has its spec written a moment later; until then it waits, holding no slot.
-        ready = [r for r in self.store.all() if r.state != "queued" or r.spec_uri]
+        ready = [r for r in jobs.values() if r.state != "queued" or r.spec_uri]
         for rec in next_to_start(ready, self.policy):
             try:
                 started = self.ray_jobs.start(self.store, rec)
@@ -94,18 +96,19 @@ class JobRunner:
                     log.warning("job %s: cannot start (%s)", rec.id, e)
                     self.store.event(rec.id, "start_failed", error=str(e))
                 continue
+            jobs[rec.id] = started
             self._problems.pop(("start", rec.id), None)
             log.info("job %s: started as Ray job %s", rec.id, started.submissions[-1])
-        self.flush_outbox()
+        self.flush_outbox(list(jobs.values()))
 
-    def _follow(self, rec: JobRecord) -> None:
+    def _follow(self, rec: JobRecord) -> JobRecord:
         now = self.ray_jobs.sync(self.store, rec)
         if now.state in TERMINAL:
             log.info("job %s: %s", now.id, now.state)
-            return  # its webhook is in the outbox
+            return now  # its webhook is in the outbox
         hook = now.webhook or {}
         if "progress" not in hook.get("events", ()):
-            return
+            return now
         p = progress(self.store, now)
         last = now.metadata.get("progress_sent", {"at": now.started_at or 0.0, "images": 0})
         every_n, every_s = hook.get("progress_every_images"), hook.get("progress_every_s", 60.0)
@@ -115,17 +118,19 @@ class JobRunner:
             now.metadata["progress_sent"] = {"at": time.time(), "images": p["images_done"]}
             self.store.update(now)
             self.notify(now, "progress", {"state": "running", "progress": p})
+        return now
 
     # --- the outbox ------------------------------------------------------------------------------
 
-    def flush_outbox(self, now: float | None = None) -> None:
-        """Hand every outbox entry not yet settled to the delivery worker, oldest first. Entries
-        older than `OUTBOX_WINDOW_S` are left: a receiver down for that long has stopped listening
-        (Standard Webhooks' own retry schedule ends within about a day)."""
+    def flush_outbox(self, jobs: list[JobRecord] | None = None, *, now: float | None = None) -> None:
+        """Hand every outbox entry not yet settled to the delivery worker, oldest first (of `jobs`,
+        else of every job in the store). Entries older than `OUTBOX_WINDOW_S` are left: a
+        receiver down for that long has stopped listening (Standard Webhooks' own retry schedule
+        ends within about a day)."""
         if self.dispatcher is None:
             return
         now = time.time() if now is None else now
-        for rec in self.store.all():
+        for rec in self.store.all() if jobs is None else jobs:
             fresh = [e for e in rec.outbox if now - e["at"] < OUTBOX_WINDOW_S]
             if not rec.webhook or not fresh:
                 continue
