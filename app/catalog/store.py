@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -24,6 +25,7 @@ from app.storage import OutputStore, StorageError
 CATALOG_DIR = "catalog"
 COMPACTED_PREFIX = "compacted-"  # compacted-<hash of the inputs>.parquet
 MANIFEST_PREFIX = "_compaction-"  # _compaction-<same hash>.json: the commit of that file
+READ_ATTEMPTS = 5  # listings a read makes when compaction deletes a file under it
 
 
 def manifest_name(compacted: str) -> str:
@@ -149,15 +151,28 @@ class CatalogStore:
         return old
 
     def read(self, columns: list[str] | None = None, filter=None) -> pa.Table:
-        ds = self.dataset()
-        if ds is None:
-            schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string()))
-            table = schema.empty_table()
-            return table.select(columns) if columns else table
-        try:
-            return ds.to_table(columns=columns, filter=filter)
-        except (OSError, pa.ArrowInvalid) as e:  # a file unreadable, the store gone mid-read
-            raise StorageError(f"{self.output.uri_of(CATALOG_DIR)}: cannot read catalog ({e})") from e
+        """The live rows. A compaction (a run's closing one, or `imagefab catalog compact`) may
+        delete batch files this read has just listed: the rows are then in the compacted file
+        already committed, and the read lists again. Other failures are a `StorageError`."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                ds = self.dataset()
+                if ds is None:
+                    schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(
+                        pa.field("run_id", pa.string())
+                    )
+                    table = schema.empty_table()
+                    return table.select(columns) if columns else table
+                return ds.to_table(columns=columns, filter=filter)
+            except (OSError, pa.ArrowInvalid) as e:  # a file gone or unreadable, the store away
+                gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
+                if gone and attempt < READ_ATTEMPTS - 1:
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                if isinstance(e, StorageError):
+                    raise
+                raise StorageError(f"{self.output.uri_of(CATALOG_DIR)}: cannot read catalog ({e})") from e
+        raise AssertionError("unreachable")
 
     def done_ids(self) -> set[str]:
         """Ids a rerun must not render again: every id in the catalog except those that only
