@@ -328,6 +328,43 @@ def test_progress_and_images_come_from_the_jobs_catalog_rows(store):
     assert {r["image_id"] for r in page + page2} == {f"{rec.run_id}-{i}" for i in range(4)}
 
 
+def test_progress_reads_through_the_compactions_of_a_running_job(store):
+    """A run compacts its partition at its end (and again after a resume), deleting the files it
+    merged while the server may be reading them: progress lists again, never answering with an
+    error or with fewer images than before."""
+    from app.catalog.compact import compact
+
+    job, _ = store.create("t", {})
+    store.transition(job.id, "running")
+    rec = store.load(job.id)
+    done = threading.Event()
+
+    def run():
+        n = 0
+        try:
+            for _ in range(6):
+                for _ in range(6):
+                    rows = []
+                    for _ in range(2):
+                        r = empty_row()
+                        r.update(image_id=f"{rec.run_id}-{n}", status="accepted", created_at=datetime.now(UTC))
+                        rows.append(r)
+                        n += 1
+                    CatalogStore(store.output).append(rows, run_id=rec.run_id, date="2026-01-01")
+                compact(store.output, partitions=[("2026-01-01", rec.run_id)])
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    seen = [0]
+    while not done.is_set():
+        seen.append(submit.progress(store, rec)["images_done"])
+        assert seen[-1] >= seen[-2]
+    writer.join()
+    assert submit.progress(store, rec)["images_done"] == 72 and len(seen) > 10
+
+
 # --- webhooks ----------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from app.asyncjobs.queue import QueuePolicy
 from app.asyncjobs.records import JOBS_DIR, JobError, JobRecord, JobStore
 from app.catalog.store import CatalogStore
 from app.spec import JobSpec, SpecError, parse_spec
+from app.storage import StorageError
 
 RAY_TO_STATE = {
     "PENDING": "running",  # submitted: Ray is starting the driver
@@ -230,15 +231,17 @@ class RayJobs:
 
 def run_rows(store: JobStore, rec: JobRecord, columns: list[str], *, attempts: int = 5) -> pa.Table:
     """The job's catalog rows. The run's end compacts its partition (app/catalog/compact.py), which
-    deletes the batch files it merged: a read that listed them a moment before finds one gone
-    (FileNotFoundError), and listing again finds the compacted file that holds the same rows."""
+    deletes the files it merged (batch files, or an earlier compacted file after a resume): a read
+    that listed them a moment before finds one gone (FileNotFoundError, or the catalog's
+    StorageError over it), and listing again finds the compacted file that holds the same rows."""
     for attempt in range(attempts):
         try:
             return CatalogStore(store.output).read(columns, filter=pads.field("run_id") == rec.run_id)
-        except FileNotFoundError:
-            if attempt == attempts - 1:
+        except (FileNotFoundError, StorageError) as e:
+            gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
+            if not gone or attempt == attempts - 1:
                 raise
-            time.sleep(0.1 * (attempt + 1))
+            time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
 
 
