@@ -122,81 +122,91 @@ def test_a_200_row_job_keeps_to_the_bulk_lane_beside_serve_and_ends_signed_and_p
     rx = Receiver([])
     watch = ActorWatch(c.dashboard)
     try:
-        rows = [{"sku": f"L{i:03d}", "prompt": f"studio photo of item {i}"} for i in range(ROWS)]
-        body = {"spec": SPEC, "rows": rows, "webhook": {"url": rx.url, "events": ["started", "succeeded"]}}
-        r = httpx.post(f"{c.url}/v1/jobs", json=body, headers={"idempotency-key": "lanes-200"}, timeout=60)
-        assert r.status_code == 202, r.text
-        job = r.json()
-        secret = job["webhook_secret"]
-        assert job["progress"]["images_total"] == ROWS
+        with c.explained():  # a failure reports what the server and the cluster logged
+            rows = [{"sku": f"L{i:03d}", "prompt": f"studio photo of item {i}"} for i in range(ROWS)]
+            body = {"spec": SPEC, "rows": rows, "webhook": {"url": rx.url, "events": ["started", "succeeded"]}}
+            r = httpx.post(f"{c.url}/v1/jobs", json=body, headers={"idempotency-key": "lanes-200"}, timeout=60)
+            assert r.status_code == 202, r.text
+            job = r.json()
+            secret = job["webhook_secret"]
+            assert job["progress"]["images_total"] == ROWS
 
-        # The server counted the cluster's GPUs: the job was submitted in the lane, capped at its size.
-        written = yaml.safe_load((c.out / "jobs" / job["id"] / "spec.yaml").read_text())
-        assert written["compute"]["generators"] == LANE and written["compute"]["accelerator_resource"] == "gpu_bulk"
+            # The server counted the cluster's GPUs: the job was submitted in the lane, capped at its size.
+            written = yaml.safe_load((c.out / "jobs" / job["id"] / "spec.yaml").read_text())
+            assert written["compute"]["generators"] == LANE and written["compute"]["accelerator_resource"] == "gpu_bulk"
 
-        c.wait_first_image(job["id"])
-        # While it renders: an actor asking for a GPU only is placed on a GPU kept for Serve ...
-        ray_jobs = JobSubmissionClient(c.dashboard)
-        probe = ray_jobs.submit_job(entrypoint=shlex.join([sys.executable, "-c", SERVE_LIKE]))
-        status = wait_for(
-            lambda: (s := ray_jobs.get_job_status(probe)).is_terminal() and s, 180, "the Serve-like actor's job"
-        )
-        assert status == JobStatus.SUCCEEDED, ray_jobs.get_job_logs(probe)[-3000:]
-        assert "serve-like actor got GPU" in ray_jobs.get_job_logs(probe)
-        # ... and Serve's own generator replica answers.
-        t0 = time.time()
-        gen = httpx.post(
-            f"{c.url}/v1/generate", json={"prompt": "a red boot", "width": 64, "height": 64, "steps": 1}, timeout=120
-        )
-        assert gen.status_code == 200, gen.text
-        during = c.job(job["id"])
-        assert during["state"] == "running" and during["progress"]["images_done"] < ROWS, (
-            "the job ended before the Serve-side checks, which then prove nothing; "
-            f"they took {time.time() - t0:.0f} s after the probe"
-        )
+            c.wait_first_image(job["id"])
+            # While it renders: an actor asking for a GPU only is placed on a GPU kept for Serve ...
+            ray_jobs = JobSubmissionClient(c.dashboard)
+            probe = ray_jobs.submit_job(entrypoint=shlex.join([sys.executable, "-c", SERVE_LIKE]))
+            status = wait_for(
+                lambda: (s := ray_jobs.get_job_status(probe)).is_terminal() and s, 180, "the Serve-like actor's job"
+            )
+            assert status == JobStatus.SUCCEEDED, ray_jobs.get_job_logs(probe)[-3000:]
+            assert "serve-like actor got GPU" in ray_jobs.get_job_logs(probe)
+            # ... and Serve's own generator replica answers.
+            t0 = time.time()
+            gen = httpx.post(
+                f"{c.url}/v1/generate",
+                json={"prompt": "a red boot", "width": 64, "height": 64, "steps": 1},
+                timeout=120,
+            )
+            assert gen.status_code == 200, gen.text
+            during = c.job(job["id"])
+            assert during["state"] == "running" and during["progress"]["images_done"] < ROWS, (
+                "the job ended before the Serve-side checks, which then prove nothing; "
+                f"they took {time.time() - t0:.0f} s after the probe"
+            )
 
-        done = c.wait_state(job["id"], {"succeeded"}, 600)
-        watch.close()
-        assert done["progress"]["images_done"] == ROWS and done["progress"]["counts"]["failed"] == 0
-        # Never more bulk generators than the lane, none asked for beyond it; Serve's replica on a GPU of its own.
-        assert watch.most_bulk == watch.most_bulk_asked == LANE
-        assert watch.serve_generators and all(
-            res.get("GPU") == 1 and "gpu_bulk" not in res for res in watch.serve_generators
-        )
-        # Each generator held a fake GPU and rendered on the CPU.
-        cat = CatalogStore(OutputStore.at(str(c.out))).read(["run_id", "accelerator"]).to_pylist()
-        devices = {r["accelerator"].split(":", 1)[0] for r in cat if r["run_id"] == done["run_id"]}
-        assert devices == {"cpu"}
+            done = c.wait_state(job["id"], {"succeeded"}, 600)
+            watch.close()
+            assert done["progress"]["images_done"] == ROWS and done["progress"]["counts"]["failed"] == 0
+            # Never more bulk generators than the lane, none asked for beyond it; Serve's replica on a GPU of its own.
+            assert watch.most_bulk == watch.most_bulk_asked == LANE
+            assert watch.serve_generators and all(
+                res.get("GPU") == 1 and "gpu_bulk" not in res for res in watch.serve_generators
+            )
+            # Each generator held a fake GPU and rendered on the CPU.
+            cat = CatalogStore(OutputStore.at(str(c.out))).read(["run_id", "accelerator"]).to_pylist()
+            devices = {r["accelerator"].split(":", 1)[0] for r in cat if r["run_id"] == done["run_id"]}
+            assert devices == {"cpu"}
 
-        # The webhook: signed as the README's snippet checks.
-        wait_for(lambda: any(json.loads(b)["type"] == "job.succeeded" for _, b in rx.got), 60, "the webhook")
-        verify = readme_verify()
-        assert [json.loads(b)["type"] for _, b in rx.got] == ["job.started", "job.succeeded"]
-        assert all(verify(secret, headers, b) for headers, b in rx.got)
-        assert not verify(secret, rx.got[-1][0], rx.got[-1][1] + b" ")
-        assert json.loads(rx.got[-1][1])["data"]["progress"]["images_done"] == ROWS
+            # The webhook: signed as the README's snippet checks.
+            wait_for(lambda: any(json.loads(b)["type"] == "job.succeeded" for _, b in rx.got), 60, "the webhook")
+            verify = readme_verify()
+            # At least once: a resend keeps its webhook-id, by which a receiver deduplicates.
+            events = {h["webhook-id"]: json.loads(b)["type"] for h, b in rx.got}
+            assert list(events.values()) == ["job.started", "job.succeeded"]
+            assert all(verify(secret, headers, b) for headers, b in rx.got)
+            assert not verify(secret, rx.got[-1][0], rx.got[-1][1] + b" ")
+            assert json.loads(rx.got[-1][1])["data"]["progress"]["images_done"] == ROWS
 
-        # Its images, paged; every URL is signed and serves the image without a key.
-        seen, pages, offset = [], [], 0
-        while True:
-            page = httpx.get(f"{c.url}/v1/jobs/{job['id']}/images", params={"limit": 64, "offset": offset}, timeout=60)
-            assert page.status_code == 200, page.text
-            p = page.json()
-            assert p["total"] == ROWS
-            pages.append((len(p["data"]), p["has_more"]))
-            seen += p["data"]
-            offset += len(p["data"])
-            if not p["has_more"]:
-                break
-        assert pages == [(64, True), (64, True), (64, True), (8, False)]
-        assert len({i["image_id"] for i in seen}) == ROWS
-        assert sorted(i["row_key"] for i in seen) == sorted(r["sku"] for r in rows)
-        with httpx.Client(base_url=c.url, timeout=60) as http:
-            for image in seen:
-                assert "sig=" in image["url"] and image["status"] != "failed", image
-                got = http.get(image["url"])
-                assert got.status_code == 200 and got.headers["content-type"] == "image/png", (image, got.text[:200])
-                assert png_size(got.content) == (64, 64)
+            # Its images, paged; every URL is signed and serves the image without a key.
+            seen, pages, offset = [], [], 0
+            while True:
+                page = httpx.get(
+                    f"{c.url}/v1/jobs/{job['id']}/images", params={"limit": 64, "offset": offset}, timeout=60
+                )
+                assert page.status_code == 200, page.text
+                p = page.json()
+                assert p["total"] == ROWS
+                pages.append((len(p["data"]), p["has_more"]))
+                seen += p["data"]
+                offset += len(p["data"])
+                if not p["has_more"]:
+                    break
+            assert pages == [(64, True), (64, True), (64, True), (8, False)]
+            assert len({i["image_id"] for i in seen}) == ROWS
+            assert sorted(i["row_key"] for i in seen) == sorted(r["sku"] for r in rows)
+            with httpx.Client(base_url=c.url, timeout=60) as http:
+                for image in seen:
+                    assert "sig=" in image["url"] and image["status"] != "failed", image
+                    got = http.get(image["url"])
+                    assert got.status_code == 200 and got.headers["content-type"] == "image/png", (
+                        image,
+                        got.text[:200],
+                    )
+                    assert png_size(got.content) == (64, 64)
     finally:
         watch.close()
         rx.close()
