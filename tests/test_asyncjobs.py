@@ -131,6 +131,37 @@ def test_bulk_jobs_never_take_the_gpus_kept_for_serve():
     with pytest.raises(JobError, match="more than the cluster"):
         QueuePolicy(cluster_gpus=1, serve_gpus=2)
     assert QueuePolicy().bulk_overrides({}) == {}  # a CPU cluster
+    assert QueuePolicy(cluster_gpus=4).bulk_overrides({"generators": 8}) == {}  # no GPU kept for Serve: no lane
+
+
+def test_the_servers_config_sizes_the_lane_from_the_clusters_gpus_once_and_checks_it(caplog):
+    from app.serve.config import JobsSettings
+    from app.serve.jobrunner import queue_policy, sized_lane
+    from app.spec import SpecError
+
+    kept = JobsSettings(serve_gpus=1)
+    sized = sized_lane(kept, cluster_gpus=4, declared=3, serve_gpu_replicas=1)
+    assert sized.cluster_gpus == 4 and not caplog.records
+    assert queue_policy(sized).bulk_overrides({"generators": 8}) == {
+        "compute.accelerator_resource": "gpu_bulk",
+        "compute.generators": 3,
+    }
+    # Named in the config (an autoscaling cluster whose GPU nodes are not up yet): not counted.
+    named = JobsSettings(serve_gpus=1, cluster_gpus=8, bulk_resource="gpu_batch")
+    assert queue_policy(sized_lane(named, 0, 7, 1)).bulk_overrides({}) == {
+        "compute.accelerator_resource": "gpu_batch",
+        "compute.generators": 7,
+    }
+    with pytest.raises(SpecError, match="jobs.serve_gpus: serve_gpus 5 is more than the cluster's 4 GPUs"):
+        sized_lane(JobsSettings(serve_gpus=5), 4, 0, 1)
+    with pytest.raises(SpecError, match="Serve's generators may use 2 GPU.* but 1 are kept"):
+        sized_lane(kept, 4, 3, serve_gpu_replicas=2)
+    # A cluster that declares another amount of the lane's resource than it has GPUs for: said at start.
+    sized_lane(kept, 4, declared=4, serve_gpu_replicas=1)
+    assert "declare gpu_bulk: 3" in caplog.text
+    # No GPU kept, or none in the cluster: nothing to check, the specs run as written.
+    assert not queue_policy(sized_lane(JobsSettings(), 4, 0, 4)).lane
+    assert not queue_policy(sized_lane(kept, 0, 0, 0)).lane
 
 
 def test_limits_name_themselves(store):
@@ -295,6 +326,43 @@ def test_progress_and_images_come_from_the_jobs_catalog_rows(store):
     assert total == 4 and len(page) == 3
     page2, _ = submit.images(store, rec, limit=3, offset=3)
     assert {r["image_id"] for r in page + page2} == {f"{rec.run_id}-{i}" for i in range(4)}
+
+
+def test_progress_reads_through_the_compactions_of_a_running_job(store):
+    """A run compacts its partition at its end (and again after a resume), deleting the files it
+    merged while the server may be reading them: progress lists again, never answering with an
+    error or with fewer images than before."""
+    from app.catalog.compact import compact
+
+    job, _ = store.create("t", {})
+    store.transition(job.id, "running")
+    rec = store.load(job.id)
+    done = threading.Event()
+
+    def run():
+        n = 0
+        try:
+            for _ in range(6):
+                for _ in range(6):
+                    rows = []
+                    for _ in range(2):
+                        r = empty_row()
+                        r.update(image_id=f"{rec.run_id}-{n}", status="accepted", created_at=datetime.now(UTC))
+                        rows.append(r)
+                        n += 1
+                    CatalogStore(store.output).append(rows, run_id=rec.run_id, date="2026-01-01")
+                compact(store.output, partitions=[("2026-01-01", rec.run_id)])
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    seen = [0]
+    while not done.is_set():
+        seen.append(submit.progress(store, rec)["images_done"])
+        assert seen[-1] >= seen[-2]
+    writer.join()
+    assert submit.progress(store, rec)["images_done"] == 72 and len(seen) > 10
 
 
 # --- webhooks ----------------------------------------------------------------------------------------

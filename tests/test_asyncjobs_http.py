@@ -75,6 +75,27 @@ def test_errors_name_the_field_and_limits_name_themselves(client):
     assert r.status_code == 429 and "max_in_flight_per_key=3" in r.json()["error"]["message"]
 
 
+def test_a_cluster_whose_gpus_are_all_kept_for_serve_refuses_bulk_jobs(tmp_path):
+    from app.serve.config import JobsSettings
+    from app.serve.jobrunner import queue_policy, sized_lane
+
+    settings = sized_lane(JobsSettings(serve_gpus=2), cluster_gpus=2, declared=0, serve_gpu_replicas=2)
+    svc = JobsService(JobStore(OutputStore.at(str(tmp_path / "out"))), queue_policy(settings))
+    app = FastAPI()
+    app.include_router(router)
+    app.dependency_overrides[jobs_service] = lambda: svc
+    client = TestClient(app)
+    r = client.post("/v1/jobs", json={"spec": SPEC, "rows": [{"prompt": "a boot"}]})
+    assert r.status_code == 429, r.text
+    assert "all kept for Serve (serve_gpus=2)" in r.json()["error"]["message"]
+    assert svc.store.all() == []  # refused before anything was recorded
+    # A job recorded before (when the cluster had GPUs to spare) is not resumed into no lane.
+    rec, _ = svc.store.create("anyone", {"n": 1})
+    svc.store.transition(rec.id, "cancelled")
+    r = client.post(f"/v1/jobs/{rec.id}/resume")
+    assert r.status_code == 429 and "serve_gpus=2" in r.text
+
+
 def test_webhook_secret_is_returned_once(client, svc):
     svc.allow_private_webhooks = True
     body = {

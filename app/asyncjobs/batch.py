@@ -16,10 +16,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.dataset as pads
-
 from app.asyncjobs.records import JobError, JobNotFound, JobRecord, JobStore
-from app.catalog.store import CatalogStore
+from app.asyncjobs.submit import run_rows
 from app.serve.bodies import BodyError, strict_json
 from app.storage import StorageError
 
@@ -196,9 +194,7 @@ def batch_object(rec: JobRecord, counts: dict | None = None) -> dict:
 def results(store: JobStore, rec: JobRecord, custom_ids: list[str], url_of) -> tuple[list[dict], list[dict], dict]:
     """Output lines (a request with at least one usable image) and error lines (none, or never
     rendered), in OpenAI's line format, and request_counts. `url_of(row)` gives an image's URL."""
-    t = CatalogStore(store.output).read(
-        ["image_id", "row_key", "status", "error", "uri", "created_at"], filter=pads.field("run_id") == rec.run_id
-    )
+    t = run_rows(store, rec, ["image_id", "row_key", "status", "error", "uri", "created_at"])
     by_key: dict[str, list[dict]] = {}
     for r in t.sort_by([("image_id", "ascending")]).to_pylist():
         by_key.setdefault(r["row_key"], []).append(r)

@@ -69,6 +69,7 @@ class JobsService:
         if body.get("webhook") is not None:
             hook = webhooks.check_webhook_request(body["webhook"], allow_private=self.allow_private_webhooks)
         if idempotency_key is None or self.store._idempotent(tenant, idempotency_key) is None:
+            self.policy.check_lane()  # refused before anything is recorded: no GPU is left for bulk jobs
             self.policy.check_in_flight(tenant, self.store.all())
         if rows is not None:
             self.policy.check_rows(len(rows))
@@ -244,6 +245,7 @@ async def resume_job(job_id: str, request: Request, svc: JobsService = Service):
     async def work():
         tenant = svc.tenant(request)
         rec = svc.store.get(job_id, tenant)
+        svc.policy.check_lane()
         svc.policy.check_in_flight(tenant, svc.store.all())
         return JSONResponse(svc.job_view(svc.store.transition(rec.id, "queued")))
 

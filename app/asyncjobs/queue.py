@@ -3,13 +3,15 @@
 Policy (the README states it too):
   * Order: queued jobs start by priority (higher first), then by submission time, then id. The
     order is what `GET /v1/jobs/{id}` reports as `queue_position` (1 = next to start).
-  * Bulk lane: every bulk generator needs one unit of the custom Ray resource `bulk_resource`
-    (default `gpu_bulk`) besides its GPU. The cluster declares that resource only for the GPUs
-    bulk work may use — `gpu_bulk = cluster GPUs − GPUs kept for Serve` (e.g. `ray start
-    --num-gpus=4 --resources='{"gpu_bulk": 3}'`) — so Ray can never place more bulk generators
-    than that, whatever a spec asks, and Serve's replicas (which ask for a GPU only) always find
-    theirs. A job's `compute.generators` is also capped at that count, so the job does not wait
-    for actors that can never be placed.
+  * Bulk lane: `serve_gpus` GPUs are kept for Serve's generator replicas (`jobs.serve_gpus` in the
+    server's config; 0, the default, keeps none and leaves bulk specs as they are). With some kept,
+    every bulk generator needs one unit of the custom Ray resource `bulk_resource` (default
+    `gpu_bulk`) besides its GPU. The cluster declares that resource only for the GPUs bulk work may
+    use — `gpu_bulk = cluster GPUs − serve_gpus` (e.g. `ray start --num-gpus=4 --resources='{"gpu_bulk":
+    3}'`) — so Ray can never place more bulk generators than that, whatever a spec asks, and Serve's
+    replicas (which ask for a GPU only) always find theirs. A job's `compute.generators` is also
+    capped at that count, so the job does not wait for actors that can never be placed. When every
+    GPU is kept for Serve, a bulk job is refused (429, naming serve_gpus).
   * In flight: a key may have at most `max_in_flight_per_key` jobs queued or running; more is 429.
   * Jobs run `max_running` at a time (default 1: a bulk job uses the whole bulk lane by itself).
 """
@@ -52,15 +54,26 @@ class QueuePolicy:
     def bulk_gpus(self) -> int:
         return max(0, self.cluster_gpus - self.serve_gpus)
 
+    @property
+    def lane(self) -> bool:
+        """Whether bulk jobs keep to the bulk lane: GPUs are kept for Serve on a cluster with GPUs."""
+        return bool(self.cluster_gpus and self.serve_gpus)
+
+    def check_lane(self) -> None:
+        """A bulk job has GPUs to run on (LimitExceeded, 429, when Serve keeps them all)."""
+        if self.lane and not self.bulk_gpus:
+            raise LimitExceeded(
+                f"no GPUs for bulk jobs: the cluster's {self.cluster_gpus} GPU(s) are all kept for Serve "
+                f"(serve_gpus={self.serve_gpus})"
+            )
+
     def bulk_overrides(self, spec_compute: dict[str, Any]) -> dict[str, Any]:
         """The spec fields a bulk job is submitted with: its generators need the bulk resource and
-        are capped at the bulk lane's GPUs. A CPU-only cluster (no GPUs) is left as it is."""
-        if not self.cluster_gpus:
+        are capped at the bulk lane's GPUs. Without a lane (a CPU cluster, or no GPU kept for Serve)
+        the spec is left as it is."""
+        if not self.lane:
             return {}
-        if not self.bulk_gpus:
-            raise LimitExceeded(
-                f"no GPUs for bulk jobs: the cluster's {self.cluster_gpus} GPU(s) are all kept for Serve (serve_gpus)"
-            )
+        self.check_lane()
         asked = spec_compute.get("generators")
         return {
             "compute.accelerator_resource": self.bulk_resource,

@@ -22,6 +22,7 @@ from app.asyncjobs.queue import QueuePolicy
 from app.asyncjobs.records import JOBS_DIR, JobError, JobRecord, JobStore
 from app.catalog.store import CatalogStore
 from app.spec import JobSpec, SpecError, parse_spec
+from app.storage import StorageError
 
 RAY_TO_STATE = {
     "PENDING": "running",  # submitted: Ray is starting the driver
@@ -228,12 +229,25 @@ class RayJobs:
         return self._client().get_job_logs(rec.submissions[-1]) if rec.submissions else ""
 
 
+def run_rows(store: JobStore, rec: JobRecord, columns: list[str], *, attempts: int = 5) -> pa.Table:
+    """The job's catalog rows. The run's end compacts its partition (app/catalog/compact.py), which
+    deletes the files it merged (batch files, or an earlier compacted file after a resume): a read
+    that listed them a moment before finds one gone (FileNotFoundError, or the catalog's
+    StorageError over it), and listing again finds the compacted file that holds the same rows."""
+    for attempt in range(attempts):
+        try:
+            return CatalogStore(store.output).read(columns, filter=pads.field("run_id") == rec.run_id)
+        except (FileNotFoundError, StorageError) as e:
+            gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
+            if not gone or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def progress(store: JobStore, rec: JobRecord, *, now: float | None = None) -> dict:
     """Counts by QC status so far, images/s, ETA, device seconds and cost, from the job's catalog rows."""
-    t = CatalogStore(store.output).read(
-        ["status", "gpu_seconds", "cpu_seconds", "cost_usd", "created_at"],
-        filter=pads.field("run_id") == rec.run_id,
-    )
+    t = run_rows(store, rec, ["status", "gpu_seconds", "cpu_seconds", "cost_usd", "created_at"])
     counts = {"accepted": 0, "review": 0, "rejected": 0, "failed": 0}
     for s in t.column("status").to_pylist():
         counts[s] = counts.get(s, 0) + 1
@@ -266,7 +280,7 @@ def images(store: JobStore, rec: JobRecord, *, limit: int = 50, offset: int = 0)
     if not 1 <= limit <= 500 or offset < 0:
         raise JobError(f"limit must be 1..500 and offset ≥ 0 (got limit={limit}, offset={offset})")
     cols = ["image_id", "status", "reasons", "error", "prompt", "row_key", "seed", "uri", "variants", "created_at"]
-    t = CatalogStore(store.output).read(cols, filter=pads.field("run_id") == rec.run_id)
+    t = run_rows(store, rec, cols)
     t = t.sort_by([("created_at", "ascending"), ("image_id", "ascending")])
     page = t.slice(offset, limit).to_pylist()
     for r in page:

@@ -58,7 +58,7 @@ from app.serve.core import (
     resolve_serve_models,
     split_lora_tags,
 )
-from app.serve.jobrunner import JobRunnerServer, allow_private_webhooks, queue_policy, ray_jobs
+from app.serve.jobrunner import JobRunnerServer, allow_private_webhooks, queue_policy, ray_jobs, sized_lane
 from app.serve.schemas import (
     A1111Img2Img,
     A1111PngInfo,
@@ -1313,6 +1313,10 @@ def build_app(config: ServeConfig):
     # CLIP on the generator replicas' GPUs, right after rendering, or in the ingress's QC: decided once here.
     clip_on_generator = config.qc.clip_runs_on_generator(generator_on_cuda=use_gpu)
     r = config.replicas
+    # The bulk lane of asynchronous jobs, sized once here for every replica (app/serve/jobrunner.py).
+    declared = ray.cluster_resources().get(config.jobs.bulk_resource, 0) if ray.is_initialized() else 0
+    jobs = sized_lane(config.jobs, gpus, declared, len(models.bases) * r.max_replicas if use_gpu else 0)
+    config = config.model_copy(update={"jobs": jobs})
     generators = {}
     for name, base in models.bases.items():
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == base.arch}

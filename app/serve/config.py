@@ -110,6 +110,13 @@ class JobsSettings(_Frozen):
     runtime_env: dict[str, Any] | None = None  # Ray runtime env of each job, e.g. {"working_dir": "."}
     # Loopback/private webhook targets (also $IMAGEFAB_WEBHOOK_ALLOW_PRIVATE=1): off, against SSRF.
     allow_private_webhooks: bool = False
+    # The bulk lane (app/asyncjobs/queue.py): GPUs kept for Serve's generators, which bulk jobs never
+    # take. 0: none kept, bulk specs run as written. Above 0: each bulk generator also needs one unit
+    # of `bulk_resource`, which the cluster declares for its other GPUs only, and a job's generators
+    # are capped at cluster GPUs − serve_gpus. `cluster_gpus` None: counted when the server starts.
+    serve_gpus: int = Field(0, ge=0)
+    cluster_gpus: int | None = Field(None, ge=0)
+    bulk_resource: str = Field("gpu_bulk", min_length=1)
     max_running: int = Field(1, ge=1)
     max_in_flight_per_key: int = Field(4, ge=1)
     max_rows_per_job: int = Field(10_000, ge=1)

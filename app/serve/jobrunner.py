@@ -19,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from app.asyncjobs.queue import QueuePolicy
-from app.asyncjobs.records import JobStore
+from app.asyncjobs.records import JobError, JobStore
 from app.asyncjobs.runner import JobRunner
 from app.asyncjobs.submit import RayJobs
 from app.asyncjobs.webhooks import WebhookDispatcher, allow_private_from_env
 from app.serve.config import JobsSettings
+from app.spec import SpecError
 from app.storage import OutputStore
 
 log = logging.getLogger("imagefab.serve")
@@ -52,8 +53,45 @@ def dashboard_address(settings: JobsSettings) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def sized_lane(settings: JobsSettings, cluster_gpus: int, declared: float, serve_gpu_replicas: int) -> JobsSettings:
+    """The jobs settings with the cluster's GPUs counted (`cluster_gpus`, unless the config names
+    them), checked once when the server starts: Serve keeps no more GPUs than there are, and its
+    generator replicas (`serve_gpu_replicas` GPUs at most) fit in what it keeps, so neither side can
+    take the other's. `declared`: the cluster's units of `bulk_resource`, which should be the lane's
+    GPUs (an autoscaling cluster may not have them up yet: a warning, not an error)."""
+    counted = settings.cluster_gpus if settings.cluster_gpus is not None else cluster_gpus
+    sized = settings.model_copy(update={"cluster_gpus": counted})
+    try:
+        policy = queue_policy(sized)
+    except JobError as e:
+        raise SpecError(f"jobs.serve_gpus: {e}") from None
+    if not policy.lane:
+        return sized
+    if serve_gpu_replicas > policy.serve_gpus:
+        raise SpecError(
+            f"jobs.serve_gpus: Serve's generators may use {serve_gpu_replicas} GPU(s) (replicas.max_replicas per "
+            f"base model) but {policy.serve_gpus} are kept for them: they would take the bulk lane's GPUs"
+        )
+    if declared != policy.bulk_gpus:
+        log.warning(
+            "the cluster declares %g unit(s) of %s, the bulk lane has %d GPU(s) (%d − jobs.serve_gpus %d): "
+            "declare %s: %d on the GPUs bulk jobs may use",
+            declared,
+            policy.bulk_resource,
+            policy.bulk_gpus,
+            policy.cluster_gpus,
+            policy.serve_gpus,
+            policy.bulk_resource,
+            policy.bulk_gpus,
+        )
+    return sized
+
+
 def queue_policy(settings: JobsSettings) -> QueuePolicy:
     return QueuePolicy(
+        cluster_gpus=settings.cluster_gpus or 0,
+        serve_gpus=settings.serve_gpus,
+        bulk_resource=settings.bulk_resource,
         max_in_flight_per_key=settings.max_in_flight_per_key,
         max_rows_per_job=settings.max_rows_per_job,
         max_running=settings.max_running,
