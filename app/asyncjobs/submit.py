@@ -22,7 +22,6 @@ from app.asyncjobs.queue import QueuePolicy
 from app.asyncjobs.records import JOBS_DIR, JobError, JobRecord, JobStore
 from app.catalog.store import CatalogStore
 from app.spec import JobSpec, SpecError, parse_spec
-from app.storage import StorageError
 
 RAY_TO_STATE = {
     "PENDING": "running",  # submitted: Ray is starting the driver
@@ -229,20 +228,10 @@ class RayJobs:
         return self._client().get_job_logs(rec.submissions[-1]) if rec.submissions else ""
 
 
-def run_rows(store: JobStore, rec: JobRecord, columns: list[str], *, attempts: int = 5) -> pa.Table:
-    """The job's catalog rows. The run's end compacts its partition (app/catalog/compact.py), which
-    deletes the files it merged (batch files, or an earlier compacted file after a resume): a read
-    that listed them a moment before finds one gone (FileNotFoundError, or the catalog's
-    StorageError over it), and listing again finds the compacted file that holds the same rows."""
-    for attempt in range(attempts):
-        try:
-            return CatalogStore(store.output).read(columns, filter=pads.field("run_id") == rec.run_id)
-        except (FileNotFoundError, StorageError) as e:
-            gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
-            if not gone or attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
+def run_rows(store: JobStore, rec: JobRecord, columns: list[str]) -> pa.Table:
+    """The job's catalog rows (the catalog's read lists again when the run's closing compaction
+    deletes a file under it: see `CatalogStore.read`)."""
+    return CatalogStore(store.output).read(columns, filter=pads.field("run_id") == rec.run_id)
 
 
 def progress(store: JobStore, rec: JobRecord, *, now: float | None = None) -> dict:
