@@ -10,11 +10,18 @@ and every Ray worker), as the cloud SDKs read them: for S3 `AWS_ACCESS_KEY_ID` /
 URI, so never in the catalog. A URI may also carry pyarrow's non-secret options as a query
 (`s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http`): they are used to open the
 filesystem and kept out of every location the store hands out (`uri`, `uri_of`).
+
+A full disk (ENOSPC, or a quota's EDQUOT) is a `StorageFull`: the temporary file is removed, so
+nothing half-written is ever renamed into place, and callers can tell "no space" from other
+failures (the Serve app answers 507 for it). `free_bytes` tells how much room a local store has,
+for servers that keep a reserve free (`limits.min_free_bytes` in app/serve/config.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +31,23 @@ import pyarrow.fs as pafs
 
 class StorageError(OSError):
     """The output location cannot be written or read; the message names it."""
+
+
+class StorageFull(StorageError):
+    """The output location has no space left (a full disk or quota, or below a server's reserve)."""
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, says the storage is out of space."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, StorageFull) or (isinstance(seen, OSError) and seen.errno in FULL_ERRNOS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def is_uri(location: str) -> bool:
@@ -100,7 +124,8 @@ class OutputStore:
                 with fs.open_output_stream(final) as f:
                     f.write(data)
         except OSError as e:
-            raise StorageError(f"{self.uri_of(rel)}: cannot write ({e.strerror or e})") from e
+            failure = StorageFull if e.errno in FULL_ERRNOS else StorageError
+            raise failure(f"{self.uri_of(rel)}: cannot write ({e.strerror or e})") from e
         return self.uri_of(rel)
 
     def read_bytes(self, rel: str) -> bytes:
@@ -116,6 +141,19 @@ class OutputStore:
         if not uri.startswith(prefix):
             raise StorageError(f"{uri} is not under the output location {self.uri}")
         return uri[len(prefix) :]
+
+    def free_bytes(self) -> int | None:
+        """Bytes free on the disk of a local store (for an unprivileged writer); None for an object
+        store, which has no such limit to read. A root not made yet: its nearest existing folder."""
+        if not self.is_local:
+            return None
+        folder = Path(self.uri)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError as e:
+            raise StorageError(f"{self.uri}: cannot read its free space ({e.strerror or e})") from e
 
     def check_writable(self) -> None:
         """Fail before any work when the output location cannot take a file."""

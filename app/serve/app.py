@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -28,6 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
 from app.asyncjobs.http import JobsService, jobs_service
@@ -72,7 +75,7 @@ from app.serve.schemas import (
 from app.serve.uploads import FormPart, parse_form
 from app.serve.urls import UrlSignatureError, UrlSigner, url_secret
 from app.spec import ComputeSpec, Size
-from app.storage import OutputStore
+from app.storage import OutputStore, StorageError, is_storage_full
 
 logger = logging.getLogger("imagefab.serve")
 OPENAI_ROUTES = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/files/images/{name}"}
@@ -146,6 +149,7 @@ class GeneratorServer:
             "calls": self.calls,
             "images": self.images,
             "combinations": dict(self.combinations_seen),
+            "pid": os.getpid(),  # the replica's process, for operators (and the replica-kill test)
             **self.generator.stats(),
         }
 
@@ -232,6 +236,7 @@ _OPENAI_CODES = {
     415: "unsupported_image_format",
     503: "server_busy",
     504: "timeout",
+    507: "insufficient_storage",
 }
 # Where the field says more than the status: an unknown model; a body of the wrong Content-Type.
 _OPENAI_FIELD_CODES = {(404, "model"): "model_not_found", (415, "content-type"): "unsupported_media_type"}
@@ -384,6 +389,39 @@ async def _http_error(request: Request, exc: HTTPException):
     return _error(exc.status_code, message, field, headers=dict(exc.headers or {}), openai=_is_openai(scope))
 
 
+@api.exception_handler(StorageError)
+async def _storage_error(request: Request, exc: StorageError):
+    """The output store failing under any route (images, uploads, the catalog, job records): 507
+    when it has no space left (a full disk or quota, or below `limits.min_free_bytes`), else 503.
+    Either way nothing half-written is left where a reader looks (app/storage.py), and the
+    request can be sent again once the store has room (Retry-After)."""
+    store = _ingress().core.output.uri
+    logger.error("%s %s: output store %s: %s", request.method, request.url.path, store, exc)
+    if is_storage_full(exc):
+        message = f"the output store {store} has no space left ({exc}); send the request again once space is freed"
+        return _error(507, message, headers={"Retry-After": "60"}, openai=_is_openai(request.scope))
+    message = f"the output store {store} cannot be written or read ({exc}); send the request again later"
+    return _error(503, message, headers={"Retry-After": "10"}, openai=_is_openai(request.scope))
+
+
+# A generator replica that died (killed, out of memory, its node lost) with this request on it, or
+# none ready to take it: Serve starts a replacement, so the request can be sent again.
+GENERATOR_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
+
+
+async def _generator_gone(request: Request, exc: Exception):
+    logger.warning("%s %s: generator unavailable: %s", request.method, request.url.path, exc)
+    message = (
+        f"the image generator is unavailable ({type(exc).__name__}: a replica stopped or is starting); "
+        "send the request again shortly"
+    )
+    return _error(503, message, headers={"Retry-After": "5"}, openai=_is_openai(request.scope))
+
+
+for _gone in GENERATOR_GONE:
+    api.add_exception_handler(_gone, _generator_gone)
+
+
 class _CountRequests:
     """Every answered HTTP request counted and timed, whatever answered it (a route, FastAPI's
     validation, a 404 for an unknown path), reported by the ingress replica that served it."""
@@ -416,9 +454,13 @@ api.add_middleware(_CountRequests)
 JOB_ROUTES = {route.path for route in jobs_router.routes if hasattr(route, "path")}
 
 
+def _ingress() -> Any:
+    """The Ingress replica serving this request (what module-level handlers reach it through)."""
+    return serve.get_replica_context().servable_object
+
+
 def _body_rules(scope) -> BodyRules:
-    ingress: Any = serve.get_replica_context().servable_object
-    return ingress.body_rules(_route_of(scope))
+    return _ingress().body_rules(_route_of(scope))
 
 
 # Every body is read through BodyGuard: a size and time limit, and strict JSON (app/serve/bodies.py).
@@ -566,6 +608,7 @@ class Ingress:
         them if its batch has not started; one already rendering finishes there and is discarded),
         and only the rendered ones are finished and returned. `task`: counts the images back so far."""
         requests = self.core.plan(job)
+        await asyncio.to_thread(self.core.check_space)  # below the disk reserve: 507 before any work
         if task is not None:
             task.images, task.steps = len(requests), requests[0].steps
         if job.image_input is not None:  # planned and accepted: only now are its uploads written

@@ -70,6 +70,10 @@ class Limits(_Frozen):
     upload_formats: tuple[Literal["PNG", "JPEG", "WEBP"], ...] = ("PNG", "JPEG", "WEBP")
     body_timeout_s: float = Field(30.0, gt=0)  # a body not complete by then: 408 (slow or stalled uploads)
     max_in_flight: int = Field(32, ge=1)  # per ingress replica; past it: 503 + Retry-After
+    # Free bytes the output store's disk keeps: below it, requests that would write images are
+    # refused with 507 before any work (the writes of requests already admitted may use the
+    # reserve, so they finish). 0: no reserve. Object stores have no free space to read: unchecked.
+    min_free_bytes: int = Field(256 << 20, ge=0)
     request_timeout_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")

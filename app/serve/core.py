@@ -39,7 +39,7 @@ from app.serve.errors import RequestError
 from app.serve.uploads import Upload, Uploads
 from app.spec import Size, size_problem
 from app.stages import CatalogWrite, Postprocess, QualityControl
-from app.storage import OutputStore
+from app.storage import OutputStore, StorageFull
 
 A1111_SAMPLERS = {v[2]: k for k, v in reversed(list(SCHEDULERS.items()))}  # "Euler a" -> euler_a
 A1111_OPTIONS_PATH = "serve/a1111-options.json"  # the A1111 dialect's checkpoint, shared by the server's replicas
@@ -558,6 +558,16 @@ class ServeCore:
         )
         return replace(planned, conditioning=cond)
 
+    def check_space(self) -> None:
+        """Refuse new images while the output store's disk is below `limits.min_free_bytes`."""
+        reserve = self.config.limits.min_free_bytes
+        free = self.output.free_bytes() if reserve else None
+        if free is not None and free < reserve:
+            raise StorageFull(
+                f"{self.output.uri}: {free} bytes free, below this server's reserve of {reserve} "
+                "(limits.min_free_bytes)"
+            )
+
     def store_inputs(self, given: ImageInput) -> None:
         """Write a planned job's uploads where its requests say they are (content-addressed)."""
         self.uploads.store(given.uploads)
@@ -586,6 +596,9 @@ class ServeCore:
             **{name: col(name, empty) for name, empty in measure_columns(None).items()},
             **{name: col(name, np.nan, np.float64) for name in MEASURE_COLUMNS},
         }
+        # The catalog row is written before the images are returned: a 200 always has its rows. A
+        # store failing in between (StorageError: 507/503) leaves at most whole, unlisted masters,
+        # which a request for the same image writes again (image ids come from the request).
         post = self.post(self.qc(batch))
         written = self.write(post)
         out = []
