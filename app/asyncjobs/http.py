@@ -23,7 +23,7 @@ from app.asyncjobs import batch, submit, webhooks
 from app.asyncjobs.queue import QueuePolicy, queue_position
 from app.asyncjobs.records import JobError, JobNotFound, JobRecord, JobStore
 from app.serve.bodies import strict_json, text_problem
-from app.storage import StorageError
+from app.storage import StorageError, is_storage_full
 
 router = APIRouter(tags=["jobs"])
 
@@ -168,11 +168,12 @@ async def _answer(work) -> Response:
     except JobError as e:
         return _error(e)
     except StorageError as e:
-        # The output store (job records, the catalog) cannot be read or written right now: the
-        # request may be repeated; the message names the store.
+        # The output store (job records, the catalog) cannot be read or written right now: 507
+        # when it is full, else 503; the request may be repeated; the message names the store.
+        status = 507 if is_storage_full(e) else 503
         return JSONResponse(
-            status_code=503,
-            content={"error": {"message": str(e), "type": "server_error", "param": None, "code": 503}},
+            status_code=status,
+            content={"error": {"message": str(e), "type": "server_error", "param": None, "code": status}},
             headers={"Retry-After": "5"},
         )
 
