@@ -5,8 +5,9 @@ hundreds of thousands of files, and every query pays for each (a request each on
 storage). Compaction rewrites one partition (`date=…/run_id=…`) at a time:
 
   1. recover: finish any earlier compaction of the partition that was cut off (below);
-  2. write `compacted-<h>.parquet`, every row of the inputs in today's schema (schema.conform),
-     sorted by image_id, in row groups of `ROW_GROUP_ROWS`; `<h>` hashes the input names;
+  2. write `compacted-u-<h>.parquet` (or `compacted-c-<h>`, below), every row of the inputs in
+     today's schema (schema.conform), sorted by image_id, in row groups of `ROW_GROUP_ROWS`;
+     `<h>` hashes the input names;
   3. write `_compaction-<h>.json`, the manifest listing the inputs: the commit point;
   4. delete the inputs, only those the manifest lists (a batch a run writes meanwhile stays);
   5. delete the manifests of compacted files that this compaction consumed.
@@ -18,6 +19,15 @@ still exist): never a row twice, never a row missing. A `kill -9` between any tw
 one of those states, and the next compaction of the partition finishes it: it deletes the
 inputs of every committed manifest and the leftovers of an uncommitted one. Nothing is deleted
 unless the file that replaces it exists.
+
+Before writing, the partition's image_ids are checked against every other live row of the
+catalog (`IdSnapshot`, one read of the image_id column, taken after the partition was listed).
+An id that occurs twice in the partition, or also elsewhere (a rerun or regeneration wrote a
+newer row for it in another run), is *contested*: the file is then `compacted-c-<h>` and the
+manifest lists those ids. The views and the search index take every other row of such a file as
+the latest of its image without comparing it with the rest of the catalog (the window over all
+rows is what made every query cost as much as sorting the catalog); see
+CatalogStore.partitioned_files for why that holds while runs keep writing and compacting.
 
 Tools reading the Parquet files directly (DuckDB, Polars, Ray Data, Spark on
 `catalog/**/*.parquet`) see the usual hive layout; during the moment between steps 3 and 4
@@ -43,11 +53,19 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from app.catalog.schema import conform
-from app.catalog.store import COMPACTED_PREFIX, MANIFEST_PREFIX, CatalogStore, manifest_name
+from app.catalog.store import (
+    COMPACTED_PREFIX,
+    CONTESTED_PREFIX,
+    MANIFEST_PREFIX,
+    UNIQUE_PREFIX,
+    CatalogStore,
+    manifest_name,
+)
 from app.storage import OutputStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -206,8 +224,49 @@ def _read_rows(store: CatalogStore, folder: str, names: list[str]) -> pa.Table:
     return table.sort_by([("image_id", "ascending"), ("created_at", "ascending")])
 
 
-def compact_partition(store: CatalogStore, folder: str, files: dict[str, pafs.FileInfo]) -> CompactionResult:
-    """Compact one partition folder (`<catalog>/date=…/run_id=…`); `files` is its listing."""
+class IdSnapshot:
+    """The image_id of every live catalog row and the partition folder holding it, read once
+    (the image_id column only) after the partitions to compact were listed."""
+
+    def __init__(self, store: CatalogStore, attempts: int = 5):
+        fs, _ = store.output.fs_and_root
+        for attempt in range(attempts):
+            live = store.live_files()
+            try:
+                ds = pads.dataset(live, filesystem=fs, format="parquet", schema=pa.schema([("image_id", pa.string())]))
+                ids, folders = [], []
+                for tagged in ds.scanner(columns=["image_id"]).scan_batches():
+                    ids.append(tagged.record_batch.column(0))
+                    folders.append(pa.repeat(tagged.fragment.path.rsplit("/", 1)[0], tagged.record_batch.num_rows))
+                break
+            except (FileNotFoundError, pa.ArrowInvalid, OSError) as e:
+                # a concurrent compaction deleted its inputs between the listing and the read
+                if attempt == attempts - 1:
+                    raise StorageError(f"{store.output.uri_of('catalog')}: cannot read the catalog's ids ({e})") from e
+        self.ids = pa.chunked_array(ids, pa.string())
+        self.folders = pa.chunked_array(folders, pa.string())
+
+    def elsewhere(self, folder: str, ids: pa.Array | pa.ChunkedArray) -> set[str]:
+        """Which of `ids` have a row outside `folder`."""
+        hit = pc.is_in(self.ids, value_set=pc.unique(ids).drop_null())
+        ids_hit, folders_hit = self.ids.filter(hit), self.folders.filter(hit)
+        return {i for i, f in zip(ids_hit.to_pylist(), folders_hit.to_pylist(), strict=True) if f != folder}
+
+
+def contested_ids(table: pa.Table, folder: str, snapshot: IdSnapshot) -> list[str]:
+    """Ids of `table` (a partition's rows) that are not the only row of their image: twice in
+    the partition, or also in another partition."""
+    ids = table.column("image_id")
+    counts = pc.value_counts(ids.drop_null())
+    twice = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+    return sorted(set(twice) | snapshot.elsewhere(folder, ids))
+
+
+def compact_partition(
+    store: CatalogStore, folder: str, files: dict[str, pafs.FileInfo], snapshot: IdSnapshot | None = None
+) -> CompactionResult:
+    """Compact one partition folder (`<catalog>/date=…/run_id=…`); `files` is its listing.
+    `snapshot` must have been read after that listing (one is read here when not given)."""
     result = CompactionResult()
     fs, _ = store.output.fs_and_root
     lock = _Lock(store.output, folder)
@@ -229,8 +288,9 @@ def compact_partition(store: CatalogStore, folder: str, files: dict[str, pafs.Fi
             return result
         _crash_point("listed")
         table = _read_rows(store, folder, inputs)
+        contested = contested_ids(table, folder, snapshot or IdSnapshot(store))
         digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:24]
-        out_name = f"{COMPACTED_PREFIX}{digest}.parquet"
+        out_name = f"{CONTESTED_PREFIX if contested else UNIQUE_PREFIX}{digest}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         _write(store.output, f"{folder}/{out_name}", buf.getvalue())
@@ -239,6 +299,7 @@ def compact_partition(store: CatalogStore, folder: str, files: dict[str, pafs.Fi
             "output": out_name,
             "inputs": inputs,
             "rows": table.num_rows,
+            "contested": contested,
             "compacted_at": datetime.now(UTC).isoformat(),
         }
         _write(store.output, f"{folder}/{manifest_name(out_name)}", json.dumps(manifest, indent=1).encode())
@@ -282,6 +343,7 @@ def compact(
     wanted = {f"{store.base}/date={d}/run_id={r}" for d, r in partitions} if partitions is not None else None
     now = time.time()
     t0 = time.perf_counter()
+    todo = []
     for folder, files in sorted(_partitions(listing).items()):
         if wanted is not None and folder not in wanted:
             continue
@@ -289,7 +351,10 @@ def compact(
             newest = max((i.mtime.timestamp() for i in files.values() if i.mtime), default=now)
             if now - newest < older_than_s:
                 continue
-        r = compact_partition(store, folder, files)
+        todo.append((folder, files))
+    snapshot = IdSnapshot(store) if todo else None  # after the listing, for every partition below
+    for folder, files in todo:
+        r = compact_partition(store, folder, files, snapshot)
         total.partitions += r.partitions
         total.files_in += r.files_in
         total.rows += r.rows

@@ -26,6 +26,12 @@ CATALOG_DIR = "catalog"
 COMPACTED_PREFIX = "compacted-"  # compacted-<hash of the inputs>.parquet
 MANIFEST_PREFIX = "_compaction-"  # _compaction-<same hash>.json: the commit of that file
 READ_ATTEMPTS = 5  # listings a read makes when compaction deletes a file under it
+# A compacted file whose rows were checked against the whole catalog when it was written:
+# compacted-u-<hash>: each of its image_ids is in no other row of the catalog (at that time);
+# compacted-c-<hash>: the same, except the ids its manifest lists under "contested".
+# Readers skip the latest-row-per-image step for those rows (see `partitioned_files`).
+UNIQUE_PREFIX = COMPACTED_PREFIX + "u-"
+CONTESTED_PREFIX = COMPACTED_PREFIX + "c-"
 
 
 def manifest_name(compacted: str) -> str:
@@ -91,6 +97,32 @@ class CatalogStore:
             live.extend(f"{folder}/{n}" for n in sorted(data))
         return live
 
+    def partitioned_files(self, live: list[str]) -> tuple[list[str], list[str], list[str]]:
+        """The live files split for readers that want one row per image_id:
+        (checked compacted files, the other files, the contested ids of the checked ones).
+
+        A row of a checked file whose image_id is neither contested nor in one of the other
+        files is the only row of that image in the catalog: the latest, with no comparison.
+        Every other row must be compared with the rest of its image's rows. Why this holds: a
+        compaction checks its partition's ids against every live row of the catalog (compact.py);
+        of two rows of one image in two checked files, the file written later saw the other
+        row (in whichever file held it then) and listed the id as contested; a row written after
+        that is in an uncompacted file until its own compaction checks it."""
+        checked: list[str] = []
+        other: list[str] = []
+        contested: list[str] = []
+        for path in live:
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(UNIQUE_PREFIX):
+                checked.append(path)
+            elif name.startswith(CONTESTED_PREFIX):
+                checked.append(path)
+                manifest = self.read_manifest(f"{path.rsplit('/', 1)[0]}/{manifest_name(name)}")
+                contested.extend(manifest.get("contested") or [])
+            else:
+                other.append(path)
+        return checked, other, sorted(set(contested))
+
     def read_manifest(self, path: str) -> dict:
         fs, _ = self.output.fs_and_root
         try:
@@ -100,13 +132,18 @@ class CatalogStore:
             raise StorageError(f"{path}: cannot read compaction manifest ({e})") from e
 
     def dataset(self) -> pads.Dataset | None:
+        """The live files as one dataset in today's schema, with `date` and `run_id` from the
+        partition folders; None when there is no catalog."""
         listing = self.listing()
         if listing is None:
             return None
+        return self.files_dataset(self.live_files(listing))
+
+    def files_dataset(self, files: list[str]) -> pads.Dataset:
+        """Some of the live files as a dataset, as `dataset` reads them."""
         fs, _ = self.output.fs_and_root
         part = pads.partitioning(pa.schema([("date", pa.string()), ("run_id", pa.string())]), flavor="hive")
         schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string()))
-        files = self.live_files(listing)
         old = self._files_needing_conversion(files)
         scanned = pads.dataset(
             [f for f in files if f not in old],
@@ -128,6 +165,19 @@ class CatalogStore:
             t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
             tables.append(t.append_column("run_id", pa.array([run_id] * t.num_rows, pa.string())))
         return pads.dataset([scanned, pads.dataset(pa.concat_tables(tables), schema=schema)])
+
+    def in_todays_schema(self, files: list[str]) -> bool:
+        """Whether every file has exactly today's columns and types (CATALOG_SCHEMA), so that any
+        Parquet reader gets the same rows the dataset does (one footer read per file)."""
+        fs, _ = self.output.fs_and_root
+        for path in files:
+            try:
+                physical = pq.read_schema(path, filesystem=fs)
+            except OSError as e:
+                raise StorageError(f"{path}: cannot read catalog file ({e})") from e
+            if not physical.remove_metadata().equals(CATALOG_SCHEMA.remove_metadata()):
+                return False
+        return True
 
     def _files_needing_conversion(self, files: list[str]) -> set[str]:
         """Files whose columns cannot be cast to the declared types while scanning. Files of one
