@@ -44,7 +44,7 @@ def search(
     # The best `limit` ids first (the index answers from postings alone), then their rows: a filter
     # on image_id reaches the catalog scan, so only the row groups holding them are read.
     top = con.execute(
-        "SELECT image_id, score FROM search_scores($text, fields := $fields, conjunctive := $all) "
+        "SELECT image_id, score FROM search_scores($text, fields := $fields, conjunctive := $all, top := $limit) "
         "ORDER BY round(score, 9) DESC, image_id LIMIT $limit",
         {"text": text, "fields": ",".join(fields) if fields else None, "all": all_terms, "limit": limit},
     ).fetchall()

@@ -19,7 +19,9 @@ output cannot be written still searches, with the new files indexed in memory.
 
 The query (`SEARCH_SQL`) computes exactly what the plain macro does: the latest row per image
 (created_at, then run_id), N and the mean length over those, df per query term, BM25 per field
-filter; only the postings of the query's terms are read.
+filter; only the postings of the query's terms are read. Rows of compacted files that compaction
+checked for one row per image are taken as the latest without ranking them (`DEAD_DOCS_SQL`), so a
+search over a compacted catalog reads no image_id beyond those of its matches.
 """
 
 from __future__ import annotations
@@ -54,41 +56,68 @@ DOCS_SCHEMA = pa.schema(
 POSTINGS_SCHEMA = pa.schema([("term", pa.string()), ("doc_key", pa.int64()), ("field", pa.int8()), ("tf", pa.int64())])
 KEY_BITS = 24  # doc_key = file_id << 24 | row within the file (a file holds < 16M rows)
 
+# Rows that are not their image's latest (`search_dead_docs`): only rows of files not checked by
+# compaction, and rows of ids they or compaction's manifests contest, need ranking (see
+# CatalogStore.partitioned_files); every other row of a checked file is its image's only one.
+DEAD_DOCS_SQL = """
+CREATE OR REPLACE TEMP VIEW search_dead_docs AS
+WITH rest AS MATERIALIZED (
+    SELECT doc_key, image_id, created_at, run_id, len FROM search_docs
+    WHERE file_id IN (SELECT file_id FROM search_rest_files)
+       OR image_id IN (SELECT image_id FROM search_contested)
+       OR image_id IN (SELECT image_id FROM search_docs WHERE file_id IN (SELECT file_id FROM search_rest_files))
+       OR image_id IS NULL)
+SELECT doc_key, len FROM rest
+WHERE doc_key NOT IN (SELECT arg_max(doc_key, {'t': created_at, 'r': run_id}) FROM rest GROUP BY image_id)
+"""
+NO_DEAD_DOCS_SQL = """
+CREATE OR REPLACE TEMP VIEW search_dead_docs AS SELECT NULL::BIGINT AS doc_key, NULL::BIGINT AS len WHERE false
+"""
+
 SEARCH_SQL = """
-CREATE OR REPLACE MACRO search_images(query_string, fields := NULL, conjunctive := false, k := 1.2, b := 0.75) AS TABLE
+CREATE OR REPLACE MACRO search_images(query_string, fields := NULL, conjunctive := false, k := 1.2, b := 0.75,
+                                      top := NULL) AS TABLE
 WITH q AS (SELECT DISTINCT unnest(imagefab_tokens(query_string)) AS term),
-docs AS MATERIALIZED (
-    SELECT image_id, arg_max(doc_key, {'t': created_at, 'r': run_id}) AS doc_key,
-           arg_max(len, {'t': created_at, 'r': run_id}) AS len
-    FROM search_docs GROUP BY image_id),
-stats AS (SELECT count(*) AS n, avg(len) AS avgdl FROM docs),
+wanted AS (SELECT list_transform(string_split(replace(fields, ' ', ''), ','),
+                                 lambda f: list_position(['prompt', 'negative_prompt', 'tags'], f) - 1) AS ids),
+dead AS MATERIALIZED (SELECT doc_key, len FROM search_dead_docs),
+stats AS (
+    SELECT n, total / n AS avgdl
+    FROM (SELECT count(*) - (SELECT count(*) FROM dead) AS n,
+                 sum(len) - (SELECT coalesce(sum(len), 0) FROM dead) AS total FROM search_docs)),
+-- the postings of the query's terms in each image's latest row: one doc_key per image from here on
 p AS MATERIALIZED (
-    SELECT d.image_id, d.len, p.term, p.field, p.tf
-    FROM search_postings p JOIN docs d USING (doc_key)
-    WHERE p.term IN (SELECT term FROM q)),
-df AS (SELECT term, count(DISTINCT image_id) AS df FROM p GROUP BY term),
-tf AS (SELECT image_id, any_value(len) AS len, term, sum(tf) AS tf FROM p
-       WHERE fields IS NULL
-          OR list_contains(string_split(replace(fields, ' ', ''), ','),
-                           ['prompt', 'negative_prompt', 'tags'][field + 1])
-       GROUP BY image_id, term),
-matched AS (SELECT image_id FROM tf GROUP BY image_id
-            HAVING NOT conjunctive OR count(DISTINCT term) = (SELECT count(*) FROM q)),
-scores AS (
-    SELECT tf.image_id,
+    SELECT p.doc_key, d.len, p.term, p.field, p.tf
+    FROM search_postings p JOIN search_docs d USING (doc_key)
+    WHERE p.term IN (SELECT term FROM q) AND p.doc_key NOT IN (SELECT doc_key FROM dead)),
+-- per image and term: df counts every field, tf only the searched ones (null: none of them)
+pt AS MATERIALIZED (
+    SELECT doc_key, term, any_value(len) AS len,
+           sum(tf) FILTER (fields IS NULL OR list_contains((SELECT ids FROM wanted), field)) AS tf
+    FROM p GROUP BY doc_key, term),
+df AS (SELECT term, count(*) AS df FROM pt GROUP BY term),
+scores AS MATERIALIZED (
+    SELECT pt.doc_key,
            sum(log((stats.n - df.df + 0.5) / (df.df + 0.5) + 1)
-               * (tf.tf * (k + 1) / (tf.tf + k * (1 - b + b * tf.len / stats.avgdl)))) AS score
-    FROM tf JOIN matched USING (image_id) JOIN df USING (term), stats
-    GROUP BY tf.image_id)
-SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)
+               * (pt.tf * (k + 1) / (pt.tf + k * (1 - b + b * pt.len / stats.avgdl)))) AS score,
+           count(*) AS terms
+    FROM pt JOIN df USING (term), stats
+    WHERE pt.tf IS NOT NULL
+    GROUP BY pt.doc_key
+    HAVING NOT conjunctive OR count(*) = (SELECT count(*) FROM q)),
+-- top := N: only what the first N rows of the ordering can hold (every score tied with the N-th)
+cut AS (SELECT min(r) AS r FROM (SELECT round(score, 9) AS r FROM scores ORDER BY r DESC LIMIT coalesce(top, 1))),
+best AS MATERIALIZED (SELECT doc_key, score FROM scores WHERE top IS NULL OR round(score, 9) >= (SELECT r FROM cut)),
+ranked AS (SELECT d.image_id, s.score FROM best s JOIN search_docs d USING (doc_key))
+SELECT i.*, s.score FROM ranked s JOIN images i USING (image_id)
 ORDER BY round(s.score, 9) DESC, i.image_id;
 """
 # The same scores without the `images` columns: the ranking needs none of the catalog's rows.
 SCORES_SQL = SEARCH_SQL.replace(
     "CREATE OR REPLACE MACRO search_images(", "CREATE OR REPLACE MACRO search_scores("
 ).replace(
-    "SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)\nORDER BY round(s.score, 9) DESC, i.image_id;",
-    "SELECT image_id, score FROM scores ORDER BY round(score, 9) DESC, image_id;",
+    "SELECT i.*, s.score FROM ranked s JOIN images i USING (image_id)\nORDER BY round(s.score, 9) DESC, i.image_id;",
+    "SELECT image_id, score FROM ranked ORDER BY round(score, 9) DESC, image_id;",
 )
 
 # Tokens of one batch of catalog rows (the macros of views.sql must be defined on `con`).
@@ -221,6 +250,13 @@ class SearchIndex:
             "WHERE file_id IN (SELECT file_id FROM search_live_files)"
         )
         con.execute(f"CREATE OR REPLACE TEMP VIEW search_postings AS {post_src}")
+        checked, _, contested = self.store.partitioned_files(live)
+        checked_rel = {self._rel(p) for p in checked}
+        file_ids = {**known, **new_ids}
+        rest = [fid for f, fid in file_ids.items() if f not in checked_rel]
+        con.register("search_rest_files", pa.table({"file_id": pa.array(sorted(rest), pa.int64())}))
+        con.register("search_contested", pa.table({"image_id": pa.array(contested, pa.string())}))
+        con.execute(DEAD_DOCS_SQL if rest or contested else NO_DEAD_DOCS_SQL)
         con.execute(SEARCH_SQL)
         con.execute(SCORES_SQL)
 

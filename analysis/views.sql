@@ -34,6 +34,11 @@ SET VARIABLE imagefab_decisions_sql = CASE
                  NULL::TIMESTAMPTZ AS decided_at, NULL::VARCHAR AS note WHERE false'
     END;
 CREATE OR REPLACE VIEW decisions_source AS FROM query(getvariable('imagefab_decisions_sql'));
+-- Every row is compared with the other rows of its image here; analysis.connect splits the
+-- catalog into compacted files checked for one row per image (app/catalog/compact.py) and the rest.
+CREATE OR REPLACE VIEW catalog_checked_source AS SELECT * FROM catalog_source WHERE false;
+CREATE OR REPLACE VIEW catalog_tail_source AS SELECT * FROM catalog_source;
+CREATE OR REPLACE VIEW catalog_contested_ids AS SELECT NULL::VARCHAR AS image_id WHERE false;
 -- Master PNG sizes (images/<id[:2]>/<id>.png); read_blob reads sizes without the contents.
 CREATE OR REPLACE VIEW image_files AS
 SELECT regexp_extract(filename, '([0-9a-f]+)\.png$', 1) AS image_id, size AS bytes
@@ -60,11 +65,25 @@ QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY decided_at DESC, decis
 --   model_stack  the base model and LoRA stack as rendered: `tiny-sdxl:1 + tiny-style:1@0.8`
 --                (`combination` is the spec's name for a stack and its settings; names are per spec)
 --   master_bytes the master PNG's size (null where file sizes were not listed)
+--
+-- catalog_latest: the latest row of each image. A row of a checked compacted file
+-- (catalog_checked_source) whose id is not contested and has no row in the other files
+-- (catalog_tail_source) is its image's only row, so only the rest are ranked: the window over
+-- the whole catalog was the cost of every query.
+CREATE OR REPLACE VIEW catalog_latest AS
+WITH contested AS (
+    SELECT image_id FROM catalog_tail_source WHERE image_id IS NOT NULL
+    UNION SELECT image_id FROM catalog_contested_ids WHERE image_id IS NOT NULL)
+SELECT * REPLACE (CAST(date AS DATE) AS date) FROM catalog_checked_source
+WHERE image_id IS NOT NULL AND image_id NOT IN (SELECT image_id FROM contested)
+UNION ALL
+SELECT * REPLACE (CAST(date AS DATE) AS date) FROM (
+    SELECT * FROM catalog_checked_source WHERE image_id IS NULL OR image_id IN (SELECT image_id FROM contested)
+    UNION ALL SELECT * FROM catalog_tail_source)
+QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC, run_id DESC) = 1;
+
 CREATE OR REPLACE VIEW images AS
-WITH latest AS (
-    SELECT * FROM catalog
-    QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC, run_id DESC) = 1
-), stacked AS (
+WITH latest AS (SELECT * FROM catalog_latest), stacked AS (
     SELECT *,
            array_to_string(list_transform(loras, lambda l: l.name || ':' || l.version || '@' || l.weight), ' + ')
                AS lora_stack
@@ -184,7 +203,8 @@ scores AS (
 SELECT i.*, s.score FROM scores s JOIN images i USING (image_id)
 ORDER BY round(s.score, 9) DESC, i.image_id;
 
--- search_scores('red leather boot' [, fields := …] [, conjunctive := …]): image_id and score only
--- (the persistent index, analysis/search_index.py, answers it without reading the catalog rows).
-CREATE OR REPLACE MACRO search_scores(query_string, fields := NULL, conjunctive := false) AS TABLE
+-- search_scores('red leather boot' [, fields := …] [, conjunctive := …] [, top := N]): image_id and
+-- score only (the persistent index, analysis/search_index.py, answers it without reading the
+-- catalog rows; given `top`, it may leave out what cannot be among the first N rows).
+CREATE OR REPLACE MACRO search_scores(query_string, fields := NULL, conjunctive := false, top := NULL) AS TABLE
 SELECT image_id, score FROM search_images(query_string, fields := fields, conjunctive := conjunctive);

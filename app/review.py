@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -37,6 +38,16 @@ DECISION_SCHEMA = pa.schema(
         ("reviewer", pa.string()),
         ("decided_at", pa.timestamp("us", tz="UTC")),
         ("note", pa.string()),
+    ]
+)
+
+
+_KEY_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("status", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("run_id", pa.string()),
     ]
 )
 
@@ -160,21 +171,47 @@ def pending_page(
     filt = pads.field("status") == "review"
     if run:
         filt = filt & (pads.field("run_id") == run)
-    rows = _latest_rows(catalog.read(key, filter=filt))
+    # Rows of compacted files checked for one row per image (CatalogStore.partitioned_files) are
+    # their image's latest unless contested or also in an uncompacted file: those are taken as
+    # they are; only the rest are compared with the other rows of their image.
+    checked, tail, contested = catalog.partitioned_files(catalog.live_files())
+    sure = catalog.files_dataset(checked).to_table(columns=key, filter=filt) if checked else _KEY_SCHEMA.empty_table()
+    tail_ids = (
+        catalog.files_dataset(tail).to_table(columns=["image_id"]).column("image_id")
+        if tail
+        else pa.array([], pa.string())
+    )
+    unsure_ids = pa.concat_arrays([pa.array(contested, pa.string()), *pa.chunked_array(tail_ids, pa.string()).chunks])
+    unsure = pc.is_in(sure.column("image_id"), value_set=unsure_ids)
+    candidates = sure.filter(unsure)
+    if tail:
+        candidates = pa.concat_tables([candidates, catalog.files_dataset(tail).to_table(columns=key, filter=filt)])
+    rows = _latest_rows(candidates)
     if rows:
         # An id in review in one run may have a later row elsewhere (not review): the latest wins.
         others = catalog.read(key, filter=pads.field("image_id").isin(list(rows)) & (pads.field("status") != "review"))
         later = _latest_rows(others)
         rows = {i: r for i, r in rows.items() if i not in later or _newer(r, later[i])}
+    queue = pa.concat_tables(
+        [sure.filter(pc.invert(unsure)).select(key), pa.Table.from_pylist(list(rows.values()), _KEY_SCHEMA)]
+    )
     decided = ReviewStore(output).latest()
-    queue = sorted((r for i, r in rows.items() if i not in decided), key=lambda r: (r["created_at"], r["image_id"]))
-    page = queue[offset : None if limit is None else offset + limit]
+    if decided:
+        queue = queue.filter(
+            pc.invert(pc.is_in(queue.column("image_id"), value_set=pa.array(list(decided), pa.string())))
+        )
+    end = None if limit is None else offset + limit
+    page = (
+        queue.sort_by([("created_at", "ascending"), ("image_id", "ascending")])
+        .slice(offset, end and end - offset)
+        .to_pylist()
+    )
     if not page:
-        return len(queue), []
+        return queue.num_rows, []
     wanted = {(r["image_id"], r["created_at"], r["run_id"]) for r in page}
     full = catalog.read(filter=pads.field("image_id").isin([r["image_id"] for r in page]) & filt).to_pylist()
     by_key = {(r["image_id"], r["created_at"], r["run_id"]): r for r in full}
-    return len(queue), [by_key[k] for k in sorted(wanted, key=lambda k: (k[1], k[0]))]
+    return queue.num_rows, [by_key[k] for k in sorted(wanted, key=lambda k: (k[1], k[0]))]
 
 
 def _newer(a: dict, b: dict) -> bool:
