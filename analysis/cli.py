@@ -157,7 +157,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     params = _parse_params(args.param)
     bind(query, params)  # so do missing or malformed parameters
     con = _connect(args)
-    print_result(*run_query(con, args.name, params), args.format)
+    print_result(*run_query(con, args.name, params, limit=args.limit, offset=args.offset), args.format)
     return 0
 
 
@@ -315,6 +315,8 @@ def add_analysis_cli(subparsers) -> None:
     q.add_argument("name", nargs="?")
     q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("--list", action="store_true", help="list the named queries and their parameters")
+    q.add_argument("--limit", type=int, help="at most this many rows (default: all)")
+    q.add_argument("--offset", type=int, default=0, help="skip this many rows first (the next page)")
     _output_arg(q)
     _format_arg(q)
     q.set_defaults(func=cmd_query)

@@ -269,16 +269,25 @@ def get(name: str) -> Query:
 
 
 def run_query(
-    con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str] | None = None
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    params: dict[str, str] | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> tuple[list[str], list[tuple]]:
-    """Run a named query; returns (column names, rows)."""
+    """Run a named query; returns (column names, rows): all of them, or `limit` rows from `offset`
+    (a page of a query that lists images: a million-image catalog answers with many)."""
     query = get(name)
     values = bind(query, params or {})
+    if (limit is not None and limit < 1) or offset < 0:
+        raise AnalysisError(f"a page needs --limit of at least 1 and --offset of 0 or more, not {limit}, {offset}")
     types = {"date": "DATE", "month": "DATE", "number": "DOUBLE", "integer": "BIGINT", "text": "VARCHAR"}
     sql = query.sql
     # A null parameter has no type of its own: say which, so `$x IS NULL OR …` binds.
     for p in query.params:
         sql = re.sub(rf"\${p.name}\b", f"CAST(${p.name} AS {types[p.kind]})", sql)
+    if limit is not None or offset:
+        sql += f"\nLIMIT {'NULL' if limit is None else int(limit)} OFFSET {int(offset)}"
     result = con.execute(sql, values)
     rows = result.fetchall()
     return [d[0] for d in result.description], rows
