@@ -1,6 +1,7 @@
 """The catalog at scale: a year of runs written as batch files, timed before and after compaction.
 
-    python -m benchmarks.catalog_scale --images 1000000 [--batch 4] [--runs-per-day 1] [--s3] [--json out.json]
+    python -m benchmarks.catalog_scale --images 1000000 [--per-run 10000] [--batch 4] [--s3] [--json out.json]
+        [--batched-runs K --older-batch N] [--rerun-share F] [--no-before] [--dir PATH]
 
 Writes `--images` synthetic catalog rows (every column of app/catalog/schema.py; prompts, tags
 and QC values drawn so that queries and search find something) as one Parquet file per batch of
@@ -8,8 +9,12 @@ and QC values drawn so that queries and search find something) as one Parquet fi
 day — the layout a team's bulk runs leave. Rows are built column-wise with pyarrow, so the time
 goes to writing files, as it does in production. Then it times, on local disk and (`--s3`) on
 an S3 API served by moto on loopback: every named query, a search, the HTML report and the
-review list; compacts the catalog (`app.catalog.compact`), records its throughput, and times
-them all again.
+review list (`imagefab review list`: its first page); compacts the catalog (`app.catalog.compact`),
+records its throughput, and times them all again. A query that returns a row per image is timed
+twice: every row into Python, and its first page (`run_query(..., limit=100)`).
+
+Writing a year as 4-row files is 250,000 files: `--batched-runs K` writes only the newest K runs
+that way and the older ones in `--older-batch`-row files, the same rows in fewer files.
 """
 
 from __future__ import annotations
@@ -75,9 +80,13 @@ PARAMS = {  # values for the named queries' parameters
 }
 
 
-def synthetic_rows(n: int, start: int, day: date, run_id: str, rng: np.random.Generator) -> pa.Table:
-    """`n` catalog rows of one run, in today's schema."""
+def synthetic_rows(
+    n: int, start: int, day: date, run_id: str, rng: np.random.Generator, rerun: list[str] | None = None
+) -> pa.Table:
+    """`n` catalog rows of one run, in today's schema; the first rows re-render the ids in
+    `rerun` (a regeneration or a resumed failure: a newer row for an image another run wrote)."""
     ids = [f"{start + i:016x}{rng.integers(0, 2**63):016x}" for i in range(n)]
+    ids[: len(rerun or [])] = rerun or []
     words = np.array(WORDS)
     picks = rng.integers(0, len(WORDS), size=(n, 5))
     prompts = [" ".join(words[p]) for p in picks]
@@ -122,24 +131,49 @@ def synthetic_rows(n: int, start: int, day: date, run_id: str, rng: np.random.Ge
     return conform(table)
 
 
-def write_catalog(output: OutputStore, images: int, batch: int, per_run: int, seed: int = 0) -> tuple[dict, float]:
+def write_catalog(
+    output: OutputStore,
+    images: int,
+    batch: int,
+    per_run: int,
+    seed: int = 0,
+    *,
+    batched_runs: int | None = None,
+    older_batch: int = 1000,
+    rerun_share: float = 0.0,
+) -> tuple[dict, float]:
+    """Write `images` rows, `per_run` a run (one run a day), as one file per `batch` rows.
+    batched_runs: only the newest this many runs are written in `batch`-row files, the older ones
+    in `older_batch`-row files (fewer, larger files: a cheaper write of the same rows, which
+    compaction merges the same way). rerun_share: that share of each run's rows re-renders
+    images of the run before (a newer row for an existing image_id in another partition)."""
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    files = written = runs = 0
+    files = written = runs = rerun_rows = 0
+    total_runs = -(-images // per_run)
     day = date(2026, 1, 1)
+    previous: list[str] = []
     while written < images:
         n = min(per_run, images - written)
         run_id = f"bench-{day:%Y%m%d}-{written:08x}"
-        table = synthetic_rows(n, written, day, run_id, rng)
-        for off in range(0, n, batch):
+        rerun = previous[: int(n * rerun_share)]
+        table = synthetic_rows(n, written, day, run_id, rng, rerun)
+        rerun_rows += len(rerun)
+        again = set(rerun)
+        previous = [i for i in table.column("image_id").to_pylist() if i not in again]
+        size = batch if batched_runs is None or runs >= total_runs - batched_runs else older_batch
+        for off in range(0, n, size):
             buf = io.BytesIO()
-            pq.write_table(table.slice(off, batch), buf, compression="zstd")
+            pq.write_table(table.slice(off, size), buf, compression="zstd")
             output.write_bytes(f"catalog/date={day:%Y-%m-%d}/run_id={run_id}/part-{off:08d}.parquet", buf.getvalue())
             files += 1
         written += n
         runs += 1
         day += timedelta(days=1)
-    return {"images": written, "files": files, "runs": runs}, time.perf_counter() - t0
+    shape = {"images": written, "files": files, "runs": runs}
+    if rerun_rows:
+        shape["rerun_rows"] = rerun_rows
+    return shape, time.perf_counter() - t0
 
 
 def _time(fn: Callable[[], object], label: str = "") -> float:
@@ -151,32 +185,45 @@ def _time(fn: Callable[[], object], label: str = "") -> float:
     return took
 
 
+PAGE = 100  # rows a person looks at: `imagefab review list` shows this many by default
+
+
 def time_all(output: OutputStore) -> dict[str, float]:
     import analysis
     from analysis.queries import QUERIES
-    from app.review import pending_review
+    from app.review import pending_page
 
     out: dict[str, float] = {}
     t0 = time.perf_counter()
     con = analysis.connect(output)
     out["connect"] = time.perf_counter() - t0
+    listing = []  # queries that return a row per image: also timed for their first page
     for name, q in QUERIES.items():
         params = {p.name: PARAMS[p.name] for p in q.params if p.required and PARAMS.get(p.name)}
-        out[f"query {name}"] = _time(partial(analysis.run_query, con, name, params), f"query {name}")
+        took = time.perf_counter()
+        _, rows = analysis.run_query(con, name, params)
+        out[f"query {name}"] = time.perf_counter() - took
+        print(f"  query {name}: {out[f'query {name}']:.3f} s ({len(rows)} rows)", file=sys.stderr, flush=True)
+        if len(rows) > PAGE:
+            listing.append((name, params))
+    for name, params in listing:
+        run = partial(analysis.run_query, con, name, params, limit=PAGE)
+        out[f"query {name} (first {PAGE} rows)"] = _time(run, f"query {name} (first {PAGE} rows)")
     out["search"] = _time(lambda: analysis.search(con, "red leather boot", limit=20), "search")
     out["search (2nd)"] = _time(lambda: analysis.search(con, "ceramic mug studio", limit=20), "search (2nd)")
     out["report"] = _time(lambda: analysis.build_report(output, max_thumbs=0), "report")
-    out["review list"] = _time(lambda: pending_review(output), "review list")
+    out["review list"] = _time(lambda: pending_page(output, limit=PAGE), "review list")
     return out
 
 
-def bench(output: OutputStore, images: int, batch: int, per_run: int) -> dict:
+def bench(output: OutputStore, images: int, batch: int, per_run: int, before: bool = True, **writing: object) -> dict:
     from app.catalog.compact import compact
 
-    shape, write_s = write_catalog(output, images, batch, per_run)
+    shape, write_s = write_catalog(output, images, batch, per_run, **writing)  # type: ignore[arg-type]
     print(f"wrote {shape} in {write_s:.1f} s", file=sys.stderr, flush=True)
     result: dict = {**shape, "write_s": round(write_s, 1)}
-    result["before"] = time_all(output)
+    if before:
+        result["before"] = time_all(output)
     c = compact(output)
     result["compaction"] = {
         "seconds": round(c.seconds, 2),
@@ -194,16 +241,20 @@ def bench(output: OutputStore, images: int, batch: int, per_run: int) -> dict:
 def markdown(results: list[dict]) -> str:
     lines = []
     for r in results:
+        reruns = f", {r['rerun_rows']:,} of them newer rows of an earlier run's images" if r.get("rerun_rows") else ""
         lines.append(
-            f"\n{r['where']}: {r['images']:,} images in {r['files']:,} batch files, {r['runs']} runs "
+            f"\n{r['where']}: {r['images']:,} images in {r['files']:,} batch files, {r['runs']} runs{reruns} "
             f"(written in {r['write_s']} s); compaction {r['compaction']['seconds']} s "
             f"({r['compaction']['rows_per_s']:,} rows/s, {r['compaction']['files_per_s']:,} files/s, "
             f"{r['compaction']['mb_in']} MB -> {r['compaction']['mb_out']} MB)\n"
         )
+        before = r.get("before") or {}
         lines.append("| step | before compaction (s) | after (s) |")
         lines.append("|---|---:|---:|")
-        for k, v in r["before"].items():
-            lines.append(f"| {k} | {v:.3f} | {r['after'][k]:.3f} |")
+        for k in dict.fromkeys([*before, *r["after"]]):
+            b = f"{before[k]:.3f}" if k in before else "-"
+            a = f"{r['after'][k]:.3f}" if k in r["after"] else "-"
+            lines.append(f"| {k} | {b} | {a} |")
     return "\n".join(lines)
 
 
@@ -214,18 +265,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-run", type=int, default=10_000, help="images per run (one run a day)")
     p.add_argument("--s3", action="store_true", help="also on an S3 API served by moto on loopback")
     p.add_argument("--local", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--batched-runs",
+        type=int,
+        help="write only the newest this many runs as --batch-row files, older runs as --older-batch-row files",
+    )
+    p.add_argument("--older-batch", type=int, default=1000, help="rows per file of the older runs (--batched-runs)")
+    p.add_argument("--rerun-share", type=float, default=0.0, help="share of a run re-rendering the run before's images")
+    p.add_argument("--before", action=argparse.BooleanOptionalAction, default=True, help="time before compacting")
+    p.add_argument("--dir", help="write the local catalog here (kept) instead of a temporary folder")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args(argv)
-    if args.images < 1 or args.batch < 1 or args.per_run < 1:
-        p.error("--images, --batch and --per-run must be at least 1")
+    if args.images < 1 or args.batch < 1 or args.per_run < 1 or args.older_batch < 1:
+        p.error("--images, --batch, --older-batch and --per-run must be at least 1")
+    if args.batched_runs is not None and args.batched_runs < 0:
+        p.error("--batched-runs must be 0 or more")
+    if not 0 <= args.rerun_share < 1:
+        p.error("--rerun-share must be at least 0 and below 1")
+    writing = {"batched_runs": args.batched_runs, "older_batch": args.older_batch, "rerun_share": args.rerun_share}
     results = []
     if args.local:
-        tmp = tempfile.mkdtemp(prefix="catalog-scale-")
+        tmp = args.dir or tempfile.mkdtemp(prefix="catalog-scale-")
         try:
-            r = bench(OutputStore.at(tmp), args.images, args.batch, args.per_run)
+            r = bench(OutputStore.at(tmp), args.images, args.batch, args.per_run, args.before, **writing)
             results.append({"where": "local disk", **r})
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not args.dir:
+                shutil.rmtree(tmp, ignore_errors=True)
     if args.s3:
         import os
 
@@ -242,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bench"
             )
             out = OutputStore.at(f"s3://bench/catalog-scale?endpoint_override={host}:{port}&scheme=http")
-            r = bench(out, args.images, args.batch, args.per_run)
+            r = bench(out, args.images, args.batch, args.per_run, args.before, **writing)
             results.append({"where": "S3 (moto on loopback)", **r})
         finally:
             server.stop()
