@@ -13,6 +13,7 @@ deciding again. Readers join decisions on `image_id` (analysis/views.sql, the `i
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from app.catalog.store import CatalogStore
+from app.catalog.store import CATALOG_DIR, READ_ATTEMPTS, CatalogStore
 from app.storage import OutputStore, StorageError
 
 DECISIONS_DIR = "reviews/decisions"
@@ -171,21 +172,7 @@ def pending_page(
     filt = pads.field("status") == "review"
     if run:
         filt = filt & (pads.field("run_id") == run)
-    # Rows of compacted files checked for one row per image (CatalogStore.partitioned_files) are
-    # their image's latest unless contested or also in an uncompacted file: those are taken as
-    # they are; only the rest are compared with the other rows of their image.
-    checked, tail, contested = catalog.partitioned_files(catalog.live_files())
-    sure = catalog.files_dataset(checked).to_table(columns=key, filter=filt) if checked else _KEY_SCHEMA.empty_table()
-    tail_ids = (
-        catalog.files_dataset(tail).to_table(columns=["image_id"]).column("image_id")
-        if tail
-        else pa.array([], pa.string())
-    )
-    unsure_ids = pa.concat_arrays([pa.array(contested, pa.string()), *pa.chunked_array(tail_ids, pa.string()).chunks])
-    unsure = pc.is_in(sure.column("image_id"), value_set=unsure_ids)
-    candidates = sure.filter(unsure)
-    if tail:
-        candidates = pa.concat_tables([candidates, catalog.files_dataset(tail).to_table(columns=key, filter=filt)])
+    sure, unsure, candidates = _queue_keys(catalog, key, filt)
     rows = _latest_rows(candidates)
     if rows:
         # An id in review in one run may have a later row elsewhere (not review): the latest wins.
@@ -212,6 +199,36 @@ def pending_page(
     full = catalog.read(filter=pads.field("image_id").isin([r["image_id"] for r in page]) & filt).to_pylist()
     by_key = {(r["image_id"], r["created_at"], r["run_id"]): r for r in full}
     return queue.num_rows, [by_key[k] for k in sorted(wanted, key=lambda k: (k[1], k[0]))]
+
+
+def _queue_keys(catalog: CatalogStore, key: list[str], filt: pads.Expression) -> tuple[pa.Table, pa.Array, pa.Table]:
+    """The key columns of the rows matching `filt`: (rows of checked compacted files, which of
+    them are unsure, the rows to rank with the rest of their image: unsure ones and those of
+    uncompacted files). A compaction deleting a file just listed makes it list again."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            checked, tail, contested = catalog.partitioned_files(catalog.live_files())
+            sure: pa.Table = (
+                catalog.files_dataset(checked).to_table(columns=key, filter=filt)
+                if checked
+                else _KEY_SCHEMA.empty_table()
+            )
+            late: pa.Table = catalog.files_dataset(tail).to_table(columns=key) if tail else _KEY_SCHEMA.empty_table()
+            break
+        except (OSError, pa.ArrowInvalid) as e:
+            gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
+            if gone and attempt < READ_ATTEMPTS - 1:
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            if isinstance(e, StorageError):
+                raise
+            raise StorageError(f"{catalog.output.uri_of(CATALOG_DIR)}: cannot read catalog ({e})") from e
+    # Rows of checked compacted files (CatalogStore.partitioned_files) are their image's latest
+    # unless the id is contested or also in an uncompacted file: only those are ranked.
+    unsure_ids = pa.concat_arrays([pa.array(contested, pa.string()), *late.column("image_id").chunks])
+    unsure = pc.is_in(sure.column("image_id"), value_set=unsure_ids)
+    candidates = pa.concat_tables([sure.filter(unsure), late.filter(filt)])
+    return sure, unsure, candidates
 
 
 def _newer(a: dict, b: dict) -> bool:
