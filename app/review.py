@@ -196,7 +196,10 @@ def pending_page(
     if not page:
         return queue.num_rows, []
     wanted = {(r["image_id"], r["created_at"], r["run_id"]) for r in page}
-    full = catalog.read(filter=pads.field("image_id").isin([r["image_id"] for r in page]) & filt).to_pylist()
+    # Only the partitions holding the page's rows are read (the ids of a page are in every file).
+    in_page = pads.field("image_id").isin([r["image_id"] for r in page])
+    full = catalog.read(filter=in_page & pads.field("run_id").isin(sorted({r["run_id"] for r in page})) & filt)
+    full = full.to_pylist()
     by_key = {(r["image_id"], r["created_at"], r["run_id"]): r for r in full}
     return queue.num_rows, [by_key[k] for k in sorted(wanted, key=lambda k: (k[1], k[0]))]
 
