@@ -21,7 +21,7 @@ from app.postprocess import PostprocessSettings
 from app.provenance.settings import ProvenanceSettings, RightsSpec, ScreeningSettings
 from app.qc import QcSettings
 from app.request import LoraRef
-from app.storage import is_uri
+from app.storage import DEFAULT_OUTAGE_WAIT_S, is_uri
 
 # SDXL was trained on ~1 megapixel buckets; these are its usual sizes, plus small ones for the
 # offline tiny model on CPU.
@@ -454,6 +454,8 @@ class ABTest(_Frozen):
 
 class OutputSpec(_Frozen):
     uri: str = "outputs"  # a local folder or any pyarrow filesystem URI (s3://, gs://)
+    # An object store that stops answering is waited for this long before the job stops (app/storage.py).
+    outage_wait_s: float = Field(DEFAULT_OUTAGE_WAIT_S, ge=0.0, le=24 * 3600)
 
 
 class JobSpec(_Frozen):

@@ -15,6 +15,12 @@ A full disk (ENOSPC, or a quota's EDQUOT) is a `StorageFull`: the temporary file
 nothing half-written is ever renamed into place, and callers can tell "no space" from other
 failures (the Serve app answers 507 for it). `free_bytes` tells how much room a local store has,
 for servers that keep a reserve free (`limits.min_free_bytes` in app/serve/config.py).
+
+An object store that stops answering (a network cut, a restarting server, 503 Slow Down) is waited
+for: a read, write or listing that fails that way is tried again with growing pauses for up to
+`outage_wait_s` (the spec's `output.outage_wait_s`), so a short outage only pauses the job. Past it
+the error names the location and how long it was waited for. Errors that retrying cannot cure (no
+such bucket, access denied, a full local disk) are raised at once.
 """
 
 from __future__ import annotations
@@ -22,11 +28,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.fs as pafs
+
+# How an S3 client (the AWS SDK under pyarrow) words a failure that may pass: no connection,
+# a timeout, a 5xx or throttling. Anything else (NO_SUCH_BUCKET, ACCESS_DENIED, …) is final.
+TRANSIENT_MARKS = (
+    "NETWORK_CONNECTION",
+    "REQUEST_TIMEOUT",
+    "SERVICE_UNAVAILABLE",
+    "SLOW_DOWN",
+    "THROTTLING",
+    "INTERNAL_FAILURE",
+    "HTTP status 500",
+    "HTTP status 502",
+    "HTTP status 503",
+    "HTTP status 504",
+)
+DEFAULT_OUTAGE_WAIT_S = 60.0
+T = TypeVar("T")
 
 
 class StorageError(OSError):
@@ -50,6 +76,12 @@ def is_storage_full(error: BaseException) -> bool:
     return False
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether an object store's error may pass by itself (see TRANSIENT_MARKS)."""
+    text = str(error)
+    return any(mark in text for mark in TRANSIENT_MARKS)
+
+
 def is_uri(location: str) -> bool:
     """Whether `location` is a URI (`s3://…`, `file://…`) rather than a local path."""
     return "://" in location
@@ -59,17 +91,18 @@ def is_uri(location: str) -> bool:
 class OutputStore:
     uri: str  # the location: local paths made absolute, a URI without its query
     fs_options: str = ""  # a URI's query (`endpoint_override=…&scheme=http`), only for opening the filesystem
+    outage_wait_s: float = DEFAULT_OUTAGE_WAIT_S  # how long an object store that stops answering is waited for
 
     _fs: list = field(default_factory=list, compare=False, repr=False)  # lazily built, not pickled state
 
     @classmethod
-    def at(cls, uri: str) -> OutputStore:
+    def at(cls, uri: str, outage_wait_s: float = DEFAULT_OUTAGE_WAIT_S) -> OutputStore:
         if not is_uri(uri) or uri.startswith("file://"):
             return cls(str(Path(uri.removeprefix("file://")).expanduser().resolve()))
         # Paths derived from the location must not carry the query inside them
         # (`s3://b/p?scheme=http/images/…`), so it is kept apart.
         location, _, query = uri.partition("?")
-        return cls(location, query)
+        return cls(location, query, outage_wait_s)
 
     @classmethod
     def of(cls, output: OutputStore | str) -> OutputStore:
@@ -77,11 +110,12 @@ class OutputStore:
         return output if isinstance(output, OutputStore) else cls.at(output)
 
     def __getstate__(self):
-        return {"uri": self.uri, "fs_options": self.fs_options}
+        return {"uri": self.uri, "fs_options": self.fs_options, "outage_wait_s": self.outage_wait_s}
 
     def __setstate__(self, state):
         object.__setattr__(self, "uri", state["uri"])
         object.__setattr__(self, "fs_options", state.get("fs_options", ""))
+        object.__setattr__(self, "outage_wait_s", state.get("outage_wait_s", DEFAULT_OUTAGE_WAIT_S))
         object.__setattr__(self, "_fs", [])
 
     @property
@@ -107,9 +141,36 @@ class OutputStore:
     def uri_of(self, rel: str) -> str:
         return f"{self.uri.rstrip('/')}/{rel}"
 
+    def waiting_out_outages(self, action: Callable[[], T], what: str) -> T:
+        """`action()`, tried again while the object store fails in a way that may pass (see
+        `is_transient`), for up to `outage_wait_s`; then StorageError naming `what` and the wait.
+        A local store, or an error retrying cannot cure, is raised at once. Every action given
+        here is idempotent: a write puts the same bytes under the same name."""
+        deadline = time.monotonic() + self.outage_wait_s
+        pause = 0.5
+        while True:
+            try:
+                return action()
+            except OSError as e:
+                if self.is_local or not is_transient(e):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StorageError(
+                        f"{what}: the object store did not answer for over {self.outage_wait_s:g} s "
+                        f"(output.outage_wait_s): {e.strerror or e}"
+                    ) from e
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 5.0)
+
     def write_bytes(self, rel: str, data: bytes) -> str:
         fs, _ = self.fs_and_root
         final = self.path(rel)
+
+        def put() -> None:
+            with fs.open_output_stream(final) as f:
+                f.write(data)
+
         try:
             if self.is_local:
                 Path(final).parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +182,9 @@ class OutputStore:
                 finally:
                     tmp.unlink(missing_ok=True)
             else:
-                with fs.open_output_stream(final) as f:
-                    f.write(data)
+                self.waiting_out_outages(put, self.uri_of(rel))
+        except StorageError:
+            raise
         except OSError as e:
             failure = StorageFull if e.errno in FULL_ERRNOS else StorageError
             raise failure(f"{self.uri_of(rel)}: cannot write ({e.strerror or e})") from e
@@ -130,9 +192,15 @@ class OutputStore:
 
     def read_bytes(self, rel: str) -> bytes:
         fs, _ = self.fs_and_root
-        try:
+
+        def get() -> bytes:
             with fs.open_input_stream(self.path(rel)) as f:
                 return f.read()
+
+        try:
+            return self.waiting_out_outages(get, self.uri_of(rel))
+        except StorageError:
+            raise
         except OSError as e:
             raise StorageError(f"{self.uri_of(rel)}: cannot read ({e})") from e
 

@@ -150,7 +150,7 @@ def run(
 
     t0 = time.perf_counter()
     run_id = run_id or new_run_id(spec)
-    output = OutputStore.at(spec.output.uri)
+    output = OutputStore.at(spec.output.uri, spec.output.outage_wait_s)
     summary = RunSummary(run_id=run_id, run_name=spec.run_name, output=output.uri)
 
     # 1. Everything that can be wrong with the spec, its input, models or output, before any work.

@@ -62,7 +62,8 @@ class CatalogStore:
     def listing(self) -> list[pafs.FileInfo] | None:
         """Every file under catalog/ (one recursive listing), or None when there is no catalog."""
         fs, _ = self.output.fs_and_root
-        try:
+
+        def listed() -> list[pafs.FileInfo] | None:
             if fs.get_file_info(self.base).type == pafs.FileType.NotFound:
                 return None
             return [
@@ -70,6 +71,11 @@ class CatalogStore:
                 for i in fs.get_file_info(pafs.FileSelector(self.base, recursive=True, allow_not_found=True))
                 if i.type == pafs.FileType.File
             ]
+
+        try:  # an object store that stops answering is waited for, as for writes (app/storage.py)
+            return self.output.waiting_out_outages(listed, self.output.uri_of(CATALOG_DIR))
+        except StorageError:
+            raise
         except OSError as e:
             raise StorageError(f"{self.output.uri_of(CATALOG_DIR)}: cannot list catalog ({e})") from e
 
