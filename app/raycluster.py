@@ -127,7 +127,21 @@ def ray_data_logs_to_console(verbose: bool) -> str:
         if handler.get_name() == "console":  # the handler's name in Ray Data's logging config
             handler.setLevel(logging.INFO if verbose else logging.WARNING)
             handler.removeFilter(_not_bars_disabled)
+            handler.removeFilter(_no_traceback)
             if not verbose:
                 handler.addFilter(_not_bars_disabled)
+                handler.addFilter(_no_traceback)
     context = ray.get_runtime_context()
     return str(Path(context.get_temp_dir()) / context.get_session_name() / "logs" / "ray-data" / "ray-data.log")
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    # A stage's exception that stops the dataset (a store that stopped answering, a full disk):
+    # the job says it in one line naming the location (jobs/generate.py); Ray Data's report and
+    # traceback of the same error stay in its log file.
+    message = record.getMessage()
+    return (
+        record.exc_info is None
+        and "Traceback (most recent call last)" not in message
+        and not message.startswith("Exception occurred in ")  # "… in user code" / "… in Ray Data or Ray Core"
+    )
