@@ -18,9 +18,10 @@ for servers that keep a reserve free (`limits.min_free_bytes` in app/serve/confi
 
 An object store that stops answering (a network cut, a restarting server, 503 Slow Down) is waited
 for: a read, write or listing that fails that way is tried again with growing pauses for up to
-`outage_wait_s` (the spec's `output.outage_wait_s`), so a short outage only pauses the job. Past it
-the error names the location and how long it was waited for. Errors that retrying cannot cure (no
-such bucket, access denied, a full local disk) are raised at once.
+`outage_wait_s` (the bulk job's `output.outage_wait_s`, 60 s by default), so a short outage only
+pauses the job. Past it the error names the location and how long it was waited for. Errors that
+retrying cannot cure (no such bucket, access denied, a full local disk) are raised at once. A store
+opened without a wait (the Serve app's) fails after the S3 client's own few retries.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ TRANSIENT_MARKS = (
     "HTTP status 503",
     "HTTP status 504",
 )
-DEFAULT_OUTAGE_WAIT_S = 60.0
+DEFAULT_OUTAGE_WAIT_S = 60.0  # the bulk job's default (app/spec.py OutputSpec)
 T = TypeVar("T")
 
 
@@ -91,12 +92,12 @@ def is_uri(location: str) -> bool:
 class OutputStore:
     uri: str  # the location: local paths made absolute, a URI without its query
     fs_options: str = ""  # a URI's query (`endpoint_override=…&scheme=http`), only for opening the filesystem
-    outage_wait_s: float = DEFAULT_OUTAGE_WAIT_S  # how long an object store that stops answering is waited for
+    outage_wait_s: float = 0.0  # how long an object store that stops answering is waited for (0: not)
 
     _fs: list = field(default_factory=list, compare=False, repr=False)  # lazily built, not pickled state
 
     @classmethod
-    def at(cls, uri: str, outage_wait_s: float = DEFAULT_OUTAGE_WAIT_S) -> OutputStore:
+    def at(cls, uri: str, outage_wait_s: float = 0.0) -> OutputStore:
         if not is_uri(uri) or uri.startswith("file://"):
             return cls(str(Path(uri.removeprefix("file://")).expanduser().resolve()))
         # Paths derived from the location must not carry the query inside them
@@ -115,7 +116,7 @@ class OutputStore:
     def __setstate__(self, state):
         object.__setattr__(self, "uri", state["uri"])
         object.__setattr__(self, "fs_options", state.get("fs_options", ""))
-        object.__setattr__(self, "outage_wait_s", state.get("outage_wait_s", DEFAULT_OUTAGE_WAIT_S))
+        object.__setattr__(self, "outage_wait_s", state.get("outage_wait_s", 0.0))
         object.__setattr__(self, "_fs", [])
 
     @property
@@ -144,15 +145,16 @@ class OutputStore:
     def waiting_out_outages(self, action: Callable[[], T], what: str) -> T:
         """`action()`, tried again while the object store fails in a way that may pass (see
         `is_transient`), for up to `outage_wait_s`; then StorageError naming `what` and the wait.
-        A local store, or an error retrying cannot cure, is raised at once. Every action given
-        here is idempotent: a write puts the same bytes under the same name."""
+        A local store, a store without a wait, or an error retrying cannot cure, is raised at once
+        (as the OSError it is). Every action given here is idempotent: a write puts the same bytes
+        under the same name."""
         deadline = time.monotonic() + self.outage_wait_s
         pause = 0.5
         while True:
             try:
                 return action()
             except OSError as e:
-                if self.is_local or not is_transient(e):
+                if self.is_local or self.outage_wait_s <= 0 or not is_transient(e):
                     raise
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pyarrow.fs as pafs
 import pytest
-from moto_s3 import loopback_s3
+from moto_s3 import StoreLink, loopback_s3
 from PIL import Image
 
 from app.catalog.store import CatalogStore
@@ -84,6 +85,37 @@ def test_readers_never_see_half_an_object(s3):
     writer.join()
     assert None in seen and seen <= {None, len(data)}  # looked while it uploaded; never a partial size
     assert store.read_bytes("big.bin") == data
+
+
+def test_an_outage_shorter_than_the_wait_is_waited_out_and_a_longer_one_names_the_store(s3, monkeypatch):
+    """The store behind a relay that is cut and restored (tests/moto_s3.py); the job's wait is
+    `output.outage_wait_s`, a store opened without one fails after the S3 client's own retries."""
+    link = StoreLink(s3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{link.address}")
+    store = OutputStore.at(f"s3://{BUCKET}/outage", outage_wait_s=30)
+    store.write_bytes("before.txt", b"1")
+    link.cut()
+    threading.Timer(3.0, link.restore).start()
+    t0 = time.monotonic()
+    assert store.write_bytes("during.txt", b"2") == f"s3://{BUCKET}/outage/during.txt"
+    assert time.monotonic() - t0 >= 3.0
+    assert store.read_bytes("before.txt") == b"1" and store.read_bytes("during.txt") == b"2"
+
+    link.cut()
+    try:
+        brief = OutputStore.at(f"s3://{BUCKET}/outage", outage_wait_s=1)
+        with pytest.raises(
+            StorageError, match=rf"^s3://{BUCKET}/outage/after.txt: the object store did not answer for over 1 s"
+        ):
+            brief.write_bytes("after.txt", b"3")
+        with pytest.raises(StorageError, match=rf"^s3://{BUCKET}/outage/before.txt: cannot read .*NETWORK_CONNECTION"):
+            OutputStore.at(f"s3://{BUCKET}/outage").read_bytes("before.txt")  # no wait: the client's retries only
+    finally:
+        link.restore()
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="s3://no-such-bucket/x/a.txt: cannot write"):
+        OutputStore.at("s3://no-such-bucket/x", outage_wait_s=30).write_bytes("a.txt", b"4")
+    assert time.monotonic() - t0 < 10  # an error waiting cannot cure is not waited on
 
 
 def test_endpoint_in_the_uri_query_stays_out_of_every_location(s3, monkeypatch):
