@@ -13,7 +13,6 @@ deciding again. Readers join decisions on `image_id` (analysis/views.sql, the `i
 from __future__ import annotations
 
 import io
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from app.catalog.store import CATALOG_DIR, READ_ATTEMPTS, CatalogStore
+from app.catalog.store import CatalogStore
 from app.storage import OutputStore, StorageError
 
 DECISIONS_DIR = "reviews/decisions"
@@ -208,24 +207,16 @@ def _queue_keys(catalog: CatalogStore, key: list[str], filt: pads.Expression) ->
     """The key columns of the rows matching `filt`: (rows of checked compacted files, which of
     them are unsure, the rows to rank with the rest of their image: unsure ones and those of
     uncompacted files). A compaction deleting a file just listed makes it list again."""
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            checked, tail, contested = catalog.partitioned_files(catalog.live_files())
-            sure: pa.Table = (
-                catalog.files_dataset(checked).to_table(columns=key, filter=filt)
-                if checked
-                else _KEY_SCHEMA.empty_table()
-            )
-            late: pa.Table = catalog.files_dataset(tail).to_table(columns=key) if tail else _KEY_SCHEMA.empty_table()
-            break
-        except (OSError, pa.ArrowInvalid) as e:
-            gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
-            if gone and attempt < READ_ATTEMPTS - 1:
-                time.sleep(0.05 * (attempt + 1))
-                continue
-            if isinstance(e, StorageError):
-                raise
-            raise StorageError(f"{catalog.output.uri_of(CATALOG_DIR)}: cannot read catalog ({e})") from e
+
+    def once() -> tuple[pa.Table, pa.Table, list[str]]:
+        checked, tail, contested = catalog.partitioned_files(catalog.live_files())
+        sure: pa.Table = (
+            catalog.files_dataset(checked).to_table(columns=key, filter=filt) if checked else _KEY_SCHEMA.empty_table()
+        )
+        late: pa.Table = catalog.files_dataset(tail).to_table(columns=key) if tail else _KEY_SCHEMA.empty_table()
+        return sure, late, contested
+
+    sure, late, contested = catalog.reading(once)
     # Rows of checked compacted files (CatalogStore.partitioned_files) are their image's latest
     # unless the id is contested or also in an uncompacted file: only those are ranked.
     unsure_ids = pa.concat_arrays([pa.array(contested, pa.string()), *late.column("image_id").chunks])

@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -25,6 +27,7 @@ from app.storage import OutputStore, StorageError
 CATALOG_DIR = "catalog"
 COMPACTED_PREFIX = "compacted-"  # compacted-<hash of the inputs>.parquet
 MANIFEST_PREFIX = "_compaction-"  # _compaction-<same hash>.json: the commit of that file
+T = TypeVar("T")
 READ_ATTEMPTS = 5  # listings a read makes when compaction deletes a file under it
 # A compacted file whose rows were checked against the whole catalog when it was written:
 # compacted-u-<hash>: each of its image_ids is in no other row of the catalog (at that time);
@@ -207,19 +210,26 @@ class CatalogStore:
         return old
 
     def read(self, columns: list[str] | None = None, filter=None) -> pa.Table:
-        """The live rows. A compaction (a run's closing one, or `imagefab catalog compact`) may
-        delete batch files this read has just listed: the rows are then in the compacted file
-        already committed, and the read lists again. Other failures are a `StorageError`."""
+        """The live rows (listed again if a compaction deletes a file under the read: `reading`)."""
+
+        def once() -> pa.Table:
+            ds = self.dataset()
+            if ds is None:
+                schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string()))
+                table = schema.empty_table()
+                return table.select(columns) if columns else table
+            return ds.to_table(columns=columns, filter=filter)
+
+        return self.reading(once)
+
+    def reading(self, read: Callable[[], T]) -> T:
+        """`read()`: a listing of the catalog and reads of what it listed. A compaction (a run's
+        closing one, or `imagefab catalog compact`) may delete batch files the read has just
+        listed: the rows are then in the compacted file already committed, and `read` runs again.
+        Other failures are a `StorageError` naming the catalog."""
         for attempt in range(READ_ATTEMPTS):
             try:
-                ds = self.dataset()
-                if ds is None:
-                    schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(
-                        pa.field("run_id", pa.string())
-                    )
-                    table = schema.empty_table()
-                    return table.select(columns) if columns else table
-                return ds.to_table(columns=columns, filter=filter)
+                return read()
             except (OSError, pa.ArrowInvalid) as e:  # a file gone or unreadable, the store away
                 gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
                 if gone and attempt < READ_ATTEMPTS - 1:
