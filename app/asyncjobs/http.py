@@ -23,7 +23,6 @@ from app.asyncjobs import batch, submit, webhooks
 from app.asyncjobs.queue import QueuePolicy, queue_position
 from app.asyncjobs.records import JobError, JobNotFound, JobRecord, JobStore
 from app.serve.bodies import strict_json, text_problem
-from app.storage import StorageError, is_storage_full
 
 router = APIRouter(tags=["jobs"])
 
@@ -163,19 +162,12 @@ def _int(value: str | None, name: str, default: int) -> int:
 
 
 async def _answer(work) -> Response:
+    # A failing output store (`StorageError`) is left to the app that mounts the router: `imagefab
+    # serve` answers it 507 when full, else 503, naming the store, as on every other route.
     try:
         return await work()
     except JobError as e:
         return _error(e)
-    except StorageError as e:
-        # The output store (job records, the catalog) cannot be read or written right now: 507
-        # when it is full, else 503; the request may be repeated; the message names the store.
-        status = 507 if is_storage_full(e) else 503
-        return JSONResponse(
-            status_code=status,
-            content={"error": {"message": str(e), "type": "server_error", "param": None, "code": status}},
-            headers={"Retry-After": "5"},
-        )
 
 
 Service = Depends(jobs_service)
