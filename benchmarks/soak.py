@@ -59,6 +59,8 @@ ENV = {
 
 
 def free_ports(n: int) -> list[int]:
+    """`n` free loopback ports, all different: held open together while they are chosen (Ray
+    refuses a head whose components were given the same port)."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:

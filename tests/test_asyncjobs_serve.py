@@ -18,7 +18,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from test_job_submit import ray_bin
 
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore
+from benchmarks.soak import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -62,19 +62,6 @@ SERVE_LIKE = (
 )
 # The head: CPUs for Serve's replicas and the jobs' actors beside each other, and the fake GPUs.
 RESOURCES = {"CPU": 6, "GPU": GPUS, "gpu_bulk": GPUS - SERVE_GPUS}
-
-
-def distinct_ports(n: int) -> list[int]:
-    """`n` free loopback ports, all different: held open together while they are chosen (Ray
-    refuses a head whose components were given the same port)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Cluster:
@@ -103,7 +90,7 @@ class Cluster:
 
     def start_head(self) -> None:
         self.starts += 1
-        gcs, dash, agent, agent_grpc, metrics, client = distinct_ports(6)
+        gcs, dash, agent, agent_grpc, metrics, client = free_ports(6)
         temp = Path("/tmp") / f"rj{os.getpid()}-{self.starts}"  # Ray's socket paths must stay short
         self.temps.append(temp)
         log = open(self.tmp / f"head-{self.starts}.log", "w")
