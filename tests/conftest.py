@@ -46,3 +46,32 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+# The files that take longest (seconds of one CI run on 2 cores, cold caches), started first: with
+# `--dist loadfile` a worker runs a whole file, and xdist's own order (most tests first) would leave
+# these few-test, many-minute files for the end, where one of them on one worker sets the wall time
+# while the other worker idles. Started first, the short files fill in around them.
+# test_gpu_bench before test_compiled_generator and test_attention: its FP8 rows compile the graphs
+# those two then load from the tests' compile cache.
+SLOWEST_FILES = (
+    "test_faults.py",  # ~320 s: real bulk jobs killed and rerun
+    "test_gpu_bench.py",  # ~310 s: the benchmark's compiled rows
+    "test_asyncjobs_serve.py",  # ~150 s: a Ray head killed mid-job
+    "test_compiled_generator.py",
+    "test_attention.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files in SLOWEST_FILES order first, then files with a slow test, then the rest as collected
+    (xdist schedules files in this order with --no-loadscope-reorder; see the Makefile)."""
+    slow_files = {item.path.name for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        name = item.path.name
+        if name in SLOWEST_FILES:
+            return (0, SLOWEST_FILES.index(name))
+        return (1 if name in slow_files else 2, 0)
+
+    items.sort(key=rank)  # stable: tests keep their order within a file, and files their collection order
