@@ -33,6 +33,7 @@ mlflow: setup
 # Two pytest workers, a test file each at a time (module fixtures stay shared): most slow tests
 # wait on Ray, subprocesses or a compiler, so two overlap well on 2 cores (measured: 15:42 serial,
 # 12:30 with two, warm caches). Every test uses its own ports, folders and Ray.
+# --no-loadscope-reorder: files run in tests/conftest.py's order (the longest first), not xdist's.
 XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 # The slowest tests are listed at the end of every run, so a slow one is seen where it is added.
 DURATIONS ?= --durations=15

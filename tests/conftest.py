@@ -48,17 +48,26 @@ def ray_local():
     ray.shutdown()
 
 
-# The files that take longest (seconds of one CI run on 2 cores, cold caches), started first: with
-# `--dist loadfile` a worker runs a whole file, and xdist's own order (most tests first) would leave
-# these few-test, many-minute files for the end, where one of them on one worker sets the wall time
-# while the other worker idles. Started first, the short files fill in around them.
-# test_gpu_bench before test_compiled_generator and test_attention: its FP8 rows compile the graphs
-# those two then load from the tests' compile cache.
+# The files that take longest (seconds of `make test` on 2 cores; "cold": a fresh clone, whose
+# compile cache is empty), started first, longest first: with `--dist loadfile` a worker runs a
+# whole file, and xdist's own order (most tests first) would leave these few-test, many-minute files
+# for the end, where one of them on one worker sets the wall time while the other worker idles.
+# Started first, the short files fill in around them. test_gpu_bench first of all: its FP8 rows
+# compile the graphs that test_compiled_generator and test_attention then load from the tests'
+# compile cache instead of compiling them again.
 SLOWEST_FILES = (
-    "test_faults.py",  # ~320 s: real bulk jobs killed and rerun
-    "test_gpu_bench.py",  # ~310 s: the benchmark's compiled rows
-    "test_asyncjobs_serve.py",  # ~150 s: a Ray head killed mid-job
-    "test_compiled_generator.py",
+    "test_gpu_bench.py",  # ~310 s cold: the benchmark's compiled rows
+    "test_asyncjobs_serve.py",  # ~360 s: a Ray head and Serve, restarted and killed mid-job
+    "test_faults.py",  # ~230 s, ~320 s cold: bulk jobs killed and rerun
+    "test_s3_outage.py",  # ~190 s: a store outage under a running job
+    "test_job.py",  # ~110 s of setup: a partial run and its resume
+    "test_compiled_generator.py",  # ~115 s of setup where it compiles (cold, and test_gpu_bench not yet run)
+    "test_fuzz.py",  # ~90 s: the HTTP API fuzzed on Serve
+    "test_asyncjobs_ray.py",  # ~90 s
+    "test_multinode.py",  # ~85 s: a two-node cluster
+    "test_raycluster.py",  # ~75 s
+    "test_registry.py",  # ~70 s
+    "test_s3.py",  # ~65 s
     "test_attention.py",
 )
 
