@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_compiled_generator import COMPILED
 from torch.profiler import profile
 
 from app.attention import attention_kernels, attention_unsupported_reason, cache_folder, kernel_order
@@ -123,7 +124,6 @@ def test_a_compiled_generator_keeps_its_choice_in_its_graphs_and_its_own_cache(t
     import os
 
     from app.generator import Generator
-    from tests.test_compiled_generator import COMPILED
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))  # put back after
     math = Generator(tiny_base, {}, ComputeSpec(**COMPILED, attention="math"))
