@@ -1,6 +1,7 @@
 """The analysis and review commands, for app/cli.py to register:
 
-  imagefab query NAME [--param k=v]... [--output URI] [--format table|csv|json]
+  imagefab query NAME [--param k=v]... [--output URI] [--format table|csv|json] [--limit N] [--offset N]
+                 [--all] [--out FILE.parquet|csv|json]
   imagefab query --list
   imagefab sql "SELECT … FROM images" [--output URI] [--format …]
   imagefab search "red leather boot" [--limit N] [--field prompt]... [--all-terms]
@@ -25,6 +26,7 @@ from datetime import date, datetime
 
 EXIT_BAD_INPUT = 2
 DEFAULT_OUTPUT = "outputs"
+QUERY_PAGE = 100  # rows `imagefab query` prints as a table unless --all or --limit
 VIEWS = (
     "images",
     "catalog",
@@ -144,7 +146,7 @@ def _connect(args, file_sizes: bool = False):
 
 @_guarded
 def cmd_query(args: argparse.Namespace) -> int:
-    from analysis.queries import QUERIES, bind, get, run_query
+    from analysis.queries import QUERIES, bind, count_query, export_query, get, run_query
 
     if args.list or not args.name:
         if not args.list:
@@ -156,8 +158,26 @@ def cmd_query(args: argparse.Namespace) -> int:
     query = get(args.name)  # an unknown name fails before the catalog is opened
     params = _parse_params(args.param)
     bind(query, params)  # so do missing or malformed parameters
+    if args.all and args.limit is not None:
+        return _fail("--all prints every row: give --all or --limit, not both")
     con = _connect(args)
-    print_result(*run_query(con, args.name, params, limit=args.limit, offset=args.offset), args.format)
+    if args.out:
+        n = export_query(con, args.name, args.out, params, limit=args.limit, offset=args.offset)
+        print(f"{n} row{'s' if n != 1 else ''} of {args.name} written to {args.out}")
+        return 0
+    # A table is read by a person: a page unless --all. csv and json are read by programs: every
+    # row unless --limit, as before (--out exports a large result much faster).
+    limit = args.limit if args.limit is not None or args.all or args.format != "table" else QUERY_PAGE
+    columns, rows = run_query(con, args.name, params, limit=limit, offset=args.offset)
+    print_result(columns, rows, args.format)
+    if limit is not None and len(rows) == limit:
+        total = count_query(con, args.name, params)
+        if args.offset + len(rows) < total:
+            print(
+                f"{args.offset + 1}-{args.offset + len(rows)} of {total} rows; next: --offset {args.offset + len(rows)} "
+                "(--all prints every row, --out FILE.parquet|csv|json exports them)",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -315,8 +335,16 @@ def add_analysis_cli(subparsers) -> None:
     q.add_argument("name", nargs="?")
     q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("--list", action="store_true", help="list the named queries and their parameters")
-    q.add_argument("--limit", type=int, help="at most this many rows (default: all)")
+    q.add_argument(
+        "--limit", type=int, help=f"at most this many rows (default: {QUERY_PAGE} as a table, all as csv or json)"
+    )
     q.add_argument("--offset", type=int, default=0, help="skip this many rows first (the next page)")
+    q.add_argument("--all", action="store_true", help="print every row (a table shows a page by default)")
+    q.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write every row (or the --limit/--offset page) to FILE.parquet, .csv or .json with DuckDB (fast)",
+    )
     _output_arg(q)
     _format_arg(q)
     q.set_defaults(func=cmd_query)

@@ -181,10 +181,17 @@ def _group_costs(con, key_sql: str, params: dict) -> list[dict]:
 
 
 def cost_report(
-    con: duckdb.DuckDBPyConnection, prices: PriceTable, run: str | None = None, prices_from: str = "defaults"
+    con: duckdb.DuckDBPyConnection,
+    prices: PriceTable,
+    run: str | None = None,
+    prices_from: str = "defaults",
+    source: str = "images",
 ) -> CostReport:
-    """The cost model over a connection from `analysis.connect(output, file_sizes=True)`."""
-    accelerators = [a for (a,) in con.execute("SELECT DISTINCT coalesce(accelerator, '') FROM images").fetchall()]
+    """The cost model over a connection from `analysis.connect(output, file_sizes=True)`.
+    source: the view or table of images it reads (the report hands it the columns it read once)."""
+    if not source.isidentifier():
+        raise AnalysisError(f"cost source must be a view or table name, not {source!r}")
+    accelerators = [a for (a,) in con.execute(f"SELECT DISTINCT coalesce(accelerator, '') FROM {source}").fetchall()]
     hourly = pa.table(
         {"accelerator": accelerators, "hourly_usd": [prices.device_hourly(a) if a else 0.0 for a in accelerators]}
     )
@@ -198,7 +205,7 @@ def cost_report(
                coalesce(gpu_seconds, 0) * p.hourly_usd / 3600 + coalesce(cpu_seconds, 0) * {prices.cpu_core_hourly!r} / 3600
                    + coalesce(i.backend.api_cost_usd, 0) AS usd,
                coalesce(master_bytes, 0) + variant_bytes AS stored_bytes
-        FROM images i JOIN device_prices p ON coalesce(i.accelerator, '') = p.accelerator""")
+        FROM {source} i JOIN device_prices p ON coalesce(i.accelerator, '') = p.accelerator""")
     params = {"run": run}
     (total,) = _rows(
         con,

@@ -40,18 +40,17 @@ def acceptance_bars(labels: list[str], counts: dict[str, list[int]]) -> bytes:
     return _png(fig)
 
 
-def score_histograms(scores: dict[str, dict[str, list[float]]]) -> bytes:
-    """One panel per QC score, a histogram per outcome. scores: {score: {outcome: values}}."""
+def score_histograms(scores: dict[str, tuple[list[float], dict[str, list[int]]]]) -> bytes:
+    """One panel per QC score, a histogram per outcome, from counts binned by the query
+    (analysis/report.py): scores: {score: (bin edges, {outcome: count per bin})}."""
     fig = _figure(9, 2.8)
     axes = fig.subplots(1, len(scores))
-    for ax, (name, by_outcome) in zip(axes, scores.items()):
-        values = [v for vs in by_outcome.values() for v in vs]
-        if values:
-            lo, hi = min(values), max(values)
-            bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
-            for outcome, vs in by_outcome.items():
-                if vs:
-                    ax.hist(vs, bins=bins, alpha=0.6, color=OUTCOME_COLOURS.get(outcome), label=outcome)
+    for ax, (name, (edges, by_outcome)) in zip(axes, scores.items()):
+        for outcome, counts in by_outcome.items():
+            if any(counts):
+                ax.hist(
+                    edges[:-1], bins=edges, weights=counts, alpha=0.6, color=OUTCOME_COLOURS.get(outcome), label=outcome
+                )
         ax.set_title(name)
         ax.set_ylabel("images")
     axes[0].legend(frameon=False, fontsize="small")
@@ -73,13 +72,13 @@ def cost_bars(labels: list[str], parts: dict[str, list[float]]) -> bytes:
     return _png(fig)
 
 
-def throughput(series: dict[str, list[datetime]]) -> bytes:
-    """Images written over time, cumulative, one line per run (from catalog `created_at`)."""
+def throughput(series: dict[str, tuple[list[datetime], list[int]]]) -> bytes:
+    """Images written over time, cumulative, one line per run: {run: (times, images written by
+    then)}, from catalog `created_at` (a large run's curve comes as a few hundred of its points)."""
     fig = _figure(9, 3.2)
     ax = fig.add_subplot()
-    for run, times in series.items():
-        times = sorted(times)
-        ax.step(times, range(1, len(times) + 1), where="post", label=run)
+    for run, (times, written) in series.items():
+        ax.step(times, written, where="post", label=run)
     ax.set_ylabel("images written (cumulative)")
     ax.set_xlabel("time (UTC)")
     if len(series) <= 8:

@@ -81,10 +81,15 @@ FROM images WHERE $run IS NULL OR run_id = $run GROUP BY ALL ORDER BY images DES
             """
 SELECT image_id, run_id, created_at, l.version AS lora_version, l.weight AS lora_weight,
        model_stack, outcome, prompt, uri
-FROM images, unnest(loras) AS t(l)
-WHERE l.name = $lora AND ($version IS NULL OR l.version = $version)
-  AND ($start IS NULL OR CAST(created_at AS DATE) >= $start)
-  AND ($end IS NULL OR CAST(created_at AS DATE) <= $end)
+FROM (
+    -- The images with the LoRA are found on the list column first; only their matching entries are
+    -- unnested (a lateral unnest of every image's list reads every column of every image).
+    SELECT image_id, run_id, created_at, model_stack, outcome, prompt, uri,
+           unnest(list_filter(loras, lambda l: l.name = $lora AND ($version IS NULL OR l.version = $version))) AS l
+    FROM images
+    WHERE list_contains(list_transform(loras, lambda l: l.name), $lora)
+      AND ($start IS NULL OR CAST(created_at AS DATE) >= $start)
+      AND ($end IS NULL OR CAST(created_at AS DATE) <= $end))
 ORDER BY created_at, image_id""",
             Param("lora", "text", "LoRA name, as in the model catalog", required=True),
             Param("version", "text", "LoRA version"),
@@ -268,6 +273,23 @@ def get(name: str) -> Query:
     return QUERIES[name]
 
 
+def _sql(query: Query) -> str:
+    types = {"date": "DATE", "month": "DATE", "number": "DOUBLE", "integer": "BIGINT", "text": "VARCHAR"}
+    sql = query.sql
+    # A null parameter has no type of its own: say which, so `$x IS NULL OR …` binds.
+    for p in query.params:
+        sql = re.sub(rf"\${p.name}\b", f"CAST(${p.name} AS {types[p.kind]})", sql)
+    return sql
+
+
+def _page(limit: int | None, offset: int) -> str:
+    if (limit is not None and limit < 1) or offset < 0:
+        raise AnalysisError(f"a page needs --limit of at least 1 and --offset of 0 or more, not {limit}, {offset}")
+    if limit is None and not offset:
+        return ""
+    return f"\nLIMIT {'NULL' if limit is None else int(limit)} OFFSET {int(offset)}"
+
+
 def run_query(
     con: duckdb.DuckDBPyConnection,
     name: str,
@@ -276,18 +298,46 @@ def run_query(
     offset: int = 0,
 ) -> tuple[list[str], list[tuple]]:
     """Run a named query; returns (column names, rows): all of them, or `limit` rows from `offset`
-    (a page of a query that lists images: a million-image catalog answers with many)."""
+    (a page of a query that lists images: a million-image catalog answers with many; fetching
+    hundreds of thousands of rows into Python costs seconds, `export_query` writes them)."""
     query = get(name)
     values = bind(query, params or {})
-    if (limit is not None and limit < 1) or offset < 0:
-        raise AnalysisError(f"a page needs --limit of at least 1 and --offset of 0 or more, not {limit}, {offset}")
-    types = {"date": "DATE", "month": "DATE", "number": "DOUBLE", "integer": "BIGINT", "text": "VARCHAR"}
-    sql = query.sql
-    # A null parameter has no type of its own: say which, so `$x IS NULL OR …` binds.
-    for p in query.params:
-        sql = re.sub(rf"\${p.name}\b", f"CAST(${p.name} AS {types[p.kind]})", sql)
-    if limit is not None or offset:
-        sql += f"\nLIMIT {'NULL' if limit is None else int(limit)} OFFSET {int(offset)}"
-    result = con.execute(sql, values)
+    page = _page(limit, offset)
+    result = con.execute(_sql(query) + page, values)
     rows = result.fetchall()
     return [d[0] for d in result.description], rows
+
+
+def count_query(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str] | None = None) -> int:
+    """How many rows the named query answers with (the total beside a page)."""
+    query = get(name)
+    values = bind(query, params or {})
+    row = con.execute(f"SELECT count(*) FROM ({_sql(query)})", values).fetchone()
+    return int(row[0]) if row else 0
+
+
+EXPORT_FORMATS = {".parquet": "FORMAT parquet", ".csv": "FORMAT csv, HEADER true", ".json": "FORMAT json, ARRAY true"}
+
+
+def export_query(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    path: str,
+    params: dict[str, str] | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> int:
+    """Write the named query's rows (all, or a page) to a local `path` (.parquet, .csv or .json)
+    with DuckDB's COPY, which streams them without Python; returns how many rows it wrote."""
+    query = get(name)
+    values = bind(query, params or {})
+    suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if suffix not in EXPORT_FORMATS:
+        raise AnalysisError(f"--out {path!r}: name a .parquet, .csv or .json file")
+    target = "'" + path.replace("'", "''") + "'"
+    sql = f"COPY ({_sql(query)}{_page(limit, offset)}) TO {target} ({EXPORT_FORMATS[suffix]})"
+    try:
+        row = con.execute(sql, values).fetchone()
+    except duckdb.IOException as e:
+        raise AnalysisError(f"--out {path!r}: cannot write ({str(e).strip()})") from None
+    return int(row[0]) if row else 0

@@ -114,6 +114,100 @@ def _sheet(output: OutputStore, rows: list[dict], total: int, outcome: str, titl
     return f'<section id="sheet-{outcome}"><h3>{escape(title)} ({shown})</h3><div class="sheet">{body}</div></section>'
 
 
+# Per template variable value: images sharing a variables map are counted once per map and only
+# those groups unnested (as the acceptance_by_variable view does).
+VARIABLES_SQL = """
+    WITH per_map AS (
+        SELECT coalesce(template.name, '(no template)') AS template, variables,
+               count(*) AS images, count(*) FILTER (outcome = 'accepted') AS accepted,
+               count(*) FILTER (outcome = 'review') AS review, count(*) FILTER (outcome = 'rejected') AS rejected,
+               count(*) FILTER (outcome = 'failed') AS failed, count(*) FILTER (outcome <> 'failed') AS rendered,
+               sum(sharpness) AS sharpness_sum, count(sharpness) AS sharpness_n,
+               sum(contrast) AS contrast_sum, count(contrast) AS contrast_n,
+               sum(exposure) AS exposure_sum, count(exposure) AS exposure_n
+        FROM scope WHERE variables IS NOT NULL GROUP BY template, variables),
+    entries AS (SELECT * EXCLUDE (variables), unnest(map_entries(variables)) AS v FROM per_map)
+    SELECT template, v.key AS variable, v.value AS value, sum(images)::BIGINT AS images,
+           sum(accepted)::BIGINT AS accepted, sum(review)::BIGINT AS review, sum(rejected)::BIGINT AS rejected,
+           sum(failed)::BIGINT AS failed, round(sum(accepted) / nullif(sum(rendered), 0), 4) AS acceptance_rate,
+           round(sum(sharpness_sum) / nullif(sum(sharpness_n), 0), 1) AS mean_sharpness,
+           round(sum(contrast_sum) / nullif(sum(contrast_n), 0), 4) AS mean_contrast,
+           round(sum(exposure_sum) / nullif(sum(exposure_n), 0), 4) AS mean_exposure
+    FROM entries GROUP BY template, v.key, v.value
+    ORDER BY template, variable, acceptance_rate NULLS LAST"""
+SCOPE_COLUMNS = (
+    *("image_id", "run_id", "created_at", "outcome", "status", "approval", "reviewer", "review_note", "reasons"),
+    *("row_key", "uri", "variants", "template", "variables", "combination", "model_stack", "tier", "row_group"),
+    *("backend", "accelerator", "gpu_seconds", "cpu_seconds", "cost_usd", "master_bytes", "variant_bytes"),
+    *("sharpness", "contrast", "exposure", "clip_score"),
+)
+SCORES = ("sharpness", "contrast", "exposure")
+BINS = 20  # histogram bins per QC score
+CURVE_POINTS = 20_000  # points of the throughput plot, over all its runs
+
+
+def _score_bins(con) -> dict[str, tuple[list[float], dict[str, list[int]]]]:
+    """Each QC score's histogram per outcome, binned by DuckDB: {score: (edges, {outcome: counts})}.
+    BINS equal bins from the lowest to the highest value (one bin where they are equal)."""
+    ranges = one_row(
+        con.execute(
+            "SELECT " + ", ".join(f"min({s}), max({s})" for s in SCORES) + " FROM scope WHERE outcome <> 'failed'"
+        )
+    )
+    out: dict[str, tuple[list[float], dict[str, list[int]]]] = {}
+    for i, score in enumerate(SCORES):
+        lo, hi = ranges[2 * i], ranges[2 * i + 1]
+        if lo is None:
+            out[score] = ([0.0, 1.0], {})
+            continue
+        bins = BINS if hi > lo else 1
+        width = (hi - lo) / bins if hi > lo else 1.0
+        edges = [lo + width * b for b in range(bins + 1)] if hi > lo else [lo - 0.5, lo + 0.5]
+        counts: dict[str, list[int]] = {}
+        for outcome, b, n in con.execute(
+            f"SELECT outcome, least(floor(({score} - $lo) / $width), $last)::INTEGER AS b, count(*) FROM scope "
+            f"WHERE outcome <> 'failed' AND {score} IS NOT NULL GROUP BY ALL",
+            {"lo": lo if hi > lo else lo - 0.5, "width": width, "last": bins - 1},
+        ).fetchall():
+            counts.setdefault(outcome, [0] * bins)[b] += n
+        out[score] = (edges, {o: counts[o] for o in plots.OUTCOME_COLOURS if o in counts})
+    return out
+
+
+def _throughput(con, runs: int) -> dict[str, tuple[list, list[int]]]:
+    """Each run's cumulative images over time: every row of a small run, every k-th (and the last)
+    of a large one, so the plot has about CURVE_POINTS points however many images there are."""
+    per_run = max(CURVE_POINTS // max(runs, 1), 50)
+    series: dict[str, tuple[list, list[int]]] = {}
+    for run_id, t, n in con.execute(
+        """
+        SELECT run_id, created_at, n FROM (
+            SELECT run_id, created_at, row_number() OVER (PARTITION BY run_id ORDER BY created_at) AS n,
+                   count(*) OVER (PARTITION BY run_id) AS total
+            FROM scope)
+        WHERE n = 1 OR n = total OR n % greatest(total // $per_run, 1) = 0
+        ORDER BY min(created_at) OVER (PARTITION BY run_id), run_id, n""",
+        {"per_run": per_run},
+    ).fetchall():
+        times, written = series.setdefault(run_id, ([], []))
+        times.append(t)
+        written.append(n)
+    return series
+
+
+def _prompts(con, rows: list[dict]) -> dict[tuple, str | None]:
+    """The prompt of each of these image rows, keyed (image_id, run_id, created_at): one read of
+    the prompt column of their runs' partitions."""
+    if not rows:
+        return {}
+    found = con.execute(
+        "SELECT image_id, run_id, created_at, prompt FROM catalog "
+        "WHERE run_id IN (SELECT unnest($runs)) AND image_id IN (SELECT unnest($ids))",
+        {"runs": sorted({r["run_id"] for r in rows}), "ids": sorted({r["image_id"] for r in rows})},
+    ).fetchall()
+    return {(i, run, t): p for i, run, t, p in found}
+
+
 def build_report(
     output: OutputStore | str,
     run: str | None = None,
@@ -127,13 +221,17 @@ def build_report(
         raise AnalysisError(f"--max-thumbs must be 0 or more, not {max_thumbs}")
     output = OutputStore.of(output)
     prices = prices or PriceTable()
-    con = connect(output, file_sizes=True)
+    con = connect(output, file_sizes=True, search_index=False)
     run = resolve_run(con, run)
-    literal = "NULL" if run is None else "'" + run.replace("'", "''") + "'"
+    # The columns every section reads, once, into a table: each query over the `images` view
+    # reads and ranks the catalog again (a second or more at a million images). Prompts, tags and
+    # the other wide columns stay out; the contact sheets read the prompts of their few images.
     con.execute(
-        f"CREATE OR REPLACE TEMP VIEW scope AS SELECT * FROM images WHERE {literal} IS NULL OR run_id = {literal}"
+        f"CREATE OR REPLACE TEMP TABLE scope AS SELECT {', '.join(SCOPE_COLUMNS)} FROM images "
+        "WHERE $run IS NULL OR run_id = $run",
+        {"run": run},
     )
-    cost: CostReport = cost_report(con, prices, run, prices_from)
+    cost: CostReport = cost_report(con, prices, run, prices_from, source="scope")
     scope = run or "all runs"
 
     # 1. The numbers
@@ -183,15 +281,7 @@ def build_report(
     acceptance_png = plots.acceptance_bars(
         labels, {o: [c[i + 1] for c in combos] for i, o in enumerate(plots.OUTCOME_COLOURS)}
     )
-    score_data = {}
-    for score in ("sharpness", "contrast", "exposure"):
-        by = {}
-        for outcome, values in con.execute(
-            f"SELECT outcome, list({score}) FILTER ({score} IS NOT NULL) FROM scope "
-            "WHERE outcome <> 'failed' GROUP BY outcome"
-        ).fetchall():
-            by[outcome] = values or []
-        score_data[score] = {o: by[o] for o in plots.OUTCOME_COLOURS if o in by}
+    score_data = _score_bins(con)
     scores_png = plots.score_histograms(score_data)
     storage_per_byte = prices.storage_gb_month / 2**30
     _, combo_costs = _query(
@@ -209,10 +299,7 @@ def build_report(
             "storage / month": [c[4] * storage_per_byte for c in combo_costs],
         },
     )
-    series: dict[str, list] = {}
-    for run_id, t in con.execute("SELECT run_id, created_at FROM scope ORDER BY created_at").fetchall():
-        series.setdefault(run_id, []).append(t)
-    throughput_png = plots.throughput(series)
+    throughput_png = plots.throughput(_throughput(con, runs=len(runs)))
 
     # 4. Prompt performance
     perf_sql = """
@@ -227,14 +314,7 @@ def build_report(
         con, perf_sql.format(key="coalesce(template.name, '(no template)') AS template", source="scope", order="")
     )
     flagged = [t for t in templates if t[6] is not None and t[6] < threshold]
-    v_cols, variables = _query(
-        con,
-        perf_sql.format(
-            key="coalesce(template.name, '(no template)') AS template, v.key AS variable, v.value AS value",
-            source="scope, unnest(map_entries(variables)) AS t(v)",
-            order="template, variable, ",
-        ),
-    )
+    v_cols, variables = _query(con, VARIABLES_SQL)
     c_cols, combo_perf = _query(
         con, perf_sql.format(key="coalesce(combination, '') AS combination, model_stack", source="scope", order="")
     )
@@ -284,17 +364,22 @@ def build_report(
         for c in cost.api
     ]
 
-    # 6. Contact sheets
-    sheets = []
-    for outcome, title in SHEETS:
+    # 6. Contact sheets: the first max_thumbs images of each outcome, and their prompts.
+    pages = {}
+    for outcome, _ in SHEETS:
         (total,) = one_row(con.execute("SELECT count(*) FROM scope WHERE outcome = $o", {"o": outcome}))
         result = con.execute(
-            "SELECT image_id, prompt, reasons, sharpness, row_key, uri, variants, approval, reviewer, review_note "
-            "FROM scope WHERE outcome = $o ORDER BY created_at, image_id LIMIT $n",
+            "SELECT image_id, run_id, created_at, reasons, sharpness, row_key, uri, variants, approval, reviewer, "
+            "review_note FROM scope WHERE outcome = $o ORDER BY created_at, image_id LIMIT $n",
             {"o": outcome, "n": max_thumbs},
         )
         names = [d[0] for d in result.description]
-        rows = [dict(zip(names, r)) for r in result.fetchall()]
+        pages[outcome] = (total, [dict(zip(names, r)) for r in result.fetchall()])
+    prompts = _prompts(con, [r for _, rows in pages.values() for r in rows])
+    sheets = []
+    for outcome, title in SHEETS:
+        total, rows = pages[outcome]
+        rows = [{**r, "prompt": prompts.get((r["image_id"], r["run_id"], r["created_at"]))} for r in rows]
         sheets.append(_sheet(output, rows, total, outcome, title))
 
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -131,17 +131,32 @@ SELECT coalesce(template.name, '(no template)') AS template, template.version AS
        round(sum(cost_usd) / nullif(count(*) FILTER (outcome = 'accepted'), 0), 8) AS usd_per_accepted
 FROM images GROUP BY ALL;
 
+-- Images sharing a template and a variables map are counted once per map, and only those few
+-- groups are unnested: a lateral unnest of every image's map read every column of every image.
 CREATE OR REPLACE VIEW acceptance_by_variable AS
-SELECT coalesce(template.name, '(no template)') AS template, v.key AS variable, v.value AS value,
-       count(*) AS images,
-       count(*) FILTER (outcome = 'accepted') AS accepted,
-       count(*) FILTER (outcome = 'review') AS review,
-       count(*) FILTER (outcome = 'rejected') AS rejected,
-       count(*) FILTER (outcome = 'failed') AS failed,
-       round(count(*) FILTER (outcome = 'accepted') / nullif(count(*) FILTER (outcome <> 'failed'), 0), 4) AS acceptance_rate,
-       round(avg(sharpness), 2) AS mean_sharpness, round(avg(contrast), 4) AS mean_contrast,
-       round(avg(exposure), 4) AS mean_exposure, round(avg(clip_score), 4) AS mean_clip_score
-FROM images, unnest(map_entries(variables)) AS t(v) GROUP BY ALL;
+WITH per_map AS (
+    SELECT coalesce(template.name, '(no template)') AS template, variables,
+           count(*) AS images,
+           count(*) FILTER (outcome = 'accepted') AS accepted,
+           count(*) FILTER (outcome = 'review') AS review,
+           count(*) FILTER (outcome = 'rejected') AS rejected,
+           count(*) FILTER (outcome = 'failed') AS failed,
+           count(*) FILTER (outcome <> 'failed') AS rendered,
+           sum(sharpness) AS sharpness_sum, count(sharpness) AS sharpness_n,
+           sum(contrast) AS contrast_sum, count(contrast) AS contrast_n,
+           sum(exposure) AS exposure_sum, count(exposure) AS exposure_n,
+           sum(clip_score) AS clip_score_sum, count(clip_score) AS clip_score_n
+    FROM images WHERE variables IS NOT NULL GROUP BY template, variables),
+entries AS (SELECT * EXCLUDE (variables), unnest(map_entries(variables)) AS v FROM per_map)
+SELECT template, v.key AS variable, v.value AS value,
+       sum(images)::BIGINT AS images, sum(accepted)::BIGINT AS accepted, sum(review)::BIGINT AS review,
+       sum(rejected)::BIGINT AS rejected, sum(failed)::BIGINT AS failed,
+       round(sum(accepted) / nullif(sum(rendered), 0), 4) AS acceptance_rate,
+       round(sum(sharpness_sum) / nullif(sum(sharpness_n), 0), 2) AS mean_sharpness,
+       round(sum(contrast_sum) / nullif(sum(contrast_n), 0), 4) AS mean_contrast,
+       round(sum(exposure_sum) / nullif(sum(exposure_n), 0), 4) AS mean_exposure,
+       round(sum(clip_score_sum) / nullif(sum(clip_score_n), 0), 4) AS mean_clip_score
+FROM entries GROUP BY template, v.key, v.value;
 
 CREATE OR REPLACE VIEW acceptance_by_combination AS
 SELECT coalesce(combination, '') AS combination, model_stack,

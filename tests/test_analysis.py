@@ -251,3 +251,114 @@ def test_report_shows_attempts_per_accepted_image(output, tmp_path):
     page = write_report(str(output), tmp_path / "report.html").read_text()
     section = page.split("<h3>Attempts per accepted image</h3>", 1)[1].split("<h3>", 1)[0]
     assert 'id="attempts"' in section and "attempts_per_accepted" in section and "studio" in section
+
+
+# ---- a million-image catalog answers with pages and exports; the sums of the views hold
+
+
+def test_acceptance_by_variable_equals_every_image_unnested(con):
+    # The view counts images once per variables map, then unnests the maps: the same numbers as
+    # unnesting every image's map.
+    naive = con.execute("""
+        SELECT coalesce(template.name, '(no template)') AS template, v.key AS variable, v.value AS value,
+               count(*) AS images, count(*) FILTER (outcome = 'accepted') AS accepted,
+               count(*) FILTER (outcome = 'review') AS review, count(*) FILTER (outcome = 'rejected') AS rejected,
+               count(*) FILTER (outcome = 'failed') AS failed,
+               round(count(*) FILTER (outcome = 'accepted') / nullif(count(*) FILTER (outcome <> 'failed'), 0), 4),
+               round(avg(sharpness), 2), round(avg(contrast), 4), round(avg(exposure), 4), round(avg(clip_score), 4)
+        FROM images, unnest(map_entries(variables)) AS t(v) GROUP BY ALL ORDER BY ALL""").fetchall()
+    view = con.execute("SELECT * FROM acceptance_by_variable ORDER BY ALL").fetchall()
+    assert len(naive) > 3 and view == naive
+
+
+def test_by_lora_lists_each_matching_entry_of_the_list():
+    # An image rendered with two versions of one LoRA is listed once per matching entry.
+    con = duckdb.connect()
+    lora = lambda v: {"name": "style", "version": v, "weight": 0.5, "sha256": "", "source": ""}
+    con.execute(
+        "CREATE TABLE images AS SELECT * FROM (VALUES "
+        "('a', 'r', TIMESTAMPTZ '2026-12-01', $two, 's', 'accepted', 'p', 'u'), "
+        "('b', 'r', TIMESTAMPTZ '2026-12-02', $none, 's', 'accepted', 'p', 'u')) "
+        "AS t(image_id, run_id, created_at, loras, model_stack, outcome, prompt, uri)",
+        {"two": [lora("1"), lora("2")], "none": []},
+    )
+    got = run_query(con, "by_lora", {"lora": "style"})[1]
+    assert [(r[0], r[3]) for r in got] == [("a", "1"), ("a", "2")]
+    assert [(r[0], r[3]) for r in run_query(con, "by_lora", {"lora": "style", "version": "2"})[1]] == [("a", "2")]
+    assert run_query(con, "by_lora", {"lora": "other"})[1] == []
+
+
+def test_query_cli_prints_a_page_with_the_total_and_exports_every_row(output, tmp_path, capsys, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import analysis.cli
+
+    monkeypatch.setattr(analysis.cli, "QUERY_PAGE", 2)
+    assert cli("query", "by_lora", "--param", "lora=detail", "--output", str(output)) == 0
+    shown = capsys.readouterr()
+    assert "(2 rows)" in shown.out and image_id(10) not in shown.out
+    assert "1-2 of 3 rows; next: --offset 2" in shown.err
+    assert cli("query", "by_lora", "--param", "lora=detail", "--offset", "2", "--output", str(output)) == 0
+    assert image_id(10) in capsys.readouterr().out
+    assert cli("query", "by_lora", "--param", "lora=detail", "--all", "--output", str(output)) == 0
+    assert "(3 rows)" in capsys.readouterr().out
+    # csv and json are read by programs: every row, as before
+    assert cli("query", "by_lora", "--param", "lora=detail", "--format", "csv", "--output", str(output)) == 0
+    assert len(list(csv.DictReader(io.StringIO(capsys.readouterr().out)))) == 3
+    for suffix in ("parquet", "csv", "json"):
+        path = tmp_path / f"rows.{suffix}"
+        assert cli("query", "by_lora", "--param", "lora=detail", "--out", str(path), "--output", str(output)) == 0
+        assert f"3 rows of by_lora written to {path}" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "rows.parquet").column("image_id").to_pylist() == ids(7, 8, 10)
+    assert [r["image_id"] for r in json.loads((tmp_path / "rows.json").read_text())] == ids(7, 8, 10)
+    assert cli("query", "runs", "--out", str(tmp_path / "rows.txt"), "--output", str(output)) == 2
+    assert "name a .parquet, .csv or .json file" in capsys.readouterr().err
+    assert cli("query", "runs", "--all", "--limit", "1", "--output", str(output)) == 2
+    assert "give --all or --limit, not both" in capsys.readouterr().err
+
+
+def test_count_and_export_of_a_named_query(con, tmp_path):
+    from analysis.queries import count_query, export_query
+
+    assert count_query(con, "by_lora", {"lora": "style"}) == len(run_query(con, "by_lora", {"lora": "style"})[1])
+    n = export_query(con, "by_lora", str(tmp_path / "p.csv"), {"lora": "style"}, limit=2, offset=1)
+    assert n == 2 and len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 2
+
+
+def test_report_bins_scores_and_thins_the_throughput_curve_in_duckdb(output, monkeypatch):
+    import numpy as np
+
+    from analysis import report
+
+    con = analysis.connect(str(output), search_index=False)
+    con.execute(f"CREATE TEMP TABLE scope AS SELECT {', '.join(report.SCOPE_COLUMNS)} FROM images")
+    bins = report._score_bins(con)
+    for score in report.SCORES:
+        edges, counts = bins[score]
+        for outcome, got in counts.items():
+            values = [
+                v
+                for (v,) in con.execute(
+                    f"SELECT {score} FROM scope WHERE outcome = $o AND {score} IS NOT NULL", {"o": outcome}
+                ).fetchall()
+            ]
+            assert got == np.histogram(values, bins=edges)[0].tolist(), (score, outcome)
+    # Every row of a small run; a large run thinned to about CURVE_POINTS, its last point its total.
+    full = report._throughput(con, runs=3)
+    sizes = dict(con.execute("SELECT run_id, count(*) FROM scope GROUP BY ALL").fetchall())
+    assert {r: s[1] for r, s in full.items()} == {r: list(range(1, n + 1)) for r, n in sizes.items()}
+    monkeypatch.setattr(report, "CURVE_POINTS", 0)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE scope AS SELECT 'big' AS run_id, TIMESTAMPTZ '2026-12-01' "
+        "+ to_seconds(range) AS created_at FROM range(10000)"
+    )
+    ((_times, written),) = report._throughput(con, runs=1).values()
+    assert len(written) <= 52 and written[0] == 1 and written[-1] == 10_000 and written == sorted(written)
+
+
+def test_report_leaves_the_search_index_alone(tmp_path):
+    from analysis.report import build_report
+
+    out = make_output(str(tmp_path))
+    build_report(out, max_thumbs=1)
+    assert not (tmp_path / "indexes").exists()
