@@ -153,3 +153,21 @@ def test_named_queries_page(catalog):
     assert page == everything[2:5]
     with pytest.raises(analysis.AnalysisError, match="--limit of at least 1"):
         analysis.run_query(con, "by_tag", {"key": "category", "value": "boot"}, limit=0)
+
+
+def test_compacted_files_footers_are_read_once_per_process(catalog, monkeypatch):
+    # A compacted file is never rewritten under its name: queries after the first do not read its
+    # footer again (a footer per partition is a second of every query at a million images).
+    import app.catalog.store as store_module
+
+    root, store = catalog
+    compact(OutputStore.at(str(root)))
+    reads: list[str] = []
+    real = pq.read_schema
+    monkeypatch.setattr(store_module.pq, "read_schema", lambda path, **kw: reads.append(path) or real(path, **kw))
+    store_module._SCHEMAS.clear()
+    live = store.live_files()
+    assert store.in_todays_schema(live) and reads
+    first = len(reads)
+    assert store.in_todays_schema(live) and store.files_dataset(live).count_rows() == 30  # every row written
+    assert len(reads) == first  # nothing read again

@@ -41,6 +41,30 @@ def manifest_name(compacted: str) -> str:
     return MANIFEST_PREFIX + compacted.removeprefix(COMPACTED_PREFIX).removesuffix(".parquet") + ".json"
 
 
+# Footers of compacted files read by this process: a compacted file is never rewritten under
+# its name (the name is a hash of its inputs, compact.py), so its schema is read once, not on
+# every query (a footer per partition is a second at a million images, several on object storage).
+_SCHEMAS: dict[str, pa.Schema] = {}
+_SCHEMAS_KEPT = 16_384
+
+
+def _physical_schema(fs: pafs.FileSystem, path: str) -> pa.Schema:
+    """The schema written in a catalog file's footer (a compacted file's from memory after once)."""
+    compacted = path.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)
+    key = f"{fs.type_name}:{path}"
+    if compacted and key in _SCHEMAS:
+        return _SCHEMAS[key]
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read catalog file ({e})") from e
+    if compacted:
+        if len(_SCHEMAS) >= _SCHEMAS_KEPT:
+            _SCHEMAS.pop(next(iter(_SCHEMAS)))
+        _SCHEMAS[key] = schema
+    return schema
+
+
 @dataclass(frozen=True)
 class CatalogStore:
     output: OutputStore
@@ -180,10 +204,7 @@ class CatalogStore:
         Parquet reader gets the same rows the dataset does (one footer read per file)."""
         fs, _ = self.output.fs_and_root
         for path in files:
-            try:
-                physical = pq.read_schema(path, filesystem=fs)
-            except OSError as e:
-                raise StorageError(f"{path}: cannot read catalog file ({e})") from e
+            physical = _physical_schema(fs, path)
             if not physical.remove_metadata().equals(CATALOG_SCHEMA.remove_metadata()):
                 return False
         return True
@@ -197,10 +218,7 @@ class CatalogStore:
             by_dir.setdefault(f.rsplit("/", 1)[0], []).append(f)
         old: set[str] = set()
         for group in by_dir.values():
-            try:
-                physical = pq.read_schema(group[0], filesystem=fs)
-            except OSError as e:
-                raise StorageError(f"{group[0]}: cannot read catalog file ({e})") from e
+            physical = _physical_schema(fs, group[0])
             for field in physical:
                 if field.name in CATALOG_SCHEMA.names:
                     want = CATALOG_SCHEMA.field(field.name).type
