@@ -65,6 +65,26 @@ def _physical_schema(fs: pafs.FileSystem, path: str) -> pa.Schema:
     return schema
 
 
+def _needs_conversion(physical: pa.Schema) -> bool:
+    """Whether a file's columns cannot be cast to the declared types while scanning (text where a
+    struct is declared now, or the reverse). Decided once per schema a process has read."""
+    known = _CONVERSION.get(id(physical))
+    if known is not None and known[0] is physical:
+        return known[1]
+    needs = any(
+        pa.types.is_struct(CATALOG_SCHEMA.field(f.name).type) != pa.types.is_struct(f.type)
+        for f in physical
+        if f.name in CATALOG_SCHEMA.names
+    )
+    if len(_CONVERSION) >= _SCHEMAS_KEPT:
+        _CONVERSION.pop(next(iter(_CONVERSION)))
+    _CONVERSION[id(physical)] = (physical, needs)
+    return needs
+
+
+_CONVERSION: dict[int, tuple[pa.Schema, bool]] = {}
+
+
 @dataclass(frozen=True)
 class CatalogStore:
     output: OutputStore
@@ -218,13 +238,8 @@ class CatalogStore:
             by_dir.setdefault(f.rsplit("/", 1)[0], []).append(f)
         old: set[str] = set()
         for group in by_dir.values():
-            physical = _physical_schema(fs, group[0])
-            for field in physical:
-                if field.name in CATALOG_SCHEMA.names:
-                    want = CATALOG_SCHEMA.field(field.name).type
-                    if pa.types.is_struct(want) != pa.types.is_struct(field.type):
-                        old.update(group)
-                        break
+            if _needs_conversion(_physical_schema(fs, group[0])):
+                old.update(group)
         return old
 
     def read(self, columns: list[str] | None = None, filter=None) -> pa.Table:
