@@ -11,7 +11,9 @@ goes to writing files, as it does in production. Then it times, on local disk an
 an S3 API served by moto on loopback: every named query, a search, the HTML report and the
 review list (`imagefab review list`: its first page); compacts the catalog (`app.catalog.compact`),
 records its throughput, and times them all again. A query that returns a row per image is timed
-twice: every row into Python, and its first page (`run_query(..., limit=100)`).
+four ways: every row into Python (`run_query`, `imagefab query NAME --all`), its first page
+(`run_query(..., limit=100)`), the page and the total beside it (what `imagefab query NAME` prints),
+and every row exported by DuckDB (`imagefab query NAME --out rows.parquet`).
 
 Writing a year as 4-row files is 250,000 files: `--batched-runs K` writes only the newest K runs
 that way and the older ones in `--older-batch`-row files, the same rows in fewer files.
@@ -190,7 +192,7 @@ PAGE = 100  # rows a person looks at: `imagefab review list` shows this many by 
 
 def time_all(output: OutputStore) -> dict[str, float]:
     import analysis
-    from analysis.queries import QUERIES
+    from analysis.queries import QUERIES, count_query, export_query
     from app.review import pending_page
 
     out: dict[str, float] = {}
@@ -209,6 +211,15 @@ def time_all(output: OutputStore) -> dict[str, float]:
     for name, params in listing:
         run = partial(analysis.run_query, con, name, params, limit=PAGE)
         out[f"query {name} (first {PAGE} rows)"] = _time(run, f"query {name} (first {PAGE} rows)")
+        # What `imagefab query NAME` prints: the first page and the total beside it.
+        count = partial(count_query, con, name, params)
+        out[f"query {name} (page + total)"] = _time(
+            lambda run=run, count=count: (run(), count()), f"query {name} (page + total)"
+        )
+        # What `imagefab query NAME --out FILE.parquet` does: every row written by DuckDB.
+        with tempfile.TemporaryDirectory() as tmp:
+            export = partial(export_query, con, name, f"{tmp}/rows.parquet", params)
+            out[f"query {name} (export parquet)"] = _time(export, f"query {name} (export parquet)")
     out["search"] = _time(lambda: analysis.search(con, "red leather boot", limit=20), "search")
     out["search (2nd)"] = _time(lambda: analysis.search(con, "ceramic mug studio", limit=20), "search (2nd)")
     out["report"] = _time(lambda: analysis.build_report(output, max_thumbs=0), "report")
