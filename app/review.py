@@ -171,11 +171,11 @@ def pending_page(
     filt = pads.field("status") == "review"
     if run:
         filt = filt & (pads.field("run_id") == run)
-    sure, unsure, candidates = _queue_keys(catalog, key, filt)
+    sure, unsure, candidates, every = _queue_keys(catalog, key, filt)
     rows = _latest_rows(candidates)
     if rows:
         # An id in review in one run may have a later row elsewhere (not review): the latest wins.
-        others = catalog.read(key, filter=pads.field("image_id").isin(list(rows)) & (pads.field("status") != "review"))
+        others = every.filter(pads.field("image_id").isin(list(rows)) & (pads.field("status") != "review"))
         later = _latest_rows(others)
         rows = {i: r for i, r in rows.items() if i not in later or _newer(r, later[i])}
     queue = pa.concat_tables(
@@ -203,26 +203,31 @@ def pending_page(
     return queue.num_rows, [by_key[k] for k in sorted(wanted, key=lambda k: (k[1], k[0]))]
 
 
-def _queue_keys(catalog: CatalogStore, key: list[str], filt: pads.Expression) -> tuple[pa.Table, pa.Array, pa.Table]:
+def _queue_keys(
+    catalog: CatalogStore, key: list[str], filt: pads.Expression
+) -> tuple[pa.Table, pa.Array, pa.Table, pa.Table]:
     """The key columns of the rows matching `filt`: (rows of checked compacted files, which of
     them are unsure, the rows to rank with the rest of their image: unsure ones and those of
-    uncompacted files). A compaction deleting a file just listed makes it list again."""
+    uncompacted files, and the key columns of every live row: one read of the catalog answers
+    both the queue and whether a queued id has a later row elsewhere). A compaction deleting a
+    file just listed makes it list again."""
 
     def once() -> tuple[pa.Table, pa.Table, list[str]]:
         checked, tail, contested = catalog.partitioned_files(catalog.live_files())
-        sure: pa.Table = (
-            catalog.files_dataset(checked).to_table(columns=key, filter=filt) if checked else _KEY_SCHEMA.empty_table()
+        compacted: pa.Table = (
+            catalog.files_dataset(checked).to_table(columns=key) if checked else _KEY_SCHEMA.empty_table()
         )
         late: pa.Table = catalog.files_dataset(tail).to_table(columns=key) if tail else _KEY_SCHEMA.empty_table()
-        return sure, late, contested
+        return compacted, late, contested
 
-    sure, late, contested = catalog.reading(once)
+    compacted, late, contested = catalog.reading(once)
+    sure = compacted.filter(filt)
     # Rows of checked compacted files (CatalogStore.partitioned_files) are their image's latest
     # unless the id is contested or also in an uncompacted file: only those are ranked.
     unsure_ids = pa.concat_arrays([pa.array(contested, pa.string()), *late.column("image_id").chunks])
     unsure = pc.is_in(sure.column("image_id"), value_set=unsure_ids)
     candidates = pa.concat_tables([sure.filter(unsure), late.filter(filt)])
-    return sure, unsure, candidates
+    return sure, unsure, candidates, pa.concat_tables([compacted, late])
 
 
 def _newer(a: dict, b: dict) -> bool:

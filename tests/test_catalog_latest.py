@@ -171,3 +171,16 @@ def test_compacted_files_footers_are_read_once_per_process(catalog, monkeypatch)
     first = len(reads)
     assert store.in_todays_schema(live) and store.files_dataset(live).count_rows() == 30  # every row written
     assert len(reads) == first  # nothing read again
+
+
+def test_review_page_reads_the_key_columns_once(catalog, monkeypatch):
+    # The queue and the check for a later row of a queued, contested id come from one read of the
+    # key columns; only the page's own rows are read whole afterwards.
+    root, _ = catalog
+    compact(OutputStore.at(str(root)))
+    expected = pending_page(str(root), limit=3)
+    reads: list[object] = []
+    real = CatalogStore.read
+    monkeypatch.setattr(CatalogStore, "read", lambda self, *a, **kw: reads.append(a or kw) or real(self, *a, **kw))
+    assert pending_page(str(root), limit=3) == expected and expected[0] > 3
+    assert len(reads) == 1  # the page's rows
