@@ -14,7 +14,8 @@ Serve (the default):
   4. every minute: requests, 200s, errors (anything else: a 503, a 5xx, a timeout), p50 / p99
      latency, the machine's load average, and the RSS of every Ray actor (each Serve replica, the
      proxy, the controller), of the `imagefab serve` driver and of the head's own processes
-     (GCS, raylet, dashboard), by pid, through psutil.
+     (GCS, raylet, dashboard), by pid, through psutil; per process, the RSS series over the hold
+     and its least-squares slope over the last half (KB/min), so that "flat" is a number.
 Bulk (`--bulk-images N`): one bulk run of N images with the stand-in generator
 (benchmarks/standin.py), the driver's RSS sampled every second against the images catalogued so
 far: a driver whose memory grows with the images done keeps per-image state.
@@ -307,6 +308,32 @@ def hold(
     return buckets
 
 
+def slope_per_min(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (minute, value) points, per minute; None with fewer than 2 points."""
+    if len(points) < 2:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else None
+
+
+def rss_series(start: dict[str, float | None], minutes: list[Minute]) -> dict[str, list[float | None]]:
+    """name -> RSS (MB) at the start of the hold, then at the end of each minute."""
+    return {name: [start.get(name), *(m.rss_mb.get(name) for m in minutes)] for name in start}
+
+
+def late_slopes(series: dict[str, list[float | None]]) -> dict[str, float | None]:
+    """name -> RSS slope over the last half of the hold, KB per minute (a flat process: near 0).
+    Point i of a series is minute i (0: the start of the hold)."""
+    out = {}
+    for name, values in series.items():
+        half = (len(values) - 1) / 2
+        points = [(i, v * 1024) for i, v in enumerate(values) if v is not None and i >= half]
+        out[name] = slope_per_min(points)
+    return out
+
+
 def growth(first: dict[str, float | None], last: dict[str, float | None]) -> dict[str, dict]:
     return {
         name: {"start_mb": first[name], "end_mb": last.get(name), "growth_mb": last[name] - first[name]}  # type: ignore[operator]
@@ -376,6 +403,8 @@ def soak_serve(args: argparse.Namespace) -> dict:
         "rss_mb_start": start_rss,
         "rss_mb_end": end_rss,
         "rss_growth": growth(start_rss, end_rss),
+        "rss_series_mb": (series := rss_series(start_rss, minutes)),
+        "rss_slope_last_half_kb_per_min": late_slopes(series),
     }
 
 
@@ -473,9 +502,18 @@ def markdown(result: dict) -> str:
             f"| {m['minute'] + 1} | {m['sent']} | {m['ok']} | {sum(m['errors'].values())} | {m['p50_s'] or 0:.3f} "
             f"| {m['p99_s'] or 0:.3f} | {m['load_avg_1m']:.2f} |"
         )
-    lines += ["", "| process | RSS start (MB) | RSS end (MB) | growth (MB) |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "| process | RSS start (MB) | RSS end (MB) | growth (MB) | slope, last half (KB/min) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    slopes = result.get("rss_slope_last_half_kb_per_min", {})
     for name, g in sorted(result["rss_growth"].items()):
-        lines.append(f"| {name} | {g['start_mb']:.0f} | {g['end_mb']:.0f} | {g['growth_mb']:+.1f} |")
+        slope = slopes.get(name)
+        lines.append(
+            f"| {name} | {g['start_mb']:.0f} | {g['end_mb']:.0f} | {g['growth_mb']:+.1f} "
+            f"| {'' if slope is None else f'{slope:+.0f}'} |"
+        )
     return "\n".join(lines)
 
 
