@@ -329,7 +329,7 @@ def late_slopes(series: dict[str, list[float | None]]) -> dict[str, float | None
     out = {}
     for name, values in series.items():
         half = (len(values) - 1) / 2
-        points = [(i, v * 1024) for i, v in enumerate(values) if v is not None and i >= half]
+        points = [(float(i), v * 1024) for i, v in enumerate(values) if v is not None and i >= half]
         out[name] = slope_per_min(points)
     return out
 
