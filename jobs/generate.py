@@ -50,6 +50,7 @@ from app.request import requests_from_column
 from app.spec import JobSpec, SpecError, load_spec
 from app.stages import CatalogWrite, Finish
 from app.storage import OutputStore, StorageError
+from jobs import stage_ref
 from jobs.options import add_run_arguments
 from jobs.pools import base_of, generator_call_rows, pool_sizes, with_warmup_sizes
 from jobs.summary import RunSummary
@@ -82,8 +83,23 @@ def new_run_id(spec: JobSpec) -> str:
 # --- the Ray parts ---------------------------------------------------------------------------------
 
 
-def _expand_batch(batch: pa.Table, spec: JobSpec, models: ResolvedModels) -> dict:
-    return ExpandRows(spec, models)(batch)
+INPUT_ROWS = "__input_rows"  # expansion's count of the input rows it read, dropped on the driver
+
+
+def _expand_batch(batch: pa.Table, spec: JobSpec, models: ResolvedModels) -> pa.Table:
+    """The batch's requests, with the number of input rows it held in the first row of an extra
+    column (0 in the others), so one pass both counts the input and expands it. A batch that
+    gives no request at all still says how many rows it read: one all-null row does."""
+    from app.expand import OUTPUT_SCHEMA
+
+    out = ExpandRows(spec, models)(batch)
+    if not out.num_rows:
+        if not batch.num_rows:
+            return out.append_column(INPUT_ROWS, pa.array([], pa.int64()))
+        out = pa.table([pa.nulls(1, f.type) for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
+    counts = np.zeros(out.num_rows, dtype=np.int64)
+    counts[0] = batch.num_rows
+    return out.append_column(INPUT_ROWS, pa.array(counts))
 
 
 def read_input(spec: JobSpec, columns: list[str]):
@@ -106,16 +122,18 @@ def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -
 
     from app.expand import OUTPUT_SCHEMA
 
-    ds = read_input(spec, columns).materialize()  # read once: counted here, expanded next
-    rows = ds.count()  # a row gives many requests (matrix, seeds, targets, strengths)
-    expanded = ds.map_batches(
+    # One Ray Data execution reads, counts and expands: a row gives many requests (matrix, seeds,
+    # targets, strengths), so each batch reports how many input rows it held beside them.
+    expanded = read_input(spec, columns).map_batches(
         _expand_batch,
         fn_kwargs={"spec": spec, "models": models},
         batch_format="pyarrow",
         batch_size=1024,
         zero_copy_batch=True,
-    ).materialize()
+    )
     tables = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
+    rows = sum(int(pc.sum(t.column(INPUT_ROWS)).as_py() or 0) for t in tables)
+    tables = [t.filter(pc.is_valid(t.column("image_id"))).drop_columns([INPUT_ROWS]) for t in tables]
     table = pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables]) if tables else OUTPUT_SCHEMA.empty_table()
     return table, rows
 
@@ -362,8 +380,6 @@ def _render(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from app.generator import Generator
-
     compute = spec.compute
     gpus = cluster_gpus() if compute.device != "cpu" else 0
     # device: cuda on an autoscaling cluster whose GPU nodes are at zero: ask for GPUs anyway
@@ -390,13 +406,12 @@ def _render(
     gen_cpus = 1.0 if use_gpu else min(float(compute.cpu_threads), max(0.25, cpus - 0.5) / max(1, sum(pools.values())))
     # CLIP on the generator's GPU, right after rendering, or in the QC workers: decided once, told to both.
     clip_on_generator = spec.qc_settings.clip_runs_on_generator(generator_on_cuda=use_gpu)
+    # The generator stage is named, not imported (jobs/stage_ref.py): torch and diffusers load in the actors only.
     stage: type
     if clip_on_generator:
-        from app.qc.clip_stage import GeneratorWithClip
-
-        stage, stage_kwargs = GeneratorWithClip, {"qc": spec.qc_settings, "generator_cls": generator_cls}
+        stage, stage_kwargs = stage_ref.GeneratorWithClip, {"qc": spec.qc_settings, "generator_cls": generator_cls}
     else:
-        stage, stage_kwargs = generator_cls or Generator, {}
+        stage, stage_kwargs = generator_cls or stage_ref.Generator, {}
 
     def budgeted(stage_cls, kwargs: dict, usd_per_image: float | None = None) -> tuple[type, dict]:
         """The stage, or the stage asking the run's budget before each batch (app/budget.py)."""
