@@ -33,8 +33,10 @@ import uuid
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from app.catalog import cache as catalog_cache
 from app.catalog.schema import CATALOG_SCHEMA, conform
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore, StorageError
@@ -206,6 +208,21 @@ class SearchIndex:
     def _segment_paths(self, names: list[str], suffix: str) -> list[str]:
         return [self.output.path(f"{INDEX_DIR}/{n}.{suffix}.parquet") for n in names]
 
+    def _cached_segments(self, segments: list[str]) -> dict[str, str]:
+        """Local copies {store path: local path} of the segments of an index on object storage
+        (app/catalog/cache.py: a segment is written once under a new name, never rewritten);
+        {} when the cache is off or a segment cannot be fetched (read from the store instead)."""
+        fs, _ = self.output.fs_and_root
+        paths = [*self._segment_paths(segments, "docs"), *self._segment_paths(segments, "postings")]
+        try:
+            infos = fs.get_file_info(paths)
+            if any(i.type != pafs.FileType.File for i in infos):
+                return {}
+            got = catalog_cache.local_copies(fs, {i.path: (i.size or 0, i.mtime_ns or 0) for i in infos})
+        except OSError:
+            return {}
+        return got if len(got) == len(paths) else {}
+
     def attach(self, con: duckdb.DuckDBPyConnection, live: list[str], persist: bool = True) -> None:
         """Bring the index up to date with the `live` catalog files and define `search_images`
         on `con` over it. The macros of views.sql must already be defined on `con`."""
@@ -234,7 +251,11 @@ class SearchIndex:
         if segments:
             docs_list = ", ".join(f"'{p}'" for p in self._segment_paths(segments, "docs"))
             post_list = ", ".join(f"'{p}'" for p in self._segment_paths(segments, "postings"))
-            if self.output.is_local:
+            cached = {} if self.output.is_local else self._cached_segments(segments)
+            if cached:  # object storage: segments never change under their name, read local copies
+                docs_list = ", ".join(f"'{cached[p]}'" for p in self._segment_paths(segments, "docs"))
+                post_list = ", ".join(f"'{cached[p]}'" for p in self._segment_paths(segments, "postings"))
+            if self.output.is_local or cached:
                 docs_src += f" UNION ALL SELECT * FROM read_parquet([{docs_list}])"
                 post_src += f" UNION ALL SELECT * FROM read_parquet([{post_list}])"
             else:  # object storage: pyarrow reads it (DuckDB has no httpfs here)

@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from app.catalog import cache
 from app.catalog.schema import CATALOG_SCHEMA, conform, to_table
 from app.storage import OutputStore, StorageError
 
@@ -84,6 +85,10 @@ def _needs_conversion(physical: pa.Schema) -> bool:
 
 _CONVERSION: dict[int, tuple[pa.Schema, bool]] = {}
 
+# Size and modification time of the compacted files of object-store catalogs, as last listed by
+# this process: the key of their local copies (app/catalog/cache.py).
+_LISTED: dict[str, tuple[int, int]] = {}
+
 
 @dataclass(frozen=True)
 class CatalogStore:
@@ -120,11 +125,34 @@ class CatalogStore:
             ]
 
         try:  # an object store that stops answering is waited for, as for writes (app/storage.py)
-            return self.output.waiting_out_outages(listed, self.output.uri_of(CATALOG_DIR))
+            found = self.output.waiting_out_outages(listed, self.output.uri_of(CATALOG_DIR))
         except StorageError:
             raise
         except OSError as e:
             raise StorageError(f"{self.output.uri_of(CATALOG_DIR)}: cannot list catalog ({e})") from e
+        if found and not self.output.is_local:
+            for i in found:
+                if i.base_name.startswith(COMPACTED_PREFIX) and i.size is not None:
+                    _LISTED[f"{fs.type_name}:{i.path}"] = (i.size, i.mtime_ns or 0)
+        return found
+
+    def cached(self, files: list[str]) -> dict[str, str]:
+        """Local copies of the compacted files among `files` of an object-store catalog
+        {store path: local path} (app/catalog/cache.py); {} for a local catalog or with the cache off."""
+        if self.output.is_local:
+            return {}
+        fs, _ = self.output.fs_and_root
+        wanted = {}
+        for f in files:
+            if f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX):
+                listed = _LISTED.get(f"{fs.type_name}:{f}")
+                if listed is None:
+                    info = fs.get_file_info(f)
+                    if info.type != pafs.FileType.File:
+                        raise FileNotFoundError(f)
+                    listed = (info.size or 0, info.mtime_ns or 0)
+                wanted[f] = listed
+        return cache.local_copies(fs, wanted)
 
     def live_files(self, listing: list[pafs.FileInfo] | None = None) -> list[str]:
         """The data files a reader must read, each row once (see app/catalog/compact.py):
@@ -197,9 +225,10 @@ class CatalogStore:
         fs, _ = self.output.fs_and_root
         part = pads.partitioning(pa.schema([("date", pa.string()), ("run_id", pa.string())]), flavor="hive")
         schema = CATALOG_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("run_id", pa.string()))
-        old = self._files_needing_conversion(files)
+        local = self.cached(files)
+        old = self._files_needing_conversion(files, local)
         scanned = pads.dataset(
-            [f for f in files if f not in old],
+            [f for f in files if f not in old and f not in local],
             filesystem=fs,
             format="parquet",
             partitioning=part,
@@ -207,13 +236,28 @@ class CatalogStore:
             schema=schema,
             exclude_invalid_files=False,
         )
+        if local and set(local) - old:
+            copies = pads.dataset(
+                [local[f] for f in files if f in local and f not in old],
+                filesystem=pafs.LocalFileSystem(),
+                format="parquet",
+                partitioning=part,
+                partition_base_dir=cache.partition_base(fs, self.base),
+                schema=schema,
+                exclude_invalid_files=False,
+            )
+            scanned = pads.dataset([copies, scanned]) if len(local) < len(files) else copies
         if not old:
             return scanned
         # Files of a release whose column had another kind of type (text where a struct is now
         # declared): converted in memory (schema.conform) until compaction rewrites them.
         tables = []
         for path in sorted(old):
-            t = conform(pq.read_table(path, filesystem=fs, partitioning=None), path).select(CATALOG_SCHEMA.names)
+            if path in local:
+                t = pq.read_table(local[path], partitioning=None)
+            else:
+                t = pq.read_table(path, filesystem=fs, partitioning=None)
+            t = conform(t, path).select(CATALOG_SCHEMA.names)
             date, run_id = (seg.split("=", 1)[1] for seg in path[len(self.base) + 1 :].split("/")[:2])
             t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
             tables.append(t.append_column("run_id", pa.array([run_id] * t.num_rows, pa.string())))
@@ -223,22 +267,32 @@ class CatalogStore:
         """Whether every file has exactly today's columns and types (CATALOG_SCHEMA), so that any
         Parquet reader gets the same rows the dataset does (one footer read per file)."""
         fs, _ = self.output.fs_and_root
+        local = self.cached(files)
         for path in files:
-            physical = _physical_schema(fs, path)
+            physical = (
+                _physical_schema(pafs.LocalFileSystem(), local[path]) if path in local else _physical_schema(fs, path)
+            )
             if not physical.remove_metadata().equals(CATALOG_SCHEMA.remove_metadata()):
                 return False
         return True
 
-    def _files_needing_conversion(self, files: list[str]) -> set[str]:
+    def _files_needing_conversion(self, files: list[str], local: dict[str, str] | None = None) -> set[str]:
         """Files whose columns cannot be cast to the declared types while scanning. Files of one
-        partition come from one run of one release, so one footer per partition decides."""
+        partition come from one run of one release, so one footer per partition decides (read
+        from the local copy where there is one)."""
         fs, _ = self.output.fs_and_root
+        local = local or {}
         by_dir: dict[str, list[str]] = {}
         for f in files:
             by_dir.setdefault(f.rsplit("/", 1)[0], []).append(f)
         old: set[str] = set()
         for group in by_dir.values():
-            if _needs_conversion(_physical_schema(fs, group[0])):
+            first = next((f for f in group if f in local), group[0])
+            if first in local:
+                physical = _physical_schema(pafs.LocalFileSystem(), local[first])
+            else:
+                physical = _physical_schema(fs, first)
+            if _needs_conversion(physical):
                 old.update(group)
         return old
 
