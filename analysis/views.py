@@ -91,9 +91,13 @@ def connect(
     # The catalog in two parts (CatalogStore.partitioned_files): rows of checked compacted files
     # are the latest of their image unless contested; `catalog_latest` ranks only the rest.
     checked, tail, contested = store.partitioned_files(live)
-    if output.is_local and checked and store.in_todays_schema(checked):
+    # On object storage, the local copies of the compacted files (app/catalog/cache.py), when the
+    # cache is on: the same partition folders, so DuckDB reads them as it reads a local catalog.
+    local = {} if output.is_local else store.cached(checked)
+    readable = checked if output.is_local else [local[f] for f in checked if f in local]
+    if checked and len(readable) == len(checked) and store.in_todays_schema(checked):
         # DuckDB's own Parquet reader: several times faster than scanning a pyarrow dataset
-        files = ", ".join(sql_string(f) for f in checked)
+        files = ", ".join(sql_string(f) for f in readable)
         con.execute(
             "CREATE OR REPLACE TEMP VIEW catalog_checked_source AS SELECT * FROM read_parquet("
             f"[{files}], hive_partitioning = true, hive_types = {{'date': VARCHAR, 'run_id': VARCHAR}})"
