@@ -17,6 +17,12 @@ and every row exported by DuckDB (`imagefab query NAME --out rows.parquet`).
 
 Writing a year as 4-row files is 250,000 files: `--batched-runs K` writes only the newest K runs
 that way and the older ones in `--older-batch`-row files, the same rows in fewer files.
+
+    python -m benchmarks.catalog_scale --s3-from DIR [--json out.json]
+
+uploads an output folder already written (its catalog/ and indexes/, e.g. a compacted
+`--dir` of an earlier run) to moto on loopback as it is, and times everything twice in one
+process: first with an empty local cache of compacted files (app/catalog/cache.py), then warm.
 """
 
 from __future__ import annotations
@@ -254,6 +260,42 @@ def bench(output: OutputStore, images: int, batch: int, per_run: int, before: bo
     return result
 
 
+def time_uploaded(folder: str) -> dict:
+    """Upload an output folder's catalog/ and indexes/ to moto on loopback; time it cold, then warm."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    if not os.path.isdir(os.path.join(folder, "catalog")):
+        raise SystemExit(f"--s3-from {folder}: no catalog/ folder in it")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    os.environ.setdefault("IMAGEFAB_CATALOG_CACHE", tempfile.mkdtemp(prefix="catalog-scale-cache-"))
+    try:
+        s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True)
+        s3.create_dir("bench")
+        t0 = time.perf_counter()
+        for sub in ("catalog", "indexes"):
+            if os.path.isdir(os.path.join(folder, sub)):
+                pafs.copy_files(
+                    os.path.join(os.path.abspath(folder), sub),
+                    f"bench/uploaded/{sub}",
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3,
+                )
+        result: dict = {"where": f"S3 (moto on loopback), {folder} uploaded", "upload_s": time.perf_counter() - t0}
+        uri = f"s3://bench/uploaded?endpoint_override={host}:{port}&scheme=http"
+        result["load_cold"] = _load()
+        result["cold"] = time_all(OutputStore.at(uri))
+        result["load_warm"] = _load()
+        result["warm"] = time_all(OutputStore.at(uri))
+        return result
+    finally:
+        server.stop()
+
+
 def _load() -> str:
     """The load average when a pass starts (the machine is shared: figures mean little without it)."""
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -298,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", action=argparse.BooleanOptionalAction, default=True, help="time before compacting")
     p.add_argument("--dir", help="write the local catalog here (kept) instead of a temporary folder")
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--s3-from", help="only: upload this output folder to loopback S3 and time it, cold cache then warm")
     args = p.parse_args(argv)
     if args.images < 1 or args.batch < 1 or args.per_run < 1 or args.older_batch < 1:
         p.error("--images, --batch, --older-batch and --per-run must be at least 1")
@@ -307,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rerun-share must be at least 0 and below 1")
     writing = {"batched_runs": args.batched_runs, "older_batch": args.older_batch, "rerun_share": args.rerun_share}
     results = []
+    if args.s3_from:
+        results.append(time_uploaded(args.s3_from))
+        print(json.dumps(results[0], indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        return 0
     if args.local:
         tmp = args.dir or tempfile.mkdtemp(prefix="catalog-scale-")
         try:

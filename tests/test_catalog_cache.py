@@ -110,12 +110,12 @@ def test_replaced_object_is_fetched_again(s3_catalog, cache_at):
 
 def test_damaged_copy_is_never_read(s3_catalog, cache_at):
     first = rows(s3_catalog)
-    victim = [p for p in cached_files(cache_at) if p.name.startswith("compacted-")][0]
+    victim = next(p for p in cached_files(cache_at) if p.name.startswith("compacted-"))
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a partial file
     before, rejected = fetches(), cache.STATS.rejected
     assert rows(s3_catalog) == first
     assert cache.STATS.rejected - rejected == 1 and fetches() - before == 1
-    victim = [p for p in cached_files(cache_at) if p.name.startswith("compacted-")][0]
+    victim = next(p for p in cached_files(cache_at) if p.name.startswith("compacted-"))
     data = victim.read_bytes()
     victim.write_bytes(data[:-4] + b"XXXX")  # the right size, not a whole Parquet file
     assert rows(s3_catalog) == first
