@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -171,7 +172,7 @@ def pending_page(
     filt = pads.field("status") == "review"
     if run:
         filt = filt & (pads.field("run_id") == run)
-    sure, unsure, candidates, every = _queue_keys(catalog, key, filt)
+    sure, unsure, candidates, every = _queue_keys(catalog, key, filt, run)
     rows = _latest_rows(candidates)
     if rows:
         # An id in review in one run may have a later row elsewhere (not review): the latest wins.
@@ -197,37 +198,82 @@ def pending_page(
     wanted = {(r["image_id"], r["created_at"], r["run_id"]) for r in page}
     # Only the partitions holding the page's rows are read (the ids of a page are in every file).
     in_page = pads.field("image_id").isin([r["image_id"] for r in page])
-    full = catalog.read(filter=in_page & pads.field("run_id").isin(sorted({r["run_id"] for r in page})) & filt)
-    full = full.to_pylist()
+    runs = {f"run_id={r['run_id']}" for r in page}
+
+    def page_rows() -> pa.Table:
+        # Only the files of those partitions are opened: footers of the rest are not read again.
+        files = [f for f in catalog.live_files() if f.rsplit("/", 2)[-2] in runs]
+        return catalog.files_dataset(files).to_table(filter=in_page & filt) if files else pa.table({})
+
+    full = catalog.reading(page_rows).to_pylist()
     by_key = {(r["image_id"], r["created_at"], r["run_id"]): r for r in full}
     return queue.num_rows, [by_key[k] for k in sorted(wanted, key=lambda k: (k[1], k[0]))]
 
 
 def _queue_keys(
-    catalog: CatalogStore, key: list[str], filt: pads.Expression
+    catalog: CatalogStore, key: list[str], filt: pads.Expression, run: str | None = None
 ) -> tuple[pa.Table, pa.Array, pa.Table, pa.Table]:
-    """The key columns of the rows matching `filt`: (rows of checked compacted files, which of
-    them are unsure, the rows to rank with the rest of their image: unsure ones and those of
-    uncompacted files, and the key columns of every live row: one read of the catalog answers
-    both the queue and whether a queued id has a later row elsewhere). A compaction deleting a
-    file just listed makes it list again."""
+    """The key columns of the rows in review matching `filt` (of `run`, when given): (rows of
+    checked compacted files, which of them are unsure, the rows to rank with the rest of their
+    image: unsure ones and those of uncompacted files, and the key columns of the live rows of
+    those candidates' ids (all of them where pyarrow scans): whether a queued id has a later row
+    elsewhere). Where DuckDB can read
+    the compacted files itself (local, or cached copies in today's schema), it reads only the rows
+    in review and then only the candidates' rows: a million-row catalog is not materialised. A
+    compaction deleting a file just listed makes it list again."""
 
-    def once() -> tuple[pa.Table, pa.Table, list[str]]:
+    def once() -> tuple[pa.Table, pa.Array, pa.Table, pa.Table]:
         checked, tail, contested = catalog.partitioned_files(catalog.live_files())
-        compacted: pa.Table = (
-            catalog.files_dataset(checked).to_table(columns=key) if checked else _KEY_SCHEMA.empty_table()
-        )
         late: pa.Table = catalog.files_dataset(tail).to_table(columns=key) if tail else _KEY_SCHEMA.empty_table()
-        return compacted, late, contested
+        source = _duckdb_source(catalog, checked)
+        con = None
+        if source is not None:
+            con = duckdb.connect()
+            where = "status = 'review'" + (f" AND run_id = {_sql_string(run)}" if run else "")
+            sure = con.sql(f"SELECT {', '.join(key)} FROM {source} WHERE {where}").to_arrow_table()
+            sure = sure.cast(_KEY_SCHEMA)
+            compacted = None
+        else:
+            compacted = catalog.files_dataset(checked).to_table(columns=key) if checked else _KEY_SCHEMA.empty_table()
+            sure = compacted.filter(filt)
+        # Rows of checked compacted files (CatalogStore.partitioned_files) are their image's latest
+        # unless the id is contested or also in an uncompacted file: only those are ranked.
+        unsure_ids = pa.concat_arrays([pa.array(contested, pa.string()), *late.column("image_id").chunks])
+        unsure = pc.is_in(sure.column("image_id"), value_set=unsure_ids)
+        candidates = pa.concat_tables([sure.filter(unsure), late.filter(filt)])
+        ids = pc.unique(candidates.column("image_id").combine_chunks())
+        if con is not None:
+            con.register("candidate_ids", pa.table({"image_id": ids}))
+            theirs = con.sql(
+                f"SELECT {', '.join(key)} FROM {source} WHERE status <> 'review' "
+                "AND image_id IN (SELECT image_id FROM candidate_ids)"
+            ).to_arrow_table()
+            con.close()
+            every = pa.concat_tables([theirs.cast(_KEY_SCHEMA), late.filter(pc.is_in(late.column("image_id"), ids))])
+        else:
+            every = pa.concat_tables([compacted, late])
+        return sure, unsure, candidates, every
 
-    compacted, late, contested = catalog.reading(once)
-    sure = compacted.filter(filt)
-    # Rows of checked compacted files (CatalogStore.partitioned_files) are their image's latest
-    # unless the id is contested or also in an uncompacted file: only those are ranked.
-    unsure_ids = pa.concat_arrays([pa.array(contested, pa.string()), *late.column("image_id").chunks])
-    unsure = pc.is_in(sure.column("image_id"), value_set=unsure_ids)
-    candidates = pa.concat_tables([sure.filter(unsure), late.filter(filt)])
-    return sure, unsure, candidates, pa.concat_tables([compacted, late])
+    return catalog.reading(once)
+
+
+def _duckdb_source(catalog: CatalogStore, checked: list[str]) -> str | None:
+    """`read_parquet(...)` of the checked compacted files for DuckDB's own Parquet reader (several
+    times faster than a pyarrow dataset scan), as analysis.views reads them: local files or the
+    local copies of an object-store catalog's, all in today's schema; None otherwise."""
+    if not checked:
+        return None
+    output = catalog.output
+    local = {} if output.is_local else catalog.cached(checked)
+    readable = checked if output.is_local else [local[f] for f in checked if f in local]
+    if len(readable) != len(checked) or not catalog.in_todays_schema(checked):
+        return None
+    files = ", ".join(_sql_string(f) for f in readable)
+    return f"read_parquet([{files}], hive_partitioning = true, hive_types = {{'date': VARCHAR, 'run_id': VARCHAR}})"
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _newer(a: dict, b: dict) -> bool:
