@@ -36,7 +36,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 
@@ -208,7 +209,7 @@ def time_all(output: OutputStore) -> dict[str, float]:
     out["connect"] = time.perf_counter() - t0
     listing = []  # queries that return a row per image: also timed for their first page
     for name, q in QUERIES.items():
-        params = {p.name: PARAMS[p.name] for p in q.params if p.required and PARAMS.get(p.name)}
+        params = {p.name: value for p in q.params if p.required and (value := PARAMS.get(p.name))}
         took = time.perf_counter()
         _, rows = analysis.run_query(con, name, params)
         out[f"query {name}"] = time.perf_counter() - took
@@ -220,9 +221,11 @@ def time_all(output: OutputStore) -> dict[str, float]:
         out[f"query {name} (first {PAGE} rows)"] = _time(run, f"query {name} (first {PAGE} rows)")
         # What `imagefab query NAME` prints: the first page and the total beside it.
         count = partial(count_query, con, name, params)
-        out[f"query {name} (page + total)"] = _time(
-            lambda run=run, count=count: (run(), count()), f"query {name} (page + total)"
-        )
+
+        def page_and_total(run: Callable = run, count: Callable = count) -> tuple:
+            return run(), count()
+
+        out[f"query {name} (page + total)"] = _time(page_and_total, f"query {name} (page + total)")
         # What `imagefab query NAME --out FILE.parquet` does: every row written by DuckDB.
         with tempfile.TemporaryDirectory() as tmp:
             export = partial(export_query, con, name, f"{tmp}/rows.parquet", params)
@@ -263,19 +266,11 @@ def bench(output: OutputStore, images: int, batch: int, per_run: int, before: bo
 def time_uploaded(folder: str) -> dict:
     """Upload an output folder's catalog/ and indexes/ to moto on loopback; time it cold, then warm."""
     import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
 
     if not os.path.isdir(os.path.join(folder, "catalog")):
         raise SystemExit(f"--s3-from {folder}: no catalog/ folder in it")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-    os.environ.setdefault("IMAGEFAB_CATALOG_CACHE", tempfile.mkdtemp(prefix="catalog-scale-cache-"))
-    try:
-        s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True)
-        s3.create_dir("bench")
+    with moto_bucket() as (host, port):
+        s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http")
         t0 = time.perf_counter()
         for sub in ("catalog", "indexes"):
             if os.path.isdir(os.path.join(folder, sub)):
@@ -292,6 +287,26 @@ def time_uploaded(folder: str) -> dict:
         result["load_warm"] = _load()
         result["warm"] = time_all(OutputStore.at(uri))
         return result
+
+
+@contextmanager
+def moto_bucket() -> Iterator[tuple[str, int]]:
+    """S3 served by moto on loopback with the bucket `bench`, credentials in the environment and an
+    empty cache of compacted files (app/catalog/cache.py) unless one is set: (host, port)."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    os.environ.setdefault("IMAGEFAB_CATALOG_CACHE", tempfile.mkdtemp(prefix="catalog-scale-cache-"))
+    try:
+        pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True).create_dir(
+            "bench"
+        )
+        yield host, port
     finally:
         server.stop()
 
@@ -366,25 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dir:
                 shutil.rmtree(tmp, ignore_errors=True)
     if args.s3:
-        import pyarrow.fs as pafs
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-        # A cold cache of compacted files for the first pass after compaction (app/catalog/cache.py).
-        os.environ.setdefault("IMAGEFAB_CATALOG_CACHE", tempfile.mkdtemp(prefix="catalog-scale-cache-"))
-        try:
-            pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True).create_dir(
-                "bench"
-            )
+        with moto_bucket() as (host, port):
             out = OutputStore.at(f"s3://bench/catalog-scale?endpoint_override={host}:{port}&scheme=http")
             r = bench(out, args.images, args.batch, args.per_run, args.before, **writing)
             results.append({"where": "S3 (moto on loopback)", **r})
-        finally:
-            server.stop()
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
