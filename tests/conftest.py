@@ -53,8 +53,8 @@ def ray_local():
 # whole file, and xdist's own order (most tests first) would leave these few-test, many-minute files
 # for the end, where one of them on one worker sets the wall time while the other worker idles.
 # Started first, the short files fill in around them. test_gpu_bench first of all: its FP8 rows
-# compile the graphs that test_compiled_generator and test_attention then load from the tests'
-# compile cache instead of compiling them again.
+# compile the graphs that test_compiled_generator then loads from the tests' compile cache instead
+# of compiling them again.
 SLOWEST_FILES = (
     "test_gpu_bench.py",  # ~310 s cold: the benchmark's compiled rows
     "test_asyncjobs_serve.py",  # ~360 s: a Ray head and Serve, restarted and killed mid-job

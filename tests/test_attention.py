@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_compiled_generator import COMPILED
 from torch.profiler import profile
 
 from app.attention import attention_kernels, attention_unsupported_reason, cache_folder, kernel_order
@@ -116,18 +115,15 @@ def test_a_compiled_generator_keeps_its_choice_in_its_graphs_and_its_own_cache(t
     """Compiled graphs keep the kernel they were traced with, and inductor's cache keys do not
     see the choice: each choice compiles into a folder of its own, so an "auto" generator on the
     same cache never loads a graph traced to the math kernel. (The tests' model home's cache, kept
-    between runs: the second run loads both generators' graphs, each from its own folder.)
-
-    The compiled settings are those of tests/test_compiled_generator.py and tests/test_gpu_bench.py's
-    FP8 rows (whose attention test compiles the math kernel's graphs too), so the suite compiles
-    each graph once: whichever of them runs first compiles, the others load."""
+    between runs: the second run loads both generators' graphs, each from its own folder.)"""
     import os
 
     from app.generator import Generator
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))  # put back after
-    math = Generator(tiny_base, {}, ComputeSpec(**COMPILED, attention="math"))
-    auto = Generator(tiny_base, {}, ComputeSpec(**COMPILED))
+    spec = dict(device="cpu", compile=True, warmup_sizes=("64x64",))
+    math = Generator(tiny_base, {}, ComputeSpec(**spec, attention="math"))
+    auto = Generator(tiny_base, {}, ComputeSpec(**spec))
     assert math.compile_cache.endswith("/attention-math") and auto.compile_cache == math.compile_cache.rsplit("/", 1)[0]
     math_called = kernels_called(lambda: math.render([request(tiny_base, 1)]))
     auto_called = kernels_called(lambda: auto.render([request(tiny_base, 1)]))
