@@ -17,7 +17,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -228,6 +227,8 @@ def _queue_keys(
         source = _duckdb_source(catalog, checked)
         con = None
         if source is not None:
+            import duckdb  # lazily: app/ outside the Serve app loads DuckDB only where it reads with it
+
             con = duckdb.connect()
             where = "status = 'review'" + (f" AND run_id = {_sql_string(run)}" if run else "")
             sure = con.sql(f"SELECT {', '.join(key)} FROM {source} WHERE {where}").to_arrow_table()
