@@ -34,11 +34,6 @@ class AnalysisError(ValueError):
     """Bad input to an analysis command: the message names it and says what would be valid."""
 
 
-def sql_string(text: str) -> str:
-    """`text` as an SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def views_sql() -> str:
     """The part of views.sql that builds on the three sources (catalog, decisions, image files)."""
     text = VIEWS_SQL.read_text()
@@ -91,17 +86,11 @@ def connect(
     # The catalog in two parts (CatalogStore.partitioned_files): rows of checked compacted files
     # are the latest of their image unless contested; `catalog_latest` ranks only the rest.
     checked, tail, contested = store.partitioned_files(live)
-    # On object storage, the local copies of the compacted files (app/catalog/cache.py), when the
-    # cache is on: the same partition folders, so DuckDB reads them as it reads a local catalog.
-    local = {} if output.is_local else store.cached(checked)
-    readable = checked if output.is_local else [local[f] for f in checked if f in local]
-    if checked and len(readable) == len(checked) and store.in_todays_schema(checked):
-        # DuckDB's own Parquet reader: several times faster than scanning a pyarrow dataset
-        files = ", ".join(sql_string(f) for f in readable)
-        con.execute(
-            "CREATE OR REPLACE TEMP VIEW catalog_checked_source AS SELECT * FROM read_parquet("
-            f"[{files}], hive_partitioning = true, hive_types = {{'date': VARCHAR, 'run_id': VARCHAR}})"
-        )
+    # DuckDB's own Parquet reader over the compacted files (on object storage their local copies,
+    # app/catalog/cache.py) where it can read them all; else a pyarrow dataset.
+    source = store.duckdb_source(checked)
+    if source is not None:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW catalog_checked_source AS SELECT * FROM {source}")
     else:
         con.register("catalog_checked_source", store.files_dataset(checked))
     con.register("catalog_tail_source", store.files_dataset(tail))

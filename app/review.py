@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from app.catalog.store import CatalogStore
+from app.catalog.store import CatalogStore, sql_string
 from app.storage import OutputStore, StorageError
 
 DECISIONS_DIR = "reviews/decisions"
@@ -224,13 +224,13 @@ def _queue_keys(
     def once() -> tuple[pa.Table, pa.Array, pa.Table, pa.Table]:
         checked, tail, contested = catalog.partitioned_files(catalog.live_files())
         late: pa.Table = catalog.files_dataset(tail).to_table(columns=key) if tail else _KEY_SCHEMA.empty_table()
-        source = _duckdb_source(catalog, checked)
+        source = catalog.duckdb_source(checked)
         con = None
         if source is not None:
             import duckdb  # lazily: app/ outside the Serve app loads DuckDB only where it reads with it
 
             con = duckdb.connect()
-            where = "status = 'review'" + (f" AND run_id = {_sql_string(run)}" if run else "")
+            where = "status = 'review'" + (f" AND run_id = {sql_string(run)}" if run else "")
             sure = con.sql(f"SELECT {', '.join(key)} FROM {source} WHERE {where}").to_arrow_table()
             sure = sure.cast(_KEY_SCHEMA)
             compacted = None
@@ -256,25 +256,6 @@ def _queue_keys(
         return sure, unsure, candidates, every
 
     return catalog.reading(once)
-
-
-def _duckdb_source(catalog: CatalogStore, checked: list[str]) -> str | None:
-    """`read_parquet(...)` of the checked compacted files for DuckDB's own Parquet reader (several
-    times faster than a pyarrow dataset scan), as analysis.views reads them: local files or the
-    local copies of an object-store catalog's, all in today's schema; None otherwise."""
-    if not checked:
-        return None
-    output = catalog.output
-    local = {} if output.is_local else catalog.cached(checked)
-    readable = checked if output.is_local else [local[f] for f in checked if f in local]
-    if len(readable) != len(checked) or not catalog.in_todays_schema(checked):
-        return None
-    files = ", ".join(_sql_string(f) for f in readable)
-    return f"read_parquet([{files}], hive_partitioning = true, hive_types = {{'date': VARCHAR, 'run_id': VARCHAR}})"
-
-
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _newer(a: dict, b: dict) -> bool:

@@ -176,8 +176,6 @@ def test_compacted_files_footers_are_read_once_per_process(catalog, monkeypatch)
 def test_review_page_reads_the_key_columns_once(catalog, monkeypatch):
     # The queue comes from DuckDB reading the compacted files' rows in review (and the rows of the
     # queued, contested ids); only the page's own partitions are opened whole afterwards.
-    import app.review as review
-
     root, _ = catalog
     compact(OutputStore.at(str(root)))
     expected = pending_page(str(root), limit=3)
@@ -188,18 +186,16 @@ def test_review_page_reads_the_key_columns_once(catalog, monkeypatch):
     runs = {f"run_id={r['run_id']}" for r in expected[1]}
     assert len(reads) == 1 and reads[0] and {f.rsplit("/", 2)[-2] for f in reads[0]} == runs  # the page's rows
     # the same queue where the compacted files are scanned by pyarrow (an older catalog's files)
-    monkeypatch.setattr(review, "_duckdb_source", lambda catalog, checked: None)
+    monkeypatch.setattr(CatalogStore, "duckdb_source", lambda self, checked: None)  # pyarrow reads them
     assert pending_page(str(root), limit=3) == expected
 
 
 @pytest.mark.parametrize("run", [None, "r0", "r1", "r3"])
 def test_review_queue_is_the_same_read_by_duckdb_or_pyarrow(catalog, monkeypatch, run):
     # Half compacted: contested ids, a newer row in a batch file, an older one in another run.
-    import app.review as review
-
     root, _ = catalog
     compact(str(root), partitions=[("2026-12-01", "r1"), ("2026-12-02", "r2")])
     by_duckdb = [pending_page(str(root), run=run, limit=2, offset=o) for o in (0, 1, 2)]
     assert by_duckdb[0][0] > 0 or run == "r1"
-    monkeypatch.setattr(review, "_duckdb_source", lambda catalog, checked: None)
+    monkeypatch.setattr(CatalogStore, "duckdb_source", lambda self, checked: None)  # pyarrow reads them
     assert [pending_page(str(root), run=run, limit=2, offset=o) for o in (0, 1, 2)] == by_duckdb
