@@ -83,23 +83,8 @@ def new_run_id(spec: JobSpec) -> str:
 # --- the Ray parts ---------------------------------------------------------------------------------
 
 
-INPUT_ROWS = "__input_rows"  # expansion's count of the input rows it read, dropped on the driver
-
-
-def _expand_batch(batch: pa.Table, spec: JobSpec, models: ResolvedModels) -> pa.Table:
-    """The batch's requests, with the number of input rows it held in the first row of an extra
-    column (0 in the others), so one pass both counts the input and expands it. A batch that
-    gives no request at all still says how many rows it read: one all-null row does."""
-    from app.expand import OUTPUT_SCHEMA
-
-    out = ExpandRows(spec, models)(batch)
-    if not out.num_rows:
-        if not batch.num_rows:
-            return out.append_column(INPUT_ROWS, pa.array([], pa.int64()))
-        out = pa.table([pa.nulls(1, f.type) for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
-    counts = np.zeros(out.num_rows, dtype=np.int64)
-    counts[0] = batch.num_rows
-    return out.append_column(INPUT_ROWS, pa.array(counts))
+def _expand_batch(batch: pa.Table, spec: JobSpec, models: ResolvedModels) -> dict:
+    return ExpandRows(spec, models)(batch)
 
 
 def read_input(spec: JobSpec, columns: list[str]):
@@ -122,18 +107,16 @@ def expand_requests(spec: JobSpec, models: ResolvedModels, columns: list[str]) -
 
     from app.expand import OUTPUT_SCHEMA
 
-    # One Ray Data execution reads, counts and expands: a row gives many requests (matrix, seeds,
-    # targets, strengths), so each batch reports how many input rows it held beside them.
-    expanded = read_input(spec, columns).map_batches(
+    ds = read_input(spec, columns).materialize()  # read once: counted here, expanded next
+    rows = ds.count()  # a row gives many requests (matrix, seeds, targets, strengths)
+    expanded = ds.map_batches(
         _expand_batch,
         fn_kwargs={"spec": spec, "models": models},
         batch_format="pyarrow",
         batch_size=1024,
         zero_copy_batch=True,
-    )
+    ).materialize()
     tables = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
-    rows = sum(int(pc.sum(t.column(INPUT_ROWS)).as_py() or 0) for t in tables)
-    tables = [t.filter(pc.is_valid(t.column("image_id"))).drop_columns([INPUT_ROWS]) for t in tables]
     table = pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables]) if tables else OUTPUT_SCHEMA.empty_table()
     return table, rows
 
