@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
-from benchmarks.soak import Minute, late_slopes, markdown, rss_series, slope_per_min
+from benchmarks.soak import Minute, Trace, hold, late_slopes, markdown, probe_capacity, rss_series, slope_per_min
 
 
 def test_slope_is_the_least_squares_rate_per_minute():
@@ -40,3 +43,51 @@ def test_markdown_shows_the_slope_beside_the_growth():
     text = markdown(result)
     assert "slope, last half (KB/min)" in text
     assert "| ingress | 900 | 901 | +1.0 | +12 |" in text
+
+
+@pytest.fixture
+def one_at_a_time_server():
+    """A loopback HTTP server answering POST /v1/generate one request at a time, 0.2 s each: an
+    open-loop capacity of 5 requests/s, whatever the clients' concurrency."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    busy = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with busy:
+                time.sleep(0.2)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_capacity_is_the_highest_open_loop_rate_kept_up_with(one_at_a_time_server):
+    # 8 requests/s against 5 served: the queue grows 3 a second, the last ones wait ~3 s. Half of
+    # that, 4/s, is served as it comes (0.2 s each; the bound leaves room for a busy machine).
+    capacity, probes = probe_capacity(one_at_a_time_server, peak=8.0, bound_s=1.5, seconds=5, fractions=(1.0, 0.5))
+    assert [p["kept_up"] for p in probes] == [False, True]
+    assert capacity == pytest.approx(4.0)
+    assert probes[0]["p99_s"] > 1.5 and probes[1]["p99_s"] <= 1.5
+    assert all(p["ok"] == p["sent"] and not p["errors"] for p in probes)
+
+
+def test_the_trace_lays_answers_beside_cpu_each_second(one_at_a_time_server):
+    trace = Trace({"this test": os.getpid()})
+    (minute,) = hold(one_at_a_time_server, 3.0, 3 / 60, sample=dict, trace=trace)
+    assert len(minute.ok_latencies) == 9
+    assert [s["second"] for s in trace.seconds] == [0, 1, 2]
+    assert 1 <= sum(s["answered"] for s in trace.seconds) <= 9  # the last ones may land after the last tick
+    assert all(0 <= s["idle_pct"] <= 100 and s["iowait_pct"] >= 0 and s["steal_pct"] >= 0 for s in trace.seconds)
+    assert all(s["max_latency_s"] is None or s["max_latency_s"] >= 0.2 for s in trace.seconds)
