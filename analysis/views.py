@@ -109,11 +109,53 @@ def connect(
             "CREATE OR REPLACE VIEW catalog_latest AS "
             "SELECT * REPLACE (CAST(date AS DATE) AS date) FROM catalog_checked_source"
         )
+    else:
+        _one_pass_latest(con)
     if search_index:
         from analysis.search_index import SearchIndex
 
         SearchIndex(output).attach(con, live)
     return con
+
+
+# The rows that are not their image's latest, found among the few that can be: the rows of the
+# other (uncompacted) files and the rows of contested ids (a scan of the image_id column).
+SUPERSEDED_SQL = """
+CREATE OR REPLACE TEMP TABLE catalog_superseded AS
+WITH unsure AS (
+    SELECT image_id FROM catalog_tail_source WHERE image_id IS NOT NULL
+    UNION SELECT image_id FROM catalog_contested_ids WHERE image_id IS NOT NULL),
+candidates AS (
+    SELECT image_id, created_at, run_id FROM catalog_checked_source
+    WHERE image_id IN (SELECT image_id FROM unsure) OR image_id IS NULL
+    UNION ALL SELECT image_id, created_at, run_id FROM catalog_tail_source)
+SELECT image_id, created_at, run_id,
+       row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC, run_id DESC) AS rank
+FROM candidates
+"""
+# Where the ranked rows are told apart by (image_id, created_at, run_id), `catalog_latest` reads the catalog once and drops the superseded rows by that key; the general
+# form of analysis/views.sql reads it twice (the unsure rows, then the rest).
+ONE_PASS_LATEST_SQL = """
+CREATE OR REPLACE VIEW catalog_latest AS
+SELECT * REPLACE (CAST(date AS DATE) AS date) FROM catalog_source c
+WHERE NOT EXISTS (SELECT 1 FROM catalog_superseded s
+                  WHERE s.rank > 1 AND s.image_id IS NOT DISTINCT FROM c.image_id AND s.created_at IS NOT DISTINCT FROM c.created_at
+                    AND s.run_id IS NOT DISTINCT FROM c.run_id)
+"""
+
+
+def _one_pass_latest(con: duckdb.DuckDBPyConnection) -> None:
+    """Replace the general `catalog_latest` by its one-pass form when the catalog allows it (the
+    same rows: each image's row ranked first is kept, every other row of it dropped)."""
+    con.execute(SUPERSEDED_SQL)
+    (ties,) = one_row(
+        con.execute(
+            "SELECT count(*) FROM (SELECT image_id, created_at, run_id FROM catalog_superseded "
+            "GROUP BY ALL HAVING count(*) > 1)"
+        )
+    )
+    if not ties:
+        con.execute(ONE_PASS_LATEST_SQL)
 
 
 def resolve_run(con: duckdb.DuckDBPyConnection, run: str | None) -> str | None:

@@ -199,3 +199,33 @@ def test_review_queue_is_the_same_read_by_duckdb_or_pyarrow(catalog, monkeypatch
     assert by_duckdb[0][0] > 0 or run == "r1"
     monkeypatch.setattr(CatalogStore, "duckdb_source", lambda self, checked: None)  # pyarrow reads them
     assert [pending_page(str(root), run=run, limit=2, offset=o) for o in (0, 1, 2)] == by_duckdb
+
+
+def _latest_view_sql(root: Path) -> str:
+    con = analysis.connect(str(root), search_index=False)
+    (sql,) = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'catalog_latest'").fetchone()
+    return sql
+
+
+def test_the_catalog_is_read_once_where_superseded_rows_have_a_key_of_their_own(catalog):
+    root, _ = catalog
+    reference = _reference(root)
+    for step in ("before compaction", "after"):
+        # rows of an uncompacted file or of a contested id: superseded ones are dropped by key in one pass
+        assert "catalog_superseded" in _latest_view_sql(root), step
+        assert _views(root, search_index=False) == reference, step
+        compact(str(root))
+
+
+def test_rows_tied_on_their_key_keep_the_general_ranking(catalog):
+    root, store = catalog
+    # the same image twice with the same created_at in one run: the key cannot tell them apart, so
+    # the catalog is ranked as analysis/views.sql says (one row kept), not dropped by key
+    _append(store, [70, 71], "r4", T0 + timedelta(days=4))
+    _append(store, [70], "r4", T0 + timedelta(days=4))
+    reference = _reference(root)
+    assert "catalog_superseded" not in _latest_view_sql(root)
+    con = analysis.connect(str(root), search_index=False)
+    rows = con.execute("SELECT image_id, created_at, run_id FROM images").fetchall()
+    assert len(rows) == len(set(rows)) and set(rows) == reference
+    assert sum(1 for r in rows if r[0] == "img00070") == 1
