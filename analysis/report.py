@@ -135,11 +135,16 @@ VARIABLES_SQL = """
            round(sum(exposure_sum) / nullif(sum(exposure_n), 0), 4) AS mean_exposure
     FROM entries GROUP BY template, v.key, v.value
     ORDER BY template, variable, acceptance_rate NULLS LAST"""
+# The columns the sections read, once, into a table (`scope`). Of the structs only the fields the
+# sections use are read (a template's text, a backend's other fields stay in the files); the
+# contact sheets read their few rows' other columns by key (_sheet_rows).
 SCOPE_COLUMNS = (
-    *("image_id", "run_id", "created_at", "outcome", "status", "approval", "reviewer", "review_note", "reasons"),
-    *("row_key", "uri", "variants", "template", "variables", "combination", "model_stack", "tier", "row_group"),
-    *("backend", "accelerator", "gpu_seconds", "cpu_seconds", "cost_usd", "master_bytes", "variant_bytes"),
-    *("sharpness", "contrast", "exposure", "clip_score"),
+    *("image_id", "run_id", "created_at", "outcome", "approval", "reviewer", "review_note"),
+    "struct_pack(name := template.name, version := template.version) AS template",
+    *("variables", "combination", "model_stack", "tier"),
+    "struct_pack(name := backend.name, api_cost_usd := backend.api_cost_usd) AS backend",
+    *("accelerator", "gpu_seconds", "cpu_seconds", "cost_usd", "master_bytes", "variant_bytes"),
+    *("sharpness", "contrast", "exposure"),
 )
 SCORES = ("sharpness", "contrast", "exposure")
 BINS = 20  # histogram bins per QC score
@@ -195,17 +200,18 @@ def _throughput(con, runs: int) -> dict[str, tuple[list, list[int]]]:
     return series
 
 
-def _prompts(con, rows: list[dict]) -> dict[tuple, str | None]:
-    """The prompt of each of these image rows, keyed (image_id, run_id, created_at): one read of
-    the prompt column of their runs' partitions."""
+def _sheet_rows(con, rows: list[dict]) -> dict[tuple, dict]:
+    """The prompt and the other catalog columns a contact sheet shows of each of these image rows,
+    keyed (image_id, run_id, created_at): one read of their runs' partitions."""
     if not rows:
         return {}
-    found = con.execute(
-        "SELECT image_id, run_id, created_at, prompt FROM catalog "
+    result = con.execute(
+        "SELECT image_id, run_id, created_at, prompt, reasons, row_key, uri, variants FROM catalog "
         "WHERE run_id IN (SELECT unnest($runs)) AND image_id IN (SELECT unnest($ids))",
         {"runs": sorted({r["run_id"] for r in rows}), "ids": sorted({r["image_id"] for r in rows})},
-    ).fetchall()
-    return {(i, run, t): p for i, run, t, p in found}
+    )
+    names = [d[0] for d in result.description]
+    return {r[:3]: dict(zip(names[3:], r[3:])) for r in result.fetchall()}
 
 
 def build_report(
@@ -225,7 +231,7 @@ def build_report(
     run = resolve_run(con, run)
     # The columns every section reads, once, into a table: each query over the `images` view
     # reads and ranks the catalog again (a second or more at a million images). Prompts, tags and
-    # the other wide columns stay out; the contact sheets read the prompts of their few images.
+    # the other wide columns stay out; the contact sheets read those of their few images.
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE scope AS SELECT {', '.join(SCOPE_COLUMNS)} FROM images "
         "WHERE $run IS NULL OR run_id = $run",
@@ -369,17 +375,18 @@ def build_report(
     for outcome, _ in SHEETS:
         (total,) = one_row(con.execute("SELECT count(*) FROM scope WHERE outcome = $o", {"o": outcome}))
         result = con.execute(
-            "SELECT image_id, run_id, created_at, reasons, sharpness, row_key, uri, variants, approval, reviewer, "
-            "review_note FROM scope WHERE outcome = $o ORDER BY created_at, image_id LIMIT $n",
+            "SELECT image_id, run_id, created_at, sharpness, approval, reviewer, review_note FROM scope "
+            "WHERE outcome = $o ORDER BY created_at, image_id LIMIT $n",
             {"o": outcome, "n": max_thumbs},
         )
         names = [d[0] for d in result.description]
         pages[outcome] = (total, [dict(zip(names, r)) for r in result.fetchall()])
-    prompts = _prompts(con, [r for _, rows in pages.values() for r in rows])
+    details = _sheet_rows(con, [r for _, rows in pages.values() for r in rows])
+    empty = {"prompt": None, "reasons": None, "row_key": None, "uri": None, "variants": None}
     sheets = []
     for outcome, title in SHEETS:
         total, rows = pages[outcome]
-        rows = [{**r, "prompt": prompts.get((r["image_id"], r["run_id"], r["created_at"]))} for r in rows]
+        rows = [{**r, **details.get((r["image_id"], r["run_id"], r["created_at"]), empty)} for r in rows]
         sheets.append(_sheet(output, rows, total, outcome, title))
 
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
