@@ -69,7 +69,8 @@ QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY decided_at DESC, decis
 -- catalog_latest: the latest row of each image. A row of a checked compacted file
 -- (catalog_checked_source) whose id is not contested and has no row in the other files
 -- (catalog_tail_source) is its image's only row, so only the rest are ranked: the window over
--- the whole catalog was the cost of every query.
+-- the whole catalog was the cost of every query. This form reads the checked files twice;
+-- analysis.connect ranks the unsure rows once instead and reads the catalog in one pass.
 CREATE OR REPLACE VIEW catalog_latest AS
 WITH contested AS (
     SELECT image_id FROM catalog_tail_source WHERE image_id IS NOT NULL
