@@ -61,8 +61,10 @@ KEY_BITS = 24  # doc_key = file_id << 24 | row within the file (a file holds < 1
 # Rows that are not their image's latest (`search_dead_docs`): only rows of files not checked by
 # compaction, and rows of ids they or compaction's manifests contest, need ranking (see
 # CatalogStore.partitioned_files); every other row of a checked file is its image's only one.
+# Found once when the index is attached (a table: the connection's segments and files are fixed
+# then), with the corpus statistics BM25 needs (`search_stats`), not again by every search.
 DEAD_DOCS_SQL = """
-CREATE OR REPLACE TEMP VIEW search_dead_docs AS
+CREATE OR REPLACE TEMP TABLE search_dead_docs AS
 WITH rest AS MATERIALIZED (
     SELECT doc_key, image_id, created_at, run_id, len FROM search_docs
     WHERE file_id IN (SELECT file_id FROM search_rest_files)
@@ -73,7 +75,13 @@ SELECT doc_key, len FROM rest
 WHERE doc_key NOT IN (SELECT arg_max(doc_key, {'t': created_at, 'r': run_id}) FROM rest GROUP BY image_id)
 """
 NO_DEAD_DOCS_SQL = """
-CREATE OR REPLACE TEMP VIEW search_dead_docs AS SELECT NULL::BIGINT AS doc_key, NULL::BIGINT AS len WHERE false
+CREATE OR REPLACE TEMP TABLE search_dead_docs (doc_key BIGINT, len BIGINT)
+"""
+STATS_SQL = """
+CREATE OR REPLACE TEMP TABLE search_stats AS
+SELECT n, total / n AS avgdl
+FROM (SELECT count(*) - (SELECT count(*) FROM search_dead_docs) AS n,
+             sum(len) - (SELECT coalesce(sum(len), 0) FROM search_dead_docs) AS total FROM search_docs)
 """
 
 SEARCH_SQL = """
@@ -83,10 +91,7 @@ WITH q AS (SELECT DISTINCT unnest(imagefab_tokens(query_string)) AS term),
 wanted AS (SELECT list_transform(string_split(replace(fields, ' ', ''), ','),
                                  lambda f: list_position(['prompt', 'negative_prompt', 'tags'], f) - 1) AS ids),
 dead AS MATERIALIZED (SELECT doc_key, len FROM search_dead_docs),
-stats AS (
-    SELECT n, total / n AS avgdl
-    FROM (SELECT count(*) - (SELECT count(*) FROM dead) AS n,
-                 sum(len) - (SELECT coalesce(sum(len), 0) FROM dead) AS total FROM search_docs)),
+stats AS (SELECT n, avgdl FROM search_stats),
 -- the postings of the query's terms in each image's latest row: one doc_key per image from here on
 p AS MATERIALIZED (
     SELECT p.doc_key, d.len, p.term, p.field, p.tf
@@ -278,6 +283,7 @@ class SearchIndex:
         con.register("search_rest_files", pa.table({"file_id": pa.array(sorted(rest), pa.int64())}))
         con.register("search_contested", pa.table({"image_id": pa.array(contested, pa.string())}))
         con.execute(DEAD_DOCS_SQL if rest or contested else NO_DEAD_DOCS_SQL)
+        con.execute(STATS_SQL)
         con.execute(SEARCH_SQL)
         con.execute(SCORES_SQL)
 
