@@ -61,6 +61,7 @@ from app.serve.core import (
     resolve_serve_models,
     split_lora_tags,
 )
+from app.serve.heap import HeapTrimmer
 from app.serve.jobrunner import JobRunnerServer, allow_private_webhooks, queue_policy, ray_jobs, sized_lane
 from app.serve.schemas import (
     A1111Img2Img,
@@ -517,6 +518,7 @@ class Ingress:
         # and GET /sdapi/v1/progress reports.
         self.a1111_running: dict[str, list[A1111Task]] = {}
         self.started = time.time()
+        self.heap = HeapTrimmer()  # memory freed by finished requests goes back to the OS when idle
 
     # --- metrics ----------------------------------------------------------------------------------
     def report(self, what: str, *args) -> None:
@@ -600,6 +602,8 @@ class Ingress:
             return _error(e.status, str(e), e.field, openai=openai, code=e.code)
         finally:
             self._set_in_flight(self.in_flight - 1)
+            if self.in_flight == 0:
+                self.heap.maybe_trim()
 
     async def _render(self, job: ImageJob, interrupt: asyncio.Event | None = None, task: A1111Task | None = None):
         """Plan, render on the base model's generators, then QC, post-process and catalog.
