@@ -94,6 +94,42 @@ def test_a_compile_mode_other_than_default_is_recorded_and_regenerated(tiny_base
     assert Generator(tiny_base, {}, ComputeSpec(device="cpu", compile=True)).accelerator == "cpu:threads=1+compiled"
 
 
+def test_generators_with_the_same_graphs_take_turns_at_compiling_and_others_do_not_wait(tmp_path):
+    import threading
+
+    from app.generator.pipeline import compiling_alone
+
+    graphs = {"settings": {"fp8": True, "batch_bucket": 2}, "sizes": ["64x64"]}
+    events: list[str] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def first():
+        with compiling_alone(str(tmp_path), graphs):
+            events.append("first compiles")
+            first_in.set()
+            release.wait(10)
+            events.append("first done")
+
+    def second(name: str, same: dict):
+        with compiling_alone(str(tmp_path), same):
+            events.append(name)
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    first_in.wait(10)
+    other = threading.Thread(target=second, args=("other settings compile", {**graphs, "sizes": ["128x128"]}))
+    other.start()
+    other.join(10)  # a different set of graphs: not held up
+    same = threading.Thread(target=second, args=("same settings load", dict(graphs)))
+    same.start()
+    same.join(0.5)
+    assert same.is_alive()  # waits for the first's compile
+    release.set()
+    for t in (t1, same):
+        t.join(10)
+    assert events == ["first compiles", "other settings compile", "first done", "same settings load"]
+
+
 # --- compiled rendering (slow: inductor compiles the tiny UNet and VAE for the CPU) ----------------
 # One compiled generator for these tests (a compile costs a minute or more here): FP8 on, so the
 # re-quantisation after each LoRA switch runs compiled too; batches of 2. The compile cache is the

@@ -32,7 +32,15 @@ from app.conditioning.measures import MEASURE_COLUMNS, Measures
 from app.generator.batching import BatchSizes, batch_id, group_key, out_of_memory_error
 from app.generator.conditioned import ConditionedRenderer
 from app.generator.overlap import DecodeOverlap, InFlight
-from app.generator.pipeline import check_attention, optimise, speed_setting, use_compile_cache, warmup_batches
+from app.generator.pipeline import (
+    architecture,
+    check_attention,
+    compiling_alone,
+    optimise,
+    speed_setting,
+    use_compile_cache,
+    warmup_batches,
+)
 from app.generator.vae_decode import decode_latents
 from app.models.catalog import ResolvedModel
 from app.models.digest import ModelFileError
@@ -161,11 +169,20 @@ class Generator:
         if not (self.compute.compile and self.compute.warmup_sizes):
             return 0.0
         t0 = time.perf_counter()
-        # Two batches when decodes overlap: the memory of a decode beside the next denoising is
-        # found short now (overlap off, or batch_limit halved), not in the first real batches.
-        for chunks in warmup_batches(self.compute, self.base, calls=2 if self.overlap.on else 1):
-            _, last = self._render_chunks(chunks, None, exact=False)
-            self._collect(last)
+        # What shapes the graphs: the settings, the sizes and the architecture (not the weights,
+        # which stay graph inputs: another base of the same architecture loads the same graphs).
+        graphs = {
+            "settings": self.accelerator_settings.to_value(),
+            "sizes": list(self.compute.warmup_sizes),
+            **{part: architecture(getattr(self.pipe, part).config) for part in ("unet", "vae")},
+        }
+        assert self.compile_cache is not None  # set whenever compute.compile is
+        with compiling_alone(self.compile_cache, graphs):
+            # Two batches when decodes overlap: the memory of a decode beside the next denoising
+            # is found short now (overlap off, or batch_limit halved), not in the first real batches.
+            for chunks in warmup_batches(self.compute, self.base, calls=2 if self.overlap.on else 1):
+                _, last = self._render_chunks(chunks, None, exact=False)
+                self._collect(last)
         return time.perf_counter() - t0
 
     # --- Ray Data entry -------------------------------------------------------------------------

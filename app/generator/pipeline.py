@@ -8,12 +8,18 @@ bits) and applied again by `regenerate`:
 - torch.compile of the UNet and the VAE decoder (`compile`, `compile_mode`) with inductor's caches
   in a folder shared by every generator that points at it (`compile_cache`);
 - the attention kernel (`attention`, app/attention.py), checked at start;
-- warm-up: the sizes in `warmup_sizes` compiled at start rather than in the first real batch.
+- warm-up: the sizes in `warmup_sizes` compiled at start rather than in the first real batch,
+  by one generator at a time per set of graphs (`compiling_alone`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +157,34 @@ def use_compile_cache(where: str | None, attention: str = "auto") -> str:
     os.makedirs(path, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path
+
+
+@contextlib.contextmanager
+def compiling_alone(cache: str, graphs: dict) -> Iterator[None]:
+    """Hold the warm-up lock of one set of graphs (`graphs`: everything that shapes them) in the
+    compile cache `cache`, for as long as the block runs.
+
+    Generators that start together with the same settings (the actors of one node, a restarted
+    replica beside a live one) would each compile the same graphs at once, on the same CPU cores,
+    as inductor caches a graph only once it is compiled. Under this lock the first compiles and
+    writes the cache, and the others wait and then load every graph from it: one compile's CPU
+    time instead of one per generator. Different settings hold different locks and compile side
+    by side. An OS file lock: a generator that dies holding it lets the next one go on.
+    """
+    key = hashlib.sha256(json.dumps(graphs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    folder = os.path.join(cache, "warm-up-locks")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{key}.lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def architecture(config) -> dict:
+    """A diffusers model config without its bookkeeping (`_name_or_path`, `_diffusers_version`, …)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
 def warmup_batches(compute: ComputeSpec, base: ResolvedModel, calls: int) -> list[list[list[RenderRequest]]]:
