@@ -115,13 +115,26 @@ def test_a_compiled_generator_keeps_its_choice_in_its_graphs_and_its_own_cache(t
     """Compiled graphs keep the kernel they were traced with, and inductor's cache keys do not
     see the choice: each choice compiles into a folder of its own, so an "auto" generator on the
     same cache never loads a graph traced to the math kernel. (The tests' model home's cache, kept
-    between runs: the second run loads both generators' graphs, each from its own folder.)"""
+    between runs: the second run loads both generators' graphs, each from its own folder.)
+
+    The settings of tests/test_gpu_bench.py's compiled rows (fused QKV, channels_last, batches of
+    2), whose "auto" and "math" rows compile these same graphs into the same cache: the file that
+    runs second loads them, or waits for the first's compile (Generator's warm-up lock)."""
     import os
 
     from app.generator import Generator
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))  # put back after
-    spec = dict(device="cpu", compile=True, warmup_sizes=("64x64",))
+    spec = dict(
+        device="cpu",
+        compile=True,
+        fuse_qkv=True,
+        channels_last=True,
+        batch_invariant=False,
+        batch_size=2,
+        decode_overlap=True,
+        warmup_sizes=("64x64",),
+    )
     math = Generator(tiny_base, {}, ComputeSpec(**spec, attention="math"))
     auto = Generator(tiny_base, {}, ComputeSpec(**spec))
     assert math.compile_cache.endswith("/attention-math") and auto.compile_cache == math.compile_cache.rsplit("/", 1)[0]

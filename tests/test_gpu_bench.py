@@ -162,7 +162,11 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
                 *TINY,
                 "--batches",
                 "2",
-                "--fp8-batches",
+                # The plain compiled rows (FP8's rows differ only in the UNet they compile, and
+                # compiling FP8 costs this CPU three times a plain compile): "auto" loads
+                # test_every_variant's graphs, "math" compiles the graphs that
+                # tests/test_attention.py's compiled generator then loads (or waits for).
+                "--compile-batches",
                 "2",
                 "--fuse-qkv",
                 "--channels-last",
@@ -183,7 +187,7 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
     # A choice the device lacks fails its row with the reason; the other rows stand.
     assert not report["skipped"]
     [failed] = report["failed"]
-    assert (failed["impl"], failed["batch"]) == ("imagefab fp8, cudnn attention", 2)
+    assert (failed["impl"], failed["batch"]) == ("imagefab compiled, cudnn attention", 2)
     assert failed["error"].startswith(
         "RuntimeError: compute.attention=cudnn: the cudnn attention kernel cannot run on cpu"
     )
@@ -200,10 +204,11 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
     ]
     assert shapes["step"]["auto"] > 0 and shapes["step"]["math"] > 0 and shapes["step"]["cudnn"] is None
     assert set(shapes["unsupported"]) == {"cudnn", "efficient"}
-    # One FP8 row per choice, each compiled with its own kernel and recorded as such.
+    # One compiled row per choice, each compiled with its own kernel and recorded as such.
     rows = {r["impl"]: r for r in report["rows"] if r["batch"] == 2}
-    auto, math = rows["imagefab fp8"], rows["imagefab fp8, math attention"]
-    assert auto["accelerator"] == "cpu:threads=1+fused_qkv+channels_last+compiled+fp8+batch_bucket=2"
+    auto, math = rows["imagefab compiled"], rows["imagefab compiled, math attention"]
+    assert auto["accelerator"] == "cpu:threads=1+fused_qkv+channels_last+compiled+batch_bucket=2"
     assert math["accelerator"] == auto["accelerator"] + "+attention=math"
-    # The same arithmetic in another order: the image stays FP8's image.
-    assert 0 < math["max_pixel_diff"] <= 12 and abs(math["mean_pixel_diff"] - auto["mean_pixel_diff"]) < 0.2
+    # The same arithmetic in another order: the image stays stock's image within rounding.
+    assert auto["max_pixel_diff"] <= 3 and math["max_pixel_diff"] <= 3
+    assert 0 <= math["relative_error"] < 5e-3 and abs(math["mean_pixel_diff"] - auto["mean_pixel_diff"]) < 0.2
