@@ -125,6 +125,10 @@ def test_a_compiled_generator_keeps_its_choice_in_its_graphs_and_its_own_cache(t
     from app.generator import Generator
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))  # put back after
+    # A fresh process's dynamo, as an actor's: an earlier test's generator in this worker may have
+    # left graphs of these very shapes traced under another choice, which dynamo's guards (blind
+    # to the choice, like inductor's keys) would hand to the generators here.
+    torch._dynamo.reset()
     spec = dict(
         device="cpu",
         compile=True,
