@@ -169,17 +169,23 @@ def compiling_alone(cache: str, graphs: dict) -> Iterator[None]:
     as inductor caches a graph only once it is compiled. Under this lock the first compiles and
     writes the cache, and the others wait and then load every graph from it: one compile's CPU
     time instead of one per generator. Different settings hold different locks and compile side
-    by side. An OS file lock: a generator that dies holding it lets the next one go on.
+    by side. An OS file lock: a generator that dies holding it lets the next one go on; a cache on
+    a filesystem without locks compiles side by side, as before.
     """
     key = hashlib.sha256(json.dumps(graphs, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = os.path.join(cache, "warm-up-locks")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{key}.lock"), "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            locked = True
+        except OSError:  # no locks here (some network filesystems): compile without waiting
+            locked = False
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def architecture(config) -> dict:
