@@ -52,11 +52,13 @@ def ray_local():
 # compile cache is empty), started first, longest first: with `--dist loadfile` a worker runs a
 # whole file, and xdist's own order (most tests first) would leave these few-test, many-minute files
 # for the end, where one of them on one worker sets the wall time while the other worker idles.
-# Started first, the short files fill in around them. test_gpu_bench first of all: its FP8 rows
-# compile the graphs that test_compiled_generator then loads from the tests' compile cache instead
-# of compiling them again.
+# Started first, the short files fill in around them. test_gpu_bench first of all: it compiles the
+# graphs that test_compiled_generator (its FP8 row's) and test_attention (its auto and math rows')
+# then load from the tests' compile cache; a file that reaches one of those compiles while the
+# other is at it waits for it (the Generator's warm-up lock) rather than compiling it again, so
+# these two come late enough to find the graphs there.
 SLOWEST_FILES = (
-    "test_gpu_bench.py",  # ~310 s cold: the benchmark's compiled rows
+    "test_gpu_bench.py",  # ~310 s cold (~1100 s cold beside the other compile-heavy files, busy machine)
     "test_asyncjobs_serve.py",  # ~360 s: a Ray head and Serve, restarted and killed mid-job
     "test_faults.py",  # ~230 s, ~320 s cold: bulk jobs killed and rerun
     "test_s3_outage.py",  # ~190 s: a store outage under a running job
@@ -68,7 +70,7 @@ SLOWEST_FILES = (
     "test_raycluster.py",  # ~75 s
     "test_registry.py",  # ~70 s
     "test_s3.py",  # ~65 s
-    "test_attention.py",
+    "test_attention.py",  # ~30 s once test_gpu_bench's rows are compiled, ~240 s where it compiles them
 )
 
 
