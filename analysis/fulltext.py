@@ -3,8 +3,9 @@
 The ranking is plain SQL (`search_images` in analysis/views.sql), not DuckDB's fts extension:
 that is downloaded at run time, which an offline installation cannot do, and its PyPI wheels are
 locked to older DuckDB releases. The scores equal fts's `match_bm25` for the same tokens
-(tests/test_analysis_search.py checks against values fts computed), and the index is never stale:
-it is built from the `images` view per query.
+(tests/test_analysis_search.py checks against values fts computed). `analysis.connect` reads a
+persistent index kept up to date with the catalog (analysis/search_index.py); without it the
+plain macro tokenizes the `images` view per query.
 """
 
 from __future__ import annotations
@@ -43,11 +44,15 @@ def search(
         raise AnalysisError(f"{text!r} has no searchable words (letters or digits)")
     # The best `limit` ids first (the index answers from postings alone), then their rows: a filter
     # on image_id reaches the catalog scan, so only the row groups holding them are read.
-    top = con.execute(
-        "SELECT image_id, score FROM search_scores($text, fields := $fields, conjunctive := $all, top := $limit) "
-        "ORDER BY round(score, 9) DESC, image_id LIMIT $limit",
-        {"text": text, "fields": ",".join(fields) if fields else None, "all": all_terms, "limit": limit},
-    ).fetchall()
+    args = {"text": text, "fields": ",".join(fields) if fields else None, "all": all_terms, "limit": limit}
+    if _indexed(con):
+        top = _best_from_index(con, args)
+    else:
+        top = con.execute(
+            "SELECT image_id, score FROM search_scores($text, fields := $fields, conjunctive := $all, top := $limit) "
+            "ORDER BY round(score, 9) DESC, image_id LIMIT $limit",
+            args,
+        ).fetchall()
     if not top:
         return list(columns), []
     ids = ", ".join("'" + i.replace("'", "''") + "'" for i, _ in top)
@@ -60,3 +65,28 @@ def search(
         values = dict(zip(names, by_id[image_id], strict=True))
         rows.append(tuple(round(score, 4) if c == "score" else values[c] for c in columns))
     return list(columns), rows
+
+
+def _indexed(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether `con` searches the persistent index (analysis/search_index.py)."""
+    (n,) = one_row(con.execute("SELECT count(*) FROM duckdb_functions() WHERE function_name = 'search_best_docs'"))
+    return bool(n)
+
+
+def _best_from_index(con: duckdb.DuckDBPyConnection, args: dict) -> list[tuple[str, float]]:
+    """The first `limit` (image_id, score) of the ranking: the index scores its postings and keeps
+    what can be on the page (doc_keys tied with the last included), then the image_ids of those
+    few doc_keys are read, the docs' row groups chosen by their zone maps on doc_key."""
+    best = con.execute(
+        "SELECT doc_key, score FROM search_best_docs($text, fields := $fields, conjunctive := $all, top := $limit)",
+        args,
+    ).fetchall()
+    if not best:
+        return []
+    keys = ", ".join(str(int(k)) for k, _ in best)
+    ids = dict(con.execute(f"SELECT doc_key, image_id FROM search_docs WHERE doc_key IN ({keys})").fetchall())
+    return con.execute(
+        "SELECT image_id, score FROM (SELECT unnest($ids) AS image_id, unnest($scores) AS score) "
+        "ORDER BY round(score, 9) DESC, image_id LIMIT $limit",
+        {"ids": [ids[k] for k, _ in best], "scores": [s for _, s in best], "limit": args["limit"]},
+    ).fetchall()

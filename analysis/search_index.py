@@ -4,10 +4,13 @@ Today's ranking (`search_images` in analysis/views.sql: BM25 over the `images` v
 `match_bm25` scores) tokenizes every prompt on every query: about 3.5 s per 100,000 images.
 This index stores the tokens once, beside the catalog:
 
-    <output>/indexes/search/manifest.json            segments, and the catalog files they cover
+    <output>/indexes/search/manifest.json            format, segments, and the catalog files they cover
     <output>/indexes/search/<segment>.docs.parquet   one row per catalog row: doc_key, image_id,
-                                                     created_at, run_id, file_id, len (tokens)
-    <output>/indexes/search/<segment>.postings.parquet  term, doc_key, field, tf; sorted by term
+                                                     created_at, run_id, file_id, len (tokens);
+                                                     sorted by doc_key, small row groups
+    <output>/indexes/search/<segment>.postings.parquet  one row per term and doc: term, doc_key,
+                                                     len, tf_prompt, tf_negative_prompt, tf_tags;
+                                                     sorted by term
 
 A segment covers a set of catalog files (CatalogStore.live_files). `attach` (analysis.connect
 calls it) indexes the live files no segment covers yet — a run's new batches, a compacted file —
@@ -19,7 +22,10 @@ output cannot be written still searches, with the new files indexed in memory.
 
 The query (`SEARCH_SQL`) computes exactly what the plain macro does: the latest row per image
 (created_at, then run_id), N and the mean length over those, df per query term, BM25 per field
-filter; only the postings of the query's terms are read. Rows of compacted files that compaction
+filter; only the postings of the query's terms are read, and scored from the postings alone (each
+carries its document's length). `search_best_docs(..., top := N)` keeps only the doc_keys that can
+be on the first N rows; `analysis.search` then reads the image_ids of those few from the docs. An
+index written in an older format (no `format` in its manifest) is built again on attach. Rows of compacted files that compaction
 checked for one row per image are taken as the latest without ranking them (`DEAD_DOCS_SQL`), so a
 search over a compacted catalog reads no image_id beyond those of its matches.
 """
@@ -55,7 +61,20 @@ DOCS_SCHEMA = pa.schema(
         ("len", pa.int64()),
     ]
 )
-POSTINGS_SCHEMA = pa.schema([("term", pa.string()), ("doc_key", pa.int64()), ("field", pa.int8()), ("tf", pa.int64())])
+# One row per term and document: the document's length (tokens over every field) and the term's
+# count in each field, so a search scores from the postings alone (no join with the docs).
+POSTINGS_SCHEMA = pa.schema(
+    [
+        ("term", pa.string()),
+        ("doc_key", pa.int64()),
+        ("len", pa.int32()),
+        ("tf_prompt", pa.int32()),
+        ("tf_negative_prompt", pa.int32()),
+        ("tf_tags", pa.int32()),
+    ]
+)
+FORMAT = 2  # the manifest's "format": an index written in another format is rebuilt
+DOCS_ROW_GROUP_ROWS = 16_384  # the page's doc_keys are looked up in a few row groups by their zone maps
 KEY_BITS = 24  # doc_key = file_id << 24 | row within the file (a file holds < 16M rows)
 
 # Rows that are not their image's latest (`search_dead_docs`): only rows of files not checked by
@@ -85,55 +104,70 @@ FROM (SELECT count(*) - (SELECT count(*) FROM search_dead_docs) AS n,
 """
 
 SEARCH_SQL = """
-CREATE OR REPLACE MACRO search_images(query_string, fields := NULL, conjunctive := false, k := 1.2, b := 0.75,
-                                      top := NULL) AS TABLE
+CREATE OR REPLACE MACRO search_best_docs(query_string, fields := NULL, conjunctive := false, k := 1.2, b := 0.75,
+                                         top := NULL) AS TABLE
 WITH q AS (SELECT DISTINCT unnest(imagefab_tokens(query_string)) AS term),
 wanted AS (SELECT list_transform(string_split(replace(fields, ' ', ''), ','),
                                  lambda f: list_position(['prompt', 'negative_prompt', 'tags'], f) - 1) AS ids),
-dead AS MATERIALIZED (SELECT doc_key, len FROM search_dead_docs),
 stats AS (SELECT n, avgdl FROM search_stats),
--- the postings of the query's terms in each image's latest row: one doc_key per image from here on
-p AS MATERIALIZED (
-    SELECT p.doc_key, d.len, p.term, p.field, p.tf
-    FROM search_postings p JOIN search_docs d USING (doc_key)
-    WHERE p.term IN (SELECT term FROM q) AND p.doc_key NOT IN (SELECT doc_key FROM dead)),
--- per image and term: df counts every field, tf only the searched ones (null: none of them)
+-- the postings of the query's terms in each image's latest row (one doc_key per image, one row per
+-- term and doc_key): df counts every field, tf only the searched ones (null: none of them)
 pt AS MATERIALIZED (
-    SELECT doc_key, term, any_value(len) AS len,
-           sum(tf) FILTER (fields IS NULL OR list_contains((SELECT ids FROM wanted), field)) AS tf
-    FROM p GROUP BY doc_key, term),
-df AS (SELECT term, count(*) AS df FROM pt GROUP BY term),
+    SELECT doc_key, list_position((SELECT list(term) FROM q), term) AS tid, len,
+           nullif(CASE WHEN fields IS NULL OR list_contains((SELECT ids FROM wanted), 0) THEN tf_prompt ELSE 0 END
+                  + CASE WHEN fields IS NULL OR list_contains((SELECT ids FROM wanted), 1)
+                         THEN tf_negative_prompt ELSE 0 END
+                  + CASE WHEN fields IS NULL OR list_contains((SELECT ids FROM wanted), 2) THEN tf_tags ELSE 0 END,
+                  0) AS tf
+    FROM search_postings
+    WHERE term IN (SELECT term FROM q) AND doc_key NOT IN (SELECT doc_key FROM search_dead_docs)),
+idf AS (SELECT tid, log((stats.n - df + 0.5) / (df + 0.5) + 1) AS idf
+        FROM (SELECT tid, count(*) AS df FROM pt GROUP BY tid), stats),
 scores AS MATERIALIZED (
-    SELECT pt.doc_key,
-           sum(log((stats.n - df.df + 0.5) / (df.df + 0.5) + 1)
-               * (pt.tf * (k + 1) / (pt.tf + k * (1 - b + b * pt.len / stats.avgdl)))) AS score,
-           count(*) AS terms
-    FROM pt JOIN df USING (term), stats
-    WHERE pt.tf IS NOT NULL
-    GROUP BY pt.doc_key
-    HAVING NOT conjunctive OR count(*) = (SELECT count(*) FROM q)),
+    SELECT doc_key, score, round(score, 9) AS r FROM (
+        SELECT pt.doc_key,
+               sum(idf.idf * (pt.tf * (k + 1) / (pt.tf + k * (1 - b + b * pt.len / stats.avgdl)))) AS score
+        FROM pt JOIN idf USING (tid), stats
+        WHERE pt.tf IS NOT NULL
+        GROUP BY pt.doc_key
+        HAVING NOT conjunctive OR count(*) = (SELECT count(*) FROM q))),
 -- top := N: only what the first N rows of the ordering can hold (every score tied with the N-th)
-cut AS (SELECT min(r) AS r FROM (SELECT round(score, 9) AS r FROM scores ORDER BY r DESC LIMIT coalesce(top, 1))),
-best AS MATERIALIZED (SELECT doc_key, score FROM scores WHERE top IS NULL OR round(score, 9) >= (SELECT r FROM cut)),
-ranked AS (SELECT d.image_id, s.score FROM best s JOIN search_docs d USING (doc_key))
+cut AS (SELECT min(r) AS r FROM (SELECT r FROM scores ORDER BY r DESC LIMIT coalesce(top, 1)))
+SELECT doc_key, score FROM scores WHERE top IS NULL OR r >= (SELECT r FROM cut);
+
+CREATE OR REPLACE MACRO search_images(query_string, fields := NULL, conjunctive := false, k := 1.2, b := 0.75,
+                                      top := NULL) AS TABLE
+WITH ranked AS (
+    SELECT d.image_id, s.score
+    FROM search_best_docs(query_string, fields := fields, conjunctive := conjunctive, k := k, b := b, top := top) s
+    JOIN search_docs d USING (doc_key))
 SELECT i.*, s.score FROM ranked s JOIN images i USING (image_id)
 ORDER BY round(s.score, 9) DESC, i.image_id;
+
+-- The same scores without the `images` columns: the ranking needs none of the catalog's rows.
+CREATE OR REPLACE MACRO search_scores(query_string, fields := NULL, conjunctive := false, k := 1.2, b := 0.75,
+                                      top := NULL) AS TABLE
+SELECT d.image_id, s.score
+FROM search_best_docs(query_string, fields := fields, conjunctive := conjunctive, k := k, b := b, top := top) s
+JOIN search_docs d USING (doc_key)
+ORDER BY round(s.score, 9) DESC, d.image_id;
 """
-# The same scores without the `images` columns: the ranking needs none of the catalog's rows.
-SCORES_SQL = SEARCH_SQL.replace(
-    "CREATE OR REPLACE MACRO search_images(", "CREATE OR REPLACE MACRO search_scores("
-).replace(
-    "SELECT i.*, s.score FROM ranked s JOIN images i USING (image_id)\nORDER BY round(s.score, 9) DESC, i.image_id;",
-    "SELECT image_id, score FROM ranked ORDER BY round(score, 9) DESC, image_id;",
-)
 
 # Tokens of one batch of catalog rows (the macros of views.sql must be defined on `con`).
 _TOKENIZE_SQL = """
-SELECT term, doc_key, field, count(*) AS tf FROM (
-    SELECT doc_key, 0::TINYINT AS field, unnest(imagefab_tokens(prompt)) AS term FROM rows
-    UNION ALL SELECT doc_key, 1::TINYINT, unnest(imagefab_tokens(negative_prompt)) FROM rows
-    UNION ALL SELECT doc_key, 2::TINYINT, unnest(imagefab_tokens(array_to_string(map_values(tags), ' '))) FROM rows)
-GROUP BY ALL ORDER BY term, doc_key
+WITH tokens AS (
+    SELECT term, doc_key, field, count(*) AS tf FROM (
+        SELECT doc_key, 0::TINYINT AS field, unnest(imagefab_tokens(prompt)) AS term FROM rows
+        UNION ALL SELECT doc_key, 1::TINYINT, unnest(imagefab_tokens(negative_prompt)) FROM rows
+        UNION ALL SELECT doc_key, 2::TINYINT, unnest(imagefab_tokens(array_to_string(map_values(tags), ' '))) FROM rows)
+    GROUP BY ALL),
+lens AS (SELECT doc_key, sum(tf) AS len FROM tokens GROUP BY doc_key)
+SELECT term, doc_key, any_value(len) AS len,
+       coalesce(sum(tf) FILTER (field = 0), 0) AS tf_prompt,
+       coalesce(sum(tf) FILTER (field = 1), 0) AS tf_negative_prompt,
+       coalesce(sum(tf) FILTER (field = 2), 0) AS tf_tags
+FROM tokens JOIN lens USING (doc_key)
+GROUP BY term, doc_key ORDER BY term, doc_key
 """
 
 
@@ -147,7 +181,7 @@ class SearchIndex:
         try:
             return json.loads(self.output.read_bytes(f"{INDEX_DIR}/manifest.json"))
         except StorageError:
-            return {"segments": [], "files": {}, "next_file_id": 1}
+            return {"format": FORMAT, "segments": [], "files": {}, "next_file_id": 1}
         except ValueError as e:
             raise StorageError(f"{self.output.uri_of(INDEX_DIR)}/manifest.json: not a search index ({e})") from e
 
@@ -192,7 +226,8 @@ class SearchIndex:
         docs = (
             cur.sql(
                 "SELECT r.doc_key, r.image_id, r.created_at, r.run_id, r.file_id, coalesce(l.len, 0) AS len "
-                "FROM rows r LEFT JOIN (SELECT doc_key, sum(tf) AS len FROM postings GROUP BY doc_key) l USING (doc_key)"
+                "FROM rows r LEFT JOIN (SELECT doc_key, any_value(len) AS len FROM postings GROUP BY doc_key) l "
+                "USING (doc_key) ORDER BY doc_key"
             )
             .to_arrow_table()
             .cast(DOCS_SCHEMA)
@@ -204,9 +239,12 @@ class SearchIndex:
         import io
 
         name = f"seg-{uuid.uuid4().hex[:16]}"
-        for suffix, table in (("docs", docs), ("postings", postings.sort_by([("term", "ascending")]))):
+        for suffix, table, group in (
+            ("docs", docs.sort_by([("doc_key", "ascending")]), DOCS_ROW_GROUP_ROWS),
+            ("postings", postings.sort_by([("term", "ascending"), ("doc_key", "ascending")]), ROW_GROUP_ROWS),
+        ):
             buf = io.BytesIO()
-            pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(table, buf, compression="zstd", row_group_size=group)
             self.output.write_bytes(f"{INDEX_DIR}/{name}.{suffix}.parquet", buf.getvalue())
         return name
 
@@ -232,6 +270,10 @@ class SearchIndex:
         """Bring the index up to date with the `live` catalog files and define `search_images`
         on `con` over it. The macros of views.sql must already be defined on `con`."""
         manifest = self._manifest()
+        stale: list[str] = []
+        if manifest.get("format") != FORMAT:  # written in another format: index every file again
+            stale = list(manifest["segments"])
+            manifest = {"segments": [], "files": {}, "next_file_id": manifest["next_file_id"]}
         live_rel = {self._rel(p) for p in live}
         known: dict[str, int] = {f: i for f, i in manifest["files"].items() if f in live_rel}
         new = sorted(live_rel - set(known))
@@ -241,12 +283,13 @@ class SearchIndex:
         mem_docs, mem_postings = DOCS_SCHEMA.empty_table(), POSTINGS_SCHEMA.empty_table()
         if new:
             mem_docs, mem_postings = self._tokenize(con, new_ids)
-        changed = bool(new) or len(known) != len(manifest["files"])
+        changed = bool(new) or len(known) != len(manifest["files"]) or bool(stale)
         if persist and changed:
             with contextlib.suppress(StorageError):  # a read-only output: indexed in memory for this connection
                 segments, mem_docs, mem_postings = self._persist(
                     manifest, segments, known, new_ids, mem_docs, mem_postings
                 )
+                self._delete_segments(stale)
         ids = pa.table({"file_id": pa.array(sorted([*known.values(), *new_ids.values()]), pa.int64())})
         con.register("search_live_files", ids)
         con.register("search_new_docs", mem_docs)
@@ -275,7 +318,13 @@ class SearchIndex:
             f"CREATE OR REPLACE TEMP VIEW search_docs AS SELECT * FROM ({docs_src}) "
             "WHERE file_id IN (SELECT file_id FROM search_live_files)"
         )
-        con.execute(f"CREATE OR REPLACE TEMP VIEW search_postings AS {post_src}")
+        # Postings of files that compaction replaced stay in their segment until it is merged:
+        # where a segment holds any, a search reads only the postings of live files.
+        (replaced,) = con.execute(
+            f"SELECT count(*) FROM ({docs_src}) WHERE file_id NOT IN (SELECT file_id FROM search_live_files)"
+        ).fetchone() or (0,)
+        live_only = f" WHERE doc_key >> {KEY_BITS} IN (SELECT file_id FROM search_live_files)" if replaced else ""
+        con.execute(f"CREATE OR REPLACE TEMP VIEW search_postings AS SELECT * FROM ({post_src}){live_only}")
         checked, _, contested = self.store.partitioned_files(live)
         checked_rel = {self._rel(p) for p in checked}
         file_ids = {**known, **new_ids}
@@ -285,7 +334,6 @@ class SearchIndex:
         con.execute(DEAD_DOCS_SQL if rest or contested else NO_DEAD_DOCS_SQL)
         con.execute(STATS_SQL)
         con.execute(SEARCH_SQL)
-        con.execute(SCORES_SQL)
 
     def _persist(
         self,
@@ -320,11 +368,14 @@ class SearchIndex:
             segments = [*segments, self._write_segment(docs, postings)]
         files = {**known, **new_ids}
         next_id = max([int(manifest["next_file_id"]) - 1, *new_ids.values()]) + 1
-        body = {"segments": segments, "files": files, "next_file_id": next_id}
+        body = {"format": FORMAT, "segments": segments, "files": files, "next_file_id": next_id}
         self.output.write_bytes(f"{INDEX_DIR}/manifest.json", json.dumps(body).encode())
+        self._delete_segments(sorted(set(old_segments) - set(segments)))
+        return segments, DOCS_SCHEMA.empty_table(), POSTINGS_SCHEMA.empty_table()
+
+    def _delete_segments(self, names: list[str]) -> None:
         fs, _ = self.output.fs_and_root
-        for name in set(old_segments) - set(segments):
+        for name in names:
             for path in (*self._segment_paths([name], "docs"), *self._segment_paths([name], "postings")):
                 with contextlib.suppress(OSError):
                     fs.delete_file(path)
-        return segments, DOCS_SCHEMA.empty_table(), POSTINGS_SCHEMA.empty_table()

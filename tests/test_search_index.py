@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import analysis
-from analysis.search_index import INDEX_DIR, MAX_SEGMENTS
+from analysis.search_index import FORMAT, INDEX_DIR, MAX_SEGMENTS
 from app.catalog.compact import compact
 from app.catalog.store import CatalogStore
 from app.storage import OutputStore
@@ -132,3 +132,30 @@ def test_an_output_that_cannot_take_the_index_still_searches(catalog):
     (root / "indexes").mkdir()
     (root / INDEX_DIR).write_text("a file where the index folder would go")  # every index write fails
     _same(_results(str(root), index=True), _results(str(root), index=False))
+
+
+def test_search_pages_from_the_index_equal_the_plain_ranking(catalog):
+    root, _store, _rng = catalog
+    indexed = analysis.connect(str(root), search_index=True)
+    plain = analysis.connect(str(root), search_index=False)
+    for q, f, c in QUERIES:
+        fields = tuple(f.split(",")) if f else ()
+        for limit in (1, 3, 50):
+            got = analysis.search(indexed, q, limit=limit, fields=fields, all_terms=c, columns=("image_id", "score"))
+            want = analysis.search(plain, q, limit=limit, fields=fields, all_terms=c, columns=("image_id", "score"))
+            assert got == want
+
+
+def test_an_index_in_an_older_format_is_rebuilt(catalog):
+    root, _store, _rng = catalog
+    plain = _results(str(root), index=False)
+    _results(str(root), index=True)
+    manifest_path = root / INDEX_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    old_segments = set(manifest["segments"])
+    del manifest["format"]  # as the first release wrote it (postings without lengths)
+    manifest_path.write_text(json.dumps(manifest))
+    _same(_results(str(root), index=True), plain)
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format"] == FORMAT and not old_segments & set(manifest["segments"])
+    assert {p.name.split(".")[0] for p in (root / INDEX_DIR).glob("seg-*")} == set(manifest["segments"])
