@@ -43,10 +43,12 @@ def search(
     if not terms:
         raise AnalysisError(f"{text!r} has no searchable words (letters or digits)")
     # The best `limit` ids first (the index answers from postings alone), then their rows: a filter
-    # on image_id reaches the catalog scan, so only the row groups holding them are read.
+    # on image_id reaches the catalog scan, so only the row groups holding them are read; the index
+    # also knows each one's run, so only those runs' partitions are opened.
     args = {"text": text, "fields": ",".join(fields) if fields else None, "all": all_terms, "limit": limit}
+    runs: set[str] | None = None
     if _indexed(con):
-        top = _best_from_index(con, args)
+        top, runs = _best_from_index(con, args)
     else:
         top = con.execute(
             "SELECT image_id, score FROM search_scores($text, fields := $fields, conjunctive := $all, top := $limit) "
@@ -55,9 +57,12 @@ def search(
         ).fetchall()
     if not top:
         return list(columns), []
-    ids = ", ".join("'" + i.replace("'", "''") + "'" for i, _ in top)
+    ids = ", ".join(_literal(i) for i, _ in top)
+    in_runs = f" AND run_id IN ({', '.join(_literal(r) for r in sorted(runs))})" if runs else ""
     shown = [c for c in columns if c != "score"]
-    result = con.execute(f"SELECT image_id AS _id, {', '.join(shown) or 'NULL'} FROM images WHERE image_id IN ({ids})")
+    result = con.execute(
+        f"SELECT image_id AS _id, {', '.join(shown) or 'NULL'} FROM images WHERE image_id IN ({ids}){in_runs}"
+    )
     by_id = {r[0]: r[1:] for r in result.fetchall()}
     names = [d[0] for d in result.description][1:]
     rows = []
@@ -73,8 +78,13 @@ def _indexed(con: duckdb.DuckDBPyConnection) -> bool:
     return bool(n)
 
 
-def _best_from_index(con: duckdb.DuckDBPyConnection, args: dict) -> list[tuple[str, float]]:
-    """The first `limit` (image_id, score) of the ranking: the index scores its postings and keeps
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _best_from_index(con: duckdb.DuckDBPyConnection, args: dict) -> tuple[list[tuple[str, float]], set[str] | None]:
+    """The first `limit` (image_id, score) of the ranking and the runs of their rows (each doc is
+    its image's latest row; None where a run is unknown): the index scores its postings and keeps
     what can be on the page (doc_keys tied with the last included), then the image_ids of those
     few doc_keys are read, the docs' row groups chosen by their zone maps on doc_key."""
     best = con.execute(
@@ -82,11 +92,19 @@ def _best_from_index(con: duckdb.DuckDBPyConnection, args: dict) -> list[tuple[s
         args,
     ).fetchall()
     if not best:
-        return []
+        return [], None
     keys = ", ".join(str(int(k)) for k, _ in best)
-    ids = dict(con.execute(f"SELECT doc_key, image_id FROM search_docs WHERE doc_key IN ({keys})").fetchall())
-    return con.execute(
+    docs = {
+        k: (i, r)
+        for k, i, r in con.execute(
+            f"SELECT doc_key, image_id, run_id FROM search_docs WHERE doc_key IN ({keys})"
+        ).fetchall()
+    }
+    top = con.execute(
         "SELECT image_id, score FROM (SELECT unnest($ids) AS image_id, unnest($scores) AS score) "
         "ORDER BY round(score, 9) DESC, image_id LIMIT $limit",
-        {"ids": [ids[k] for k, _ in best], "scores": [s for _, s in best], "limit": args["limit"]},
+        {"ids": [docs[k][0] for k, _ in best], "scores": [s for _, s in best], "limit": args["limit"]},
     ).fetchall()
+    run_of = {i: r for i, r in docs.values()}
+    runs = {run_of[i] for i, _ in top}
+    return top, None if None in runs else runs
