@@ -282,6 +282,19 @@ def _sql(query: Query) -> str:
     return sql
 
 
+_FINAL_ORDER = re.compile(r"\s+ORDER BY [^()'$;]*$")
+
+
+def _unordered(sql: str) -> str:
+    """`sql` without its final ORDER BY (a count needs no order: DuckDB keeps the sort of a
+    subquery, and with it every column the sort reads); unchanged where the last clause may be
+    more than a plain ORDER BY (a LIMIT, parentheses, quotes or parameters after it)."""
+    m = _FINAL_ORDER.search(sql)
+    if m is None or re.search(r"\b(LIMIT|OFFSET|FETCH)\b", m.group(0), re.IGNORECASE):
+        return sql
+    return sql[: m.start()]
+
+
 def _page(limit: int | None, offset: int) -> str:
     if (limit is not None and limit < 1) or offset < 0:
         raise AnalysisError(f"a page needs --limit of at least 1 and --offset of 0 or more, not {limit}, {offset}")
@@ -312,7 +325,7 @@ def count_query(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str
     """How many rows the named query answers with (the total beside a page)."""
     query = get(name)
     values = bind(query, params or {})
-    row = con.execute(f"SELECT count(*) FROM ({_sql(query)})", values).fetchone()
+    row = con.execute(f"SELECT count(*) FROM ({_unordered(_sql(query))})", values).fetchone()
     return int(row[0]) if row else 0
 
 

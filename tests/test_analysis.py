@@ -325,6 +325,19 @@ def test_count_and_export_of_a_named_query(con, tmp_path):
     assert n == 2 and len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 2
 
 
+def test_every_named_query_counts_its_rows_without_its_final_order(con):
+    from analysis.queries import _sql, _unordered, count_query
+
+    for name, query in QUERIES.items():
+        assert "ORDER BY" not in _unordered(_sql(query)).rsplit(")", 1)[-1], name
+        params = {p.name: "style" if p.kind == "text" else "2026-12" for p in query.params if p.required}
+        assert count_query(con, name, params) == len(run_query(con, name, params)[1]), name
+    # a final clause that is more than an order is kept whole
+    assert _unordered("SELECT 1 ORDER BY 1 LIMIT 5") == "SELECT 1 ORDER BY 1 LIMIT 5"
+    assert _unordered("SELECT x FROM t ORDER BY f(x)") == "SELECT x FROM t ORDER BY f(x)"
+    assert _unordered("SELECT x FROM t\nORDER BY x DESC, y") == "SELECT x FROM t"
+
+
 def test_report_bins_scores_and_thins_the_throughput_curve_in_duckdb(output, monkeypatch):
     import numpy as np
 
