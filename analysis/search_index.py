@@ -280,13 +280,14 @@ class SearchIndex:
         next_id = int(manifest["next_file_id"])
         new_ids = {f: next_id + i for i, f in enumerate(new)}
         segments = list(manifest["segments"])
+        held: dict[str, list[int]] = manifest.get("segment_files", {})
         mem_docs, mem_postings = DOCS_SCHEMA.empty_table(), POSTINGS_SCHEMA.empty_table()
         if new:
             mem_docs, mem_postings = self._tokenize(con, new_ids)
         changed = bool(new) or len(known) != len(manifest["files"]) or bool(stale)
         if persist and changed:
             with contextlib.suppress(StorageError):  # a read-only output: indexed in memory for this connection
-                segments, mem_docs, mem_postings = self._persist(
+                segments, held, mem_docs, mem_postings = self._persist(
                     manifest, segments, known, new_ids, mem_docs, mem_postings
                 )
                 self._delete_segments(stale)
@@ -319,10 +320,15 @@ class SearchIndex:
             "WHERE file_id IN (SELECT file_id FROM search_live_files)"
         )
         # Postings of files that compaction replaced stay in their segment until it is merged:
-        # where a segment holds any, a search reads only the postings of live files.
-        (replaced,) = con.execute(
-            f"SELECT count(*) FROM ({docs_src}) WHERE file_id NOT IN (SELECT file_id FROM search_live_files)"
-        ).fetchone() or (0,)
+        # where a segment holds any (the manifest names each segment's files), a search reads only
+        # the postings of live files.
+        live_ids = {*known.values(), *new_ids.values()}
+        if all(s in held for s in segments):
+            replaced = any(f not in live_ids for s in segments for f in held[s])
+        else:
+            (replaced,) = con.execute(
+                f"SELECT count(*) FROM ({docs_src}) WHERE file_id NOT IN (SELECT file_id FROM search_live_files)"
+            ).fetchone() or (0,)
         live_only = f" WHERE doc_key >> {KEY_BITS} IN (SELECT file_id FROM search_live_files)" if replaced else ""
         con.execute(f"CREATE OR REPLACE TEMP VIEW search_postings AS SELECT * FROM ({post_src}){live_only}")
         checked, _, contested = self.store.partitioned_files(live)
@@ -343,10 +349,12 @@ class SearchIndex:
         new_ids: dict[str, int],
         docs: pa.Table,
         postings: pa.Table,
-    ) -> tuple[list[str], pa.Table, pa.Table]:
+    ) -> tuple[list[str], dict[str, list[int]], pa.Table, pa.Table]:
         """Write the new rows as a segment (or merge all into one), then the manifest, then
-        delete the segments the manifest no longer names."""
+        delete the segments the manifest no longer names. Returns the segments and the file ids
+        each holds rows of."""
         old_segments = list(segments)
+        held = {s: list(f) for s, f in manifest.get("segment_files", {}).items() if s in segments}
         dead = len(manifest["files"]) - len(known)
         if len(segments) + 1 > MAX_SEGMENTS or dead > len(known) + len(new_ids):
             # merge: every segment's live rows and the new ones become one segment
@@ -363,15 +371,24 @@ class SearchIndex:
                 )
                 docs = pa.concat_tables([seg_docs.cast(DOCS_SCHEMA), docs])
                 postings = pa.concat_tables([seg_post.cast(POSTINGS_SCHEMA), postings])
-            segments = []
+            segments, held = [], {}
         if docs.num_rows or postings.num_rows:
-            segments = [*segments, self._write_segment(docs, postings)]
+            name = self._write_segment(docs, postings)
+            segments = [*segments, name]
+            held[name] = sorted(set(docs.column("file_id").to_pylist()))
         files = {**known, **new_ids}
         next_id = max([int(manifest["next_file_id"]) - 1, *new_ids.values()]) + 1
-        body = {"format": FORMAT, "segments": segments, "files": files, "next_file_id": next_id}
+        segment_files = {s: held[s] for s in segments if s in held}
+        body = {
+            "format": FORMAT,
+            "segments": segments,
+            "files": files,
+            "segment_files": segment_files,
+            "next_file_id": next_id,
+        }
         self.output.write_bytes(f"{INDEX_DIR}/manifest.json", json.dumps(body).encode())
         self._delete_segments(sorted(set(old_segments) - set(segments)))
-        return segments, DOCS_SCHEMA.empty_table(), POSTINGS_SCHEMA.empty_table()
+        return segments, segment_files, DOCS_SCHEMA.empty_table(), POSTINGS_SCHEMA.empty_table()
 
     def _delete_segments(self, names: list[str]) -> None:
         fs, _ = self.output.fs_and_root

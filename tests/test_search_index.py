@@ -92,6 +92,7 @@ def test_index_scores_equal_the_plain_macro_and_persist(catalog):
     _same(_results(str(root), index=True), plain)
     manifest = json.loads((root / INDEX_DIR / "manifest.json").read_text())
     assert len(manifest["files"]) == 10 and len(manifest["segments"]) == 1
+    assert sorted(manifest["segment_files"][manifest["segments"][0]]) == sorted(manifest["files"].values())
     # a second connection finds everything indexed and writes nothing
     before = sorted(p.name for p in (root / INDEX_DIR).iterdir())
     _same(_results(str(root), index=True), plain)
