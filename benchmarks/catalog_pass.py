@@ -1,6 +1,6 @@
 """One timing pass over an existing catalog, for comparing two versions of the code on the same rows.
 
-    PYTHONPATH=<checkout> python benchmarks/catalog_pass.py OUTPUT RESULT.json
+    PYTHONPATH=<checkout> python benchmarks/catalog_pass.py OUTPUT RESULT.json [--search]
 
 Times, in this fresh process: `connect`, every named query fetching all its rows, the first page
 and the total of each query answering with more than a page (what `imagefab query NAME` prints),
@@ -8,6 +8,8 @@ two searches, the report (no thumbnails) and the review list's first page twice.
 wall seconds, the process's CPU seconds (every thread's: steadier than wall time when other work
 shares the cores) and the 1-minute load average when it started. Run it alternately from two
 checkouts (the file imports the code on PYTHONPATH, so the same file times either).
+`--search`: only `connect` and three searches ("red leather boot", "ceramic mug studio", the first
+again), with their rows in the result to compare two versions' rankings.
 """
 
 from __future__ import annotations
@@ -64,14 +66,56 @@ def run_pass(output_uri: str) -> dict[str, dict[str, float]]:
     return out
 
 
+SEARCHES = (
+    ("search", "red leather boot"),
+    ("search (2nd)", "ceramic mug studio"),
+    ("search (3rd)", "red leather boot"),
+)
+
+
+def search_pass(output_uri: str) -> tuple[dict[str, dict[str, float]], dict[str, list[list[str]]]]:
+    """`connect`, then SEARCHES: the timings and each search's rows (as text)."""
+    import analysis
+    from app.storage import OutputStore
+
+    out: dict[str, dict[str, float]] = {}
+    rows: dict[str, list[list[str]]] = {}
+    load = _load()
+    wall, cpu = time.perf_counter(), time.process_time()
+    con = analysis.connect(OutputStore.at(output_uri))
+    out["connect"] = {
+        "wall_s": round(time.perf_counter() - wall, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
+        "load": load,
+    }
+    for name, text in SEARCHES:
+        load = _load()
+        wall, cpu = time.perf_counter(), time.process_time()
+        _, found = analysis.search(con, text, limit=20)
+        out[name] = {
+            "wall_s": round(time.perf_counter() - wall, 3),
+            "cpu_s": round(time.process_time() - cpu, 3),
+            "load": load,
+        }
+        rows[name] = [[str(v) for v in r] for r in found]
+    return out, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    search_only = "--search" in args
+    args = [a for a in args if a != "--search"]
     if len(args) != 2:
-        print("usage: python benchmarks/catalog_pass.py OUTPUT RESULT.json", file=sys.stderr)
+        print("usage: python benchmarks/catalog_pass.py OUTPUT RESULT.json [--search]", file=sys.stderr)
         return 2
-    result = run_pass(args[0])
+    if search_only:
+        result, rows = search_pass(args[0])
+        body: dict = {"steps": result, "rows": rows}
+    else:
+        result = run_pass(args[0])
+        body = result
     with open(args[1], "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(body, f, indent=1)
     for name, r in result.items():
         print(f"{name}: {r['wall_s']:.3f} s wall, {r['cpu_s']:.3f} s CPU, load {r['load']}")
     return 0
