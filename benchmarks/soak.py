@@ -390,18 +390,24 @@ def hold(
 
     start = time.monotonic() + 0.5
     threads = [threading.Thread(target=client, args=(http,), daemon=True) for http in https]
-    stop = threading.Event()
+    stop = threading.Event()  # only for a hold cut short: the trace ends on its own after its last second
+    tracer = None
     if trace is not None:
-        threads.append(threading.Thread(target=trace.run, args=(start, int(minutes * 60), stop), daemon=True))
+        tracer = threading.Thread(target=trace.run, args=(start, int(minutes * 60), stop), daemon=True)
+        tracer.start()
     for t in threads:
         t.start()
-    for m in buckets:  # the sample at the end of each minute (or of a hold shorter than one)
-        time.sleep(max(0.0, start + min(m.index + 1, minutes) * 60 - time.monotonic()))
-        m.load_avg = os.getloadavg()[0]
-        m.rss_mb = sample()
-    stop.set()
-    for t in threads:
-        t.join(timeout_s + 5)
+    try:
+        for m in buckets:  # the sample at the end of each minute (or of a hold shorter than one)
+            time.sleep(max(0.0, start + min(m.index + 1, minutes) * 60 - time.monotonic()))
+            m.load_avg = os.getloadavg()[0]
+            m.rss_mb = sample()
+        for t in threads:
+            t.join(timeout_s + 5)
+        if tracer is not None:
+            tracer.join(max(0.0, start + minutes * 60 - time.monotonic()) + 5)
+    finally:
+        stop.set()
     return buckets
 
 
