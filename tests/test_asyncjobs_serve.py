@@ -164,9 +164,11 @@ class Cluster:
         wait_for(healthy, 300, "imagefab serve")
 
     def stop_serve(self) -> None:
-        """Ctrl-C: `imagefab serve` shuts the Serve app down (every replica, the runner's too)."""
+        """Ctrl-C: `imagefab serve` shuts the Serve app down (every replica, the runner's too).
+        Each replica drains first; on 2 busy cores with a bulk job rendering beside it this has
+        taken over two minutes."""
         self.server.send_signal(signal.SIGINT)
-        self.server.wait(timeout=120)
+        self.server.wait(timeout=300)
 
     def kill_head(self) -> None:
         """SIGKILL the head and everything it started (raylet, GCS, workers, the jobs' drivers) and
