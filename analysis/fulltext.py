@@ -13,6 +13,7 @@ from __future__ import annotations
 import duckdb
 
 from analysis.views import AnalysisError, one_row
+from app.catalog.store import sql_string
 
 FIELDS = ("prompt", "negative_prompt", "tags")
 SHOWN = ("score", "image_id", "run_id", "outcome", "prompt", "tags", "uri")
@@ -57,8 +58,8 @@ def search(
         ).fetchall()
     if not top:
         return list(columns), []
-    ids = ", ".join(_literal(i) for i, _ in top)
-    in_runs = f" AND run_id IN ({', '.join(_literal(r) for r in sorted(runs))})" if runs else ""
+    ids = ", ".join(sql_string(i) for i, _ in top)
+    in_runs = f" AND run_id IN ({', '.join(sql_string(r) for r in sorted(runs))})" if runs else ""
     shown = [c for c in columns if c != "score"]
     result = con.execute(
         f"SELECT image_id AS _id, {', '.join(shown) or 'NULL'} FROM images WHERE image_id IN ({ids}){in_runs}"
@@ -76,10 +77,6 @@ def _indexed(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether `con` searches the persistent index (analysis/search_index.py)."""
     (n,) = one_row(con.execute("SELECT count(*) FROM duckdb_functions() WHERE function_name = 'search_best_docs'"))
     return bool(n)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _best_from_index(con: duckdb.DuckDBPyConnection, args: dict) -> tuple[list[tuple[str, float]], set[str] | None]:

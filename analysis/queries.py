@@ -14,6 +14,7 @@ from datetime import date
 import duckdb
 
 from analysis.views import AnalysisError
+from app.catalog.store import sql_string
 
 _ACCEPTANCE = """
        count(*) AS images,
@@ -347,7 +348,7 @@ def export_query(
     suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
     if suffix not in EXPORT_FORMATS:
         raise AnalysisError(f"--out {path!r}: name a .parquet, .csv or .json file")
-    target = "'" + path.replace("'", "''") + "'"
+    target = sql_string(path)
     sql = f"COPY ({_sql(query)}{_page(limit, offset)}) TO {target} ({EXPORT_FORMATS[suffix]})"
     try:
         row = con.execute(sql, values).fetchone()

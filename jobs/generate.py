@@ -83,7 +83,7 @@ def new_run_id(spec: JobSpec) -> str:
 # --- the Ray parts ---------------------------------------------------------------------------------
 
 
-def _expand_batch(batch: pa.Table, spec: JobSpec, models: ResolvedModels) -> dict:
+def _expand_batch(batch: pa.Table, spec: JobSpec, models: ResolvedModels) -> pa.Table:
     return ExpandRows(spec, models)(batch)
 
 
