@@ -9,6 +9,7 @@ import collections
 import hashlib
 import io
 import json
+import platform
 import re
 import threading
 import time
@@ -894,3 +895,44 @@ def test_the_ingress_keeps_no_python_state_per_request(server):
     # and the near-duplicate index's new images). A response, a request's body, a task or a dict
     # entry of per-request state kept per request would be 250 B or more each.
     assert traced1 - traced0 < 250 * n, f"{traced1 - traced0} bytes more traced after {n} requests"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_the_ingress_allocates_from_two_malloc_arenas(server):
+    """Requests served from many threads at once leave the ingress with at most two malloc arenas
+    (app/serve/heap.py): each arena glibc adds fragments on its own, and the process's RSS creeps up."""
+    import ray
+
+    def malloc_arenas(actor) -> tuple[str | None, int]:
+        """Runs in the ingress replica's process (a closure, which Ray pickles by value): its
+        MALLOC_ARENA_MAX and its number of glibc malloc arenas (malloc_info's `<heap nr=…>`)."""
+        import ctypes
+        import os
+        import tempfile
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.fopen.restype = ctypes.c_void_p
+        libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "malloc.xml")
+            fp = libc.fopen(path.encode(), b"w")
+            libc.malloc_info(0, fp)
+            libc.fclose(fp)
+            report = Path(path).read_text()
+        return os.environ.get("MALLOC_ARENA_MAX"), report.count("<heap nr=")
+
+    client, _, _ = server
+
+    def render(i: int) -> int:
+        body = {"prompt": f"a bowl {i}", "seed": 9000 + i, "combination": "plain", "width": 64, "height": 64}
+        return client.post("/v1/generate", json=body).status_code
+
+    with ThreadPoolExecutor(3) as pool:  # the fixture's max_in_flight
+        assert set(pool.map(render, range(9))) == {200}
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Ingress#" in a["name"])
+    ingress = ray.get_actor(name, namespace="serve")
+    cap, arenas = ray.get(ingress.__ray_call__.remote(malloc_arenas))
+    assert cap == "2"
+    assert 1 <= arenas <= 2, f"{arenas} malloc arenas in the ingress"

@@ -61,7 +61,7 @@ from app.serve.core import (
     resolve_serve_models,
     split_lora_tags,
 )
-from app.serve.heap import HeapTrimmer
+from app.serve.heap import HeapTrimmer, allocator_env
 from app.serve.jobrunner import JobRunnerServer, allow_private_webhooks, queue_policy, ray_jobs, sized_lane
 from app.serve.schemas import (
     A1111Img2Img,
@@ -1402,7 +1402,10 @@ def build_app(config: ServeConfig):
     runner = None
     if config.jobs.runner:
         runner = JobRunnerServer.options(name="job-runner").bind(output, config.jobs)  # type: ignore[attr-defined]
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(  # type: ignore[attr-defined]
+    # Its allocator capped at two arenas from the process's start (app/serve/heap.py): its C heap
+    # then stays flat over hours of requests. Ray merges these env_vars into the job's own.
+    ingress_env = {"runtime_env": {"env_vars": allocator_env()}}
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25, **ingress_env}).bind(  # type: ignore[attr-defined]
         config, models, generators, hub, clip_on_generator, runner
     )
 

@@ -1,12 +1,21 @@
-"""Giving freed heap memory back to the operating system in a long-lived server process.
+"""Keeping a long-lived server process's C heap from creeping up.
 
-The ingress runs QC, post-processing and catalog writes on a thread pool. glibc's allocator keeps
-the memory those threads free in its heaps and per-thread arenas for reuse, so the process's RSS
-climbs in steps under bursts of load and never comes down, though nothing live grows (measured in
-a 30-minute soak: `malloc_trim(0)` returned all of the ingress's growth). `HeapTrimmer` calls
-`malloc_trim(0)` when the server is idle, at most once per interval, so its RSS is what it holds.
+The ingress runs QC, post-processing and catalog writes on a thread pool. Two things in glibc's
+allocator make its RSS climb though nothing live grows:
 
-Elsewhere than glibc (musl, macOS) there is no `malloc_trim`: the trimmer does nothing.
+- It keeps the memory those threads free for reuse, so the RSS climbs in steps under bursts of
+  load and never comes down. `HeapTrimmer` calls `malloc_trim(0)` when the server is idle, at most
+  once per interval, so the RSS is what the process holds.
+- Every thread that finds the heap locked gets an arena of its own (up to 8 per core), and each
+  arena fragments on its own: small blocks still in use pin pages that `malloc_trim` cannot give
+  back, and the arenas' extent grows with the requests served. Measured in the ingress under a
+  closed loop of three clients, trimmed after every minute: +4.3 MB over 1,100 requests and still
+  rising with glibc's default, +1.3 MB and then flat with two arenas. `allocator_env()` is the
+  environment that caps them (`MALLOC_ARENA_MAX`, read by glibc when the process starts: it is set
+  in the replica's Ray runtime environment, not from inside the process).
+
+Elsewhere than glibc (musl, macOS) there is no `malloc_trim`, and `MALLOC_ARENA_MAX` means nothing:
+the trimmer does nothing, the variable is ignored.
 """
 
 from __future__ import annotations
@@ -14,12 +23,21 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import time
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 TRIM_INTERVAL_S = 60.0
+MALLOC_ARENAS = 2
+
+
+def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables for a server process's allocator: at most `MALLOC_ARENAS` malloc
+    arenas, unless the operator set MALLOC_ARENA_MAX already (in `environ`, the driver's)."""
+    environ = os.environ if environ is None else environ
+    return {"MALLOC_ARENA_MAX": environ.get("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))}
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
