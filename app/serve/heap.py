@@ -25,7 +25,7 @@ import ctypes.util
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ TRIM_INTERVAL_S = 60.0
 MALLOC_ARENAS = 2
 
 
-def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def allocator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment variables for a server process's allocator: at most `MALLOC_ARENAS` malloc
     arenas, unless the operator set MALLOC_ARENA_MAX already (in `environ`, the driver's)."""
-    environ = os.environ if environ is None else environ
-    return {"MALLOC_ARENA_MAX": environ.get("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))}
+    env = os.environ if environ is None else environ
+    return {"MALLOC_ARENA_MAX": env.get("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))}
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
