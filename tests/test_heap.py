@@ -8,7 +8,7 @@ import numpy as np
 import psutil
 import pytest
 
-from app.serve.heap import HeapTrimmer
+from app.serve.heap import HeapTrimmer, allocator_env
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 
@@ -43,3 +43,8 @@ def test_memory_freed_between_live_blocks_goes_back_to_the_os():
     released = before - process.memory_info().rss
     assert released > 40 * 2**20, f"released {released / 2**20:.1f} MB"
     assert all(int(b[0]) == 1 for b in kept)  # the live blocks are untouched
+
+
+def test_the_arena_cap_keeps_an_operators_own_setting():
+    assert allocator_env({}) == {"MALLOC_ARENA_MAX": "2"}
+    assert allocator_env({"MALLOC_ARENA_MAX": "4"}) == {"MALLOC_ARENA_MAX": "4"}
