@@ -73,6 +73,7 @@ from app.serve.schemas import (
     OpenAIEditRequest,
     OpenAIImageRequest,
 )
+from app.serve.shutdown import drain_options
 from app.serve.uploads import FormPart, parse_form
 from app.serve.urls import UrlSignatureError, UrlSigner, url_secret
 from app.spec import ComputeSpec, Size
@@ -1364,6 +1365,8 @@ def build_app(config: ServeConfig):
     declared = ray.cluster_resources().get(config.jobs.bulk_resource, 0) if ray.is_initialized() else 0
     jobs = sized_lane(config.jobs, gpus, declared, len(models.bases) * r.max_replicas if use_gpu else 0)
     config = config.model_copy(update={"jobs": jobs})
+    # Every replica's drain on shutdown is bounded by the grace (app/serve/shutdown.py).
+    drain = drain_options(config.shutdown_grace_s)
     generators = {}
     for name, base in models.bases.items():
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == base.arch}
@@ -1385,6 +1388,7 @@ def build_app(config: ServeConfig):
                 "target_ongoing_requests": r.target_ongoing_requests,
             },
             max_ongoing_requests=max(8, config.batching.max_batch_size * 2),
+            **drain,
         ).bind(
             base,
             usable,
@@ -1396,13 +1400,13 @@ def build_app(config: ServeConfig):
     # Made here, once, before any replica starts: replicas then all read the same secret.
     url_secret(OutputStore.at(config.output_uri), config.url_secret)
     # Deployments (see above): Ray Serve's typing leaves the decorated classes as plain classes
-    hub = MetricsHub.options(name="metrics").bind()  # type: ignore[attr-defined]
+    hub = MetricsHub.options(name="metrics", **drain).bind()  # type: ignore[attr-defined]
     # One runner starts and follows the queued jobs; the store is its only state (app/serve/jobrunner.py).
     output = OutputStore.at(config.output_uri).uri  # absolute: replicas need not share the driver's folder
     runner = None
     if config.jobs.runner:
-        runner = JobRunnerServer.options(name="job-runner").bind(output, config.jobs)  # type: ignore[attr-defined]
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}).bind(  # type: ignore[attr-defined]
+        runner = JobRunnerServer.options(name="job-runner", **drain).bind(output, config.jobs)  # type: ignore[attr-defined]
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, **drain).bind(  # type: ignore[attr-defined]
         config, models, generators, hub, clip_on_generator, runner
     )
 
