@@ -38,8 +38,9 @@ STOP_MARGIN_S = 15.0
 
 
 def drain_options(grace_s: float) -> dict[str, Any]:
-    """Serve deployment options that bound a replica's drain by the grace."""
-    return {"graceful_shutdown_timeout_s": grace_s, "graceful_shutdown_wait_loop_s": min(DRAIN_POLL_S, grace_s)}
+    """Serve deployment options that bound a replica's drain by the grace (a grace shorter than the
+    poll: Serve's controller kills the replica at the grace all the same)."""
+    return {"graceful_shutdown_timeout_s": grace_s, "graceful_shutdown_wait_loop_s": DRAIN_POLL_S}
 
 
 class StopSignals:
