@@ -9,7 +9,6 @@ import signal
 import time
 
 import pytest
-from ports import free_port
 from ray.serve.deployment import Application
 
 from app.cli import build_parser
@@ -102,7 +101,7 @@ def test_a_replica_that_outlasts_the_grace_is_stopped_hard_within_the_bound(ray_
             await asyncio.sleep(120)
             return "done"
 
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.start(proxy_location="Disabled")  # called through its handle: no HTTP proxy to start
     handle = serve.run(Slow.bind(), name="slow", route_prefix=None)
     response = handle.remote()
     time.sleep(1)  # the request reaches the running replica (were it not there, the drain would be quick: a failure)
