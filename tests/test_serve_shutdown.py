@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from ray.serve.deployment import Application
@@ -16,6 +19,8 @@ from app.serve.app import build_app
 from app.serve.config import load_serve_config
 from app.serve.shutdown import DEFAULT_GRACE_S, DRAIN_POLL_S, StopSignals
 from app.spec import SpecError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_grace_defaults_to_30_s_and_the_flag_overrides_the_config(tmp_path):
@@ -113,3 +118,27 @@ def test_a_replica_that_outlasts_the_grace_is_stopped_hard_within_the_bound(ray_
     assert left == [], left
     with pytest.raises(Exception):  # the request in flight ends with an error, not after its two minutes
         response.result(timeout_s=30)
+
+
+def test_a_server_started_with_sigint_ignored_still_stops_on_it():
+    """A shell starts its background jobs with SIGINT ignored, and Python then installs no handler
+    of its own: the server's handler takes the signal all the same."""
+    code = (
+        "from app.serve.shutdown import StopSignals\n"
+        "s = StopSignals().install(); s.serving(); print('ready', flush=True); print(s.wait(), flush=True)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert out.strip() == "SIGINT" and proc.returncode == 0
