@@ -19,7 +19,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -363,28 +362,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
     from ray import serve
 
     from app.raycluster import connect_or_start_local
     from app.serve.app import build_app
     from app.serve.config import load_serve_config
+    from app.serve.shutdown import STOP_MARGIN_S, StopSignals, stop_serving
 
-    config = load_serve_config(args.config, host=args.host, port=args.port, output_uri=args.output)
+    config = load_serve_config(
+        args.config, host=args.host, port=args.port, output_uri=args.output, shutdown_grace_s=args.shutdown_grace_s
+    )
     config.check_bind()  # before starting anything: no keyless server on a public address
     # A local Ray gets a dashboard (on loopback) when the job runner runs: Ray's job submission
     # API, which starts asynchronous jobs, is served by it. A cluster brings its own.
     if config.jobs.runner:
-        connect_or_start_local(include_dashboard=True, dashboard_host="127.0.0.1")
+        how = connect_or_start_local(include_dashboard=True, dashboard_host="127.0.0.1")
     else:
-        connect_or_start_local(include_dashboard=False)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name="imagefab", route_prefix="/")
-    print(f"imagefab serving on http://{config.host}:{config.port}  (docs: /docs, health: /healthz; Ctrl-C stops)")
+        how = connect_or_start_local(include_dashboard=False)
+    grace = config.shutdown_grace_s
+    # Installed before Serve starts: a signal while it starts interrupts the start (KeyboardInterrupt)
+    # and stops what was started, the same way.
+    signals = StopSignals().install()
     try:
-        while True:
-            time.sleep(3600)
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build_app(config), name="imagefab", route_prefix="/")
+        signals.serving()
+        print(
+            f"imagefab serving on http://{config.host}:{config.port}  (docs: /docs, health: /healthz; "
+            f"Ctrl-C stops: requests in flight get {grace:g} s)",
+            flush=True,
+        )
+        name = signals.wait()
     except KeyboardInterrupt:
-        serve.shutdown()
+        name = signals.name or "SIGINT"
+    print(
+        f"imagefab serve: {name}: stopping within {grace + STOP_MARGIN_S:g} s (no new requests; "
+        f"those in flight get {grace:g} s; Ctrl-C again stops at once)",
+        file=sys.stderr,
+        flush=True,
+    )
+    report = stop_serving(grace, again=signals.again)
+    print(report.line(), file=sys.stderr, flush=True)
+    if how == "local":  # the Ray this process started, and the jobs on it, end with it
+        ray.shutdown()
+    signals.restore()
     return 0
 
 
@@ -445,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default 127.0.0.1; others need API keys)")
     sv.add_argument("--port", type=int, help="port (default 8000)")
     sv.add_argument("--output", help="output URI for images and the catalog (default: outputs)")
+    sv.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        metavar="SECONDS",
+        help="on Ctrl-C or SIGTERM, how long requests in flight may finish before the replicas are stopped "
+        "(default 30; config: shutdown_grace_s)",
+    )
     sv.set_defaults(func=cmd_serve)
 
     from analysis.cli import add_analysis_cli, add_review_cli

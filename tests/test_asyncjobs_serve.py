@@ -7,8 +7,9 @@ head declares `gpu_bulk: 1` for the third. Every generator holds a fake GPU and 
 - A 200-row job posted over HTTP asks for more generators than the lane has and gets the lane's
   one; while it renders, Serve answers and an actor asking only for a GPU finds one; the job ends
   with a signed webhook and its 200 images are paged and fetched.
-- A job survives a shutdown of the Serve app mid-job, and a kill of the head mid-job, after which
-  it is listed with its true state and resumes to completion with every image exactly once.
+- A job survives a shutdown of the Serve app mid-job (Ctrl-C, which stops the server within its
+  stated bound: `--shutdown-grace-s` and a margin), and a kill of the head mid-job, after which it
+  is listed with its true state and resumes to completion with every image exactly once.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from test_asyncjobs_ray import SPEC, wait_for
 from test_job_submit import ray_bin
 
 from app.catalog.store import CatalogStore
+from app.serve.shutdown import STOP_MARGIN_S
 from app.storage import OutputStore
 from benchmarks.soak import free_ports
 
@@ -43,6 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 GPUS, SERVE_GPUS, LANE = 3, 2, 1
+# `imagefab serve --shutdown-grace-s`: Ctrl-C stops it within this plus STOP_MARGIN_S, and its
+# process exits within EXIT_S more (Ray's driver disconnecting: seconds, more on a busy machine).
+GRACE_S, EXIT_S = 10, 30
 ROWS = 200
 LANE_SPEC = {
     "run_name": "lanes",
@@ -86,7 +91,8 @@ class Cluster:
         self.config = tmp / "serve.yaml"
         # Loopback webhook targets (the test's receiver) are allowed by the config file.
         jobs = {"allow_private_webhooks": True, "tick_s": 0.5, "serve_gpus": SERVE_GPUS}
-        self.config.write_text(yaml.safe_dump({"jobs": jobs}))
+        # The grace of the file, which `--shutdown-grace-s` overrides (see start_serve).
+        self.config.write_text(yaml.safe_dump({"jobs": jobs, "shutdown_grace_s": 60}))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.head: subprocess.Popen | None = None
@@ -144,6 +150,7 @@ class Cluster:
     def start_serve(self) -> None:
         log = open(self.tmp / f"serve-{self.starts}.log", "a")
         argv = ["serve", "--config", str(self.config), "--output", str(self.out), "--port", str(self.port)]
+        argv += ["--shutdown-grace-s", str(GRACE_S)]
         self.server = subprocess.Popen(
             [sys.executable, "-m", "app.cli", *argv],
             cwd=REPO,
@@ -164,11 +171,23 @@ class Cluster:
         wait_for(healthy, 300, "imagefab serve")
 
     def stop_serve(self) -> None:
-        """Ctrl-C: `imagefab serve` shuts the Serve app down (every replica, the runner's too).
-        Each replica drains first; on 2 busy cores with a bulk job rendering beside it this has
-        taken over two minutes."""
+        """Ctrl-C: `imagefab serve` shuts the Serve app down (every replica, the runner's too), within
+        its stated bound: the grace, Serve's margin after it, and the process's own exit (Ray's
+        driver disconnecting)."""
+        log = self.tmp / f"serve-{self.starts}.log"
+        said = len(log.read_text()) if log.exists() else 0
+        t0 = time.monotonic()
         self.server.send_signal(signal.SIGINT)
-        self.server.wait(timeout=300)
+        try:
+            self.server.wait(timeout=GRACE_S + STOP_MARGIN_S + EXIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"imagefab serve still running {time.monotonic() - t0:.0f} s after Ctrl-C: {self._log('serve')}"
+            )
+        text = log.read_text()[said:]
+        bound = GRACE_S + STOP_MARGIN_S
+        assert f"SIGINT: stopping within {bound:g} s" in text and f"those in flight get {GRACE_S:g} s" in text, text
+        assert "imagefab serve: stopped in " in text and self.server.returncode == 0, text
 
     def kill_head(self) -> None:
         """SIGKILL the head and everything it started (raylet, GCS, workers, the jobs' drivers) and
@@ -438,7 +457,8 @@ def test_posted_job_is_run_by_the_server_survives_a_serve_restart_and_sends_a_si
             running = cluster.wait_first_image(job["id"])
             assert running["state"] == "running" and len(running["submissions"]) == 1
 
-            cluster.stop_serve()  # the Ray job is not Serve's: it goes on rendering meanwhile
+            # Within the bound (asserted there), and the Ray job is not Serve's: it goes on rendering meanwhile.
+            cluster.stop_serve()
             cluster.start_serve()
             listed = httpx.get(f"{cluster.url}/v1/jobs", timeout=30).json()["data"]
             assert job["id"] in [j["id"] for j in listed]

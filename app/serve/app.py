@@ -63,6 +63,7 @@ from app.serve.core import (
 )
 from app.serve.heap import HeapTrimmer, allocator_env
 from app.serve.jobrunner import JobRunnerServer, allow_private_webhooks, queue_policy, ray_jobs, sized_lane
+from app.serve.metrics import MetricsHub
 from app.serve.schemas import (
     A1111Img2Img,
     A1111PngInfo,
@@ -73,6 +74,7 @@ from app.serve.schemas import (
     OpenAIEditRequest,
     OpenAIImageRequest,
 )
+from app.serve.shutdown import drain_options
 from app.serve.uploads import FormPart, parse_form
 from app.serve.urls import UrlSignatureError, UrlSigner, url_secret
 from app.spec import ComputeSpec, Size
@@ -157,72 +159,6 @@ class GeneratorServer:
     def check_health(self) -> None:
         if self.generator.pipe is None:
             raise RuntimeError("pipeline not loaded")
-
-
-class _Metrics:
-    """The server's Prometheus metrics, in one registry (held by `MetricsHub`)."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "imagefab_requests_total",
-            "HTTP requests answered, by route template and status (4xx and 422 included)",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "imagefab_request_duration_seconds",
-            "Time from a request's arrival at an ingress replica to its answer",
-            ["route"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
-            registry=self.registry,
-        )
-        self.in_flight = Gauge(
-            "imagefab_requests_in_flight", "Requests being served, summed over ingress replicas", registry=self.registry
-        )
-        self.images = Counter(
-            "imagefab_images_total",
-            "Images served, by QC outcome (accepted, review, rejected, failed) and combination",
-            ["status", "combination"],
-            registry=self.registry,
-        )
-        self.rejected = Counter(
-            "imagefab_backpressure_rejections_total", "Requests refused with 503 (busy)", registry=self.registry
-        )
-
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
-class MetricsHub:
-    """One registry for the whole server: every ingress replica reports here, `/metrics` reads here,
-    so a scrape of any replica sees the totals of all (a replica's own registry would show a share).
-    Reports are sent without waiting for them; a hub restart starts the counters again at zero,
-    which Prometheus' rate() treats as a reset."""
-
-    def __init__(self):
-        self.metrics = _Metrics()
-        self.in_flight_by_replica: dict[str, int] = {}
-
-    def request(self, route: str, status: int, seconds: float) -> None:
-        self.metrics.requests.labels(route, str(status)).inc()
-        self.metrics.duration.labels(route).observe(seconds)
-
-    def images(self, outcomes: list[tuple[str, str]]) -> None:
-        for status, combination in outcomes:
-            self.metrics.images.labels(status, combination).inc()
-
-    def rejected(self) -> None:
-        self.metrics.rejected.inc()
-
-    def in_flight(self, replica: str, count: int) -> None:
-        self.in_flight_by_replica[replica] = count
-        self.metrics.in_flight.set(sum(self.in_flight_by_replica.values()))
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.metrics.registry)
 
 
 _OPENAI_CODES = {
@@ -1364,6 +1300,8 @@ def build_app(config: ServeConfig):
     declared = ray.cluster_resources().get(config.jobs.bulk_resource, 0) if ray.is_initialized() else 0
     jobs = sized_lane(config.jobs, gpus, declared, len(models.bases) * r.max_replicas if use_gpu else 0)
     config = config.model_copy(update={"jobs": jobs})
+    # Every replica's drain on shutdown is bounded by the grace (app/serve/shutdown.py).
+    drain = drain_options(config.shutdown_grace_s)
     generators = {}
     for name, base in models.bases.items():
         usable = {n: lo for n, lo in models.loras.items() if lo.arch == base.arch}
@@ -1385,6 +1323,7 @@ def build_app(config: ServeConfig):
                 "target_ongoing_requests": r.target_ongoing_requests,
             },
             max_ongoing_requests=max(8, config.batching.max_batch_size * 2),
+            **drain,
         ).bind(
             base,
             usable,
@@ -1396,16 +1335,16 @@ def build_app(config: ServeConfig):
     # Made here, once, before any replica starts: replicas then all read the same secret.
     url_secret(OutputStore.at(config.output_uri), config.url_secret)
     # Deployments (see above): Ray Serve's typing leaves the decorated classes as plain classes
-    hub = MetricsHub.options(name="metrics").bind()  # type: ignore[attr-defined]
+    hub = MetricsHub.options(name="metrics", **drain).bind()  # type: ignore[attr-defined]
     # One runner starts and follows the queued jobs; the store is its only state (app/serve/jobrunner.py).
     output = OutputStore.at(config.output_uri).uri  # absolute: replicas need not share the driver's folder
     runner = None
     if config.jobs.runner:
-        runner = JobRunnerServer.options(name="job-runner").bind(output, config.jobs)  # type: ignore[attr-defined]
+        runner = JobRunnerServer.options(name="job-runner", **drain).bind(output, config.jobs)  # type: ignore[attr-defined]
     # Its allocator capped at two arenas from the process's start (app/serve/heap.py): its C heap
     # then stays flat over hours of requests. Ray merges these env_vars into the job's own.
     ingress_env = {"runtime_env": {"env_vars": allocator_env()}}
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25, **ingress_env}).bind(  # type: ignore[attr-defined]
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25, **ingress_env}, **drain).bind(  # type: ignore[attr-defined]
         config, models, generators, hub, clip_on_generator, runner
     )
 

@@ -18,6 +18,7 @@ from app.conditioning.loading import InputLimits
 from app.postprocess import PostprocessSettings
 from app.provenance.settings import ProvenanceSettings, RightsSpec, ScreeningSettings
 from app.qc import QcSettings
+from app.serve.shutdown import DEFAULT_GRACE_S
 from app.spec import (
     Combination,
     ComputeSpec,
@@ -152,6 +153,9 @@ class ServeConfig(_Frozen):
     # (img2img at this strength; a mask or transparency makes it an inpaint instead).
     edit_strength: float = Field(0.85, gt=0.0, le=1.0)
     limits: Limits = Limits()
+    # Ctrl-C or SIGTERM: no new requests; those in flight get this long to finish, then the replicas
+    # are stopped hard. The server is gone within this plus a few seconds (app/serve/shutdown.py).
+    shutdown_grace_s: float = Field(DEFAULT_GRACE_S, ge=0, le=3600)
     jobs: JobsSettings = JobsSettings()
     batching: Batching = Batching()
     replicas: Replicas = Replicas()
