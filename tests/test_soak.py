@@ -91,3 +91,25 @@ def test_the_trace_lays_answers_beside_cpu_each_second(one_at_a_time_server):
     assert 1 <= sum(s["answered"] for s in trace.seconds) <= 9  # the last ones may land after the last tick
     assert all(0 <= s["idle_pct"] <= 100 and s["iowait_pct"] >= 0 and s["steal_pct"] >= 0 for s in trace.seconds)
     assert all(s["max_latency_s"] is None or s["max_latency_s"] >= 0.2 for s in trace.seconds)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc")
+def test_the_heap_probe_reads_a_trimmed_rss_and_the_arenas():
+    """benchmarks.heap_growth's probe, run here instead of in the ingress: memory freed between live
+    blocks is resident before its trim and gone after it; glibc reports its arenas."""
+    import platform
+
+    import numpy as np
+
+    from benchmarks.heap_growth import heap_inside
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim and mallinfo2 are glibc's")
+    blocks = [np.ones(64 * 1024, dtype=np.uint8) for _ in range(1024)]  # 64 MB below the mmap threshold
+    kept = blocks[::16]
+    del blocks
+    m = heap_inside(None)
+    assert m["rss_mb"] - m["trimmed_rss_mb"] > 30, m
+    assert m["arenas"] >= 1 and m["arena_extent_mb"] >= m["in_use_mb"] > 0, m
+    assert m["malloc_arena_max"] == os.environ.get("MALLOC_ARENA_MAX")
+    assert len(kept) == 64
