@@ -8,11 +8,12 @@ allocator make its RSS climb though nothing live grows:
   once per interval, so the RSS is what the process holds.
 - Every thread that finds the heap locked gets an arena of its own (up to 8 per core), and each
   arena fragments on its own: small blocks still in use pin pages that `malloc_trim` cannot give
-  back, and the arenas' extent grows with the requests served. Measured in the ingress under a
-  closed loop of three clients, trimmed after every minute: +4.3 MB over 1,100 requests and still
-  rising with glibc's default, +1.3 MB and then flat with two arenas. `allocator_env()` is the
-  environment that caps them (`MALLOC_ARENA_MAX`, read by glibc when the process starts: it is set
-  in the replica's Ray runtime environment, not from inside the process).
+  back, and the arenas' extent grows with the requests served. `python -m benchmarks.heap_growth`
+  (benchmarks/RESULTS.md): with glibc's default of 16 arenas on 2 cores the extent grew 5.3 MB over
+  2,000 requests and was still growing, 55 MB free inside it; with 2 it stopped after 600 requests,
+  31 MB free, the RSS 12 MB lower. `allocator_env()` is the environment that caps them
+  (`MALLOC_ARENA_MAX`, read by glibc when the process starts: it is set in the replica's Ray
+  runtime environment, not from inside the process).
 
 Elsewhere than glibc (musl, macOS) there is no `malloc_trim`, and `MALLOC_ARENA_MAX` means nothing:
 the trimmer does nothing, the variable is ignored.
