@@ -1,9 +1,9 @@
 """What the ingress's C heap keeps per request, with trimming taken out of the picture.
 
-    python -m benchmarks.heap_growth [--malloc-arena-max 2] [--rounds 8] [--seconds 60] [--clients 3]
+    python -m benchmarks.heap_growth [--malloc-arena-max 2] [--intervals 8] [--seconds 60] [--clients 3]
 
 A local cluster and `imagefab serve` on the tiny model as in benchmarks/soak.py (128x128, 2 steps),
-then `--rounds` rounds of `--clients` closed-loop clients for `--seconds` each. After each round,
+then `--intervals` intervals of `--clients` closed-loop clients for `--seconds` each. After each one,
 inside the ingress replica's process (Ray's `__ray_call__`): a garbage collection, `malloc_trim(0)`,
 then its RSS, glibc's `mallinfo2` (the arenas' extent, the bytes in use and free in them) and the
 number of arenas (`malloc_info`). The RSS after a trim is what the process cannot give back: a
@@ -97,7 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
     os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)  # the cluster's processes inherit it
     tmp = Path(tempfile.mkdtemp(prefix="imagefab-heap-"))
     server = LocalServe(tmp, 2, "128x128", 64)
-    rounds = []
+    intervals = []
     try:
         server.start()
         ray.init(address=f"127.0.0.1:{server.gcs}", log_to_driver=False)
@@ -105,19 +105,19 @@ def measure(args: argparse.Namespace) -> dict:
         name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Ingress#" in a["name"])
         ingress = ray.get_actor(name, namespace="serve")
         served = 0
-        for r in range(args.rounds + 1):
-            if r:
+        for i in range(args.intervals + 1):
+            if i:
                 level = run_level(server.url, args.clients, args.seconds)
                 served += len(level.ok_latencies)
                 if level.requests != len(level.ok_latencies):
                     raise RuntimeError(
-                        f"round {r}: {level.requests - len(level.ok_latencies)} requests not answered 200"
+                        f"interval {i}: {level.requests - len(level.ok_latencies)} requests not answered 200"
                     )
             time.sleep(2)  # the metrics reports sent without waiting have arrived
-            m = ray.get(ingress.__ray_call__.remote(heap_inside)) | {"round": r, "requests": served}
-            rounds.append(m)
+            m = ray.get(ingress.__ray_call__.remote(heap_inside)) | {"interval": i, "requests": served}
+            intervals.append(m)
             print(
-                f"round {r}: {served} requests, RSS {m['trimmed_rss_mb']:.1f} MB trimmed, "
+                f"interval {i}: {served} requests, RSS {m['trimmed_rss_mb']:.1f} MB trimmed, "
                 f"arenas {m['arenas']} ({m['arena_extent_mb']:.1f} MB, {m['free_in_arenas_mb']:.1f} free)",
                 flush=True,
             )
@@ -126,14 +126,14 @@ def measure(args: argparse.Namespace) -> dict:
             ray.shutdown()
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    first, last = rounds[1], rounds[-1]  # from the end of the first round: warm
-    half = rounds[len(rounds) // 2]
+    first, last = intervals[1], intervals[-1]  # from the end of the first interval: warm
+    half = intervals[len(intervals) // 2]
     per_request = (
         (last["trimmed_rss_mb"] - first["trimmed_rss_mb"]) * 2**20 / max(1, last["requests"] - first["requests"])
     )
     late = (last["trimmed_rss_mb"] - half["trimmed_rss_mb"]) * 2**20 / max(1, last["requests"] - half["requests"])
     return {
-        "rounds": rounds,
+        "intervals": intervals,
         "trimmed_growth_mb": last["trimmed_rss_mb"] - first["trimmed_rss_mb"],
         "bytes_per_request": per_request,
         "bytes_per_request_last_half": late,
@@ -142,16 +142,16 @@ def measure(args: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| round | requests | RSS trimmed (MB) | arenas | arena extent (MB) | in use (MB) | free in arenas (MB) |",
+        "| interval | requests | RSS trimmed (MB) | arenas | arena extent (MB) | in use (MB) | free in arenas (MB) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for m in result["rounds"]:
+    for m in result["intervals"]:
         lines.append(
-            f"| {m['round']} | {m['requests']} | {m['trimmed_rss_mb']:.1f} | {m['arenas']} | "
+            f"| {m['interval']} | {m['requests']} | {m['trimmed_rss_mb']:.1f} | {m['arenas']} | "
             f"{m['arena_extent_mb']:.1f} | {m['in_use_mb']:.1f} | {m['free_in_arenas_mb']:.1f} |"
         )
     lines.append(
-        f"\nfrom round 1: {result['trimmed_growth_mb']:+.1f} MB, {result['bytes_per_request']:.0f} B a request "
+        f"\nfrom interval 1: {result['trimmed_growth_mb']:+.1f} MB, {result['bytes_per_request']:.0f} B a request "
         f"({result['bytes_per_request_last_half']:.0f} B over the last half)"
     )
     return "\n".join(lines)
@@ -160,13 +160,13 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--malloc-arena-max", type=int, default=2, help="MALLOC_ARENA_MAX of the cluster's processes")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=60.0, help="each round's length")
-    p.add_argument("--clients", type=int, default=3, help="closed-loop clients in a round")
+    p.add_argument("--intervals", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=60.0, help="each interval's length")
+    p.add_argument("--clients", type=int, default=3, help="closed-loop clients in an interval")
     p.add_argument("--out", help="JSON file (default benchmarks/runs/<date>-cpu-heap-growth-arenas<N>.json)")
     args = p.parse_args(argv)
-    if args.malloc_arena_max < 1 or args.rounds < 2:
-        p.error("--malloc-arena-max must be 1 or more and --rounds 2 or more")
+    if args.malloc_arena_max < 1 or args.intervals < 2:
+        p.error("--malloc-arena-max must be 1 or more and --intervals 2 or more")
     started = datetime.now(UTC)
     result = measure(args) | {
         "command": "python -m benchmarks.heap_growth " + " ".join(argv if argv is not None else sys.argv[1:]),
