@@ -53,10 +53,10 @@ def ray_local():
 # whole file, and xdist's own order (most tests first) would leave these few-test, many-minute files
 # for the end, where one of them on one worker sets the wall time while the other worker idles.
 # Started first, the short files fill in around them. test_gpu_bench first of all: it compiles the
-# graphs that test_compiled_generator (its FP8 row's) and test_attention (its auto and math rows')
-# then load from the tests' compile cache; a file that reaches one of those compiles while the
-# other is at it waits for it (the Generator's warm-up lock) rather than compiling it again, so
-# these two come late enough to find the graphs there.
+# graphs that test_compiled_generator (its FP8 row's) and test_attention (its compiled row's and
+# its math row's) then load from the tests' compile cache; a file that reaches one of those
+# compiles while the other is at it waits for it (the Generator's warm-up lock) rather than
+# compiling it again, so these two come late enough to find the graphs there.
 SLOWEST_FILES = (
     "test_gpu_bench.py",  # ~310 s cold (~1100 s cold beside the other compile-heavy files, busy machine)
     "test_asyncjobs_serve.py",  # ~360 s: a Ray head and Serve, restarted and killed mid-job

@@ -132,10 +132,13 @@ def test_rows_that_would_overrun_the_time_budget_are_skipped_with_a_message(caps
                 "2",
                 "--fp8-batches",
                 "2",
+                # A compile estimate no budget fits, and a budget the eager rows fit on a busy
+                # machine: with 600 s and 1000 s, a 2-core machine shared with other test runs
+                # slowed the eager rows enough to print "estimated 1185" (eager part over 100 s).
                 "--time-budget",
-                "600",
+                "3600",
                 "--compile-estimate",
-                "1000",
+                "100000",
                 "--json",
                 str(out),
             ]
@@ -143,7 +146,7 @@ def test_rows_that_would_overrun_the_time_budget_are_skipped_with_a_message(caps
         == 0
     )
     printed = capsys.readouterr().out
-    assert "skipping imagefab compiled batch 2: estimated 100" in printed
+    assert "skipping imagefab compiled batch 2: estimated 100" in printed  # 100000 s + the eager part
     assert "skipping imagefab fp8 batch 2: estimated 100" in printed
     report = json.loads(out.read_text())
     assert [(r["impl"], r["batch"]) for r in report["rows"]] == [("diffusers eager", 1), ("imagefab eager", 1)]
@@ -163,16 +166,18 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
                 "--batches",
                 "2",
                 # The plain compiled rows (FP8's rows differ only in the UNet they compile, and
-                # compiling FP8 costs this CPU three times a plain compile): "auto" loads
-                # test_every_variant's graphs, "math" compiles the graphs that
-                # tests/test_attention.py's compiled generator then loads (or waits for).
+                # compiling FP8 costs this CPU three times a plain compile). "auto" is left out:
+                # test_every_variant's "imagefab compiled" row is that row, and rendering it again
+                # here from the cache cost a pipeline, a trace and two timed rows. "math" compiles
+                # the graphs that tests/test_attention.py's compiled generator then loads (or waits
+                # for); "cudnn" is the choice this device lacks.
                 "--compile-batches",
                 "2",
                 "--fuse-qkv",
                 "--channels-last",
                 "--decode-overlap",
                 "--attention",
-                "auto,math,cudnn",
+                "math,cudnn",
                 "--attention-shapes",
                 "--compile-cache",
                 str(cache),
@@ -197,7 +202,7 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
         "| diffusers eager |"
     )
     shapes = report["meta"]["attention_shapes"]
-    assert shapes["kernels"] == ["auto", "math", "cudnn", "flash", "efficient"]  # --attention's first
+    assert shapes["kernels"] == ["math", "cudnn", "auto", "flash", "efficient"]  # --attention's first
     assert sorted((r["shape"], r["calls"]) for r in shapes["shapes"]) == [
         ([4, 4, 16, 16, 16], 12),
         ([4, 4, 16, 77, 16], 12),
@@ -206,9 +211,12 @@ def test_attention_kernels_are_timed_alone_and_each_choice_is_a_compiled_row(cap
     assert set(shapes["unsupported"]) == {"cudnn", "efficient"}
     # One compiled row per choice, each compiled with its own kernel and recorded as such.
     rows = {r["impl"]: r for r in report["rows"] if r["batch"] == 2}
-    auto, math = rows["imagefab compiled"], rows["imagefab compiled, math attention"]
-    assert auto["accelerator"] == "cpu:threads=1+fused_qkv+channels_last+compiled+batch_bucket=2"
-    assert math["accelerator"] == auto["accelerator"] + "+attention=math"
-    # The same arithmetic in another order: the image stays stock's image within rounding.
-    assert auto["max_pixel_diff"] <= 3 and math["max_pixel_diff"] <= 3
-    assert 0 <= math["relative_error"] < 5e-3 and abs(math["mean_pixel_diff"] - auto["mean_pixel_diff"]) < 0.2
+    assert [impl for impl in rows if "compiled" in impl] == [
+        "imagefab compiled, math attention",
+        "imagefab compiled, math attention, no decode overlap",
+    ]
+    math = rows["imagefab compiled, math attention"]
+    assert math["accelerator"] == "cpu:threads=1+fused_qkv+channels_last+compiled+batch_bucket=2+attention=math"
+    # The same arithmetic in another order: the image stays stock's image within rounding (as the
+    # "auto" compiled row's does in test_every_variant: at most 3 of 255, relative error < 5e-3).
+    assert math["max_pixel_diff"] <= 3 and 0 <= math["relative_error"] < 5e-3 and math["mean_pixel_diff"] < 0.2
