@@ -37,8 +37,9 @@ def heap_inside(actor) -> dict:
     import ctypes
     import gc
     import os
-    import tempfile
     from pathlib import Path
+
+    from app.serve.heap import HeapTrimmer, malloc_arenas
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [
@@ -59,26 +60,16 @@ def heap_inside(actor) -> dict:
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.fopen.restype = ctypes.c_void_p
-    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    libc.fclose.argtypes = [ctypes.c_void_p]
 
     def rss_mb() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     gc.collect()
     untrimmed = rss_mb()
-    libc.malloc_trim(0)
+    HeapTrimmer(interval_s=0).maybe_trim()  # malloc_trim(0), as the ingress does when idle
     trimmed = rss_mb()
     info = libc.mallinfo2()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "malloc.xml")
-        fp = libc.fopen(path.encode(), b"w")
-        libc.malloc_info(0, fp)
-        libc.fclose(fp)
-        arenas = Path(path).read_text().count("<heap nr=")
+    arenas = malloc_arenas()
     return {
         "rss_mb": untrimmed,
         "trimmed_rss_mb": trimmed,

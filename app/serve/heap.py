@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -52,6 +53,30 @@ def _malloc_trim() -> Callable[[int], int] | None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim
+
+
+def malloc_arenas() -> int | None:
+    """How many malloc arenas this process has (the `<heap nr=…>` elements of glibc's
+    `malloc_info` report); None elsewhere than glibc."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "malloc_info"):
+        return None
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "malloc.xml")
+        fp = libc.fopen(path.encode(), b"w")
+        if not fp:
+            return None
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        with open(path) as f:
+            return f.read().count("<heap nr=")
 
 
 class HeapTrimmer:
